@@ -1,0 +1,119 @@
+"""Gradient allreduce over ``ray.util.collective``: fused buckets, overlapped with backward.
+
+Gradients are reduced last layer first, the order in which backward finishes them: while the
+MXNet engine still computes earlier layers, finished buckets are already on the wire. Each
+bucket is one collective call (gloo on CPU workers, NCCL on GPU workers) on a torch view of the
+NDArrays' own memory (DLPack); a bucket of one array is reduced in place, several arrays are
+packed into one buffer and copied back. ``reduce`` returns only when every bucket is summed,
+so the optimizer never sees a partial step.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import mxnet as mx
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+import torch.utils.dlpack
+from ray.util import collective as col
+
+__all__ = ["Collective", "plan_buckets", "free_address"]
+
+GROUP_NAME = "default"
+
+
+def plan_buckets(sizes_bytes: list[int], bucket_bytes: int) -> list[list[int]]:
+    """Group array indices (already in reduction order) into buckets of at most ``bucket_bytes``.
+
+    An array larger than a bucket gets a bucket of its own.
+    """
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for index, size in enumerate(sizes_bytes):
+        if current and used + size > bucket_bytes:
+            buckets.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += size
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def free_address() -> str:
+    """``host:port`` on this node where rank 0 can serve the rendezvous."""
+    host = ray.util.get_node_ip_address()
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return f"{host}:{s.getsockname()[1]}"
+
+
+def _as_torch(array: mx.nd.NDArray) -> torch.Tensor:
+    """A torch tensor over the NDArray's memory; waits until MXNet's pending writes are done."""
+    return torch.utils.dlpack.from_dlpack(array.to_dlpack_for_write())
+
+
+class Collective:
+    """This worker's membership in the gradient group, and the reduction of one step."""
+
+    def __init__(self, world_size: int, rank: int, address: str, backend: str, timeout_s: float):
+        self.world_size = world_size
+        self.rank = rank
+        self.backend = backend
+        if world_size > 1:
+            if address.startswith("127."):
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            # torch's own process group bounds every collective with `timeout`; Ray's wrapper
+            # then adopts it as the default group (Ray's gloo_timeout bounds only rendezvous).
+            if backend == "gloo":
+                dist.init_process_group(
+                    "gloo",
+                    init_method=f"tcp://{address}",
+                    world_size=world_size,
+                    rank=rank,
+                    timeout=datetime.timedelta(seconds=timeout_s),
+                )
+            col.init_collective_group(
+                world_size,
+                rank,
+                backend=backend,
+                group_name=GROUP_NAME,
+                gloo_timeout=int(timeout_s * 1000),
+            )
+        self._comm = ThreadPoolExecutor(1, thread_name_prefix="raymodule-allreduce")
+
+    def reduce(self, grads: list[mx.nd.NDArray], bucket_bytes: int) -> None:
+        """Sum ``grads`` (in reduction order) across the group, in place."""
+        if self.world_size == 1 or not grads:
+            return
+        sizes = [g.size * np.dtype(g.dtype).itemsize for g in grads]
+        pending = []
+        for bucket in plan_buckets(sizes, bucket_bytes):
+            tensors = [_as_torch(grads[i]) for i in bucket]
+            if len(tensors) == 1 and tensors[0].is_contiguous():
+                flat = tensors[0]
+            else:
+                flat = torch.cat([t.reshape(-1) for t in tensors])
+            pending.append((tensors, flat, self._comm.submit(col.allreduce, flat, GROUP_NAME)))
+        for tensors, flat, done in pending:
+            done.result()
+            if flat is tensors[0]:
+                continue
+            offset = 0
+            for t in tensors:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    def close(self) -> None:
+        self._comm.shutdown(wait=False)
+        if self.world_size > 1:
+            col.destroy_collective_group(GROUP_NAME)
+            if dist.is_initialized():
+                dist.destroy_process_group()

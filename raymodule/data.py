@@ -1,0 +1,81 @@
+"""How a global batch becomes per-worker slices, and per-worker outputs become one again.
+
+The split is MXNet's own (``executor_manager._split_input_slice``) along each input's batch
+axis (from its layout), so N workers see exactly what N devices of one MXNet process would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mxnet as mx
+import numpy as np
+from mxnet.executor_manager import _split_input_slice
+from mxnet.io import DataDesc
+
+__all__ = ["Batch", "split_slices", "batch_axes", "to_batch", "merge_outputs"]
+
+
+def split_slices(batch_size: int, work_load_list: list[float]) -> list[slice]:
+    """One slice of the global batch per worker, weighted by ``work_load_list``."""
+    try:
+        return _split_input_slice(batch_size, work_load_list)
+    except ValueError:
+        raise ValueError(
+            f"a batch of {batch_size} samples cannot be split over {len(work_load_list)} workers "
+            f"with work_load_list={list(work_load_list)}: some workers would get no samples; "
+            f"use a batch of at least {len(work_load_list)} samples (more for uneven weights)"
+        ) from None
+
+
+def batch_axes(descs: list[DataDesc] | None) -> list[int]:
+    return [DataDesc.get_batch_axis(d.layout) for d in descs or []]
+
+
+@dataclass
+class Batch:
+    """A global batch as numpy arrays, what the workers receive (through the object store)."""
+
+    data: list[np.ndarray]
+    label: list[np.ndarray]
+    data_axes: list[int]
+    label_axes: list[int]
+
+    def worker_slice(self, part: slice) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        return (
+            [_take(a, axis, part) for a, axis in zip(self.data, self.data_axes)],
+            [_take(a, axis, part) for a, axis in zip(self.label, self.label_axes)],
+        )
+
+
+def _take(array: np.ndarray, axis: int, part: slice) -> np.ndarray:
+    if axis < 0:
+        return array
+    index = [slice(None)] * array.ndim
+    index[axis] = part
+    return array[tuple(index)]
+
+
+def _numpy(array) -> np.ndarray:
+    return array.asnumpy() if isinstance(array, mx.nd.NDArray) else np.asarray(array)
+
+
+def to_batch(data_batch, data_descs, label_descs) -> Batch:
+    """The arrays of an ``mx.io.DataBatch`` as a :class:`Batch` (labels kept only when bound)."""
+    labels = data_batch.label if label_descs else None
+    return Batch(
+        data=[_numpy(a) for a in data_batch.data],
+        label=[_numpy(a) for a in labels or []],
+        data_axes=batch_axes(data_descs),
+        label_axes=batch_axes(label_descs) if labels else [],
+    )
+
+
+def merge_outputs(per_worker: list[list[np.ndarray]], axes: list[int]) -> list[mx.nd.NDArray]:
+    """Per-worker outputs joined along their batch axes, like MXNet's ``_merge_multi_context``."""
+    merged = []
+    for index, axis in enumerate(axes):
+        parts = [outputs[index] for outputs in per_worker]
+        joined = np.concatenate(parts, axis=axis) if axis >= 0 and len(parts) > 1 else parts[0]
+        merged.append(mx.nd.array(joined, dtype=joined.dtype))
+    return merged

@@ -1,0 +1,28 @@
+"""raymodule's exceptions: one tree, all picklable so they cross actor boundaries intact."""
+
+from __future__ import annotations
+
+__all__ = ["RayModuleError", "CallOrderError", "PlacementError", "WorkerError", "WorkerLostError"]
+
+
+class RayModuleError(RuntimeError):
+    """Base class of the errors raymodule raises itself (user mistakes raise ValueError)."""
+
+
+class CallOrderError(RayModuleError, AssertionError):
+    """A module method was called before what it needs (``bind``, ``init_params``, ...).
+
+    It is also an ``AssertionError``, which is what MXNet's ``Module`` raises in that case.
+    """
+
+
+class PlacementError(RayModuleError):
+    """The workers a module asked for cannot be placed on the cluster."""
+
+
+class WorkerError(RayModuleError):
+    """A worker raised while running a module call; the message carries the worker's error."""
+
+
+class WorkerLostError(RayModuleError):
+    """A worker process died or stopped answering; the module cannot go on without it."""

@@ -1,0 +1,691 @@
+"""``raymodule.Module``: MXNet 1.9.1's ``mx.mod.Module`` API, computed by Ray worker actors.
+
+The facade keeps what MXNet keeps on the host (names, shapes, the parameters' host copy) and
+sends the rest to one worker per context. A global batch is split by ``work_load_list`` as
+MXNet splits it across devices; gradients are summed across workers as the KVStore sums them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import warnings
+
+import mxnet as mx
+import numpy as np
+import ray
+from mxnet import context as ctx
+from mxnet import optimizer as opt
+from mxnet.base import MXNetError
+from mxnet.initializer import InitDesc, Uniform
+from mxnet.io import DataDesc
+from mxnet.model import load_checkpoint
+from mxnet.module.base_module import BaseModule, _check_input_names, _parse_data_desc
+from mxnet.module.executor_group import _prepare_group2ctxs
+
+from . import data as batches
+from . import metrics
+from .errors import CallOrderError
+from .loop import run_steps
+from .workerset import WorkerSet
+
+__all__ = ["Module", "SUPPORTED_KVSTORES"]
+
+SUPPORTED_KVSTORES = ("local", "device", "nccl", "dist_sync", "dist_device_sync", "dist_sync_device")
+_DEFAULT_LABEL_NAMES = ("softmax_label",)
+_module_ids = itertools.count()
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise CallOrderError(message)
+
+
+def _check_kvstore(kvstore) -> None:
+    if kvstore is None or (isinstance(kvstore, str) and kvstore in SUPPORTED_KVSTORES):
+        return
+    supported = ", ".join(repr(k) for k in SUPPORTED_KVSTORES)
+    if isinstance(kvstore, mx.kvstore.KVStoreBase):
+        raise ValueError(
+            f"kvstore={type(kvstore).__name__} object: raymodule replaces the KVStore with a "
+            f"synchronous Ray allreduce; pass a kvstore name instead ({supported})"
+        )
+    if isinstance(kvstore, str) and "async" in kvstore:
+        raise ValueError(
+            f"kvstore={kvstore!r}: asynchronous updates are not supported; raymodule trains "
+            f"synchronously (use one of {supported})"
+        )
+    raise ValueError(f"kvstore={kvstore!r} is not supported; use one of {supported} or None")
+
+
+def _check_optimizer_name(name: str) -> None:
+    if name.lower() not in opt.Optimizer.opt_registry:
+        known = ", ".join(sorted(opt.Optimizer.opt_registry))
+        raise ValueError(f"optimizer={name!r} is not a registered MXNet optimizer; known: {known}")
+
+
+def _with_batch(desc: DataDesc, size: int) -> DataDesc:
+    axis = DataDesc.get_batch_axis(desc.layout)
+    shape = list(desc.shape)
+    shape[axis] = size
+    return DataDesc(desc.name, tuple(shape), desc.dtype, desc.layout)
+
+
+def _np(params: dict) -> dict:
+    return {k: v.asnumpy() for k, v in params.items()}
+
+
+class Module(BaseModule):
+    """``mx.mod.Module`` on Ray: one worker actor per entry of ``context``.
+
+    Parameters are MXNet's, in MXNet's order. ``context`` entries name the workers' devices:
+    ``mx.cpu(i)`` is a worker reserving one CPU, ``mx.gpu(i)`` one reserving one GPU, and
+    :func:`raymodule.workers` builds contexts that reserve more. ``compression_params`` is not
+    supported and raises. Call :meth:`close` (or use ``with``) to release the workers early;
+    they are released anyway when the module is garbage-collected.
+    """
+
+    def __init__(self, symbol, data_names=("data",), label_names=_DEFAULT_LABEL_NAMES,
+                 logger=logging, context=ctx.cpu(), work_load_list=None,
+                 fixed_param_names=None, state_names=None, group2ctxs=None,
+                 compression_params=None):
+        super().__init__(logger=logger)
+        if isinstance(context, ctx.Context):
+            context = [context]
+        context = list(context)
+        if not context or not all(isinstance(c, ctx.Context) for c in context):
+            raise ValueError(f"context={context!r}: expected an mx.Context or a non-empty list")
+        self._context = context
+        if work_load_list is None:
+            work_load_list = [1] * len(context)
+        work_load_list = list(work_load_list)
+        if len(work_load_list) != len(context):
+            raise ValueError(
+                f"work_load_list={work_load_list} has {len(work_load_list)} entries; "
+                f"expected one per context ({len(context)})"
+            )
+        if not all(isinstance(w, (int, float)) and w > 0 for w in work_load_list):
+            raise ValueError(f"work_load_list={work_load_list}: every weight must be a number > 0")
+        self._work_load_list = work_load_list
+        if compression_params is not None:
+            raise NotImplementedError(
+                f"compression_params={compression_params!r}: gradient compression is not "
+                "supported by raymodule's allreduce; gradients are summed exactly"
+            )
+        self._compression_params = None
+        self._group2ctxs = group2ctxs
+        self._worker_group2ctxs = _prepare_group2ctxs(group2ctxs, len(context))
+        self._symbol = symbol
+
+        data_names = list(data_names) if data_names is not None else []
+        label_names = list(label_names) if label_names is not None else []
+        state_names = list(state_names) if state_names is not None else []
+        fixed_param_names = list(fixed_param_names) if fixed_param_names is not None else []
+        _check_input_names(symbol, data_names, "data", True)
+        # MXNet only warns about label names; raise when they were given explicitly.
+        explicit_labels = label_names != list(_DEFAULT_LABEL_NAMES)
+        _check_input_names(symbol, label_names, "label", explicit_labels)
+        _check_input_names(symbol, state_names, "state", True)
+        _check_input_names(symbol, fixed_param_names, "fixed_param", True)
+
+        arg_names = symbol.list_arguments()
+        input_names = data_names + label_names + state_names
+        self._param_names = [x for x in arg_names if x not in input_names]
+        self._fixed_param_names = fixed_param_names
+        self._aux_names = symbol.list_auxiliary_states()
+        self._data_names = data_names
+        self._label_names = label_names
+        self._state_names = state_names
+        self._output_names = symbol.list_outputs()
+        self._output_axes = [
+            DataDesc.get_batch_axis(symbol[i].attr("__layout__"))
+            for i in range(len(self._output_names))
+        ]
+
+        self._arg_params = None
+        self._aux_params = None
+        self._params_dirty = False
+        self._optimizer = None
+        self._kvstore = None
+        self._update_on_kvstore = False
+        self._updater = None
+        self._preload_opt_states = None
+        self._grad_req = None
+        self._data_shapes = None
+        self._label_shapes = None
+        self._slices = None
+        self._monitor = None
+
+        self._id = next(_module_ids)
+        self._workers: WorkerSet | None = None
+        self._owns_workers = False
+
+    # -- life cycle ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Releases the workers (a module sharing them releases only its own replicas)."""
+        if self._workers is None:
+            return
+        if self._owns_workers:
+            self._workers.close()
+        elif not self._workers.closed:
+            self._workers.post("drop", self._id)
+        self._workers = None
+        self._reset_bind()
+
+    def __enter__(self) -> Module:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @staticmethod
+    def load(prefix, epoch, load_optimizer_states=False, **kwargs):
+        """Creates a module from an MXNet checkpoint (``prefix-symbol.json``,
+        ``prefix-%04d.params`` and, when asked, ``prefix-%04d.states``)."""
+        sym, args, auxs = load_checkpoint(prefix, epoch)
+        mod = Module(symbol=sym, **kwargs)
+        mod._arg_params = args
+        mod._aux_params = auxs
+        mod.params_initialized = True
+        if load_optimizer_states:
+            mod._preload_opt_states = "%s-%04d.states" % (prefix, epoch)
+        return mod
+
+    def save_checkpoint(self, prefix, epoch, save_optimizer_states=False, remove_amp_cast=True):
+        """Saves ``prefix-symbol.json``, ``prefix-%04d.params`` and optionally the states."""
+        self._symbol.save("%s-symbol.json" % prefix, remove_amp_cast=remove_amp_cast)
+        param_name = "%s-%04d.params" % (prefix, epoch)
+        self.save_params(param_name)
+        logging.info('Saved checkpoint to "%s"', param_name)
+        if save_optimizer_states:
+            state_name = "%s-%04d.states" % (prefix, epoch)
+            self.save_optimizer_states(state_name)
+            logging.info('Saved optimizer state to "%s"', state_name)
+
+    def _reset_bind(self):
+        self.binded = False
+        self._data_shapes = None
+        self._label_shapes = None
+        self._slices = None
+
+    # -- names and shapes ------------------------------------------------------------------------
+    @property
+    def data_names(self):
+        return self._data_names
+
+    @property
+    def label_names(self):
+        return self._label_names
+
+    @property
+    def output_names(self):
+        return self._output_names
+
+    @property
+    def data_shapes(self):
+        _require(self.binded, "data_shapes: call bind() first")
+        return self._data_shapes
+
+    @property
+    def label_shapes(self):
+        _require(self.binded, "label_shapes: call bind() first")
+        return self._label_shapes
+
+    @property
+    def output_shapes(self):
+        _require(self.binded, "output_shapes: call bind() first")
+        shapes = {d.name: d.shape for d in self._data_shapes + (self._label_shapes or [])}
+        _, out_shapes, _ = self._symbol.infer_shape_partial(**shapes)
+        return list(zip(self._output_names, out_shapes))
+
+    @property
+    def workers(self) -> WorkerSet | None:
+        """The worker actors of this module (``None`` before ``bind``)."""
+        return self._workers
+
+    def _infer(self, data_shapes, label_shapes):
+        """Parameter, aux and output shapes for global input shapes, or a ValueError in words."""
+        inputs = {d.name: d.shape for d in data_shapes + (label_shapes or [])}
+        try:
+            arg_shapes, out_shapes, aux_shapes = self._symbol.infer_shape(**inputs)
+            arg_types, _, aux_types = self._symbol.infer_type(
+                **{d.name: d.dtype for d in data_shapes + (label_shapes or [])}
+            )
+        except MXNetError as err:
+            detail = str(err).strip().splitlines()[0]
+            raise ValueError(f"input shapes {inputs} do not fit the symbol: {detail}") from None
+        if arg_shapes is None:
+            raise ValueError(f"input shapes {inputs} are not enough to infer every shape")
+        names = self._symbol.list_arguments()
+        params = {n: (s, t) for n, s, t in zip(names, arg_shapes, arg_types)
+                  if n in self._param_names}
+        aux = dict(zip(self._aux_names, zip(aux_shapes, aux_types)))
+        return params, aux
+
+    def _check_param_shapes(self, params, aux) -> None:
+        if self._arg_params is None:
+            return
+        for name, (shape, _) in itertools.chain(params.items(), aux.items()):
+            held = self._arg_params.get(name, self._aux_params.get(name))
+            if held is not None and tuple(held.shape) != tuple(shape):
+                raise ValueError(
+                    f"the input shapes need {name} of shape {tuple(shape)}, but the module's "
+                    f"{name} has shape {tuple(held.shape)}; only the batch size may change"
+                )
+
+    def _split(self, data_shapes, label_shapes):
+        """Per-worker shapes and slices for global shapes."""
+        sizes = {d.shape[DataDesc.get_batch_axis(d.layout)] for d in data_shapes}
+        if len(sizes) != 1:
+            raise ValueError(f"data_shapes={data_shapes}: every input needs the same batch size")
+        slices = batches.split_slices(sizes.pop(), self._work_load_list)
+        per_worker = []
+        for part in slices:
+            n = part.stop - part.start
+            per_worker.append((
+                [_with_batch(d, n) for d in data_shapes],
+                [_with_batch(d, n) for d in label_shapes] if label_shapes else None,
+            ))
+        return slices, per_worker
+
+    # -- bind, parameters, optimizer ---------------------------------------------------------------
+    def bind(self, data_shapes, label_shapes=None, for_training=True, inputs_need_grad=False,
+             force_rebind=False, shared_module=None, grad_req="write"):
+        if force_rebind:
+            self._reset_bind()
+        if self.binded:
+            self.logger.warning("Already bound, ignoring bind()")
+            return
+        if not for_training and inputs_need_grad:
+            raise ValueError("inputs_need_grad=True needs for_training=True")
+        data_shapes, label_shapes = _parse_data_desc(
+            self.data_names, self.label_names, data_shapes, label_shapes
+        )
+        params, aux = self._infer(data_shapes, label_shapes)
+        self._check_param_shapes(params, aux)
+        slices, per_worker = self._split(data_shapes, label_shapes)
+
+        if shared_module is not None:
+            if not isinstance(shared_module, Module):
+                raise TypeError("shared_module must be a raymodule.Module")
+            _require(shared_module.binded and shared_module.params_initialized,
+                     "shared_module must be bound with initialized parameters")
+            if len(shared_module._context) != len(self._context):
+                raise ValueError(
+                    f"shared_module has {len(shared_module._context)} workers, this module "
+                    f"{len(self._context)}; modules sharing workers need the same contexts"
+                )
+            self._attach(shared_module._workers, owns=False)
+        elif self._workers is None:
+            self._attach(WorkerSet(self._context), owns=True)
+
+        self.for_training = for_training
+        self.inputs_need_grad = inputs_need_grad
+        self._grad_req = grad_req
+        w = self._workers
+        w.sync()
+        grad_stypes = w.call("bind", self._id, for_training, inputs_need_grad,
+                             shared_module._id if shared_module is not None else None, grad_req,
+                             per_worker=per_worker)[0]
+        if any(stype != "default" for stype in grad_stypes):
+            raise NotImplementedError(
+                f"gradient storage types {sorted(set(grad_stypes))}: raymodule reduces dense "
+                "gradients only; use dense (default) gradients"
+            )
+        w.post("set_slice", self._id, per_worker=[(s,) for s in slices])
+        self._data_shapes, self._label_shapes, self._slices = data_shapes, label_shapes, slices
+
+        if shared_module is not None:
+            self.params_initialized = True
+            self._arg_params = shared_module._arg_params
+            self._aux_params = shared_module._aux_params
+        elif self.params_initialized:
+            self._push_params(allow_extra=False)
+        else:
+            self._arg_params = {n: mx.nd.zeros(s, dtype=t) for n, (s, t) in params.items()}
+            self._aux_params = {n: mx.nd.zeros(s, dtype=t) for n, (s, t) in aux.items()}
+        if shared_module is not None and shared_module.optimizer_initialized:
+            self.borrow_optimizer(shared_module)
+        self.binded = True
+
+    def _attach(self, workers: WorkerSet, owns: bool) -> None:
+        self._workers = workers
+        self._owns_workers = owns
+        workers.post("create", self._id, self._symbol, self._data_names, self._label_names,
+                     self._fixed_param_names, self._state_names,
+                     per_worker=[(g,) for g in self._worker_group2ctxs])
+
+    def reshape(self, data_shapes, label_shapes=None):
+        _require(self.binded, "reshape: call bind() first")
+        data_shapes, label_shapes = _parse_data_desc(
+            self.data_names, self.label_names, data_shapes, label_shapes
+        )
+        self._check_param_shapes(*self._infer(data_shapes, label_shapes))
+        slices, per_worker = self._split(data_shapes, label_shapes)
+        self._workers.post("reshape", self._id, per_worker=per_worker)
+        self._workers.post("set_slice", self._id, per_worker=[(s,) for s in slices])
+        self._data_shapes, self._label_shapes, self._slices = data_shapes, label_shapes, slices
+
+    def init_params(self, initializer=Uniform(0.01), arg_params=None, aux_params=None,
+                    allow_missing=False, force_init=False, allow_extra=False):
+        """Initialises parameters on the client (its RNG, as MXNet does) and sends them."""
+        if self.params_initialized and not force_init:
+            warnings.warn("Parameters already initialized and force_init=False. "
+                          "init_params call ignored.", stacklevel=2)
+            return
+        _require(self.binded, "call bind before initializing the parameters")
+
+        def _impl(name, arr, cache):
+            if cache is not None:
+                if name in cache:
+                    cache_arr = cache[name]
+                    if cache_arr is not arr:
+                        if tuple(cache_arr.shape) != tuple(arr.shape):
+                            raise ValueError(
+                                f"{name}: given shape {tuple(cache_arr.shape)}, the module "
+                                f"needs {tuple(arr.shape)}"
+                            )
+                        cache_arr.copyto(arr)
+                else:
+                    if not allow_missing:
+                        raise RuntimeError("%s is not presented" % name)
+                    if initializer is not None:
+                        initializer(name, arr)
+            else:
+                initializer(name, arr)
+
+        attrs = self._symbol.attr_dict()
+        for name, arr in sorted(self._arg_params.items()):
+            _impl(InitDesc(name, attrs.get(name, None)), arr, arg_params)
+        for name, arr in sorted(self._aux_params.items()):
+            _impl(InitDesc(name, attrs.get(name, None)), arr, aux_params)
+        self.params_initialized = True
+        self._params_dirty = False
+        self._push_params(allow_extra=allow_extra)
+
+    def _push_params(self, allow_extra: bool) -> None:
+        arg, aux = ray.put(_np(self._arg_params)), ray.put(_np(self._aux_params))
+        self._workers.post("set_params", self._id, arg, aux, False, allow_extra)
+
+    def set_params(self, arg_params, aux_params, allow_missing=False, force_init=True,
+                   allow_extra=False):
+        if not allow_missing:
+            self.init_params(initializer=None, arg_params=arg_params, aux_params=aux_params,
+                             allow_missing=allow_missing, force_init=force_init,
+                             allow_extra=allow_extra)
+            return
+        if self.params_initialized and not force_init:
+            warnings.warn("Parameters already initialized and force_init=False. "
+                          "set_params call ignored.", stacklevel=2)
+            return
+        _require(self.binded, "set_params: call bind() first")
+        self._workers.post("set_params", self._id, _np(arg_params or {}), _np(aux_params or {}),
+                           True, allow_extra)
+        self._params_dirty = True
+        self.params_initialized = True
+
+    def get_params(self):
+        _require(self.params_initialized, "get_params: parameters are not initialized")
+        if self._params_dirty:
+            self._sync_params_from_devices()
+        return (self._arg_params, self._aux_params)
+
+    def _sync_params_from_devices(self):
+        """Copies the parameters of worker 0 (all replicas are identical) into the host copy."""
+        arg, aux = self._workers.call("get_params", self._id, ranks=[0])[0]
+        for held, fresh in ((self._arg_params, arg), (self._aux_params, aux)):
+            for name, value in fresh.items():
+                if name in held:
+                    held[name][:] = value
+                else:
+                    held[name] = mx.nd.array(value, dtype=value.dtype)
+        self._params_dirty = False
+
+    def init_optimizer(self, kvstore="local", optimizer="sgd",
+                       optimizer_params=(("learning_rate", 0.01),), force_init=False):
+        """Installs the optimizer on every worker.
+
+        Every kvstore name selects the synchronous Ray allreduce. ``rescale_grad`` defaults to
+        1/global batch (MXNet's value for one process with several devices); for ``dist*_sync``
+        names MXNet would also divide by the number of workers, which would be wrong here.
+        """
+        _require(self.binded and self.params_initialized,
+                 "init_optimizer: call bind() and init_params() first")
+        if self.optimizer_initialized and not force_init:
+            self.logger.warning("optimizer already initialized, ignoring...")
+            return
+        _check_kvstore(kvstore)
+        if self._params_dirty:
+            self._sync_params_from_devices()
+        rescale_grad = 1.0 / sum(s.stop - s.start for s in self._slices)
+        # With one device per worker, MXNet's optimizer index i names the i-th parameter.
+        idx2name = dict(enumerate(self._param_names))
+        if isinstance(optimizer, str):
+            _check_optimizer_name(optimizer)
+            optimizer_params = dict(optimizer_params)
+            optimizer_params.setdefault("rescale_grad", rescale_grad)
+            optimizer = opt.create(optimizer, sym=self.symbol, param_idx2name=idx2name,
+                                   **optimizer_params)
+        elif isinstance(optimizer, opt.Optimizer):
+            if optimizer.rescale_grad != rescale_grad:
+                warnings.warn(
+                    "Optimizer created manually outside Module but rescale_grad is not "
+                    f"normalized to 1.0/global batch size ({optimizer.rescale_grad} vs. "
+                    f"{rescale_grad}). Is this intended?", stacklevel=2)
+            if not optimizer.idx2name:
+                optimizer.idx2name = idx2name.copy()
+        else:
+            raise ValueError(f"optimizer={optimizer!r}: expected a name or an mx.optimizer.Optimizer")
+        self._optimizer = optimizer
+        self._kvstore = None
+        self._update_on_kvstore = False
+        self._workers.post("init_optimizer", self._id, optimizer, {}, force_init)
+        self.optimizer_initialized = True
+        if self._preload_opt_states is not None:
+            self.load_optimizer_states(self._preload_opt_states)
+            self._preload_opt_states = None
+
+    def borrow_optimizer(self, shared_module):
+        _require(shared_module.optimizer_initialized,
+                 "borrow_optimizer: the shared module has no optimizer")
+        if shared_module._workers is not self._workers:
+            raise ValueError("borrow_optimizer: the modules must share workers "
+                             "(bind with shared_module=...)")
+        self._optimizer = shared_module._optimizer
+        self._kvstore = None
+        self._update_on_kvstore = False
+        self._workers.post("borrow_optimizer", self._id, shared_module._id)
+        self.optimizer_initialized = True
+
+    # -- computation -------------------------------------------------------------------------
+    def _batch(self, data_batch) -> batches.Batch:
+        """The batch as numpy, after reshaping the module if its shapes changed."""
+        if isinstance(data_batch, list):
+            raise ValueError("raymodule takes one global DataBatch per call, not a list "
+                             "of per-device batches; the split across workers is automatic")
+        shapes = tuple(tuple(a.shape) for a in data_batch.data)
+        if shapes != tuple(tuple(d.shape) for d in self._data_shapes):
+            if len(shapes) != len(self._data_shapes):
+                raise ValueError(f"the batch has {len(shapes)} data arrays; the module "
+                                 f"takes {len(self._data_shapes)} ({self._data_names})")
+            new_data = [DataDesc(d.name, s, d.dtype, d.layout)
+                        for d, s in zip(self._data_shapes, shapes)]
+            new_label = None
+            if self._label_shapes and data_batch.label:
+                new_label = [DataDesc(d.name, tuple(a.shape), d.dtype, d.layout)
+                             for d, a in zip(self._label_shapes, data_batch.label)]
+            self.reshape(new_data, new_label)
+        return batches.to_batch(data_batch, self._data_shapes, self._label_shapes)
+
+    def forward(self, data_batch, is_train=None):
+        _require(self.binded and self.params_initialized,
+                 "forward: call bind() and init_params() first")
+        if is_train is None:
+            is_train = self.for_training
+        batch = ray.put(self._batch(data_batch))
+        self._workers.post("forward", self._id, batch, is_train)
+
+    def backward(self, out_grads=None):
+        _require(self.binded and self.params_initialized,
+                 "backward: call bind() and init_params() first")
+        per_worker = None
+        if out_grads is not None:
+            grads = [batches._numpy(g) for g in (out_grads if isinstance(out_grads, (list, tuple))
+                                                 else [out_grads])]
+            split = batches.Batch(grads, [], self._output_axes, [])
+            per_worker = [(split.worker_slice(s)[0],) for s in self._slices]
+        self._workers.post("backward", self._id, per_worker=per_worker or
+                           [(None,)] * len(self._slices))
+
+    def update(self):
+        _require(self.binded and self.params_initialized and self.optimizer_initialized,
+                 "update: call bind(), init_params() and init_optimizer() first")
+        self._params_dirty = True
+        self._workers.post("update", self._id)
+
+    def _gather(self, method: str, axes: list[int], merge_multi_context: bool):
+        self._workers.sync()
+        per_worker = self._workers.call(method, self._id)
+        if merge_multi_context:
+            return batches.merge_outputs(per_worker, axes)
+        return [[mx.nd.array(outputs[i], dtype=outputs[i].dtype) for outputs in per_worker]
+                for i in range(len(axes))]
+
+    def get_outputs(self, merge_multi_context=True):
+        _require(self.binded and self.params_initialized, "get_outputs: call bind() first")
+        return self._gather("outputs", self._output_axes, merge_multi_context)
+
+    def get_input_grads(self, merge_multi_context=True):
+        _require(self.binded and self.params_initialized and self.inputs_need_grad,
+                 "get_input_grads: bind with inputs_need_grad=True first")
+        return self._gather("input_grads", batches.batch_axes(self._data_shapes),
+                            merge_multi_context)
+
+    def get_states(self, merge_multi_context=True):
+        _require(self.binded and self.params_initialized, "get_states: call bind() first")
+        return self._gather("get_states", [0] * len(self._state_names), merge_multi_context)
+
+    def set_states(self, states=None, value=None):
+        _require(self.binded and self.params_initialized, "set_states: call bind() first")
+        if (states is None) == (value is None):
+            raise ValueError("set_states: give exactly one of states and value")
+        if states is None:
+            self._workers.post("set_states", self._id, None, value)
+            return
+        per_worker = [([batches._numpy(s[rank]) for s in states], None)
+                      for rank in range(len(self._context))]
+        self._workers.post("set_states", self._id, per_worker=per_worker)
+
+    def update_metric(self, eval_metric, labels, pre_sliced=False):
+        self._workers.sync()
+        outputs = self._workers.call("outputs", self._id)
+        if pre_sliced:
+            label_slices = [[batches._numpy(x) for x in labels_i] for labels_i in labels]
+        else:
+            label_batch = batches.Batch([], [batches._numpy(x) for x in labels], [],
+                                        batches.batch_axes(self._label_shapes))
+            label_slices = [label_batch.worker_slice(s)[1] for s in self._slices]
+        metrics.update_per_slice(eval_metric, self._label_names, self._output_names,
+                                 label_slices, outputs)
+
+    def install_monitor(self, mon):
+        """Installs a copy of ``mon`` on every worker; ``mon.tic()``/``mon.toc()`` then collect
+        every worker's statistics, in worker order, as MXNet's do for every device."""
+        _require(self.binded, "install_monitor: call bind() first")
+        self._workers.post("install_monitor", self._id, mon)
+        workers = self._workers
+
+        def tic():
+            workers.post("monitor_tic")
+
+        def toc():
+            workers.sync()
+            return [row for rows in workers.call("monitor_toc") for row in rows]
+
+        mon.tic, mon.toc = tic, toc
+        self._monitor = mon
+
+    def prepare(self, data_batch, sparse_row_id_fn=None):
+        _require(self.binded, "prepare: call bind() first")
+        if sparse_row_id_fn is not None:
+            warnings.warn(UserWarning("Parameters are not updated in the KVStore. "
+                                      "No need to call sparse_row_id_fn."))
+
+    # -- optimizer states ------------------------------------------------------------------------
+    def save_optimizer_states(self, fname):
+        """Writes the optimizer states (MXNet's ``.states`` format) from worker 0."""
+        _require(self.optimizer_initialized, "save_optimizer_states: no optimizer installed")
+        self._workers.sync()
+        states = self._workers.call("optimizer_states", self._id, ranks=[0])[0]
+        with open(fname, "wb") as fout:
+            fout.write(states)
+
+    def load_optimizer_states(self, fname):
+        """Reads an MXNet ``.states`` file (a pickle: only load files you trust)."""
+        _require(self.optimizer_initialized, "load_optimizer_states: no optimizer installed")
+        with open(fname, "rb") as fin:
+            states = fin.read()
+        self._workers.post("set_optimizer_states", self._id, states)
+
+    # -- training loops ----------------------------------------------------------------------------
+    def fit(self, train_data, eval_data=None, eval_metric="acc", epoch_end_callback=None,
+            batch_end_callback=None, kvstore="local", optimizer="sgd",
+            optimizer_params=(("learning_rate", 0.01),), eval_end_callback=None,
+            eval_batch_end_callback=None, initializer=Uniform(0.01), arg_params=None,
+            aux_params=None, allow_missing=False, force_rebind=False, force_init=False,
+            begin_epoch=0, num_epoch=None, validation_metric=None, monitor=None,
+            sparse_row_id_fn=None):
+        """MXNet's ``fit``; the steps run on the workers, streamed ahead of the callbacks."""
+        if num_epoch is None:
+            raise ValueError("fit: num_epoch is required")
+        _check_kvstore(kvstore)
+        self.bind(data_shapes=train_data.provide_data, label_shapes=train_data.provide_label,
+                  for_training=True, force_rebind=force_rebind)
+        if monitor is not None:
+            self.install_monitor(monitor)
+        self.init_params(initializer=initializer, arg_params=arg_params, aux_params=aux_params,
+                         allow_missing=allow_missing, force_init=force_init)
+        self.init_optimizer(kvstore=kvstore, optimizer=optimizer,
+                            optimizer_params=optimizer_params)
+        if validation_metric is None:
+            validation_metric = eval_metric
+        if not isinstance(eval_metric, mx.metric.EvalMetric):
+            eval_metric = mx.metric.create(eval_metric)
+
+        for epoch in range(begin_epoch, num_epoch):
+            tic = time.time()
+            eval_metric.reset()
+            eval_name_vals = run_steps(self, train_data, "train_step", eval_metric, epoch,
+                                       batch_end_callback, monitor=monitor,
+                                       sparse_row_id_fn=sparse_row_id_fn)
+            self._params_dirty = True
+            for name, val in eval_name_vals:
+                self.logger.info("Epoch[%d] Train-%s=%f", epoch, name, val)
+            self.logger.info("Epoch[%d] Time cost=%.3f", epoch, time.time() - tic)
+
+            arg_params, aux_params = self.get_params()
+            if epoch_end_callback is not None:
+                for callback in mx.base._as_list(epoch_end_callback):
+                    callback(epoch, self.symbol, arg_params, aux_params)
+            if eval_data is not None:
+                res = self.score(eval_data, validation_metric,
+                                 score_end_callback=eval_end_callback,
+                                 batch_end_callback=eval_batch_end_callback, epoch=epoch)
+                for name, val in res:
+                    self.logger.info("Epoch[%d] Validation-%s=%f", epoch, name, val)
+            train_data.reset()
+
+    def score(self, eval_data, eval_metric, num_batch=None, batch_end_callback=None,
+              score_end_callback=None, reset=True, epoch=0, sparse_row_id_fn=None):
+        """MXNet's ``score``; the forward passes and metric updates run on the workers."""
+        _require(self.binded and self.params_initialized, "score: call bind() first")
+        if reset:
+            eval_data.reset()
+        if not isinstance(eval_metric, mx.metric.EvalMetric):
+            eval_metric = mx.metric.create(eval_metric)
+        eval_metric.reset()
+        run_steps(self, eval_data, "eval_step", eval_metric, epoch, batch_end_callback,
+                  num_batch=num_batch, score_end_callback=score_end_callback,
+                  sparse_row_id_fn=sparse_row_id_fn)
+        return eval_metric.get_name_value()

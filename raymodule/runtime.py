@@ -1,0 +1,52 @@
+"""Connecting to Ray: an existing session or ``RAY_ADDRESS`` is used, else a local Ray on loopback."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+__all__ = ["ensure_ray", "started_locally"]
+
+log = logging.getLogger(__name__)
+
+_started_locally = False
+
+
+def _use_loopback() -> None:
+    """Make a Ray started from this process register its node under 127.0.0.1.
+
+    Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` when it is imported; the constant is set
+    too so that it also holds when ``ray`` was imported before raymodule.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
+def ensure_ray() -> None:
+    """Connect to Ray if this process is not connected yet.
+
+    With ``RAY_ADDRESS`` set, that cluster is joined; otherwise a local Ray is started on
+    127.0.0.1 with this machine's CPUs and no dashboard.
+    """
+    global _started_locally
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    _use_loopback()
+    ray.init(include_dashboard=False, log_to_driver=True)
+    _started_locally = True
+    log.info("raymodule started a local Ray on 127.0.0.1: %s", ray.cluster_resources())
+
+
+def started_locally() -> bool:
+    """True when the Ray this process uses was started by raymodule (no autoscaler can help)."""
+    return _started_locally

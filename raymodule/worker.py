@@ -1,0 +1,197 @@
+"""The worker actor: native MXNet module replicas on one device, and its share of each step.
+
+A worker holds one ``mx.mod.Module`` per raymodule module bound on it (modules bound with
+``shared_module`` share parameters and memory here exactly as in MXNet), and this process's
+membership in the gradient group. It never imports the facade.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import mxnet as mx
+import numpy as np
+import ray
+from mxnet.io import DataBatch
+
+from . import constants, metrics
+from .allreduce import Collective, free_address
+from .data import Batch
+
+__all__ = ["ModuleWorker"]
+
+log = logging.getLogger(__name__)
+
+
+def _numpy_list(arrays) -> list[np.ndarray]:
+    return [a.asnumpy() for a in arrays]
+
+
+def _nd_dict(arrays: dict) -> dict:
+    return {k: mx.nd.array(v, dtype=v.dtype) for k, v in arrays.items()}
+
+
+class ModuleWorker:
+    """One data-parallel replica. Methods take the id of the module they act on."""
+
+    def __init__(self, rank: int, device: mx.Context):
+        self.rank = rank
+        self.device = device
+        self._modules: dict[int, mx.mod.Module] = {}
+        self._slices: dict[int, slice] = {}
+        self._collective: Collective | None = None
+        self._bucket_bytes = constants.env_int(constants.ALLREDUCE_BUCKET_BYTES)
+        self._metric: mx.metric.EvalMetric | None = None
+
+    # -- membership -------------------------------------------------------------------------
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def rendezvous_address(self) -> str:
+        return free_address()
+
+    def join(self, world_size: int, rank: int, address: str, backend: str, timeout_s: float):
+        self.rank = rank
+        self._collective = Collective(world_size, rank, address, backend, timeout_s)
+
+    def leave(self) -> None:
+        if self._collective is not None:
+            self._collective.close()
+            self._collective = None
+
+    # -- module life cycle ------------------------------------------------------------------
+    def create(self, mid: int, symbol, data_names, label_names, fixed_param_names, state_names,
+               group2ctxs) -> None:
+        self._modules[mid] = mx.mod.Module(
+            symbol,
+            data_names=data_names,
+            label_names=label_names,
+            logger=log,
+            context=self.device,
+            fixed_param_names=fixed_param_names,
+            state_names=state_names,
+            group2ctxs=group2ctxs,
+        )
+
+    def drop(self, mid: int) -> None:
+        self._modules.pop(mid, None)
+
+    def bind(self, mid, for_training, inputs_need_grad, shared_mid, grad_req, data_shapes,
+             label_shapes) -> list[str]:
+        """Binds the replica; returns the storage types of its gradients."""
+        mod = self._modules[mid]
+        shared = self._modules[shared_mid] if shared_mid is not None else None
+        mod.bind(data_shapes, label_shapes, for_training=for_training,
+                 inputs_need_grad=inputs_need_grad, force_rebind=True, shared_module=shared,
+                 grad_req=grad_req)
+        return [g[0].stype for g in mod._exec_group.grad_arrays if g[0] is not None]
+
+    def reshape(self, mid, data_shapes, label_shapes) -> None:
+        self._modules[mid].reshape(data_shapes, label_shapes)
+
+    def set_params(self, mid, arg_params, aux_params, allow_missing, allow_extra) -> None:
+        self._modules[mid].set_params(_nd_dict(arg_params), _nd_dict(aux_params),
+                                      allow_missing=allow_missing, force_init=True,
+                                      allow_extra=allow_extra)
+
+    def get_params(self, mid) -> tuple[dict, dict]:
+        arg, aux = self._modules[mid].get_params()
+        return ({k: v.asnumpy() for k, v in arg.items()}, {k: v.asnumpy() for k, v in aux.items()})
+
+    def init_optimizer(self, mid, optimizer, optimizer_params, force_init) -> None:
+        with warnings.catch_warnings():
+            # rescale_grad is set by the client for the global batch, which MXNet cannot know.
+            warnings.simplefilter("ignore")
+            self._modules[mid].init_optimizer(kvstore=None, optimizer=optimizer,
+                                              optimizer_params=optimizer_params,
+                                              force_init=force_init)
+
+    def borrow_optimizer(self, mid, shared_mid) -> None:
+        self._modules[mid].borrow_optimizer(self._modules[shared_mid])
+
+    def optimizer_states(self, mid) -> bytes:
+        return self._modules[mid]._updater.get_states(dump_optimizer=False)
+
+    def set_optimizer_states(self, mid, states: bytes) -> None:
+        self._modules[mid]._updater.set_states(states)
+
+    # -- computation ------------------------------------------------------------------------
+    def set_slice(self, mid, part: slice) -> None:
+        self._slices[mid] = part
+
+    def _load(self, mid, batch: Batch, is_train) -> mx.mod.Module:
+        mod = self._modules[mid]
+        data, label = batch.worker_slice(self._slices[mid])
+        mod.forward(
+            DataBatch(data=[mx.nd.array(a, dtype=a.dtype) for a in data],
+                      label=[mx.nd.array(a, dtype=a.dtype) for a in label] or None),
+            is_train=is_train,
+        )
+        return mod
+
+    def forward(self, mid, batch: Batch, is_train) -> None:
+        self._load(mid, batch, is_train)
+
+    def backward(self, mid, out_grads) -> None:
+        grads = None if out_grads is None else [mx.nd.array(g, dtype=g.dtype) for g in out_grads]
+        self._modules[mid].backward(grads)
+
+    def update(self, mid) -> None:
+        mod = self._modules[mid]
+        group = mod._exec_group
+        # Reverse parameter order: the last layers' gradients are ready first.
+        grads = [g[0] for g in reversed(group.grad_arrays) if g[0] is not None]
+        if self._collective is not None:
+            self._collective.reduce(grads, self._bucket_bytes)
+        mod.update()
+
+    def set_metric(self, metric: mx.metric.EvalMetric | None) -> None:
+        self._metric = metric
+
+    def _step_metric(self, mid, mod, batch: Batch):
+        """Counter increments if the metric runs here, else this slice's outputs."""
+        if metrics.runs_on_workers(self._metric):
+            labels = batch.worker_slice(self._slices[mid])[1]
+            self._metric.reset()
+            mod.update_metric(self._metric, [mx.nd.array(x, dtype=x.dtype) for x in labels])
+            return metrics.counters(self._metric)
+        return _numpy_list(mod.get_outputs())
+
+    def train_step(self, mid, batch: Batch):
+        mod = self._load(mid, batch, True)
+        mod.backward()
+        self.update(mid)
+        return self._step_metric(mid, mod, batch) if self._metric is not None else None
+
+    def eval_step(self, mid, batch: Batch):
+        mod = self._load(mid, batch, False)
+        return self._step_metric(mid, mod, batch)
+
+    def outputs(self, mid) -> list[np.ndarray]:
+        return _numpy_list(self._modules[mid].get_outputs())
+
+    def input_grads(self, mid) -> list[np.ndarray]:
+        return _numpy_list(self._modules[mid].get_input_grads())
+
+    def output_shapes(self, mid):
+        return self._modules[mid].output_shapes
+
+    def get_states(self, mid) -> list[np.ndarray]:
+        return _numpy_list(self._modules[mid].get_states())
+
+    def set_states(self, mid, states, value) -> None:
+        if states is not None:
+            states = [[mx.nd.array(s, dtype=s.dtype)] for s in states]
+        self._modules[mid].set_states(states, value)
+
+    # -- monitoring ---------------------------------------------------------------------------
+    def install_monitor(self, mid, monitor) -> None:
+        self._monitor = monitor
+        self._modules[mid].install_monitor(monitor)
+
+    def monitor_tic(self) -> None:
+        self._monitor.tic()
+
+    def monitor_toc(self) -> list:
+        return self._monitor.toc()
