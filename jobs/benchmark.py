@@ -41,14 +41,28 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {"mlp": 128, "lenet": 64}  # model -> global batch size
-DEFAULT_BATCHES = {"mlp": 800, "lenet": 200}  # timed batches, ~5-10 s each on 2 cores
+DEFAULT_BATCHES = {"mlp": 600, "lenet": 300}  # timed batches: ~5-15 s each on 2 cores
 CONFIGS = ["native", "dist_sync", "ray1", "ray2"]
-COLUMNS = {"native": "native", "dist_sync": "dist_sync", "ray1": "raymodule x1",
-           "ray2": "raymodule x2"}
+LABELS = ["native", "dist_sync", "raymodule x1", "raymodule x2"]  # table columns of CONFIGS
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MXNET_CPU_WORKER_NTHREADS": "1"}
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0", "GLOO_SOCKET_IFNAME": "lo"}
-MARK = "BENCH_RESULT "
+RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "GLOO_SOCKET_IFNAME": "lo",
+}
+MARK = "BENCH_RESULT "  # prefix of the one result line a child prints
+HELP = {
+    "models": "comma-separated models: mlp (784-512-512-10, global batch 128), "
+    "lenet (1x28x28, global batch 64). Default: %(default)s",
+    "configs": "comma-separated configurations: native, dist_sync, ray1 (raymodule, 1 worker), "
+    "ray2 (raymodule, 2 workers); leave out ray1,ray2 to skip raymodule. Default: %(default)s",
+    "batches": "timed global batches per configuration, rounded up to a multiple of --warmup "
+    f"(default: mlp {DEFAULT_BATCHES['mlp']}, lenet {DEFAULT_BATCHES['lenet']}: ~5-15 s each)",
+    "warmup": "untimed warm-up batches; also the epoch length, as time is taken at the end "
+    "of each epoch (default: %(default)s)",
+    "timeout": "seconds before a configuration's processes are killed (default: %(default)s)",
+}
 
 
 # ----------------------------------------------------------------------------- child side
@@ -56,15 +70,18 @@ def build_symbol(mx, model):
     x = mx.sym.Variable("data")
     if model == "mlp":
         for i, width in enumerate([512, 512]):
-            x = mx.sym.Activation(mx.sym.FullyConnected(x, num_hidden=width, name=f"fc{i}"),
-                                  act_type="relu")
+            x = mx.sym.Activation(
+                mx.sym.FullyConnected(x, num_hidden=width, name=f"fc{i}"), act_type="relu"
+            )
     else:
         for i, filters in enumerate([20, 50]):
             x = mx.sym.Convolution(x, kernel=(5, 5), num_filter=filters, name=f"conv{i}")
-            x = mx.sym.Pooling(mx.sym.Activation(x, act_type="tanh"), pool_type="max",
-                               kernel=(2, 2), stride=(2, 2))
-        x = mx.sym.Activation(mx.sym.FullyConnected(mx.sym.flatten(x), num_hidden=500,
-                                                    name="fc0"), act_type="tanh")
+            x = mx.sym.Pooling(
+                mx.sym.Activation(x, act_type="tanh"), pool_type="max", kernel=(2, 2), stride=(2, 2)
+            )
+        x = mx.sym.Activation(
+            mx.sym.FullyConnected(mx.sym.flatten(x), num_hidden=500, name="fc0"), act_type="tanh"
+        )
     x = mx.sym.FullyConnected(x, num_hidden=10, name="out")
     return mx.sym.SoftmaxOutput(x, name="softmax")
 
@@ -78,9 +95,12 @@ def make_iter(mx, model, n_batches, rank=0, parts=1):
     label = rng.randint(0, 10, (n_batches, batch)).astype(np.float32)
     part = batch // parts
     rows = slice(rank * part, (rank + 1) * part)
-    return mx.io.NDArrayIter(data[:, rows].reshape((-1,) + shape),
-                             label[:, rows].reshape(-1), batch_size=part,
-                             label_name="softmax_label")
+    return mx.io.NDArrayIter(
+        data[:, rows].reshape((-1,) + shape),
+        label[:, rows].reshape(-1),
+        batch_size=part,
+        label_name="softmax_label",
+    )
 
 
 def timed_fit(mx, mod, model, spec, kv=None, rank=0, parts=1):
@@ -93,11 +113,18 @@ def timed_fit(mx, mod, model, spec, kv=None, rank=0, parts=1):
             kv._barrier()
         marks.append(time.perf_counter())
 
-    mod.fit(make_iter(mx, model, spec["warmup"], rank, parts), num_epoch=1 + epochs,
-            kvstore=kv if kv is not None else "local", optimizer="sgd",
-            optimizer_params={"learning_rate": 0.01, "momentum": 0.9,
-                              "rescale_grad": 1.0 / MODELS[model]},
-            initializer=mx.init.Xavier(), epoch_end_callback=on_epoch_end)
+    # rescale_grad explicit: for dist_sync, Module would otherwise derive it from num_workers
+    sgd = {"learning_rate": 0.01, "momentum": 0.9, "rescale_grad": 1.0 / MODELS[model]}
+    kvstore = {} if kv is None else {"kvstore": kv}  # else fit's default, "local"
+    mod.fit(
+        make_iter(mx, model, spec["warmup"], rank, parts),
+        num_epoch=1 + epochs,
+        optimizer="sgd",
+        optimizer_params=sgd,
+        initializer=mx.init.Xavier(),
+        epoch_end_callback=on_epoch_end,
+        **kvstore,
+    )
     return epochs * spec["warmup"] * MODELS[model] // parts, marks[-1] - marks[0]
 
 
@@ -106,10 +133,10 @@ def child(spec):
     config, model = spec["config"], spec["model"]
     if config == "dist_sync" and os.environ["DMLC_ROLE"] != "worker":
         import mxnet  # noqa: F401  # scheduler/server: runs ps-lite until the workers finish
+
         return
     if config in ("ray1", "ray2"):
-        os.environ.update(RAY_ENV)
-        os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rb-", dir="/tmp"))
+        os.environ.update(RAY_ENV)  # before ray is imported
     import mxnet as mx
 
     sym = build_symbol(mx, model)
@@ -124,17 +151,19 @@ def child(spec):
 
         import raymodule
 
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:  # "local": never join another `ray start` cluster on this machine
-            ray.init(address="local", num_cpus=4, include_dashboard=False)
+        own_tmp = None if os.environ.get("RAY_ADDRESS") else tempfile.mkdtemp(prefix="rb-")
         try:
+            if own_tmp is None:  # under `ray job submit`: join the cluster in RAY_ADDRESS
+                ray.init()
+            else:  # "local": a new private cluster, never someone else's `ray start` one
+                os.environ["RAY_TMPDIR"] = own_tmp
+                ray.init(address="local", num_cpus=4, include_dashboard=False)
             ctx = [mx.cpu(i) for i in range(1 if config == "ray1" else 2)]
             result = timed_fit(mx, raymodule.Module(sym, context=ctx), model, spec)
         finally:
             ray.shutdown()
-            if "rb-" in os.environ["RAY_TMPDIR"]:
-                shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
+            if own_tmp:
+                shutil.rmtree(own_tmp, ignore_errors=True)
     print(MARK + json.dumps({"samples": result[0], "elapsed": result[1]}), flush=True)
 
 
@@ -142,41 +171,50 @@ def child(spec):
 def spawn(spec, extra_env=None):
     """Start this file as a child in its own process group; output goes to a temp file."""
     out = tempfile.TemporaryFile(mode="w+")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p), **(extra_env or {}))
-    proc = subprocess.Popen([sys.executable, __file__, "_child", json.dumps(spec)], env=env,
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    proc.out = out
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p),
+        **(extra_env or {}),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "_child", json.dumps(spec)],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    proc.out, proc.label = out, (extra_env or {}).get("DMLC_ROLE", spec["config"])
     return proc
 
 
 def stop(procs, grace=5.0):
-    """SIGTERM every child's process group, wait up to `grace` s, then SIGKILL."""
-    def signal_group(proc, sig):
-        try:
-            os.killpg(proc.pid, sig)  # the group id is the PID of the child we started
-        except (ProcessLookupError, PermissionError):
-            pass
-
+    """SIGTERM each child by PID, wait up to `grace` s, then SIGKILL what is left of its
+    process group (the group id is the child's PID: it holds e.g. the Ray processes it started)."""
     for proc in procs:
-        signal_group(proc, signal.SIGTERM)
+        if proc.poll() is None:
+            proc.terminate()
     deadline = time.monotonic() + grace
     for proc in procs:
         try:
             proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             pass
-        signal_group(proc, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         proc.wait()
+        proc.out.close()
 
 
 def result_of(proc):
+    """The JSON result line a child printed; raises with the tail of its output if none."""
     proc.out.seek(0)
     text = proc.out.read()
     for line in reversed(text.splitlines()):
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK):])
-    raise RuntimeError(f"exit code {proc.returncode}, output tail:\n{text[-2000:]}")
+        if line.startswith(MARK) and proc.returncode == 0:
+            return json.loads(line[len(MARK) :])
+    raise RuntimeError(f"{proc.label}: exit code {proc.returncode}, output:\n{text[-2000:]}")
 
 
 def free_port():
@@ -187,14 +225,19 @@ def free_port():
 
 def run_config(config, model, args):
     """Run one configuration in subprocesses; returns global samples/s."""
-    spec = {"config": config, "model": model, "warmup": args.warmup,
-            "batches": args.batches or DEFAULT_BATCHES[model]}
+    batches = args.batches or DEFAULT_BATCHES[model]
+    spec = {"config": config, "model": model, "warmup": args.warmup, "batches": batches}
     procs = []
     try:
         if config == "dist_sync":
-            dmlc = {"DMLC_PS_ROOT_URI": "127.0.0.1", "DMLC_PS_ROOT_PORT": str(free_port()),
-                    "DMLC_NUM_SERVER": "1", "DMLC_NUM_WORKER": "2",
-                    "DMLC_NODE_HOST": "127.0.0.1", "DMLC_INTERFACE": "lo"}
+            dmlc = {
+                "DMLC_PS_ROOT_URI": "127.0.0.1",
+                "DMLC_PS_ROOT_PORT": str(free_port()),
+                "DMLC_NUM_SERVER": "1",
+                "DMLC_NUM_WORKER": "2",
+                "DMLC_NODE_HOST": "127.0.0.1",
+                "DMLC_INTERFACE": "lo",
+            }
             for role in ["scheduler", "server", "worker", "worker"]:
                 procs.append(spawn(spec, dict(dmlc, DMLC_ROLE=role)))
             workers = procs[2:]
@@ -202,11 +245,13 @@ def run_config(config, model, args):
             procs.append(spawn(spec))
             workers = procs
         deadline = time.monotonic() + args.timeout
-        for proc in workers:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                raise RuntimeError(f"timed out after {args.timeout} s") from None
+        while any(proc.poll() is None for proc in workers):
+            for proc in procs:
+                if proc.poll():  # crashed: report it now, the others would hang
+                    result_of(proc)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out after {args.timeout} s")
+            time.sleep(0.2)
         results = [result_of(proc) for proc in workers]
         return sum(r["samples"] for r in results) / max(r["elapsed"] for r in results)
     finally:
@@ -219,30 +264,20 @@ def fmt(value, digits=0):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="mlp,lenet",
-                        help="comma-separated models to run: mlp (784-512-512-10, global "
-                             "batch 128), lenet (1x28x28, global batch 64). Default: %(default)s")
-    parser.add_argument("--configs", default=",".join(CONFIGS),
-                        help="comma-separated configurations: native, dist_sync, ray1 "
-                             "(raymodule on 1 worker), ray2 (raymodule on 2 workers); drop "
-                             "ray1,ray2 to skip raymodule. Default: %(default)s")
-    parser.add_argument("--batches", type=int, default=0,
-                        help="timed global batches per configuration, rounded up to a multiple "
-                             "of --warmup (default: mlp %d, lenet %d, ~5-10 s each)"
-                             % (DEFAULT_BATCHES["mlp"], DEFAULT_BATCHES["lenet"]))
-    parser.add_argument("--warmup", type=int, default=50,
-                        help="untimed warm-up batches; also the epoch length used for timing "
-                             "(default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=300.0,
-                        help="seconds before a configuration is killed (default: %(default)s)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--models", default="mlp,lenet", help=HELP["models"])
+    add("--configs", default=",".join(CONFIGS), help=HELP["configs"])
+    add("--batches", type=int, default=0, help=HELP["batches"])
+    add("--warmup", type=int, default=50, help=HELP["warmup"])
+    add("--timeout", type=float, default=300.0, help=HELP["timeout"])
+    add("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)
     models, configs = args.models.split(","), args.configs.split(",")
     for name, allowed in [(models, MODELS), (configs, CONFIGS)]:
         if set(name) - set(allowed):
-            parser.error(f"unknown: {sorted(set(name) - set(allowed))}; choose from {list(allowed)}")
+            parser.error(f"unknown {sorted(set(name) - set(allowed))}; choose from {list(allowed)}")
 
     results, errors = {}, {}
     for model in models:
@@ -251,30 +286,37 @@ def main(argv=None):
             print(f"running {model} {config} ...", file=sys.stderr, flush=True)
             try:
                 results[model][config] = run_config(config, model, args)
-            except Exception as exc:  # noqa: BLE001  # report and go on with the others
+            except Exception as exc:  # report it and go on with the other configurations
                 errors[f"{model}/{config}"] = str(exc)
                 print(f"FAILED {model} {config}: {exc}", file=sys.stderr, flush=True)
         r = results[model]
         r["x1/native"] = r["ray1"] / r["native"] if r["ray1"] and r["native"] else None
         r["x2/dist_sync"] = r["ray2"] / r["dist_sync"] if r["ray2"] and r["dist_sync"] else None
 
-    header = ["model"] + list(COLUMNS.values()) + ["x1/native", "x2/dist_sync"]
-    rows = [[m] + [fmt(r[c]) for c in CONFIGS] + [fmt(r["x1/native"], 2),
-                                                  fmt(r["x2/dist_sync"], 2)]
-            for m, r in results.items()]
+    header = ["model"] + LABELS + ["x1/native", "x2/dist_sync"]
+    rows = [
+        [m] + [fmt(r[c]) for c in CONFIGS] + [fmt(r["x1/native"], 2), fmt(r["x2/dist_sync"], 2)]
+        for m, r in results.items()
+    ]
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
     print("samples/s (higher is better)")
     for row in [header] + rows:
-        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"samples_per_s": results, "errors": errors, "warmup": args.warmup,
-             "batches": {m: args.batches or DEFAULT_BATCHES[m] for m in models},
-             "global_batch": {m: MODELS[m] for m in models}}, indent=2) + "\n")
+        batches = {m: args.batches or DEFAULT_BATCHES[m] for m in models}
+        report = {
+            "samples_per_s": results,
+            "errors": errors,
+            "warmup": args.warmup,
+            "batches": batches,
+            "global_batch": {m: MODELS[m] for m in models},
+        }
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 1 if errors else 0
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` blocks run
     if sys.argv[1:2] == ["_child"]:
         child(json.loads(sys.argv[2]))
     else:

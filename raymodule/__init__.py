@@ -2,9 +2,15 @@
 
 Change ``mx.mod.Module`` to ``raymodule.Module``; each entry of ``context`` becomes a Ray worker
 actor holding a replica, and gradients are summed across workers by a fused allreduce.
+
+The MXNet-facing names are loaded on first use, so that raymodule's controller actor (which
+imports this package) starts without importing MXNet.
 """
 
-from .context import WorkerContext, workers
+from __future__ import annotations
+
+import importlib
+
 from .errors import (
     CallOrderError,
     PlacementError,
@@ -12,7 +18,6 @@ from .errors import (
     WorkerError,
     WorkerLostError,
 )
-from .module import Module
 
 __all__ = [
     "Module",
@@ -25,3 +30,15 @@ __all__ = [
     "WorkerLostError",
 ]
 __version__ = "0.1.0"
+
+_LAZY = {"Module": ".module", "WorkerContext": ".context", "workers": ".context"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'raymodule' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

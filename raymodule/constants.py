@@ -12,6 +12,7 @@ __all__ = [
     "ALLREDUCE_BUCKET_BYTES",
     "COLLECTIVE_TIMEOUT_S",
     "PIPELINE_DEPTH",
+    "STEPS_PER_CALL",
     "PLACEMENT_TIMEOUT_S",
     "PLACEMENT_REPORT_INTERVAL_S",
     "env_float",
@@ -27,8 +28,10 @@ COLLECTIVE_TIMEOUT_S = ("RAYMODULE_COLLECTIVE_TIMEOUT_S", 300.0)
 """Bound on every collective call and rendezvous: a silent worker never hangs the run."""
 ALLREDUCE_BUCKET_BYTES = ("RAYMODULE_ALLREDUCE_BUCKET_BYTES", 4 * 1024 * 1024)
 """Gradients are fused into buckets of at most this many bytes, one collective call each."""
-PIPELINE_DEPTH = ("RAYMODULE_PIPELINE_DEPTH", 3)
-"""Training steps submitted to the workers ahead of the one whose results the client reads."""
+STEPS_PER_CALL = ("RAYMODULE_STEPS_PER_CALL", 4)
+"""Batches sent to the workers in one call (one object-store transfer) by fit and score."""
+PIPELINE_DEPTH = ("RAYMODULE_PIPELINE_DEPTH", 2)
+"""Calls of STEPS_PER_CALL batches in flight ahead of the one whose results the client reads."""
 
 
 def env_float(spec: tuple[str, float]) -> float:

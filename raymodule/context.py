@@ -24,7 +24,8 @@ class WorkerContext(mx.Context):
         self.gpus = gpus
 
     def __repr__(self) -> str:
-        return f"WorkerContext({self.device_type}({self.device_id}), cpus={self.cpus}, gpus={self.gpus})"
+        device = f"{self.device_type}({self.device_id})"
+        return f"WorkerContext({device}, cpus={self.cpus}, gpus={self.gpus})"
 
 
 def workers(n: int, cpus: float = 1, gpus: float = 0) -> list[WorkerContext]:
@@ -49,6 +50,7 @@ def resources_of(ctx: mx.Context) -> dict[str, float]:
     return {k: v for k, v in resources.items() if v > 0}
 
 
-def local_device(ctx: mx.Context) -> mx.Context:
-    """The device a worker binds on: its own device, seen as index 0 (Ray sets visibility)."""
-    return mx.gpu(0) if ctx.device_type == "gpu" else mx.cpu(0)
+def local_device(ctx: mx.Context) -> str:
+    """The device type a worker binds on; it sees its own device as index 0 (Ray sets
+    visibility). A plain string, so the controller that passes it on needs no MXNet."""
+    return "gpu" if ctx.device_type == "gpu" else "cpu"

@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from . import constants
 from .errors import PlacementError
-from .worker import ModuleWorker
+from .worker import ModuleWorker  # light: MXNet is imported in the worker process only
 
 __all__ = ["WorkerGroup"]
 
@@ -100,8 +100,12 @@ class WorkerGroup:
                     f"has {ray.cluster_resources()} in all and {ray.available_resources()} free "
                     f"(RAYMODULE_PLACEMENT_TIMEOUT_S sets the wait)"
                 )
-            log.warning("raymodule: still waiting %.0f s for %s; free now: %s",
-                        waited, _describe(self.bundles), ray.available_resources())
+            log.warning(
+                "raymodule: still waiting %.0f s for %s; free now: %s",
+                waited,
+                _describe(self.bundles),
+                ray.available_resources(),
+            )
 
     def _form_collective(self, backend: str) -> None:
         world = len(self.workers)
@@ -109,8 +113,12 @@ class WorkerGroup:
             return
         address = ray.get(self.workers[0].rendezvous_address.remote())
         timeout_s = constants.env_float(constants.COLLECTIVE_TIMEOUT_S)
-        ray.get([w.join.remote(world, rank, address, backend, timeout_s)
-                 for rank, w in enumerate(self.workers)])
+        ray.get(
+            [
+                w.join.remote(world, rank, address, backend, timeout_s)
+                for rank, w in enumerate(self.workers)
+            ]
+        )
 
     def stop(self) -> None:
         for worker in self.workers:

@@ -1,10 +1,10 @@
 """The step loop of ``fit`` and ``score``: batches streamed ahead to the workers.
 
-The client reads the ``DataIter``, puts each global batch in the object store once and submits
-the step to every worker without waiting; up to ``RAYMODULE_PIPELINE_DEPTH`` steps are in
-flight (the bounded queue), so workers never wait for the client. Results come back in order:
-metric increments are merged into the user's metric and the callbacks run, trailing the
-workers by at most that many batches.
+The client reads the ``DataIter`` and sends the workers chunks of ``RAYMODULE_STEPS_PER_CALL``
+consecutive global batches, one object-store transfer and one call per chunk; up to
+``RAYMODULE_PIPELINE_DEPTH`` chunks are in flight (the bounded queue), so workers do not wait
+for the client. Results come back in order: metric increments are merged into the user's
+metric and the callbacks run, trailing the workers by at most the batches in flight.
 """
 
 from __future__ import annotations
@@ -20,8 +20,19 @@ from . import constants, metrics
 __all__ = ["run_steps"]
 
 
-def run_steps(module, data_iter, method, metric, epoch, batch_end_callback, *, monitor=None,
-              num_batch=None, score_end_callback=None, sparse_row_id_fn=None):
+def run_steps(
+    module,
+    data_iter,
+    method,
+    metric,
+    epoch,
+    batch_end_callback,
+    *,
+    monitor=None,
+    num_batch=None,
+    score_end_callback=None,
+    sparse_row_id_fn=None,
+):
     """Runs ``method`` ("train_step" or "eval_step") on every batch of ``data_iter``.
 
     Returns the metric's global name/value pairs as they stood after the last batch.
@@ -30,56 +41,77 @@ def run_steps(module, data_iter, method, metric, epoch, batch_end_callback, *, m
     workers.sync()
     workers.post("set_metric", metric)
     on_workers = metrics.runs_on_workers(metric)
-    depth = 0 if monitor is not None else constants.env_int(constants.PIPELINE_DEPTH)
+    if monitor is not None:  # statistics are collected step by step, as MXNet does
+        per_call, depth = 1, 0
+    else:
+        per_call = constants.env_int(constants.STEPS_PER_CALL)
+        depth = constants.env_int(constants.PIPELINE_DEPTH)
     inflight: deque = deque()
+    chunk: list = []
     final: list = []
-
-    def finish(is_last: bool) -> None:
-        nbatch, data_batch, batch, slices, refs = inflight.popleft()
-        results = workers.get(refs, method)
-        if on_workers:
-            for increments in results:
-                metrics.add_counters(metric, increments)
-        else:
-            labels = [batch.worker_slice(part)[1] for part in slices]
-            metrics.update_per_slice(metric, module.label_names, module.output_names,
-                                     labels, results)
-        if monitor is not None:
-            monitor.toc_print()
-        if is_last:
-            final.extend(metric.get_global_name_value())
-        if batch_end_callback is not None:
-            params = BatchEndParam(epoch=epoch, nbatch=nbatch, eval_metric=metric,
-                                   locals=_locals(module, data_iter, data_batch, epoch, nbatch,
-                                                  metric))
-            for callback in _as_list(batch_end_callback):
-                callback(params)
-
-    def batches():
-        for nbatch, data_batch in enumerate(data_iter):
-            if num_batch is not None and nbatch == num_batch:
-                return
-            yield nbatch, data_batch
-
-    stream = batches()
-    upcoming = next(stream, None)
     done = 0
-    while upcoming is not None:
-        nbatch, data_batch = upcoming
-        module.prepare(data_batch, sparse_row_id_fn=sparse_row_id_fn)
-        batch = module._batch(data_batch)
+
+    def send() -> None:
+        if not chunk:
+            return
         if monitor is not None:
             monitor.tic()
-        refs = workers.submit(method, module._id, ray.put(batch))
-        inflight.append((nbatch, data_batch, batch, module._slices, refs))
-        upcoming = next(stream, None)  # read ahead while the workers compute
-        while inflight and (len(inflight) > depth or upcoming is None):
-            finish(is_last=upcoming is None and len(inflight) == 1)
+        refs = workers.submit("steps", method, module._id, ray.put([b for _, _, b in chunk]))
+        inflight.append((list(chunk), module._slices, refs))
+        chunk.clear()
+
+    def finish(last_chunk: bool) -> None:
+        nonlocal done
+        steps, slices, refs = inflight.popleft()
+        per_worker = workers.get(refs, method)
+        for index, (nbatch, data_batch, batch) in enumerate(steps):
+            results = [worker_results[index] for worker_results in per_worker]
+            if on_workers:
+                for increments in results:
+                    metrics.add_counters(metric, increments)
+            else:
+                labels = [batch.worker_slice(part)[1] for part in slices]
+                metrics.update_per_slice(
+                    metric, module.label_names, module.output_names, labels, results
+                )
+            if monitor is not None:
+                monitor.toc_print()
+            if last_chunk and index == len(steps) - 1:
+                final.extend(metric.get_global_name_value())
+            if batch_end_callback is not None:
+                params = BatchEndParam(
+                    epoch=epoch,
+                    nbatch=nbatch,
+                    eval_metric=metric,
+                    locals=_locals(module, data_iter, data_batch, epoch, nbatch, metric),
+                )
+                for callback in _as_list(batch_end_callback):
+                    callback(params)
             done += 1
 
+    for nbatch, data_batch in enumerate(data_iter):
+        if num_batch is not None and nbatch == num_batch:
+            break
+        module.prepare(data_batch, sparse_row_id_fn=sparse_row_id_fn)
+        if module._shapes_changed(data_batch):
+            send()  # the chunk so far was split for the old shapes
+            module._reshape_for(data_batch)
+        chunk.append((nbatch, data_batch, module._batch(data_batch)))
+        if len(chunk) >= per_call:
+            send()
+            while len(inflight) > depth:
+                finish(last_chunk=False)
+    send()
+    while inflight:
+        finish(last_chunk=len(inflight) == 1)
+
     if score_end_callback:
-        params = BatchEndParam(epoch=epoch, nbatch=done, eval_metric=metric,
-                               locals=_locals(module, data_iter, None, epoch, done, metric))
+        params = BatchEndParam(
+            epoch=epoch,
+            nbatch=done,
+            eval_metric=metric,
+            locals=_locals(module, data_iter, None, epoch, done, metric),
+        )
         for callback in _as_list(score_end_callback):
             callback(params)
     return final
@@ -87,5 +119,11 @@ def run_steps(module, data_iter, method, metric, epoch, batch_end_callback, *, m
 
 def _locals(module, data_iter, data_batch, epoch, nbatch, metric) -> dict:
     """What MXNet's loops expose to callbacks through ``BatchEndParam.locals``."""
-    return {"self": module, "data_batch": data_batch, "data_iter": data_iter, "epoch": epoch,
-            "nbatch": nbatch, "eval_metric": metric}
+    return {
+        "self": module,
+        "data_batch": data_batch,
+        "data_iter": data_iter,
+        "epoch": epoch,
+        "nbatch": nbatch,
+        "eval_metric": metric,
+    }

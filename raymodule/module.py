@@ -13,7 +13,6 @@ import time
 import warnings
 
 import mxnet as mx
-import numpy as np
 import ray
 from mxnet import context as ctx
 from mxnet import optimizer as opt
@@ -32,7 +31,14 @@ from .workerset import WorkerSet
 
 __all__ = ["Module", "SUPPORTED_KVSTORES"]
 
-SUPPORTED_KVSTORES = ("local", "device", "nccl", "dist_sync", "dist_device_sync", "dist_sync_device")
+SUPPORTED_KVSTORES = (
+    "local",
+    "device",
+    "nccl",
+    "dist_sync",
+    "dist_device_sync",
+    "dist_sync_device",
+)
 _DEFAULT_LABEL_NAMES = ("softmax_label",)
 _module_ids = itertools.count()
 
@@ -86,10 +92,19 @@ class Module(BaseModule):
     they are released anyway when the module is garbage-collected.
     """
 
-    def __init__(self, symbol, data_names=("data",), label_names=_DEFAULT_LABEL_NAMES,
-                 logger=logging, context=ctx.cpu(), work_load_list=None,
-                 fixed_param_names=None, state_names=None, group2ctxs=None,
-                 compression_params=None):
+    def __init__(
+        self,
+        symbol,
+        data_names=("data",),
+        label_names=_DEFAULT_LABEL_NAMES,
+        logger=logging,
+        context=ctx.cpu(),
+        work_load_list=None,
+        fixed_param_names=None,
+        state_names=None,
+        group2ctxs=None,
+        compression_params=None,
+    ):
         super().__init__(logger=logger)
         if isinstance(context, ctx.Context):
             context = [context]
@@ -145,7 +160,7 @@ class Module(BaseModule):
 
         self._arg_params = None
         self._aux_params = None
-        self._params_dirty = False
+        self._dirty = False
         self._optimizer = None
         self._kvstore = None
         self._update_on_kvstore = False
@@ -160,6 +175,19 @@ class Module(BaseModule):
         self._id = next(_module_ids)
         self._workers: WorkerSet | None = None
         self._owns_workers = False
+
+    @property
+    def _params_dirty(self) -> bool:
+        """Whether the workers' parameters are newer than the host copy. Modules sharing
+        workers share parameters, so an update through any of them makes all of them dirty."""
+        return self._workers.params_dirty if self._workers is not None else self._dirty
+
+    @_params_dirty.setter
+    def _params_dirty(self, value: bool) -> None:
+        if self._workers is not None:
+            self._workers.params_dirty = value
+        else:
+            self._dirty = value
 
     # -- life cycle ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -258,8 +286,9 @@ class Module(BaseModule):
         if arg_shapes is None:
             raise ValueError(f"input shapes {inputs} are not enough to infer every shape")
         names = self._symbol.list_arguments()
-        params = {n: (s, t) for n, s, t in zip(names, arg_shapes, arg_types)
-                  if n in self._param_names}
+        params = {
+            n: (s, t) for n, s, t in zip(names, arg_shapes, arg_types) if n in self._param_names
+        }
         aux = dict(zip(self._aux_names, zip(aux_shapes, aux_types)))
         return params, aux
 
@@ -283,15 +312,25 @@ class Module(BaseModule):
         per_worker = []
         for part in slices:
             n = part.stop - part.start
-            per_worker.append((
-                [_with_batch(d, n) for d in data_shapes],
-                [_with_batch(d, n) for d in label_shapes] if label_shapes else None,
-            ))
+            per_worker.append(
+                (
+                    [_with_batch(d, n) for d in data_shapes],
+                    [_with_batch(d, n) for d in label_shapes] if label_shapes else None,
+                )
+            )
         return slices, per_worker
 
     # -- bind, parameters, optimizer ---------------------------------------------------------------
-    def bind(self, data_shapes, label_shapes=None, for_training=True, inputs_need_grad=False,
-             force_rebind=False, shared_module=None, grad_req="write"):
+    def bind(
+        self,
+        data_shapes,
+        label_shapes=None,
+        for_training=True,
+        inputs_need_grad=False,
+        force_rebind=False,
+        shared_module=None,
+        grad_req="write",
+    ):
         if force_rebind:
             self._reset_bind()
         if self.binded:
@@ -309,8 +348,10 @@ class Module(BaseModule):
         if shared_module is not None:
             if not isinstance(shared_module, Module):
                 raise TypeError("shared_module must be a raymodule.Module")
-            _require(shared_module.binded and shared_module.params_initialized,
-                     "shared_module must be bound with initialized parameters")
+            _require(
+                shared_module.binded and shared_module.params_initialized,
+                "shared_module must be bound with initialized parameters",
+            )
             if len(shared_module._context) != len(self._context):
                 raise ValueError(
                     f"shared_module has {len(shared_module._context)} workers, this module "
@@ -325,9 +366,15 @@ class Module(BaseModule):
         self._grad_req = grad_req
         w = self._workers
         w.sync()
-        grad_stypes = w.call("bind", self._id, for_training, inputs_need_grad,
-                             shared_module._id if shared_module is not None else None, grad_req,
-                             per_worker=per_worker)[0]
+        grad_stypes = w.call(
+            "bind",
+            self._id,
+            for_training,
+            inputs_need_grad,
+            shared_module._id if shared_module is not None else None,
+            grad_req,
+            per_worker=per_worker,
+        )[0]
         if any(stype != "default" for stype in grad_stypes):
             raise NotImplementedError(
                 f"gradient storage types {sorted(set(grad_stypes))}: raymodule reduces dense "
@@ -352,9 +399,16 @@ class Module(BaseModule):
     def _attach(self, workers: WorkerSet, owns: bool) -> None:
         self._workers = workers
         self._owns_workers = owns
-        workers.post("create", self._id, self._symbol, self._data_names, self._label_names,
-                     self._fixed_param_names, self._state_names,
-                     per_worker=[(g,) for g in self._worker_group2ctxs])
+        workers.post(
+            "create",
+            self._id,
+            self._symbol,
+            self._data_names,
+            self._label_names,
+            self._fixed_param_names,
+            self._state_names,
+            per_worker=[(g,) for g in self._worker_group2ctxs],
+        )
 
     def reshape(self, data_shapes, label_shapes=None):
         _require(self.binded, "reshape: call bind() first")
@@ -367,12 +421,21 @@ class Module(BaseModule):
         self._workers.post("set_slice", self._id, per_worker=[(s,) for s in slices])
         self._data_shapes, self._label_shapes, self._slices = data_shapes, label_shapes, slices
 
-    def init_params(self, initializer=Uniform(0.01), arg_params=None, aux_params=None,
-                    allow_missing=False, force_init=False, allow_extra=False):
+    def init_params(
+        self,
+        initializer=Uniform(0.01),
+        arg_params=None,
+        aux_params=None,
+        allow_missing=False,
+        force_init=False,
+        allow_extra=False,
+    ):
         """Initialises parameters on the client (its RNG, as MXNet does) and sends them."""
         if self.params_initialized and not force_init:
-            warnings.warn("Parameters already initialized and force_init=False. "
-                          "init_params call ignored.", stacklevel=2)
+            warnings.warn(
+                "Parameters already initialized and force_init=False. init_params call ignored.",
+                stacklevel=2,
+            )
             return
         _require(self.binded, "call bind before initializing the parameters")
 
@@ -408,20 +471,29 @@ class Module(BaseModule):
         arg, aux = ray.put(_np(self._arg_params)), ray.put(_np(self._aux_params))
         self._workers.post("set_params", self._id, arg, aux, False, allow_extra)
 
-    def set_params(self, arg_params, aux_params, allow_missing=False, force_init=True,
-                   allow_extra=False):
+    def set_params(
+        self, arg_params, aux_params, allow_missing=False, force_init=True, allow_extra=False
+    ):
         if not allow_missing:
-            self.init_params(initializer=None, arg_params=arg_params, aux_params=aux_params,
-                             allow_missing=allow_missing, force_init=force_init,
-                             allow_extra=allow_extra)
+            self.init_params(
+                initializer=None,
+                arg_params=arg_params,
+                aux_params=aux_params,
+                allow_missing=allow_missing,
+                force_init=force_init,
+                allow_extra=allow_extra,
+            )
             return
         if self.params_initialized and not force_init:
-            warnings.warn("Parameters already initialized and force_init=False. "
-                          "set_params call ignored.", stacklevel=2)
+            warnings.warn(
+                "Parameters already initialized and force_init=False. set_params call ignored.",
+                stacklevel=2,
+            )
             return
         _require(self.binded, "set_params: call bind() first")
-        self._workers.post("set_params", self._id, _np(arg_params or {}), _np(aux_params or {}),
-                           True, allow_extra)
+        self._workers.post(
+            "set_params", self._id, _np(arg_params or {}), _np(aux_params or {}), True, allow_extra
+        )
         self._params_dirty = True
         self.params_initialized = True
 
@@ -442,16 +514,23 @@ class Module(BaseModule):
                     held[name] = mx.nd.array(value, dtype=value.dtype)
         self._params_dirty = False
 
-    def init_optimizer(self, kvstore="local", optimizer="sgd",
-                       optimizer_params=(("learning_rate", 0.01),), force_init=False):
+    def init_optimizer(
+        self,
+        kvstore="local",
+        optimizer="sgd",
+        optimizer_params=(("learning_rate", 0.01),),
+        force_init=False,
+    ):
         """Installs the optimizer on every worker.
 
         Every kvstore name selects the synchronous Ray allreduce. ``rescale_grad`` defaults to
         1/global batch (MXNet's value for one process with several devices); for ``dist*_sync``
         names MXNet would also divide by the number of workers, which would be wrong here.
         """
-        _require(self.binded and self.params_initialized,
-                 "init_optimizer: call bind() and init_params() first")
+        _require(
+            self.binded and self.params_initialized,
+            "init_optimizer: call bind() and init_params() first",
+        )
         if self.optimizer_initialized and not force_init:
             self.logger.warning("optimizer already initialized, ignoring...")
             return
@@ -465,18 +544,23 @@ class Module(BaseModule):
             _check_optimizer_name(optimizer)
             optimizer_params = dict(optimizer_params)
             optimizer_params.setdefault("rescale_grad", rescale_grad)
-            optimizer = opt.create(optimizer, sym=self.symbol, param_idx2name=idx2name,
-                                   **optimizer_params)
+            optimizer = opt.create(
+                optimizer, sym=self.symbol, param_idx2name=idx2name, **optimizer_params
+            )
         elif isinstance(optimizer, opt.Optimizer):
             if optimizer.rescale_grad != rescale_grad:
                 warnings.warn(
                     "Optimizer created manually outside Module but rescale_grad is not "
                     f"normalized to 1.0/global batch size ({optimizer.rescale_grad} vs. "
-                    f"{rescale_grad}). Is this intended?", stacklevel=2)
+                    f"{rescale_grad}). Is this intended?",
+                    stacklevel=2,
+                )
             if not optimizer.idx2name:
                 optimizer.idx2name = idx2name.copy()
         else:
-            raise ValueError(f"optimizer={optimizer!r}: expected a name or an mx.optimizer.Optimizer")
+            raise ValueError(
+                f"optimizer={optimizer!r}: expected a name or an mx.optimizer.Optimizer"
+            )
         self._optimizer = optimizer
         self._kvstore = None
         self._update_on_kvstore = False
@@ -487,11 +571,14 @@ class Module(BaseModule):
             self._preload_opt_states = None
 
     def borrow_optimizer(self, shared_module):
-        _require(shared_module.optimizer_initialized,
-                 "borrow_optimizer: the shared module has no optimizer")
+        _require(
+            shared_module.optimizer_initialized,
+            "borrow_optimizer: the shared module has no optimizer",
+        )
         if shared_module._workers is not self._workers:
-            raise ValueError("borrow_optimizer: the modules must share workers "
-                             "(bind with shared_module=...)")
+            raise ValueError(
+                "borrow_optimizer: the modules must share workers (bind with shared_module=...)"
+            )
         self._optimizer = shared_module._optimizer
         self._kvstore = None
         self._update_on_kvstore = False
@@ -499,48 +586,69 @@ class Module(BaseModule):
         self.optimizer_initialized = True
 
     # -- computation -------------------------------------------------------------------------
-    def _batch(self, data_batch) -> batches.Batch:
-        """The batch as numpy, after reshaping the module if its shapes changed."""
+    def _shapes_changed(self, data_batch) -> bool:
         if isinstance(data_batch, list):
-            raise ValueError("raymodule takes one global DataBatch per call, not a list "
-                             "of per-device batches; the split across workers is automatic")
+            raise ValueError(
+                "raymodule takes one global DataBatch per call, not a list "
+                "of per-device batches; the split across workers is automatic"
+            )
         shapes = tuple(tuple(a.shape) for a in data_batch.data)
-        if shapes != tuple(tuple(d.shape) for d in self._data_shapes):
-            if len(shapes) != len(self._data_shapes):
-                raise ValueError(f"the batch has {len(shapes)} data arrays; the module "
-                                 f"takes {len(self._data_shapes)} ({self._data_names})")
-            new_data = [DataDesc(d.name, s, d.dtype, d.layout)
-                        for d, s in zip(self._data_shapes, shapes)]
-            new_label = None
-            if self._label_shapes and data_batch.label:
-                new_label = [DataDesc(d.name, tuple(a.shape), d.dtype, d.layout)
-                             for d, a in zip(self._label_shapes, data_batch.label)]
-            self.reshape(new_data, new_label)
+        return shapes != tuple(tuple(d.shape) for d in self._data_shapes)
+
+    def _reshape_for(self, data_batch) -> None:
+        """Reshapes the module to the batch's shapes, as MXNet's ``forward`` does."""
+        if len(data_batch.data) != len(self._data_shapes):
+            raise ValueError(
+                f"the batch has {len(data_batch.data)} data arrays; the module "
+                f"takes {len(self._data_shapes)} ({self._data_names})"
+            )
+        new_data = [
+            DataDesc(d.name, tuple(a.shape), d.dtype, d.layout)
+            for d, a in zip(self._data_shapes, data_batch.data)
+        ]
+        new_label = None
+        if self._label_shapes and data_batch.label:
+            new_label = [
+                DataDesc(d.name, tuple(a.shape), d.dtype, d.layout)
+                for d, a in zip(self._label_shapes, data_batch.label)
+            ]
+        self.reshape(new_data, new_label)
+
+    def _batch(self, data_batch) -> batches.Batch:
+        """The batch as numpy arrays, split later by each worker's slice."""
         return batches.to_batch(data_batch, self._data_shapes, self._label_shapes)
 
     def forward(self, data_batch, is_train=None):
-        _require(self.binded and self.params_initialized,
-                 "forward: call bind() and init_params() first")
+        _require(
+            self.binded and self.params_initialized, "forward: call bind() and init_params() first"
+        )
         if is_train is None:
             is_train = self.for_training
-        batch = ray.put(self._batch(data_batch))
-        self._workers.post("forward", self._id, batch, is_train)
+        if self._shapes_changed(data_batch):
+            self._reshape_for(data_batch)
+        self._workers.post("forward", self._id, ray.put(self._batch(data_batch)), is_train)
 
     def backward(self, out_grads=None):
-        _require(self.binded and self.params_initialized,
-                 "backward: call bind() and init_params() first")
+        _require(
+            self.binded and self.params_initialized, "backward: call bind() and init_params() first"
+        )
         per_worker = None
         if out_grads is not None:
-            grads = [batches._numpy(g) for g in (out_grads if isinstance(out_grads, (list, tuple))
-                                                 else [out_grads])]
+            grads = [
+                batches._numpy(g)
+                for g in (out_grads if isinstance(out_grads, (list, tuple)) else [out_grads])
+            ]
             split = batches.Batch(grads, [], self._output_axes, [])
             per_worker = [(split.worker_slice(s)[0],) for s in self._slices]
-        self._workers.post("backward", self._id, per_worker=per_worker or
-                           [(None,)] * len(self._slices))
+        self._workers.post(
+            "backward", self._id, per_worker=per_worker or [(None,)] * len(self._slices)
+        )
 
     def update(self):
-        _require(self.binded and self.params_initialized and self.optimizer_initialized,
-                 "update: call bind(), init_params() and init_optimizer() first")
+        _require(
+            self.binded and self.params_initialized and self.optimizer_initialized,
+            "update: call bind(), init_params() and init_optimizer() first",
+        )
         self._params_dirty = True
         self._workers.post("update", self._id)
 
@@ -549,18 +657,23 @@ class Module(BaseModule):
         per_worker = self._workers.call(method, self._id)
         if merge_multi_context:
             return batches.merge_outputs(per_worker, axes)
-        return [[mx.nd.array(outputs[i], dtype=outputs[i].dtype) for outputs in per_worker]
-                for i in range(len(axes))]
+        return [
+            [mx.nd.array(outputs[i], dtype=outputs[i].dtype) for outputs in per_worker]
+            for i in range(len(axes))
+        ]
 
     def get_outputs(self, merge_multi_context=True):
         _require(self.binded and self.params_initialized, "get_outputs: call bind() first")
         return self._gather("outputs", self._output_axes, merge_multi_context)
 
     def get_input_grads(self, merge_multi_context=True):
-        _require(self.binded and self.params_initialized and self.inputs_need_grad,
-                 "get_input_grads: bind with inputs_need_grad=True first")
-        return self._gather("input_grads", batches.batch_axes(self._data_shapes),
-                            merge_multi_context)
+        _require(
+            self.binded and self.params_initialized and self.inputs_need_grad,
+            "get_input_grads: bind with inputs_need_grad=True first",
+        )
+        return self._gather(
+            "input_grads", batches.batch_axes(self._data_shapes), merge_multi_context
+        )
 
     def get_states(self, merge_multi_context=True):
         _require(self.binded and self.params_initialized, "get_states: call bind() first")
@@ -573,8 +686,9 @@ class Module(BaseModule):
         if states is None:
             self._workers.post("set_states", self._id, None, value)
             return
-        per_worker = [([batches._numpy(s[rank]) for s in states], None)
-                      for rank in range(len(self._context))]
+        per_worker = [
+            ([batches._numpy(s[rank]) for s in states], None) for rank in range(len(self._context))
+        ]
         self._workers.post("set_states", self._id, per_worker=per_worker)
 
     def update_metric(self, eval_metric, labels, pre_sliced=False):
@@ -583,11 +697,13 @@ class Module(BaseModule):
         if pre_sliced:
             label_slices = [[batches._numpy(x) for x in labels_i] for labels_i in labels]
         else:
-            label_batch = batches.Batch([], [batches._numpy(x) for x in labels], [],
-                                        batches.batch_axes(self._label_shapes))
+            label_batch = batches.Batch(
+                [], [batches._numpy(x) for x in labels], [], batches.batch_axes(self._label_shapes)
+            )
             label_slices = [label_batch.worker_slice(s)[1] for s in self._slices]
-        metrics.update_per_slice(eval_metric, self._label_names, self._output_names,
-                                 label_slices, outputs)
+        metrics.update_per_slice(
+            eval_metric, self._label_names, self._output_names, label_slices, outputs
+        )
 
     def install_monitor(self, mon):
         """Installs a copy of ``mon`` on every worker; ``mon.tic()``/``mon.toc()`` then collect
@@ -609,8 +725,11 @@ class Module(BaseModule):
     def prepare(self, data_batch, sparse_row_id_fn=None):
         _require(self.binded, "prepare: call bind() first")
         if sparse_row_id_fn is not None:
-            warnings.warn(UserWarning("Parameters are not updated in the KVStore. "
-                                      "No need to call sparse_row_id_fn."))
+            warnings.warn(
+                "Parameters are not updated in the KVStore. No need to call sparse_row_id_fn.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     # -- optimizer states ------------------------------------------------------------------------
     def save_optimizer_states(self, fname):
@@ -629,25 +748,50 @@ class Module(BaseModule):
         self._workers.post("set_optimizer_states", self._id, states)
 
     # -- training loops ----------------------------------------------------------------------------
-    def fit(self, train_data, eval_data=None, eval_metric="acc", epoch_end_callback=None,
-            batch_end_callback=None, kvstore="local", optimizer="sgd",
-            optimizer_params=(("learning_rate", 0.01),), eval_end_callback=None,
-            eval_batch_end_callback=None, initializer=Uniform(0.01), arg_params=None,
-            aux_params=None, allow_missing=False, force_rebind=False, force_init=False,
-            begin_epoch=0, num_epoch=None, validation_metric=None, monitor=None,
-            sparse_row_id_fn=None):
+    def fit(
+        self,
+        train_data,
+        eval_data=None,
+        eval_metric="acc",
+        epoch_end_callback=None,
+        batch_end_callback=None,
+        kvstore="local",
+        optimizer="sgd",
+        optimizer_params=(("learning_rate", 0.01),),
+        eval_end_callback=None,
+        eval_batch_end_callback=None,
+        initializer=Uniform(0.01),
+        arg_params=None,
+        aux_params=None,
+        allow_missing=False,
+        force_rebind=False,
+        force_init=False,
+        begin_epoch=0,
+        num_epoch=None,
+        validation_metric=None,
+        monitor=None,
+        sparse_row_id_fn=None,
+    ):
         """MXNet's ``fit``; the steps run on the workers, streamed ahead of the callbacks."""
         if num_epoch is None:
             raise ValueError("fit: num_epoch is required")
         _check_kvstore(kvstore)
-        self.bind(data_shapes=train_data.provide_data, label_shapes=train_data.provide_label,
-                  for_training=True, force_rebind=force_rebind)
+        self.bind(
+            data_shapes=train_data.provide_data,
+            label_shapes=train_data.provide_label,
+            for_training=True,
+            force_rebind=force_rebind,
+        )
         if monitor is not None:
             self.install_monitor(monitor)
-        self.init_params(initializer=initializer, arg_params=arg_params, aux_params=aux_params,
-                         allow_missing=allow_missing, force_init=force_init)
-        self.init_optimizer(kvstore=kvstore, optimizer=optimizer,
-                            optimizer_params=optimizer_params)
+        self.init_params(
+            initializer=initializer,
+            arg_params=arg_params,
+            aux_params=aux_params,
+            allow_missing=allow_missing,
+            force_init=force_init,
+        )
+        self.init_optimizer(kvstore=kvstore, optimizer=optimizer, optimizer_params=optimizer_params)
         if validation_metric is None:
             validation_metric = eval_metric
         if not isinstance(eval_metric, mx.metric.EvalMetric):
@@ -656,9 +800,16 @@ class Module(BaseModule):
         for epoch in range(begin_epoch, num_epoch):
             tic = time.time()
             eval_metric.reset()
-            eval_name_vals = run_steps(self, train_data, "train_step", eval_metric, epoch,
-                                       batch_end_callback, monitor=monitor,
-                                       sparse_row_id_fn=sparse_row_id_fn)
+            eval_name_vals = run_steps(
+                self,
+                train_data,
+                "train_step",
+                eval_metric,
+                epoch,
+                batch_end_callback,
+                monitor=monitor,
+                sparse_row_id_fn=sparse_row_id_fn,
+            )
             self._params_dirty = True
             for name, val in eval_name_vals:
                 self.logger.info("Epoch[%d] Train-%s=%f", epoch, name, val)
@@ -669,15 +820,28 @@ class Module(BaseModule):
                 for callback in mx.base._as_list(epoch_end_callback):
                     callback(epoch, self.symbol, arg_params, aux_params)
             if eval_data is not None:
-                res = self.score(eval_data, validation_metric,
-                                 score_end_callback=eval_end_callback,
-                                 batch_end_callback=eval_batch_end_callback, epoch=epoch)
+                res = self.score(
+                    eval_data,
+                    validation_metric,
+                    score_end_callback=eval_end_callback,
+                    batch_end_callback=eval_batch_end_callback,
+                    epoch=epoch,
+                )
                 for name, val in res:
                     self.logger.info("Epoch[%d] Validation-%s=%f", epoch, name, val)
             train_data.reset()
 
-    def score(self, eval_data, eval_metric, num_batch=None, batch_end_callback=None,
-              score_end_callback=None, reset=True, epoch=0, sparse_row_id_fn=None):
+    def score(
+        self,
+        eval_data,
+        eval_metric,
+        num_batch=None,
+        batch_end_callback=None,
+        score_end_callback=None,
+        reset=True,
+        epoch=0,
+        sparse_row_id_fn=None,
+    ):
         """MXNet's ``score``; the forward passes and metric updates run on the workers."""
         _require(self.binded and self.params_initialized, "score: call bind() first")
         if reset:
@@ -685,7 +849,15 @@ class Module(BaseModule):
         if not isinstance(eval_metric, mx.metric.EvalMetric):
             eval_metric = mx.metric.create(eval_metric)
         eval_metric.reset()
-        run_steps(self, eval_data, "eval_step", eval_metric, epoch, batch_end_callback,
-                  num_batch=num_batch, score_end_callback=score_end_callback,
-                  sparse_row_id_fn=sparse_row_id_fn)
+        run_steps(
+            self,
+            eval_data,
+            "eval_step",
+            eval_metric,
+            epoch,
+            batch_end_callback,
+            num_batch=num_batch,
+            score_end_callback=score_end_callback,
+            sparse_row_id_fn=sparse_row_id_fn,
+        )
         return eval_metric.get_name_value()

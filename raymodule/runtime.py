@@ -1,4 +1,5 @@
-"""Connecting to Ray: an existing session or ``RAY_ADDRESS`` is used, else a local Ray on loopback."""
+"""Connecting to Ray: an existing session or ``RAY_ADDRESS`` if there is one, else a local Ray
+on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def ensure_ray() -> None:
         ray.init(log_to_driver=True)
         return
     _use_loopback()
-    ray.init(include_dashboard=False, log_to_driver=True)
+    # address="local": never join a cluster that `ray start` left recorded on this machine.
+    ray.init(address="local", include_dashboard=False, log_to_driver=True)
     _started_locally = True
     log.info("raymodule started a local Ray on 127.0.0.1: %s", ray.cluster_resources())
 

@@ -3,25 +3,42 @@
 A worker holds one ``mx.mod.Module`` per raymodule module bound on it (modules bound with
 ``shared_module`` share parameters and memory here exactly as in MXNet), and this process's
 membership in the gradient group. It never imports the facade.
+
+MXNet (and torch, for the collective) are imported in the worker process only, when the actor
+starts: the controller creates workers from this class without paying seconds of imports.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import warnings
+from typing import TYPE_CHECKING
 
-import mxnet as mx
-import numpy as np
 import ray
-from mxnet.io import DataBatch
 
-from . import constants, metrics
-from .allreduce import Collective, free_address
-from .data import Batch
+from . import constants
+
+if TYPE_CHECKING:
+    import mxnet as mx
+    import numpy as np
+
+    from .allreduce import Collective
+    from .data import Batch
 
 __all__ = ["ModuleWorker"]
 
 log = logging.getLogger(__name__)
+
+
+def _import_runtime() -> None:
+    """Binds this module's MXNet-dependent names; runs once, in the worker process."""
+    global mx, np, DataBatch, metrics
+    import mxnet as mx
+    import numpy as np
+    from mxnet.io import DataBatch
+
+    from . import metrics
 
 
 def _numpy_list(arrays) -> list[np.ndarray]:
@@ -32,26 +49,36 @@ def _nd_dict(arrays: dict) -> dict:
     return {k: mx.nd.array(v, dtype=v.dtype) for k, v in arrays.items()}
 
 
+def _zero_times() -> dict:
+    return {"steps": 0, "step": 0.0, "allreduce": 0.0}
+
+
 class ModuleWorker:
     """One data-parallel replica. Methods take the id of the module they act on."""
 
-    def __init__(self, rank: int, device: mx.Context):
+    def __init__(self, rank: int, device_type: str):
+        _import_runtime()
         self.rank = rank
-        self.device = device
+        self.device = mx.Context(device_type, 0)
         self._modules: dict[int, mx.mod.Module] = {}
         self._slices: dict[int, slice] = {}
         self._collective: Collective | None = None
         self._bucket_bytes = constants.env_int(constants.ALLREDUCE_BUCKET_BYTES)
         self._metric: mx.metric.EvalMetric | None = None
+        self._times = _zero_times()
 
     # -- membership -------------------------------------------------------------------------
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
     def rendezvous_address(self) -> str:
+        from .allreduce import free_address
+
         return free_address()
 
     def join(self, world_size: int, rank: int, address: str, backend: str, timeout_s: float):
+        from .allreduce import Collective
+
         self.rank = rank
         self._collective = Collective(world_size, rank, address, backend, timeout_s)
 
@@ -61,8 +88,9 @@ class ModuleWorker:
             self._collective = None
 
     # -- module life cycle ------------------------------------------------------------------
-    def create(self, mid: int, symbol, data_names, label_names, fixed_param_names, state_names,
-               group2ctxs) -> None:
+    def create(
+        self, mid: int, symbol, data_names, label_names, fixed_param_names, state_names, group2ctxs
+    ) -> None:
         self._modules[mid] = mx.mod.Module(
             symbol,
             data_names=data_names,
@@ -77,35 +105,52 @@ class ModuleWorker:
     def drop(self, mid: int) -> None:
         self._modules.pop(mid, None)
 
-    def bind(self, mid, for_training, inputs_need_grad, shared_mid, grad_req, data_shapes,
-             label_shapes) -> list[str]:
+    def bind(
+        self, mid, for_training, inputs_need_grad, shared_mid, grad_req, data_shapes, label_shapes
+    ) -> list[str]:
         """Binds the replica; returns the storage types of its gradients."""
         mod = self._modules[mid]
         shared = self._modules[shared_mid] if shared_mid is not None else None
-        mod.bind(data_shapes, label_shapes, for_training=for_training,
-                 inputs_need_grad=inputs_need_grad, force_rebind=True, shared_module=shared,
-                 grad_req=grad_req)
-        return [g[0].stype for g in mod._exec_group.grad_arrays if g[0] is not None]
+        mod.bind(
+            data_shapes,
+            label_shapes,
+            for_training=for_training,
+            inputs_need_grad=inputs_need_grad,
+            force_rebind=True,
+            shared_module=shared,
+            grad_req=grad_req,
+        )
+        return [g[0].stype for g in mod._exec_group.grad_arrays or [] if g[0] is not None]
 
     def reshape(self, mid, data_shapes, label_shapes) -> None:
         self._modules[mid].reshape(data_shapes, label_shapes)
 
     def set_params(self, mid, arg_params, aux_params, allow_missing, allow_extra) -> None:
-        self._modules[mid].set_params(_nd_dict(arg_params), _nd_dict(aux_params),
-                                      allow_missing=allow_missing, force_init=True,
-                                      allow_extra=allow_extra)
+        self._modules[mid].set_params(
+            _nd_dict(arg_params),
+            _nd_dict(aux_params),
+            allow_missing=allow_missing,
+            force_init=True,
+            allow_extra=allow_extra,
+        )
 
     def get_params(self, mid) -> tuple[dict, dict]:
-        arg, aux = self._modules[mid].get_params()
+        mod = self._modules[mid]
+        # Always read the device arrays: a module sharing them may have updated them.
+        mod._sync_params_from_devices()
+        arg, aux = mod._arg_params, mod._aux_params
         return ({k: v.asnumpy() for k, v in arg.items()}, {k: v.asnumpy() for k, v in aux.items()})
 
     def init_optimizer(self, mid, optimizer, optimizer_params, force_init) -> None:
         with warnings.catch_warnings():
             # rescale_grad is set by the client for the global batch, which MXNet cannot know.
             warnings.simplefilter("ignore")
-            self._modules[mid].init_optimizer(kvstore=None, optimizer=optimizer,
-                                              optimizer_params=optimizer_params,
-                                              force_init=force_init)
+            self._modules[mid].init_optimizer(
+                kvstore=None,
+                optimizer=optimizer,
+                optimizer_params=optimizer_params,
+                force_init=force_init,
+            )
 
     def borrow_optimizer(self, mid, shared_mid) -> None:
         self._modules[mid].borrow_optimizer(self._modules[shared_mid])
@@ -120,15 +165,16 @@ class ModuleWorker:
     def set_slice(self, mid, part: slice) -> None:
         self._slices[mid] = part
 
-    def _load(self, mid, batch: Batch, is_train) -> mx.mod.Module:
+    def _load(self, mid, batch: Batch, is_train) -> tuple[mx.mod.Module, list]:
+        """Runs forward on this worker's slice; returns the module and the slice's labels."""
         mod = self._modules[mid]
         data, label = batch.worker_slice(self._slices[mid])
+        labels = [mx.nd.array(a, dtype=a.dtype) for a in label]
         mod.forward(
-            DataBatch(data=[mx.nd.array(a, dtype=a.dtype) for a in data],
-                      label=[mx.nd.array(a, dtype=a.dtype) for a in label] or None),
+            DataBatch(data=[mx.nd.array(a, dtype=a.dtype) for a in data], label=labels or None),
             is_train=is_train,
         )
-        return mod
+        return mod, labels
 
     def forward(self, mid, batch: Batch, is_train) -> None:
         self._load(mid, batch, is_train)
@@ -143,30 +189,49 @@ class ModuleWorker:
         # Reverse parameter order: the last layers' gradients are ready first.
         grads = [g[0] for g in reversed(group.grad_arrays) if g[0] is not None]
         if self._collective is not None:
+            start = time.perf_counter()
             self._collective.reduce(grads, self._bucket_bytes)
+            self._times["allreduce"] += time.perf_counter() - start
         mod.update()
+
+    def timings(self) -> dict:
+        """Seconds spent in training steps and, within them, in the allreduce (which includes
+        waiting for backward to finish and for slower peers) since the last call."""
+        times, self._times = self._times, _zero_times()
+        return times
 
     def set_metric(self, metric: mx.metric.EvalMetric | None) -> None:
         self._metric = metric
 
-    def _step_metric(self, mid, mod, batch: Batch):
+    def _step_metric(self, mod, labels: list):
         """Counter increments if the metric runs here, else this slice's outputs."""
         if metrics.runs_on_workers(self._metric):
-            labels = batch.worker_slice(self._slices[mid])[1]
             self._metric.reset()
-            mod.update_metric(self._metric, [mx.nd.array(x, dtype=x.dtype) for x in labels])
+            mod.update_metric(self._metric, labels)
             return metrics.counters(self._metric)
         return _numpy_list(mod.get_outputs())
 
+    def steps(self, kind: str, mid, batches: list[Batch]) -> list:
+        """Runs ``kind`` ("train_step" or "eval_step") on consecutive global batches.
+
+        Several steps per call: one object-store transfer and one call per chunk, where each
+        costs about a millisecond, instead of one per batch.
+        """
+        step = {"train_step": self.train_step, "eval_step": self.eval_step}[kind]
+        return [step(mid, batch) for batch in batches]
+
     def train_step(self, mid, batch: Batch):
-        mod = self._load(mid, batch, True)
+        start = time.perf_counter()
+        mod, labels = self._load(mid, batch, True)
         mod.backward()
         self.update(mid)
-        return self._step_metric(mid, mod, batch) if self._metric is not None else None
+        self._times["steps"] += 1
+        self._times["step"] += time.perf_counter() - start
+        return self._step_metric(mod, labels) if self._metric is not None else None
 
     def eval_step(self, mid, batch: Batch):
-        mod = self._load(mid, batch, False)
-        return self._step_metric(mid, mod, batch)
+        mod, labels = self._load(mid, batch, False)
+        return self._step_metric(mod, labels)
 
     def outputs(self, mid) -> list[np.ndarray]:
         return _numpy_list(self._modules[mid].get_outputs())
@@ -178,7 +243,8 @@ class ModuleWorker:
         return self._modules[mid].output_shapes
 
     def get_states(self, mid) -> list[np.ndarray]:
-        return _numpy_list(self._modules[mid].get_states())
+        # one device here: MXNet's per-device list holds one array per state
+        return [s[0].asnumpy() for s in self._modules[mid].get_states(merge_multi_context=False)]
 
     def set_states(self, mid, states, value) -> None:
         if states is not None:

@@ -59,6 +59,7 @@ class WorkerSet:
         self._finalizer = weakref.finalize(self, _shutdown, self.controller)
         self._unchecked: list[tuple[int, ray.ObjectRef, str]] = []
         self.lost: WorkerLostError | None = None
+        self.params_dirty = False  # the workers' parameters are newer than the client's copy
         try:
             self.handles = self.get([self.controller.start.remote()], "start")[0]
         except Exception:
@@ -128,8 +129,7 @@ class WorkerSet:
             self.lost = WorkerLostError(
                 f"worker {rank} ({where}) was lost during {method}(): "
                 f"{type(err).__name__}: {_first_line(err)}; {len(lost)} of {len(refs)} workers "
-                f"lost. The module cannot continue; create a new one (or train with run= to "
-                f"recover automatically)"
+                "lost. The module cannot continue; create a new one"
             )
             self.lost.__cause__ = None
             raise self.lost

@@ -1,0 +1,68 @@
+"""One real Ray session on 127.0.0.1 for the whole test run (4 logical CPUs)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Ray reads these when it is imported: keep every test on loopback, without auth or telemetry.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rmt-", dir="/tmp"))
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import mxnet as mx  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import ray  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_session():
+    ray.init(
+        num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2, log_to_driver=False
+    )
+    yield
+    ray.shutdown()
+
+
+def mlp(hidden=(32, 16), classes=10):
+    """A model without BatchNorm or Dropout, so replicas and MXNet agree to float rounding."""
+    net = mx.sym.Variable("data")
+    for i, width in enumerate(hidden):
+        net = mx.sym.FullyConnected(net, num_hidden=width, name=f"fc{i}")
+        net = mx.sym.Activation(net, act_type="relu", name=f"relu{i}")
+    net = mx.sym.FullyConnected(net, num_hidden=classes, name="out")
+    return mx.sym.SoftmaxOutput(net, name="softmax")
+
+
+def lenet(classes=10):
+    data = mx.sym.Variable("data")
+    net = mx.sym.Convolution(data, kernel=(5, 5), num_filter=6, name="conv0")
+    net = mx.sym.Pooling(
+        mx.sym.Activation(net, act_type="tanh"), pool_type="max", kernel=(2, 2), stride=(2, 2)
+    )
+    net = mx.sym.FullyConnected(mx.sym.flatten(net), num_hidden=32, name="fc0")
+    net = mx.sym.FullyConnected(
+        mx.sym.Activation(net, act_type="tanh"), num_hidden=classes, name="out"
+    )
+    return mx.sym.SoftmaxOutput(net, name="softmax")
+
+
+def dataset(n=192, shape=(20,), classes=10, seed=0):
+    rng = np.random.RandomState(seed)
+    x = rng.uniform(-1, 1, (n,) + shape).astype("float32")
+    y = rng.randint(0, classes, n).astype("float32")
+    return x, y
+
+
+def max_relative_diff(expected: dict, actual: dict) -> float:
+    """Largest difference over all parameters, relative to each one's largest magnitude."""
+    assert sorted(expected) == sorted(actual)
+    worst = 0.0
+    for name, value in expected.items():
+        e, a = value.asnumpy(), actual[name].asnumpy()
+        worst = max(worst, float(np.abs(e - a).max() / max(np.abs(e).max(), 1e-12)))
+    return worst

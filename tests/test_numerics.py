@@ -1,0 +1,128 @@
+"""N workers on a global batch train the same model as one MXNet device on that batch."""
+
+from __future__ import annotations
+
+import mxnet as mx
+import numpy as np
+import pytest
+from conftest import dataset, lenet, max_relative_diff, mlp
+
+import raymodule
+
+SGD = {"learning_rate": 0.1, "momentum": 0.9, "wd": 1e-4}
+
+
+def initial_params(symbol, data_shape, batch):
+    """Deterministic initial parameters, shared by the native and the distributed module."""
+    mx.random.seed(7)
+    mod = mx.mod.Module(symbol)
+    mod.bind([("data", (batch,) + data_shape)], [("softmax_label", (batch,))])
+    mod.init_params(mx.init.Xavier(magnitude=2.0))
+    arg, aux = mod.get_params()
+    return {k: v.copy() for k, v in arg.items()}, {k: v.copy() for k, v in aux.items()}
+
+
+def train_by_steps(mod, symbol, x, y, batch, params, steps):
+    """MXNet's intermediate API: bind, init, then forward_backward/update per batch."""
+    mod.bind([("data", (batch,) + x.shape[1:])], [("softmax_label", (batch,))])
+    mod.init_params(arg_params=params[0], aux_params=params[1])
+    mod.init_optimizer(optimizer="sgd", optimizer_params=SGD)
+    outputs = []
+    for step in range(steps):
+        lo = (step * batch) % len(x)
+        db = mx.io.DataBatch([mx.nd.array(x[lo : lo + batch])], [mx.nd.array(y[lo : lo + batch])])
+        mod.forward_backward(db)
+        mod.update()
+        outputs.append(mod.get_outputs()[0].asnumpy())
+    return mod.get_params()[0], outputs
+
+
+@pytest.mark.parametrize(
+    "contexts, work_load_list",
+    [(2, None), (3, [1, 1, 2])],
+    ids=["2-even", "3-weighted-1-1-2"],
+)
+def test_steps_match_native_mxnet(contexts, work_load_list):
+    x, y = dataset(n=240)
+    symbol, batch = mlp(), 24
+    params = initial_params(symbol, x.shape[1:], batch)
+    native_params, native_out = train_by_steps(
+        mx.mod.Module(symbol), symbol, x, y, batch, params, steps=12
+    )
+    with raymodule.Module(
+        symbol, context=[mx.cpu(i) for i in range(contexts)], work_load_list=work_load_list
+    ) as mod:
+        ray_params, ray_out = train_by_steps(mod, symbol, x, y, batch, params, steps=12)
+    assert max_relative_diff(native_params, ray_params) < 1e-5
+    for expected, actual in zip(native_out, ray_out):
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "symbol_fn, shape", [(mlp, (20,)), (lenet, (1, 12, 12))], ids=["mlp", "lenet"]
+)
+def test_fit_matches_native_mxnet(symbol_fn, shape):
+    x, y = dataset(n=120, shape=shape)
+    symbol = symbol_fn()
+
+    def fit(mod):
+        mx.random.seed(3)
+        it = mx.io.NDArrayIter(x, y, batch_size=20)
+        metric = mx.metric.Accuracy()
+        mod.fit(
+            it,
+            eval_metric=metric,
+            num_epoch=2,
+            optimizer="sgd",
+            optimizer_params=SGD,
+            initializer=mx.init.Xavier(),
+        )
+        it.reset()
+        return mod.get_params()[0], metric.get(), mod.predict(it).asnumpy()
+
+    native_params, native_metric, native_pred = fit(mx.mod.Module(symbol))
+    with raymodule.Module(symbol, context=[mx.cpu(0), mx.cpu(1)]) as mod:
+        ray_params, ray_metric, ray_pred = fit(mod)
+    assert max_relative_diff(native_params, ray_params) < 1e-5
+    assert ray_metric == native_metric
+    np.testing.assert_allclose(ray_pred, native_pred, rtol=1e-4, atol=1e-6)
+
+
+def test_every_kvstore_name_trains_the_same_model():
+    x, y = dataset(n=96)
+    symbol, batch = mlp(), 24
+    params = initial_params(symbol, x.shape[1:], batch)
+    db = mx.io.DataBatch([mx.nd.array(x[:batch])], [mx.nd.array(y[:batch])])
+    results = []
+    with raymodule.Module(symbol, context=[mx.cpu(0), mx.cpu(1)]) as mod:
+        mod.bind([("data", (batch, 20))], [("softmax_label", (batch,))])
+        for kvstore in raymodule.module.SUPPORTED_KVSTORES + (None,):
+            mod.init_params(arg_params=params[0], aux_params=params[1], force_init=True)
+            mod.init_optimizer(
+                kvstore=kvstore, optimizer="sgd", optimizer_params=SGD, force_init=True
+            )
+            # MXNet would divide by num_workers for dist*_sync names; the batch is global here.
+            assert mod._optimizer.rescale_grad == pytest.approx(1 / batch)
+            for _ in range(3):
+                mod.forward_backward(db)
+                mod.update()
+            results.append({k: v.copy() for k, v in mod.get_params()[0].items()})
+    for other in results[1:]:
+        assert max_relative_diff(results[0], other) < 1e-6
+
+
+def test_fixed_params_stay_fixed_and_are_not_reduced():
+    x, y = dataset(n=48)
+    symbol, batch = mlp(), 24
+    params = initial_params(symbol, x.shape[1:], batch)
+    fixed = ["fc0_weight", "fc0_bias"]
+    results = []
+    for mod in (
+        mx.mod.Module(symbol, fixed_param_names=fixed),
+        raymodule.Module(symbol, context=[mx.cpu(0), mx.cpu(1)], fixed_param_names=fixed),
+    ):
+        final, _ = train_by_steps(mod, symbol, x, y, batch, params, steps=4)
+        results.append(final)
+    for name in fixed:
+        np.testing.assert_array_equal(results[1][name].asnumpy(), params[0][name].asnumpy())
+    assert max_relative_diff(results[0], results[1]) < 1e-5
