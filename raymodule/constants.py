@@ -1,52 +1,52 @@
 """Tunables that are not per run: one place, each an environment variable with a default.
 
-Tests shrink them through the environment instead of sleeping. Values are read when used, so a
-change to ``os.environ`` takes effect for modules created afterwards.
+They are read in the client when a module starts its workers (``Settings.from_env()``) and
+handed to the controller and workers, whose processes may not share the client's environment.
+Tests shrink them through the environment instead of sleeping.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, fields
 
-__all__ = [
-    "ALLREDUCE_BUCKET_BYTES",
-    "COLLECTIVE_TIMEOUT_S",
-    "PIPELINE_DEPTH",
-    "STEPS_PER_CALL",
-    "PLACEMENT_TIMEOUT_S",
-    "PLACEMENT_REPORT_INTERVAL_S",
-    "env_float",
-    "env_int",
-]
-
-# (environment variable, default)
-PLACEMENT_TIMEOUT_S = ("RAYMODULE_PLACEMENT_TIMEOUT_S", 600.0)
-"""How long workers may wait for resources on a connected cluster (an autoscaler may add nodes)."""
-PLACEMENT_REPORT_INTERVAL_S = ("RAYMODULE_PLACEMENT_REPORT_INTERVAL_S", 30.0)
-"""How often a pending placement says what it is waiting for."""
-COLLECTIVE_TIMEOUT_S = ("RAYMODULE_COLLECTIVE_TIMEOUT_S", 300.0)
-"""Bound on every collective call and rendezvous: a silent worker never hangs the run."""
-ALLREDUCE_BUCKET_BYTES = ("RAYMODULE_ALLREDUCE_BUCKET_BYTES", 4 * 1024 * 1024)
-"""Gradients are fused into buckets of at most this many bytes, one collective call each."""
-STEPS_PER_CALL = ("RAYMODULE_STEPS_PER_CALL", 4)
-"""Batches sent to the workers in one call (one object-store transfer) by fit and score."""
-PIPELINE_DEPTH = ("RAYMODULE_PIPELINE_DEPTH", 2)
-"""Calls of STEPS_PER_CALL batches in flight ahead of the one whose results the client reads."""
+__all__ = ["Settings"]
 
 
-def env_float(spec: tuple[str, float]) -> float:
-    name, default = spec
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return float(default)
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} must be a number") from None
+@dataclass(frozen=True)
+class Settings:
+    placement_timeout_s: float = 600.0
+    """RAYMODULE_PLACEMENT_TIMEOUT_S: how long workers may wait for resources on a connected
+    cluster (an autoscaler may add nodes); a Ray that raymodule started fails at once."""
+    placement_report_interval_s: float = 30.0
+    """RAYMODULE_PLACEMENT_REPORT_INTERVAL_S: how often a pending placement says what it
+    waits for."""
+    collective_timeout_s: float = 300.0
+    """RAYMODULE_COLLECTIVE_TIMEOUT_S: bound on every collective call and rendezvous."""
+    allreduce_bucket_bytes: int = 4 * 1024 * 1024
+    """RAYMODULE_ALLREDUCE_BUCKET_BYTES: gradients are fused into buckets of at most this size,
+    one collective call each."""
+    steps_per_call: int = 4
+    """RAYMODULE_STEPS_PER_CALL: batches sent to the workers in one call by fit and score."""
+    pipeline_depth: int = 2
+    """RAYMODULE_PIPELINE_DEPTH: calls in flight ahead of the one whose results are read."""
 
-
-def env_int(spec: tuple[str, int]) -> int:
-    value = env_float(spec)
-    if value != int(value):
-        raise ValueError(f"{spec[0]}={value} must be an integer")
-    return int(value)
+    @classmethod
+    def from_env(cls) -> Settings:
+        values = {}
+        for field in fields(cls):
+            name = "RAYMODULE_" + field.name.upper()
+            raw = os.environ.get(name, "")
+            if raw == "":
+                continue
+            kind = int if field.type in ("int", int) else float
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ValueError(
+                    f"{name}={raw!r} must be a{'n integer' if kind is int else ' number'}"
+                ) from None
+            if value < 0 or (value == 0 and field.name != "pipeline_depth"):
+                raise ValueError(f"{name}={raw!r} must be > 0")
+            values[field.name] = value
+        return cls(**values)

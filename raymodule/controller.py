@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import ray
 
+from .constants import Settings
 from .group import WorkerGroup
 
 __all__ = ["Controller"]
 
 
 class Controller:
-    def __init__(self, bundles: list[dict], devices: list, fail_fast: bool, backend: str):
-        self._group = WorkerGroup(bundles, devices, fail_fast)
+    def __init__(
+        self, bundles: list[dict], devices: list, fail_fast: bool, backend: str, settings: Settings
+    ):
+        self._group = WorkerGroup(bundles, devices, fail_fast, settings)
         self._backend = backend
 
     def start(self) -> list:

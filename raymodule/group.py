@@ -19,7 +19,7 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from . import constants
+from .constants import Settings
 from .errors import PlacementError
 from .worker import ModuleWorker  # light: MXNet is imported in the worker process only
 
@@ -36,6 +36,12 @@ def _describe(bundles: list[dict]) -> str:
     return f"{len(bundles)} workers needing {total} in all (per worker: {bundles})"
 
 
+def _relevant(resources: dict, bundles: list[dict]) -> dict:
+    """The entries of ``resources`` that the bundles ask for (not placement-group bookkeeping)."""
+    keys = {k for b in bundles for k in b} | {"CPU"}
+    return {k: resources.get(k, 0) for k in sorted(keys)}
+
+
 def _cluster_has_room(bundles: list[dict]) -> bool:
     capacity = ray.cluster_resources()
     for key in {k for b in bundles for k in b}:
@@ -47,10 +53,11 @@ def _cluster_has_room(bundles: list[dict]) -> bool:
 class WorkerGroup:
     """Starts, tracks and stops the workers of one module family."""
 
-    def __init__(self, bundles: list[dict], devices: list, fail_fast: bool):
+    def __init__(self, bundles: list[dict], devices: list, fail_fast: bool, settings: Settings):
         self.bundles = bundles
         self.devices = devices
         self.fail_fast = fail_fast
+        self.settings = settings
         self.workers: list = []
         self._own_pg: PlacementGroup | None = None
 
@@ -68,7 +75,7 @@ class WorkerGroup:
                     num_gpus=bundle.get("GPU", 0),
                     scheduling_strategy=strategy,
                     name=None,
-                ).remote(rank, device)
+                ).remote(rank, device, self.settings.allreduce_bucket_bytes)
             )
         self._form_collective(backend)
         return self.workers
@@ -80,12 +87,13 @@ class WorkerGroup:
         if self.fail_fast and not _cluster_has_room(self.bundles):
             raise PlacementError(
                 f"cannot place {_describe(self.bundles)}: this local Ray has "
-                f"{ray.cluster_resources()} (start Ray with more CPUs/GPUs, or pass fewer contexts)"
+                f"{_relevant(ray.cluster_resources(), self.bundles)} (start Ray with more "
+                "CPUs/GPUs, or pass fewer contexts)"
             )
         pg = placement_group(self.bundles, strategy="PACK")
         self._own_pg = pg
-        limit = 10.0 if self.fail_fast else constants.env_float(constants.PLACEMENT_TIMEOUT_S)
-        report = constants.env_float(constants.PLACEMENT_REPORT_INTERVAL_S)
+        limit = 10.0 if self.fail_fast else self.settings.placement_timeout_s
+        report = self.settings.placement_report_interval_s
         start = time.monotonic()
         while True:
             waited = time.monotonic() - start
@@ -96,9 +104,10 @@ class WorkerGroup:
             if waited >= limit:
                 self.stop()
                 raise PlacementError(
-                    f"cannot place {_describe(self.bundles)} within {limit:.0f} s; the cluster "
-                    f"has {ray.cluster_resources()} in all and {ray.available_resources()} free "
-                    f"(RAYMODULE_PLACEMENT_TIMEOUT_S sets the wait)"
+                    f"cannot place {_describe(self.bundles)} within {limit:g} s; the cluster "
+                    f"has {_relevant(ray.cluster_resources(), self.bundles)} in all and "
+                    f"{_relevant(ray.available_resources(), self.bundles)} free "
+                    "(RAYMODULE_PLACEMENT_TIMEOUT_S sets the wait)"
                 )
             log.warning(
                 "raymodule: still waiting %.0f s for %s; free now: %s",
@@ -112,7 +121,7 @@ class WorkerGroup:
         if world == 1:
             return
         address = ray.get(self.workers[0].rendezvous_address.remote())
-        timeout_s = constants.env_float(constants.COLLECTIVE_TIMEOUT_S)
+        timeout_s = self.settings.collective_timeout_s
         ray.get(
             [
                 w.join.remote(world, rank, address, backend, timeout_s)

@@ -15,7 +15,7 @@ import ray
 from mxnet.base import _as_list
 from mxnet.model import BatchEndParam
 
-from . import constants, metrics
+from . import metrics
 
 __all__ = ["run_steps"]
 
@@ -44,8 +44,8 @@ def run_steps(
     if monitor is not None:  # statistics are collected step by step, as MXNet does
         per_call, depth = 1, 0
     else:
-        per_call = constants.env_int(constants.STEPS_PER_CALL)
-        depth = constants.env_int(constants.PIPELINE_DEPTH)
+        per_call = workers.settings.steps_per_call
+        depth = workers.settings.pipeline_depth
     inflight: deque = deque()
     chunk: list = []
     final: list = []

@@ -17,8 +17,6 @@ from typing import TYPE_CHECKING
 
 import ray
 
-from . import constants
-
 if TYPE_CHECKING:
     import mxnet as mx
     import numpy as np
@@ -56,14 +54,14 @@ def _zero_times() -> dict:
 class ModuleWorker:
     """One data-parallel replica. Methods take the id of the module they act on."""
 
-    def __init__(self, rank: int, device_type: str):
+    def __init__(self, rank: int, device_type: str, allreduce_bucket_bytes: int):
         _import_runtime()
         self.rank = rank
         self.device = mx.Context(device_type, 0)
         self._modules: dict[int, mx.mod.Module] = {}
         self._slices: dict[int, slice] = {}
         self._collective: Collective | None = None
-        self._bucket_bytes = constants.env_int(constants.ALLREDUCE_BUCKET_BYTES)
+        self._bucket_bytes = allreduce_bucket_bytes
         self._metric: mx.metric.EvalMetric | None = None
         self._times = _zero_times()
 

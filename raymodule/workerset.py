@@ -15,9 +15,10 @@ import mxnet as mx
 import ray
 
 from . import runtime
+from .constants import Settings
 from .context import local_device, resources_of
 from .controller import RemoteController
-from .errors import WorkerError, WorkerLostError
+from .errors import RayModuleError, WorkerError, WorkerLostError
 
 __all__ = ["WorkerSet"]
 
@@ -48,12 +49,14 @@ class WorkerSet:
         runtime.ensure_ray()
         gc.collect()  # modules that were dropped release their workers before we ask for more
         self.contexts = contexts
+        self.settings = Settings.from_env()
         backend = "nccl" if any(c.device_type == "gpu" for c in contexts) else "gloo"
         self.controller = RemoteController.remote(
             [resources_of(c) for c in contexts],
             [local_device(c) for c in contexts],
             runtime.started_locally(),
             backend,
+            self.settings,
         )
         self.handles: list = []
         self._finalizer = weakref.finalize(self, _shutdown, self.controller)
@@ -136,6 +139,8 @@ class WorkerSet:
         if failed:
             rank, err = failed
             cause = getattr(err, "cause", None) or err
+            if isinstance(cause, RayModuleError):  # raymodule's own error, already in words
+                raise cause from None
             raise WorkerError(
                 f"worker {rank} failed in {method}(): {type(cause).__name__}: {cause}"
             ) from None

@@ -1,0 +1,86 @@
+"""Workers are released, and a lost worker is one clear error, never a hang."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import time
+
+import mxnet as mx
+import pytest
+import ray
+from conftest import dataset, mlp
+
+import raymodule
+
+
+def wait_for_cpus(expected: float, timeout: float = 30) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        free = ray.available_resources().get("CPU", 0)
+        if free >= expected:
+            return free
+        time.sleep(0.2)
+    return ray.available_resources().get("CPU", 0)
+
+
+def bound_module(n=2):
+    mod = raymodule.Module(mlp(), context=[mx.cpu(i) for i in range(n)])
+    mod.bind([("data", (8, 20))], [("softmax_label", (8,))])
+    mod.init_params()
+    return mod
+
+
+def test_close_and_with_release_the_workers():
+    total = ray.cluster_resources()["CPU"]
+    with bound_module(3) as mod:
+        assert len(mod.workers.handles) == 3
+        assert ray.available_resources().get("CPU", 0) <= total - 3
+    assert wait_for_cpus(total) == total
+    mod.close()  # closing twice is fine
+
+
+def test_garbage_collected_modules_release_their_workers():
+    total = ray.cluster_resources()["CPU"]
+    for _ in range(3):  # more CPUs in all than the cluster has: each must be released
+        mod = bound_module(3)
+        del mod
+        gc.collect()
+    assert wait_for_cpus(total) == total
+
+
+def worker_pid(mod, rank):
+    return ray.get(mod.workers.handles[rank].__ray_call__.remote(lambda self: os.getpid()))
+
+
+def test_a_killed_worker_is_one_clear_error():
+    mod = bound_module(2)
+    os.kill(worker_pid(mod, 1), signal.SIGKILL)
+    x, y = dataset(n=8)
+    with pytest.raises(raymodule.WorkerLostError, match="worker 1 .* was lost"):
+        mod.forward(mx.io.DataBatch([mx.nd.array(x)], [mx.nd.array(y)]))
+        mod.get_outputs()
+    with pytest.raises(raymodule.WorkerLostError):  # and stays an error
+        mod.get_outputs()
+    mod.close()
+
+
+def test_a_worker_killed_during_fit_stops_fit_with_one_clear_error():
+    mod = raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)])
+    x, y = dataset(n=400)
+    fired = []
+
+    def kill_at_step_3(param):
+        if param.nbatch == 3 and not fired:
+            fired.append(True)
+            os.kill(worker_pid(mod, 0), signal.SIGKILL)
+
+    start = time.monotonic()
+    with pytest.raises(raymodule.WorkerLostError, match="lost"):
+        mod.fit(
+            mx.io.NDArrayIter(x, y, batch_size=8), num_epoch=5, batch_end_callback=kill_at_step_3
+        )
+    assert fired == [True]
+    assert time.monotonic() - start < 120
+    mod.close()
