@@ -13,7 +13,7 @@ import numpy as np
 from mxnet.executor_manager import _split_input_slice
 from mxnet.io import DataDesc
 
-__all__ = ["Batch", "split_slices", "batch_axes", "to_batch", "merge_outputs"]
+__all__ = ["Batch", "split_slices", "batch_axes", "to_batch", "to_numpy", "merge_outputs"]
 
 
 def split_slices(batch_size: int, work_load_list: list[float]) -> list[slice]:
@@ -56,7 +56,7 @@ def _take(array: np.ndarray, axis: int, part: slice) -> np.ndarray:
     return array[tuple(index)]
 
 
-def _numpy(array) -> np.ndarray:
+def to_numpy(array) -> np.ndarray:
     return array.asnumpy() if isinstance(array, mx.nd.NDArray) else np.asarray(array)
 
 
@@ -64,8 +64,8 @@ def to_batch(data_batch, data_descs, label_descs) -> Batch:
     """The arrays of an ``mx.io.DataBatch`` as a :class:`Batch` (labels kept only when bound)."""
     labels = data_batch.label if label_descs else None
     return Batch(
-        data=[_numpy(a) for a in data_batch.data],
-        label=[_numpy(a) for a in labels or []],
+        data=[to_numpy(a) for a in data_batch.data],
+        label=[to_numpy(a) for a in labels or []],
         data_axes=batch_axes(data_descs),
         label_axes=batch_axes(label_descs) if labels else [],
     )

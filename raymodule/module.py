@@ -23,8 +23,7 @@ from mxnet.model import load_checkpoint
 from mxnet.module.base_module import BaseModule, _check_input_names, _parse_data_desc
 from mxnet.module.executor_group import _prepare_group2ctxs
 
-from . import data as batches
-from . import metrics
+from . import data, metrics
 from .errors import CallOrderError
 from .loop import run_steps
 from .workerset import WorkerSet
@@ -308,7 +307,7 @@ class Module(BaseModule):
         sizes = {d.shape[DataDesc.get_batch_axis(d.layout)] for d in data_shapes}
         if len(sizes) != 1:
             raise ValueError(f"data_shapes={data_shapes}: every input needs the same batch size")
-        slices = batches.split_slices(sizes.pop(), self._work_load_list)
+        slices = data.split_slices(sizes.pop(), self._work_load_list)
         per_worker = []
         for part in slices:
             n = part.stop - part.start
@@ -614,9 +613,9 @@ class Module(BaseModule):
             ]
         self.reshape(new_data, new_label)
 
-    def _batch(self, data_batch) -> batches.Batch:
+    def _batch(self, data_batch) -> data.Batch:
         """The batch as numpy arrays, split later by each worker's slice."""
-        return batches.to_batch(data_batch, self._data_shapes, self._label_shapes)
+        return data.to_batch(data_batch, self._data_shapes, self._label_shapes)
 
     def forward(self, data_batch, is_train=None):
         _require(
@@ -635,10 +634,10 @@ class Module(BaseModule):
         per_worker = None
         if out_grads is not None:
             grads = [
-                batches._numpy(g)
+                data.to_numpy(g)
                 for g in (out_grads if isinstance(out_grads, (list, tuple)) else [out_grads])
             ]
-            split = batches.Batch(grads, [], self._output_axes, [])
+            split = data.Batch(grads, [], self._output_axes, [])
             per_worker = [(split.worker_slice(s)[0],) for s in self._slices]
         self._workers.post(
             "backward", self._id, per_worker=per_worker or [(None,)] * len(self._slices)
@@ -656,7 +655,7 @@ class Module(BaseModule):
         self._workers.sync()
         per_worker = self._workers.call(method, self._id)
         if merge_multi_context:
-            return batches.merge_outputs(per_worker, axes)
+            return data.merge_outputs(per_worker, axes)
         return [
             [mx.nd.array(outputs[i], dtype=outputs[i].dtype) for outputs in per_worker]
             for i in range(len(axes))
@@ -671,9 +670,7 @@ class Module(BaseModule):
             self.binded and self.params_initialized and self.inputs_need_grad,
             "get_input_grads: bind with inputs_need_grad=True first",
         )
-        return self._gather(
-            "input_grads", batches.batch_axes(self._data_shapes), merge_multi_context
-        )
+        return self._gather("input_grads", data.batch_axes(self._data_shapes), merge_multi_context)
 
     def get_states(self, merge_multi_context=True):
         _require(self.binded and self.params_initialized, "get_states: call bind() first")
@@ -687,7 +684,7 @@ class Module(BaseModule):
             self._workers.post("set_states", self._id, None, value)
             return
         per_worker = [
-            ([batches._numpy(s[rank]) for s in states], None) for rank in range(len(self._context))
+            ([data.to_numpy(s[rank]) for s in states], None) for rank in range(len(self._context))
         ]
         self._workers.post("set_states", self._id, per_worker=per_worker)
 
@@ -695,10 +692,10 @@ class Module(BaseModule):
         self._workers.sync()
         outputs = self._workers.call("outputs", self._id)
         if pre_sliced:
-            label_slices = [[batches._numpy(x) for x in labels_i] for labels_i in labels]
+            label_slices = [[data.to_numpy(x) for x in labels_i] for labels_i in labels]
         else:
-            label_batch = batches.Batch(
-                [], [batches._numpy(x) for x in labels], [], batches.batch_axes(self._label_shapes)
+            label_batch = data.Batch(
+                [], [data.to_numpy(x) for x in labels], [], data.batch_axes(self._label_shapes)
             )
             label_slices = [label_batch.worker_slice(s)[1] for s in self._slices]
         metrics.update_per_slice(

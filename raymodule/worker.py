@@ -11,6 +11,7 @@ starts: the controller creates workers from this class without paying seconds of
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from typing import TYPE_CHECKING
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 def _import_runtime() -> None:
     """Binds this module's MXNet-dependent names; runs once, in the worker process."""
     global mx, np, DataBatch, metrics
+    os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # no backend banner per executor
     import mxnet as mx
     import numpy as np
     from mxnet.io import DataBatch
