@@ -61,37 +61,34 @@ def _as_torch(array: mx.nd.NDArray) -> torch.Tensor:
 
 
 class Collective:
-    """This worker's membership in the gradient group, and the reduction of one step."""
+    """This worker's membership in the gradient group (of two or more workers: a single
+    worker has none), and the reduction of one step."""
 
     def __init__(self, world_size: int, rank: int, address: str, backend: str, timeout_s: float):
-        self.world_size = world_size
-        self.rank = rank
-        self.backend = backend
-        if world_size > 1:
-            if address.startswith("127."):
-                os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        if address.startswith("127."):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        if backend == "gloo":
             # torch's own process group bounds every collective with `timeout`; Ray's wrapper
             # then adopts it as the default group (Ray's gloo_timeout bounds only rendezvous).
-            if backend == "gloo":
-                dist.init_process_group(
-                    "gloo",
-                    init_method=f"tcp://{address}",
-                    world_size=world_size,
-                    rank=rank,
-                    timeout=datetime.timedelta(seconds=timeout_s),
-                )
-            col.init_collective_group(
-                world_size,
-                rank,
-                backend=backend,
-                group_name=GROUP_NAME,
-                gloo_timeout=int(timeout_s * 1000),
+            dist.init_process_group(
+                "gloo",
+                init_method=f"tcp://{address}",
+                world_size=world_size,
+                rank=rank,
+                timeout=datetime.timedelta(seconds=timeout_s),
             )
+        col.init_collective_group(
+            world_size,
+            rank,
+            backend=backend,
+            group_name=GROUP_NAME,
+            gloo_timeout=int(timeout_s * 1000),
+        )
         self._comm = ThreadPoolExecutor(1, thread_name_prefix="raymodule-allreduce")
 
     def reduce(self, grads: list[mx.nd.NDArray], bucket_bytes: int) -> None:
         """Sum ``grads`` (in reduction order) across the group, in place."""
-        if self.world_size == 1 or not grads:
+        if not grads:
             return
         sizes = [g.size * np.dtype(g.dtype).itemsize for g in grads]
         pending = []
@@ -110,10 +107,3 @@ class Collective:
             for t in tensors:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
-
-    def close(self) -> None:
-        self._comm.shutdown(wait=False)
-        if self.world_size > 1:
-            col.destroy_collective_group(GROUP_NAME)
-            if dist.is_initialized():
-                dist.destroy_process_group()

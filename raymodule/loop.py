@@ -78,15 +78,7 @@ def run_steps(
                 monitor.toc_print()
             if last_chunk and index == len(steps) - 1:
                 final.extend(metric.get_global_name_value())
-            if batch_end_callback is not None:
-                params = BatchEndParam(
-                    epoch=epoch,
-                    nbatch=nbatch,
-                    eval_metric=metric,
-                    locals=_locals(module, data_iter, data_batch, epoch, nbatch, metric),
-                )
-                for callback in _as_list(batch_end_callback):
-                    callback(params)
+            _call_back(batch_end_callback, module, data_iter, data_batch, epoch, nbatch, metric)
             done += 1
 
     for nbatch, data_batch in enumerate(data_iter):
@@ -105,21 +97,16 @@ def run_steps(
     while inflight:
         finish(last_chunk=len(inflight) == 1)
 
-    if score_end_callback:
-        params = BatchEndParam(
-            epoch=epoch,
-            nbatch=done,
-            eval_metric=metric,
-            locals=_locals(module, data_iter, None, epoch, done, metric),
-        )
-        for callback in _as_list(score_end_callback):
-            callback(params)
+    _call_back(score_end_callback, module, data_iter, None, epoch, done, metric)
     return final
 
 
-def _locals(module, data_iter, data_batch, epoch, nbatch, metric) -> dict:
-    """What MXNet's loops expose to callbacks through ``BatchEndParam.locals``."""
-    return {
+def _call_back(callbacks, module, data_iter, data_batch, epoch, nbatch, metric) -> None:
+    """Calls MXNet-style callbacks with a ``BatchEndParam`` whose ``locals`` hold what MXNet's
+    loops expose: ``self``, ``data_batch``, the iterator, epoch, batch number and metric."""
+    if not callbacks:
+        return
+    scope = {
         "self": module,
         "data_batch": data_batch,
         "data_iter": data_iter,
@@ -127,3 +114,6 @@ def _locals(module, data_iter, data_batch, epoch, nbatch, metric) -> dict:
         "nbatch": nbatch,
         "eval_metric": metric,
     }
+    params = BatchEndParam(epoch=epoch, nbatch=nbatch, eval_metric=metric, locals=scope)
+    for callback in _as_list(callbacks):
+        callback(params)

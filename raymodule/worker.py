@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import warnings
 from typing import TYPE_CHECKING
-
-import ray
 
 if TYPE_CHECKING:
     import mxnet as mx
@@ -49,10 +46,6 @@ def _nd_dict(arrays: dict) -> dict:
     return {k: mx.nd.array(v, dtype=v.dtype) for k, v in arrays.items()}
 
 
-def _zero_times() -> dict:
-    return {"steps": 0, "step": 0.0, "allreduce": 0.0}
-
-
 class ModuleWorker:
     """One data-parallel replica. Methods take the id of the module they act on."""
 
@@ -65,12 +58,8 @@ class ModuleWorker:
         self._collective: Collective | None = None
         self._bucket_bytes = allreduce_bucket_bytes
         self._metric: mx.metric.EvalMetric | None = None
-        self._times = _zero_times()
 
     # -- membership -------------------------------------------------------------------------
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
     def rendezvous_address(self) -> str:
         from .allreduce import free_address
 
@@ -81,11 +70,6 @@ class ModuleWorker:
 
         self.rank = rank
         self._collective = Collective(world_size, rank, address, backend, timeout_s)
-
-    def leave(self) -> None:
-        if self._collective is not None:
-            self._collective.close()
-            self._collective = None
 
     # -- module life cycle ------------------------------------------------------------------
     def create(
@@ -189,16 +173,8 @@ class ModuleWorker:
         # Reverse parameter order: the last layers' gradients are ready first.
         grads = [g[0] for g in reversed(group.grad_arrays) if g[0] is not None]
         if self._collective is not None:
-            start = time.perf_counter()
             self._collective.reduce(grads, self._bucket_bytes)
-            self._times["allreduce"] += time.perf_counter() - start
         mod.update()
-
-    def timings(self) -> dict:
-        """Seconds spent in training steps and, within them, in the allreduce (which includes
-        waiting for backward to finish and for slower peers) since the last call."""
-        times, self._times = self._times, _zero_times()
-        return times
 
     def set_metric(self, metric: mx.metric.EvalMetric | None) -> None:
         self._metric = metric
@@ -221,12 +197,9 @@ class ModuleWorker:
         return [step(mid, batch) for batch in batches]
 
     def train_step(self, mid, batch: Batch):
-        start = time.perf_counter()
         mod, labels = self._load(mid, batch, True)
         mod.backward()
         self.update(mid)
-        self._times["steps"] += 1
-        self._times["step"] += time.perf_counter() - start
         return self._step_metric(mod, labels) if self._metric is not None else None
 
     def eval_step(self, mid, batch: Batch):
@@ -238,9 +211,6 @@ class ModuleWorker:
 
     def input_grads(self, mid) -> list[np.ndarray]:
         return _numpy_list(self._modules[mid].get_input_grads())
-
-    def output_shapes(self, mid):
-        return self._modules[mid].output_shapes
 
     def get_states(self, mid) -> list[np.ndarray]:
         # one device here: MXNet's per-device list holds one array per state

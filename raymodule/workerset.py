@@ -64,10 +64,16 @@ class WorkerSet:
         self.lost: WorkerLostError | None = None
         self.params_dirty = False  # the workers' parameters are newer than the client's copy
         try:
-            self.handles = self.get([self.controller.start.remote()], "start")[0]
-        except Exception:
+            self.handles = ray.get(self.controller.start.remote())
+        except ray.exceptions.RayError as err:
             self.close()
-            raise
+            cause = getattr(err, "cause", None) or err
+            if isinstance(cause, RayModuleError):  # e.g. PlacementError, already in words
+                raise cause from None
+            raise WorkerError(
+                f"starting {len(contexts)} workers for {contexts} failed: "
+                f"{type(cause).__name__}: {_first_line(cause)}"
+            ) from None
 
     def __len__(self) -> int:
         return len(self.contexts)
@@ -128,7 +134,7 @@ class WorkerSet:
                 failed = failed or (rank, err)
         if lost:
             rank, err = lost[0]
-            where = self.contexts[rank] if rank < len(self.contexts) else "controller"
+            where = self.contexts[rank]
             self.lost = WorkerLostError(
                 f"worker {rank} ({where}) was lost during {method}(): "
                 f"{type(err).__name__}: {_first_line(err)}; {len(lost)} of {len(refs)} workers "

@@ -38,11 +38,13 @@ def train_by_steps(mod, symbol, x, y, batch, params, steps):
 
 
 @pytest.mark.parametrize(
-    "contexts, work_load_list",
-    [(2, None), (3, [1, 1, 2])],
-    ids=["2-even", "3-weighted-1-1-2"],
+    "contexts, work_load_list, bucket_bytes",
+    [(2, None, None), (3, [1, 1, 2], None), (2, None, 600)],
+    ids=["2-even", "3-weighted-1-1-2", "2-many-small-buckets"],
 )
-def test_steps_match_native_mxnet(contexts, work_load_list):
+def test_steps_match_native_mxnet(contexts, work_load_list, bucket_bytes, monkeypatch):
+    if bucket_bytes:  # every array its own bucket or several per bucket: same sums
+        monkeypatch.setenv("RAYMODULE_ALLREDUCE_BUCKET_BYTES", str(bucket_bytes))
     x, y = dataset(n=240)
     symbol, batch = mlp(), 24
     params = initial_params(symbol, x.shape[1:], batch)
