@@ -10,6 +10,10 @@ rescale_grad = 1/global batch) for an MLP 784-512-512-10 (global batch 128) and 
     ray1       raymodule.Module(sym, context=[mx.cpu(0)])
     ray2       raymodule.Module(sym, context=[mx.cpu(0), mx.cpu(1)])
 
+Before each model's row it also times a bare 2-process gloo allreduce of that model's gradient
+(torch.distributed on 127.0.0.1, nothing else running): the floor of what raymodule x2 pays
+per step for its exchange, printed under the table (--no-gloo-floor skips it).
+
 Every configuration runs in its own subprocess with OMP_NUM_THREADS=1 and
 MXNET_CPU_WORKER_NTHREADS=1. All use the same method: Module.fit with epochs of --warmup
 batches; the first epoch is a warm-up, samples/s is measured over the next --batches batches.
@@ -128,6 +132,37 @@ def timed_fit(mx, mod, model, spec, kv=None, rank=0, parts=1):
     return epochs * spec["warmup"] * MODELS[model] // parts, marks[-1] - marks[0]
 
 
+def gloo_floor(mx, model):
+    """ms per gloo allreduce of the model's whole gradient between 2 processes: the floor of
+    what raymodule x2 pays per step for its exchange (torch.distributed, 127.0.0.1)."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    shape = (MODELS[model], 784) if model == "mlp" else (MODELS[model], 1, 28, 28)
+    arg_shapes, _, _ = build_symbol(mx, model).infer_shape(data=shape)
+    numel = sum(int(np.prod(s)) for s in arg_shapes[1:-1])  # without data and label
+    rank = int(os.environ["GLOO_RANK"])
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{os.environ['GLOO_PORT']}",
+        world_size=2,
+        rank=rank,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    grad = torch.ones(numel)
+    for _ in range(10):
+        dist.all_reduce(grad)
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(100):
+        dist.all_reduce(grad)
+    elapsed = (time.perf_counter() - start) / 100
+    dist.destroy_process_group()
+    return numel * 4, elapsed
+
+
 def child(spec):
     os.environ.update(THREAD_ENV)  # before mxnet is imported
     config, model = spec["config"], spec["model"]
@@ -140,7 +175,9 @@ def child(spec):
     import mxnet as mx
 
     sym = build_symbol(mx, model)
-    if config == "native":
+    if config == "gloo":
+        result = gloo_floor(mx, model)
+    elif config == "native":
         result = timed_fit(mx, mx.mod.Module(sym, context=mx.cpu()), model, spec)
     elif config == "dist_sync":
         kv = mx.kv.create("dist_sync")
@@ -241,6 +278,16 @@ def run_config(config, model, args):
             for role in ["scheduler", "server", "worker", "worker"]:
                 procs.append(spawn(spec, dict(dmlc, DMLC_ROLE=role)))
             workers = procs[2:]
+        elif config == "gloo":
+            port = str(free_port())
+            for rank in range(2):
+                procs.append(
+                    spawn(
+                        spec,
+                        {"GLOO_RANK": str(rank), "GLOO_PORT": port, "GLOO_SOCKET_IFNAME": "lo"},
+                    )
+                )
+            workers = procs
         else:
             procs.append(spawn(spec))
             workers = procs
@@ -253,6 +300,8 @@ def run_config(config, model, args):
                 raise RuntimeError(f"timed out after {args.timeout} s")
             time.sleep(0.2)
         results = [result_of(proc) for proc in workers]
+        if config == "gloo":  # (bytes, seconds per allreduce)
+            return results[0]["samples"], max(r["elapsed"] for r in results)
         return sum(r["samples"] for r in results) / max(r["elapsed"] for r in results)
     finally:
         stop(procs)
@@ -273,14 +322,25 @@ def main(argv=None):
     add("--warmup", type=int, default=50, help=HELP["warmup"])
     add("--timeout", type=float, default=300.0, help=HELP["timeout"])
     add("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    add(
+        "--no-gloo-floor",
+        dest="gloo_floor",
+        action="store_false",
+        help="skip timing a bare 2-process gloo allreduce of each model's gradient",
+    )
     args = parser.parse_args(argv)
     models, configs = args.models.split(","), args.configs.split(",")
     for name, allowed in [(models, MODELS), (configs, CONFIGS)]:
         if set(name) - set(allowed):
             parser.error(f"unknown {sorted(set(name) - set(allowed))}; choose from {list(allowed)}")
 
-    results, errors = {}, {}
+    results, errors, gloo = {}, {}, {}
     for model in models:
+        if args.gloo_floor:
+            try:
+                gloo[model] = run_config("gloo", model, args)
+            except Exception as exc:  # a probe: report it, the table still matters
+                print(f"FAILED {model} gloo probe: {exc}", file=sys.stderr, flush=True)
         results[model] = dict.fromkeys(CONFIGS)
         for config in configs:
             print(f"running {model} {config} ...", file=sys.stderr, flush=True)
@@ -302,10 +362,20 @@ def main(argv=None):
     print("samples/s (higher is better)")
     for row in [header] + rows:
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+    for model in models:
+        floor = gloo.get(model)
+        if floor:
+            size, seconds = floor
+            print(
+                f"{model}: one gloo allreduce of its {size / 1e6:.1f} MB gradient between 2 "
+                f"processes on 127.0.0.1 takes {seconds * 1e3:.2f} ms (torch.distributed, "
+                "idle machine): the floor of raymodule x2's exchange per step"
+            )
     if args.json:
         batches = {m: args.batches or DEFAULT_BATCHES[m] for m in models}
         report = {
             "samples_per_s": results,
+            "gloo_allreduce_s": {m: gloo[m][1] for m in gloo},
             "errors": errors,
             "warmup": args.warmup,
             "batches": batches,
