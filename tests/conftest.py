@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 # Ray reads these when it is imported: keep every test on loopback, without auth or telemetry.
@@ -10,7 +11,9 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rmt-", dir="/tmp"))
+_OWN_TMPDIR = None if "RAY_TMPDIR" in os.environ else tempfile.mkdtemp(prefix="rmt-", dir="/tmp")
+if _OWN_TMPDIR:  # short: Ray's socket paths must fit in 107 bytes
+    os.environ["RAY_TMPDIR"] = _OWN_TMPDIR
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import mxnet as mx  # noqa: E402
@@ -26,6 +29,8 @@ def ray_session():
     )
     yield
     ray.shutdown()
+    if _OWN_TMPDIR:
+        shutil.rmtree(_OWN_TMPDIR, ignore_errors=True)
 
 
 def mlp(hidden=(32, 16), classes=10):
