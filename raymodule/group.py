@@ -74,7 +74,6 @@ class WorkerGroup:
                     num_cpus=bundle.get("CPU", 0),
                     num_gpus=bundle.get("GPU", 0),
                     scheduling_strategy=strategy,
-                    name=None,
                 ).remote(rank, device, self.settings.allreduce_bucket_bytes)
             )
         self._form_collective(backend)
