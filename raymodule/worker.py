@@ -58,6 +58,7 @@ class ModuleWorker:
         self._collective: Collective | None = None
         self._bucket_bytes = allreduce_bucket_bytes
         self._metric: mx.metric.EvalMetric | None = None
+        self._metric_here = False  # the metric's counters are updated on this worker
 
     # -- membership -------------------------------------------------------------------------
     def rendezvous_address(self) -> str:
@@ -178,10 +179,11 @@ class ModuleWorker:
 
     def set_metric(self, metric: mx.metric.EvalMetric | None) -> None:
         self._metric = metric
+        self._metric_here = metric is not None and metrics.runs_on_workers(metric)
 
     def _step_metric(self, mod, labels: list):
         """Counter increments if the metric runs here, else this slice's outputs."""
-        if metrics.runs_on_workers(self._metric):
+        if self._metric_here:
             self._metric.reset()
             mod.update_metric(self._metric, labels)
             return metrics.counters(self._metric)
