@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import tempfile
 import time
 import warnings
 
@@ -19,11 +21,10 @@ from mxnet import optimizer as opt
 from mxnet.base import MXNetError
 from mxnet.initializer import InitDesc, Uniform
 from mxnet.io import DataDesc
-from mxnet.model import load_checkpoint
 from mxnet.module.base_module import BaseModule, _check_input_names, _parse_data_desc
 from mxnet.module.executor_group import _prepare_group2ctxs
 
-from . import data, metrics
+from . import data, metrics, storage
 from .errors import CallOrderError
 from .loop import run_steps
 from .workerset import WorkerSet
@@ -75,6 +76,22 @@ def _with_batch(desc: DataDesc, size: int) -> DataDesc:
     shape = list(desc.shape)
     shape[axis] = size
     return DataDesc(desc.name, tuple(shape), desc.dtype, desc.layout)
+
+
+def _load_ndarrays(location: str) -> dict:
+    return mx.nd.load_frombuffer(storage.read_bytes(location))
+
+
+def _split_params(save_dict: dict) -> tuple[dict, dict]:
+    """``arg:``/``aux:`` entries of an MXNet ``.params`` file, as ``mx.model.load_params``."""
+    arg_params, aux_params = {}, {}
+    for key, value in save_dict.items():
+        kind, name = key.split(":", 1)
+        if kind == "arg":
+            arg_params[name] = value
+        elif kind == "aux":
+            aux_params[name] = value
+    return arg_params, aux_params
 
 
 def _np(params: dict) -> dict:
@@ -209,26 +226,52 @@ class Module(BaseModule):
     @staticmethod
     def load(prefix, epoch, load_optimizer_states=False, **kwargs):
         """Creates a module from an MXNet checkpoint (``prefix-symbol.json``,
-        ``prefix-%04d.params`` and, when asked, ``prefix-%04d.states``)."""
-        sym, args, auxs = load_checkpoint(prefix, epoch)
-        mod = Module(symbol=sym, **kwargs)
+        ``prefix-%04d.params`` and, when asked, ``prefix-%04d.states``); ``prefix`` may be a
+        local path or a URI."""
+        symbol = mx.sym.load_json(
+            storage.read_bytes(storage.with_suffix(prefix, "-symbol.json")).decode()
+        )
+        args, auxs = _split_params(
+            _load_ndarrays(storage.with_suffix(prefix, "-%04d.params" % epoch))
+        )
+        mod = Module(symbol=symbol, **kwargs)
         mod._arg_params = args
         mod._aux_params = auxs
         mod.params_initialized = True
         if load_optimizer_states:
-            mod._preload_opt_states = "%s-%04d.states" % (prefix, epoch)
+            mod._preload_opt_states = storage.with_suffix(prefix, "-%04d.states" % epoch)
         return mod
 
     def save_checkpoint(self, prefix, epoch, save_optimizer_states=False, remove_amp_cast=True):
-        """Saves ``prefix-symbol.json``, ``prefix-%04d.params`` and optionally the states."""
-        self._symbol.save("%s-symbol.json" % prefix, remove_amp_cast=remove_amp_cast)
-        param_name = "%s-%04d.params" % (prefix, epoch)
+        """Saves ``prefix-symbol.json``, ``prefix-%04d.params`` and optionally the optimizer
+        states, as MXNet does; ``prefix`` may be a local path or a URI."""
+        storage.write_bytes(
+            storage.with_suffix(prefix, "-symbol.json"),
+            self._symbol.tojson(remove_amp_cast=remove_amp_cast).encode(),
+        )
+        param_name = storage.with_suffix(prefix, "-%04d.params" % epoch)
         self.save_params(param_name)
-        logging.info('Saved checkpoint to "%s"', param_name)
+        logging.info('Saved checkpoint to "%s"', storage.redact(param_name))
         if save_optimizer_states:
-            state_name = "%s-%04d.states" % (prefix, epoch)
+            state_name = storage.with_suffix(prefix, "-%04d.states" % epoch)
             self.save_optimizer_states(state_name)
-            logging.info('Saved optimizer state to "%s"', state_name)
+            logging.info('Saved optimizer state to "%s"', storage.redact(state_name))
+
+    def save_params(self, fname):
+        """Saves the parameters in MXNet's ``.params`` format to a local path or URI."""
+        arg_params, aux_params = self.get_params()
+        save_dict = {f"arg:{k}": v.as_in_context(mx.cpu()) for k, v in arg_params.items()}
+        save_dict.update({f"aux:{k}": v.as_in_context(mx.cpu()) for k, v in aux_params.items()})
+        with tempfile.TemporaryDirectory(prefix="raymodule-") as folder:
+            local = os.path.join(folder, "params")
+            mx.nd.save(local, save_dict)
+            with open(local, "rb") as source:
+                storage.write_bytes(fname, source.read())
+
+    def load_params(self, fname):
+        """Loads parameters saved by ``save_params`` (or MXNet's) from a local path or URI."""
+        arg_params, aux_params = _split_params(_load_ndarrays(fname))
+        self.set_params(arg_params, aux_params)
 
     def _reset_bind(self):
         self.binded = False
@@ -734,15 +777,12 @@ class Module(BaseModule):
         _require(self.optimizer_initialized, "save_optimizer_states: no optimizer installed")
         self._workers.sync()
         states = self._workers.call("optimizer_states", self._id, ranks=[0])[0]
-        with open(fname, "wb") as fout:
-            fout.write(states)
+        storage.write_bytes(fname, states)
 
     def load_optimizer_states(self, fname):
         """Reads an MXNet ``.states`` file (a pickle: only load files you trust)."""
         _require(self.optimizer_initialized, "load_optimizer_states: no optimizer installed")
-        with open(fname, "rb") as fin:
-            states = fin.read()
-        self._workers.post("set_optimizer_states", self._id, states)
+        self._workers.post("set_optimizer_states", self._id, storage.read_bytes(fname))
 
     # -- training loops ----------------------------------------------------------------------------
     def fit(

@@ -1,0 +1,61 @@
+"""Checkpoint files by local path or URI, through raymodule's one storage layer."""
+
+from __future__ import annotations
+
+import mxnet as mx
+import numpy as np
+import pytest
+from conftest import dataset, max_relative_diff, mlp
+
+import raymodule
+from raymodule import storage
+
+
+def test_suffixes_go_on_the_path_never_into_the_query():
+    assert storage.with_suffix("/runs/model", "-0001.params") == "/runs/model-0001.params"
+    uri = "s3://bucket/runs/model?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert storage.with_suffix(uri, "-symbol.json") == (
+        "s3://bucket/runs/model-symbol.json?endpoint_override=127.0.0.1:9000&scheme=http"
+    )
+
+
+def test_printed_uris_hide_credentials():
+    uri = "s3://AKIA:SECRET@bucket/runs?access_key=AKIA&secret_key=SECRET&region=us-east-1"
+    shown = storage.redact(uri)
+    assert "SECRET" not in shown and "AKIA" not in shown
+    assert "bucket/runs" in shown and "region=us-east-1" in shown
+
+
+def test_bytes_round_trip_on_a_path_and_a_file_uri(tmp_path):
+    storage.write_bytes(str(tmp_path / "a" / "b.bin"), b"local")
+    assert storage.read_bytes(str(tmp_path / "a" / "b.bin")) == b"local"
+    uri = f"file://{tmp_path}/c/d.bin"
+    storage.write_bytes(uri, b"uri")
+    assert (tmp_path / "c" / "d.bin").read_bytes() == b"uri"
+    assert storage.read_bytes(uri) == b"uri"
+
+
+def test_bad_locations_fail_in_words(tmp_path):
+    with pytest.raises(ValueError, match="'foo://bucket/x' is not a storage location"):
+        storage.read_bytes("foo://bucket/x")
+    with pytest.raises(FileNotFoundError, match="no file at .*missing.params"):
+        storage.read_bytes(str(tmp_path / "missing.params"))
+
+
+def test_checkpoint_by_uri_is_read_by_plain_mxnet_and_by_raymodule(tmp_path):
+    x, y = dataset(n=48)
+    it = mx.io.NDArrayIter(x, y, batch_size=24)
+    prefix = f"file://{tmp_path}/ckpt/model"
+    with raymodule.Module(mlp(), context=[mx.cpu(0)]) as mod:
+        mod.fit(it, num_epoch=1, optimizer_params={"learning_rate": 0.1, "momentum": 0.9})
+        mod.save_checkpoint(prefix, 1, save_optimizer_states=True)
+        expected = mod.predict(it).asnumpy()
+        params = mod.get_params()[0]
+    native = mx.mod.Module.load(str(tmp_path / "ckpt" / "model"), 1)
+    native.bind(it.provide_data, it.provide_label, for_training=False)
+    assert max_relative_diff(params, native.get_params()[0]) == 0.0
+    np.testing.assert_allclose(native.predict(it).asnumpy(), expected, rtol=1e-6)
+    with raymodule.Module.load(prefix, 1, load_optimizer_states=True, context=[mx.cpu(0)]) as mod:
+        mod.bind(it.provide_data, it.provide_label)
+        mod.init_optimizer(optimizer_params={"learning_rate": 0.1, "momentum": 0.9})
+        np.testing.assert_allclose(mod.predict(it).asnumpy(), expected, rtol=1e-6)
