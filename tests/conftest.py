@@ -71,3 +71,27 @@ def max_relative_diff(expected: dict, actual: dict) -> float:
         e, a = value.asnumpy(), actual[name].asnumpy()
         worst = max(worst, float(np.abs(e - a).max() / max(np.abs(e).max(), 1e-12)))
     return worst
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-compatible server on 127.0.0.1, with keys in the usual AWS variables."""
+    from s3server import ACCESS_KEY, SECRET_KEY, SeaweedS3
+
+    keys = {
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    server = SeaweedS3().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

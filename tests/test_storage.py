@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import mxnet as mx
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 from conftest import dataset, max_relative_diff, mlp
+from s3server import BUCKET
 
 import raymodule
 from raymodule import storage
@@ -59,3 +61,32 @@ def test_checkpoint_by_uri_is_read_by_plain_mxnet_and_by_raymodule(tmp_path):
         mod.bind(it.provide_data, it.provide_label)
         mod.init_optimizer(optimizer_params={"learning_rate": 0.1, "momentum": 0.9})
         np.testing.assert_allclose(mod.predict(it).asnumpy(), expected, rtol=1e-6)
+
+
+def test_checkpoint_round_trip_on_s3(s3):
+    x, y = dataset(n=48)
+    it = mx.io.NDArrayIter(x, y, batch_size=24)
+    prefix = s3.uri("runs/model")
+    with raymodule.Module(mlp(), context=[mx.cpu(0)]) as mod:
+        mod.fit(it, num_epoch=1, optimizer_params={"learning_rate": 0.1, "momentum": 0.9})
+        mod.save_checkpoint(prefix, 2, save_optimizer_states=True)
+        expected = mod.predict(it).asnumpy()
+    stored = s3.filesystem().get_file_info(pafs.FileSelector(f"{BUCKET}/runs"))
+    assert {info.base_name for info in stored} == {
+        "model-symbol.json",
+        "model-0002.params",
+        "model-0002.states",
+    }
+    with raymodule.Module.load(prefix, 2, load_optimizer_states=True, context=[mx.cpu(0)]) as mod:
+        mod.bind(it.provide_data, it.provide_label)
+        mod.init_optimizer(optimizer_params={"learning_rate": 0.1, "momentum": 0.9})
+        np.testing.assert_allclose(mod.predict(it).asnumpy(), expected, rtol=1e-6)
+
+
+def test_wrong_keys_and_missing_files_on_s3_fail_in_words(s3, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=f"no file at 's3://{BUCKET}/none"):
+        storage.read_bytes(s3.uri("none-0001.params"))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    with pytest.raises(OSError, match=f"cannot write 's3://{BUCKET}/denied") as err:
+        storage.write_bytes(s3.uri("denied.bin"), b"x")
+    assert "wrong-secret" not in str(err.value)

