@@ -374,6 +374,8 @@ class Module(BaseModule):
         grad_req="write",
     ):
         if force_rebind:
+            if self.binded and self.params_initialized and self._params_dirty:
+                self._sync_params_from_devices()  # the new executors start from the latest
             self._reset_bind()
         if self.binded:
             self.logger.warning("Already bound, ignoring bind()")

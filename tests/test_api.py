@@ -364,3 +364,18 @@ def test_logger_is_used(caplog):
         with raymodule.Module(mlp(), logger=logger, context=[mx.cpu(0)]) as mod:
             mod.fit(mx.io.NDArrayIter(x, y, batch_size=16), num_epoch=1, optimizer_params=SGD)
     assert any("Epoch[0] Train-accuracy" in r.message for r in caplog.records)
+
+
+def test_force_rebind_keeps_the_trained_parameters():
+    x, y = dataset(n=24)
+    with raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)]) as mod:
+        mod.bind([("data", (24, 20))], [("softmax_label", (24,))])
+        mod.init_params(mx.init.Xavier())
+        mod.init_optimizer(optimizer_params=SGD)
+        mod.forward_backward(mx.io.DataBatch([mx.nd.array(x)], [mx.nd.array(y)]))
+        mod.update()  # the workers' parameters are now newer than the host copy
+        trained = mod.workers.call("get_params", mod._id, ranks=[0])[0][0]
+        mod.bind([("data", (12, 20))], [("softmax_label", (12,))], force_rebind=True)
+        rebound = mod.workers.call("get_params", mod._id, ranks=[0])[0][0]
+        for name, value in trained.items():
+            np.testing.assert_array_equal(rebound[name], value)
