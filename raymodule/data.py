@@ -13,7 +13,15 @@ import numpy as np
 from mxnet.executor_manager import _split_input_slice
 from mxnet.io import DataDesc
 
-__all__ = ["Batch", "split_slices", "batch_axes", "to_batch", "to_numpy", "merge_outputs"]
+__all__ = [
+    "Batch",
+    "split_slices",
+    "batch_axes",
+    "to_batch",
+    "to_numpy",
+    "to_ndarray",
+    "merge_outputs",
+]
 
 
 def split_slices(batch_size: int, work_load_list: list[float]) -> list[slice]:
@@ -60,6 +68,11 @@ def to_numpy(array) -> np.ndarray:
     return array.asnumpy() if isinstance(array, mx.nd.NDArray) else np.asarray(array)
 
 
+def to_ndarray(array: np.ndarray) -> mx.nd.NDArray:
+    """An NDArray copy of ``array`` in its own dtype (``mx.nd.array`` would make it float32)."""
+    return mx.nd.array(array, dtype=array.dtype)
+
+
 def to_batch(data_batch, data_descs, label_descs) -> Batch:
     """The arrays of an ``mx.io.DataBatch`` as a :class:`Batch` (labels kept only when bound)."""
     labels = data_batch.label if label_descs else None
@@ -77,5 +90,5 @@ def merge_outputs(per_worker: list[list[np.ndarray]], axes: list[int]) -> list[m
     for index, axis in enumerate(axes):
         parts = [outputs[index] for outputs in per_worker]
         joined = np.concatenate(parts, axis=axis) if axis >= 0 and len(parts) > 1 else parts[0]
-        merged.append(mx.nd.array(joined, dtype=joined.dtype))
+        merged.append(to_ndarray(joined))
     return merged

@@ -74,7 +74,7 @@ class WorkerGroup:
                     num_cpus=bundle.get("CPU", 0),
                     num_gpus=bundle.get("GPU", 0),
                     scheduling_strategy=strategy,
-                ).remote(rank, device, self.settings.allreduce_bucket_bytes)
+                ).remote(device, self.settings.allreduce_bucket_bytes)
             )
         self._form_collective(backend)
         return self.workers

@@ -12,6 +12,8 @@ from collections import OrderedDict
 
 import mxnet as mx
 
+from .data import to_ndarray
+
 __all__ = ["runs_on_workers", "counters", "add_counters", "update_per_slice"]
 
 _COUNTER_ONLY = (
@@ -58,6 +60,6 @@ def update_per_slice(metric, label_names, output_names, labels_per_worker, outpu
     """``metric.update_dict`` once per worker slice, as MXNet's executor group does per device."""
     for labels, outputs in zip(labels_per_worker, outputs_per_worker):
         metric.update_dict(
-            OrderedDict(zip(label_names, [mx.nd.array(x) for x in labels])),
-            OrderedDict(zip(output_names, [mx.nd.array(x) for x in outputs])),
+            OrderedDict(zip(label_names, [to_ndarray(x) for x in labels])),
+            OrderedDict(zip(output_names, [to_ndarray(x) for x in outputs])),
         )

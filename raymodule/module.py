@@ -555,7 +555,7 @@ class Module(BaseModule):
                 if name in held:
                     held[name][:] = value
                 else:
-                    held[name] = mx.nd.array(value, dtype=value.dtype)
+                    held[name] = data.to_ndarray(value)
         self._params_dirty = False
 
     def init_optimizer(
@@ -701,10 +701,7 @@ class Module(BaseModule):
         per_worker = self._workers.call(method, self._id)
         if merge_multi_context:
             return data.merge_outputs(per_worker, axes)
-        return [
-            [mx.nd.array(outputs[i], dtype=outputs[i].dtype) for outputs in per_worker]
-            for i in range(len(axes))
-        ]
+        return [[data.to_ndarray(outputs[i]) for outputs in per_worker] for i in range(len(axes))]
 
     def get_outputs(self, merge_multi_context=True):
         _require(self.binded and self.params_initialized, "get_outputs: call bind() first")

@@ -29,13 +29,14 @@ log = logging.getLogger(__name__)
 
 def _import_runtime() -> None:
     """Binds this module's MXNet-dependent names; runs once, in the worker process."""
-    global mx, np, DataBatch, metrics
+    global mx, np, DataBatch, metrics, to_ndarray
     os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # no backend banner per executor
     import mxnet as mx
     import numpy as np
     from mxnet.io import DataBatch
 
     from . import metrics
+    from .data import to_ndarray
 
 
 def _numpy_list(arrays) -> list[np.ndarray]:
@@ -43,15 +44,14 @@ def _numpy_list(arrays) -> list[np.ndarray]:
 
 
 def _nd_dict(arrays: dict) -> dict:
-    return {k: mx.nd.array(v, dtype=v.dtype) for k, v in arrays.items()}
+    return {k: to_ndarray(v) for k, v in arrays.items()}
 
 
 class ModuleWorker:
     """One data-parallel replica. Methods take the id of the module they act on."""
 
-    def __init__(self, rank: int, device_type: str, allreduce_bucket_bytes: int):
+    def __init__(self, device_type: str, allreduce_bucket_bytes: int):
         _import_runtime()
-        self.rank = rank
         self.device = mx.Context(device_type, 0)
         self._modules: dict[int, mx.mod.Module] = {}
         self._slices: dict[int, slice] = {}
@@ -69,7 +69,6 @@ class ModuleWorker:
     def join(self, world_size: int, rank: int, address: str, backend: str, timeout_s: float):
         from .allreduce import Collective
 
-        self.rank = rank
         self._collective = Collective(world_size, rank, address, backend, timeout_s)
 
     # -- module life cycle ------------------------------------------------------------------
@@ -154,9 +153,9 @@ class ModuleWorker:
         """Runs forward on this worker's slice; returns the module and the slice's labels."""
         mod = self._modules[mid]
         data, label = batch.worker_slice(self._slices[mid])
-        labels = [mx.nd.array(a, dtype=a.dtype) for a in label]
+        labels = [to_ndarray(a) for a in label]
         mod.forward(
-            DataBatch(data=[mx.nd.array(a, dtype=a.dtype) for a in data], label=labels or None),
+            DataBatch(data=[to_ndarray(a) for a in data], label=labels or None),
             is_train=is_train,
         )
         return mod, labels
@@ -165,7 +164,7 @@ class ModuleWorker:
         self._load(mid, batch, is_train)
 
     def backward(self, mid, out_grads) -> None:
-        grads = None if out_grads is None else [mx.nd.array(g, dtype=g.dtype) for g in out_grads]
+        grads = None if out_grads is None else [to_ndarray(g) for g in out_grads]
         self._modules[mid].backward(grads)
 
     def update(self, mid) -> None:
@@ -220,7 +219,7 @@ class ModuleWorker:
 
     def set_states(self, mid, states, value) -> None:
         if states is not None:
-            states = [[mx.nd.array(s, dtype=s.dtype)] for s in states]
+            states = [[to_ndarray(s)] for s in states]
         self._modules[mid].set_states(states, value)
 
     # -- monitoring ---------------------------------------------------------------------------

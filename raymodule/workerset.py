@@ -67,16 +67,9 @@ class WorkerSet:
             self.handles = ray.get(self.controller.start.remote())
         except ray.exceptions.RayError as err:
             self.close()
-            cause = getattr(err, "cause", None) or err
-            if isinstance(cause, RayModuleError):  # e.g. PlacementError, already in words
-                raise cause from None
-            raise WorkerError(
-                f"starting {len(contexts)} workers for {contexts} failed: "
-                f"{type(cause).__name__}: {_first_line(cause)}"
+            raise _in_words(
+                err, f"starting {len(contexts)} workers for {contexts} failed"
             ) from None
-
-    def __len__(self) -> int:
-        return len(self.contexts)
 
     def close(self) -> None:
         self._finalizer()
@@ -140,17 +133,20 @@ class WorkerSet:
                 f"{type(err).__name__}: {_first_line(err)}; {len(lost)} of {len(refs)} workers "
                 "lost. The module cannot continue; create a new one"
             )
-            self.lost.__cause__ = None
             raise self.lost
         if failed:
             rank, err = failed
-            cause = getattr(err, "cause", None) or err
-            if isinstance(cause, RayModuleError):  # raymodule's own error, already in words
-                raise cause from None
-            raise WorkerError(
-                f"worker {rank} failed in {method}(): {type(cause).__name__}: {cause}"
-            ) from None
+            raise _in_words(err, f"worker {rank} failed in {method}()") from None
         return results
+
+
+def _in_words(err: Exception, what: str) -> Exception:
+    """The error to raise for a failed Ray call: raymodule's own error (e.g. a PlacementError,
+    already in words) as it is, anything else as a WorkerError saying what failed."""
+    cause = getattr(err, "cause", None) or err
+    if isinstance(cause, RayModuleError):
+        return cause
+    return WorkerError(f"{what}: {type(cause).__name__}: {cause}")
 
 
 def _first_line(err: BaseException) -> str:
