@@ -4,14 +4,19 @@ The data are scikit-learn's 8x8 handwritten digits (1,797 images, shipped inside
 nothing is downloaded). The model is an MLP; each global batch is split across the workers and
 their gradients are summed, so the result is what one MXNet device would train.
 
+The run is checkpointed to ``--storage``/``--name`` (every ``--checkpoint-every`` batches and
+at each epoch's end); started again with the same name, it resumes where it stopped.
+
 Run locally (raymodule starts a Ray on 127.0.0.1 with this machine's CPUs):
 
     python jobs/train.py
-    python jobs/train.py --workers 2 --epochs 20 --output ./raymodule_runs/digits
+    python jobs/train.py --name digits --epochs 20 --output ./digits-model
 
-Run on a Ray cluster (from the repository root; the job joins the cluster through RAY_ADDRESS):
+Run on a Ray cluster (from the repository root; the job joins the cluster through RAY_ADDRESS),
+with the run in object storage so that a resubmitted job resumes it:
 
-    ray job submit --working-dir . -- python jobs/train.py --workers 2 --output /tmp/digits
+    ray job submit --working-dir . -- python jobs/train.py --name digits \
+        --storage 's3://my-bucket/runs?region=us-east-1'
 """
 
 from __future__ import annotations
@@ -44,10 +49,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     parser.add_argument("--seed", type=int, default=42, help="seed of the split and the init")
     parser.add_argument(
+        "--name",
+        default=None,
+        help="run name; a run started again with the same name resumes from its latest "
+        "checkpoint (default: a new name, printed)",
+    )
+    parser.add_argument(
+        "--storage",
+        default="./raymodule_runs",
+        help="where runs are kept: a local path or a URI such as "
+        "'s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http' (keys from the "
+        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=10,
+        help="batches between checkpoints; 0 checkpoints only at the end of each epoch",
+    )
+    parser.add_argument(
+        "--resume",
+        choices=("auto", "never", "must"),
+        default="auto",
+        help="auto: continue the named run if it exists; never: refuse an existing run; "
+        "must: fail unless there is a checkpoint to continue from",
+    )
+    parser.add_argument(
         "--output",
-        default="./raymodule_runs/digits",
-        help="folder for the trained model (an MXNet checkpoint: model-symbol.json, "
-        "model-NNNN.params)",
+        default=None,
+        help="also export the trained model to this folder as a plain MXNet checkpoint "
+        "(model-symbol.json, model-NNNN.params)",
     )
     args = parser.parse_args(argv)
     if args.workers < 1:
@@ -56,6 +87,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--batch-size={args.batch_size} must be at least --workers={args.workers}")
     if args.epochs < 1:
         parser.error(f"--epochs={args.epochs}: need at least 1")
+    try:
+        args.run = raymodule.RunConfig(
+            name=args.name,
+            storage=args.storage,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+        )
+    except ValueError as err:
+        parser.error(str(err).replace("RunConfig(", "(").replace("_", "-"))
     return args
 
 
@@ -77,9 +117,10 @@ class Progress:
         self.bar = None
 
     def __call__(self, param: mx.model.BatchEndParam) -> None:
-        if param.nbatch == 0:
+        if self.bar is None or param.nbatch == 0:  # a resumed run starts inside an epoch
             self.bar = tqdm(
                 total=self.total,
+                initial=param.nbatch,
                 desc=f"epoch {param.epoch + 1}",
                 unit="batch",
                 leave=True,
@@ -96,6 +137,7 @@ class Progress:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("raymodule.run").setLevel(logging.INFO)  # where the run resumes
     digits = load_digits()
     x = (digits.data / 16.0).astype("float32")
     y = digits.target.astype("float32")
@@ -123,18 +165,22 @@ def main(argv=None) -> int:
             initializer=mx.init.Xavier(),
             num_epoch=args.epochs,
             batch_end_callback=Progress(len(x_train) // args.batch_size),
+            run=args.run,
         )
         elapsed = time.monotonic() - start
         ((_, accuracy),) = mod.score(test, "acc")
-        os.makedirs(args.output, exist_ok=True)
-        prefix = os.path.join(args.output, "model")
-        mod.save_checkpoint(prefix, args.epochs)
+        if args.output:
+            os.makedirs(args.output, exist_ok=True)
+            prefix = os.path.abspath(os.path.join(args.output, "model"))
+            mod.save_checkpoint(prefix, args.epochs)
     print(f"test accuracy: {accuracy:.4f} after {args.epochs} epochs ({elapsed:.1f} s)")
-    print(
-        f"model saved to {os.path.abspath(prefix)}-symbol.json and "
-        f"{os.path.abspath(prefix)}-{args.epochs:04d}.params "
-        f"(load with mx.mod.Module.load({prefix!r}, {args.epochs}))"
-    )
+    ckpt = raymodule.latest_checkpoint(args.run.location)
+    print(f"latest checkpoint: {ckpt.location} (epoch {ckpt.epoch}, step {ckpt.global_step})")
+    if args.output:
+        print(
+            f"model saved to {prefix}-symbol.json and {prefix}-{args.epochs:04d}.params "
+            f"(load with mx.mod.Module.load({prefix!r}, {args.epochs}))"
+        )
     return 0
 
 

@@ -13,6 +13,7 @@ import importlib
 
 from .errors import (
     CallOrderError,
+    CheckpointError,
     PlacementError,
     RayModuleError,
     WorkerError,
@@ -21,6 +22,9 @@ from .errors import (
 
 __all__ = [
     "Module",
+    "RunConfig",
+    "Checkpoint",
+    "latest_checkpoint",
     "WorkerContext",
     "workers",
     "RayModuleError",
@@ -28,10 +32,18 @@ __all__ = [
     "PlacementError",
     "WorkerError",
     "WorkerLostError",
+    "CheckpointError",
 ]
 __version__ = "0.1.0"
 
-_LAZY = {"Module": ".module", "WorkerContext": ".context", "workers": ".context"}
+_LAZY = {
+    "Module": ".module",
+    "WorkerContext": ".context",
+    "workers": ".context",
+    "RunConfig": ".run",
+    "Checkpoint": ".checkpoint",
+    "latest_checkpoint": ".checkpoint",
+}
 
 
 def __getattr__(name: str):

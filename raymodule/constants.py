@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 
 __all__ = ["Settings"]
 
+_ZERO_ALLOWED = {"pipeline_depth", "checkpoint_backoff_s", "checkpoint_failures_tolerated"}
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -30,6 +32,13 @@ class Settings:
     """RAYMODULE_STEPS_PER_CALL: batches sent to the workers in one call by fit and score."""
     pipeline_depth: int = 2
     """RAYMODULE_PIPELINE_DEPTH: calls in flight ahead of the one whose results are read."""
+    checkpoint_attempts: int = 3
+    """RAYMODULE_CHECKPOINT_ATTEMPTS: tries to write one checkpoint before it counts as failed."""
+    checkpoint_backoff_s: float = 1.0
+    """RAYMODULE_CHECKPOINT_BACKOFF_S: wait before the second try; doubled for each next one."""
+    checkpoint_failures_tolerated: int = 3
+    """RAYMODULE_CHECKPOINT_FAILURES_TOLERATED: failed checkpoints in a row that training goes
+    on through; one more stops it."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -46,7 +55,8 @@ class Settings:
                 raise ValueError(
                     f"{name}={raw!r} must be a{'n integer' if kind is int else ' number'}"
                 ) from None
-            if value < 0 or (value == 0 and field.name != "pipeline_depth"):
-                raise ValueError(f"{name}={raw!r} must be > 0")
+            floor = 0 if field.name in _ZERO_ALLOWED else 1e-9
+            if value < floor:
+                raise ValueError(f"{name}={raw!r} must be {'>= 0' if floor == 0 else '> 0'}")
             values[field.name] = value
         return cls(**values)

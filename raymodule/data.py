@@ -6,6 +6,8 @@ axis (from its layout), so N workers see exactly what N devices of one MXNet pro
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 
 import mxnet as mx
@@ -20,6 +22,7 @@ __all__ = [
     "to_batch",
     "to_numpy",
     "to_ndarray",
+    "nd_bytes",
     "merge_outputs",
 ]
 
@@ -71,6 +74,15 @@ def to_numpy(array) -> np.ndarray:
 def to_ndarray(array: np.ndarray) -> mx.nd.NDArray:
     """An NDArray copy of ``array`` in its own dtype (``mx.nd.array`` would make it float32)."""
     return mx.nd.array(array, dtype=array.dtype)
+
+
+def nd_bytes(arrays: dict) -> bytes:
+    """``arrays`` in MXNet's NDArray file format (what ``mx.nd.save`` writes), in memory."""
+    with tempfile.TemporaryDirectory(prefix="raymodule-") as folder:
+        path = os.path.join(folder, "arrays")
+        mx.nd.save(path, arrays)
+        with open(path, "rb") as source:
+            return source.read()
 
 
 def to_batch(data_batch, data_descs, label_descs) -> Batch:

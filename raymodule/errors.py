@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["RayModuleError", "CallOrderError", "PlacementError", "WorkerError", "WorkerLostError"]
+__all__ = [
+    "RayModuleError",
+    "CallOrderError",
+    "PlacementError",
+    "WorkerError",
+    "WorkerLostError",
+    "CheckpointError",
+]
 
 
 class RayModuleError(RuntimeError):
@@ -26,3 +33,7 @@ class WorkerError(RayModuleError):
 
 class WorkerLostError(RayModuleError):
     """A worker process died or stopped answering; the module cannot go on without it."""
+
+
+class CheckpointError(RayModuleError):
+    """A run's checkpoints cannot be written or resumed from as asked."""

@@ -32,10 +32,20 @@ def run_steps(
     num_batch=None,
     score_end_callback=None,
     sparse_row_id_fn=None,
+    first_batch=0,
+    checkpoint_every=0,
+    on_checkpoint=None,
 ):
     """Runs ``method`` ("train_step" or "eval_step") on every batch of ``data_iter``.
 
-    Returns the metric's global name/value pairs as they stood after the last batch.
+    The first ``first_batch`` batches are read and skipped (they were trained before a run
+    resumed). Every ``checkpoint_every`` batches, ``on_checkpoint(nbatch)`` is called once the
+    steps before batch ``nbatch`` are sent and before any later one is, so a worker call it
+    makes sees the state after exactly ``nbatch`` batches; it is called only when another
+    batch follows (the epoch's end has its own checkpoint).
+
+    Returns the metric's global name/value pairs as they stood after the last batch, and the
+    number of batches of the epoch done (the skipped ones included).
     """
     workers = module._workers
     workers.sync()
@@ -81,9 +91,16 @@ def run_steps(
             _call_back(batch_end_callback, module, data_iter, data_batch, epoch, nbatch, metric)
             done += 1
 
+    end = first_batch
     for nbatch, data_batch in enumerate(data_iter):
         if num_batch is not None and nbatch == num_batch:
             break
+        if nbatch < first_batch:
+            continue
+        if checkpoint_every and nbatch > first_batch and nbatch % checkpoint_every == 0:
+            send()
+            on_checkpoint(nbatch)
+        end = nbatch + 1
         module.prepare(data_batch, sparse_row_id_fn=sparse_row_id_fn)
         if module._shapes_changed(data_batch):
             send()  # the chunk so far was split for the old shapes
@@ -98,7 +115,7 @@ def run_steps(
         finish(last_chunk=len(inflight) == 1)
 
     _call_back(score_end_callback, module, data_iter, None, epoch, done, metric)
-    return final
+    return final, end
 
 
 def _call_back(callbacks, module, data_iter, data_batch, epoch, nbatch, metric) -> None:

@@ -7,10 +7,9 @@ MXNet splits it across devices; gradients are summed across workers as the KVSto
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
-import os
-import tempfile
 import time
 import warnings
 
@@ -25,8 +24,10 @@ from mxnet.module.base_module import BaseModule, _check_input_names, _parse_data
 from mxnet.module.executor_group import _prepare_group2ctxs
 
 from . import data, metrics, storage
+from .constants import Settings
 from .errors import CallOrderError
 from .loop import run_steps
+from .run import Run, RunConfig
 from .workerset import WorkerSet
 
 __all__ = ["Module", "SUPPORTED_KVSTORES"]
@@ -262,11 +263,7 @@ class Module(BaseModule):
         arg_params, aux_params = self.get_params()
         save_dict = {f"arg:{k}": v.as_in_context(mx.cpu()) for k, v in arg_params.items()}
         save_dict.update({f"aux:{k}": v.as_in_context(mx.cpu()) for k, v in aux_params.items()})
-        with tempfile.TemporaryDirectory(prefix="raymodule-") as folder:
-            local = os.path.join(folder, "params")
-            mx.nd.save(local, save_dict)
-            with open(local, "rb") as source:
-                storage.write_bytes(fname, source.read())
+        storage.write_bytes(fname, data.nd_bytes(save_dict))
 
     def load_params(self, fname):
         """Loads parameters saved by ``save_params`` (or MXNet's) from a local path or URI."""
@@ -807,65 +804,142 @@ class Module(BaseModule):
         validation_metric=None,
         monitor=None,
         sparse_row_id_fn=None,
+        run=None,
     ):
-        """MXNet's ``fit``; the steps run on the workers, streamed ahead of the callbacks."""
+        """MXNet's ``fit``; the steps run on the workers, streamed ahead of the callbacks.
+
+        With ``run`` (a :class:`raymodule.RunConfig`), the run is checkpointed to its folder in
+        storage every ``run.checkpoint_every`` batches and at each epoch's end, in the
+        background, and a run of the same name resumes from its latest verified checkpoint:
+        parameters, optimizer state, learning-rate schedule and position in the data. For the
+        same data order, pass ``train_data`` as a fresh iterator (as a new process makes it):
+        it is reset once per completed epoch and the batches already trained are skipped.
+        """
         if num_epoch is None:
             raise ValueError("fit: num_epoch is required")
         _check_kvstore(kvstore)
-        self.bind(
-            data_shapes=train_data.provide_data,
-            label_shapes=train_data.provide_label,
-            for_training=True,
-            force_rebind=force_rebind,
-        )
-        if monitor is not None:
-            self.install_monitor(monitor)
-        self.init_params(
-            initializer=initializer,
-            arg_params=arg_params,
-            aux_params=aux_params,
-            allow_missing=allow_missing,
-            force_init=force_init,
-        )
-        self.init_optimizer(kvstore=kvstore, optimizer=optimizer, optimizer_params=optimizer_params)
-        if validation_metric is None:
-            validation_metric = eval_metric
-        if not isinstance(eval_metric, mx.metric.EvalMetric):
-            eval_metric = mx.metric.create(eval_metric)
-
-        for epoch in range(begin_epoch, num_epoch):
-            tic = time.time()
-            eval_metric.reset()
-            eval_name_vals = run_steps(
-                self,
-                train_data,
-                "train_step",
-                eval_metric,
-                epoch,
-                batch_end_callback,
-                monitor=monitor,
-                sparse_row_id_fn=sparse_row_id_fn,
+        run_folder = None
+        if run is not None:
+            if not isinstance(run, RunConfig):
+                raise TypeError(f"run={run!r}: expected a raymodule.RunConfig")
+            run_folder = Run(run, Settings.from_env(), self._checkpoint_static())
+        with run_folder if run_folder is not None else contextlib.nullcontext():
+            self.bind(
+                data_shapes=train_data.provide_data,
+                label_shapes=train_data.provide_label,
+                for_training=True,
+                force_rebind=force_rebind,
             )
-            self._params_dirty = True
-            for name, val in eval_name_vals:
-                self.logger.info("Epoch[%d] Train-%s=%f", epoch, name, val)
-            self.logger.info("Epoch[%d] Time cost=%.3f", epoch, time.time() - tic)
-
-            arg_params, aux_params = self.get_params()
-            if epoch_end_callback is not None:
-                for callback in mx.base._as_list(epoch_end_callback):
-                    callback(epoch, self.symbol, arg_params, aux_params)
-            if eval_data is not None:
-                res = self.score(
-                    eval_data,
-                    validation_metric,
-                    score_end_callback=eval_end_callback,
-                    batch_end_callback=eval_batch_end_callback,
-                    epoch=epoch,
+            if monitor is not None:
+                self.install_monitor(monitor)
+            resume = run_folder.resume_from if run_folder is not None else None
+            if resume is not None:
+                arg_params, aux_params = _split_params(mx.nd.load_frombuffer(resume.params_file()))
+                allow_missing, force_init = False, True
+            self.init_params(
+                initializer=initializer,
+                arg_params=arg_params,
+                aux_params=aux_params,
+                allow_missing=allow_missing,
+                force_init=force_init,
+            )
+            self.init_optimizer(
+                kvstore=kvstore, optimizer=optimizer, optimizer_params=optimizer_params
+            )
+            first_batch, global_step = 0, 0
+            if resume is not None:
+                self._workers.post("restore_optimizer", self._id, *resume.optimizer())
+                for _ in range(resume.epoch - begin_epoch):  # the resets the finished epochs made
+                    train_data.reset()
+                begin_epoch, first_batch, global_step = (
+                    resume.epoch,
+                    resume.batch,
+                    resume.global_step,
                 )
-                for name, val in res:
-                    self.logger.info("Epoch[%d] Validation-%s=%f", epoch, name, val)
-            train_data.reset()
+                if begin_epoch >= num_epoch:
+                    self.logger.info("the run is complete: %d of %d epochs", begin_epoch, num_epoch)
+            if validation_metric is None:
+                validation_metric = eval_metric
+            if not isinstance(eval_metric, mx.metric.EvalMetric):
+                eval_metric = mx.metric.create(eval_metric)
+            every = run_folder.config.checkpoint_every if run_folder is not None else 0
+
+            for epoch in range(begin_epoch, num_epoch):
+                tic = time.time()
+                eval_metric.reset()
+                epoch_start = global_step - first_batch
+
+                def checkpoint(nbatch, epoch=epoch, epoch_start=epoch_start):
+                    self._checkpoint(run_folder, epoch, nbatch, epoch_start + nbatch)
+
+                eval_name_vals, nbatch = run_steps(
+                    self,
+                    train_data,
+                    "train_step",
+                    eval_metric,
+                    epoch,
+                    batch_end_callback,
+                    monitor=monitor,
+                    sparse_row_id_fn=sparse_row_id_fn,
+                    first_batch=first_batch,
+                    checkpoint_every=every,
+                    on_checkpoint=checkpoint,
+                )
+                global_step = epoch_start + nbatch
+                if run_folder is not None:
+                    self._checkpoint(run_folder, epoch + 1, 0, global_step)
+                self._params_dirty = True
+                toc = time.time() - tic
+                for name, val in eval_name_vals:
+                    self.logger.info("Epoch[%d] Train-%s=%f", epoch, name, val)
+                self.logger.info("Epoch[%d] Time cost=%.3f", epoch, toc)
+
+                arg_params, aux_params = self.get_params()
+                if epoch_end_callback is not None:
+                    for callback in mx.base._as_list(epoch_end_callback):
+                        callback(epoch, self.symbol, arg_params, aux_params)
+                validation = []
+                if eval_data is not None:
+                    validation = self.score(
+                        eval_data,
+                        validation_metric,
+                        score_end_callback=eval_end_callback,
+                        batch_end_callback=eval_batch_end_callback,
+                        epoch=epoch,
+                    )
+                    for name, val in validation:
+                        self.logger.info("Epoch[%d] Validation-%s=%f", epoch, name, val)
+                if run_folder is not None:
+                    samples = (nbatch - first_batch) * sum(s.stop - s.start for s in self._slices)
+                    run_folder.record_epoch(
+                        {
+                            "epoch": epoch,
+                            "global_step": global_step,
+                            "batches": nbatch - first_batch,
+                            "resumed_at_batch": first_batch,
+                            "seconds": round(toc, 3),
+                            "samples_per_s": round(samples / toc, 1) if toc > 0 else None,
+                            "world_size": len(self._context),
+                            "train": dict(eval_name_vals),
+                            "validation": dict(validation),
+                        }
+                    )
+                first_batch = 0
+                train_data.reset()
+
+    def _checkpoint_static(self) -> dict:
+        """What every run checkpoint of this module records besides the snapshot."""
+        return {
+            "symbol_json": self._symbol.tojson(remove_amp_cast=True),
+            "world_size": len(self._context),
+            "work_load_list": list(self._work_load_list),
+        }
+
+    def _checkpoint(self, run_folder, epoch: int, batch: int, global_step: int) -> None:
+        """Takes worker 0's snapshot after the steps sent so far (every replica is at the same
+        step) and hands it to the run's background writer."""
+        snapshot = self._workers.submit("snapshot", self._id, ranks=[0])[0]
+        run_folder.checkpoint(snapshot, epoch=epoch, batch=batch, global_step=global_step)
 
     def score(
         self,

@@ -29,14 +29,14 @@ log = logging.getLogger(__name__)
 
 def _import_runtime() -> None:
     """Binds this module's MXNet-dependent names; runs once, in the worker process."""
-    global mx, np, DataBatch, metrics, to_ndarray
+    global mx, np, DataBatch, metrics, nd_bytes, optimizer_state, to_ndarray
     os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # no backend banner per executor
     import mxnet as mx
     import numpy as np
     from mxnet.io import DataBatch
 
-    from . import metrics
-    from .data import to_ndarray
+    from . import metrics, optimizer_state
+    from .data import nd_bytes, to_ndarray
 
 
 def _numpy_list(arrays) -> list[np.ndarray]:
@@ -144,6 +144,27 @@ class ModuleWorker:
 
     def set_optimizer_states(self, mid, states: bytes) -> None:
         self._modules[mid]._updater.set_states(states)
+
+    def snapshot(self, mid) -> dict:
+        """This replica's parameters and optimizer state as they stand after the steps run so
+        far (every replica holds the same), as file contents for a run checkpoint: ``params``
+        (MXNet's ``.params``), ``optimizer.nd`` and the optimizer's JSON description."""
+        mod = self._modules[mid]
+        mod._sync_params_from_devices()
+        params = {f"arg:{k}": v for k, v in mod._arg_params.items()}
+        params.update({f"aux:{k}": v for k, v in mod._aux_params.items()})
+        arrays, description = {}, None
+        if mod.optimizer_initialized:
+            arrays, description = optimizer_state.capture(mod._updater)
+        return {
+            "params": nd_bytes(params),
+            "optimizer.nd": nd_bytes(arrays),
+            "optimizer": description,
+        }
+
+    def restore_optimizer(self, mid, arrays: bytes, description: dict) -> None:
+        loaded = mx.nd.load_frombuffer(arrays)
+        optimizer_state.restore(self._modules[mid]._updater, loaded or {}, description)
 
     # -- computation ------------------------------------------------------------------------
     def set_slice(self, mid, part: slice) -> None:

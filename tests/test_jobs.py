@@ -39,9 +39,25 @@ def test_train_job_learns_digits_and_saves_an_mxnet_checkpoint():
         assert "fc0_weight" in mod._arg_params
 
 
+def test_train_job_started_again_with_its_name_resumes_its_run():
+    with tempfile.TemporaryDirectory(prefix="rmj-", dir="/tmp") as tmp:
+        out = run_job(["--epochs", "1", "--name", "digits", "--checkpoint-every", "5"], tmp)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+        run = os.path.join(tmp, "raymodule_runs", "digits")
+        assert f"latest checkpoint: {run}/ckpt-0000000022 (epoch 1, step 22)" in out.stdout
+        out = run_job(["--epochs", "2", "--name", "digits"], tmp)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+        assert "run 'digits' resumes from ckpt-0000000022: epoch 1, batch 0" in out.stderr
+        assert "epoch 2" in out.stdout and "epoch 1" not in out.stdout
+        assert f"latest checkpoint: {run}/ckpt-0000000044 (epoch 2, step 44)" in out.stdout
+
+
 def test_train_job_rejects_bad_options():
     with tempfile.TemporaryDirectory(prefix="rmj-", dir="/tmp") as tmp:
         out = run_job(["--workers", "0"], tmp)
         assert out.returncode == 2 and "--workers=0" in out.stderr
         out = run_job(["--no-such-option"], tmp)
         assert out.returncode == 2 and "unrecognized arguments" in out.stderr
+        out = run_job(["--checkpoint-every", "-1"], tmp)
+        assert out.returncode == 2
+        assert "(checkpoint-every=-1): must be an integer >= 0" in out.stderr

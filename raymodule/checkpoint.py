@@ -1,0 +1,353 @@
+"""Run checkpoints: MXNet's files plus a manifest, committed atomically, verified when read.
+
+A run folder holds::
+
+    ckpt-<global_step:010d>/model-symbol.json       MXNet's checkpoint files, which
+                            model-<epoch:04d>.params  ``mx.mod.Module.load`` reads unchanged
+                            optimizer.nd               optimizer state arrays (mx.nd.save)
+                            optimizer.json             their structure, update counts, schedule
+                            manifest.json              size and sha256 of each file; written last
+    latest                                          newest committed folder's name; written after
+                                                    its manifest, for people and tools
+
+A checkpoint is committed once its manifest is written (object stores make each file appear
+whole, or not at all). Readers trust only a checkpoint whose files match its manifest; when the
+newest does not, they say which file is wrong and use the one before. After each commit the
+writer deletes what the run no longer needs: committed checkpoints beyond ``keep``, folders
+without a manifest (interrupted writes) and folders newer than the commit (left by a run that
+went on from an earlier checkpoint).
+
+:class:`CheckpointWriter` writes in a background thread while training goes on; nothing here
+imports MXNet.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import threading
+import time
+from dataclasses import dataclass
+
+import ray
+
+from .errors import CheckpointError
+from .storage import Folder
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointWriter",
+    "checkpoint_names",
+    "folder_name",
+    "latest",
+    "latest_checkpoint",
+    "read",
+    "write",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+MODEL = "model"
+MANIFEST = "manifest.json"
+LATEST = "latest"
+_FOLDER = re.compile(r"^ckpt-(\d{10})$")
+
+
+def folder_name(global_step: int) -> str:
+    return f"ckpt-{global_step:010d}"
+
+
+def checkpoint_names(run: Folder) -> list[str]:
+    """The run's checkpoint folders, committed or not, oldest first."""
+    return sorted(name for name in run.folders() if _FOLDER.match(name))
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A committed checkpoint whose files matched its manifest when it was read."""
+
+    location: str
+    """The checkpoint folder (a local path or URI)."""
+    manifest: dict
+    files: dict[str, bytes]
+
+    @property
+    def name(self) -> str:
+        return self.location.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed when it was taken (MXNet's checkpoint numbering)."""
+        return self.manifest["epoch"]
+
+    @property
+    def batch(self) -> int:
+        """Batches done in the epoch under way when it was taken (0 at an epoch's end)."""
+        return self.manifest["batch"]
+
+    @property
+    def global_step(self) -> int:
+        return self.manifest["global_step"]
+
+    @property
+    def prefix(self) -> str:
+        """The MXNet prefix: ``Module.load(ckpt.prefix, ckpt.epoch)`` loads it."""
+        return Folder(self.location).uri(MODEL)
+
+    def params_file(self) -> bytes:
+        return self.files[f"{MODEL}-{self.epoch:04d}.params"]
+
+    def optimizer(self) -> tuple[bytes, dict | None]:
+        """The optimizer state arrays (MXNet's NDArray format) and their description."""
+        return self.files["optimizer.nd"], json.loads(self.files["optimizer.json"])
+
+
+def write(run: Folder, snapshot: dict, info: dict, keep: int) -> str:
+    """Writes a checkpoint from a worker's ``snapshot`` and commits it; returns its name.
+
+    ``info`` holds ``symbol_json``, ``epoch``, ``batch``, ``global_step``, ``world_size``,
+    ``work_load_list``. A folder of the same name (an earlier, interrupted attempt) is replaced.
+    """
+    name = folder_name(info["global_step"])
+    files = {
+        f"{MODEL}-symbol.json": info["symbol_json"].encode(),
+        f"{MODEL}-{info['epoch']:04d}.params": snapshot["params"],
+        "optimizer.nd": snapshot["optimizer.nd"],
+        "optimizer.json": json.dumps(snapshot["optimizer"]).encode(),
+    }
+    run.delete(name)
+    for file, data in files.items():
+        run.write(f"{name}/{file}", data)
+    optimizer = snapshot["optimizer"] or {}
+    manifest = {
+        "format": FORMAT,
+        "files": {
+            file: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            for file, data in files.items()
+        },
+        "epoch": info["epoch"],
+        "batch": info["batch"],
+        "global_step": info["global_step"],
+        "world_size": info["world_size"],
+        "work_load_list": info["work_load_list"],
+        "optimizer": {
+            "type": optimizer.get("type"),
+            "num_update": optimizer.get("num_update"),
+            "hyperparameters": optimizer.get("hyperparameters"),
+        },
+        "versions": _versions(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    run.write(f"{name}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+    run.write(LATEST, name.encode())
+    try:
+        _tidy(run, name, keep)
+    except OSError as err:  # the checkpoint is committed; a later commit tidies again
+        log.warning("checkpoint %s: could not delete old checkpoints: %s", name, err)
+    return name
+
+
+def _tidy(run: Folder, committed: str, keep: int) -> None:
+    files = run.sizes()
+    for name in files:  # halves of local writes that a killed process left
+        if "/" not in name and ".part-" in name and f".part-{os.getpid()}-" not in name:
+            run.delete(name)
+    older = []
+    for name in checkpoint_names(run):
+        if name == committed:
+            continue
+        if name > committed or f"{name}/{MANIFEST}" not in files:
+            run.delete(name)  # newer than the commit, or never committed
+        else:
+            older.append(name)
+    for name in older[: max(0, len(older) - (keep - 1))]:
+        run.delete(name)
+
+
+def read(run: Folder, name: str) -> Checkpoint:
+    """Reads checkpoint ``name`` and checks every file against its manifest.
+
+    Raises ``CheckpointError`` naming the file that is missing, truncated or altered.
+    """
+    where = f"{run}/{name}"
+    try:
+        manifest = json.loads(run.read(f"{name}/{MANIFEST}"))
+        listed = manifest["files"]
+        if manifest.get("format") != FORMAT:
+            raise CheckpointError(
+                f"{where}/{MANIFEST} has format {manifest.get('format')!r}; "
+                f"this raymodule reads format {FORMAT}"
+            )
+    except FileNotFoundError:
+        raise CheckpointError(f"{where} has no {MANIFEST}: it was never committed") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{where}/{MANIFEST} is not a valid manifest: {err}") from None
+    files = {}
+    for file, expected in listed.items():
+        try:
+            data = run.read(f"{name}/{file}")
+        except FileNotFoundError:
+            raise CheckpointError(f"{where}/{file} is missing") from None
+        if len(data) != expected["size"]:
+            raise CheckpointError(
+                f"{where}/{file} has {len(data)} bytes where the manifest says "
+                f"{expected['size']} (truncated or overwritten)"
+            )
+        if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise CheckpointError(
+                f"{where}/{file} does not match the sha256 in the manifest (corrupted)"
+            )
+        files[file] = data
+    return Checkpoint(run.uri(name), manifest, files)
+
+
+def latest(run: Folder) -> Checkpoint | None:
+    """The newest checkpoint of the run that verifies, or None. Every newer checkpoint that
+    does not verify is logged with the reason, and skipped."""
+    for name in reversed(checkpoint_names(run)):
+        try:
+            return read(run, name)
+        except CheckpointError as err:
+            log.warning("not using checkpoint %s: %s", name, err)
+    return None
+
+
+@functools.cache
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("raymodule", "mxnet", "ray", "pyarrow", "numpy"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread, in order, while training goes on.
+
+    :meth:`submit` hands over a worker's snapshot (an ``ObjectRef``, taken at a step boundary,
+    so all workers were at the same step) and returns at once. While one checkpoint is being
+    written, the newest submitted one waits; an older waiting one is dropped (a newer state
+    supersedes it), so memory stays bounded and training never waits for storage. A write that
+    fails is retried with exponential backoff; a checkpoint that still fails is logged, and once
+    more than ``failures_tolerated`` fail in a row, the next :meth:`submit` (or :meth:`close`)
+    raises ``CheckpointError``.
+    """
+
+    def __init__(self, run: Folder, keep: int, settings):
+        self.run = run
+        self.keep = keep
+        self.attempts = settings.checkpoint_attempts
+        self.backoff_s = settings.checkpoint_backoff_s
+        self.failures_tolerated = settings.checkpoint_failures_tolerated
+        self._committed: list[dict] = []
+        self.failures_in_row = 0
+        self._error: CheckpointError | None = None
+        self._waiting: tuple | None = None
+        self._busy = False
+        self._closing = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(
+            target=self._loop, name="raymodule-checkpoint-writer", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, snapshot: ray.ObjectRef, info: dict) -> None:
+        with self._cond:
+            self._raise_if_failed()
+            if self._waiting is not None:
+                log.warning(
+                    "checkpoint at step %d skipped: the one before is still being written",
+                    self._waiting[1]["global_step"],
+                )
+            self._waiting = (snapshot, info)
+            self._cond.notify_all()
+
+    def take_committed(self) -> list[dict]:
+        """The checkpoints committed since the last call: name and seconds to write."""
+        with self._cond:
+            done, self._committed = self._committed, []
+        return done
+
+    def close(self) -> None:
+        """Writes what is waiting, stops the thread, and raises if too many failed in a row."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+        with self._cond:
+            self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._waiting is None and not self._closing:
+                    self._cond.wait()
+                if self._waiting is None:
+                    return
+                (snapshot, info), self._waiting = self._waiting, None
+            self._write(snapshot, info)
+
+    def _write(self, snapshot: ray.ObjectRef, info: dict) -> None:
+        step = info["global_step"]
+        try:
+            contents = ray.get(snapshot)
+        except ray.exceptions.RayError as err:
+            self._failed(step, f"the snapshot was lost: {type(err).__name__}")
+            return
+        tic = time.monotonic()
+        for attempt in range(1, self.attempts + 1):
+            try:
+                name = write(self.run, contents, info, self.keep)
+            except OSError as err:
+                if attempt < self.attempts:
+                    delay = self.backoff_s * 2 ** (attempt - 1)
+                    log.info(
+                        "checkpoint at step %d: attempt %d of %d failed (%s); retrying in %.1f s",
+                        step, attempt, self.attempts, err, delay,
+                    )  # fmt: skip
+                    time.sleep(delay)
+                    continue
+                self._failed(step, f"{self.attempts} attempts failed, the last with: {err}")
+                return
+            seconds = time.monotonic() - tic
+            log.info("checkpoint %s committed in %.2f s", f"{self.run}/{name}", seconds)
+            with self._cond:
+                self.failures_in_row = 0
+                self._committed.append({"name": name, "seconds": round(seconds, 3)})
+            return
+
+    def _failed(self, step: int, why: str) -> None:
+        with self._cond:
+            self.failures_in_row += 1
+            failures = self.failures_in_row
+            log.warning(
+                "checkpoint at step %d failed (%d in a row; training goes on through %d): %s",
+                step, failures, self.failures_tolerated, why,
+            )  # fmt: skip
+            if failures > self.failures_tolerated:
+                self._error = CheckpointError(
+                    f"{failures} checkpoints in a row could not be written to {self.run}; the "
+                    f"last: {why}. Check the storage (RAYMODULE_CHECKPOINT_FAILURES_TOLERATED="
+                    f"{self.failures_tolerated})"
+                )
+
+
+def latest_checkpoint(run_location: str) -> Checkpoint | None:
+    """The newest verified checkpoint of the run at ``run_location`` (``<storage>/<name>``,
+    a local path or URI), or None; ``Module.load(ckpt.prefix, ckpt.epoch)`` loads it."""
+    return latest(Folder(run_location))

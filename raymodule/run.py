@@ -1,0 +1,189 @@
+"""``RunConfig`` and the run folder a ``fit(..., run=...)`` call trains in.
+
+A run is ``<storage>/<name>``: its checkpoints (see :mod:`raymodule.checkpoint`) and
+``metrics.jsonl``, one JSON line per epoch. :class:`Run` opens the folder before training
+starts (so storage that cannot be used fails first, naming the location and the cause), decides
+where training resumes, hands snapshots to the background checkpoint writer and records the
+epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from . import checkpoint
+from .checkpoint import Checkpoint, CheckpointWriter
+from .errors import CheckpointError
+from .storage import Folder, is_uri, with_suffix
+
+__all__ = ["RunConfig", "Run"]
+
+log = logging.getLogger(__name__)
+
+METRICS = "metrics.jsonl"
+_RESUME = ("auto", "never", "must")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class RunConfig:
+    """Where and how a ``fit`` call checkpoints, and whether it resumes.
+
+    Args:
+        name: the run's name; ``storage/name`` is its folder (:attr:`location`). None makes
+            a new name here, logged.
+        storage: a local path (made absolute here) or a URI that
+            ``pyarrow.fs.FileSystem.from_uri`` accepts, query options included. Keys come from
+            the usual AWS variables (or the URI) and are never logged.
+        checkpoint_every: batches between checkpoints; 0 checkpoints only at epoch ends
+            (there is always a checkpoint at the end of each epoch).
+        keep: committed checkpoints kept; older ones are deleted after a newer one commits.
+        resume: ``"auto"`` continues from the latest committed checkpoint if there is one,
+            ``"never"`` refuses to touch an existing run, ``"must"`` fails if there is none.
+        min_workers: the elastic floor (None: every context).
+        max_failures: worker losses tolerated over the run; -1 is unlimited.
+    """
+
+    name: str | None = None
+    storage: str = "./raymodule_runs"
+    checkpoint_every: int = 0
+    keep: int = 2
+    resume: str = "auto"
+    min_workers: int | None = None
+    max_failures: int = 3
+
+    def __post_init__(self):
+        def bad(field: str, rule: str) -> ValueError:
+            return ValueError(f"RunConfig({field}={getattr(self, field)!r}): {rule}")
+
+        if self.name is None:
+            self.name = time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+            log.warning("RunConfig: no name given; this run is %r", self.name)
+        elif not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise bad("name", "use letters, digits, '.', '_' and '-' (no '/'), or None")
+        if not isinstance(self.storage, str) or not self.storage:
+            raise bad("storage", "expected a local path or a URI such as s3://bucket/runs")
+        if not is_uri(self.storage):
+            self.storage = os.path.abspath(self.storage)
+        if not _is_int(self.checkpoint_every) or self.checkpoint_every < 0:
+            raise bad("checkpoint_every", "must be an integer >= 0 (0: only at epoch ends)")
+        if not _is_int(self.keep) or self.keep < 1:
+            raise bad("keep", "must be an integer >= 1")
+        if self.resume not in _RESUME:
+            raise bad("resume", f"must be one of {', '.join(map(repr, _RESUME))}")
+        if self.min_workers is not None and (not _is_int(self.min_workers) or self.min_workers < 1):
+            raise bad("min_workers", "must be an integer >= 1, or None for every context")
+        if not _is_int(self.max_failures) or self.max_failures < -1:
+            raise bad("max_failures", "must be an integer >= 0, or -1 for unlimited")
+
+    @property
+    def location(self) -> str:
+        """The run's folder, ``<storage>/<name>`` (a query stays at the end of a URI)."""
+        return with_suffix(self.storage, "/" + self.name)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class Run:
+    """One ``fit`` call's run folder: where it resumes, its checkpoints and its metrics."""
+
+    def __init__(self, config: RunConfig, settings, static: dict):
+        """Opens the run folder; raises before training if storage cannot be used or the
+        ``resume`` rule forbids this run. ``static`` is what every checkpoint records about
+        the module (``symbol_json``, ``world_size``, ``work_load_list``)."""
+        self.config = config
+        self.name = config.name
+        if config.min_workers is not None or config.max_failures != 3:
+            log.warning(
+                "RunConfig.min_workers and max_failures have no effect yet: a lost worker "
+                "stops fit with WorkerLostError, and the run resumes from its latest "
+                "checkpoint when fit is called again"
+            )
+        self.folder = Folder(config.storage).child(self.name)
+        try:
+            self.folder.check_writable()
+        except OSError as err:
+            raise CheckpointError(f"cannot use the run folder {self.folder}: {err}") from None
+        self.resume_from = self._resume_point()
+        self._static = static
+        self._metrics = self._read_metrics()
+        self.writer = CheckpointWriter(self.folder, config.keep, settings)
+
+    def _resume_point(self) -> Checkpoint | None:
+        if self.config.resume == "never":
+            existing = checkpoint.checkpoint_names(self.folder)
+            if existing:
+                raise CheckpointError(
+                    f"run {self.name!r} already exists at {self.folder} ({len(existing)} "
+                    "checkpoints) and resume='never'; choose another name, delete the run, or "
+                    "pass resume='auto' to continue it"
+                )
+            return None
+        found = checkpoint.latest(self.folder)
+        if found is None and self.config.resume == "must":
+            raise CheckpointError(
+                f"resume='must' but run {self.name!r} at {self.folder} has no committed "
+                "checkpoint that verifies (see the warnings above for any that were rejected)"
+            )
+        if found is not None:
+            log.info(
+                "run %r resumes from %s: epoch %d, batch %d, step %d",
+                self.name, found.name, found.epoch, found.batch, found.global_step,
+            )  # fmt: skip
+        return found
+
+    def checkpoint(self, snapshot, *, epoch: int, batch: int, global_step: int) -> None:
+        """Hands a worker's snapshot to the background writer (raises if too many checkpoints
+        in a row failed)."""
+        info = dict(self._static, epoch=epoch, batch=batch, global_step=global_step)
+        self.writer.submit(snapshot, info)
+
+    def record_epoch(self, entry: dict) -> None:
+        """Appends one line to ``metrics.jsonl`` (object stores cannot append: rewritten)."""
+        entry = dict(entry, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        entry["checkpoints"] = self.writer.take_committed()
+        self._metrics.append(json.dumps(entry))
+        try:
+            self.folder.write(METRICS, ("\n".join(self._metrics) + "\n").encode())
+        except OSError as err:
+            log.warning("could not write %s: %s", METRICS, err)
+
+    def _read_metrics(self) -> list[str]:
+        if self.resume_from is None:
+            return []
+        try:
+            lines = self.folder.read(METRICS).decode().splitlines()
+        except (FileNotFoundError, OSError):
+            return []
+        kept = []
+        for line in lines:  # epochs after the resume point are trained again
+            try:
+                if json.loads(line)["epoch"] < self.resume_from.epoch:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        return kept
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(raise_failures=exc_type is None)
+
+    def close(self, raise_failures: bool = True) -> None:
+        """Waits for the checkpoint being written; raises if too many failed in a row (or only
+        logs it, when training already failed for another reason)."""
+        try:
+            self.writer.close()
+        except CheckpointError as err:
+            if raise_failures:
+                raise
+            log.error("%s", err)

@@ -1,0 +1,173 @@
+"""Checkpoints under real faults: the S3 server killed mid-write, the training process killed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mxnet as mx
+import pyarrow.fs as pafs
+import pytest
+import ray
+from conftest import dataset, max_relative_diff, mlp
+from s3server import BUCKET, SeaweedS3
+
+import raymodule
+from raymodule import CheckpointError, RunConfig, latest_checkpoint, storage
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def own_s3(s3):
+    """A server of its own (the session's keys), to kill and restart."""
+    server = SeaweedS3().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    monkeypatch.setenv("RAYMODULE_CHECKPOINT_ATTEMPTS", "1")
+    monkeypatch.setenv("RAYMODULE_CHECKPOINT_BACKOFF_S", "0")
+
+
+class Records(logging.Handler):
+    """The checkpoint writer's log lines, and an event when one contains ``wanted``."""
+
+    def __init__(self, wanted: str):
+        super().__init__(logging.INFO)
+        self.wanted, self.seen, self.lines = wanted, threading.Event(), []
+
+    def emit(self, record):
+        line = record.getMessage()
+        self.lines.append(line)
+        if self.wanted in line:
+            self.seen.set()
+
+
+def big_model_batches():
+    """~4.5 M parameters (36 MB of checkpoint with momentum), so a write takes a while."""
+    x, y = dataset(n=160, shape=(512,))
+    return mlp(hidden=(2048, 1536)), mx.io.NDArrayIter(x, y, batch_size=10)
+
+
+def test_s3_killed_in_the_middle_of_a_checkpoint(own_s3, fast_retries):
+    storage_uri = own_s3.uri("killed/runs")
+    run = storage.Folder(storage_uri).child("r")
+    first = "ckpt-0000000004"
+    fs = own_s3.filesystem()
+    seen_at_kill, verified_during_outage = {}, []
+    records = Records("checkpoint at step 4 failed")
+    restarted = threading.Event()
+
+    def kill_during_first_checkpoint():
+        prefix = f"{BUCKET}/killed/runs/r/{first}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            infos = fs.get_file_info(pafs.FileSelector(prefix, allow_not_found=True))
+            names = {i.path.rsplit("/", 1)[-1] for i in infos}
+            if "model-symbol.json" in names:
+                own_s3.kill()
+                seen_at_kill.update(names=names)
+                break
+            time.sleep(0.005)
+        records.seen.wait(120)
+        own_s3.start()
+        ckpt = latest_checkpoint(run.location)  # whatever the pointer names must verify
+        verified_during_outage.append(ckpt)
+        restarted.set()
+
+    def wait_for_restart(param):
+        if (param.epoch, param.nbatch) == (0, 10):
+            assert restarted.wait(180), "the server was not restarted"
+
+    logger = logging.getLogger("raymodule.checkpoint")
+    logger.addHandler(records)
+    logger.setLevel(logging.INFO)
+    killer = threading.Thread(target=kill_during_first_checkpoint, daemon=True)
+    killer.start()
+    try:
+        symbol, batches = big_model_batches()
+        with raymodule.Module(symbol, context=[mx.cpu(0), mx.cpu(1)]) as mod:
+            mod.fit(
+                batches,
+                num_epoch=2,
+                optimizer_params={"learning_rate": 0.01, "momentum": 0.9},
+                batch_end_callback=wait_for_restart,
+                run=RunConfig(name="r", storage=storage_uri, checkpoint_every=4, keep=2),
+            )
+            final = mod.get_params()[0]
+    finally:
+        logger.removeHandler(records)
+        killer.join(30)
+
+    assert "model-symbol.json" in seen_at_kill["names"]
+    assert "manifest.json" not in seen_at_kill["names"], "the kill came after the commit"
+    assert records.seen.is_set(), records.lines
+    assert verified_during_outage == [None]  # nothing was committed before the kill
+    # training completed, later checkpoints committed, the broken one is gone
+    ckpt = latest_checkpoint(run.location)
+    assert (ckpt.epoch, ckpt.batch, ckpt.global_step) == (2, 0, 32)
+    assert run.read("latest").decode() == ckpt.name
+    assert first not in run.folders()
+    assert max_relative_diff(final, mx.mod.Module.load(_local(ckpt, "/tmp"), 2)._arg_params) == 0
+
+
+def _local(ckpt, tmp) -> str:
+    """A local copy of the checkpoint's MXNet files; returns their prefix."""
+    folder = Path(tmp) / f"rm-{os.getpid()}-{ckpt.name}"
+    folder.mkdir(exist_ok=True)
+    for name in ("model-symbol.json", f"model-{ckpt.epoch:04d}.params"):
+        (folder / name).write_bytes(ckpt.files[name])
+    return str(folder / "model")
+
+
+def test_checkpoints_failing_in_a_row_stop_training_in_words(own_s3, fast_retries, monkeypatch):
+    monkeypatch.setenv("RAYMODULE_CHECKPOINT_FAILURES_TOLERATED", "1")
+    x, y = dataset(n=64)
+
+    def stop_storage(param):
+        if (param.epoch, param.nbatch) == (0, 0):
+            own_s3.kill()
+
+    with raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)]) as mod:
+        with pytest.raises(CheckpointError, match="2 checkpoints in a row could not be written"):
+            mod.fit(
+                mx.io.NDArrayIter(x, y, batch_size=8),
+                num_epoch=20,
+                batch_end_callback=stop_storage,
+                run=RunConfig(name="r", storage=own_s3.uri("down"), checkpoint_every=2),
+            )
+
+
+def test_a_killed_training_process_resumes_and_ends_as_if_never_killed(tmp_path):
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+
+    def child(name, *extra):
+        out = tmp_path / f"{name}.params"
+        proc = subprocess.run(
+            [sys.executable, str(HERE / "run_child.py"), str(tmp_path), name, str(out), *extra],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        return proc, out
+
+    proc, _ = child("killed", "--kill-mid-epoch", "1")
+    assert proc.returncode == -9, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "killing myself after ckpt-" in proc.stdout
+    ckpt = latest_checkpoint(str(tmp_path / "killed"))
+    assert ckpt.epoch == 1 and ckpt.batch > 0
+
+    proc, resumed = child("killed")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"resumes from {ckpt.name}: epoch 1, batch {ckpt.batch}" in proc.stdout
+    proc, reference = child("reference")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    load = lambda path: {k[4:]: v for k, v in mx.nd.load(str(path)).items() if k.startswith("arg:")}  # noqa: E731
+    assert max_relative_diff(load(reference), load(resumed)) <= 1e-5
