@@ -22,6 +22,7 @@ from .errors import (
 
 __all__ = [
     "Module",
+    "BucketingModule",
     "RunConfig",
     "Checkpoint",
     "latest_checkpoint",
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Module": ".module",
+    "BucketingModule": ".bucketing",
     "WorkerContext": ".context",
     "workers": ".context",
     "RunConfig": ".run",

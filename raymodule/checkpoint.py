@@ -111,17 +111,20 @@ class Checkpoint:
 def write(run: Folder, snapshot: dict, info: dict, keep: int) -> str:
     """Writes a checkpoint from a worker's ``snapshot`` and commits it; returns its name.
 
-    ``info`` holds ``symbol_json``, ``epoch``, ``batch``, ``global_step``, ``world_size``,
-    ``work_load_list``. A folder of the same name (an earlier, interrupted attempt) is replaced.
+    ``info`` holds ``files`` (the module's own files, such as ``model-symbol.json``, by name),
+    ``epoch``, ``batch``, ``global_step``, ``world_size`` and ``work_load_list``. A folder of
+    the same name (an earlier, interrupted attempt) is replaced.
     """
     name = folder_name(info["global_step"])
     files = {
-        f"{MODEL}-symbol.json": info["symbol_json"].encode(),
+        **info["files"],
         f"{MODEL}-{info['epoch']:04d}.params": snapshot["params"],
         "optimizer.nd": snapshot["optimizer.nd"],
         "optimizer.json": json.dumps(snapshot["optimizer"]).encode(),
     }
-    run.delete(name)
+    held = run.sizes()  # one listing serves the replace below and the tidying after the commit
+    if any(path.startswith(name + "/") for path in held):
+        run.delete_folder(name)
     for file, data in files.items():
         run.write(f"{name}/{file}", data)
     optimizer = snapshot["optimizer"] or {}
@@ -147,27 +150,31 @@ def write(run: Folder, snapshot: dict, info: dict, keep: int) -> str:
     run.write(f"{name}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
     run.write(LATEST, name.encode())
     try:
-        _tidy(run, name, keep)
+        _tidy(run, name, keep, held)
     except OSError as err:  # the checkpoint is committed; a later commit tidies again
         log.warning("checkpoint %s: could not delete old checkpoints: %s", name, err)
     return name
 
 
-def _tidy(run: Folder, committed: str, keep: int) -> None:
-    files = run.sizes()
-    for name in files:  # halves of local writes that a killed process left
+def _tidy(run: Folder, committed: str, keep: int, held: dict[str, int]) -> None:
+    """Deletes what the run folder ``held`` (before ``committed`` was written) that the run no
+    longer needs."""
+    for name in held:  # halves of local writes that a killed process left
         if "/" not in name and ".part-" in name and f".part-{os.getpid()}-" not in name:
             run.delete(name)
+    folders = sorted(
+        {p.split("/", 1)[0] for p in held if "/" in p and _FOLDER.match(p.split("/", 1)[0])}
+    )
     older = []
-    for name in checkpoint_names(run):
+    for name in folders:
         if name == committed:
             continue
-        if name > committed or f"{name}/{MANIFEST}" not in files:
-            run.delete(name)  # newer than the commit, or never committed
+        if name > committed or f"{name}/{MANIFEST}" not in held:
+            run.delete_folder(name)  # newer than the commit, or never committed
         else:
             older.append(name)
     for name in older[: max(0, len(older) - (keep - 1))]:
-        run.delete(name)
+        run.delete_folder(name)
 
 
 def read(run: Folder, name: str) -> Checkpoint:

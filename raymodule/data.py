@@ -23,6 +23,7 @@ __all__ = [
     "to_numpy",
     "to_ndarray",
     "nd_bytes",
+    "split_params",
     "merge_outputs",
 ]
 
@@ -104,3 +105,15 @@ def merge_outputs(per_worker: list[list[np.ndarray]], axes: list[int]) -> list[m
         joined = np.concatenate(parts, axis=axis) if axis >= 0 and len(parts) > 1 else parts[0]
         merged.append(to_ndarray(joined))
     return merged
+
+
+def split_params(save_dict: dict) -> tuple[dict, dict]:
+    """``arg:``/``aux:`` entries of an MXNet ``.params`` file, as ``mx.model.load_params``."""
+    arg_params, aux_params = {}, {}
+    for key, value in save_dict.items():
+        kind, name = key.split(":", 1)
+        if kind == "arg":
+            arg_params[name] = value
+        elif kind == "aux":
+            aux_params[name] = value
+    return arg_params, aux_params

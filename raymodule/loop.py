@@ -1,4 +1,5 @@
-"""The step loop of ``fit`` and ``score``: batches streamed ahead to the workers.
+"""``fit`` and ``score`` for raymodule's modules, and their step loop: batches streamed ahead
+to the workers.
 
 The client reads the ``DataIter`` and sends the workers chunks of ``RAYMODULE_STEPS_PER_CALL``
 consecutive global batches, one object-store transfer and one call per chunk; up to
@@ -9,15 +10,31 @@ metric and the callbacks run, trailing the workers by at most the batches in fli
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections import deque
+from dataclasses import dataclass
 
+import mxnet as mx
 import ray
 from mxnet.base import _as_list
 from mxnet.model import BatchEndParam
 
-from . import metrics
+from . import data, metrics
+from .constants import Settings
+from .run import Run, RunConfig
 
-__all__ = ["run_steps"]
+__all__ = ["fit", "score", "run_steps", "Epoch"]
+
+
+@dataclass
+class Epoch:
+    """What :func:`run_steps` did: the metric after the last batch, the batches of the epoch
+    done (skipped ones included) and the samples it ran."""
+
+    name_values: list
+    batches: int
+    samples: int
 
 
 def run_steps(
@@ -38,14 +55,17 @@ def run_steps(
 ):
     """Runs ``method`` ("train_step" or "eval_step") on every batch of ``data_iter``.
 
+    ``module._step_module(data_batch, flush)`` gives the :class:`raymodule.Module` that runs a
+    batch (a bucketing module's bucket, reshaped to the batch when needed); it calls
+    ``flush()`` before it changes how batches already queued would be split.
+
     The first ``first_batch`` batches are read and skipped (they were trained before a run
     resumed). Every ``checkpoint_every`` batches, ``on_checkpoint(nbatch)`` is called once the
     steps before batch ``nbatch`` are sent and before any later one is, so a worker call it
     makes sees the state after exactly ``nbatch`` batches; it is called only when another
     batch follows (the epoch's end has its own checkpoint).
 
-    Returns the metric's global name/value pairs as they stood after the last batch, and the
-    number of batches of the epoch done (the skipped ones included).
+    Returns an :class:`Epoch`.
     """
     workers = module._workers
     workers.sync()
@@ -66,23 +86,24 @@ def run_steps(
             return
         if monitor is not None:
             monitor.tic()
-        refs = workers.submit("steps", method, module._id, ray.put([b for _, _, b in chunk]))
-        inflight.append((list(chunk), module._slices, refs))
+        mids = [target._id for _, _, _, target in chunk]
+        refs = workers.submit("steps", method, mids, ray.put([b for _, _, b, _ in chunk]))
+        inflight.append((list(chunk), refs))
         chunk.clear()
 
     def finish(last_chunk: bool) -> None:
         nonlocal done
-        steps, slices, refs = inflight.popleft()
+        steps, refs = inflight.popleft()
         per_worker = workers.get(refs, method)
-        for index, (nbatch, data_batch, batch) in enumerate(steps):
+        for index, (nbatch, data_batch, batch, target) in enumerate(steps):
             results = [worker_results[index] for worker_results in per_worker]
             if on_workers:
                 for increments in results:
                     metrics.add_counters(metric, increments)
             else:
-                labels = [batch.worker_slice(part)[1] for part in slices]
+                labels = [batch.worker_slice(part)[1] for part in target._slices]
                 metrics.update_per_slice(
-                    metric, module.label_names, module.output_names, labels, results
+                    metric, target.label_names, target.output_names, labels, results
                 )
             if monitor is not None:
                 monitor.toc_print()
@@ -91,7 +112,7 @@ def run_steps(
             _call_back(batch_end_callback, module, data_iter, data_batch, epoch, nbatch, metric)
             done += 1
 
-    end = first_batch
+    end, samples = first_batch, 0
     for nbatch, data_batch in enumerate(data_iter):
         if num_batch is not None and nbatch == num_batch:
             break
@@ -101,11 +122,11 @@ def run_steps(
             send()
             on_checkpoint(nbatch)
         end = nbatch + 1
-        module.prepare(data_batch, sparse_row_id_fn=sparse_row_id_fn)
-        if module._shapes_changed(data_batch):
-            send()  # the chunk so far was split for the old shapes
-            module._reshape_for(data_batch)
-        chunk.append((nbatch, data_batch, module._batch(data_batch)))
+        target = module._step_module(data_batch, flush=send)
+        target.prepare(data_batch, sparse_row_id_fn=sparse_row_id_fn)
+        batch = target._batch(data_batch)
+        samples += batch.data[0].shape[batch.data_axes[0]] if batch.data else 0
+        chunk.append((nbatch, data_batch, batch, target))
         if len(chunk) >= per_call:
             send()
             while len(inflight) > depth:
@@ -115,7 +136,7 @@ def run_steps(
         finish(last_chunk=len(inflight) == 1)
 
     _call_back(score_end_callback, module, data_iter, None, epoch, done, metric)
-    return final, end
+    return Epoch(final, end, samples)
 
 
 def _call_back(callbacks, module, data_iter, data_batch, epoch, nbatch, metric) -> None:
@@ -134,3 +155,174 @@ def _call_back(callbacks, module, data_iter, data_batch, epoch, nbatch, metric) 
     params = BatchEndParam(epoch=epoch, nbatch=nbatch, eval_metric=metric, locals=scope)
     for callback in _as_list(callbacks):
         callback(params)
+
+
+def fit(
+    module,
+    train_data,
+    *,
+    eval_data,
+    eval_metric,
+    epoch_end_callback,
+    batch_end_callback,
+    kvstore,
+    optimizer,
+    optimizer_params,
+    eval_end_callback,
+    eval_batch_end_callback,
+    initializer,
+    arg_params,
+    aux_params,
+    allow_missing,
+    force_rebind,
+    force_init,
+    begin_epoch,
+    num_epoch,
+    validation_metric,
+    monitor,
+    sparse_row_id_fn,
+    run,
+):
+    """MXNet's ``BaseModule.fit`` with the steps on the workers, and with ``run``, checkpoints
+    and resuming (see :class:`raymodule.RunConfig`)."""
+    if num_epoch is None:
+        raise ValueError("fit: num_epoch is required")
+    run_folder = None
+    if run is not None:
+        if not isinstance(run, RunConfig):
+            raise TypeError(f"run={run!r}: expected a raymodule.RunConfig")
+        static = {"world_size": len(module._context), "work_load_list": module._work_load_list}
+        run_folder = Run(run, Settings.from_env(), static)
+    with run_folder if run_folder is not None else contextlib.nullcontext():
+        module.bind(
+            data_shapes=train_data.provide_data,
+            label_shapes=train_data.provide_label,
+            for_training=True,
+            force_rebind=force_rebind,
+        )
+        if monitor is not None:
+            module.install_monitor(monitor)
+        resume = run_folder.resume_from if run_folder is not None else None
+        if resume is not None:
+            arg_params, aux_params = data.split_params(mx.nd.load_frombuffer(resume.params_file()))
+            allow_missing, force_init = False, True
+        module.init_params(
+            initializer=initializer,
+            arg_params=arg_params,
+            aux_params=aux_params,
+            allow_missing=allow_missing,
+            force_init=force_init,
+        )
+        module.init_optimizer(
+            kvstore=kvstore, optimizer=optimizer, optimizer_params=optimizer_params
+        )
+        first_batch, global_step = 0, 0
+        if resume is not None:
+            module._workers.post("restore_optimizer", module._snapshot_id, *resume.optimizer())
+            for _ in range(resume.epoch - begin_epoch):  # the resets the finished epochs made
+                train_data.reset()
+            begin_epoch, first_batch, global_step = resume.epoch, resume.batch, resume.global_step
+            if begin_epoch >= num_epoch:
+                module.logger.info("the run is complete: %d of %d epochs", begin_epoch, num_epoch)
+        if validation_metric is None:
+            validation_metric = eval_metric
+        if not isinstance(eval_metric, mx.metric.EvalMetric):
+            eval_metric = mx.metric.create(eval_metric)
+        every = run_folder.config.checkpoint_every if run_folder is not None else 0
+
+        def checkpoint(epoch: int, batch: int, step: int) -> None:
+            # worker 0's copy, taken after the steps sent so far: every replica is at this step
+            snapshot = module._workers.submit("snapshot", module._snapshot_id, ranks=[0])[0]
+            run_folder.checkpoint(
+                snapshot, module._checkpoint_files(), epoch=epoch, batch=batch, global_step=step
+            )
+
+        for epoch in range(begin_epoch, num_epoch):
+            tic = time.time()
+            eval_metric.reset()
+            epoch_start = global_step - first_batch
+            done = run_steps(
+                module,
+                train_data,
+                "train_step",
+                eval_metric,
+                epoch,
+                batch_end_callback,
+                monitor=monitor,
+                sparse_row_id_fn=sparse_row_id_fn,
+                first_batch=first_batch,
+                checkpoint_every=every,
+                on_checkpoint=lambda n, e=epoch, s=epoch_start: checkpoint(e, n, s + n),
+            )
+            global_step = epoch_start + done.batches
+            if run_folder is not None:
+                checkpoint(epoch + 1, 0, global_step)
+            module._params_dirty = True
+            toc = time.time() - tic
+            for name, val in done.name_values:
+                module.logger.info("Epoch[%d] Train-%s=%f", epoch, name, val)
+            module.logger.info("Epoch[%d] Time cost=%.3f", epoch, toc)
+
+            arg_params, aux_params = module.get_params()
+            if epoch_end_callback is not None:
+                for callback in _as_list(epoch_end_callback):
+                    callback(epoch, module.symbol, arg_params, aux_params)
+            validation = []
+            if eval_data is not None:
+                validation = module.score(
+                    eval_data,
+                    validation_metric,
+                    score_end_callback=eval_end_callback,
+                    batch_end_callback=eval_batch_end_callback,
+                    epoch=epoch,
+                )
+                for name, val in validation:
+                    module.logger.info("Epoch[%d] Validation-%s=%f", epoch, name, val)
+            if run_folder is not None:
+                run_folder.record_epoch(
+                    {
+                        "epoch": epoch,
+                        "global_step": global_step,
+                        "batches": done.batches - first_batch,
+                        "resumed_at_batch": first_batch,
+                        "seconds": round(toc, 3),
+                        "samples_per_s": round(done.samples / toc, 1) if toc > 0 else None,
+                        "world_size": len(module._context),
+                        "train": dict(done.name_values),
+                        "validation": dict(validation),
+                    }
+                )
+            first_batch = 0
+            train_data.reset()
+
+
+def score(
+    module,
+    eval_data,
+    eval_metric,
+    *,
+    num_batch,
+    batch_end_callback,
+    score_end_callback,
+    reset,
+    epoch,
+    sparse_row_id_fn,
+):
+    """MXNet's ``BaseModule.score`` with the forward passes and metric updates on the workers."""
+    if reset:
+        eval_data.reset()
+    if not isinstance(eval_metric, mx.metric.EvalMetric):
+        eval_metric = mx.metric.create(eval_metric)
+    eval_metric.reset()
+    run_steps(
+        module,
+        eval_data,
+        "eval_step",
+        eval_metric,
+        epoch,
+        batch_end_callback,
+        num_batch=num_batch,
+        score_end_callback=score_end_callback,
+        sparse_row_id_fn=sparse_row_id_fn,
+    )
+    return eval_metric.get_name_value()

@@ -7,10 +7,8 @@ MXNet splits it across devices; gradients are summed across workers as the KVSto
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
-import time
 import warnings
 
 import mxnet as mx
@@ -23,11 +21,8 @@ from mxnet.io import DataDesc
 from mxnet.module.base_module import BaseModule, _check_input_names, _parse_data_desc
 from mxnet.module.executor_group import _prepare_group2ctxs
 
-from . import data, metrics, storage
-from .constants import Settings
+from . import data, loop, metrics, storage
 from .errors import CallOrderError
-from .loop import run_steps
-from .run import Run, RunConfig
 from .workerset import WorkerSet
 
 __all__ = ["Module", "SUPPORTED_KVSTORES"]
@@ -81,18 +76,6 @@ def _with_batch(desc: DataDesc, size: int) -> DataDesc:
 
 def _load_ndarrays(location: str) -> dict:
     return mx.nd.load_frombuffer(storage.read_bytes(location))
-
-
-def _split_params(save_dict: dict) -> tuple[dict, dict]:
-    """``arg:``/``aux:`` entries of an MXNet ``.params`` file, as ``mx.model.load_params``."""
-    arg_params, aux_params = {}, {}
-    for key, value in save_dict.items():
-        kind, name = key.split(":", 1)
-        if kind == "arg":
-            arg_params[name] = value
-        elif kind == "aux":
-            aux_params[name] = value
-    return arg_params, aux_params
 
 
 def _np(params: dict) -> dict:
@@ -232,7 +215,7 @@ class Module(BaseModule):
         symbol = mx.sym.load_json(
             storage.read_bytes(storage.with_suffix(prefix, "-symbol.json")).decode()
         )
-        args, auxs = _split_params(
+        args, auxs = data.split_params(
             _load_ndarrays(storage.with_suffix(prefix, "-%04d.params" % epoch))
         )
         mod = Module(symbol=symbol, **kwargs)
@@ -267,7 +250,7 @@ class Module(BaseModule):
 
     def load_params(self, fname):
         """Loads parameters saved by ``save_params`` (or MXNet's) from a local path or URI."""
-        arg_params, aux_params = _split_params(_load_ndarrays(fname))
+        arg_params, aux_params = data.split_params(_load_ndarrays(fname))
         self.set_params(arg_params, aux_params)
 
     def _reset_bind(self):
@@ -393,6 +376,14 @@ class Module(BaseModule):
                 shared_module.binded and shared_module.params_initialized,
                 "shared_module must be bound with initialized parameters",
             )
+            for name, (shape, _) in itertools.chain(params.items(), aux.items()):
+                held = shared_module._arg_params.get(name, shared_module._aux_params.get(name))
+                if held is not None and tuple(held.shape) != tuple(shape):
+                    raise ValueError(
+                        f"the input shapes need {name} of shape {tuple(shape)}, but the shared "
+                        f"module's {name} has shape {tuple(held.shape)}; modules sharing "
+                        "parameters need the same parameter shapes"
+                    )
             if len(shared_module._context) != len(self._context):
                 raise ValueError(
                     f"shared_module has {len(shared_module._context)} workers, this module "
@@ -612,21 +603,32 @@ class Module(BaseModule):
             self._preload_opt_states = None
 
     def borrow_optimizer(self, shared_module):
+        """Uses ``shared_module``'s optimizer. A module not bound yet borrows it on the workers
+        when it is bound with ``shared_module`` (as a bucketing module's buckets are)."""
         _require(
             shared_module.optimizer_initialized,
             "borrow_optimizer: the shared module has no optimizer",
         )
-        if shared_module._workers is not self._workers:
+        if self._workers is not None and shared_module._workers is not self._workers:
             raise ValueError(
                 "borrow_optimizer: the modules must share workers (bind with shared_module=...)"
             )
         self._optimizer = shared_module._optimizer
         self._kvstore = None
         self._update_on_kvstore = False
-        self._workers.post("borrow_optimizer", self._id, shared_module._id)
+        if self._workers is not None:
+            self._workers.post("borrow_optimizer", self._id, shared_module._id)
         self.optimizer_initialized = True
 
     # -- computation -------------------------------------------------------------------------
+    def _step_module(self, data_batch, flush) -> Module:
+        """The module that runs ``data_batch`` in the step loop: this one, reshaped to the
+        batch if needed (after ``flush()``: queued batches were split for the old shapes)."""
+        if self._shapes_changed(data_batch):
+            flush()
+            self._reshape_for(data_batch)
+        return self
+
     def _shapes_changed(self, data_batch) -> bool:
         if isinstance(data_batch, list):
             raise ValueError(
@@ -815,131 +817,42 @@ class Module(BaseModule):
         same data order, pass ``train_data`` as a fresh iterator (as a new process makes it):
         it is reset once per completed epoch and the batches already trained are skipped.
         """
-        if num_epoch is None:
-            raise ValueError("fit: num_epoch is required")
         _check_kvstore(kvstore)
-        run_folder = None
-        if run is not None:
-            if not isinstance(run, RunConfig):
-                raise TypeError(f"run={run!r}: expected a raymodule.RunConfig")
-            run_folder = Run(run, Settings.from_env(), self._checkpoint_static())
-        with run_folder if run_folder is not None else contextlib.nullcontext():
-            self.bind(
-                data_shapes=train_data.provide_data,
-                label_shapes=train_data.provide_label,
-                for_training=True,
-                force_rebind=force_rebind,
-            )
-            if monitor is not None:
-                self.install_monitor(monitor)
-            resume = run_folder.resume_from if run_folder is not None else None
-            if resume is not None:
-                arg_params, aux_params = _split_params(mx.nd.load_frombuffer(resume.params_file()))
-                allow_missing, force_init = False, True
-            self.init_params(
-                initializer=initializer,
-                arg_params=arg_params,
-                aux_params=aux_params,
-                allow_missing=allow_missing,
-                force_init=force_init,
-            )
-            self.init_optimizer(
-                kvstore=kvstore, optimizer=optimizer, optimizer_params=optimizer_params
-            )
-            first_batch, global_step = 0, 0
-            if resume is not None:
-                self._workers.post("restore_optimizer", self._id, *resume.optimizer())
-                for _ in range(resume.epoch - begin_epoch):  # the resets the finished epochs made
-                    train_data.reset()
-                begin_epoch, first_batch, global_step = (
-                    resume.epoch,
-                    resume.batch,
-                    resume.global_step,
-                )
-                if begin_epoch >= num_epoch:
-                    self.logger.info("the run is complete: %d of %d epochs", begin_epoch, num_epoch)
-            if validation_metric is None:
-                validation_metric = eval_metric
-            if not isinstance(eval_metric, mx.metric.EvalMetric):
-                eval_metric = mx.metric.create(eval_metric)
-            every = run_folder.config.checkpoint_every if run_folder is not None else 0
+        loop.fit(
+            self,
+            train_data,
+            eval_data=eval_data,
+            eval_metric=eval_metric,
+            epoch_end_callback=epoch_end_callback,
+            batch_end_callback=batch_end_callback,
+            kvstore=kvstore,
+            optimizer=optimizer,
+            optimizer_params=optimizer_params,
+            eval_end_callback=eval_end_callback,
+            eval_batch_end_callback=eval_batch_end_callback,
+            initializer=initializer,
+            arg_params=arg_params,
+            aux_params=aux_params,
+            allow_missing=allow_missing,
+            force_rebind=force_rebind,
+            force_init=force_init,
+            begin_epoch=begin_epoch,
+            num_epoch=num_epoch,
+            validation_metric=validation_metric,
+            monitor=monitor,
+            sparse_row_id_fn=sparse_row_id_fn,
+            run=run,
+        )
 
-            for epoch in range(begin_epoch, num_epoch):
-                tic = time.time()
-                eval_metric.reset()
-                epoch_start = global_step - first_batch
+    # -- what the fit loop and run checkpoints ask of a module ---------------------------------
+    def _checkpoint_files(self) -> dict[str, bytes]:
+        """The files of a run checkpoint that describe the model (besides its parameters)."""
+        return {"model-symbol.json": self._symbol.tojson(remove_amp_cast=True).encode()}
 
-                def checkpoint(nbatch, epoch=epoch, epoch_start=epoch_start):
-                    self._checkpoint(run_folder, epoch, nbatch, epoch_start + nbatch)
-
-                eval_name_vals, nbatch = run_steps(
-                    self,
-                    train_data,
-                    "train_step",
-                    eval_metric,
-                    epoch,
-                    batch_end_callback,
-                    monitor=monitor,
-                    sparse_row_id_fn=sparse_row_id_fn,
-                    first_batch=first_batch,
-                    checkpoint_every=every,
-                    on_checkpoint=checkpoint,
-                )
-                global_step = epoch_start + nbatch
-                if run_folder is not None:
-                    self._checkpoint(run_folder, epoch + 1, 0, global_step)
-                self._params_dirty = True
-                toc = time.time() - tic
-                for name, val in eval_name_vals:
-                    self.logger.info("Epoch[%d] Train-%s=%f", epoch, name, val)
-                self.logger.info("Epoch[%d] Time cost=%.3f", epoch, toc)
-
-                arg_params, aux_params = self.get_params()
-                if epoch_end_callback is not None:
-                    for callback in mx.base._as_list(epoch_end_callback):
-                        callback(epoch, self.symbol, arg_params, aux_params)
-                validation = []
-                if eval_data is not None:
-                    validation = self.score(
-                        eval_data,
-                        validation_metric,
-                        score_end_callback=eval_end_callback,
-                        batch_end_callback=eval_batch_end_callback,
-                        epoch=epoch,
-                    )
-                    for name, val in validation:
-                        self.logger.info("Epoch[%d] Validation-%s=%f", epoch, name, val)
-                if run_folder is not None:
-                    samples = (nbatch - first_batch) * sum(s.stop - s.start for s in self._slices)
-                    run_folder.record_epoch(
-                        {
-                            "epoch": epoch,
-                            "global_step": global_step,
-                            "batches": nbatch - first_batch,
-                            "resumed_at_batch": first_batch,
-                            "seconds": round(toc, 3),
-                            "samples_per_s": round(samples / toc, 1) if toc > 0 else None,
-                            "world_size": len(self._context),
-                            "train": dict(eval_name_vals),
-                            "validation": dict(validation),
-                        }
-                    )
-                first_batch = 0
-                train_data.reset()
-
-    def _checkpoint_static(self) -> dict:
-        """What every run checkpoint of this module records besides the snapshot."""
-        return {
-            "symbol_json": self._symbol.tojson(remove_amp_cast=True),
-            "world_size": len(self._context),
-            "work_load_list": list(self._work_load_list),
-        }
-
-    def _checkpoint(self, run_folder, epoch: int, batch: int, global_step: int) -> None:
-        """Takes worker 0's snapshot after the steps sent so far (every replica is at the same
-        step) and hands it to the run's background writer."""
-        snapshot = self._workers.submit("snapshot", self._id, ranks=[0])[0]
-        run_folder.checkpoint(snapshot, epoch=epoch, batch=batch, global_step=global_step)
+    @property
+    def _snapshot_id(self) -> int:
+        """The module whose replicas hold every parameter and the optimizer."""
+        return self._id
 
     def score(
         self,
@@ -954,20 +867,14 @@ class Module(BaseModule):
     ):
         """MXNet's ``score``; the forward passes and metric updates run on the workers."""
         _require(self.binded and self.params_initialized, "score: call bind() first")
-        if reset:
-            eval_data.reset()
-        if not isinstance(eval_metric, mx.metric.EvalMetric):
-            eval_metric = mx.metric.create(eval_metric)
-        eval_metric.reset()
-        run_steps(
+        return loop.score(
             self,
             eval_data,
-            "eval_step",
             eval_metric,
-            epoch,
-            batch_end_callback,
             num_batch=num_batch,
+            batch_end_callback=batch_end_callback,
             score_end_callback=score_end_callback,
+            reset=reset,
+            epoch=epoch,
             sparse_row_id_fn=sparse_row_id_fn,
         )
-        return eval_metric.get_name_value()

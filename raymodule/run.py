@@ -98,7 +98,7 @@ class Run:
     def __init__(self, config: RunConfig, settings, static: dict):
         """Opens the run folder; raises before training if storage cannot be used or the
         ``resume`` rule forbids this run. ``static`` is what every checkpoint records about
-        the module (``symbol_json``, ``world_size``, ``work_load_list``)."""
+        the module (``world_size``, ``work_load_list``)."""
         self.config = config
         self.name = config.name
         if config.min_workers is not None or config.max_failures != 3:
@@ -140,10 +140,12 @@ class Run:
             )  # fmt: skip
         return found
 
-    def checkpoint(self, snapshot, *, epoch: int, batch: int, global_step: int) -> None:
-        """Hands a worker's snapshot to the background writer (raises if too many checkpoints
-        in a row failed)."""
-        info = dict(self._static, epoch=epoch, batch=batch, global_step=global_step)
+    def checkpoint(
+        self, snapshot, files: dict, *, epoch: int, batch: int, global_step: int
+    ) -> None:
+        """Hands a worker's snapshot and the module's own files (its symbols) to the
+        background writer (raises if too many checkpoints in a row failed)."""
+        info = dict(self._static, files=files, epoch=epoch, batch=batch, global_step=global_step)
         self.writer.submit(snapshot, info)
 
     def record_epoch(self, entry: dict) -> None:

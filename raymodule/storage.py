@@ -99,14 +99,16 @@ class Folder:
         not at all: object stores do that themselves, a local file is written aside and
         renamed."""
         path = self._full(name)
-        local = isinstance(self._fs, pafs.LocalFileSystem)
-        target = f"{path}.part-{os.getpid()}-{threading.get_ident()}" if local else path
         try:
+            if not isinstance(self._fs, pafs.LocalFileSystem):  # no folders to make: one PUT
+                with self._fs.open_output_stream(path) as out:
+                    out.write(data)
+                return
             self._fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            with self._fs.open_output_stream(target) as out:
+            part = f"{path}.part-{os.getpid()}-{threading.get_ident()}"
+            with self._fs.open_output_stream(part) as out:
                 out.write(data)
-            if local:
-                self._fs.move(target, path)
+            self._fs.move(part, path)
         except OSError as err:
             raise _failure("write", self.uri(name), err) from None
 
@@ -151,6 +153,15 @@ class Folder:
         except OSError as err:
             raise _failure("look at", self.uri(name), err) from None
 
+    def delete_folder(self, name: str) -> None:
+        """Deletes the folder ``name`` and all it holds; a missing one is not an error."""
+        try:
+            self._fs.delete_dir(self._full(name))
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise _failure("delete", self.uri(name), err) from None
+
     def delete(self, name: str) -> None:
         """Deletes the file or folder ``name``; a missing one is not an error."""
         path = self._full(name)
@@ -167,6 +178,10 @@ class Folder:
         """Writes and deletes a small file, so that a location that cannot be used fails now,
         with its cause, rather than at the first checkpoint."""
         probe = f".raymodule-probe-{os.getpid()}"
+        try:  # a missing bucket is found here, or created if the URI allows it
+            self._fs.create_dir(self._path, recursive=True)
+        except OSError as err:
+            raise _failure("create", self.location, err) from None
         self.write(probe, b"")
         self.delete(probe)
 

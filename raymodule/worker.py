@@ -191,11 +191,26 @@ class ModuleWorker:
     def update(self, mid) -> None:
         mod = self._modules[mid]
         group = mod._exec_group
+        if self._collective is None:
+            mod.update()
+            return
+        grad_arrays = group.grad_arrays
+        if "add" in group.grad_req.values():
+            # 'add' keeps accumulating this worker's own gradients; the sum goes to copies
+            grad_arrays = [[g[0].copy()] if g[0] is not None else g for g in grad_arrays]
         # Reverse parameter order: the last layers' gradients are ready first.
-        grads = [g[0] for g in reversed(group.grad_arrays) if g[0] is not None]
-        if self._collective is not None:
-            self._collective.reduce(grads, self._bucket_bytes)
-        mod.update()
+        self._collective.reduce(
+            [g[0] for g in reversed(grad_arrays) if g[0] is not None], self._bucket_bytes
+        )
+        mod._params_dirty = True
+        mx.model._update_params(
+            group.param_arrays,
+            grad_arrays,
+            updater=mod._updater,
+            num_device=1,
+            kvstore=None,
+            param_names=group.param_names,
+        )
 
     def set_metric(self, metric: mx.metric.EvalMetric | None) -> None:
         self._metric = metric
@@ -209,14 +224,15 @@ class ModuleWorker:
             return metrics.counters(self._metric)
         return _numpy_list(mod.get_outputs())
 
-    def steps(self, kind: str, mid, batches: list[Batch]) -> list:
-        """Runs ``kind`` ("train_step" or "eval_step") on consecutive global batches.
+    def steps(self, kind: str, mids: list[int], batches: list[Batch]) -> list:
+        """Runs ``kind`` ("train_step" or "eval_step") on consecutive global batches, each on
+        the module named by ``mids`` (a bucketing module's buckets differ from batch to batch).
 
         Several steps per call: one object-store transfer and one call per chunk, where each
         costs about a millisecond, instead of one per batch.
         """
         step = {"train_step": self.train_step, "eval_step": self.eval_step}[kind]
-        return [step(mid, batch) for batch in batches]
+        return [step(mid, batch) for mid, batch in zip(mids, batches)]
 
     def train_step(self, mid, batch: Batch):
         mod, labels = self._load(mid, batch, True)
