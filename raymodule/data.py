@@ -79,7 +79,8 @@ def to_ndarray(array: np.ndarray) -> mx.nd.NDArray:
 
 def nd_bytes(arrays: dict) -> bytes:
     """``arrays`` in MXNet's NDArray file format (what ``mx.nd.save`` writes), in memory."""
-    with tempfile.TemporaryDirectory(prefix="raymodule-") as folder:
+    memory = "/dev/shm" if os.path.isdir("/dev/shm") else None  # MXNet saves to files only
+    with tempfile.TemporaryDirectory(prefix="raymodule-", dir=memory) as folder:
         path = os.path.join(folder, "arrays")
         mx.nd.save(path, arrays)
         with open(path, "rb") as source:

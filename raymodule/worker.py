@@ -150,9 +150,9 @@ class ModuleWorker:
         far (every replica holds the same), as file contents for a run checkpoint: ``params``
         (MXNet's ``.params``), ``optimizer.nd`` and the optimizer's JSON description."""
         mod = self._modules[mid]
-        mod._sync_params_from_devices()
-        params = {f"arg:{k}": v for k, v in mod._arg_params.items()}
-        params.update({f"aux:{k}": v for k, v in mod._aux_params.items()})
+        group = mod._exec_group  # the device arrays themselves: one device, nothing to average
+        params = {f"arg:{k}": a[0] for k, a in zip(group.param_names, group.param_arrays)}
+        params.update({f"aux:{k}": a[0] for k, a in zip(group.aux_names, group.aux_arrays)})
         arrays, description = {}, None
         if mod.optimizer_initialized:
             arrays, description = optimizer_state.capture(mod._updater)
