@@ -22,13 +22,12 @@ import warnings
 
 import mxnet as mx
 from mxnet import context as ctx
-from mxnet.initializer import Uniform
 from mxnet.io import DataDesc
 from mxnet.module.bucketing_module import BucketingModule as _MXNetBucketingModule
 
 from . import data, loop, storage
 from .errors import CallOrderError
-from .module import Module, _check_kvstore
+from .module import Module
 
 __all__ = ["BucketingModule"]
 
@@ -66,7 +65,7 @@ def _size(shapes) -> int:
     return total
 
 
-class BucketingModule(_MXNetBucketingModule):
+class BucketingModule(loop.TrainingLoops, _MXNetBucketingModule):
     """``mx.mod.BucketingModule`` on Ray: one worker actor per entry of ``context``.
 
     Parameters are MXNet's, in MXNet's order. The default bucket should be the largest (the
@@ -428,84 +427,4 @@ class BucketingModule(_MXNetBucketingModule):
         return (
             [DataDesc(n, a.shape, a.dtype) for n, a in zip(names[0], data_batch.data)],
             [DataDesc(n, a.shape, a.dtype) for n, a in zip(names[1], data_batch.label or [])],
-        )
-
-    def fit(
-        self,
-        train_data,
-        eval_data=None,
-        eval_metric="acc",
-        epoch_end_callback=None,
-        batch_end_callback=None,
-        kvstore="local",
-        optimizer="sgd",
-        optimizer_params=(("learning_rate", 0.01),),
-        eval_end_callback=None,
-        eval_batch_end_callback=None,
-        initializer=Uniform(0.01),
-        arg_params=None,
-        aux_params=None,
-        allow_missing=False,
-        force_rebind=False,
-        force_init=False,
-        begin_epoch=0,
-        num_epoch=None,
-        validation_metric=None,
-        monitor=None,
-        sparse_row_id_fn=None,
-        run=None,
-    ):
-        """MXNet's ``fit``, with the steps on the workers (each batch on its bucket) and, with
-        ``run`` (a :class:`raymodule.RunConfig`), checkpoints and resuming as ``Module.fit``."""
-        _check_kvstore(kvstore)
-        loop.fit(
-            self,
-            train_data,
-            eval_data=eval_data,
-            eval_metric=eval_metric,
-            epoch_end_callback=epoch_end_callback,
-            batch_end_callback=batch_end_callback,
-            kvstore=kvstore,
-            optimizer=optimizer,
-            optimizer_params=optimizer_params,
-            eval_end_callback=eval_end_callback,
-            eval_batch_end_callback=eval_batch_end_callback,
-            initializer=initializer,
-            arg_params=arg_params,
-            aux_params=aux_params,
-            allow_missing=allow_missing,
-            force_rebind=force_rebind,
-            force_init=force_init,
-            begin_epoch=begin_epoch,
-            num_epoch=num_epoch,
-            validation_metric=validation_metric,
-            monitor=monitor,
-            sparse_row_id_fn=sparse_row_id_fn,
-            run=run,
-        )
-
-    def score(
-        self,
-        eval_data,
-        eval_metric,
-        num_batch=None,
-        batch_end_callback=None,
-        score_end_callback=None,
-        reset=True,
-        epoch=0,
-        sparse_row_id_fn=None,
-    ):
-        """MXNet's ``score``; each batch runs on its bucket on the workers."""
-        if not (self.binded and self.params_initialized):
-            raise CallOrderError("score: call bind() and init_params() first")
-        return loop.score(
-            self,
-            eval_data,
-            eval_metric,
-            num_batch=num_batch,
-            batch_end_callback=batch_end_callback,
-            score_end_callback=score_end_callback,
-            reset=reset,
-            epoch=epoch,
-            sparse_row_id_fn=sparse_row_id_fn,
         )

@@ -23,18 +23,11 @@ from mxnet.module.executor_group import _prepare_group2ctxs
 
 from . import data, loop, metrics, storage
 from .errors import CallOrderError
+from .kvstore import SUPPORTED_KVSTORES, check_kvstore
 from .workerset import WorkerSet
 
 __all__ = ["Module", "SUPPORTED_KVSTORES"]
 
-SUPPORTED_KVSTORES = (
-    "local",
-    "device",
-    "nccl",
-    "dist_sync",
-    "dist_device_sync",
-    "dist_sync_device",
-)
 _DEFAULT_LABEL_NAMES = ("softmax_label",)
 _module_ids = itertools.count()
 
@@ -42,23 +35,6 @@ _module_ids = itertools.count()
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise CallOrderError(message)
-
-
-def _check_kvstore(kvstore) -> None:
-    if kvstore is None or (isinstance(kvstore, str) and kvstore in SUPPORTED_KVSTORES):
-        return
-    supported = ", ".join(repr(k) for k in SUPPORTED_KVSTORES)
-    if isinstance(kvstore, mx.kvstore.KVStoreBase):
-        raise ValueError(
-            f"kvstore={type(kvstore).__name__} object: raymodule replaces the KVStore with a "
-            f"synchronous Ray allreduce; pass a kvstore name instead ({supported})"
-        )
-    if isinstance(kvstore, str) and "async" in kvstore:
-        raise ValueError(
-            f"kvstore={kvstore!r}: asynchronous updates are not supported; raymodule trains "
-            f"synchronously (use one of {supported})"
-        )
-    raise ValueError(f"kvstore={kvstore!r} is not supported; use one of {supported} or None")
 
 
 def _check_optimizer_name(name: str) -> None:
@@ -82,7 +58,7 @@ def _np(params: dict) -> dict:
     return {k: v.asnumpy() for k, v in params.items()}
 
 
-class Module(BaseModule):
+class Module(loop.TrainingLoops, BaseModule):
     """``mx.mod.Module`` on Ray: one worker actor per entry of ``context``.
 
     Parameters are MXNet's, in MXNet's order. ``context`` entries name the workers' devices:
@@ -566,7 +542,7 @@ class Module(BaseModule):
         if self.optimizer_initialized and not force_init:
             self.logger.warning("optimizer already initialized, ignoring...")
             return
-        _check_kvstore(kvstore)
+        check_kvstore(kvstore)
         if self._params_dirty:
             self._sync_params_from_devices()
         rescale_grad = 1.0 / sum(s.stop - s.start for s in self._slices)
@@ -783,67 +759,6 @@ class Module(BaseModule):
         self._workers.post("set_optimizer_states", self._id, storage.read_bytes(fname))
 
     # -- training loops ----------------------------------------------------------------------------
-    def fit(
-        self,
-        train_data,
-        eval_data=None,
-        eval_metric="acc",
-        epoch_end_callback=None,
-        batch_end_callback=None,
-        kvstore="local",
-        optimizer="sgd",
-        optimizer_params=(("learning_rate", 0.01),),
-        eval_end_callback=None,
-        eval_batch_end_callback=None,
-        initializer=Uniform(0.01),
-        arg_params=None,
-        aux_params=None,
-        allow_missing=False,
-        force_rebind=False,
-        force_init=False,
-        begin_epoch=0,
-        num_epoch=None,
-        validation_metric=None,
-        monitor=None,
-        sparse_row_id_fn=None,
-        run=None,
-    ):
-        """MXNet's ``fit``; the steps run on the workers, streamed ahead of the callbacks.
-
-        With ``run`` (a :class:`raymodule.RunConfig`), the run is checkpointed to its folder in
-        storage every ``run.checkpoint_every`` batches and at each epoch's end, in the
-        background, and a run of the same name resumes from its latest verified checkpoint:
-        parameters, optimizer state, learning-rate schedule and position in the data. For the
-        same data order, pass ``train_data`` as a fresh iterator (as a new process makes it):
-        it is reset once per completed epoch and the batches already trained are skipped.
-        """
-        _check_kvstore(kvstore)
-        loop.fit(
-            self,
-            train_data,
-            eval_data=eval_data,
-            eval_metric=eval_metric,
-            epoch_end_callback=epoch_end_callback,
-            batch_end_callback=batch_end_callback,
-            kvstore=kvstore,
-            optimizer=optimizer,
-            optimizer_params=optimizer_params,
-            eval_end_callback=eval_end_callback,
-            eval_batch_end_callback=eval_batch_end_callback,
-            initializer=initializer,
-            arg_params=arg_params,
-            aux_params=aux_params,
-            allow_missing=allow_missing,
-            force_rebind=force_rebind,
-            force_init=force_init,
-            begin_epoch=begin_epoch,
-            num_epoch=num_epoch,
-            validation_metric=validation_metric,
-            monitor=monitor,
-            sparse_row_id_fn=sparse_row_id_fn,
-            run=run,
-        )
-
     # -- what the fit loop and run checkpoints ask of a module ---------------------------------
     def _checkpoint_files(self) -> dict[str, bytes]:
         """The files of a run checkpoint that describe the model (besides its parameters)."""
@@ -853,28 +768,3 @@ class Module(BaseModule):
     def _snapshot_id(self) -> int:
         """The module whose replicas hold every parameter and the optimizer."""
         return self._id
-
-    def score(
-        self,
-        eval_data,
-        eval_metric,
-        num_batch=None,
-        batch_end_callback=None,
-        score_end_callback=None,
-        reset=True,
-        epoch=0,
-        sparse_row_id_fn=None,
-    ):
-        """MXNet's ``score``; the forward passes and metric updates run on the workers."""
-        _require(self.binded and self.params_initialized, "score: call bind() first")
-        return loop.score(
-            self,
-            eval_data,
-            eval_metric,
-            num_batch=num_batch,
-            batch_end_callback=batch_end_callback,
-            score_end_callback=score_end_callback,
-            reset=reset,
-            epoch=epoch,
-            sparse_row_id_fn=sparse_row_id_fn,
-        )
