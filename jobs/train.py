@@ -29,12 +29,11 @@ import time
 
 import mxnet as mx
 import numpy as np
+from jobtools import EpochProgress, add_run_options, run_config
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import raymodule  # noqa: E402
+import raymodule
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,32 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     parser.add_argument("--seed", type=int, default=42, help="seed of the split and the init")
-    parser.add_argument(
-        "--name",
-        default=None,
-        help="run name; a run started again with the same name resumes from its latest "
-        "checkpoint (default: a new name, printed)",
-    )
-    parser.add_argument(
-        "--storage",
-        default="./raymodule_runs",
-        help="where runs are kept: a local path or a URI such as "
-        "'s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http' (keys from the "
-        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables)",
-    )
-    parser.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=10,
-        help="batches between checkpoints; 0 checkpoints only at the end of each epoch",
-    )
-    parser.add_argument(
-        "--resume",
-        choices=("auto", "never", "must"),
-        default="auto",
-        help="auto: continue the named run if it exists; never: refuse an existing run; "
-        "must: fail unless there is a checkpoint to continue from",
-    )
+    add_run_options(parser)
     parser.add_argument(
         "--output",
         default=None,
@@ -87,15 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--batch-size={args.batch_size} must be at least --workers={args.workers}")
     if args.epochs < 1:
         parser.error(f"--epochs={args.epochs}: need at least 1")
-    try:
-        args.run = raymodule.RunConfig(
-            name=args.name,
-            storage=args.storage,
-            checkpoint_every=args.checkpoint_every,
-            resume=args.resume,
-        )
-    except ValueError as err:
-        parser.error(str(err).replace("RunConfig(", "(").replace("_", "-"))
+    args.run = run_config(parser, args)
     return args
 
 
@@ -107,31 +73,6 @@ def mlp(classes: int = 10) -> mx.sym.Symbol:
         )
     net = mx.sym.FullyConnected(net, num_hidden=classes, name="out")
     return mx.sym.SoftmaxOutput(net, name="softmax")
-
-
-class Progress:
-    """A progress bar per epoch, with the running training accuracy."""
-
-    def __init__(self, batches_per_epoch: int):
-        self.total = batches_per_epoch
-        self.bar = None
-
-    def __call__(self, param: mx.model.BatchEndParam) -> None:
-        if self.bar is None or param.nbatch == 0:  # a resumed run starts inside an epoch
-            self.bar = tqdm(
-                total=self.total,
-                initial=param.nbatch,
-                desc=f"epoch {param.epoch + 1}",
-                unit="batch",
-                leave=True,
-                file=sys.stdout,
-                mininterval=0.5,
-            )
-        name, value = param.eval_metric.get()
-        self.bar.set_postfix({name: f"{value:.3f}"})
-        self.bar.update(1)
-        if param.nbatch + 1 == self.total:
-            self.bar.close()
 
 
 def main(argv=None) -> int:
@@ -164,7 +105,7 @@ def main(argv=None) -> int:
             optimizer_params={"learning_rate": args.lr, "momentum": args.momentum, "wd": 1e-4},
             initializer=mx.init.Xavier(),
             num_epoch=args.epochs,
-            batch_end_callback=Progress(len(x_train) // args.batch_size),
+            batch_end_callback=EpochProgress(len(x_train) // args.batch_size),
             run=args.run,
         )
         elapsed = time.monotonic() - start

@@ -11,14 +11,16 @@ from pathlib import Path
 
 import mxnet as mx
 
+import raymodule
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_job(args, tmp):
+def run_job(args, tmp, job="train.py"):
     env = dict(os.environ, RAY_TMPDIR=tmp)
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "train.py"), *args],
+        [sys.executable, str(REPO / "jobs" / job), *args],
         env=env,
         capture_output=True,
         text=True,
@@ -61,3 +63,19 @@ def test_train_job_rejects_bad_options():
         out = run_job(["--checkpoint-every", "-1"], tmp)
         assert out.returncode == 2
         assert "(checkpoint-every=-1): must be an integer >= 0" in out.stderr
+
+
+def test_bucketing_job_trains_a_language_model_whose_perplexity_falls():
+    with tempfile.TemporaryDirectory(prefix="rmj-", dir="/tmp") as tmp:
+        out = run_job(["--epochs", "3", "--name", "lm"], tmp, job="bucketing.py")
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+        perplexity = [
+            float(v) for v in re.findall(r"validation perplexity ([0-9.]+)\n", out.stdout)
+        ]
+        assert len(perplexity) == 3 and perplexity[0] > perplexity[1] > perplexity[2]
+        assert "buckets [10, 20, 30, 40]" in out.stdout and "epoch 3" in out.stdout
+        run = os.path.join(tmp, "raymodule_runs", "lm")
+        ckpt = raymodule.latest_checkpoint(run)
+        assert ckpt.epoch == 3 and "model-40-symbol.json" in ckpt.files
+        out = run_job(["--workers", "0"], tmp, job="bucketing.py")
+        assert out.returncode == 2 and "--workers=0" in out.stderr
