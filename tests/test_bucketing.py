@@ -43,6 +43,7 @@ def batches(keys, batch_size=8, seed=0):
             mx.io.DataBatch(
                 [data],
                 [label],
+                pad=0,
                 bucket_key=key,
                 provide_data=[mx.io.DataDesc("data", data.shape)],
                 provide_label=[mx.io.DataDesc("softmax_label", label.shape)],
@@ -274,3 +275,22 @@ def test_a_bucketing_run_resumes_mid_epoch_as_if_never_interrupted(tmp_path):
     assert ckpt.epoch == 1 and ckpt.batch > 0
     assert {"model-8-symbol.json", "model.buckets", "model.buckets.json"} <= set(ckpt.files)
     assert max_relative_diff(expected, fit(config)) <= 1e-5
+
+
+def test_load_dict_and_predict_match_native():
+    train = batches(KEYS)
+    mx.random.seed(0)
+    native = mx.mod.BucketingModule(lstm_sym_gen, default_bucket_key=8)
+    native.fit(ListIter(train), num_epoch=1, optimizer_params=SGD, kvstore="local")
+    args, auxs = native.get_params()
+    symbols = {key: lstm_sym_gen(key)[0] for key in BUCKETS}
+    loaded = raymodule.BucketingModule.load_dict(
+        symbols, lstm_sym_gen, 8, args, auxs, context=CONTEXTS
+    )
+    with loaded:
+        loaded.bind(ListIter(train).provide_data, ListIter(train).provide_label, for_training=False)
+        assert max_relative_diff(args, loaded.get_params()[0]) == 0.0
+        ours = loaded.predict(ListIter(train), merge_batches=False)
+    expected = native.predict(ListIter(train), merge_batches=False)
+    for a, b in zip(expected, ours):
+        np.testing.assert_allclose(a[0].asnumpy(), b[0].asnumpy(), rtol=1e-5, atol=1e-7)
