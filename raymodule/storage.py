@@ -18,6 +18,10 @@ import pyarrow.fs as pafs
 
 __all__ = ["Folder", "is_uri", "with_suffix", "redact", "read_bytes", "write_bytes"]
 
+# object stores need no folders before a write, and make each written object appear whole
+_OBJECT_STORES = tuple(
+    getattr(pafs, name) for name in ("S3FileSystem", "GcsFileSystem") if hasattr(pafs, name)
+)
 _SECRET_KEYS = re.compile(r"(secret|token|password|key|credential)", re.I)
 
 
@@ -100,11 +104,15 @@ class Folder:
         renamed."""
         path = self._full(name)
         try:
-            if not isinstance(self._fs, pafs.LocalFileSystem):  # no folders to make: one PUT
+            if isinstance(self._fs, _OBJECT_STORES):  # no folders to make: one PUT
                 with self._fs.open_output_stream(path) as out:
                     out.write(data)
                 return
             self._fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            if not isinstance(self._fs, pafs.LocalFileSystem):
+                with self._fs.open_output_stream(path) as out:
+                    out.write(data)
+                return
             part = f"{path}.part-{os.getpid()}-{threading.get_ident()}"
             with self._fs.open_output_stream(part) as out:
                 out.write(data)
