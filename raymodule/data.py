@@ -77,8 +77,9 @@ def to_ndarray(array: np.ndarray) -> mx.nd.NDArray:
     return mx.nd.array(array, dtype=array.dtype)
 
 
-def nd_bytes(arrays: dict) -> bytes:
-    """``arrays`` in MXNet's NDArray file format (what ``mx.nd.save`` writes), in memory."""
+def nd_bytes(arrays) -> bytes:
+    """``arrays`` (what ``mx.nd.save`` takes: a dict of NDArrays by name, a list, or one
+    NDArray) in MXNet's NDArray file format, in memory."""
     memory = "/dev/shm" if os.path.isdir("/dev/shm") else None  # MXNet saves to files only
     with tempfile.TemporaryDirectory(prefix="raymodule-", dir=memory) as folder:
         path = os.path.join(folder, "arrays")
