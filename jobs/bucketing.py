@@ -42,7 +42,13 @@ from collections import Counter
 
 import mxnet as mx
 import numpy as np
-from jobtools import EpochProgress, add_run_options, run_config
+from jobtools import (
+    EpochProgress,
+    add_run_options,
+    add_training_options,
+    check_training_options,
+    run_config,
+)
 
 import raymodule
 
@@ -151,9 +157,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "raymodule workers, reporting perplexity.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--workers", type=int, default=2, help="Ray worker actors (1 CPU each)")
-    parser.add_argument("--epochs", type=int, default=8, help="passes over the training set")
-    parser.add_argument("--batch-size", type=int, default=32, help="global batch size")
+    add_training_options(parser, epochs=8, batch_size=32)
     parser.add_argument(
         "--buckets",
         default=",".join(map(str, BUCKETS)),
@@ -175,12 +179,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     add_run_options(parser)
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error(f"--workers={args.workers}: need at least 1")
-    if args.batch_size < args.workers:
-        parser.error(f"--batch-size={args.batch_size} must be at least --workers={args.workers}")
-    if args.epochs < 1:
-        parser.error(f"--epochs={args.epochs}: need at least 1")
+    check_training_options(parser, args)
     try:
         args.buckets = sorted({int(b) for b in args.buckets.split(",")})
     except ValueError:

@@ -1,6 +1,8 @@
-"""What the jobs in jobs/ share: the options of a run (name, storage, checkpoints, resume) and
-a progress bar per epoch. The jobs import it first (their folder is on ``sys.path`` when they
-run); it puts the repository on ``sys.path`` for ``raymodule``, which a checkout run with
+"""What the jobs in jobs/ share: the training options (workers, epochs, batch size), the options
+of a run (name, storage, checkpoints, resume) and a progress bar per epoch.
+
+The jobs import it first (their folder is on ``sys.path`` when they run); it puts the
+repository on ``sys.path`` for ``raymodule``, which a checkout run with
 ``ray job submit --working-dir .`` needs."""
 
 from __future__ import annotations
@@ -14,6 +16,23 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import raymodule  # noqa: E402  (the repository is on sys.path above)
+
+
+def add_training_options(parser: argparse.ArgumentParser, epochs: int, batch_size: int) -> None:
+    """``--workers``, ``--epochs`` and ``--batch-size`` (see :func:`check_training_options`)."""
+    parser.add_argument("--workers", type=int, default=2, help="Ray worker actors (1 CPU each)")
+    parser.add_argument("--epochs", type=int, default=epochs, help="passes over the training set")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="global batch size")
+
+
+def check_training_options(parser: argparse.ArgumentParser, args) -> None:
+    """Ends the job with a usage error when the training options cannot work."""
+    if args.workers < 1:
+        parser.error(f"--workers={args.workers}: need at least 1")
+    if args.batch_size < args.workers:
+        parser.error(f"--batch-size={args.batch_size} must be at least --workers={args.workers}")
+    if args.epochs < 1:
+        parser.error(f"--epochs={args.epochs}: need at least 1")
 
 
 def add_run_options(parser: argparse.ArgumentParser, checkpoint_every: int = 10) -> None:

@@ -29,7 +29,13 @@ import time
 
 import mxnet as mx
 import numpy as np
-from jobtools import EpochProgress, add_run_options, run_config
+from jobtools import (
+    EpochProgress,
+    add_run_options,
+    add_training_options,
+    check_training_options,
+    run_config,
+)
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -41,9 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Train an MLP on scikit-learn's handwritten digits with raymodule workers.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--workers", type=int, default=2, help="Ray worker actors (1 CPU each)")
-    parser.add_argument("--epochs", type=int, default=15, help="passes over the training set")
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch size")
+    add_training_options(parser, epochs=15, batch_size=64)
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     parser.add_argument("--seed", type=int, default=42, help="seed of the split and the init")
@@ -55,12 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(model-symbol.json, model-NNNN.params)",
     )
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error(f"--workers={args.workers}: need at least 1")
-    if args.batch_size < args.workers:
-        parser.error(f"--batch-size={args.batch_size} must be at least --workers={args.workers}")
-    if args.epochs < 1:
-        parser.error(f"--epochs={args.epochs}: need at least 1")
+    check_training_options(parser, args)
     args.run = run_config(parser, args)
     return args
 

@@ -318,8 +318,7 @@ class BucketingModule(loop.TrainingLoops, _MXNetBucketingModule):
         int_keys = _int_keys(keys)
         for index, key in enumerate(keys):
             suffix = f"-{key}-symbol.json" if int_keys else f"-bucket{index}-symbol.json"
-            symbol = self._buckets[key].symbol
-            files[suffix] = symbol.tojson(remove_amp_cast=remove_amp_cast).encode()
+            files[suffix] = self._buckets[key]._symbol_file(remove_amp_cast)
             entries.append({"key": _encode_key(key), "symbol": suffix})
         if int_keys:
             files[".buckets"] = data.nd_bytes(mx.nd.array(keys, dtype="int32"))

@@ -108,6 +108,7 @@ class Module(loop.TrainingLoops, BaseModule):
         self._group2ctxs = group2ctxs
         self._worker_group2ctxs = _prepare_group2ctxs(group2ctxs, len(context))
         self._symbol = symbol
+        self._symbol_files: dict[bool, bytes] = {}
 
         data_names = list(data_names) if data_names is not None else []
         label_names = list(label_names) if label_names is not None else []
@@ -206,8 +207,7 @@ class Module(loop.TrainingLoops, BaseModule):
         """Saves ``prefix-symbol.json``, ``prefix-%04d.params`` and optionally the optimizer
         states, as MXNet does; ``prefix`` may be a local path or a URI."""
         storage.write_bytes(
-            storage.with_suffix(prefix, "-symbol.json"),
-            self._symbol.tojson(remove_amp_cast=remove_amp_cast).encode(),
+            storage.with_suffix(prefix, "-symbol.json"), self._symbol_file(remove_amp_cast)
         )
         param_name = storage.with_suffix(prefix, "-%04d.params" % epoch)
         self.save_params(param_name)
@@ -290,15 +290,23 @@ class Module(loop.TrainingLoops, BaseModule):
         aux = dict(zip(self._aux_names, zip(aux_shapes, aux_types)))
         return params, aux
 
-    def _check_param_shapes(self, params, aux) -> None:
-        if self._arg_params is None:
+    def _check_param_shapes(self, params, aux, holder: Module | None = None) -> None:
+        """Checks inferred parameter shapes against those ``holder`` holds: this module's own
+        (only the batch size may change) or those of the module it shares them with."""
+        holder = holder or self
+        if holder._arg_params is None:
             return
+        whose, rule = (
+            ("module's", "only the batch size may change")
+            if holder is self
+            else ("shared module's", "modules sharing parameters need the same parameter shapes")
+        )
         for name, (shape, _) in itertools.chain(params.items(), aux.items()):
-            held = self._arg_params.get(name, self._aux_params.get(name))
+            held = holder._arg_params.get(name, holder._aux_params.get(name))
             if held is not None and tuple(held.shape) != tuple(shape):
                 raise ValueError(
-                    f"the input shapes need {name} of shape {tuple(shape)}, but the module's "
-                    f"{name} has shape {tuple(held.shape)}; only the batch size may change"
+                    f"the input shapes need {name} of shape {tuple(shape)}, but the {whose} "
+                    f"{name} has shape {tuple(held.shape)}; {rule}"
                 )
 
     def _split(self, data_shapes, label_shapes):
@@ -352,14 +360,7 @@ class Module(loop.TrainingLoops, BaseModule):
                 shared_module.binded and shared_module.params_initialized,
                 "shared_module must be bound with initialized parameters",
             )
-            for name, (shape, _) in itertools.chain(params.items(), aux.items()):
-                held = shared_module._arg_params.get(name, shared_module._aux_params.get(name))
-                if held is not None and tuple(held.shape) != tuple(shape):
-                    raise ValueError(
-                        f"the input shapes need {name} of shape {tuple(shape)}, but the shared "
-                        f"module's {name} has shape {tuple(held.shape)}; modules sharing "
-                        "parameters need the same parameter shapes"
-                    )
+            self._check_param_shapes(params, aux, holder=shared_module)
             if len(shared_module._context) != len(self._context):
                 raise ValueError(
                     f"shared_module has {len(shared_module._context)} workers, this module "
@@ -760,9 +761,17 @@ class Module(loop.TrainingLoops, BaseModule):
 
     # -- training loops ----------------------------------------------------------------------------
     # -- what the fit loop and run checkpoints ask of a module ---------------------------------
+    def _symbol_file(self, remove_amp_cast: bool) -> bytes:
+        """``prefix-symbol.json``'s contents, made once (the symbol never changes): run
+        checkpoints ask for it every ``checkpoint_every`` batches, from the training loop."""
+        key = bool(remove_amp_cast)
+        if key not in self._symbol_files:
+            self._symbol_files[key] = self._symbol.tojson(remove_amp_cast=key).encode()
+        return self._symbol_files[key]
+
     def _checkpoint_files(self) -> dict[str, bytes]:
         """The files of a run checkpoint that describe the model (besides its parameters)."""
-        return {"model-symbol.json": self._symbol.tojson(remove_amp_cast=True).encode()}
+        return {"model-symbol.json": self._symbol_file(True)}
 
     @property
     def _snapshot_id(self) -> int:

@@ -100,14 +100,13 @@ class Run:
         ``resume`` rule forbids this run. ``static`` is what every checkpoint records about
         the module (``world_size``, ``work_load_list``)."""
         self.config = config
-        self.name = config.name
         if config.min_workers is not None or config.max_failures != 3:
             log.warning(
                 "RunConfig.min_workers and max_failures have no effect yet: a lost worker "
                 "stops fit with WorkerLostError, and the run resumes from its latest "
                 "checkpoint when fit is called again"
             )
-        self.folder = Folder(config.storage).child(self.name)
+        self.folder = Folder(config.location)
         try:
             self.folder.check_writable()
         except OSError as err:
@@ -122,7 +121,7 @@ class Run:
             existing = checkpoint.checkpoint_names(self.folder)
             if existing:
                 raise CheckpointError(
-                    f"run {self.name!r} already exists at {self.folder} ({len(existing)} "
+                    f"run {self.config.name!r} already exists at {self.folder} ({len(existing)} "
                     "checkpoints) and resume='never'; choose another name, delete the run, or "
                     "pass resume='auto' to continue it"
                 )
@@ -130,13 +129,13 @@ class Run:
         found = checkpoint.latest(self.folder)
         if found is None and self.config.resume == "must":
             raise CheckpointError(
-                f"resume='must' but run {self.name!r} at {self.folder} has no committed "
+                f"resume='must' but run {self.config.name!r} at {self.folder} has no committed "
                 "checkpoint that verifies (see the warnings above for any that were rejected)"
             )
         if found is not None:
             log.info(
                 "run %r resumes from %s: epoch %d, batch %d, step %d",
-                self.name, found.name, found.epoch, found.batch, found.global_step,
+                self.config.name, found.name, found.epoch, found.batch, found.global_step,
             )  # fmt: skip
         return found
 
