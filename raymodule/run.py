@@ -106,7 +106,8 @@ class Run:
                 "stops fit with WorkerLostError, and the run resumes from its latest "
                 "checkpoint when fit is called again"
             )
-        self.folder = Folder(config.location)
+        # resolved from the storage the user gave, so an unusable one is named as given
+        self.folder = Folder(config.storage).child(config.name)
         try:
             self.folder.check_writable()
         except OSError as err:
