@@ -352,6 +352,11 @@ class BucketingModule(loop.TrainingLoops, _MXNetBucketingModule):
     def _workers(self):
         return self._default._workers
 
+    @property
+    def world_size(self) -> int:
+        """Workers training now (see :attr:`raymodule.Module.world_size`)."""
+        return self._default.world_size if self._default is not None else len(self._context)
+
     @staticmethod
     def load(prefix, epoch, sym_gen=None, default_bucket_key=None, **kwargs):
         """Creates a module from a checkpoint written by :meth:`save_checkpoint` or by MXNet's

@@ -266,6 +266,13 @@ class Module(loop.TrainingLoops, BaseModule):
         return list(zip(self._output_names, out_shapes))
 
     @property
+    def world_size(self) -> int:
+        """Workers training now: the contexts given, fewer while an elastic run has lost some."""
+        if self._workers is None or self._workers.closed:
+            return len(self._context)
+        return self._workers.world_size
+
+    @property
     def workers(self) -> WorkerSet | None:
         """The worker actors of this module (``None`` before ``bind``)."""
         return self._workers

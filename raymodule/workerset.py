@@ -76,6 +76,10 @@ class WorkerSet:
         self.handles = []
 
     @property
+    def world_size(self) -> int:
+        return len(self.handles)
+
+    @property
     def closed(self) -> bool:
         return not self._finalizer.alive
 
