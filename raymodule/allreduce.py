@@ -86,6 +86,16 @@ class Collective:
         )
         self._comm = ThreadPoolExecutor(1, thread_name_prefix="raymodule-allreduce")
 
+    def close(self) -> None:
+        """Leaves the group (Ray's wrapper and torch's WORLD), so that a new one can be formed
+        in this process; works on a group broken by a lost peer too."""
+        self._comm.shutdown(wait=False, cancel_futures=True)
+        for leave in (lambda: col.destroy_collective_group(GROUP_NAME), dist.destroy_process_group):
+            try:
+                leave()
+            except Exception:  # noqa: BLE001 - already gone, or never made
+                pass
+
     def reduce(self, grads: list[mx.nd.NDArray], bucket_bytes: int) -> None:
         """Sum ``grads`` (in reduction order) across the group, in place."""
         if not grads:

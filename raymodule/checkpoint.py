@@ -313,8 +313,13 @@ class CheckpointWriter:
         step = info["global_step"]
         try:
             contents = ray.get(snapshot)
+        except ray.exceptions.RayActorError:
+            contents = None  # its worker was lost: not the storage's failure
         except ray.exceptions.RayError as err:
             self._failed(step, f"the snapshot was lost: {type(err).__name__}")
+            return
+        if contents is None:  # workers were lost before it: the steps are run again
+            log.warning("checkpoint at step %d skipped: workers were lost before it", step)
             return
         tic = time.monotonic()
         for attempt in range(1, self.attempts + 1):

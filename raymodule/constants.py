@@ -24,7 +24,14 @@ class Settings:
     """RAYMODULE_PLACEMENT_REPORT_INTERVAL_S: how often a pending placement says what it
     waits for."""
     collective_timeout_s: float = 300.0
-    """RAYMODULE_COLLECTIVE_TIMEOUT_S: bound on every collective call and rendezvous."""
+    """RAYMODULE_COLLECTIVE_TIMEOUT_S: bound on every collective call and rendezvous; a worker
+    still silent this long after its peers' collective failed is lost (hung)."""
+    call_timeout_s: float = 3600.0
+    """RAYMODULE_CALL_TIMEOUT_S: bound on one call to the workers when no collective bounds it
+    (a single worker); a worker silent for longer is lost."""
+    min_workers_wait_s: float = 600.0
+    """RAYMODULE_MIN_WORKERS_WAIT_S: how long an elastic run below its floor (min_workers, or
+    every context) waits for replacement workers before it fails."""
     allreduce_bucket_bytes: int = 4 * 1024 * 1024
     """RAYMODULE_ALLREDUCE_BUCKET_BYTES: gradients are fused into buckets of at most this size,
     one collective call each."""

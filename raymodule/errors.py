@@ -9,6 +9,7 @@ __all__ = [
     "WorkerError",
     "WorkerLostError",
     "CheckpointError",
+    "GroupBrokenError",
 ]
 
 
@@ -37,3 +38,8 @@ class WorkerLostError(RayModuleError):
 
 class CheckpointError(RayModuleError):
     """A run's checkpoints cannot be written or resumed from as asked."""
+
+
+class GroupBrokenError(RayModuleError):
+    """A worker's collective group broke (a peer was lost or went silent); the step it was in
+    is not applied, and the worker takes no step until the group is formed again."""

@@ -21,7 +21,6 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .constants import Settings
 from .errors import PlacementError
-from .worker import ModuleWorker  # light: MXNet is imported in the worker process only
 
 __all__ = ["WorkerGroup"]
 
@@ -50,34 +49,122 @@ def _cluster_has_room(bundles: list[dict]) -> bool:
     return True
 
 
-class WorkerGroup:
-    """Starts, tracks and stops the workers of one module family."""
+def _dead(slots: list[int], refs: list) -> list[int]:
+    """The slots whose call failed because their worker is gone. Other errors are raised,
+    unless a worker is gone (its peers' calls then fail for that reason)."""
+    dead, failed = [], None
+    for slot, ref in zip(slots, refs):
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError:
+            dead.append(slot)
+        except ray.exceptions.RayTaskError as err:
+            failed = failed or err
+    if failed is not None and not dead:
+        raise failed
+    return dead
 
-    def __init__(self, bundles: list[dict], devices: list, fail_fast: bool, settings: Settings):
+
+class WorkerGroup:
+    """Starts, tracks and stops the workers of one module family.
+
+    Each context is a *slot*; a member is the worker now holding a slot. A lost member's slot
+    gets a replacement worker at once, in the same placement-group bundle: it starts when that
+    bundle has resources again (at once after a killed process, when a node is back after a
+    lost node, which on an autoscaling cluster is what asks for one) and joins at the next
+    re-forming of the collective group. Every re-forming starts a new generation.
+    """
+
+    def __init__(
+        self, bundles: list[dict], devices: list, fail_fast: bool, settings: Settings, worker_class
+    ):
         self.bundles = bundles
         self.devices = devices
         self.fail_fast = fail_fast
         self.settings = settings
-        self.workers: list = []
+        self.members: dict[int, ray.actor.ActorHandle] = {}  # slot -> worker, in the group
+        self.pending: dict[int, ray.actor.ActorHandle] = {}  # slot -> replacement, starting
+        self.nodes: dict[int, dict] = {}  # slot -> the member's node id and pid
+        self.generation = 0
+        self._probes: dict[int, ray.ObjectRef] = {}
+        self._pg: PlacementGroup | None = None
+        self._indexed = False
         self._own_pg: PlacementGroup | None = None
+        self._actor_class = ray.remote(worker_class)
 
-    def start(self, backend: str) -> list:
+    def start(self, backend: str) -> dict:
         """Places every worker (bounded wait), then forms their collective group."""
-        pg, indexed = self._placement()
-        actor_class = ray.remote(ModuleWorker)
-        for rank, (bundle, device) in enumerate(zip(self.bundles, self.devices)):
-            strategy = PlacementGroupSchedulingStrategy(
-                pg, placement_group_bundle_index=rank if indexed else -1
-            )
-            self.workers.append(
-                actor_class.options(
-                    num_cpus=bundle.get("CPU", 0),
-                    num_gpus=bundle.get("GPU", 0),
-                    scheduling_strategy=strategy,
-                ).remote(device, self.settings.allreduce_bucket_bytes)
-            )
-        self._form_collective(backend)
-        return self.workers
+        self._pg, self._indexed = self._placement()
+        for slot in range(len(self.bundles)):
+            self.members[slot] = self._spawn(slot)
+        described = ray.get([w.describe.remote() for w in self.members.values()])
+        self.nodes = dict(zip(self.members, described))
+        return self.form(backend)
+
+    def _spawn(self, slot: int):
+        bundle = self.bundles[slot]
+        strategy = PlacementGroupSchedulingStrategy(
+            self._pg, placement_group_bundle_index=slot if self._indexed else -1
+        )
+        return self._actor_class.options(
+            num_cpus=bundle.get("CPU", 0),
+            num_gpus=bundle.get("GPU", 0),
+            scheduling_strategy=strategy,
+        ).remote(self.devices[slot], self.settings.allreduce_bucket_bytes)
+
+    def membership(self) -> dict:
+        """The members in rank order (by slot), their nodes, the generation and the slots
+        whose replacements are still starting."""
+        slots = sorted(self.members)
+        return {
+            "generation": self.generation,
+            "slots": slots,
+            "handles": [self.members[s] for s in slots],
+            "nodes": [self.nodes.get(s, {}) for s in slots],
+            "pending": sorted(self.pending),
+        }
+
+    def remove(self, slots: list[int]) -> None:
+        """Kills the members of ``slots`` (dead or silent) and starts their replacements."""
+        for slot in slots:
+            worker = self.members.pop(slot, None)
+            if worker is not None:
+                ray.kill(worker, no_restart=True)
+            self.nodes.pop(slot, None)
+            self._replace(slot)
+
+    def _replace(self, slot: int) -> None:
+        self.pending[slot] = self._spawn(slot)
+        self._probes[slot] = self.pending[slot].describe.remote()
+
+    def ready(self, timeout_s: float = 0.0) -> list[int]:
+        """Slots whose replacement is up (waits up to ``timeout_s`` for the first one).
+        A replacement that died while starting (its node lost too) is started again."""
+        if not self._probes:
+            return []
+        slot_of = {ref: slot for slot, ref in self._probes.items()}
+        done, _ = ray.wait(list(slot_of), num_returns=len(slot_of), timeout=timeout_s)
+        if not done and timeout_s > 0:
+            done, _ = ray.wait(list(slot_of), num_returns=1, timeout=0)
+        ready = []
+        for ref in done:
+            slot = slot_of[ref]
+            try:
+                self.nodes[slot] = ray.get(ref)
+            except ray.exceptions.RayError as err:
+                log.info(
+                    "raymodule: replacement for slot %d failed to start (%s); again", slot, err
+                )
+                self._replace(slot)
+                continue
+            ready.append(slot)
+        return sorted(ready)
+
+    def admit(self, slots: list[int]) -> None:
+        """Makes the ready replacements of ``slots`` members (before the next :meth:`form`)."""
+        for slot in slots:
+            self.members[slot] = self.pending.pop(slot)
+            self._probes.pop(slot)
 
     def _placement(self) -> tuple[PlacementGroup, bool]:
         current = get_current_placement_group()
@@ -115,23 +202,32 @@ class WorkerGroup:
                 ray.available_resources(),
             )
 
-    def _form_collective(self, backend: str) -> None:
-        world = len(self.workers)
-        if world == 1:
-            return
-        address = ray.get(self.workers[0].rendezvous_address.remote())
-        timeout_s = self.settings.collective_timeout_s
-        ray.get(
-            [
-                w.join.remote(world, rank, address, backend, timeout_s)
-                for rank, w in enumerate(self.workers)
-            ]
-        )
+    def form(self, backend: str) -> dict:
+        """A new collective group among the members (a fresh rendezvous, the next generation);
+        returns the :meth:`membership`, with ``lost``: the slots whose member died meanwhile
+        (no group was formed then: remove them and form again)."""
+        self.generation += 1
+        slots = sorted(self.members)
+        workers = [self.members[s] for s in slots]
+        lost = _dead(slots, [w.leave.remote() for w in workers])
+        if not lost and len(workers) > 1:
+            try:
+                address = ray.get(workers[0].rendezvous_address.remote())
+            except ray.exceptions.RayActorError:
+                lost = [slots[0]]
+            else:
+                timeout_s = self.settings.collective_timeout_s
+                refs = [
+                    w.join.remote(len(workers), rank, address, backend, timeout_s, self.generation)
+                    for rank, w in enumerate(workers)
+                ]
+                lost = _dead(slots, refs)
+        return {**self.membership(), "lost": lost}
 
     def stop(self) -> None:
-        for worker in self.workers:
+        for worker in [*self.members.values(), *self.pending.values()]:
             ray.kill(worker, no_restart=True)
-        self.workers = []
+        self.members, self.pending, self._probes = {}, {}, {}
         if self._own_pg is not None:
             remove_placement_group(self._own_pg)
             self._own_pg = None

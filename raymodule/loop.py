@@ -21,11 +21,12 @@ from mxnet.base import _as_list
 from mxnet.initializer import Uniform
 from mxnet.model import BatchEndParam
 
-from . import data, metrics
+from . import data, metrics, policy
 from .constants import Settings
-from .errors import CallOrderError
+from .errors import CallOrderError, WorkerLostError
 from .kvstore import check_kvstore
 from .run import Run, RunConfig
+from .workerset import EveryWorkerLost, StepsFailed
 
 __all__ = ["TrainingLoops", "run_steps", "Epoch"]
 
@@ -33,11 +34,22 @@ __all__ = ["TrainingLoops", "run_steps", "Epoch"]
 @dataclass
 class Epoch:
     """What :func:`run_steps` did: the metric after the last batch, the batches of the epoch
-    done (skipped ones included) and the samples it ran."""
+    done (skipped ones included), the samples it ran and the seconds each worker slot spent
+    in its steps."""
 
     name_values: list
     batches: int
     samples: int
+    step_seconds: dict
+
+
+@dataclass
+class _Step:
+    nbatch: int
+    data_batch: object
+    batch: object  # the global batch as numpy (data.Batch)
+    target: object  # the raymodule Module that runs it
+    number: int = 0  # for training: the step count a worker has applied after it
 
 
 def run_steps(
@@ -63,57 +75,93 @@ def run_steps(
     ``flush()`` before it changes how batches already queued would be split.
 
     The first ``first_batch`` batches are read and skipped (they were trained before a run
-    resumed). Every ``checkpoint_every`` batches, ``on_checkpoint(nbatch)`` is called once the
-    steps before batch ``nbatch`` are sent and before any later one is, so a worker call it
-    makes sees the state after exactly ``nbatch`` batches; it is called only when another
-    batch follows (the epoch's end has its own checkpoint).
+    resumed). Every ``checkpoint_every`` batches, ``on_checkpoint(nbatch, steps)`` is called
+    once the steps before batch ``nbatch`` are sent and before any later one is, so a worker
+    call it makes sees the state after exactly ``nbatch`` batches (``steps`` training steps
+    applied); it is called only when another batch follows (the epoch's end has its own).
 
-    Returns an :class:`Epoch`.
+    In an elastic run, a step that fails because workers were lost is run again on the group
+    the workers re-form (:meth:`WorkerSet.recover`); so is every step sent after it. Steps the
+    survivors had applied are not run again: their metric updates are missing, their
+    callbacks are still called. Returns an :class:`Epoch`.
     """
     workers = module._workers
     workers.sync()
     workers.post("set_metric", metric)
     on_workers = metrics.runs_on_workers(metric)
+    training = method == "train_step"
     if monitor is not None:  # statistics are collected step by step, as MXNet does
         per_call, depth = 1, 0
     else:
         per_call = workers.settings.steps_per_call
         depth = workers.settings.pipeline_depth
-    inflight: deque = deque()
-    chunk: list = []
+    inflight: deque = deque()  # (steps, refs per rank, slots) in the order sent
+    chunk: list[_Step] = []
     final: list = []
+    seconds: dict[int, float] = {}
     done = 0
 
-    def send() -> None:
-        if not chunk:
+    def send(steps: list[_Step] | None = None) -> None:
+        steps = chunk if steps is None else steps
+        if not steps:
             return
         if monitor is not None:
             monitor.tic()
-        mids = [target._id for _, _, _, target in chunk]
-        refs = workers.submit("steps", method, mids, ray.put([b for _, _, b, _ in chunk]))
-        inflight.append((list(chunk), refs))
-        chunk.clear()
+        if training:
+            for step in steps:
+                workers.steps_sent += 1
+                step.number = workers.steps_sent
+        mids = [step.target._id for step in steps]
+        refs = workers.submit("steps", method, mids, ray.put([step.batch for step in steps]))
+        inflight.append((list(steps), refs, list(workers.slots)))
+        steps.clear() if steps is chunk else None
+
+    def report(step: _Step, results, last: bool) -> None:
+        nonlocal done
+        if results is not None and on_workers:
+            for increments in results:
+                metrics.add_counters(metric, increments)
+        elif results is not None:
+            labels = [step.batch.worker_slice(part)[1] for part in step.target._slices]
+            metrics.update_per_slice(
+                metric, step.target.label_names, step.target.output_names, labels, results
+            )
+        if monitor is not None:
+            monitor.toc_print()
+        if last:
+            final.extend(metric.get_global_name_value())
+        _call_back(
+            batch_end_callback, module, data_iter, step.data_batch, epoch, step.nbatch, metric
+        )
+        done += 1
 
     def finish(last_chunk: bool) -> None:
-        nonlocal done
-        steps, refs = inflight.popleft()
-        per_worker = workers.get(refs, method)
-        for index, (nbatch, data_batch, batch, target) in enumerate(steps):
-            results = [worker_results[index] for worker_results in per_worker]
-            if on_workers:
-                for increments in results:
-                    metrics.add_counters(metric, increments)
+        steps, refs, slots = inflight[0]
+        try:
+            per_worker = workers.get(refs, method)
+        except StepsFailed as failure:
+            recover(failure)
+            return
+        inflight.popleft()
+        for slot, (_, took) in zip(slots, per_worker):
+            seconds[slot] = seconds.get(slot, 0.0) + took
+        for index, step in enumerate(steps):
+            last = last_chunk and not inflight and index == len(steps) - 1
+            report(step, [results[index] for results, _ in per_worker], last)
+
+    def recover(failure) -> None:
+        committed = workers.recover(failure, [refs for _, refs, _ in inflight])
+        void = [step for steps, _, _ in inflight for step in steps]
+        inflight.clear()
+        workers.post("set_metric", metric)
+        again = []
+        for step in void:
+            if training and step.number <= committed:
+                report(step, None, last=False)  # applied by the survivors before the loss
             else:
-                labels = [batch.worker_slice(part)[1] for part in target._slices]
-                metrics.update_per_slice(
-                    metric, target.label_names, target.output_names, labels, results
-                )
-            if monitor is not None:
-                monitor.toc_print()
-            if last_chunk and index == len(steps) - 1:
-                final.extend(metric.get_global_name_value())
-            _call_back(batch_end_callback, module, data_iter, data_batch, epoch, nbatch, metric)
-            done += 1
+                again.append(step)
+        for start in range(0, len(again), per_call):
+            send(again[start : start + per_call])
 
     end, samples = first_batch, 0
     for nbatch, data_batch in enumerate(data_iter):
@@ -123,23 +171,32 @@ def run_steps(
             continue
         if checkpoint_every and nbatch > first_batch and nbatch % checkpoint_every == 0:
             send()
-            on_checkpoint(nbatch)
+            on_checkpoint(nbatch, workers.steps_sent)
         end = nbatch + 1
         target = module._step_module(data_batch, flush=send)
         target.prepare(data_batch, sparse_row_id_fn=sparse_row_id_fn)
         batch = target._batch(data_batch)
         samples += batch.data[0].shape[batch.data_axes[0]] if batch.data else 0
-        chunk.append((nbatch, data_batch, batch, target))
+        chunk.append(_Step(nbatch, data_batch, batch, target))
         if len(chunk) >= per_call:
             send()
             while len(inflight) > depth:
                 finish(last_chunk=False)
+            if workers.pending and workers.grow(drain=lambda: _drain(finish, inflight)):
+                workers.post("set_metric", metric)
     send()
     while inflight:
-        finish(last_chunk=len(inflight) == 1)
+        finish(last_chunk=True)
 
     _call_back(score_end_callback, module, data_iter, None, epoch, done, metric)
-    return Epoch(final, end, samples)
+    if not final:
+        final.extend(metric.get_global_name_value())
+    return Epoch(final, end, samples, seconds)
+
+
+def _drain(finish, inflight) -> None:
+    while inflight:
+        finish(last_chunk=False)
 
 
 def _call_back(callbacks, module, data_iter, data_batch, epoch, nbatch, metric) -> None:
@@ -213,60 +270,96 @@ class TrainingLoops:
                 raise TypeError(f"run={run!r}: expected a raymodule.RunConfig")
             static = {"world_size": len(self._context), "work_load_list": self._work_load_list}
             run_folder = Run(run, Settings.from_env(), static)
+        if validation_metric is None:
+            validation_metric = eval_metric
+        if not isinstance(eval_metric, mx.metric.EvalMetric):
+            eval_metric = mx.metric.create(eval_metric)
+        resume = run_folder.resume_from if run_folder is not None else None
+        fresh_data = True  # train_data is where the caller left it (not reset by a restart)
         with run_folder if run_folder is not None else contextlib.nullcontext():
-            self.bind(
-                data_shapes=train_data.provide_data,
-                label_shapes=train_data.provide_label,
-                for_training=True,
-                force_rebind=force_rebind,
-            )
-            if monitor is not None:
-                self.install_monitor(monitor)
-            resume = run_folder.resume_from if run_folder is not None else None
-            if resume is not None:
-                arg_params, aux_params = data.split_params(
-                    mx.nd.load_frombuffer(resume.params_file())
-                )
-                allow_missing, force_init = False, True
-            self.init_params(
-                initializer=initializer,
-                arg_params=arg_params,
-                aux_params=aux_params,
-                allow_missing=allow_missing,
-                force_init=force_init,
-            )
-            self.init_optimizer(
-                kvstore=kvstore, optimizer=optimizer, optimizer_params=optimizer_params
-            )
-            first_batch, global_step = 0, 0
-            if resume is not None:
-                self._workers.post("restore_optimizer", self._snapshot_id, *resume.optimizer())
-                for _ in range(resume.epoch - begin_epoch):  # the resets the finished epochs made
+            while True:
+                try:
+                    return self._fit_run(
+                        train_data, eval_data, eval_metric, validation_metric,
+                        epoch_end_callback, batch_end_callback, eval_end_callback,
+                        eval_batch_end_callback, kvstore, optimizer, optimizer_params,
+                        initializer, arg_params, aux_params, allow_missing, force_rebind,
+                        force_init, begin_epoch, num_epoch, monitor, sparse_row_id_fn,
+                        run_folder, resume, fresh_data,
+                    )  # fmt: skip
+                except EveryWorkerLost as lost:
+                    resume = run_folder.latest()
+                    if resume is None:
+                        raise WorkerLostError(f"{lost}; no checkpoint to restart from") from None
+                    self.logger.warning(
+                        "every worker was lost (%s); restarting them from %s", lost, resume.name
+                    )
+                    self.close()
+                    self.optimizer_initialized = False
                     train_data.reset()
-                begin_epoch, first_batch, global_step = (
-                    resume.epoch,
-                    resume.batch,
-                    resume.global_step,
-                )
-                if begin_epoch >= num_epoch:
-                    self.logger.info("the run is complete: %d of %d epochs", begin_epoch, num_epoch)
-            if validation_metric is None:
-                validation_metric = eval_metric
-            if not isinstance(eval_metric, mx.metric.EvalMetric):
-                eval_metric = mx.metric.create(eval_metric)
-            every = run_folder.config.checkpoint_every if run_folder is not None else 0
+                    fresh_data, force_rebind = False, True
 
-            def checkpoint(epoch: int, batch: int, step: int) -> None:
-                # worker 0's copy, taken after the steps sent so far: every replica is at this step
-                snapshot = self._workers.submit("snapshot", self._snapshot_id, ranks=[0])[0]
-                run_folder.checkpoint(
-                    snapshot, self._checkpoint_files(), epoch=epoch, batch=batch, global_step=step
-                )
+    def _fit_run(
+        self, train_data, eval_data, eval_metric, validation_metric, epoch_end_callback,
+        batch_end_callback, eval_end_callback, eval_batch_end_callback, kvstore, optimizer,
+        optimizer_params, initializer, arg_params, aux_params, allow_missing, force_rebind,
+        force_init, begin_epoch, num_epoch, monitor, sparse_row_id_fn, run_folder, resume,
+        fresh_data,
+    ):  # fmt: skip
+        """``fit`` from binding on; ``resume`` is the checkpoint to continue from, if any, and
+        ``fresh_data`` whether ``train_data`` still needs the resets of the finished epochs."""
+        self.bind(
+            data_shapes=train_data.provide_data,
+            label_shapes=train_data.provide_label,
+            for_training=True,
+            force_rebind=force_rebind,
+        )
+        if monitor is not None:
+            self.install_monitor(monitor)
+        if resume is not None:
+            arg_params, aux_params = data.split_params(mx.nd.load_frombuffer(resume.params_file()))
+            allow_missing, force_init = False, True
+        self.init_params(
+            initializer=initializer,
+            arg_params=arg_params,
+            aux_params=aux_params,
+            allow_missing=allow_missing,
+            force_init=force_init,
+        )
+        self.init_optimizer(kvstore=kvstore, optimizer=optimizer, optimizer_params=optimizer_params)
+        workers = self._workers
+        first_batch, global_step = 0, 0
+        if resume is not None:
+            workers.post("restore_optimizer", self._snapshot_id, *resume.optimizer())
+            if fresh_data:
+                for _ in range(resume.epoch - begin_epoch):  # the resets finished epochs made
+                    train_data.reset()
+            begin_epoch, first_batch, global_step = resume.epoch, resume.batch, resume.global_step
+            if begin_epoch >= num_epoch:
+                self.logger.info("the run is complete: %d of %d epochs", begin_epoch, num_epoch)
+        every = run_folder.config.checkpoint_every if run_folder is not None else 0
+        epoch = begin_epoch
+        if run_folder is not None:
+            self._elastic(run_folder, lambda: epoch)
+        # the workers count steps from 0 on their own; the run's steps go on from global_step
+        offset = global_step - workers.steps_sent
 
+        def checkpoint(epoch: int, batch: int, steps: int) -> None:
+            # worker 0's copy, taken after the steps sent so far: every replica is at this step
+            # (None if a step before failed: it is run again and the checkpoint skipped)
+            snapshot = self._workers.submit("snapshot", self._snapshot_id, steps, ranks=[0])[0]
+            run_folder.checkpoint(
+                snapshot,
+                self._checkpoint_files(),
+                epoch=epoch,
+                batch=batch,
+                global_step=steps + offset,
+            )
+
+        try:
             for epoch in range(begin_epoch, num_epoch):
                 tic = time.time()
                 eval_metric.reset()
-                epoch_start = global_step - first_batch
                 done = run_steps(
                     self,
                     train_data,
@@ -278,11 +371,10 @@ class TrainingLoops:
                     sparse_row_id_fn=sparse_row_id_fn,
                     first_batch=first_batch,
                     checkpoint_every=every,
-                    on_checkpoint=lambda n, e=epoch, s=epoch_start: checkpoint(e, n, s + n),
+                    on_checkpoint=lambda n, steps, e=epoch: checkpoint(e, n, steps),
                 )
-                global_step = epoch_start + done.batches
                 if run_folder is not None:
-                    checkpoint(epoch + 1, 0, global_step)
+                    checkpoint(epoch + 1, 0, self._workers.steps_sent)
                 self._params_dirty = True
                 toc = time.time() - tic
                 for name, val in done.name_values:
@@ -308,18 +400,38 @@ class TrainingLoops:
                     run_folder.record_epoch(
                         {
                             "epoch": epoch,
-                            "global_step": global_step,
+                            "global_step": self._workers.steps_sent + offset,
                             "batches": done.batches - first_batch,
                             "resumed_at_batch": first_batch,
                             "seconds": round(toc, 3),
                             "samples_per_s": round(done.samples / toc, 1) if toc > 0 else None,
-                            "world_size": len(self._context),
+                            "world_size": self._workers.world_size,
+                            "step_seconds": [
+                                round(done.step_seconds[k], 3) for k in sorted(done.step_seconds)
+                            ],
                             "train": dict(done.name_values),
                             "validation": dict(validation),
                         }
                     )
                 first_batch = 0
                 train_data.reset()
+        finally:
+            if self._workers is not None:
+                self._workers.limits = policy.Limits(len(self._context), elastic=False)
+                self._workers.on_membership = None
+
+    def _elastic(self, run_folder: Run, epoch) -> None:
+        """Makes the workers go on through lost workers within the run's limits, recording
+        each membership change in the run's metrics (``epoch()``: the epoch it happens in)."""
+        config = run_folder.config
+        workers = self._workers
+        workers.limits = policy.Limits(
+            len(self._context), config.min_workers, config.max_failures, elastic=True
+        )
+        workers.has_checkpoint = lambda: run_folder.latest() is not None
+        workers.on_membership = lambda event: run_folder.record_event(
+            dict(event, during_epoch=epoch())
+        )
 
     def score(
         self,

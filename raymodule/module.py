@@ -149,6 +149,8 @@ class Module(loop.TrainingLoops, BaseModule):
         self._slices = None
         self._monitor = None
 
+        self._shared_module: Module | None = None  # bound with shared_module=
+        self._borrowed_from: Module | None = None  # borrow_optimizer(...)
         self._id = next(_module_ids)
         self._workers: WorkerSet | None = None
         self._owns_workers = False
@@ -321,7 +323,10 @@ class Module(loop.TrainingLoops, BaseModule):
         sizes = {d.shape[DataDesc.get_batch_axis(d.layout)] for d in data_shapes}
         if len(sizes) != 1:
             raise ValueError(f"data_shapes={data_shapes}: every input needs the same batch size")
-        slices = data.split_slices(sizes.pop(), self._work_load_list)
+        weights = self._work_load_list
+        if self._workers is not None:
+            weights = self._workers.weights(weights)
+        slices = data.split_slices(sizes.pop(), weights)
         per_worker = []
         for part in slices:
             n = part.stop - part.start
@@ -358,7 +363,7 @@ class Module(loop.TrainingLoops, BaseModule):
         )
         params, aux = self._infer(data_shapes, label_shapes)
         self._check_param_shapes(params, aux)
-        slices, per_worker = self._split(data_shapes, label_shapes)
+        self._split(data_shapes, label_shapes)  # checks the batch sizes before workers start
 
         if shared_module is not None:
             if not isinstance(shared_module, Module):
@@ -380,8 +385,10 @@ class Module(loop.TrainingLoops, BaseModule):
         self.for_training = for_training
         self.inputs_need_grad = inputs_need_grad
         self._grad_req = grad_req
+        self._shared_module = shared_module
         w = self._workers
         w.sync()
+        slices, per_worker = self._split(data_shapes, label_shapes)
         grad_stypes = w.call(
             "bind",
             self._id,
@@ -415,7 +422,12 @@ class Module(loop.TrainingLoops, BaseModule):
     def _attach(self, workers: WorkerSet, owns: bool) -> None:
         self._workers = workers
         self._owns_workers = owns
-        workers.post(
+        workers.modules[self._id] = self
+        self._create_on(range(workers.world_size))
+
+    def _create_on(self, ranks) -> None:
+        w = self._workers
+        w.post(
             "create",
             self._id,
             self._symbol,
@@ -423,8 +435,43 @@ class Module(loop.TrainingLoops, BaseModule):
             self._label_names,
             self._fixed_param_names,
             self._state_names,
-            per_worker=[(g,) for g in self._worker_group2ctxs],
+            per_worker=[(self._worker_group2ctxs[slot],) for slot in w.slots],
+            ranks=list(ranks),
         )
+
+    def _rejoin(self, new_ranks: list[int]) -> None:
+        """After a membership change: this module's replicas on the workers ``new_ranks``
+        (created and bound as on the others; the caller restores their state from a survivor
+        and installs the optimizer), and every worker's share of the global batch split anew."""
+        w = self._workers
+        if new_ranks:
+            self._create_on(new_ranks)
+        if not self.binded:
+            return
+        old = [r for r in range(w.world_size) if r not in new_ranks]
+        slices, per_worker = self._split(self._data_shapes, self._label_shapes)
+        shared = self._shared_module._id if self._shared_module is not None else None
+        if old:
+            self._workers.post("reshape", self._id, per_worker=per_worker, ranks=old)
+        if new_ranks:
+            args = (self.for_training, self.inputs_need_grad, shared, self._grad_req)
+            w.post("bind", self._id, *args, per_worker=per_worker, ranks=new_ranks)
+        w.post("set_slice", self._id, per_worker=[(s,) for s in slices])
+        self._slices = slices
+
+    def _install_optimizer(self, ranks: list[int]) -> None:
+        """This module's optimizer on the workers ``ranks`` (new ones, with parameters set)."""
+        if not (ranks and self.binded and self.optimizer_initialized):
+            return
+        if self._borrowed_from is not None:
+            self._workers.post("borrow_optimizer", self._id, self._borrowed_from._id, ranks=ranks)
+        else:
+            self._workers.post("init_optimizer", self._id, self._optimizer, {}, False, ranks=ranks)
+
+    def _holds_state(self) -> bool:
+        """Whether this module's replicas own parameters and optimizer state (a module bound
+        with ``shared_module`` uses another's)."""
+        return self.binded and self.params_initialized and self._shared_module is None
 
     def reshape(self, data_shapes, label_shapes=None):
         _require(self.binded, "reshape: call bind() first")
@@ -578,6 +625,7 @@ class Module(loop.TrainingLoops, BaseModule):
                 f"optimizer={optimizer!r}: expected a name or an mx.optimizer.Optimizer"
             )
         self._optimizer = optimizer
+        self._borrowed_from = None
         self._kvstore = None
         self._update_on_kvstore = False
         self._workers.post("init_optimizer", self._id, optimizer, {}, force_init)
@@ -598,6 +646,7 @@ class Module(loop.TrainingLoops, BaseModule):
                 "borrow_optimizer: the modules must share workers (bind with shared_module=...)"
             )
         self._optimizer = shared_module._optimizer
+        self._borrowed_from = shared_module
         self._kvstore = None
         self._update_on_kvstore = False
         if self._workers is not None:
@@ -678,6 +727,7 @@ class Module(loop.TrainingLoops, BaseModule):
         )
         self._params_dirty = True
         self._workers.post("update", self._id)
+        self._workers.steps_sent += 1
 
     def _gather(self, method: str, axes: list[int], merge_multi_context: bool):
         self._workers.sync()

@@ -100,12 +100,6 @@ class Run:
         ``resume`` rule forbids this run. ``static`` is what every checkpoint records about
         the module (``world_size``, ``work_load_list``)."""
         self.config = config
-        if config.min_workers is not None or config.max_failures != 3:
-            log.warning(
-                "RunConfig.min_workers and max_failures have no effect yet: a lost worker "
-                "stops fit with WorkerLostError, and the run resumes from its latest "
-                "checkpoint when fit is called again"
-            )
         # resolved from the storage the user gave, so an unusable one is named as given
         self.folder = Folder(config.storage).child(config.name)
         try:
@@ -148,10 +142,21 @@ class Run:
         info = dict(self._static, files=files, epoch=epoch, batch=batch, global_step=global_step)
         self.writer.submit(snapshot, info)
 
+    def latest(self) -> Checkpoint | None:
+        """The run's newest committed checkpoint that verifies, as storage has it now."""
+        return checkpoint.latest(self.folder)
+
     def record_epoch(self, entry: dict) -> None:
         """Appends one line to ``metrics.jsonl`` (object stores cannot append: rewritten)."""
+        self._record(dict(entry, checkpoints=self.writer.take_committed()))
+
+    def record_event(self, entry: dict) -> None:
+        """Appends a line that is not an epoch's (a membership change) to ``metrics.jsonl``;
+        ``entry["during_epoch"]`` says when it happened."""
+        self._record(entry)
+
+    def _record(self, entry: dict) -> None:
         entry = dict(entry, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        entry["checkpoints"] = self.writer.take_committed()
         self._metrics.append(json.dumps(entry))
         try:
             self.folder.write(METRICS, ("\n".join(self._metrics) + "\n").encode())
@@ -168,7 +173,8 @@ class Run:
         kept = []
         for line in lines:  # epochs after the resume point are trained again
             try:
-                if json.loads(line)["epoch"] < self.resume_from.epoch:
+                entry = json.loads(line)
+                if entry.get("epoch", entry.get("during_epoch")) < self.resume_from.epoch:
                     kept.append(line)
             except (ValueError, KeyError, TypeError):
                 continue

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 
     from .allreduce import Collective
     from .data import Batch
+
+from .errors import GroupBrokenError
 
 __all__ = ["ModuleWorker"]
 
@@ -59,17 +62,50 @@ class ModuleWorker:
         self._bucket_bytes = allreduce_bucket_bytes
         self._metric: mx.metric.EvalMetric | None = None
         self._metric_here = False  # the metric's counters are updated on this worker
+        self._applied = 0
+        self._broken: str | None = None  # why the collective group broke, until re-formed
+        self._generation = 0
 
     # -- membership -------------------------------------------------------------------------
+    def describe(self) -> dict:
+        """Where this worker runs: its node and process (also: the actor is up)."""
+        import ray
+
+        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
     def rendezvous_address(self) -> str:
         from .allreduce import free_address
 
         return free_address()
 
-    def join(self, world_size: int, rank: int, address: str, backend: str, timeout_s: float):
+    def leave(self) -> None:
+        """Leaves the collective group, broken or not. Also imports the collective's modules
+        (torch: seconds), so that a rendezvous after it waits for no peer's imports."""
+        from . import allreduce  # noqa: F401
+
+        if self._collective is not None:
+            self._collective.close()
+            self._collective = None
+        self._broken = None
+
+    def join(self, world_size, rank, address, backend, timeout_s, generation) -> None:
         from .allreduce import Collective
 
+        self.leave()
         self._collective = Collective(world_size, rank, address, backend, timeout_s)
+        self._generation = generation
+
+    def applied(self) -> int:
+        """Training steps whose update this replica has applied (every replica agrees, except
+        after a failed step: then at most one ahead of another)."""
+        return self._applied
+
+    def _check_group(self) -> None:
+        if self._broken is not None:
+            raise GroupBrokenError(
+                f"the collective group of generation {self._generation} broke ({self._broken}); "
+                "this worker waits for the group to be formed again"
+            )
 
     # -- module life cycle ------------------------------------------------------------------
     def create(
@@ -145,10 +181,14 @@ class ModuleWorker:
     def set_optimizer_states(self, mid, states: bytes) -> None:
         self._modules[mid]._updater.set_states(states)
 
-    def snapshot(self, mid) -> dict:
+    def snapshot(self, mid, expected: int | None = None) -> dict | None:
         """This replica's parameters and optimizer state as they stand after the steps run so
         far (every replica holds the same), as file contents for a run checkpoint: ``params``
-        (MXNet's ``.params``), ``optimizer.nd`` and the optimizer's JSON description."""
+        (MXNet's ``.params``), ``optimizer.nd``, the optimizer's JSON description and
+        ``applied`` (steps applied). None when this replica is not at the ``expected`` step: a
+        step before the call failed (it is run again after the group is formed anew)."""
+        if self._broken is not None or (expected is not None and expected != self._applied):
+            return None
         mod = self._modules[mid]
         group = mod._exec_group  # the device arrays themselves: one device, nothing to average
         params = {f"arg:{k}": a[0] for k, a in zip(group.param_names, group.param_arrays)}
@@ -160,11 +200,23 @@ class ModuleWorker:
             "params": nd_bytes(params),
             "optimizer.nd": nd_bytes(arrays),
             "optimizer": description,
+            "applied": self._applied,
         }
 
     def restore_optimizer(self, mid, arrays: bytes, description: dict) -> None:
         loaded = mx.nd.load_frombuffer(arrays)
         optimizer_state.restore(self._modules[mid]._updater, loaded or {}, description)
+
+    def restore(self, mid, snapshot: dict) -> None:
+        """Takes a peer's :meth:`snapshot`: parameters, optimizer state, steps applied."""
+        mod = self._modules[mid]
+        loaded = mx.nd.load_frombuffer(snapshot["params"])
+        arg = {k[4:]: v for k, v in loaded.items() if k.startswith("arg:")}
+        aux = {k[4:]: v for k, v in loaded.items() if k.startswith("aux:")}
+        mod.set_params(arg, aux, allow_missing=False, force_init=True, allow_extra=False)
+        if snapshot["optimizer"] is not None and mod.optimizer_initialized:
+            self.restore_optimizer(mid, snapshot["optimizer.nd"], snapshot["optimizer"])
+        self._applied = snapshot["applied"]
 
     # -- computation ------------------------------------------------------------------------
     def set_slice(self, mid, part: slice) -> None:
@@ -193,15 +245,21 @@ class ModuleWorker:
         group = mod._exec_group
         if self._collective is None:
             mod.update()
+            self._applied += 1
             return
+        self._check_group()
         grad_arrays = group.grad_arrays
         if "add" in group.grad_req.values():
             # 'add' keeps accumulating this worker's own gradients; the sum goes to copies
             grad_arrays = [[g[0].copy()] if g[0] is not None else g for g in grad_arrays]
         # Reverse parameter order: the last layers' gradients are ready first.
-        self._collective.reduce(
-            [g[0] for g in reversed(grad_arrays) if g[0] is not None], self._bucket_bytes
-        )
+        try:
+            self._collective.reduce(
+                [g[0] for g in reversed(grad_arrays) if g[0] is not None], self._bucket_bytes
+            )
+        except Exception as err:  # noqa: BLE001 - a peer lost or silent: the step is not applied
+            self._broken = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+            self._check_group()
         mod._params_dirty = True
         mx.model._update_params(
             group.param_arrays,
@@ -211,6 +269,7 @@ class ModuleWorker:
             kvstore=None,
             param_names=group.param_names,
         )
+        self._applied += 1
 
     def set_metric(self, metric: mx.metric.EvalMetric | None) -> None:
         self._metric = metric
@@ -229,10 +288,14 @@ class ModuleWorker:
         the module named by ``mids`` (a bucketing module's buckets differ from batch to batch).
 
         Several steps per call: one object-store transfer and one call per chunk, where each
-        costs about a millisecond, instead of one per batch.
+        costs about a millisecond, instead of one per batch. Returns the steps' results and
+        the seconds they took here.
         """
         step = {"train_step": self.train_step, "eval_step": self.eval_step}[kind]
-        return [step(mid, batch) for mid, batch in zip(mids, batches)]
+        self._check_group()
+        tic = time.perf_counter()
+        results = [step(mid, batch) for mid, batch in zip(mids, batches)]
+        return results, time.perf_counter() - tic
 
     def train_step(self, mid, batch: Batch):
         mod, labels = self._load(mid, batch, True)

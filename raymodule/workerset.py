@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 import weakref
 
 import mxnet as mx
 import ray
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
 
-from . import runtime
+from . import policy, runtime
 from .constants import Settings
 from .context import local_device, resources_of
 from .controller import RemoteController
-from .errors import RayModuleError, WorkerError, WorkerLostError
+from .errors import GroupBrokenError, RayModuleError, WorkerError, WorkerLostError
 
 __all__ = ["WorkerSet"]
 
@@ -41,30 +47,63 @@ def _shutdown(controller) -> None:
         pass
 
 
+class StepsFailed(Exception):
+    """Internal: a call to the workers failed because the membership broke (workers ``lost``
+    by rank, with why; or none lost, the group broken by a worker that was late). Raised only
+    in an elastic run, where the step loop recovers from it."""
+
+    def __init__(self, method: str, lost: dict[int, str], broken: str):
+        super().__init__(f"{method}: lost {lost or 'no worker'} ({broken})")
+        self.method = method
+        self.lost = lost
+        self.broken = broken
+
+
+class EveryWorkerLost(WorkerLostError):
+    """Internal: an elastic run lost every worker; it goes on from its latest checkpoint."""
+
+
 class WorkerSet:
     """One worker actor per context, started by a controller actor; released when closed or
-    when no module uses them any more."""
+    when no module uses them any more.
 
-    def __init__(self, contexts: list[mx.Context]):
+    ``handles`` are the live workers in rank order and ``slots`` the contexts they hold; both
+    change when an elastic run loses or regains workers (:meth:`recover`, :meth:`grow`).
+    """
+
+    def __init__(self, contexts: list[mx.Context], worker_class=None):
+        """``worker_class``: the worker actors' class (tests use a light stand-in)."""
         runtime.ensure_ray()
         gc.collect()  # modules that were dropped release their workers before we ask for more
         self.contexts = contexts
         self.settings = Settings.from_env()
         backend = "nccl" if any(c.device_type == "gpu" for c in contexts) else "gloo"
-        self.controller = RemoteController.remote(
+        self.controller = RemoteController.options(scheduling_strategy=_beside_client()).remote(
             [resources_of(c) for c in contexts],
             [local_device(c) for c in contexts],
             runtime.started_locally(),
             backend,
             self.settings,
+            *([worker_class] if worker_class is not None else []),
         )
         self.handles: list = []
+        self.slots: list[int] = []
+        self.nodes: list[dict] = []
+        self.generation = 0
+        self.pending: list[int] = []  # slots whose replacement worker is starting
+        self.limits = policy.Limits(len(contexts), elastic=False)
+        self.lost_total = 0  # workers lost over the elastic run
+        self.steps_sent = 0  # training steps posted; a worker's applied() counts the same
+        self.has_checkpoint = lambda: False  # set by an elastic run: can it restart from storage
+        self.on_membership = None  # set by an elastic run: called with each change, as a dict
+        self.modules: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._finalizer = weakref.finalize(self, _shutdown, self.controller)
         self._unchecked: list[tuple[int, ray.ObjectRef, str]] = []
+        self._next_poll = 0.0
         self.lost: WorkerLostError | None = None
         self.params_dirty = False  # the workers' parameters are newer than the client's copy
         try:
-            self.handles = ray.get(self.controller.start.remote())
+            self._adopt(ray.get(self.controller.start.remote()))
         except ray.exceptions.RayError as err:
             self.close()
             raise _in_words(
@@ -83,6 +122,17 @@ class WorkerSet:
     def closed(self) -> bool:
         return not self._finalizer.alive
 
+    def _adopt(self, membership: dict) -> None:
+        self.handles = membership["handles"]
+        self.slots = membership["slots"]
+        self.nodes = membership["nodes"]
+        self.generation = membership["generation"]
+        self.pending = membership["pending"]
+
+    def weights(self, work_load_list: list) -> list:
+        """The ``work_load_list`` entries of the live workers, in rank order."""
+        return [work_load_list[slot] for slot in self.slots]
+
     # -- calls -------------------------------------------------------------------------------
     def submit(self, method: str, *args, per_worker=None, ranks=None) -> list[ray.ObjectRef]:
         """Calls ``method(*args, *per_worker[rank])`` on every worker (or ``ranks``), no wait."""
@@ -96,10 +146,11 @@ class WorkerSet:
             refs.append(getattr(self.handles[rank], method).remote(*args, *extra))
         return refs
 
-    def post(self, method: str, *args, per_worker=None) -> None:
+    def post(self, method: str, *args, per_worker=None, ranks=None) -> None:
         """Like :meth:`submit`, for calls whose result is only checked at the next sync."""
-        for rank, ref in enumerate(self.submit(method, *args, per_worker=per_worker)):
-            self._unchecked.append((rank, ref, method))
+        ranks = list(range(len(self.handles))) if ranks is None else ranks
+        refs = self.submit(method, *args, per_worker=per_worker, ranks=ranks)
+        self._unchecked.extend((rank, ref, method) for rank, ref in zip(ranks, refs))
         if len(self._unchecked) > _MAX_UNCHECKED:
             self.sync()
 
@@ -111,37 +162,299 @@ class WorkerSet:
     def sync(self) -> None:
         """Waits for every posted call and raises the first error among them."""
         unchecked, self._unchecked = self._unchecked, []
-        for rank, ref, method in unchecked:
-            self.get([ref], method, [rank])
+        if unchecked:
+            ranks, refs, methods = zip(*unchecked)
+            self.get(list(refs), "/".join(dict.fromkeys(methods)), list(ranks))
 
     def get(self, refs: list, method: str, ranks=None) -> list:
-        """``ray.get`` that names the worker and says a lost worker is lost.
+        """``ray.get`` that names the worker, says a lost worker is lost, and never hangs.
 
-        When a worker dies inside a collective, its peers' calls fail too; every result is
-        awaited so that the lost worker is reported rather than a peer's broken connection.
+        A worker is lost when its process or node is gone, or when it is silent: still busy
+        ``RAYMODULE_COLLECTIVE_TIMEOUT_S`` after a peer's call failed (its peers' collective
+        timed out waiting for it), or ``RAYMODULE_CALL_TIMEOUT_S`` after the call. In an
+        elastic run that raises :class:`StepsFailed` for the step loop to recover from;
+        otherwise the module cannot go on and says so.
         """
         ranks = list(range(len(refs))) if ranks is None else ranks
-        results, lost, failed = [], [], None
-        for rank, ref in zip(ranks, refs):
-            try:
-                results.append(ray.get(ref))
-            except ray.exceptions.RayActorError as err:
-                lost.append((rank, err))
-            except ray.exceptions.RayTaskError as err:
-                failed = failed or (rank, err)
-        if lost:
-            rank, err = lost[0]
-            where = self.contexts[rank]
-            self.lost = WorkerLostError(
-                f"worker {rank} ({where}) was lost during {method}(): "
-                f"{type(err).__name__}: {_first_line(err)}; {len(lost)} of {len(refs)} workers "
-                "lost. The module cannot continue; create a new one"
-            )
-            raise self.lost
-        if failed:
+        outcomes = _await(refs, self.settings)
+        results, lost, broken, failed = [], {}, "", None
+        for rank, (kind, value) in zip(ranks, outcomes):
+            if kind == "ok":
+                results.append(value)
+            elif kind == "broken":
+                broken = broken or _first_line(value)
+            elif kind == "failed":
+                failed = failed or (rank, value)
+            elif kind:
+                lost.setdefault(rank, _why_lost(kind, value, self.settings))
+        if failed and not lost:
             rank, err = failed
             raise _in_words(err, f"worker {rank} failed in {method}()") from None
+        if lost or broken:
+            if self.limits.elastic:
+                raise StepsFailed(method, lost, broken)
+            self.lost = WorkerLostError(
+                f"{self._describe_lost(lost) if lost else 'the collective group broke'} during "
+                f"{method}(): {'; '.join(lost.values()) or broken}. The module cannot continue; "
+                "create a new one, or train with fit(..., run=raymodule.RunConfig(...)) to go "
+                "on through lost workers"
+            )
+            raise self.lost
         return results
+
+    def _describe_lost(self, lost: dict[int, str]) -> str:
+        described = []
+        for rank in sorted(lost):
+            node = self.nodes[rank]
+            described.append(
+                f"worker {rank} ({self.contexts[self.slots[rank]]}, pid {node.get('pid', '?')}, "
+                f"node {str(node.get('node', '?'))[:8]})"
+            )
+        return ", ".join(described) + (" was lost" if len(lost) == 1 else " were lost")
+
+    # -- membership ----------------------------------------------------------------------------
+    def recover(self, failure: StepsFailed, outstanding: list[list]) -> int:
+        """Goes on after a failed step: removes the lost workers (starting replacements),
+        waits for replacements when the policy says so, forms the next generation's group and
+        brings every worker to the last step applied by a survivor. ``outstanding`` are the
+        per-rank refs of the calls in flight (awaited first: no stale call may run on the new
+        group). Returns that step; the caller runs the steps after it again."""
+        tic = time.monotonic()
+        lost = dict(failure.lost)
+        self._settle(outstanding, lost)
+        before = len(self.handles)
+        decision = policy.on_loss(
+            self.limits,
+            policy.Loss(
+                survivors=before - len(lost),
+                lost=len(lost),
+                lost_before=self.lost_total,
+                has_checkpoint=self.has_checkpoint(),
+            ),
+        )
+        if decision.action in (policy.Action.FAIL, policy.Action.RESTART):
+            # RESTART needs new workers from storage: fit() does that on EveryWorkerLost
+            error = WorkerLostError if decision.action is policy.Action.FAIL else EveryWorkerLost
+            self.lost = error(
+                f"{self._describe_lost(lost) if lost else 'the group broke'} during "
+                f"{failure.method}(): {'; '.join(lost.values()) or failure.broken}"
+                + (f"; {decision.reason}" if decision.reason else "")
+            )
+            raise self.lost
+        gone = [self.slots[r] for r in sorted(lost)]
+        who = self._describe_lost(lost) if lost else ""
+        self.lost_total += len(lost)
+        survivors = [s for s in self.slots if s not in gone]
+        if gone:
+            self._control("remove", gone)
+        admit = self._wait_for_floor(
+            len(survivors),
+            decision.action is policy.Action.WAIT,
+            f"{who}: {'; '.join(lost.values())}",
+        )
+        committed = self._reform(survivors, admit)
+        self._announce(
+            "lost" if lost else "re-formed",
+            f"{who}: {'; '.join(lost.values())}" if lost else f"group broke: {failure.broken}",
+            before,
+            tic,
+            {"lost": [f"slot {s}" for s in gone], "step": committed},
+        )
+        return committed
+
+    def grow(self, drain) -> bool:
+        """At a step boundary: admits replacement workers that are up (checked at most once a
+        second, one controller call). ``drain()`` is called first to finish the steps in
+        flight. Returns whether the group grew."""
+        if not self.pending or not self.limits.elastic or time.monotonic() < self._next_poll:
+            return False
+        self._next_poll = time.monotonic() + 1.0
+        ready = self._control("ready", 0.0)
+        admit = ready[: policy.to_admit(len(self.contexts), len(self.handles), len(ready))]
+        if not admit:
+            return False
+        tic, before = time.monotonic(), len(self.handles)
+        drain()
+        self.sync()
+        committed = self._reform(list(self.slots), admit)
+        joined = ", ".join(f"slot {s}" for s in admit)
+        self._announce(
+            "grown", f"replacement for {joined} joined", before, tic, {"step": committed}
+        )
+        return True
+
+    def _wait_for_floor(self, live: int, wait: bool, loss: str) -> list[int]:
+        """Replacements to admit now: those already up; while below the floor, waits for
+        more (bounded by RAYMODULE_MIN_WORKERS_WAIT_S), then fails as the policy says."""
+        ready = self._control("ready", 0.0)
+        start = time.monotonic()
+        limit = self.settings.min_workers_wait_s
+        while wait and live + len(ready) < self.limits.floor:
+            waited = time.monotonic() - start
+            if waited >= limit:
+                break
+            log.warning(
+                "raymodule: %d of %d workers, below the floor of %d: waiting for replacements "
+                "(%.0f s of %.0f s)",
+                live + len(ready), len(self.contexts), self.limits.floor, waited, limit,
+            )  # fmt: skip
+            step = min(limit - waited, self.settings.placement_report_interval_s)
+            ready = sorted(set(ready) | set(self._control("ready", step)))
+        decision = policy.after_wait(self.limits, live + len(ready), time.monotonic() - start)
+        if decision.action is policy.Action.FAIL:
+            self.lost = WorkerLostError(f"{loss}; {decision.reason}")
+            raise self.lost
+        return ready
+
+    def _reform(self, survivors: list[int], admit: list[int]) -> int:
+        """Forms the group of ``survivors`` and ``admit`` (slots), sets up the modules on the
+        admitted workers and brings everyone to the latest step a survivor applied."""
+        while True:
+            membership = self._control("reform", admit)
+            if not membership["lost"]:
+                break
+            died = membership["lost"]  # lost while the group was forming: count them, again
+            self.lost_total += len(died)
+            if self.limits.max_failures >= 0 and self.lost_total > self.limits.max_failures:
+                self.lost = WorkerLostError(
+                    f"slots {died} were lost while the group re-formed: {self.lost_total} "
+                    f"workers lost over the run, more than max_failures={self.limits.max_failures}"
+                )
+                raise self.lost
+            self._control("remove", died)
+            survivors = [s for s in survivors if s not in died]
+            admit = [s for s in admit if s not in died]
+            if not survivors:
+                self.lost = WorkerLostError("every worker was lost while the group re-formed")
+                raise self.lost
+        self._adopt(membership)
+        new = [rank for rank, slot in enumerate(self.slots) if slot in admit]
+        old = [rank for rank, slot in enumerate(self.slots) if slot not in admit]
+        applied = self.call("applied", ranks=old)
+        committed = max(applied)
+        source = old[applied.index(committed)]
+        behind = [r for r, a in zip(old, applied) if a < committed] + new
+        modules = [self.modules[k] for k in sorted(self.modules)]
+        for module in modules:
+            module._rejoin(new)
+        snapshots = {
+            module._id: self.submit("snapshot", module._id, committed, ranks=[source])[0]
+            for module in modules
+            if behind and module._holds_state()
+        }
+        for mid, snapshot in snapshots.items():  # parameters, and survivors' optimizer states
+            self.post("restore", mid, snapshot, ranks=behind)
+        for module in modules:
+            module._install_optimizer(new)
+        for mid, snapshot in snapshots.items():  # the new workers' optimizer states
+            self.post("restore", mid, snapshot, ranks=new)
+        self.sync()
+        self.steps_sent = committed
+        return committed
+
+    def _control(self, method: str, *args):
+        """Calls the controller; a lost controller (its node died) loses the run's workers
+        too (they share its fate), so the run goes on from its latest checkpoint."""
+        try:
+            return ray.get(getattr(self.controller, method).remote(*args))
+        except ray.exceptions.RayActorError as err:
+            self.lost = EveryWorkerLost(f"the controller was lost: {_first_line(err)}")
+            raise self.lost from None
+
+    def _settle(self, outstanding: list[list], lost: dict[int, str]) -> None:
+        """Waits for the survivors' calls in flight (they fail at once: their group is
+        broken); a survivor that does not answer within the collective timeout is lost too."""
+        self._unchecked, unchecked = [], self._unchecked
+        by_rank: dict[int, list] = {}
+        for refs in outstanding:
+            for rank, ref in enumerate(refs):
+                by_rank.setdefault(rank, []).append(ref)
+        for rank, ref, _ in unchecked:
+            by_rank.setdefault(rank, []).append(ref)
+        waiting = {ref: rank for rank, refs in by_rank.items() if rank not in lost for ref in refs}
+        if not waiting:
+            return
+        _, late = ray.wait(
+            list(waiting), num_returns=len(waiting), timeout=self.settings.collective_timeout_s
+        )
+        for ref in late:
+            lost.setdefault(waiting[ref], _why_lost("silent", None, self.settings))
+
+    def _announce(self, change: str, why: str, before: int, tic: float, extra: dict) -> None:
+        seconds = time.monotonic() - tic
+        log.warning(
+            "raymodule: %s; world size %d -> %d (generation %d), recovered in %.2f s%s",
+            why,
+            before,
+            len(self.handles),
+            self.generation,
+            seconds,
+            f"; replacements pending for slots {self.pending}" if self.pending else "",
+        )
+        if self.on_membership is not None:
+            self.on_membership(
+                {
+                    "event": "membership",
+                    "change": change,
+                    "why": why,
+                    "world_size": len(self.handles),
+                    "previous_world_size": before,
+                    "generation": self.generation,
+                    "recovery_s": round(seconds, 3),
+                    "pending": list(self.pending),
+                    **extra,
+                }
+            )
+
+
+def _beside_client():
+    """Where the controller goes: on this process's node, which training cannot outlive
+    anyway (in a Tune trial: the trial's first bundle, the trainable's own)."""
+    pg = get_current_placement_group()
+    if pg is not None:
+        return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+
+
+def _await(refs: list, settings: Settings) -> list[tuple[str, object]]:
+    """Each call's outcome: ("ok", result), ("broken", err) for a worker whose group broke,
+    ("dead", err), ("silent", None) for one that did not answer in time, or ("failed", err)
+    for an error of the worker's own, which ends the wait at once (the others: ("", None))."""
+    outcomes: list = [None] * len(refs)
+    index = {ref: i for i, ref in enumerate(refs)}
+    pending = list(refs)
+    deadline = time.monotonic() + settings.call_timeout_s
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+        if not ready:
+            left = max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready:
+                break
+        for ref in ready:
+            i = index[ref]
+            try:
+                outcomes[i] = ("ok", ray.get(ref))
+                continue
+            except ray.exceptions.RayActorError as err:
+                outcomes[i] = ("dead", err)
+            except ray.exceptions.RayTaskError as err:
+                if not isinstance(getattr(err, "cause", None), GroupBrokenError):
+                    outcomes[i] = ("failed", err)
+                    return [o or ("", None) for o in outcomes]
+                outcomes[i] = ("broken", err)
+            # a peer is gone or its group broke: the others answer within the collective timeout
+            deadline = min(deadline, time.monotonic() + settings.collective_timeout_s)
+    return [o or ("silent", None) for o in outcomes]
+
+
+def _why_lost(kind: str, err, settings: Settings) -> str:
+    if kind == "silent":
+        return (
+            f"silent: no answer within RAYMODULE_COLLECTIVE_TIMEOUT_S="
+            f"{settings.collective_timeout_s:g} s after its peers' collective failed"
+        )
+    return f"{type(err).__name__}: {_first_line(err)}"
 
 
 def _in_words(err: Exception, what: str) -> Exception:

@@ -1,0 +1,267 @@
+"""Elastic training on a real multi-node Ray on one machine, under real faults.
+
+    python tests/elastic_cluster.py SCENARIO OUT_JSON
+
+Starts a ``ray.cluster_utils.Cluster`` (a head without CPUs and three nodes of 1 CPU, fast
+health checks, on 127.0.0.1), trains an MLP on three workers (one per node) through an elastic
+run, injects SCENARIO's fault from a ``batch_end_callback`` keyed to a step (never to the
+clock), trains the same batches with plain ``mx.mod.Module`` on one device, and writes what
+happened to OUT_JSON. Stops every Ray process it started, even when training fails.
+
+Scenarios: kill (SIGKILL one worker process), node (remove a worker's node for real),
+hang (SIGSTOP one worker: alive, silent), grow (remove a node, add one back later),
+floor (remove a node with min_workers=3 and no node coming), all (SIGKILL every worker:
+the run goes on from its latest checkpoint), process (SIGKILL the training process itself
+mid-run, run it again with the same name), none (no fault).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+os.environ.setdefault("RAYMODULE_COLLECTIVE_TIMEOUT_S", "4")
+os.environ.setdefault("RAYMODULE_MIN_WORKERS_WAIT_S", "4")
+os.environ.setdefault("RAYMODULE_PLACEMENT_REPORT_INTERVAL_S", "1")
+
+import mxnet as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import dataset, max_relative_diff, mlp  # noqa: E402
+
+import raymodule  # noqa: E402
+
+WORKERS = 3
+BATCH = 24  # splits evenly over 3 and over 2 workers
+EPOCHS = 2
+FAULT_AT = (0, 6)  # (epoch, batch) whose batch_end_callback injects the fault
+GROW_AT = (1, 2)  # the grow scenario adds a node back here
+HEALTH = {
+    "health_check_initial_delay_ms": 0,
+    "health_check_period_ms": 500,
+    "health_check_failure_threshold": 3,
+}
+
+
+def batches():
+    x, y = dataset(n=BATCH * 16, shape=(20,), seed=3)
+    return mx.io.NDArrayIter(x, y, batch_size=BATCH, shuffle=False)
+
+
+def optimizer_params():
+    return {"learning_rate": 0.1, "momentum": 0.9}
+
+
+def plain_mxnet() -> dict:
+    """The same training by plain MXNet on one device: what every run must end with."""
+    mx.random.seed(0)
+    mod = mx.mod.Module(mlp(), context=mx.cpu())
+    mod.fit(batches(), num_epoch=EPOCHS, optimizer_params=optimizer_params())
+    arg, aux = mod.get_params()
+    return {**arg, **aux}
+
+
+def train(storage: str, name: str, callback=None, min_workers=2, contexts=WORKERS):
+    """The elastic run; returns the module (still open) and the exception it raised, if any."""
+    mx.random.seed(0)
+    mod = raymodule.Module(mlp(), context=[mx.cpu(i) for i in range(contexts)])
+    try:
+        mod.fit(
+            batches(),
+            num_epoch=EPOCHS,
+            optimizer_params=optimizer_params(),
+            batch_end_callback=callback,
+            run=raymodule.RunConfig(
+                name=name, storage=storage, checkpoint_every=4, min_workers=min_workers
+            ),
+        )
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        traceback.print_exc()
+        return mod, err
+    return mod, None
+
+
+class Fault:
+    """Fires ``action(mod)`` once, from the batch_end_callback of batch ``at``."""
+
+    def __init__(self, at, action):
+        self.at, self.action, self.fired = at, action, 0
+
+    def __call__(self, param) -> None:
+        # once: a run restarted from a checkpoint calls back for this batch again
+        if (param.epoch, param.nbatch) == self.at and not self.fired:
+            self.fired += 1
+            self.action(param.locals["self"])
+
+
+def replicas_equal(mod) -> bool:
+    per_worker = mod.workers.call("get_params", mod._id)
+    first = per_worker[0]
+    return all(
+        all(np.array_equal(first[i][k], other[i][k]) for k in first[i])
+        for other in per_worker[1:]
+        for i in (0, 1)
+    )
+
+
+def run_scenario(scenario: str, cluster, storage: str) -> dict:
+    import ray
+
+    nodes = {n.node_id: n for n in cluster.list_all_nodes()}
+    victim = 1  # the rank whose worker the fault hits
+
+    def kill(mod):
+        os.kill(mod.workers.nodes[victim]["pid"], signal.SIGKILL)
+
+    def kill_all(mod):
+        for node in mod.workers.nodes:
+            os.kill(node["pid"], signal.SIGKILL)
+
+    def stop(mod):
+        os.kill(mod.workers.nodes[victim]["pid"], signal.SIGSTOP)
+
+    def remove_node(mod):
+        cluster.remove_node(nodes[mod.workers.nodes[victim]["node"]], allow_graceful=False)
+
+    def add_node(mod):
+        cluster.add_node(num_cpus=1)
+        deadline = time.monotonic() + 120  # until the replacement is up on it (not admitted)
+        while time.monotonic() < deadline:
+            if ray.get(mod.workers.controller.ready.remote(1.0)):
+                return
+        raise RuntimeError("no replacement worker came up on the added node")
+
+    faults = []
+    min_workers = 2
+    if scenario == "kill":
+        faults.append(Fault(FAULT_AT, kill))
+    elif scenario == "hang":
+        faults.append(Fault(FAULT_AT, stop))
+    elif scenario == "node":
+        faults.append(Fault(FAULT_AT, remove_node))
+    elif scenario == "grow":
+        faults += [Fault(FAULT_AT, remove_node), Fault(GROW_AT, add_node)]
+    elif scenario == "all":
+        faults.append(Fault(FAULT_AT, kill_all))
+        min_workers = 1
+    elif scenario == "floor":
+        faults.append(Fault(FAULT_AT, remove_node))
+        min_workers = 3
+    callbacks = faults or None
+    tic = time.monotonic()
+    mod, error = train(storage, scenario, callbacks, min_workers=min_workers)
+    result = {
+        "scenario": scenario,
+        "seconds": round(time.monotonic() - tic, 2),
+        "fired": [f.fired for f in faults],
+        "error": f"{type(error).__name__}: {error}" if error else None,
+        "world_size": mod.world_size,
+    }
+    if error is None:
+        arg, aux = mod.get_params()
+        result["diff"] = max_relative_diff(plain_mxnet(), {**arg, **aux})
+        result["replicas_equal"] = replicas_equal(mod)
+    mod.close()
+    result["metrics"] = read_metrics(os.path.join(storage, scenario))
+    return result
+
+
+def read_metrics(run_folder: str) -> list[dict]:
+    try:
+        with open(os.path.join(run_folder, "metrics.jsonl")) as f:
+            return [json.loads(line) for line in f]
+    except FileNotFoundError:
+        return []
+
+
+def process_scenario(cluster, storage: str) -> dict:
+    """Kills a training process (a driver of the cluster) mid-run and runs it again."""
+    env = dict(os.environ, RAY_ADDRESS=cluster.address)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", storage]
+    first = subprocess.run(cmd + ["kill"], env=env, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(cmd + ["go"], env=env, capture_output=True, text=True, timeout=300)
+    result = {
+        "scenario": "process",
+        "first_rc": first.returncode,
+        "second_rc": second.returncode,
+        "second_log": second.stdout[-3000:] + second.stderr[-3000:],
+        "fired": [int("killing the training process" in first.stdout)],
+    }
+    if second.returncode == 0:
+        params = mx.nd.load(os.path.join(storage, "process.params"))
+        got = {k.split(":", 1)[1]: v for k, v in params.items()}
+        result["diff"] = max_relative_diff(plain_mxnet(), got)
+    result["metrics"] = read_metrics(os.path.join(storage, "process"))
+    return result
+
+
+def child(storage: str, mode: str) -> None:
+    """The training process of the ``process`` scenario (joins the cluster at RAY_ADDRESS)."""
+    run_folder = os.path.join(storage, "process")
+
+    def kill_self(param):
+        if (param.epoch, param.nbatch) != (1, 6) or mode != "kill":
+            return
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # once a checkpoint inside epoch 1 is committed
+            ckpt = raymodule.latest_checkpoint(run_folder)
+            if ckpt is not None and ckpt.epoch == 1 and ckpt.batch > 0:
+                print("killing the training process", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.05)
+
+    mod, error = train(storage, "process", kill_self)
+    if error is not None:
+        raise error
+    mod.save_params(os.path.join(storage, "process.params"))
+    mod.close()
+
+
+def main() -> None:
+    if sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3])
+        return
+    scenario, out = sys.argv[1], sys.argv[2]
+    from ray.cluster_utils import Cluster
+
+    storage = tempfile.mkdtemp(prefix="elastic-")
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": HEALTH},
+    )
+    try:
+        if scenario != "process":
+            import ray
+
+            # before the other nodes exist: the driver then uses the head's raylet, and the
+            # nodes the faults remove are never the driver's own
+            ray.init(address=cluster.address, log_to_driver=False)
+        for _ in range(WORKERS):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        if scenario == "process":
+            result = process_scenario(cluster, storage)
+        else:
+            result = run_scenario(scenario, cluster, storage)
+    finally:
+        import ray
+
+        ray.shutdown()
+        cluster.shutdown()
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

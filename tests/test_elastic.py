@@ -1,0 +1,111 @@
+"""Elastic runs on a real multi-node Ray (three 1-CPU nodes on 127.0.0.1) under real faults,
+keyed to a step: each ends with the parameters plain MXNet trains on the same batches.
+
+Each scenario runs in a process of its own (tests/elastic_cluster.py), which starts and stops
+its own cluster: a process holds one Ray, and the session's is not a multi-node one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def scenario(name: str, tmp_path) -> dict:
+    out = tmp_path / f"{name}.json"
+    env = dict(os.environ, RAY_TMPDIR=tempfile.mkdtemp(prefix="rel-", dir="/tmp"))
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "elastic_cluster.py"), name, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    result["log"] = proc.stdout + proc.stderr
+    return result
+
+
+def changes(result: dict) -> list[dict]:
+    return [m for m in result["metrics"] if m.get("event") == "membership"]
+
+
+def epochs(result: dict) -> list[dict]:
+    return [m for m in result["metrics"] if "epoch" in m]
+
+
+def assert_same_model(result: dict) -> None:
+    assert result["error"] is None, result["error"]
+    assert result["replicas_equal"], "the replicas differ"
+    assert result["diff"] <= 1e-4, f"differs from plain MXNet by {result['diff']:.2e}"
+
+
+@pytest.mark.parametrize("fault", ["kill", "node"])
+def test_a_lost_worker_costs_no_completed_step(fault, tmp_path):
+    """A worker process SIGKILLed, or its node removed for real, at step k: the survivors run
+    the failed step again on the same global batch and the run ends as if nothing happened."""
+    result = scenario(fault, tmp_path)
+    assert result["fired"] == [1]
+    assert_same_model(result)
+    (lost,) = changes(result)
+    assert lost["world_size"] == 2 and lost["previous_world_size"] == 3
+    assert lost["lost"] == ["slot 1"] and "was lost" in lost["why"]
+    assert "world size 3 -> 2" in result["log"]  # the line a user sees
+    assert [e["epoch"] for e in epochs(result)] == [0, 1]
+    assert epochs(result)[-1]["global_step"] == 32
+
+
+def test_a_silent_worker_is_removed_after_the_timeout(tmp_path):
+    """A worker SIGSTOPped (alive, not answering) is removed after the collective timeout."""
+    result = scenario("hang", tmp_path)
+    assert result["fired"] == [1]
+    assert_same_model(result)
+    (lost,) = changes(result)
+    assert "silent" in lost["why"] and lost["world_size"] == 2
+
+
+def test_the_group_grows_back_when_a_node_returns(tmp_path):
+    result = scenario("grow", tmp_path)
+    assert result["fired"] == [1, 1]
+    assert_same_model(result)
+    lost, grown = changes(result)
+    assert (lost["world_size"], grown["world_size"]) == (2, 3)
+    assert grown["change"] == "grown" and grown["step"] > lost["step"]
+    assert result["world_size"] == 3
+    assert epochs(result)[-1]["world_size"] == 3
+
+
+def test_with_every_worker_lost_the_run_goes_on_from_its_latest_checkpoint(tmp_path):
+    result = scenario("all", tmp_path)
+    assert result["fired"] == [1]
+    assert_same_model(result)
+    assert "restarting them from ckpt-" in result["log"]
+    assert result["world_size"] == 3
+    assert [e["epoch"] for e in epochs(result)] == [0, 1]
+
+
+def test_below_min_workers_with_no_node_coming_fails_in_words(tmp_path):
+    result = scenario("floor", tmp_path)
+    assert result["fired"] == [1]
+    error = result["error"]
+    assert error.startswith("WorkerLostError"), error
+    assert "was lost" in error and "min_workers=3" in error and "waiting" in error
+
+
+def test_a_killed_training_process_resumes_from_storage(tmp_path):
+    """The training process itself SIGKILLed mid-epoch, then run again with the same name."""
+    result = scenario("process", tmp_path)
+    assert result["first_rc"] == -9 and result["fired"] == [1]
+    assert result["second_rc"] == 0, result["second_log"]
+    assert result["diff"] <= 1e-4
+    assert [e["epoch"] for e in epochs(result)] == [0, 1]
+    assert epochs(result)[-1]["resumed_at_batch"] > 0
