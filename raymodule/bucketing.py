@@ -353,6 +353,11 @@ class BucketingModule(loop.TrainingLoops, _MXNetBucketingModule):
         return self._default._workers
 
     @property
+    def workers(self):
+        """The worker actors the buckets share (``None`` before ``bind``)."""
+        return self._default.workers if self._default is not None else None
+
+    @property
     def world_size(self) -> int:
         """Workers training now (see :attr:`raymodule.Module.world_size`)."""
         return self._default.world_size if self._default is not None else len(self._context)

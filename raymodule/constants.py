@@ -32,6 +32,9 @@ class Settings:
     min_workers_wait_s: float = 600.0
     """RAYMODULE_MIN_WORKERS_WAIT_S: how long an elastic run below its floor (min_workers, or
     every context) waits for replacement workers before it fails."""
+    admit_interval_s: float = 1.0
+    """RAYMODULE_ADMIT_INTERVAL_S: how often an elastic run with replacements pending asks the
+    controller, at a step boundary, whether they are up to be admitted."""
     allreduce_bucket_bytes: int = 4 * 1024 * 1024
     """RAYMODULE_ALLREDUCE_BUCKET_BYTES: gradients are fused into buckets of at most this size,
     one collective call each."""

@@ -263,12 +263,12 @@ class WorkerSet:
         return committed
 
     def grow(self, drain) -> bool:
-        """At a step boundary: admits replacement workers that are up (checked at most once a
-        second, one controller call). ``drain()`` is called first to finish the steps in
-        flight. Returns whether the group grew."""
+        """At a step boundary: admits replacement workers that are up (one controller call,
+        at most every RAYMODULE_ADMIT_INTERVAL_S). ``drain()`` is called first to finish the
+        steps in flight. Returns whether the group grew."""
         if not self.pending or not self.limits.elastic or time.monotonic() < self._next_poll:
             return False
-        self._next_poll = time.monotonic() + 1.0
+        self._next_poll = time.monotonic() + self.settings.admit_interval_s
         ready = self._control("ready", 0.0)
         admit = ready[: policy.to_admit(len(self.contexts), len(self.handles), len(ready))]
         if not admit:
@@ -276,6 +276,9 @@ class WorkerSet:
         tic, before = time.monotonic(), len(self.handles)
         drain()
         self.sync()
+        admit = [slot for slot in admit if slot in self.pending]  # a recovery may have taken it
+        if not admit:
+            return False
         committed = self._reform(list(self.slots), admit)
         joined = ", ".join(f"slot {s}" for s in admit)
         self._announce(

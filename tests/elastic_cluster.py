@@ -32,7 +32,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("RAYMODULE_COLLECTIVE_TIMEOUT_S", "4")
 os.environ.setdefault("RAYMODULE_MIN_WORKERS_WAIT_S", "4")
-os.environ.setdefault("RAYMODULE_PLACEMENT_REPORT_INTERVAL_S", "1")
+os.environ.setdefault("RAYMODULE_PLACEMENT_REPORT_INTERVAL_S", "5")
+os.environ.setdefault("RAYMODULE_PLACEMENT_TIMEOUT_S", "120")
 
 import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -47,10 +48,12 @@ BATCH = 24  # splits evenly over 3 and over 2 workers
 EPOCHS = 2
 FAULT_AT = (0, 6)  # (epoch, batch) whose batch_end_callback injects the fault
 GROW_AT = (1, 2)  # the grow scenario adds a node back here
+# A removed node is declared dead after ~5 s (the default is ~30 s); tighter bounds make a
+# node on a busy 2-core machine miss its checks and die on its own.
 HEALTH = {
     "health_check_initial_delay_ms": 0,
-    "health_check_period_ms": 500,
-    "health_check_failure_threshold": 3,
+    "health_check_period_ms": 1000,
+    "health_check_failure_threshold": 5,
 }
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import json
+import os
+import signal
 import warnings
 
 import mxnet as mx
@@ -294,3 +297,34 @@ def test_load_dict_and_predict_match_native():
     expected = native.predict(ListIter(train), merge_batches=False)
     for a, b in zip(expected, ours):
         np.testing.assert_allclose(a[0].asnumpy(), b[0].asnumpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_bucketing_run_that_loses_a_worker_ends_as_native(tmp_path):
+    """A worker SIGKILLed mid-epoch: every bucket is split again over the survivors (and the
+    replacement when it joins) and the run ends with MXNet's parameters."""
+    train = batches(KEYS * 2, batch_size=12)
+    mx.random.seed(0)
+    native = mx.mod.BucketingModule(lstm_sym_gen, default_bucket_key=8)
+    native.fit(ListIter(train), num_epoch=2, optimizer_params=SGD, kvstore="local")
+    fired = []
+
+    def kill(param):
+        if (param.epoch, param.nbatch) == (0, 3) and not fired:
+            fired.append(True)
+            os.kill(param.locals["self"].workers.nodes[1]["pid"], signal.SIGKILL)
+
+    mx.random.seed(0)
+    contexts = [mx.cpu(i) for i in range(3)]
+    with raymodule.BucketingModule(lstm_sym_gen, 8, context=contexts) as mod:
+        mod.fit(
+            ListIter(train),
+            num_epoch=2,
+            optimizer_params=SGD,
+            batch_end_callback=kill,
+            run=raymodule.RunConfig(name="lm", storage=str(tmp_path), min_workers=2),
+        )
+        assert fired == [True]
+        assert max_relative_diff(native.get_params()[0], mod.get_params()[0]) <= 1e-4
+    lines = (tmp_path / "lm" / "metrics.jsonl").read_text().splitlines()
+    events = [e for e in map(json.loads, lines) if e.get("event") == "membership"]
+    assert events[0]["world_size"] == 2 and events[0]["lost"] == ["slot 1"]

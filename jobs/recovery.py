@@ -1,0 +1,177 @@
+"""Measure elastic recovery: kill one of three workers mid-run and time the way back.
+
+For each trial, an MLP trains on 3 raymodule workers through an elastic run
+(``RunConfig(min_workers=2)``); at a chosen step the process of one worker is SIGKILLed.
+Reported per trial:
+
+- seconds from the kill to the next completed step (the first step the re-formed group
+  finishes, as its ``batch_end_callback`` sees it, so it includes the pipeline's trail);
+- the recovery the library logged (failure detected to group re-formed, state in sync);
+- completed steps lost: steps whose callback had run before the kill (every worker had
+  applied them) that had to be run again; the goal is 0;
+- whether the run then ended with the parameters plain MXNet trains on the same batches.
+
+Run locally (starts a Ray on 127.0.0.1 with 4 logical CPUs, whatever this machine has):
+
+    python jobs/recovery.py --trials 3
+
+Run on a Ray cluster with room for 3 one-CPU workers:
+
+    ray job submit --working-dir . -- python jobs/recovery.py --trials 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray on 127.0.0.1
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import jobtools  # noqa: E402,F401  (puts the repository on sys.path)
+import mxnet as mx  # noqa: E402
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+
+import raymodule  # noqa: E402
+
+WORKERS = 3
+
+
+def mlp() -> mx.sym.Symbol:
+    net = mx.sym.Variable("data")
+    for i, width in enumerate((256, 128)):
+        net = mx.sym.Activation(
+            mx.sym.FullyConnected(net, num_hidden=width, name=f"fc{i}"), act_type="relu"
+        )
+    return mx.sym.SoftmaxOutput(
+        mx.sym.FullyConnected(net, num_hidden=10, name="out"), name="softmax"
+    )
+
+
+def batches(n_batches: int, batch: int) -> mx.io.NDArrayIter:
+    rng = np.random.RandomState(0)
+    x = rng.uniform(-1, 1, (n_batches * batch, 64)).astype("float32")
+    y = rng.randint(0, 10, n_batches * batch).astype("float32")
+    return mx.io.NDArrayIter(x, y, batch_size=batch)
+
+
+def plain_mxnet(args) -> dict:
+    mx.random.seed(0)
+    mod = mx.mod.Module(mlp(), context=mx.cpu())
+    mod.fit(batches(args.batches, args.batch_size), num_epoch=1, optimizer_params=OPTIMIZER)
+    arg, aux = mod.get_params()
+    return {**arg, **aux}
+
+
+OPTIMIZER = {"learning_rate": 0.05, "momentum": 0.9}
+
+
+class Killer:
+    """A ``batch_end_callback``: kills worker ``victim`` at batch ``at`` and notes when each
+    batch's callback ran."""
+
+    def __init__(self, at: int, victim: int):
+        self.at, self.victim = at, victim
+        self.killed_at: float | None = None
+        self.seen: dict[int, float] = {}
+
+    def __call__(self, param) -> None:
+        self.seen[param.nbatch] = time.monotonic()
+        if param.nbatch == self.at and self.killed_at is None:
+            pid = param.locals["self"].workers.nodes[self.victim]["pid"]
+            self.killed_at = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+
+
+def trial(args, storage: str, number: int, reference: dict) -> dict:
+    killer = Killer(at=args.kill_at, victim=1 + number % (WORKERS - 1))
+    mx.random.seed(0)
+    with raymodule.Module(mlp(), context=[mx.cpu(i) for i in range(WORKERS)]) as mod:
+        mod.fit(
+            batches(args.batches, args.batch_size),
+            num_epoch=1,
+            optimizer_params=OPTIMIZER,
+            batch_end_callback=killer,
+            run=raymodule.RunConfig(
+                name=f"recovery-{number}", storage=storage, checkpoint_every=0, min_workers=2
+            ),
+        )
+        arg, aux = mod.get_params()
+        got = {**arg, **aux}
+    with open(os.path.join(storage, f"recovery-{number}", "metrics.jsonl")) as f:
+        events = [e for e in map(json.loads, f) if e.get("event") == "membership"]
+    lost = events[0]
+    committed = lost["step"]  # steps every survivor had applied; step s is batch s - 1
+    done_before_kill = max(n for n, t in killer.seen.items() if t <= killer.killed_at) + 1
+    first_after = committed  # the batch of the first step the new group runs
+    diff = max(
+        float(
+            np.abs(reference[k].asnumpy() - got[k].asnumpy()).max()
+            / max(np.abs(reference[k].asnumpy()).max(), 1e-12)
+        )
+        for k in reference
+    )
+    return {
+        "kill_to_next_step_s": killer.seen[first_after] - killer.killed_at,
+        "recovery_logged_s": lost["recovery_s"],
+        "completed_steps_lost": max(0, done_before_kill - committed),
+        "world_size_after": lost["world_size"],
+        "max_relative_diff": diff,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=3, help="kills to time, one run each")
+    parser.add_argument("--batches", type=int, default=120, help="batches in the run")
+    parser.add_argument("--batch-size", type=int, default=96, help="global batch size")
+    parser.add_argument("--kill-at", type=int, default=40, help="batch whose callback kills")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args()
+    if not 0 < args.kill_at < args.batches - 10:
+        parser.error(f"--kill-at={args.kill_at} must leave 10 batches after it")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if not os.environ.get("RAY_ADDRESS"):
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    reference = plain_mxnet(args)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="recovery-") as storage:
+        for number in range(args.trials):
+            results.append(trial(args, storage, number, reference))
+            print(
+                json.dumps(
+                    {
+                        "trial": number,
+                        **{
+                            k: round(v, 4) if isinstance(v, float) else v
+                            for k, v in results[-1].items()
+                        },
+                    }
+                ),
+                flush=True,
+            )
+    seconds = [r["kill_to_next_step_s"] for r in results]
+    print(
+        f"\nkill one of {WORKERS} workers at batch {args.kill_at}, {args.trials} trials: "
+        f"kill -> next completed step {statistics.median(seconds):.2f} s median "
+        f"(max {max(seconds):.2f}; goal <= 5 s); completed steps lost "
+        f"{sum(r['completed_steps_lost'] for r in results)} (goal 0); "
+        f"largest difference from plain MXNet {max(r['max_relative_diff'] for r in results):.1e}"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
