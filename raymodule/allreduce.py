@@ -55,6 +55,27 @@ def free_address() -> str:
         return f"{host}:{s.getsockname()[1]}"
 
 
+def _rendezvous_store(address: str, world_size: int, rank: int, timeout) -> dist.TCPStore:
+    """The group's rendezvous, served by rank 0 on ``address`` only: torch's TCPStore would
+    listen on every interface, so rank 0 binds the socket itself and hands it over."""
+    host, port = address.rsplit(":", 1)
+    listen_fd = None
+    if rank == 0:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, int(port)))
+        listener.listen(128)
+        listen_fd = listener.detach()
+    return dist.TCPStore(
+        host,
+        int(port),
+        world_size,
+        is_master=rank == 0,
+        timeout=timeout,
+        master_listen_fd=listen_fd,
+    )
+
+
 def _as_torch(array: mx.nd.NDArray) -> torch.Tensor:
     """A torch tensor over the NDArray's memory; waits until MXNet's pending writes are done."""
     return torch.utils.dlpack.from_dlpack(array.to_dlpack_for_write())
@@ -70,12 +91,13 @@ class Collective:
         if backend == "gloo":
             # torch's own process group bounds every collective with `timeout`; Ray's wrapper
             # then adopts it as the default group (Ray's gloo_timeout bounds only rendezvous).
+            timeout = datetime.timedelta(seconds=timeout_s)
             dist.init_process_group(
                 "gloo",
-                init_method=f"tcp://{address}",
+                store=_rendezvous_store(address, world_size, rank, timeout),
                 world_size=world_size,
                 rank=rank,
-                timeout=datetime.timedelta(seconds=timeout_s),
+                timeout=timeout,
             )
         col.init_collective_group(
             world_size,

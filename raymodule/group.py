@@ -65,6 +65,20 @@ def _dead(slots: list[int], refs: list) -> list[int]:
     return dead
 
 
+def _check_fits(bundles: list[dict], reserved: list[dict]) -> None:
+    """Workers placed in a placement group that is not theirs (a Tune trial's) must fit in
+    what it reserved, or they would wait for ever."""
+    for key in {k for b in bundles for k in b}:
+        asked = sum(b.get(key, 0) for b in bundles)
+        held = sum(b.get(key, 0) for b in reserved)
+        if asked > held:
+            raise PlacementError(
+                f"{_describe(bundles)}, but the placement group they run in (a Tune trial's) "
+                f"reserved {reserved}: build the module on the contexts the trial reserved "
+                "(raymodule.tune.workers()), or reserve more with raymodule.tune.with_workers"
+            )
+
+
 class WorkerGroup:
     """Starts, tracks and stops the workers of one module family.
 
@@ -97,7 +111,16 @@ class WorkerGroup:
         self._pg, self._indexed = self._placement()
         for slot in range(len(self.bundles)):
             self.members[slot] = self._spawn(slot)
-        described = ray.get([w.describe.remote() for w in self.members.values()])
+        probes = [w.describe.remote() for w in self.members.values()]
+        limit = self.settings.placement_timeout_s
+        _, late = ray.wait(probes, num_returns=len(probes), timeout=limit)
+        if late:
+            self.stop()
+            raise PlacementError(
+                f"{len(late)} of {_describe(self.bundles)} did not start within {limit:g} s "
+                "(RAYMODULE_PLACEMENT_TIMEOUT_S sets the wait)"
+            )
+        described = ray.get(probes)
         self.nodes = dict(zip(self.members, described))
         return self.form(backend)
 
@@ -169,6 +192,7 @@ class WorkerGroup:
     def _placement(self) -> tuple[PlacementGroup, bool]:
         current = get_current_placement_group()
         if current is not None:
+            _check_fits(self.bundles, current.bundle_specs)
             return current, False
         if self.fail_fast and not _cluster_has_room(self.bundles):
             raise PlacementError(

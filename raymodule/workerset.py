@@ -416,7 +416,7 @@ def _beside_client():
     pg = get_current_placement_group()
     if pg is not None:
         return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def _await(refs: list, settings: Settings) -> list[tuple[str, object]]:
