@@ -44,10 +44,13 @@ import mxnet as mx
 import numpy as np
 from jobtools import (
     EpochProgress,
+    HelpFormatter,
     add_run_options,
     add_training_options,
+    check_storage,
     check_training_options,
     run_config,
+    run_job,
 )
 
 import raymodule
@@ -155,7 +158,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Train a bucketing LSTM language model on the Python documentation with "
         "raymodule workers, reporting perplexity.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_training_options(parser, epochs=8, batch_size=32)
     parser.add_argument(
@@ -221,6 +224,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("raymodule.run").setLevel(logging.INFO)  # where the run resumes
+    check_storage(args.run)  # before Ray starts: a --storage that cannot be written ends here
     train, val, vocab = load_corpus(args.vocab, args.seed, max_len=max(args.buckets))
     data_train = SentenceIter(train, args.batch_size, args.buckets, seed=args.seed)
     data_val = SentenceIter(val, args.batch_size, args.buckets, seed=args.seed, complete=True)
@@ -285,4 +289,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_job(main)

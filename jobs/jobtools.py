@@ -1,5 +1,6 @@
 """What the jobs in jobs/ share: the training options (workers, epochs, batch size), the options
-of a run (name, storage, checkpoints, resume) and a progress bar per epoch.
+of a run (name, storage, checkpoints, resume), a check of the storage before Ray starts, the
+way a job ends on raymodule's errors (:func:`run_job`) and a progress bar per epoch.
 
 The jobs import it first (their folder is on ``sys.path`` when they run); it puts the
 repository on ``sys.path`` for ``raymodule``, which a checkout run with
@@ -8,14 +9,62 @@ repository on ``sys.path`` for ``raymodule``, which a checkout run with
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import time
+from collections.abc import Callable
 
 import mxnet as mx
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import raymodule  # noqa: E402  (the repository is on sys.path above)
+from raymodule.storage import Folder, is_uri, redact  # noqa: E402
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, except where there is none (None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def run_job(main: Callable[[], int]) -> None:
+    """Runs a job's ``main`` and exits with its code. A raymodule error (storage that cannot be
+    used, workers that cannot be placed, a run that cannot resume as asked, a lost worker) ends
+    the job with exit code 1 and its message, in the form argparse gives usage errors (which
+    end with code 2), instead of a traceback."""
+    try:
+        code = main()
+    except raymodule.RayModuleError as err:
+        prog = os.path.basename(sys.argv[0])
+        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        code = 1
+    sys.exit(code)
+
+
+def check_storage(run: raymodule.RunConfig) -> None:
+    """Raises :class:`raymodule.CheckpointError` saying what to change when the run's folder
+    cannot be written (an object store that does not answer, a missing bucket, wrong keys, a
+    local path that is a file or read-only). Called before Ray starts, so a job with a bad
+    ``--storage`` ends within seconds; ``fit`` checks it again."""
+    try:
+        Folder(run.location).check_writable()
+    except (OSError, ValueError) as err:
+        if is_uri(run.storage):
+            change = (
+                "Pass a --storage whose server answers, whose bucket exists (or add "
+                "allow_bucket_creation=true to the URI) and whose keys are right (from "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the URI), or a local folder."
+            )
+        else:
+            change = "Pass a --storage that is a folder this machine can write (made if missing)."
+        raise raymodule.CheckpointError(
+            f"--storage {redact(run.storage)!r} cannot be used: {err}\n{change}"
+        ) from None
 
 
 def add_training_options(parser: argparse.ArgumentParser, epochs: int, batch_size: int) -> None:
@@ -81,16 +130,26 @@ def run_config(parser: argparse.ArgumentParser, args) -> raymodule.RunConfig:
 
 
 class EpochProgress:
-    """A progress bar per epoch with the running training metric (a ``batch_end_callback``);
-    a resumed run starts its bar where the epoch was left."""
+    """A progress bar per epoch (a ``batch_end_callback``) showing the running training metric,
+    the samples per second trained in this epoch and the number of workers training (the
+    module's ``world_size``, which falls while an elastic run has lost workers). A resumed
+    run starts its bar where the epoch was left.
 
-    def __init__(self, batches_per_epoch: int, digits: int = 3):
+    It stays cheap: the postfix is worked out only when tqdm redraws (every
+    ``mininterval`` seconds) and at the epoch's last batch."""
+
+    def __init__(self, batches_per_epoch: int, digits: int = 3, mininterval: float = 0.5):
         self.total = batches_per_epoch
         self.digits = digits
+        self.mininterval = mininterval
         self.bar = None
-        self.value = float("nan")  # the training metric at the latest batch
+        self.value = float("nan")  # the training metric at the latest batch shown
+        self._start = 0.0  # when the bar's first batch was reported
+        self._samples = 0  # samples trained since then
+        self._shown = -math.inf  # when the postfix was last set
 
     def __call__(self, param: mx.model.BatchEndParam) -> None:
+        now = time.monotonic()
         if self.bar is None or param.nbatch == 0:
             self.bar = tqdm(
                 total=self.total,
@@ -99,10 +158,33 @@ class EpochProgress:
                 unit="batch",
                 leave=True,
                 file=sys.stdout,
-                mininterval=0.5,
+                mininterval=self.mininterval,
             )
-        name, self.value = param.eval_metric.get()
-        self.bar.set_postfix({name: f"{self.value:.{self.digits}f}"})
+            # the first report ends a batch whose start is unknown: the rate counts from it
+            self._start, self._samples, self._shown = now, 0, -math.inf
+        else:
+            self._samples += _batch_size(param.locals.get("data_batch"))
+        last = param.nbatch + 1 == self.total
+        if last or now - self._shown >= self.mininterval:
+            self._shown = now
+            names, values = param.eval_metric.get()
+            if not isinstance(names, list):
+                names, values = [names], [values]
+            self.value = values[0]
+            postfix = {n: f"{v:.{self.digits}f}" for n, v in zip(names, values)}
+            if now > self._start and self._samples:
+                postfix["samples/s"] = f"{self._samples / (now - self._start):,.0f}"
+            module = param.locals.get("self")
+            if module is not None:
+                postfix["workers"] = module.world_size
+            self.bar.set_postfix(postfix, refresh=False)  # drawn by update, at its interval
         self.bar.update(1)
-        if param.nbatch + 1 == self.total:
+        if last:
             self.bar.close()
+
+
+def _batch_size(data_batch) -> int:
+    """The samples in a global batch (its pad included, as MXNet's Speedometer counts them)."""
+    if data_batch is None or not data_batch.data:
+        return 0
+    return data_batch.data[0].shape[0]

@@ -24,17 +24,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 
 import mxnet as mx
 import numpy as np
 from jobtools import (
     EpochProgress,
+    HelpFormatter,
     add_run_options,
     add_training_options,
+    check_storage,
     check_training_options,
     run_config,
+    run_job,
 )
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -45,7 +47,7 @@ import raymodule
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Train an MLP on scikit-learn's handwritten digits with raymodule workers.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_training_options(parser, epochs=15, batch_size=64)
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
@@ -74,27 +76,36 @@ def mlp(classes: int = 10) -> mx.sym.Symbol:
     return mx.sym.SoftmaxOutput(net, name="softmax")
 
 
+def digits(seed: int, batch_size: int) -> tuple[mx.io.NDArrayIter, mx.io.NDArrayIter]:
+    """scikit-learn's digits as (training, test) iterators: a stratified 80/20 split by
+    ``seed``. The training iterator shuffles with numpy's RNG, seeded here, so a process that
+    makes it again gets the same order (as a resumed run needs), and drops a last partial
+    batch."""
+    data = load_digits()
+    x = (data.data / 16.0).astype("float32")
+    y = data.target.astype("float32")
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=0.2, random_state=seed, stratify=y
+    )
+    np.random.seed(seed)
+    train = mx.io.NDArrayIter(
+        x_train, y_train, batch_size=batch_size, shuffle=True, last_batch_handle="discard"
+    )
+    return train, mx.io.NDArrayIter(x_test, y_test, batch_size=batch_size)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("raymodule.run").setLevel(logging.INFO)  # where the run resumes
-    digits = load_digits()
-    x = (digits.data / 16.0).astype("float32")
-    y = digits.target.astype("float32")
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.2, random_state=args.seed, stratify=y
-    )
-    train = mx.io.NDArrayIter(
-        x_train, y_train, batch_size=args.batch_size, shuffle=True, last_batch_handle="discard"
-    )
-    test = mx.io.NDArrayIter(x_test, y_test, batch_size=args.batch_size)
+    check_storage(args.run)  # before Ray starts: a --storage that cannot be written ends here
+    train, test = digits(args.seed, args.batch_size)
     print(
-        f"digits: {len(x_train)} training and {len(x_test)} test images of 8x8 pixels; "
+        f"digits: {train.num_data} training and {test.num_data} test images of 8x8 pixels; "
         f"{args.workers} workers, global batch {args.batch_size}"
     )
 
     mx.random.seed(args.seed)
-    np.random.seed(args.seed)
     start = time.monotonic()
     with raymodule.Module(mlp(), context=raymodule.workers(args.workers)) as mod:
         mod.fit(
@@ -104,7 +115,7 @@ def main(argv=None) -> int:
             optimizer_params={"learning_rate": args.lr, "momentum": args.momentum, "wd": 1e-4},
             initializer=mx.init.Xavier(),
             num_epoch=args.epochs,
-            batch_end_callback=EpochProgress(len(x_train) // args.batch_size),
+            batch_end_callback=EpochProgress(train.num_data // args.batch_size),
             run=args.run,
         )
         elapsed = time.monotonic() - start
@@ -125,4 +136,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_job(main)

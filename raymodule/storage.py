@@ -8,6 +8,7 @@ into its query, and URIs are redacted wherever they are printed.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import threading
@@ -23,6 +24,9 @@ _OBJECT_STORES = tuple(
     getattr(pafs, name) for name in ("S3FileSystem", "GcsFileSystem") if hasattr(pafs, name)
 )
 _SECRET_KEYS = re.compile(r"(secret|token|password|key|credential)", re.I)
+# tries per object-store request when a location is checked: an S3 server that is not there
+# then fails the check in a second or two
+CHECK_ATTEMPTS = 2
 
 
 def is_uri(location: str) -> bool:
@@ -184,14 +188,32 @@ class Folder:
 
     def check_writable(self) -> None:
         """Writes and deletes a small file, so that a location that cannot be used fails now,
-        with its cause, rather than at the first checkpoint."""
+        with its cause, rather than at the first checkpoint.
+
+        Requests to an object store are tried at most :data:`CHECK_ATTEMPTS` times here: by
+        default an S3 filesystem made from a URI retries a refused connection for about six
+        seconds per request, so a server that is not there would take many seconds to say so.
+        Checkpoints keep the filesystem's own retries."""
         probe = f".raymodule-probe-{os.getpid()}"
+        quick = copy.copy(self)
+        quick._fs = _with_few_retries(self._fs)
         try:  # a missing bucket is found here, or created if the URI allows it
-            self._fs.create_dir(self._path, recursive=True)
+            quick._fs.create_dir(self._path, recursive=True)
         except OSError as err:
             raise _failure("create", self.location, err) from None
-        self.write(probe, b"")
-        self.delete(probe)
+        quick.write(probe, b"")
+        quick.delete(probe)
+
+
+def _with_few_retries(fs: pafs.FileSystem) -> pafs.FileSystem:
+    """``fs`` itself, or for S3 the same filesystem (endpoint, region, keys, options) trying
+    each request at most :data:`CHECK_ATTEMPTS` times."""
+    s3 = getattr(pafs, "S3FileSystem", None)  # absent from pyarrow builds without S3
+    if s3 is None or not isinstance(fs, s3):
+        return fs
+    _, (options,) = fs.__reduce__()  # the options it was made with, as keyword arguments
+    retry = pafs.AwsStandardS3RetryStrategy(max_attempts=CHECK_ATTEMPTS)
+    return s3(**options, retry_strategy=retry)
 
 
 def _split_file(location: str) -> tuple[Folder, str]:

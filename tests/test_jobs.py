@@ -1,30 +1,35 @@
-"""The main job runs as a newcomer would run it, and its model loads in plain MXNet."""
+"""The jobs run as a newcomer would run them: the main job's model loads in plain MXNet, a job
+started again with its name resumes, and bad input (an unknown option, storage that cannot be
+written) ends a job at once with a message that says what to change, never a traceback."""
 
 from __future__ import annotations
 
+import ast
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import mxnet as mx
+import pytest
 
 import raymodule
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_job(args, tmp, job="train.py"):
-    env = dict(os.environ, RAY_TMPDIR=tmp)
+def run_job(args, tmp, job="train.py", env=None, timeout=280):
+    env = dict(os.environ, RAY_TMPDIR=tmp, **(env or {}))
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
         [sys.executable, str(REPO / "jobs" / job), *args],
         env=env,
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=timeout,
         cwd=tmp,
     )
 
@@ -35,7 +40,8 @@ def test_train_job_learns_digits_and_saves_an_mxnet_checkpoint():
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
         accuracy = float(re.search(r"test accuracy: ([0-9.]+)", out.stdout).group(1))
         assert accuracy > 0.9
-        assert "epoch 6" in out.stdout  # the progress bars
+        assert "epoch 6" in out.stdout  # the progress bars, with throughput and world size
+        assert re.search(r"accuracy=0\.[0-9]{3}, samples/s=[0-9,]+, workers=2\]", out.stdout)
         assert os.path.join(tmp, "model", "model-symbol.json") in out.stdout
         mod = mx.mod.Module.load(os.path.join(tmp, "model", "model"), 6)
         assert "fc0_weight" in mod._arg_params
@@ -58,8 +64,6 @@ def test_train_job_rejects_bad_options():
     with tempfile.TemporaryDirectory(prefix="rmj-", dir="/tmp") as tmp:
         out = run_job(["--workers", "0"], tmp)
         assert out.returncode == 2 and "--workers=0" in out.stderr
-        out = run_job(["--no-such-option"], tmp)
-        assert out.returncode == 2 and "unrecognized arguments" in out.stderr
         out = run_job(["--checkpoint-every", "-1"], tmp)
         assert out.returncode == 2
         assert "(checkpoint-every=-1): must be an integer >= 0" in out.stderr
@@ -74,8 +78,86 @@ def test_bucketing_job_trains_a_language_model_whose_perplexity_falls():
         ]
         assert len(perplexity) == 3 and perplexity[0] > perplexity[1] > perplexity[2]
         assert "buckets [10, 20, 30, 40]" in out.stdout and "epoch 3" in out.stdout
+        assert re.search(r"perplexity=[0-9.]+, samples/s=[0-9,]+, workers=2\]", out.stdout)
         run = os.path.join(tmp, "raymodule_runs", "lm")
         ckpt = raymodule.latest_checkpoint(run)
         assert ckpt.epoch == 3 and "model-40-symbol.json" in ckpt.files
         out = run_job(["--workers", "0"], tmp, job="bucketing.py")
         assert out.returncode == 2 and "--workers=0" in out.stderr
+
+
+JOBS = sorted(p.name for p in (REPO / "jobs").glob("*.py") if p.name != "jobtools.py")
+TRAINING_JOBS = ["train.py", "bucketing.py"]  # the jobs with a run in --storage
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_job_given_an_unknown_option_prints_its_usage_naming_it(job):
+    with tempfile.TemporaryDirectory(prefix="rmj-", dir="/tmp") as tmp:
+        out = run_job(["--no-such-option", "3"], tmp, job=job, timeout=60)
+        assert out.returncode == 2, out.stderr[-3000:]
+        assert out.stderr.startswith(f"usage: {job} ")
+        assert f"{job}: error: unrecognized arguments: --no-such-option 3" in out.stderr
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SECRET = "raymodule-test-secret-never-printed"
+
+
+@pytest.mark.parametrize("job", TRAINING_JOBS)
+@pytest.mark.parametrize("where", ["s3-without-server", "local-under-a-file"])
+def test_job_with_storage_it_cannot_write_ends_at_once_saying_what_to_change(job, where):
+    with tempfile.TemporaryDirectory(prefix="rmj-", dir="/tmp") as tmp:
+        if where == "s3-without-server":
+            storage = f"s3://bucket/runs?endpoint_override=127.0.0.1:{closed_port()}&scheme=http"
+            cause = "Could not connect to server"
+        else:
+            Path(tmp, "a-file").write_text("")
+            storage = os.path.join(tmp, "a-file", "runs")
+            cause = "Not a directory"
+        keys = {
+            "AWS_ACCESS_KEY_ID": "raymodule-test",
+            "AWS_SECRET_ACCESS_KEY": SECRET,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+        # the user's defaults: no setting shortens storage retries; the timeout only bounds a
+        # hang (the S3 client's own retries alone took over 12 s before the job checked first)
+        out = run_job(["--storage", storage, "--name", "r"], tmp, job=job, env=keys, timeout=60)
+        assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-3000:]
+        assert "Traceback" not in out.stderr, out.stderr[-3000:]
+        error = out.stderr[out.stderr.index(f"{job}: error: --storage ") :]
+        assert cause in error and "Pass a --storage " in error, error
+        assert SECRET not in out.stdout + out.stderr
+        assert not Path(tmp, "ray").exists(), "it failed before starting Ray"
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_job_header_gives_both_command_lines_and_help_explains_every_option(job):
+    doc = ast.get_docstring(ast.parse((REPO / "jobs" / job).read_text()))
+    assert re.search(rf"^    python jobs/{job}\b", doc, re.MULTILINE), doc
+    assert re.search(rf"^    ray job submit --working-dir \. -- python jobs/{job}\b", doc, re.M)
+
+    out = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / job), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    options = out.stdout.split("\noptions:\n", 1)[1]
+    entries = re.split(r"\n(?=  -)", options.strip("\n"))
+    explained = {}
+    for entry in entries:
+        first, *more = entry.strip().split("\n")
+        names, _, text = re.split(r"(\s{2,}|$)", first, maxsplit=1)
+        explained[re.findall(r"--[\w-]+", names)[-1]] = " ".join([text, *more]).split()
+    usage = out.stdout.split("\n\n", 1)[0]
+    assert set(explained) == set(re.findall(r"\[(--[\w-]+)", usage)) | {"--help"}
+    for option, words in explained.items():
+        assert len(words) >= 3, f"--help does not explain {option}: {' '.join(words)!r}"
+        assert "(default: None)" not in " ".join(words), option
