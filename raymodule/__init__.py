@@ -4,7 +4,8 @@ Change ``mx.mod.Module`` to ``raymodule.Module``; each entry of ``context`` beco
 actor holding a replica, and gradients are summed across workers by a fused allreduce.
 
 The MXNet-facing names are loaded on first use, so that raymodule's controller actor (which
-imports this package) starts without importing MXNet.
+imports this package) starts without importing MXNet; so is ``raymodule.tune`` (Ray Tune
+sweeps), which ``import raymodule`` does not import.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "WorkerError",
     "WorkerLostError",
     "CheckpointError",
+    "tune",
 ]
 __version__ = "0.1.0"
 
@@ -46,13 +48,16 @@ _LAZY = {
     "Checkpoint": ".checkpoint",
     "latest_checkpoint": ".checkpoint",
 }
+_SUBMODULES = {"tune"}
 
 
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module("." + name, __name__)
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'raymodule' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
