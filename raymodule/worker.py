@@ -258,7 +258,11 @@ class ModuleWorker:
                 [g[0] for g in reversed(grad_arrays) if g[0] is not None], self._bucket_bytes
             )
         except Exception as err:  # noqa: BLE001 - a peer lost or silent: the step is not applied
-            self._broken = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+            why = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+            # close this end at once: a peer waiting for data from this worker (a ring) then
+            # fails now too, instead of after the collective timeout
+            self.leave()
+            self._broken = why
             self._check_group()
         mod._params_dirty = True
         mx.model._update_params(

@@ -52,11 +52,12 @@ class StepsFailed(Exception):
     by rank, with why; or none lost, the group broken by a worker that was late). Raised only
     in an elastic run, where the step loop recovers from it."""
 
-    def __init__(self, method: str, lost: dict[int, str], broken: str):
+    def __init__(self, method: str, lost: dict[int, str], broken: str, seen_at: float = 0.0):
         super().__init__(f"{method}: lost {lost or 'no worker'} ({broken})")
         self.method = method
         self.lost = lost
         self.broken = broken
+        self.seen_at = seen_at or time.monotonic()  # when the first call failed
 
 
 class EveryWorkerLost(WorkerLostError):
@@ -176,7 +177,7 @@ class WorkerSet:
         otherwise the module cannot go on and says so.
         """
         ranks = list(range(len(refs))) if ranks is None else ranks
-        outcomes = _await(refs, self.settings)
+        outcomes, seen_at = _await(refs, self.settings)
         results, lost, broken, failed = [], {}, "", None
         for rank, (kind, value) in zip(ranks, outcomes):
             if kind == "ok":
@@ -192,7 +193,7 @@ class WorkerSet:
             raise _in_words(err, f"worker {rank} failed in {method}()") from None
         if lost or broken:
             if self.limits.elastic:
-                raise StepsFailed(method, lost, broken)
+                raise StepsFailed(method, lost, broken, seen_at)
             self.lost = WorkerLostError(
                 f"{self._describe_lost(lost) if lost else 'the collective group broke'} during "
                 f"{method}(): {'; '.join(lost.values()) or broken}. The module cannot continue; "
@@ -219,7 +220,7 @@ class WorkerSet:
         brings every worker to the last step applied by a survivor. ``outstanding`` are the
         per-rank refs of the calls in flight (awaited first: no stale call may run on the new
         group). Returns that step; the caller runs the steps after it again."""
-        tic = time.monotonic()
+        tic = failure.seen_at
         lost = dict(failure.lost)
         self._settle(outstanding, lost)
         before = len(self.handles)
@@ -419,11 +420,13 @@ def _beside_client():
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
-def _await(refs: list, settings: Settings) -> list[tuple[str, object]]:
+def _await(refs: list, settings: Settings) -> tuple[list[tuple[str, object]], float]:
     """Each call's outcome: ("ok", result), ("broken", err) for a worker whose group broke,
     ("dead", err), ("silent", None) for one that did not answer in time, or ("failed", err)
-    for an error of the worker's own, which ends the wait at once (the others: ("", None))."""
+    for an error of the worker's own, which ends the wait at once (the others: ("", None));
+    and when the first call that did not succeed was seen (0.0 if none)."""
     outcomes: list = [None] * len(refs)
+    seen_at = 0.0
     index = {ref: i for i, ref in enumerate(refs)}
     pending = list(refs)
     deadline = time.monotonic() + settings.call_timeout_s
@@ -444,11 +447,14 @@ def _await(refs: list, settings: Settings) -> list[tuple[str, object]]:
             except ray.exceptions.RayTaskError as err:
                 if not isinstance(getattr(err, "cause", None), GroupBrokenError):
                     outcomes[i] = ("failed", err)
-                    return [o or ("", None) for o in outcomes]
+                    return [o or ("", None) for o in outcomes], time.monotonic()
                 outcomes[i] = ("broken", err)
             # a peer is gone or its group broke: the others answer within the collective timeout
-            deadline = min(deadline, time.monotonic() + settings.collective_timeout_s)
-    return [o or ("silent", None) for o in outcomes]
+            seen_at = seen_at or time.monotonic()
+            deadline = min(deadline, seen_at + settings.collective_timeout_s)
+    if None in outcomes:
+        seen_at = seen_at or time.monotonic()
+    return [o or ("silent", None) for o in outcomes], seen_at
 
 
 def _why_lost(kind: str, err, settings: Settings) -> str:
