@@ -21,6 +21,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import ray  # noqa: E402
 
+# the local-cluster helper's assertions report like the tests' own
+pytest.register_assert_rewrite("localcluster")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def ray_session():

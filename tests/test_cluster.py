@@ -7,10 +7,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import tomllib
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from localcluster import local_cluster
 from ray.autoscaler._private.kuberay.autoscaling_config import (
     _derive_autoscaling_config_from_ray_cr,
 )
@@ -26,7 +25,6 @@ from ray.runtime_env import RuntimeEnv
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
-LOCAL_SH = CLUSTER / "local.sh"
 
 
 def load(name: str) -> dict:
@@ -222,78 +220,28 @@ def test_kuberay_job_manifest(monkeypatch):
 # --- cluster/local.sh ------------------------------------------------------------------------
 
 
-def read_state(path: Path) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
-
-
-def running_in_sessions(sessions: set[int]) -> dict[int, str]:
-    """{pid: name} of the live (not zombie) processes whose session is one of ``sessions``."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, session, ...
-        if int(fields[3]) in sessions and fields[0] != "Z":
-            found[int(entry.name)] = name
-    return found
-
-
-def kill_sessions(sessions: set[int]) -> None:
-    """Last resort if `local.sh stop` failed: SIGKILL what is left of the cluster, by PID."""
-    for pid in running_in_sessions(sessions):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.mark.timeout(300)
 def test_local_cluster_runs_a_training_job_across_two_nodes(tmp_path):
-    state = tmp_path / "cluster.state"
     # Never the pytest session's Ray: no address, no temp dir of its own from the environment.
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_TMPDIR"}
-        and not key.startswith("RAYMODULE_LOCAL_CLUSTER")
-    }
-    env["PYTHON"] = sys.executable
-    sessions: set[int] = set()
-    try:
-        # 1 CPU per node: the 2 workers' placement group must span both nodes.
-        start = subprocess.run(
-            [str(LOCAL_SH), "start", "--nodes", "1", "--head-cpus", "1", "--cpus", "1"]
-            + ["--object-store-mb", "256", "--state", str(state)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if state.exists():
-            sessions = {int(s) for s in read_state(state)["SESSIONS"].split()}
-        assert start.returncode == 0, start.stderr
-        exports = dict(re.findall(r"^export (\w+)=(\S+)$", start.stdout, re.MULTILINE))
-        recorded = read_state(state)
+    drop = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_TMPDIR", "RAYMODULE_LOCAL_CLUSTER*")
+    # 1 CPU per node: the 2 workers' placement group must span both nodes.
+    with local_cluster(
+        tmp_path, nodes=1, head_cpus=1, cpus=1, object_store_mb=256, env_drop=drop
+    ) as cluster:
+        exports, recorded = cluster.exports, cluster.state
         assert exports["RAY_ADDRESS"] == recorded["RAY_ADDRESS"]
         assert re.fullmatch(r"127\.0\.0\.1:\d+", exports["RAY_ADDRESS"])
         assert exports["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
         dashboard = exports["RAY_API_SERVER_ADDRESS"]
-        assert dashboard == recorded["DASHBOARD_URL"] and dashboard in start.stdout
-        assert recorded["NODES"] == "2" and len(sessions) == 2
-        started = {int(pid) for pid in recorded["PIDS"].split()}
-        assert started, "the PIDs of the started processes are recorded"
+        assert dashboard == recorded["DASHBOARD_URL"] and dashboard in cluster.start.stdout
+        assert recorded["NODES"] == "2" and len(cluster.sessions) == 2
+        assert cluster.started, "the PIDs of the started processes are recorded"
 
-        job_env = {**env, **exports, "RAY_TMPDIR": recorded["TEMP_DIR"]}
         train = subprocess.run(
             [sys.executable, "jobs/train.py", "--epochs", "1", "--workers", "2", "--name", "t"]
             + ["--storage", str(tmp_path / "runs")],
             cwd=ROOT,
-            env=job_env,
+            env=cluster.job_env,
             capture_output=True,
             text=True,
             timeout=180,
@@ -306,7 +254,7 @@ def test_local_cluster_runs_a_training_job_across_two_nodes(tmp_path):
             [sys.executable, "-m", "ray.scripts.scripts", "list", "actors"]
             + ["--address", dashboard, "--filter", "class_name=ModuleWorker"]
             + ["--detail", "--format", "json", "--limit", "100"],
-            env=job_env,
+            env=cluster.job_env,
             capture_output=True,
             text=True,
             timeout=60,
@@ -315,21 +263,7 @@ def test_local_cluster_runs_a_training_job_across_two_nodes(tmp_path):
         workers = json.loads(actors.stdout)
         assert len(workers) == 2
         assert len({w["node_id"] for w in workers}) == 2, "one worker on each node"
-    finally:
-        if state.exists():
-            stop = subprocess.run(
-                [str(LOCAL_SH), "stop", "--state", str(state)],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-        left = running_in_sessions(sessions)
-        kill_sessions(sessions)
-    assert stop.returncode == 0, stop.stderr
-    # Every process recorded at start is gone, and so is every other process of the nodes'
-    # sessions (the worker processes the raylets started later).
-    assert not started & set(left), f"still running after stop: {left}"
-    assert not left, f"still running after stop: {left}"
-    assert not state.exists(), "stop forgets the cluster"
-    assert not Path(recorded["TEMP_DIR"]).exists(), "stop deletes the cluster's temp dir"
+    # Leaving local_cluster asserted that `stop` succeeded and that nothing of the nodes'
+    # sessions is left: neither a process recorded at start nor one the raylets started later.
+    assert not cluster.state_file.exists(), "stop forgets the cluster"
+    assert not cluster.temp_dir.exists(), "stop deletes the cluster's temp dir"

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from localcluster import ENV_DROP, local_cluster, running_in_sessions
 from ray.job_submission import JobStatus, JobSubmissionClient
-from test_cluster import LOCAL_SH, kill_sessions, read_state, running_in_sessions
 
 import raymodule
 
@@ -40,51 +40,22 @@ class Head:
 def head(tmp_path_factory):
     """A Ray head on 127.0.0.1 with the dashboard and 4 CPUs (2 workers per job, and room for a
     stopped job's workers while they go); every process it started is stopped by PID."""
-    state = tmp_path_factory.mktemp("head") / "cluster.state"
     # Neither the pytest session's Ray nor a repository on PYTHONPATH: the jobs find raymodule
-    # in the working dir that `ray job submit` uploads.
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_TMPDIR", "PYTHONPATH"}
-        and not key.startswith("RAYMODULE_")
-    }
-    env["PYTHON"] = sys.executable
-    # a job's `python` is the first on the PATH that the head's processes see
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    sessions: set[int] = set()
-    stop = None
-    try:
-        start = subprocess.run(
-            [str(LOCAL_SH), "start", "--nodes", "0", "--head-cpus", "4"]
-            + ["--object-store-mb", "256", "--state", str(state)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if state.exists():
-            sessions = {int(s) for s in read_state(state)["SESSIONS"].split()}
-        assert start.returncode == 0, start.stderr
-        recorded = read_state(state)
-        url = recorded["DASHBOARD_URL"]
+    # in the working dir that `ray job submit` uploads. A job's `python` is the first on the
+    # PATH that the head's processes see: sys.executable's.
+    with local_cluster(
+        tmp_path_factory.mktemp("head"),
+        nodes=0,
+        head_cpus=4,
+        object_store_mb=256,
+        env_drop=(*ENV_DROP, "PYTHONPATH"),
+        python_on_path=True,
+    ) as cluster:
+        url = cluster.dashboard
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
-        exports = dict(re.findall(r"^export (\w+)=(\S+)$", start.stdout, re.MULTILINE))
-        job_env = {**env, **exports, "RAY_TMPDIR": recorded["TEMP_DIR"]}
-        yield Head(url, Path(recorded["TEMP_DIR"]), job_env, sessions, JobSubmissionClient(url))
-    finally:
-        if state.exists():
-            stop = subprocess.run(
-                [str(LOCAL_SH), "stop", "--state", str(state)],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-        left = running_in_sessions(sessions)
-        kill_sessions(sessions)  # by PID, whatever `stop` left
-    assert stop is not None and stop.returncode == 0, stop and stop.stderr
-    assert not left, f"still running after stop: {left}"
+        yield Head(
+            url, cluster.temp_dir, cluster.job_env, cluster.sessions, JobSubmissionClient(url)
+        )
 
 
 def ray_job(head: Head, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:

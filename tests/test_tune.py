@@ -20,6 +20,7 @@ import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import ray  # noqa: E402
+from localcluster import local_cluster  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining  # noqa: E402
 
@@ -27,7 +28,6 @@ import raymodule  # noqa: E402
 import raymodule.tune  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-LOCAL_SH = REPO / "cluster" / "local.sh"
 
 # Trial processes cannot import this test module: its trial functions travel by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -335,29 +335,10 @@ def ray_list(kind: str, dashboard: str, env: dict) -> list[dict]:
 def test_sweep_job_on_a_cluster_puts_each_trials_controller_and_workers_in_its_placement_group(
     s3, tmp_path
 ):
-    state = tmp_path / "cluster.state"
     # A cluster of its own (never the session's Ray), started with the S3 keys in its
     # environment: the trial processes its raylet starts keep their runs in S3 with them.
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_TMPDIR"}
-        and not k.startswith("RAYMODULE_")
-    }
-    env["PYTHON"] = sys.executable
-    start = subprocess.run(
-        [str(LOCAL_SH), "start", "--nodes", "0", "--head-cpus", "4"]
-        + ["--object-store-mb", "256", "--state", str(state)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    try:
-        assert start.returncode == 0, start.stderr
-        exports = dict(re.findall(r"^export (\w+)=(\S+)$", start.stdout, re.MULTILINE))
-        temp_dir = re.search(r"^TEMP_DIR=(.*)$", state.read_text(), re.MULTILINE).group(1)
-        job_env = {**env, **exports, "RAY_TMPDIR": temp_dir}
+    with local_cluster(tmp_path, nodes=0, head_cpus=4, object_store_mb=256) as cluster:
+        exports, job_env = cluster.exports, cluster.job_env
         storage = s3.uri(f"{tmp_path.name}/sweeps")
         with tempfile.TemporaryDirectory(prefix="rmt-", dir="/tmp") as cwd:
             out = run_sweep(
@@ -404,15 +385,6 @@ def test_sweep_job_on_a_cluster_puts_each_trials_controller_and_workers_in_its_p
             assert "5 workers x {CPU: 1} = {CPU: 5}" in out.stderr
             assert "--workers, --cpus-per-worker and --trial-cpus" in out.stderr
             assert "Traceback" not in out.stderr
-    finally:
-        stop = subprocess.run(
-            [str(LOCAL_SH), "stop", "--state", str(state)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    assert stop.returncode == 0, stop.stderr
 
 
 def test_sweep_job_rejects_bad_options_with_its_usage(tmp_path):
