@@ -260,6 +260,11 @@ class TrainingLoops:
         parameters, optimizer state, learning-rate schedule and position in the data. For the
         same data order, pass ``train_data`` as a fresh iterator (as a new process makes it):
         it is reset once per completed epoch and the batches already trained are skipped.
+
+        A run is also elastic: it goes on through lost workers within ``run.min_workers`` and
+        ``run.max_failures`` (the survivors run the failed step again; replacements join when
+        they can), and from its latest checkpoint when every worker is lost. Without ``run``, a
+        lost worker raises :class:`raymodule.WorkerLostError`.
         """
         check_kvstore(kvstore)
         if num_epoch is None:
@@ -276,6 +281,7 @@ class TrainingLoops:
             eval_metric = mx.metric.create(eval_metric)
         resume = run_folder.resume_from if run_folder is not None else None
         fresh_data = True  # train_data is where the caller left it (not reset by a restart)
+        lost_before = 0
         with run_folder if run_folder is not None else contextlib.nullcontext():
             while True:
                 try:
@@ -285,14 +291,26 @@ class TrainingLoops:
                         eval_batch_end_callback, kvstore, optimizer, optimizer_params,
                         initializer, arg_params, aux_params, allow_missing, force_rebind,
                         force_init, begin_epoch, num_epoch, monitor, sparse_row_id_fn,
-                        run_folder, resume, fresh_data,
+                        run_folder, resume, fresh_data, lost_before,
                     )  # fmt: skip
                 except EveryWorkerLost as lost:
-                    resume = run_folder.latest()
+                    resume = run_folder.latest() if run_folder is not None else None
                     if resume is None:
                         raise WorkerLostError(f"{lost}; no checkpoint to restart from") from None
                     self.logger.warning(
                         "every worker was lost (%s); restarting them from %s", lost, resume.name
+                    )
+                    lost_before = self._workers.lost_total  # max_failures spans the restarts
+                    run_folder.record_event(
+                        {
+                            "event": "membership",
+                            "change": "restarted",
+                            "why": str(lost),
+                            "world_size": len(self._context),
+                            "previous_world_size": self._workers.world_size,
+                            "from_checkpoint": resume.name,
+                            "during_epoch": resume.epoch,
+                        }
                     )
                     self.close()
                     self.optimizer_initialized = False
@@ -304,7 +322,7 @@ class TrainingLoops:
         batch_end_callback, eval_end_callback, eval_batch_end_callback, kvstore, optimizer,
         optimizer_params, initializer, arg_params, aux_params, allow_missing, force_rebind,
         force_init, begin_epoch, num_epoch, monitor, sparse_row_id_fn, run_folder, resume,
-        fresh_data,
+        fresh_data, lost_before,
     ):  # fmt: skip
         """``fit`` from binding on; ``resume`` is the checkpoint to continue from, if any, and
         ``fresh_data`` whether ``train_data`` still needs the resets of the finished epochs."""
@@ -340,7 +358,7 @@ class TrainingLoops:
         every = run_folder.config.checkpoint_every if run_folder is not None else 0
         epoch = begin_epoch
         if run_folder is not None:
-            self._elastic(run_folder, lambda: epoch)
+            self._elastic(run_folder, lambda: epoch, lost_before)
         # the workers count steps from 0 on their own; the run's steps go on from global_step
         offset = global_step - workers.steps_sent
 
@@ -420,14 +438,16 @@ class TrainingLoops:
                 self._workers.limits = policy.Limits(len(self._context), elastic=False)
                 self._workers.on_membership = None
 
-    def _elastic(self, run_folder: Run, epoch) -> None:
-        """Makes the workers go on through lost workers within the run's limits, recording
-        each membership change in the run's metrics (``epoch()``: the epoch it happens in)."""
+    def _elastic(self, run_folder: Run, epoch, lost_before: int) -> None:
+        """Makes the workers go on through lost workers within the run's limits (``lost_before``
+        lost already, by workers this run restarted), recording each membership change in the
+        run's metrics (``epoch()``: the epoch it happens in)."""
         config = run_folder.config
         workers = self._workers
         workers.limits = policy.Limits(
             len(self._context), config.min_workers, config.max_failures, elastic=True
         )
+        workers.lost_total = lost_before
         workers.has_checkpoint = lambda: run_folder.latest() is not None
         workers.on_membership = lambda event: run_folder.record_event(
             dict(event, during_epoch=epoch())

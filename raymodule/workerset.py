@@ -233,6 +233,8 @@ class WorkerSet:
                 has_checkpoint=self.has_checkpoint(),
             ),
         )
+        if decision.action is policy.Action.RESTART:
+            self.lost_total += len(lost)
         if decision.action in (policy.Action.FAIL, policy.Action.RESTART):
             # RESTART needs new workers from storage: fit() does that on EveryWorkerLost
             error = WorkerLostError if decision.action is policy.Action.FAIL else EveryWorkerLost

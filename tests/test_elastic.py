@@ -89,6 +89,8 @@ def test_with_every_worker_lost_the_run_goes_on_from_its_latest_checkpoint(tmp_p
     assert result["fired"] == [1]
     assert_same_model(result)
     assert "restarting them from ckpt-" in result["log"]
+    (restart,) = changes(result)
+    assert restart["change"] == "restarted" and restart["from_checkpoint"].startswith("ckpt-")
     assert result["world_size"] == 3
     assert [e["epoch"] for e in epochs(result)] == [0, 1]
 
