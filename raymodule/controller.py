@@ -35,9 +35,6 @@ class Controller:
         """Places the workers and forms their group; returns the membership."""
         return self._group.start(self._backend)
 
-    def membership(self) -> dict:
-        return self._group.membership()
-
     def remove(self, slots: list[int]) -> None:
         """Kills the workers of ``slots`` and starts replacements for them."""
         self._group.remove(slots)
