@@ -12,9 +12,13 @@ Reported per trial:
 - how far its parameters end from those of the same run without the kill (relative to each
   parameter's largest value).
 
+With ``--compare-restart`` the same kill is also handled the way a framework without elastic
+membership handles it: every worker is killed and the run goes on from its latest checkpoint
+(``--checkpoint-every`` batches apart), for comparison.
+
 Run locally (starts a Ray on 127.0.0.1 with 4 logical CPUs, whatever this machine has):
 
-    python jobs/recovery.py --trials 3
+    python jobs/recovery.py --trials 3 --compare-restart
 
 Run on a Ray cluster with room for 3 one-CPU workers:
 
@@ -78,24 +82,33 @@ def failure_free(args) -> dict:
 
 
 class Killer:
-    """A ``batch_end_callback``: kills worker ``victim`` at batch ``at`` and notes when each
-    batch's callback ran."""
+    """A ``batch_end_callback``: kills worker ``victim`` (every worker if None) at batch
+    ``at``, notes how many batches had been reported then, and when each batch's callback
+    last ran."""
 
-    def __init__(self, at: int, victim: int):
+    def __init__(self, at: int, victim: int | None):
         self.at, self.victim = at, victim
         self.killed_at: float | None = None
+        self.reported_before_kill = 0
         self.seen: dict[int, float] = {}
 
     def __call__(self, param) -> None:
         self.seen[param.nbatch] = time.monotonic()
         if param.nbatch == self.at and self.killed_at is None:
-            pid = param.locals["self"].workers.nodes[self.victim]["pid"]
+            nodes = param.locals["self"].workers.nodes
+            victims = nodes if self.victim is None else [nodes[self.victim]]
             self.killed_at = time.monotonic()
-            os.kill(pid, signal.SIGKILL)
+            self.reported_before_kill = param.nbatch + 1
+            for node in victims:
+                os.kill(node["pid"], signal.SIGKILL)
 
 
-def trial(args, storage: str, number: int, reference: dict) -> dict:
-    killer = Killer(at=args.kill_at, victim=1 + number % (WORKERS - 1))
+def trial(args, storage: str, number: int, reference: dict, restart: bool) -> dict:
+    """One run with one kill. ``restart``: every worker is killed, so the run goes on from its
+    latest checkpoint (as a framework that restarts the whole group does) instead of on the
+    survivors."""
+    killer = Killer(at=args.kill_at, victim=None if restart else 1 + number % (WORKERS - 1))
+    name = f"{'restart' if restart else 'elastic'}-{number}"
     mx.random.seed(0)
     with raymodule.Module(mlp(), context=[mx.cpu(i) for i in range(WORKERS)]) as mod:
         mod.fit(
@@ -104,17 +117,22 @@ def trial(args, storage: str, number: int, reference: dict) -> dict:
             optimizer_params=OPTIMIZER,
             batch_end_callback=killer,
             run=raymodule.RunConfig(
-                name=f"recovery-{number}", storage=storage, checkpoint_every=0, min_workers=2
+                name=name,
+                storage=storage,
+                checkpoint_every=args.checkpoint_every,
+                min_workers=2,
             ),
         )
         arg, aux = mod.get_params()
         got = {**arg, **aux}
-    with open(os.path.join(storage, f"recovery-{number}", "metrics.jsonl")) as f:
+    with open(os.path.join(storage, name, "metrics.jsonl")) as f:
         events = [e for e in map(json.loads, f) if e.get("event") == "membership"]
-    lost = events[0]
-    committed = lost["step"]  # steps every survivor had applied; step s is batch s - 1
-    done_before_kill = max(n for n, t in killer.seen.items() if t <= killer.killed_at) + 1
-    first_after = committed  # the batch of the first step the new group runs
+    change = events[0]
+    if restart:  # steps in the checkpoint it went on from
+        went_on_from = int(change["from_checkpoint"].split("-")[1])
+    else:  # steps every survivor had applied
+        went_on_from = change["step"]
+    # step s is batch s - 1: the first step after the change is batch went_on_from
     diff = max(
         float(
             np.abs(reference[k].asnumpy() - got[k].asnumpy()).max()
@@ -123,13 +141,23 @@ def trial(args, storage: str, number: int, reference: dict) -> dict:
         for k in reference
     )
     return {
-        "kill_to_next_step_s": killer.seen[first_after] - killer.killed_at,
-        "recovery_logged_s": lost["recovery_s"],
-        "completed_steps_lost": max(0, done_before_kill - committed),
-        "world_size_after": lost["world_size"],
-        "membership_changes": [(e["change"], e["world_size"], e["recovery_s"]) for e in events],
+        "kill_to_next_step_s": killer.seen[went_on_from] - killer.killed_at,
+        "recovery_logged_s": change.get("recovery_s"),
+        "completed_steps_lost": max(0, killer.reported_before_kill - went_on_from),
+        "world_size_after": change["world_size"],
         "max_relative_diff": diff,
     }
+
+
+def summary(label: str, results: list[dict]) -> str:
+    seconds = [r["kill_to_next_step_s"] for r in results]
+    lost = [r["completed_steps_lost"] for r in results]
+    return (
+        f"{label}: kill -> next completed step {statistics.median(seconds):.2f} s median "
+        f"(max {max(seconds):.2f}); completed steps lost {statistics.median(lost):g} median "
+        f"(max {max(lost)}); largest difference from the failure-free run "
+        f"{max(r['max_relative_diff'] for r in results):.1e}"
+    )
 
 
 def main() -> int:
@@ -137,7 +165,16 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=3, help="kills to time, one run each")
     parser.add_argument("--batches", type=int, default=120, help="batches in the run")
     parser.add_argument("--batch-size", type=int, default=96, help="global batch size")
-    parser.add_argument("--kill-at", type=int, default=40, help="batch whose callback kills")
+    parser.add_argument("--kill-at", type=int, default=45, help="batch whose callback kills")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=10, help="batches between run checkpoints"
+    )
+    parser.add_argument(
+        "--compare-restart",
+        action="store_true",
+        help="also time the same kill handled by restarting every worker from the latest "
+        "checkpoint (what frameworks without elastic membership do)",
+    )
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
     if not 0 < args.kill_at < args.batches - 10:
@@ -146,31 +183,25 @@ def main() -> int:
     if not os.environ.get("RAY_ADDRESS"):
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     reference = failure_free(args)
-    results = []
+    results = {"elastic": [], "restart": []}
+    modes = ["elastic"] + (["restart"] if args.compare_restart else [])
     with tempfile.TemporaryDirectory(prefix="recovery-") as storage:
-        for number in range(args.trials):
-            results.append(trial(args, storage, number, reference))
-            print(
-                json.dumps(
-                    {
-                        "trial": number,
-                        **{
-                            k: round(v, 4) if isinstance(v, float) else v
-                            for k, v in results[-1].items()
-                        },
-                    }
-                ),
-                flush=True,
+        for mode in modes:
+            for number in range(args.trials):
+                result = trial(args, storage, number, reference, restart=mode == "restart")
+                results[mode].append(result)
+                rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+                print(json.dumps({"mode": mode, "trial": number, **rounded}), flush=True)
+    print(f"\nkill at batch {args.kill_at} of {args.batches}, {args.trials} trials each:")
+    print(summary(f"elastic (one of {WORKERS} killed, goal <= 5 s and 0 lost)", results["elastic"]))
+    if args.compare_restart:
+        print(
+            summary(
+                f"restart from checkpoint (all {WORKERS} killed, checkpoint every "
+                f"{args.checkpoint_every} batches)",
+                results["restart"],
             )
-    seconds = [r["kill_to_next_step_s"] for r in results]
-    print(
-        f"\nkill one of {WORKERS} workers at batch {args.kill_at}, {args.trials} trials: "
-        f"kill -> next completed step {statistics.median(seconds):.2f} s median "
-        f"(max {max(seconds):.2f}; goal <= 5 s); completed steps lost "
-        f"{sum(r['completed_steps_lost'] for r in results)} (goal 0); "
-        "largest difference from the failure-free run "
-        f"{max(r['max_relative_diff'] for r in results):.1e}"
-    )
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
