@@ -173,6 +173,7 @@ class Module(loop.TrainingLoops, BaseModule):
         """Releases the workers (a module sharing them releases only its own replicas)."""
         if self._workers is None:
             return
+        self._workers.modules.pop(self._id, None)  # not set up again after a membership change
         if self._owns_workers:
             self._workers.close()
         elif not self._workers.closed:
