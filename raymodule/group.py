@@ -186,8 +186,9 @@ class WorkerGroup:
     def admit(self, slots: list[int]) -> None:
         """Makes the ready replacements of ``slots`` members (before the next :meth:`form`)."""
         for slot in slots:
-            self.members[slot] = self.pending.pop(slot)
-            self._probes.pop(slot)
+            if slot in self.pending:  # not when asked again after a failed forming
+                self.members[slot] = self.pending.pop(slot)
+                self._probes.pop(slot)
 
     def _placement(self) -> tuple[PlacementGroup, bool]:
         current = get_current_placement_group()

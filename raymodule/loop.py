@@ -150,7 +150,13 @@ def run_steps(
             report(step, [results[index] for results, _ in per_worker], last)
 
     def recover(failure) -> None:
-        committed = workers.recover(failure, [refs for _, refs, _ in inflight])
+        outstanding = [refs for _, refs, _ in inflight]
+        while True:
+            try:
+                committed = workers.recover(failure, outstanding)
+                break
+            except StepsFailed as again:  # another worker lost while recovering
+                failure, outstanding = again, []
         void = [step for steps, _, _ in inflight for step in steps]
         inflight.clear()
         workers.post("set_metric", metric)
