@@ -27,26 +27,28 @@ __all__ = ["WorkerGroup"]
 log = logging.getLogger(__name__)
 
 
-def _describe(bundles: list[dict]) -> str:
+def _total(bundles: list[dict]) -> dict[str, float]:
+    """The resources of all ``bundles`` together, per resource."""
     total: dict[str, float] = {}
     for bundle in bundles:
         for key, value in bundle.items():
             total[key] = total.get(key, 0) + value
-    return f"{len(bundles)} workers needing {total} in all (per worker: {bundles})"
+    return total
+
+
+def _fits(bundles: list[dict], capacity: dict) -> bool:
+    """Whether ``capacity`` holds every resource the bundles ask for, in all."""
+    return all(value <= capacity.get(key, 0) for key, value in _total(bundles).items())
+
+
+def _describe(bundles: list[dict]) -> str:
+    return f"{len(bundles)} workers needing {_total(bundles)} in all (per worker: {bundles})"
 
 
 def _relevant(resources: dict, bundles: list[dict]) -> dict:
     """The entries of ``resources`` that the bundles ask for (not placement-group bookkeeping)."""
     keys = {k for b in bundles for k in b} | {"CPU"}
     return {k: resources.get(k, 0) for k in sorted(keys)}
-
-
-def _cluster_has_room(bundles: list[dict]) -> bool:
-    capacity = ray.cluster_resources()
-    for key in {k for b in bundles for k in b}:
-        if sum(b.get(key, 0) for b in bundles) > capacity.get(key, 0):
-            return False
-    return True
 
 
 def _dead(slots: list[int], refs: list) -> list[int]:
@@ -68,15 +70,12 @@ def _dead(slots: list[int], refs: list) -> list[int]:
 def _check_fits(bundles: list[dict], reserved: list[dict]) -> None:
     """Workers placed in a placement group that is not theirs (a Tune trial's) must fit in
     what it reserved, or they would wait for ever."""
-    for key in {k for b in bundles for k in b}:
-        asked = sum(b.get(key, 0) for b in bundles)
-        held = sum(b.get(key, 0) for b in reserved)
-        if asked > held:
-            raise PlacementError(
-                f"{_describe(bundles)}, but the placement group they run in (a Tune trial's) "
-                f"reserved {reserved}: build the module on the contexts the trial reserved "
-                "(raymodule.tune.workers()), or reserve more with raymodule.tune.with_workers"
-            )
+    if not _fits(bundles, _total(reserved)):
+        raise PlacementError(
+            f"{_describe(bundles)}, but the placement group they run in (a Tune trial's) "
+            f"reserved {reserved}: build the module on the contexts the trial reserved "
+            "(raymodule.tune.workers()), or reserve more with raymodule.tune.with_workers"
+        )
 
 
 class WorkerGroup:
@@ -195,7 +194,7 @@ class WorkerGroup:
         if current is not None:
             _check_fits(self.bundles, current.bundle_specs)
             return current, False
-        if self.fail_fast and not _cluster_has_room(self.bundles):
+        if self.fail_fast and not _fits(self.bundles, ray.cluster_resources()):
             raise PlacementError(
                 f"cannot place {_describe(self.bundles)}: this local Ray has "
                 f"{_relevant(ray.cluster_resources(), self.bundles)} (start Ray with more "

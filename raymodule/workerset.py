@@ -245,20 +245,20 @@ class WorkerSet:
             )
             raise self.lost
         gone = [self.slots[r] for r in sorted(lost)]
-        who = self._describe_lost(lost) if lost else ""
+        why = (
+            f"{self._describe_lost(lost)}: {'; '.join(lost.values())}"
+            if lost
+            else f"group broke: {failure.broken}"
+        )
         self.lost_total += len(lost)
         survivors = [s for s in self.slots if s not in gone]
         if gone:
             self._control("remove", gone)
-        admit = self._wait_for_floor(
-            len(survivors),
-            decision.action is policy.Action.WAIT,
-            f"{who}: {'; '.join(lost.values())}",
-        )
+        admit = self._wait_for_floor(len(survivors), decision.action is policy.Action.WAIT, why)
         committed = self._reform(survivors, admit)
         self._announce(
             "lost" if lost else "re-formed",
-            f"{who}: {'; '.join(lost.values())}" if lost else f"group broke: {failure.broken}",
+            why,
             before,
             tic,
             {"lost": [f"slot {s}" for s in gone], "step": committed},
