@@ -256,12 +256,15 @@ class CheckpointWriter:
         self.attempts = settings.checkpoint_attempts
         self.backoff_s = settings.checkpoint_backoff_s
         self.failures_tolerated = settings.checkpoint_failures_tolerated
+        self.snapshot_timeout_s = settings.checkpoint_snapshot_timeout_s
+        self.close_timeout_s = settings.checkpoint_close_timeout_s
         self._committed: list[dict] = []
         self.failures_in_row = 0
         self._error: CheckpointError | None = None
         self._waiting: tuple | None = None
         self._busy = False
         self._closing = False
+        self._abandon = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(
             target=self._loop, name="raymodule-checkpoint-writer", daemon=True
@@ -285,13 +288,23 @@ class CheckpointWriter:
             done, self._committed = self._committed, []
         return done
 
-    def close(self) -> None:
-        """Writes what is waiting, stops the thread, and raises if too many failed in a row."""
+    def close(self, abandon: bool = False) -> None:
+        """Writes what is waiting, stops the thread, and raises if too many failed in a row
+        or the writing is not done within RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S. With
+        ``abandon`` (training failed), a snapshot its worker has not delivered yet is not
+        waited for: that worker may be the lost one."""
         with self._cond:
             self._closing = True
+            self._abandon = abandon
             self._cond.notify_all()
-        self._thread.join()
+        self._thread.join(timeout=self.close_timeout_s)
         with self._cond:
+            if self._thread.is_alive():
+                raise CheckpointError(
+                    f"the last checkpoints of {self.run} were not written within "
+                    f"{self.close_timeout_s:g} s (RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S); the "
+                    "latest committed checkpoint is the one before them. Check the storage"
+                )
             self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
@@ -311,14 +324,18 @@ class CheckpointWriter:
 
     def _write(self, snapshot: ray.ObjectRef, info: dict) -> None:
         step = info["global_step"]
+        deadline = time.monotonic() + self.snapshot_timeout_s
+        ready: list = []
+        while not ready and not self._abandon and time.monotonic() < deadline:
+            ready, _ = ray.wait([snapshot], timeout=min(1.0, self.snapshot_timeout_s))
         try:
-            contents = ray.get(snapshot)
+            contents = ray.get(snapshot) if ready else None
         except ray.exceptions.RayActorError:
             contents = None  # its worker was lost: not the storage's failure
         except ray.exceptions.RayError as err:
             self._failed(step, f"the snapshot was lost: {type(err).__name__}")
             return
-        if contents is None:  # workers were lost before it: the steps are run again
+        if contents is None:  # workers were lost before it (or silent): the steps run again
             log.warning("checkpoint at step %d skipped: workers were lost before it", step)
             return
         tic = time.monotonic()

@@ -12,7 +12,12 @@ from dataclasses import dataclass, fields
 
 __all__ = ["Settings"]
 
-_ZERO_ALLOWED = {"pipeline_depth", "checkpoint_backoff_s", "checkpoint_failures_tolerated"}
+_ZERO_ALLOWED = {
+    "pipeline_depth",
+    "checkpoint_backoff_s",
+    "checkpoint_failures_tolerated",
+    "max_reforms",
+}
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,15 @@ class Settings:
     call_timeout_s: float = 3600.0
     """RAYMODULE_CALL_TIMEOUT_S: bound on one call to the workers when no collective bounds it
     (a single worker); a worker silent for longer is lost."""
+    control_timeout_s: float = 900.0
+    """RAYMODULE_CONTROL_TIMEOUT_S: bound on one call to the controller beyond what the call
+    itself waits for (a re-forming: leaving, rendezvous and joining, each bounded by the
+    collective timeout); a controller silent for longer is lost, and the run goes on from
+    its latest checkpoint."""
+    max_reforms: int = 2
+    """RAYMODULE_MAX_REFORMS: times in a row the group may break with no worker lost (a
+    member late, not gone) and be re-formed; one more, and its slowest member is treated as
+    lost."""
     min_workers_wait_s: float = 600.0
     """RAYMODULE_MIN_WORKERS_WAIT_S: how long an elastic run below its floor (min_workers, or
     every context) waits for replacement workers before it fails."""
@@ -46,6 +60,13 @@ class Settings:
     """RAYMODULE_CHECKPOINT_ATTEMPTS: tries to write one checkpoint before it counts as failed."""
     checkpoint_backoff_s: float = 1.0
     """RAYMODULE_CHECKPOINT_BACKOFF_S: wait before the second try; doubled for each next one."""
+    checkpoint_snapshot_timeout_s: float = 600.0
+    """RAYMODULE_CHECKPOINT_SNAPSHOT_TIMEOUT_S: how long the checkpoint writer waits for a
+    worker's copy of its state; a copy that does not come is skipped, like one from a lost
+    worker."""
+    checkpoint_close_timeout_s: float = 900.0
+    """RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S: how long the end of ``fit`` waits for the
+    checkpoints still being written; past it, fit fails saying which did not commit."""
     checkpoint_failures_tolerated: int = 3
     """RAYMODULE_CHECKPOINT_FAILURES_TOLERATED: failed checkpoints in a row that training goes
     on through; one more stops it."""

@@ -46,7 +46,8 @@ def batch_axes(descs: list[DataDesc] | None) -> list[int]:
 
 @dataclass
 class Batch:
-    """A global batch as numpy arrays, what the workers receive (through the object store)."""
+    """A batch as numpy arrays: a global one, or a worker's part of one (:meth:`parts`), which
+    is what a worker receives through the object store."""
 
     data: list[np.ndarray]
     label: list[np.ndarray]
@@ -58,6 +59,10 @@ class Batch:
             [_take(a, axis, part) for a, axis in zip(self.data, self.data_axes)],
             [_take(a, axis, part) for a, axis in zip(self.label, self.label_axes)],
         )
+
+    def parts(self, slices: list[slice]) -> list[Batch]:
+        """One batch per worker holding only its slice: what is sent to that worker."""
+        return [Batch(*self.worker_slice(s), self.data_axes, self.label_axes) for s in slices]
 
 
 def _take(array: np.ndarray, axis: int, part: slice) -> np.ndarray:

@@ -20,7 +20,7 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .constants import Settings
-from .errors import PlacementError
+from .errors import PlacementError, WorkerLostError
 
 __all__ = ["WorkerGroup"]
 
@@ -51,20 +51,26 @@ def _relevant(resources: dict, bundles: list[dict]) -> dict:
     return {k: resources.get(k, 0) for k in sorted(keys)}
 
 
-def _dead(slots: list[int], refs: list) -> list[int]:
-    """The slots whose call failed because their worker is gone. Other errors are raised,
-    unless a worker is gone (its peers' calls then fail for that reason)."""
-    dead, failed = [], None
+def _unresponsive(slots: list[int], refs: list, timeout_s: float) -> dict[int, str]:
+    """The slots whose call failed because their worker is gone, or that did not answer
+    within ``timeout_s`` (alive but silent), each with why. Other errors are raised, unless a
+    worker is gone or silent (its peers' calls then fail for that reason)."""
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    done = set(done)
+    lost, failed = {}, None
     for slot, ref in zip(slots, refs):
+        if ref not in done:
+            lost[slot] = f"silent: no answer within {timeout_s:g} s while the group re-formed"
+            continue
         try:
             ray.get(ref)
-        except ray.exceptions.RayActorError:
-            dead.append(slot)
+        except ray.exceptions.RayActorError as err:
+            lost[slot] = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
         except ray.exceptions.RayTaskError as err:
             failed = failed or err
-    if failed is not None and not dead:
+    if failed is not None and not lost:
         raise failed
-    return dead
+    return lost
 
 
 def _check_fits(bundles: list[dict], reserved: list[dict]) -> None:
@@ -121,7 +127,14 @@ class WorkerGroup:
             )
         described = ray.get(probes)
         self.nodes = dict(zip(self.members, described))
-        return self.form(backend)
+        membership = self.form(backend)
+        if membership["lost"]:
+            self.stop()
+            raise WorkerLostError(
+                f"the workers of slots {sorted(membership['lost'])} were lost before training "
+                f"started: {'; '.join(membership['lost'].values())}"
+            )
+        return membership
 
     def _spawn(self, slot: int):
         bundle = self.bundles[slot]
@@ -135,10 +148,12 @@ class WorkerGroup:
         ).remote(self.devices[slot], self.settings.allreduce_bucket_bytes)
 
     def membership(self) -> dict:
-        """The members in rank order (by slot), their nodes, the generation and the slots
-        whose replacements are still starting."""
+        """The members in rank order (by slot), their nodes, the generation, the slots whose
+        replacements are still starting, and the placement group made for them (None in a
+        Tune trial's), which the client removes if this controller dies."""
         slots = sorted(self.members)
         return {
+            "placement_group": self._own_pg,
             "generation": self.generation,
             "slots": slots,
             "handles": [self.members[s] for s in slots],
@@ -228,24 +243,27 @@ class WorkerGroup:
 
     def form(self, backend: str) -> dict:
         """A new collective group among the members (a fresh rendezvous, the next generation);
-        returns the :meth:`membership`, with ``lost``: the slots whose member died meanwhile
-        (no group was formed then: remove them and form again)."""
+        returns the :meth:`membership`, with ``lost``: the slots whose member died or stayed
+        silent meanwhile, with why (no group was formed then: remove them and form again).
+
+        Each phase is bounded: leaving by the collective timeout (a member still in a
+        collective fails within it), the rendezvous by twice that (torch's store, then the
+        group's connections, each bounded by it)."""
         self.generation += 1
         slots = sorted(self.members)
         workers = [self.members[s] for s in slots]
-        lost = _dead(slots, [w.leave.remote() for w in workers])
+        timeout_s = self.settings.collective_timeout_s
+        leaving = [w.leave.remote(self.generation) for w in workers]
+        lost = _unresponsive(slots, leaving, timeout_s)
         if not lost and len(workers) > 1:
-            try:
-                address = ray.get(workers[0].rendezvous_address.remote())
-            except ray.exceptions.RayActorError:
-                lost = [slots[0]]
-            else:
-                timeout_s = self.settings.collective_timeout_s
+            address = workers[0].rendezvous_address.remote()
+            lost = _unresponsive(slots[:1], [address], timeout_s)
+            if not lost:
                 refs = [
                     w.join.remote(len(workers), rank, address, backend, timeout_s, self.generation)
                     for rank, w in enumerate(workers)
                 ]
-                lost = _dead(slots, refs)
+                lost = _unresponsive(slots, refs, 2 * timeout_s)
         return {**self.membership(), "lost": lost}
 
     def stop(self) -> None:

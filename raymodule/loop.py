@@ -95,7 +95,7 @@ def run_steps(
     else:
         per_call = workers.settings.steps_per_call
         depth = workers.settings.pipeline_depth
-    inflight: deque = deque()  # (steps, refs per rank, slots) in the order sent
+    inflight: deque = deque()  # (steps, refs per rank, slots, generation) in the order sent
     chunk: list[_Step] = []
     final: list = []
     seconds: dict[int, float] = {}
@@ -105,15 +105,17 @@ def run_steps(
         steps = chunk if steps is None else steps
         if not steps:
             return
+        if inflight and inflight[-1][3] != workers.generation:
+            resend(workers.committed)  # the group re-formed outside the loop (in a callback)
         if monitor is not None:
             monitor.tic()
         if training:
             for step in steps:
-                workers.steps_sent += 1
-                step.number = workers.steps_sent
+                step.number = workers.count_step()
         mids = [step.target._id for step in steps]
-        refs = workers.submit("steps", method, mids, ray.put([step.batch for step in steps]))
-        inflight.append((list(steps), refs, list(workers.slots)))
+        parts = zip(*(step.batch.parts(step.target._slices) for step in steps))
+        refs = workers.send_steps(method, mids, [ray.put(list(part)) for part in parts])
+        inflight.append((list(steps), refs, list(workers.slots), workers.generation))
         steps.clear() if steps is chunk else None
 
     def report(step: _Step, results, last: bool) -> None:
@@ -136,11 +138,14 @@ def run_steps(
         done += 1
 
     def finish(last_chunk: bool) -> None:
-        steps, refs, slots = inflight[0]
+        steps, refs, slots, generation = inflight[0]
         try:
             per_worker = workers.get(refs, method)
         except StepsFailed as failure:
-            recover(failure)
+            if generation == workers.generation:
+                resend(workers.recover(failure))
+            else:  # sent before a re-forming that a callback's call went through
+                resend(workers.committed)
             return
         inflight.popleft()
         for slot, (_, took) in zip(slots, per_worker):
@@ -149,15 +154,10 @@ def run_steps(
             last = last_chunk and not inflight and index == len(steps) - 1
             report(step, [results[index] for results, _ in per_worker], last)
 
-    def recover(failure) -> None:
-        outstanding = [refs for _, refs, _ in inflight]
-        while True:
-            try:
-                committed = workers.recover(failure, outstanding)
-                break
-            except StepsFailed as again:  # another worker lost while recovering
-                failure, outstanding = again, []
-        void = [step for steps, _, _ in inflight for step in steps]
+    def resend(committed: int) -> None:
+        """Sends the steps in flight again to the re-formed group, but for those applied
+        before it (up to step ``committed``), which are only reported."""
+        void = [step for steps, _, _, _ in inflight for step in steps]
         inflight.clear()
         workers.post("set_metric", metric)
         again = []
@@ -186,10 +186,13 @@ def run_steps(
         chunk.append(_Step(nbatch, data_batch, batch, target))
         if len(chunk) >= per_call:
             send()
-            while len(inflight) > depth:
-                finish(last_chunk=False)
-            if workers.pending and workers.grow(drain=lambda: _drain(finish, inflight)):
-                workers.post("set_metric", metric)
+        # after every send (a checkpoint's or a bucket switch's flush sends too): no more than
+        # RAYMODULE_PIPELINE_DEPTH calls ahead of the results read, and callbacks that trail
+        # by no more than that
+        while len(inflight) > depth:
+            finish(last_chunk=False)
+        if workers.pending and workers.grow(drain=lambda: _drain(finish, inflight)):
+            workers.post("set_metric", metric)
     send()
     while inflight:
         finish(last_chunk=True)
@@ -287,7 +290,7 @@ class TrainingLoops:
             eval_metric = mx.metric.create(eval_metric)
         resume = run_folder.resume_from if run_folder is not None else None
         fresh_data = True  # train_data is where the caller left it (not reset by a restart)
-        lost_before = 0
+        failures_before = 0
         with run_folder if run_folder is not None else contextlib.nullcontext():
             while True:
                 try:
@@ -297,7 +300,7 @@ class TrainingLoops:
                         eval_batch_end_callback, kvstore, optimizer, optimizer_params,
                         initializer, arg_params, aux_params, allow_missing, force_rebind,
                         force_init, begin_epoch, num_epoch, monitor, sparse_row_id_fn,
-                        run_folder, resume, fresh_data, lost_before,
+                        run_folder, resume, fresh_data, failures_before,
                     )  # fmt: skip
                 except EveryWorkerLost as lost:
                     resume = run_folder.latest() if run_folder is not None else None
@@ -306,7 +309,7 @@ class TrainingLoops:
                     self.logger.warning(
                         "every worker was lost (%s); restarting them from %s", lost, resume.name
                     )
-                    lost_before = self._workers.lost_total  # max_failures spans the restarts
+                    failures_before = self._workers.failures  # max_failures spans the restarts
                     run_folder.record_event(
                         {
                             "event": "membership",
@@ -328,7 +331,7 @@ class TrainingLoops:
         batch_end_callback, eval_end_callback, eval_batch_end_callback, kvstore, optimizer,
         optimizer_params, initializer, arg_params, aux_params, allow_missing, force_rebind,
         force_init, begin_epoch, num_epoch, monitor, sparse_row_id_fn, run_folder, resume,
-        fresh_data, lost_before,
+        fresh_data, failures_before,
     ):  # fmt: skip
         """``fit`` from binding on; ``resume`` is the checkpoint to continue from, if any, and
         ``fresh_data`` whether ``train_data`` still needs the resets of the finished epochs."""
@@ -364,7 +367,7 @@ class TrainingLoops:
         every = run_folder.config.checkpoint_every if run_folder is not None else 0
         epoch = begin_epoch
         if run_folder is not None:
-            self._elastic(run_folder, lambda: epoch, lost_before)
+            self._elastic(run_folder, lambda: epoch, failures_before)
         # the workers count steps from 0 on their own; the run's steps go on from global_step
         offset = global_step - workers.steps_sent
 
@@ -444,17 +447,20 @@ class TrainingLoops:
                 self._workers.limits = policy.Limits(len(self._context), elastic=False)
                 self._workers.on_membership = None
 
-    def _elastic(self, run_folder: Run, epoch, lost_before: int) -> None:
-        """Makes the workers go on through lost workers within the run's limits (``lost_before``
-        lost already, by workers this run restarted), recording each membership change in the
-        run's metrics (``epoch()``: the epoch it happens in)."""
+    def _elastic(self, run_folder: Run, epoch, failures_before: int) -> None:
+        """Makes the workers go on through lost workers within the run's limits
+        (``failures_before`` failures already, before this run restarted its workers), recording
+        each membership change in the run's metrics (``epoch()``: the epoch it happens in)."""
         config = run_folder.config
         workers = self._workers
         workers.limits = policy.Limits(
-            len(self._context), config.min_workers, config.max_failures, elastic=True
+            len(self._context),
+            config.min_workers,
+            config.max_failures,
+            elastic=True,
+            max_reforms=workers.settings.max_reforms,
         )
-        workers.lost_total = lost_before
-        workers.has_checkpoint = lambda: run_folder.latest() is not None
+        workers.failures = failures_before
         workers.on_membership = lambda event: run_folder.record_event(
             dict(event, during_epoch=epoch())
         )

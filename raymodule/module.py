@@ -404,7 +404,6 @@ class Module(loop.TrainingLoops, BaseModule):
                 f"gradient storage types {sorted(set(grad_stypes))}: raymodule reduces dense "
                 "gradients only; use dense (default) gradients"
             )
-        w.post("set_slice", self._id, per_worker=[(s,) for s in slices])
         self._data_shapes, self._label_shapes, self._slices = data_shapes, label_shapes, slices
 
         if shared_module is not None:
@@ -457,7 +456,6 @@ class Module(loop.TrainingLoops, BaseModule):
         if new_ranks:
             args = (self.for_training, self.inputs_need_grad, shared, self._grad_req)
             w.post("bind", self._id, *args, per_worker=per_worker, ranks=new_ranks)
-        w.post("set_slice", self._id, per_worker=[(s,) for s in slices])
         self._slices = slices
 
     def _install_optimizer(self, ranks: list[int]) -> None:
@@ -482,7 +480,6 @@ class Module(loop.TrainingLoops, BaseModule):
         self._check_param_shapes(*self._infer(data_shapes, label_shapes))
         slices, per_worker = self._split(data_shapes, label_shapes)
         self._workers.post("reshape", self._id, per_worker=per_worker)
-        self._workers.post("set_slice", self._id, per_worker=[(s,) for s in slices])
         self._data_shapes, self._label_shapes, self._slices = data_shapes, label_shapes, slices
 
     def init_params(
@@ -692,7 +689,7 @@ class Module(loop.TrainingLoops, BaseModule):
         self.reshape(new_data, new_label)
 
     def _batch(self, data_batch) -> data.Batch:
-        """The batch as numpy arrays, split later by each worker's slice."""
+        """The batch as numpy arrays (each worker receives its :meth:`data.Batch.parts`)."""
         return data.to_batch(data_batch, self._data_shapes, self._label_shapes)
 
     def forward(self, data_batch, is_train=None):
@@ -703,7 +700,8 @@ class Module(loop.TrainingLoops, BaseModule):
             is_train = self.for_training
         if self._shapes_changed(data_batch):
             self._reshape_for(data_batch)
-        self._workers.post("forward", self._id, ray.put(self._batch(data_batch)), is_train)
+        parts = self._batch(data_batch).parts(self._slices)
+        self._workers.post("forward", self._id, per_worker=[(ray.put(p), is_train) for p in parts])
 
     def backward(self, out_grads=None):
         _require(
@@ -728,7 +726,7 @@ class Module(loop.TrainingLoops, BaseModule):
         )
         self._params_dirty = True
         self._workers.post("update", self._id)
-        self._workers.steps_sent += 1
+        self._workers.count_step()
 
     def _gather(self, method: str, axes: list[int], merge_multi_context: bool):
         self._workers.sync()

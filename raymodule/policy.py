@@ -1,7 +1,11 @@
 """Elastic training's decisions, as pure functions of what was observed.
 
 The policies decide; :class:`raymodule.workerset.WorkerSet` and the controller act. Nothing here
-talks to Ray, so every rule is tested on plain values.
+talks to Ray or to storage, so every rule is tested on plain values.
+
+A *failure* is one event in which workers were lost together: a killed process, a lost node
+with every worker it held, a worker evicted for being too slow. ``max_failures`` counts these
+events, so one lost node costs one failure however many workers it ran.
 """
 
 from __future__ import annotations
@@ -17,13 +21,16 @@ class Limits:
     """A run's elastic limits (from :class:`raymodule.RunConfig`), for ``configured`` contexts.
 
     ``elastic`` is False outside a run (``fit`` without ``run=``, the intermediate API): a lost
-    worker then ends the call with one clear error.
+    worker then ends the call with one clear error. ``max_reforms``: times in a row the group
+    may break with no worker lost (a member late, not gone) before its slowest member is
+    treated as lost (``RAYMODULE_MAX_REFORMS``).
     """
 
     configured: int
     min_workers: int | None = None
     max_failures: int = 3
     elastic: bool = True
+    max_reforms: int = 2
 
     @property
     def floor(self) -> int:
@@ -35,19 +42,21 @@ class Limits:
 
 @dataclass(frozen=True)
 class Loss:
-    """What a failed step showed: workers that survived and that were lost in it, lost
-    workers over the run before it, and whether a committed checkpoint exists to restart from."""
+    """What a failed call showed: the workers that survived it and those lost in it, the
+    failures over the run before it, and how many times in a row (this one included) the group
+    broke with no worker lost."""
 
     survivors: int
     lost: int
-    lost_before: int
-    has_checkpoint: bool
+    failures_before: int
+    broken_in_a_row: int = 0
 
 
 class Action(Enum):
     CONTINUE = "continue"  # re-form the group among the survivors and re-run the failed step
     WAIT = "wait"  # too few survivors: wait (bounded) for replacements, then continue
     RESTART = "restart"  # nobody survived: start every worker again from the latest checkpoint
+    EVICT = "evict"  # the group keeps breaking with nobody lost: its slowest member is lost
     FAIL = "fail"  # stop the run with ``Decision.reason``
 
 
@@ -58,27 +67,33 @@ class Decision:
 
 
 def on_loss(limits: Limits, loss: Loss) -> Decision:
-    """What to do when ``loss.lost`` workers were lost in a step."""
+    """What to do when a call failed because ``loss.lost`` workers were lost, or (``lost`` 0)
+    because the group broke. RESTART means going on from storage, which the caller reads only
+    then; with no checkpoint there the run fails."""
     if not limits.elastic:
         return Decision(
             Action.FAIL,
             "a lost worker ends a call outside an elastic run; pass "
             "fit(..., run=raymodule.RunConfig(...)) to train on through losses",
         )
-    total = loss.lost_before + loss.lost
-    if limits.max_failures >= 0 and total > limits.max_failures:
+    if loss.lost == 0:
+        if loss.broken_in_a_row > limits.max_reforms:
+            return Decision(
+                Action.EVICT,
+                f"the group broke {loss.broken_in_a_row} times in a row with no worker lost, "
+                f"more than RAYMODULE_MAX_REFORMS={limits.max_reforms}: its slowest member is "
+                "treated as lost",
+            )
+        return Decision(Action.CONTINUE)
+    failures = loss.failures_before + 1
+    if limits.max_failures >= 0 and failures > limits.max_failures:
         return Decision(
             Action.FAIL,
-            f"{total} workers lost over the run, more than RunConfig.max_failures="
+            f"{failures} failures over the run, more than RunConfig.max_failures="
             f"{limits.max_failures} (raise it, or -1 for no limit)",
         )
     if loss.survivors == 0:
-        if loss.has_checkpoint:
-            return Decision(Action.RESTART)
-        return Decision(
-            Action.FAIL,
-            "every worker was lost before the run committed a checkpoint to restart from",
-        )
+        return Decision(Action.RESTART)
     if loss.survivors < limits.floor:
         return Decision(Action.WAIT)
     return Decision(Action.CONTINUE)

@@ -47,7 +47,9 @@ class RunConfig:
         resume: ``"auto"`` continues from the latest committed checkpoint if there is one,
             ``"never"`` refuses to touch an existing run, ``"must"`` fails if there is none.
         min_workers: the elastic floor (None: every context).
-        max_failures: worker losses tolerated over the run; -1 is unlimited.
+        max_failures: failures tolerated over the run, -1 for unlimited. A failure is one
+            event in which workers were lost together (a killed process, a lost node with
+            every worker on it, the controller, a worker evicted for holding the group up).
     """
 
     name: str | None = None
@@ -188,9 +190,10 @@ class Run:
 
     def close(self, raise_failures: bool = True) -> None:
         """Waits for the checkpoint being written; raises if too many failed in a row (or only
-        logs it, when training already failed for another reason)."""
+        logs it, when training already failed for another reason: then a snapshot that a
+        worker has not delivered is not waited for)."""
         try:
-            self.writer.close()
+            self.writer.close(abandon=not raise_failures)
         except CheckpointError as err:
             if raise_failures:
                 raise

@@ -10,6 +10,7 @@ starts: the controller creates workers from this class without paying seconds of
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -57,7 +58,6 @@ class ModuleWorker:
         _import_runtime()
         self.device = mx.Context(device_type, 0)
         self._modules: dict[int, mx.mod.Module] = {}
-        self._slices: dict[int, slice] = {}
         self._collective: Collective | None = None
         self._bucket_bytes = allreduce_bucket_bytes
         self._metric: mx.metric.EvalMetric | None = None
@@ -68,8 +68,11 @@ class ModuleWorker:
 
     # -- membership -------------------------------------------------------------------------
     def describe(self) -> dict:
-        """Where this worker runs: its node and process (also: the actor is up)."""
+        """Where this worker runs: its node and process (also: the actor is up, with the
+        collective's modules imported, so that forming a group waits for no imports)."""
         import ray
+
+        from . import allreduce  # noqa: F401 - torch: seconds
 
         return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
@@ -78,14 +81,19 @@ class ModuleWorker:
 
         return free_address()
 
-    def leave(self) -> None:
-        """Leaves the collective group, broken or not. Also imports the collective's modules
-        (torch: seconds), so that a rendezvous after it waits for no peer's imports."""
-        from . import allreduce  # noqa: F401
+    def leave(self, generation: int | None = None) -> None:
+        """Leaves the collective group, broken or not; calls that follow belong to
+        ``generation`` of the group (when given)."""
+        if generation is not None:
+            self._generation = generation
 
         if self._collective is not None:
             self._collective.close()
             self._collective = None
+            # The group's sockets close only when nothing refers to it any more (a failed
+            # call's traceback does): until then a peer blocked on this worker waits out the
+            # whole collective timeout instead of failing at once.
+            gc.collect()
         self._broken = None
 
     def join(self, world_size, rank, address, backend, timeout_s, generation) -> None:
@@ -219,16 +227,12 @@ class ModuleWorker:
         self._applied = snapshot["applied"]
 
     # -- computation ------------------------------------------------------------------------
-    def set_slice(self, mid, part: slice) -> None:
-        self._slices[mid] = part
-
     def _load(self, mid, batch: Batch, is_train) -> tuple[mx.mod.Module, list]:
-        """Runs forward on this worker's slice; returns the module and the slice's labels."""
+        """Runs forward on this worker's part of a batch; returns the module and its labels."""
         mod = self._modules[mid]
-        data, label = batch.worker_slice(self._slices[mid])
-        labels = [to_ndarray(a) for a in label]
+        labels = [to_ndarray(a) for a in batch.label]
         mod.forward(
-            DataBatch(data=[to_ndarray(a) for a in data], label=labels or None),
+            DataBatch(data=[to_ndarray(a) for a in batch.data], label=labels or None),
             is_train=is_train,
         )
         return mod, labels
@@ -253,14 +257,17 @@ class ModuleWorker:
             # 'add' keeps accumulating this worker's own gradients; the sum goes to copies
             grad_arrays = [[g[0].copy()] if g[0] is not None else g for g in grad_arrays]
         # Reverse parameter order: the last layers' gradients are ready first.
+        why = None
         try:
             self._collective.reduce(
                 [g[0] for g in reversed(grad_arrays) if g[0] is not None], self._bucket_bytes
             )
         except Exception as err:  # noqa: BLE001 - a peer lost or silent: the step is not applied
             why = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
-            # close this end at once: a peer waiting for data from this worker (a ring) then
-            # fails now too, instead of after the collective timeout
+        if why is not None:
+            # Close this end at once, out of the except block (whose traceback holds the
+            # group): a peer waiting for data from this worker then fails now too, wherever
+            # in the ring the lost worker was, instead of after the collective timeout.
             self.leave()
             self._broken = why
             self._check_group()
@@ -287,16 +294,22 @@ class ModuleWorker:
             return metrics.counters(self._metric)
         return _numpy_list(mod.get_outputs())
 
-    def steps(self, kind: str, mids: list[int], batches: list[Batch]) -> list:
+    def steps(self, kind: str, mids: list[int], batches: list[Batch], generation: int) -> list:
         """Runs ``kind`` ("train_step" or "eval_step") on consecutive global batches, each on
         the module named by ``mids`` (a bucketing module's buckets differ from batch to batch).
 
         Several steps per call: one object-store transfer and one call per chunk, where each
         costs about a millisecond, instead of one per batch. Returns the steps' results and
-        the seconds they took here.
+        the seconds they took here. A call sent to an earlier ``generation`` of the group (it
+        was in flight when the group re-formed) runs nothing: its steps are sent again.
         """
         step = {"train_step": self.train_step, "eval_step": self.eval_step}[kind]
         self._check_group()
+        if generation != self._generation:
+            raise GroupBrokenError(
+                f"steps sent to generation {generation} of the group reached generation "
+                f"{self._generation}; they are sent again"
+            )
         tic = time.perf_counter()
         results = [step(mid, batch) for mid, batch in zip(mids, batches)]
         return results, time.perf_counter() - tic

@@ -14,7 +14,7 @@ import weakref
 
 import mxnet as mx
 import ray
-from ray.util.placement_group import get_current_placement_group
+from ray.util.placement_group import get_current_placement_group, remove_placement_group
 from ray.util.scheduling_strategies import (
     NodeAffinitySchedulingStrategy,
     PlacementGroupSchedulingStrategy,
@@ -31,20 +31,27 @@ __all__ = ["WorkerSet"]
 log = logging.getLogger(__name__)
 
 _MAX_UNCHECKED = 64
+# calls that read what every replica holds alike: asked again of the new group after a loss
+_REPEATABLE = frozenset({"get_params", "optimizer_states"})
 
 
-def _shutdown(controller) -> None:
-    """Stops a family's workers and controller; safe at interpreter exit."""
+def _shutdown(controller, held: dict) -> None:
+    """Stops a family's workers and controller, and removes the placement group it made
+    (``held["placement_group"]``: a controller that died left it behind); safe at exit."""
     if not ray.is_initialized():
         return
     try:
         ray.get(controller.shutdown.remote(), timeout=30)
     except Exception:  # noqa: BLE001 - the controller may be gone already
         pass
-    try:
-        ray.kill(controller, no_restart=True)
-    except Exception:  # noqa: BLE001
-        pass
+    for release in (
+        lambda: ray.kill(controller, no_restart=True),
+        lambda: held["placement_group"] and remove_placement_group(held["placement_group"]),
+    ):
+        try:
+            release()
+        except Exception:  # noqa: BLE001 - gone already
+            pass
 
 
 class StepsFailed(Exception):
@@ -52,12 +59,20 @@ class StepsFailed(Exception):
     by rank, with why; or none lost, the group broken by a worker that was late). Raised only
     in an elastic run, where the step loop recovers from it."""
 
-    def __init__(self, method: str, lost: dict[int, str], broken: str, seen_at: float = 0.0):
+    def __init__(
+        self,
+        method: str,
+        lost: dict[int, str],
+        broken: str,
+        seen_at: float = 0.0,
+        slowest: int | None = None,
+    ):
         super().__init__(f"{method}: lost {lost or 'no worker'} ({broken})")
         self.method = method
         self.lost = lost
         self.broken = broken
         self.seen_at = seen_at or time.monotonic()  # when the first call failed
+        self.slowest = slowest  # the rank whose failed call came back last
 
 
 class EveryWorkerLost(WorkerLostError):
@@ -93,23 +108,36 @@ class WorkerSet:
         self.generation = 0
         self.pending: list[int] = []  # slots whose replacement worker is starting
         self.limits = policy.Limits(len(contexts), elastic=False)
-        self.lost_total = 0  # workers lost over the elastic run
+        self.failures = 0  # failure events of the elastic run (policy.py says what one is)
+        self.broken_in_a_row = 0  # re-formings with no worker lost since a step last succeeded
         self.steps_sent = 0  # training steps posted; a worker's applied() counts the same
-        self.has_checkpoint = lambda: False  # set by an elastic run: can it restart from storage
+        self.committed = 0  # the step every member was at when the group last re-formed
         self.on_membership = None  # set by an elastic run: called with each change, as a dict
         self.modules: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-        self._finalizer = weakref.finalize(self, _shutdown, self.controller)
+        self._held = {"placement_group": None}  # what the controller made, for _shutdown
+        self._finalizer = weakref.finalize(self, _shutdown, self.controller, self._held)
         self._unchecked: list[tuple[int, ray.ObjectRef, str]] = []
+        self._in_flight: dict[ray.ObjectRef, tuple] = {}  # step calls not read: (rank, kind)
+        self._synced: set[int] = set()  # slots whose workers hold every module, in step
+        self._recovering = False
         self._next_poll = 0.0
         self.lost: WorkerLostError | None = None
         self.params_dirty = False  # the workers' parameters are newer than the client's copy
+        bound = self.settings.placement_timeout_s + self.settings.control_timeout_s
         try:
-            self._adopt(ray.get(self.controller.start.remote()))
+            self._adopt(ray.get(self.controller.start.remote(), timeout=bound))
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise WorkerLostError(
+                f"starting {len(contexts)} workers for {contexts} took more than {bound:g} s "
+                "(RAYMODULE_PLACEMENT_TIMEOUT_S + RAYMODULE_CONTROL_TIMEOUT_S)"
+            ) from None
         except ray.exceptions.RayError as err:
             self.close()
             raise _in_words(
                 err, f"starting {len(contexts)} workers for {contexts} failed"
             ) from None
+        self._synced = set(self.slots)
 
     def close(self) -> None:
         self._finalizer()
@@ -124,6 +152,7 @@ class WorkerSet:
         return not self._finalizer.alive
 
     def _adopt(self, membership: dict) -> None:
+        self._held["placement_group"] = membership["placement_group"]
         self.handles = membership["handles"]
         self.slots = membership["slots"]
         self.nodes = membership["nodes"]
@@ -155,17 +184,57 @@ class WorkerSet:
         if len(self._unchecked) > _MAX_UNCHECKED:
             self.sync()
 
+    def send_steps(self, kind: str, mids: list[int], parts: list) -> list:
+        """Sends a chunk of steps to every worker (``parts[rank]``: that worker's part of each
+        batch, in the object store), for this generation of the group; the calls are in flight
+        until :meth:`get` reads them (a recovery waits for them first)."""
+        per_worker = [(part, self.generation) for part in parts]
+        refs = self.submit("steps", kind, mids, per_worker=per_worker)
+        self._in_flight.update((ref, (rank, kind)) for rank, ref in enumerate(refs))
+        return refs
+
+    def count_step(self) -> int:
+        """Counts a training step posted to the workers; returns its number."""
+        self.steps_sent += 1
+        return self.steps_sent
+
     def call(self, method: str, *args, per_worker=None, ranks=None) -> list:
-        """Calls ``method`` on the workers and returns their results, in rank order."""
-        refs = self.submit(method, *args, per_worker=per_worker, ranks=ranks)
-        return self.get(refs, method, ranks)
+        """Calls ``method`` on the workers and returns their results, in rank order.
+
+        In an elastic run a worker lost during the call is recovered from here: a read of
+        the replicated state (``_REPEATABLE``) is then asked again of the new group; any other
+        call cannot be, and says so."""
+        while True:
+            refs = self.submit(method, *args, per_worker=per_worker, ranks=ranks)
+            try:
+                return self.get(refs, method, ranks)
+            except StepsFailed as failure:
+                self._recover_here(failure)
+                if method not in _REPEATABLE or per_worker is not None or ranks not in (None, [0]):
+                    raise WorkerLostError(
+                        f"a worker was lost during {method}(); the run went on without it "
+                        "but this call's result is gone: call it again"
+                    ) from None
 
     def sync(self) -> None:
-        """Waits for every posted call and raises the first error among them."""
+        """Waits for every posted call and raises the first error among them (in an elastic
+        run, a worker lost meanwhile is recovered from: the survivors hold what was posted,
+        and replacements take a survivor's state)."""
         unchecked, self._unchecked = self._unchecked, []
-        if unchecked:
-            ranks, refs, methods = zip(*unchecked)
+        if not unchecked:
+            return
+        ranks, refs, methods = zip(*unchecked)
+        try:
             self.get(list(refs), "/".join(dict.fromkeys(methods)), list(ranks))
+        except StepsFailed as failure:
+            self._recover_here(failure)
+
+    def _recover_here(self, failure: StepsFailed) -> None:
+        """A failure seen outside the step loop (which recovers by itself, to send its steps
+        again) is recovered from where it is seen; inside a recovery, that starts again."""
+        if self._recovering:
+            raise failure
+        self.recover(failure)
 
     def get(self, refs: list, method: str, ranks=None) -> list:
         """``ray.get`` that names the worker, says a lost worker is lost, and never hangs.
@@ -177,7 +246,8 @@ class WorkerSet:
         otherwise the module cannot go on and says so.
         """
         ranks = list(range(len(refs))) if ranks is None else ranks
-        outcomes, seen_at = _await(refs, self.settings)
+        kinds = {self._in_flight.pop(ref, (None, None))[1] for ref in refs}
+        outcomes, seen_at, last = _await(refs, self.settings)
         results, lost, broken, failed = [], {}, "", None
         for rank, (kind, value) in zip(ranks, outcomes):
             if kind == "ok":
@@ -193,7 +263,8 @@ class WorkerSet:
             raise _in_words(err, f"worker {rank} failed in {method}()") from None
         if lost or broken:
             if self.limits.elastic:
-                raise StepsFailed(method, lost, broken, seen_at)
+                slowest = ranks[last] if last is not None else None
+                raise StepsFailed(method, lost, broken, seen_at, slowest)
             self.lost = WorkerLostError(
                 f"{self._describe_lost(lost) if lost else 'the collective group broke'} during "
                 f"{method}(): {'; '.join(lost.values()) or broken}. The module cannot continue; "
@@ -201,6 +272,8 @@ class WorkerSet:
                 "on through lost workers"
             )
             raise self.lost
+        if kinds == {"train_step"}:  # the group summed gradients: it works again
+            self.broken_in_a_row = 0
         return results
 
     def _describe_lost(self, lost: dict[int, str]) -> str:
@@ -214,27 +287,45 @@ class WorkerSet:
         return ", ".join(described) + (" was lost" if len(lost) == 1 else " were lost")
 
     # -- membership ----------------------------------------------------------------------------
-    def recover(self, failure: StepsFailed, outstanding: list[list]) -> int:
-        """Goes on after a failed step: removes the lost workers (starting replacements),
-        waits for replacements when the policy says so, forms the next generation's group and
-        brings every worker to the last step applied by a survivor. ``outstanding`` are the
-        per-rank refs of the calls in flight (awaited first: no stale call may run on the new
-        group). Returns that step; the caller runs the steps after it again."""
-        tic = failure.seen_at
+    def recover(self, failure: StepsFailed) -> int:
+        """Goes on after a failed call: waits for the calls still in flight, removes the lost
+        workers (starting replacements), waits for replacements when the policy says so,
+        forms the next generation's group and brings every worker to the last step a survivor
+        applied. A worker lost while this runs starts it again, as one more failure; the
+        change is announced once, with every worker it lost. Returns that step; the caller
+        sends the steps after it again. Storage is never read here: when nobody survived,
+        :class:`EveryWorkerLost` leaves it to ``fit``."""
+        tic, before, during = failure.seen_at, len(self.handles), failure.method
+        gone: list[int] = []
+        why: list[str] = []
+        self._recovering = True
+        try:
+            while True:
+                try:
+                    committed = self._recover_once(failure, gone, why)
+                    break
+                except StepsFailed as again:  # another worker lost while recovering
+                    failure = again
+        finally:
+            self._recovering = False
+        extra = {"lost": [f"slot {s}" for s in gone], "step": committed, "during": during}
+        self._announce("lost" if gone else "re-formed", "; ".join(why), before, tic, extra)
+        return committed
+
+    def _recover_once(self, failure: StepsFailed, gone: list[int], why: list[str]) -> int:
+        """One attempt of :meth:`recover`; appends the slots it removes to ``gone`` and says
+        why in ``why``."""
         lost = dict(failure.lost)
-        self._settle(outstanding, lost)
-        before = len(self.handles)
-        decision = policy.on_loss(
-            self.limits,
-            policy.Loss(
-                survivors=before - len(lost),
-                lost=len(lost),
-                lost_before=self.lost_total,
-                has_checkpoint=self.has_checkpoint(),
-            ),
-        )
-        if decision.action is policy.Action.RESTART:
-            self.lost_total += len(lost)
+        self._settle(lost)
+        self.broken_in_a_row = 0 if lost else self.broken_in_a_row + 1
+        decision = self._decide(lost)
+        if decision.action is policy.Action.EVICT:
+            rank = failure.slowest if failure.slowest is not None else len(self.handles) - 1
+            lost[rank] = f"evicted: {decision.reason}"
+            self.broken_in_a_row = 0
+            decision = self._decide(lost)
+        if lost:
+            self.failures += 1
         if decision.action in (policy.Action.FAIL, policy.Action.RESTART):
             # RESTART needs new workers from storage: fit() does that on EveryWorkerLost
             error = WorkerLostError if decision.action is policy.Action.FAIL else EveryWorkerLost
@@ -244,31 +335,35 @@ class WorkerSet:
                 + (f"; {decision.reason}" if decision.reason else "")
             )
             raise self.lost
-        gone = [self.slots[r] for r in sorted(lost)]
-        why = (
+        removed = [self.slots[r] for r in sorted(lost)]
+        why.append(
             f"{self._describe_lost(lost)}: {'; '.join(lost.values())}"
             if lost
             else f"group broke: {failure.broken}"
         )
-        self.lost_total += len(lost)
-        survivors = [s for s in self.slots if s not in gone]
-        if gone:
-            self._control("remove", gone)
-        admit = self._wait_for_floor(len(survivors), decision.action is policy.Action.WAIT, why)
-        committed = self._reform(survivors, admit)
-        self._announce(
-            "lost" if lost else "re-formed",
-            why,
-            before,
-            tic,
-            {"lost": [f"slot {s}" for s in gone], "step": committed},
+        if removed:
+            gone.extend(removed)
+            self._synced.difference_update(removed)
+            self._control("remove", removed)
+        live = len(self.handles) - len(removed)
+        wait = decision.action is policy.Action.WAIT
+        return self._reform(self._wait_for_floor(live, wait, why[-1]))
+
+    def _decide(self, lost: dict, survivors: int | None = None) -> policy.Decision:
+        return policy.on_loss(
+            self.limits,
+            policy.Loss(
+                survivors=len(self.handles) - len(lost) if survivors is None else survivors,
+                lost=len(lost),
+                failures_before=self.failures,
+                broken_in_a_row=self.broken_in_a_row,
+            ),
         )
-        return committed
 
     def grow(self, drain) -> bool:
         """At a step boundary: admits replacement workers that are up (one controller call,
         at most every RAYMODULE_ADMIT_INTERVAL_S). ``drain()`` is called first to finish the
-        steps in flight. Returns whether the group grew."""
+        steps in flight. Returns whether the membership changed."""
         if not self.pending or not self.limits.elastic or time.monotonic() < self._next_poll:
             return False
         self._next_poll = time.monotonic() + self.settings.admit_interval_s
@@ -281,8 +376,16 @@ class WorkerSet:
         self.sync()
         admit = [slot for slot in admit if slot in self.pending]  # a recovery may have taken it
         if not admit:
-            return False
-        committed = self._reform(list(self.slots), admit)
+            return True
+        self._recovering = True
+        try:
+            committed = self._reform(admit)
+        except StepsFailed as failure:  # a worker lost while the replacements joined
+            self._recovering = False
+            self.recover(failure)
+            return True
+        finally:
+            self._recovering = False
         joined = ", ".join(f"slot {s}" for s in admit)
         self._announce(
             "grown", f"replacement for {joined} joined", before, tic, {"step": committed}
@@ -312,30 +415,23 @@ class WorkerSet:
             raise self.lost
         return ready
 
-    def _reform(self, survivors: list[int], admit: list[int]) -> int:
-        """Forms the group of ``survivors`` and ``admit`` (slots), sets up the modules on the
-        admitted workers and brings everyone to the latest step a survivor applied."""
-        while True:
-            membership = self._control("reform", admit)
-            if not membership["lost"]:
-                break
-            died = membership["lost"]  # lost while the group was forming: count them, again
-            self.lost_total += len(died)
-            if self.limits.max_failures >= 0 and self.lost_total > self.limits.max_failures:
-                self.lost = WorkerLostError(
-                    f"slots {died} were lost while the group re-formed: {self.lost_total} "
-                    f"workers lost over the run, more than max_failures={self.limits.max_failures}"
-                )
-                raise self.lost
-            self._control("remove", died)
-            survivors = [s for s in survivors if s not in died]
-            admit = [s for s in admit if s not in died]
-            if not survivors:
-                self.lost = WorkerLostError("every worker was lost while the group re-formed")
-                raise self.lost
+    def _reform(self, admit: list[int]) -> int:
+        """Forms the next generation's group of the members and the ready replacements of
+        ``admit`` (slots), sets up the modules on every worker not yet in step (admitted now,
+        or earlier by a re-forming that a later loss cut short) and brings everyone to the
+        latest step a member in step applied. A member lost meanwhile raises
+        :class:`StepsFailed` (for :meth:`recover`)."""
+        membership = self._control("reform", admit)
         self._adopt(membership)
-        new = [rank for rank, slot in enumerate(self.slots) if slot in admit]
-        old = [rank for rank, slot in enumerate(self.slots) if slot not in admit]
+        if membership["lost"]:
+            rank_of = {slot: rank for rank, slot in enumerate(self.slots)}
+            lost = {rank_of[slot]: why for slot, why in membership["lost"].items()}
+            raise StepsFailed("re-form", lost, "")
+        new = [rank for rank, slot in enumerate(self.slots) if slot not in self._synced]
+        old = [rank for rank, slot in enumerate(self.slots) if slot in self._synced]
+        if not old:
+            self.lost = EveryWorkerLost("every worker holding the run's state was lost")
+            raise self.lost
         applied = self.call("applied", ranks=old)
         committed = max(applied)
         source = old[applied.index(committed)]
@@ -355,29 +451,41 @@ class WorkerSet:
         for mid, snapshot in snapshots.items():  # the new workers' optimizer states
             self.post("restore", mid, snapshot, ranks=new)
         self.sync()
-        self.steps_sent = committed
+        self._synced = set(self.slots)
+        self.steps_sent = self.committed = committed
         return committed
 
     def _control(self, method: str, *args):
-        """Calls the controller; a lost controller (its node died) loses the run's workers
-        too (they share its fate), so the run goes on from its latest checkpoint."""
+        """Calls the controller (bounded by RAYMODULE_CONTROL_TIMEOUT_S, plus what the call
+        itself waits). A lost controller (its node died) loses the run's workers too (they
+        share its fate), so the run goes on from its latest checkpoint, as one more failure;
+        a controller that does not answer is treated the same way."""
+        bound = self.settings.control_timeout_s + sum(a for a in args if isinstance(a, float))
         try:
-            return ray.get(getattr(self.controller, method).remote(*args))
-        except ray.exceptions.RayActorError as err:
-            self.lost = EveryWorkerLost(f"the controller was lost: {_first_line(err)}")
+            return ray.get(getattr(self.controller, method).remote(*args), timeout=bound)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+            why = (
+                f"no answer within {bound:g} s (RAYMODULE_CONTROL_TIMEOUT_S)"
+                if isinstance(err, ray.exceptions.GetTimeoutError)
+                else _first_line(err)
+            )
+            lost = {rank: why for rank in range(len(self.handles))} or {0: why}
+            decision = self._decide(lost, survivors=0)
+            self.failures += 1
+            restart = decision.action is policy.Action.RESTART
+            self.lost = (EveryWorkerLost if restart else WorkerLostError)(
+                f"the controller was lost: {why}"
+                + (f"; {decision.reason}" if decision.reason else "")
+            )
             raise self.lost from None
 
-    def _settle(self, outstanding: list[list], lost: dict[int, str]) -> None:
+    def _settle(self, lost: dict[int, str]) -> None:
         """Waits for the survivors' calls in flight (they fail at once: their group is
         broken); a survivor that does not answer within the collective timeout is lost too."""
-        self._unchecked, unchecked = [], self._unchecked
-        by_rank: dict[int, list] = {}
-        for refs in outstanding:
-            for rank, ref in enumerate(refs):
-                by_rank.setdefault(rank, []).append(ref)
-        for rank, ref, _ in unchecked:
-            by_rank.setdefault(rank, []).append(ref)
-        waiting = {ref: rank for rank, refs in by_rank.items() if rank not in lost for ref in refs}
+        unchecked, self._unchecked = self._unchecked, []
+        in_flight, self._in_flight = self._in_flight, {}
+        waiting = {ref: rank for ref, (rank, _) in in_flight.items() if rank not in lost}
+        waiting.update({ref: rank for rank, ref, _ in unchecked if rank not in lost})
         if not waiting:
             return
         _, late = ray.wait(
@@ -422,13 +530,14 @@ def _beside_client():
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
-def _await(refs: list, settings: Settings) -> tuple[list[tuple[str, object]], float]:
+def _await(refs: list, settings: Settings) -> tuple[list[tuple[str, object]], float, int | None]:
     """Each call's outcome: ("ok", result), ("broken", err) for a worker whose group broke,
     ("dead", err), ("silent", None) for one that did not answer in time, or ("failed", err)
     for an error of the worker's own, which ends the wait at once (the others: ("", None));
-    and when the first call that did not succeed was seen (0.0 if none)."""
+    when the first call that did not succeed was seen (0.0 if none); and the index of the
+    failed call that came back last (the slowest member, when the group broke)."""
     outcomes: list = [None] * len(refs)
-    seen_at = 0.0
+    seen_at, last = 0.0, None
     index = {ref: i for i, ref in enumerate(refs)}
     pending = list(refs)
     deadline = time.monotonic() + settings.call_timeout_s
@@ -449,14 +558,15 @@ def _await(refs: list, settings: Settings) -> tuple[list[tuple[str, object]], fl
             except ray.exceptions.RayTaskError as err:
                 if not isinstance(getattr(err, "cause", None), GroupBrokenError):
                     outcomes[i] = ("failed", err)
-                    return [o or ("", None) for o in outcomes], time.monotonic()
+                    return [o or ("", None) for o in outcomes], time.monotonic(), i
                 outcomes[i] = ("broken", err)
+            last = i
             # a peer is gone or its group broke: the others answer within the collective timeout
             seen_at = seen_at or time.monotonic()
             deadline = min(deadline, seen_at + settings.collective_timeout_s)
     if None in outcomes:
         seen_at = seen_at or time.monotonic()
-    return [o or ("silent", None) for o in outcomes], seen_at
+    return [o or ("silent", None) for o in outcomes], seen_at, last
 
 
 def _why_lost(kind: str, err, settings: Settings) -> str:

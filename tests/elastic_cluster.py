@@ -12,7 +12,14 @@ Scenarios: kill (SIGKILL one worker process), node (remove a worker's node for r
 hang (SIGSTOP one worker: alive, silent), grow (remove a node, add one back later),
 floor (remove a node with min_workers=3 and no node coming), all (SIGKILL every worker:
 the run goes on from its latest checkpoint), process (SIGKILL the training process itself
-mid-run, run it again with the same name), none (no fault).
+mid-run, run it again with the same name), controller (kill the controller actor: its workers
+go with it, and the run goes on from its latest checkpoint), none (no fault).
+
+Faults that the workers fire themselves, at a call of their own (:class:`FaultyWorker`):
+epoch_end (worker 0 dies reading the parameters at the epoch's end), admit (a survivor dies
+while a replacement is admitted), reform_kill and reform_stop (one worker is killed; another
+dies, or stops answering, while the group re-forms without it), frozen (worker 0 stops
+answering with max_failures=0: fit fails in words, bounded, instead of hanging).
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import dataset, max_relative_diff, mlp  # noqa: E402
 
 import raymodule  # noqa: E402
+import raymodule.module  # noqa: E402
+from raymodule.worker import ModuleWorker  # noqa: E402
+from raymodule.workerset import WorkerSet  # noqa: E402
 
 WORKERS = 3
 BATCH = 24  # splits evenly over 3 and over 2 workers
@@ -75,7 +85,35 @@ def plain_mxnet() -> dict:
     return {**arg, **aux}
 
 
-def train(storage: str, name: str, callback=None, min_workers=2, contexts=WORKERS):
+class FaultyWorker(ModuleWorker):
+    """A real worker that fails by itself when told: ``set_fault(method, how)`` makes its next
+    call of ``method`` SIGKILL ("die") or SIGSTOP ("stop") its own process, at that point of
+    that call and no other."""
+
+    _fault = None
+
+    def set_fault(self, method: str, how: str) -> None:
+        self._fault = (method, how)
+
+    def _fire(self, method: str) -> None:
+        if self._fault is not None and self._fault[0] == method:
+            how, self._fault = self._fault[1], None
+            os.kill(os.getpid(), signal.SIGKILL if how == "die" else signal.SIGSTOP)
+
+    def get_params(self, mid):
+        self._fire("get_params")
+        return super().get_params(mid)
+
+    def applied(self):
+        self._fire("applied")
+        return super().applied()
+
+    def leave(self, generation=None):
+        self._fire("leave")
+        super().leave(generation)
+
+
+def train(storage, name, callback=None, min_workers=2, contexts=WORKERS, max_failures=3):
     """The elastic run; returns the module (still open) and the exception it raised, if any."""
     mx.random.seed(0)
     mod = raymodule.Module(mlp(), context=[mx.cpu(i) for i in range(contexts)])
@@ -86,7 +124,11 @@ def train(storage: str, name: str, callback=None, min_workers=2, contexts=WORKER
             optimizer_params=optimizer_params(),
             batch_end_callback=callback,
             run=raymodule.RunConfig(
-                name=name, storage=storage, checkpoint_every=4, min_workers=min_workers
+                name=name,
+                storage=storage,
+                checkpoint_every=4,
+                min_workers=min_workers,
+                max_failures=max_failures,
             ),
         )
     except Exception as err:  # noqa: BLE001 - reported to the test
@@ -145,8 +187,23 @@ def run_scenario(scenario: str, cluster, storage: str) -> dict:
                 return
         raise RuntimeError("no replacement worker came up on the added node")
 
+    def fault_in(rank, method, how):
+        def arm(mod):
+            mod.workers.call("set_fault", method, how, ranks=[rank])
+
+        return arm
+
+    def then(*actions):
+        def both(mod):
+            for action in actions:
+                action(mod)
+
+        return both
+
+    if scenario in ("epoch_end", "admit", "reform_kill", "reform_stop", "frozen"):
+        raymodule.module.WorkerSet = lambda contexts: WorkerSet(contexts, FaultyWorker)
     faults = []
-    min_workers = 2
+    min_workers, max_failures = 2, 3
     if scenario == "kill":
         faults.append(Fault(FAULT_AT, kill))
     elif scenario == "hang":
@@ -161,9 +218,28 @@ def run_scenario(scenario: str, cluster, storage: str) -> dict:
     elif scenario == "floor":
         faults.append(Fault(FAULT_AT, remove_node))
         min_workers = 3
+    elif scenario == "controller":
+        faults.append(Fault(FAULT_AT, lambda mod: ray.kill(mod.workers.controller)))
+        min_workers = 1
+    elif scenario == "epoch_end":
+        faults.append(Fault(FAULT_AT, fault_in(0, "get_params", "die")))
+    elif scenario == "admit":  # ranks after the loss of slot 1: [slot 0, slot 2]
+        faults += [
+            Fault(FAULT_AT, remove_node),
+            Fault(GROW_AT, then(fault_in(1, "applied", "die"), add_node)),
+        ]
+        min_workers = 1
+    elif scenario in ("reform_kill", "reform_stop"):
+        how = "die" if scenario == "reform_kill" else "stop"
+        faults.append(Fault(FAULT_AT, then(fault_in(2, "leave", how), kill)))
+        min_workers = 1
+    elif scenario == "frozen":
+        victim = 0
+        faults.append(Fault(FAULT_AT, stop))
+        max_failures = 0
     callbacks = faults or None
     tic = time.monotonic()
-    mod, error = train(storage, scenario, callbacks, min_workers=min_workers)
+    mod, error = train(storage, scenario, callbacks, min_workers, max_failures=max_failures)
     result = {
         "scenario": scenario,
         "seconds": round(time.monotonic() - tic, 2),

@@ -111,3 +111,53 @@ def test_a_killed_training_process_resumes_from_storage(tmp_path):
     assert result["diff"] <= 1e-4
     assert [e["epoch"] for e in epochs(result)] == [0, 1]
     assert epochs(result)[-1]["resumed_at_batch"] > 0
+
+
+def test_a_killed_controller_takes_its_workers_and_the_run_goes_on_from_its_checkpoint(tmp_path):
+    result = scenario("controller", tmp_path)
+    assert result["fired"] == [1]
+    assert_same_model(result)
+    (restart,) = changes(result)
+    assert restart["change"] == "restarted" and "were lost" in restart["why"]
+    assert [e["epoch"] for e in epochs(result)] == [0, 1]
+
+
+def test_a_worker_lost_reading_the_parameters_at_an_epochs_end_is_recovered_from(tmp_path):
+    """Worker 0 dies in the epoch-end get_params (outside the step loop): the read is asked
+    again of the new group, and the run ends as the run without the fault."""
+    result = scenario("epoch_end", tmp_path)
+    assert_same_model(result)
+    (lost,) = changes(result)
+    assert lost["lost"] == ["slot 0"] and lost["during"] == "get_params"
+    assert lost["during_epoch"] == 0 and lost["step"] == 16  # every step of epoch 0 applied
+    assert [e["epoch"] for e in epochs(result)] == [0, 1]
+
+
+def test_a_survivor_lost_while_a_replacement_joins_leaves_the_replacement_set_up(tmp_path):
+    result = scenario("admit", tmp_path)
+    assert result["fired"] == [1, 1]
+    assert_same_model(result)
+    first, second = changes(result)[:2]
+    assert first["lost"] == ["slot 1"]
+    assert second["lost"] == ["slot 2"] and second["during"] == "applied"
+
+
+@pytest.mark.parametrize("fault", ["reform_kill", "reform_stop"])
+def test_a_worker_lost_while_the_group_re_forms_is_recovered_from(fault, tmp_path):
+    """One worker killed at step k; while the group re-forms without it, another dies or stops
+    answering (SIGSTOP, bounded by the collective timeout): the recovery starts again without
+    both, and the run ends as the run without faults."""
+    result = scenario(fault, tmp_path)
+    assert result["fired"] == [1]
+    assert_same_model(result)
+    lost = changes(result)[0]  # one change, with both
+    assert lost["lost"] == ["slot 1", "slot 2"] and lost["during"] == "train_step"
+    assert ("silent" if fault == "reform_stop" else "ActorDiedError") in lost["why"]
+
+
+def test_a_frozen_worker_with_no_failures_allowed_ends_fit_in_words_not_a_hang(tmp_path):
+    result = scenario("frozen", tmp_path)
+    assert result["fired"] == [1]
+    error = result["error"]
+    assert error.startswith("WorkerLostError") and "max_failures=0" in error, error
+    assert "silent" in error
