@@ -16,6 +16,7 @@ from .errors import (
     CallOrderError,
     CheckpointError,
     PlacementError,
+    Preempted,
     RayModuleError,
     WorkerError,
     WorkerLostError,
@@ -35,6 +36,7 @@ __all__ = [
     "WorkerError",
     "WorkerLostError",
     "CheckpointError",
+    "Preempted",
     "tune",
 ]
 __version__ = "0.1.0"

@@ -10,6 +10,7 @@ __all__ = [
     "WorkerLostError",
     "CheckpointError",
     "GroupBrokenError",
+    "Preempted",
 ]
 
 
@@ -43,3 +44,9 @@ class CheckpointError(RayModuleError):
 class GroupBrokenError(RayModuleError):
     """A worker's collective group broke (a peer was lost or went silent); the step it was in
     is not applied, and the worker takes no step until the group is formed again."""
+
+
+class Preempted(RayModuleError):
+    """``fit`` stopped at a batch boundary because its process received SIGTERM (a preemption,
+    ``ray job stop``); its run committed a checkpoint there first, so running it again with the
+    same name goes on from that batch."""

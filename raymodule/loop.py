@@ -21,9 +21,9 @@ from mxnet.base import _as_list
 from mxnet.initializer import Uniform
 from mxnet.model import BatchEndParam
 
-from . import data, metrics, policy
+from . import data, metrics, policy, runtime
 from .constants import Settings
-from .errors import CallOrderError, WorkerLostError
+from .errors import CallOrderError, Preempted, WorkerLostError
 from .kvstore import check_kvstore
 from .run import Run, RunConfig
 from .workerset import EveryWorkerLost, StepsFailed
@@ -67,6 +67,7 @@ def run_steps(
     first_batch=0,
     checkpoint_every=0,
     on_checkpoint=None,
+    stop=None,
 ):
     """Runs ``method`` ("train_step" or "eval_step") on every batch of ``data_iter``.
 
@@ -79,6 +80,9 @@ def run_steps(
     once the steps before batch ``nbatch`` are sent and before any later one is, so a worker
     call it makes sees the state after exactly ``nbatch`` batches (``steps`` training steps
     applied); it is called only when another batch follows (the epoch's end has its own).
+    When ``stop()`` becomes true (the process received SIGTERM), the loop checkpoints at the
+    next batch boundary the same way, finishes the steps sent and raises
+    :class:`raymodule.errors.Preempted`.
 
     In an elastic run, a step that fails because workers were lost is run again on the group
     the workers re-form (:meth:`WorkerSet.recover`); so is every step sent after it. Steps the
@@ -175,6 +179,15 @@ def run_steps(
             break
         if nbatch < first_batch:
             continue
+        if stop is not None and stop():
+            send()
+            if nbatch > first_batch:  # else the checkpoint it resumed from, or the epoch's end
+                on_checkpoint(nbatch, workers.steps_sent)
+            _drain(finish, inflight)
+            raise Preempted(
+                f"fit stopped at epoch {epoch}, batch {nbatch}: the process received SIGTERM; "
+                "run it again with the same RunConfig.name to go on from there"
+            )
         if checkpoint_every and nbatch > first_batch and nbatch % checkpoint_every == 0:
             send()
             on_checkpoint(nbatch, workers.steps_sent)
@@ -284,6 +297,7 @@ class TrainingLoops:
                 raise TypeError(f"run={run!r}: expected a raymodule.RunConfig")
             static = {"world_size": len(self._context), "work_load_list": self._work_load_list}
             run_folder = Run(run, Settings.from_env(), static)
+            runtime.ensure_ray()  # before the run notes SIGTERM: ray.init sets a handler too
         if validation_metric is None:
             validation_metric = eval_metric
         if not isinstance(eval_metric, mx.metric.EvalMetric):
@@ -399,6 +413,7 @@ class TrainingLoops:
                     first_batch=first_batch,
                     checkpoint_every=every,
                     on_checkpoint=lambda n, steps, e=epoch: checkpoint(e, n, steps),
+                    stop=(lambda: run_folder.preempted) if run_folder is not None else None,
                 )
                 if run_folder is not None:
                     checkpoint(epoch + 1, 0, self._workers.steps_sent)

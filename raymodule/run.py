@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from . import checkpoint
 from .checkpoint import Checkpoint, CheckpointWriter
-from .errors import CheckpointError
+from .errors import CheckpointError, Preempted
+from .preemption import SigtermNotice
 from .storage import Folder, is_uri, with_suffix
 
 __all__ = ["RunConfig", "Run"]
@@ -112,6 +113,7 @@ class Run:
         self._static = static
         self._metrics = self._read_metrics()
         self.writer = CheckpointWriter(self.folder, config.keep, settings)
+        self._sigterm = SigtermNotice()
 
     def _resume_point(self) -> Checkpoint | None:
         if self.config.resume == "never":
@@ -182,11 +184,24 @@ class Run:
                 continue
         return kept
 
+    @property
+    def preempted(self) -> bool:
+        """Whether this process received SIGTERM while the run trained (see
+        :mod:`raymodule.preemption`): training stops at the next batch with a checkpoint."""
+        return self._sigterm.received
+
     def __enter__(self) -> Run:
+        self._sigterm.install()
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        self.close(raise_failures=exc_type is None)
+        try:
+            # a preempted run waits for the checkpoint it stopped with; after another failure,
+            # a snapshot a worker has not delivered is not waited for (that worker may be lost)
+            stopped = exc_type is not None and issubclass(exc_type, Preempted)
+            self.close(raise_failures=exc_type is None or stopped)
+        finally:
+            self._sigterm.restore()
 
     def close(self, raise_failures: bool = True) -> None:
         """Waits for the checkpoint being written; raises if too many failed in a row (or only

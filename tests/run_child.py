@@ -1,9 +1,11 @@
 """A training process for the kill tests: trains a run on 2 workers of the Ray at RAY_ADDRESS.
 
-    python tests/run_child.py STORAGE NAME OUT [--kill-mid-epoch E]
+    python tests/run_child.py STORAGE NAME OUT [--kill-mid-epoch E] [--sigterm-mid-epoch E]
 
 Writes the final parameters to OUT (MXNet's ``.params``). With ``--kill-mid-epoch E`` it
-SIGKILLs itself in epoch E, once a checkpoint from inside that epoch is committed.
+SIGKILLs itself in epoch E, once a checkpoint from inside that epoch is committed; with
+``--sigterm-mid-epoch E`` it sends itself SIGTERM in epoch E (as ``ray job stop`` or a
+preemption would), and nothing else.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ parser.add_argument("storage")
 parser.add_argument("name")
 parser.add_argument("out")
 parser.add_argument("--kill-mid-epoch", type=int, default=None)
+parser.add_argument("--sigterm-mid-epoch", type=int, default=None)
 args = parser.parse_args()
 logging.basicConfig(level=logging.INFO, stream=sys.stdout)
 run_folder = os.path.join(args.storage, args.name)
@@ -48,6 +51,17 @@ def kill_mid_epoch(param):
     raise RuntimeError("no mid-epoch checkpoint was committed")
 
 
+def sigterm_mid_epoch(param):
+    if (param.epoch, param.nbatch) == (args.sigterm_mid_epoch, 1):
+        print("sending myself SIGTERM", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+callback = None
+if args.kill_mid_epoch is not None:
+    callback = kill_mid_epoch
+elif args.sigterm_mid_epoch is not None:
+    callback = sigterm_mid_epoch
 x, y = dataset(n=160)
 np.random.seed(5)
 train = mx.io.NDArrayIter(x, y, batch_size=10, shuffle=True)
@@ -57,7 +71,7 @@ with raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)]) as mod:
         train,
         num_epoch=3,
         optimizer_params={"learning_rate": 0.1, "momentum": 0.9},
-        batch_end_callback=kill_mid_epoch if args.kill_mid_epoch is not None else None,
+        batch_end_callback=callback,
         run=raymodule.RunConfig(name=args.name, storage=args.storage, checkpoint_every=3),
     )
     mod.save_params(args.out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -146,7 +147,10 @@ def test_checkpoints_failing_in_a_row_stop_training_in_words(own_s3, fast_retrie
             )
 
 
-def test_a_killed_training_process_resumes_and_ends_as_if_never_killed(tmp_path):
+def test_a_stopped_training_process_resumes_and_ends_as_if_never_stopped(tmp_path):
+    """Killed (SIGKILL) once a mid-epoch checkpoint committed, or told to stop (SIGTERM, as by
+    `ray job stop` or a preemption) mid-epoch, which checkpoints at the next batch before the
+    process ends: each run, started again with the same name, ends as the run never stopped."""
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
 
     def child(name, *extra):
@@ -157,17 +161,24 @@ def test_a_killed_training_process_resumes_and_ends_as_if_never_killed(tmp_path)
         )  # fmt: skip
         return proc, out
 
-    proc, _ = child("killed", "--kill-mid-epoch", "1")
-    assert proc.returncode == -9, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "killing myself after ckpt-" in proc.stdout
-    ckpt = latest_checkpoint(str(tmp_path / "killed"))
-    assert ckpt.epoch == 1 and ckpt.batch > 0
-
-    proc, resumed = child("killed")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"resumes from {ckpt.name}: epoch 1, batch {ckpt.batch}" in proc.stdout
+    load = lambda path: {k[4:]: v for k, v in mx.nd.load(str(path)).items() if k.startswith("arg:")}  # noqa: E731
     proc, reference = child("reference")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name, flag, code in [
+        ("killed", "--kill-mid-epoch", -signal.SIGKILL),
+        # SIGTERM goes on to the handler that was there before fit: Ray's driver exits with 15
+        ("stopped", "--sigterm-mid-epoch", signal.SIGTERM),
+    ]:
+        proc, _ = child(name, flag, "1")
+        assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
+        ckpt = latest_checkpoint(str(tmp_path / name))
+        assert ckpt.epoch == 1 and ckpt.batch > 0
+        if name == "stopped":  # the checkpoint was taken for the SIGTERM, at a later batch
+            assert "sending myself SIGTERM" in proc.stdout
+            assert "checkpointing at the next batch" in proc.stdout + proc.stderr
+            assert ckpt.batch > 1  # at the batch the loop had reached, not before the signal
 
-    load = lambda path: {k[4:]: v for k, v in mx.nd.load(str(path)).items() if k.startswith("arg:")}  # noqa: E731
-    assert max_relative_diff(load(reference), load(resumed)) <= 1e-5
+        proc, resumed = child(name)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert f"resumes from {ckpt.name}: epoch 1, batch {ckpt.batch}" in proc.stdout
+        assert max_relative_diff(load(reference), load(resumed)) <= 1e-5
