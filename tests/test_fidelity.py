@@ -1,0 +1,225 @@
+"""Differential tests: the same call sequence on MXNet's modules and on raymodule's.
+
+A case is a function ``case(lib, record)``: it builds modules with ``lib.Module(...)`` or
+``lib.BucketingModule(...)`` (MXNet's with N contexts in one process, or raymodule's with N
+workers) and passes each call whose outcome matters through ``record``, which keeps what it
+returned (arrays with their contexts) or what it raised. Both runs start from the same seeds
+of ``random``, ``numpy.random`` and ``mx.random``, and end by drawing from each, so every case
+also checks that raymodule left the caller's random streams where MXNet leaves them. A new
+case is a decorated function of a few lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import textwrap
+from dataclasses import dataclass
+
+import mxnet as mx
+import numpy as np
+import pytest
+from conftest import dataset, mlp
+
+import raymodule
+
+SGD = {"learning_rate": 0.1, "momentum": 0.9}
+SHAPES = ([("data", (12, 20))], [("softmax_label", (12,))])
+
+
+@dataclass(frozen=True)
+class Raised:
+    """An exception a step raised: raymodule's must be an instance of MXNet's type; the message
+    is compared only for steps recorded with :meth:`Record.exact`."""
+
+    type: type
+    message: str
+    exact: bool
+
+
+def plain(value):
+    """``value`` in a form two runs can be compared in: arrays as (context, numpy)."""
+    if isinstance(value, mx.nd.NDArray):
+        return ("NDArray", str(value.context), value.asnumpy())
+    if isinstance(value, mx.io.DataDesc):
+        return ("DataDesc", value.name, tuple(value.shape), np.dtype(value.dtype), value.layout)
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+class Record:
+    """The outcome of every step of a case, in order."""
+
+    def __init__(self):
+        self.outcomes: list = []
+
+    def __call__(self, fn, *args, **kwargs):
+        return self._run(False, fn, args, kwargs)
+
+    def exact(self, fn, *args, **kwargs):
+        """Like calling the record, and an exception's message must be MXNet's word for word."""
+        return self._run(True, fn, args, kwargs)
+
+    def _run(self, exact, fn, args, kwargs):
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - what MXNet raises is the point
+            self.outcomes.append(Raised(type(err), str(err), exact))
+            return None
+        self.outcomes.append(plain(result))
+        return result
+
+
+class Lib:
+    """Builds one implementation's modules on ``workers`` contexts and closes them after."""
+
+    def __init__(self, package, workers: int):
+        self.package = package
+        self.contexts = [mx.cpu(i) for i in range(workers)]
+        self.made: list = []
+
+    def _made(self, module):
+        self.made.append(module)
+        return module
+
+    def Module(self, symbol, **kwargs):  # noqa: N802 - MXNet's name
+        return self._made(self.package.Module(symbol, context=self.contexts, **kwargs))
+
+    def BucketingModule(self, sym_gen, default_bucket_key, **kwargs):  # noqa: N802
+        return self._made(
+            self.package.BucketingModule(
+                sym_gen, default_bucket_key, context=self.contexts, **kwargs
+            )
+        )
+
+    def close(self) -> None:
+        for module in self.made:
+            if hasattr(module, "close"):
+                module.close()
+
+
+def seed_all() -> None:
+    random.seed(1)
+    np.random.seed(2)
+    mx.random.seed(3)
+
+
+def next_draws() -> tuple:
+    return random.random(), float(np.random.rand()), float(mx.random.uniform().asscalar())
+
+
+def run(case, package, workers: int) -> list:
+    seed_all()
+    lib, record = Lib(package, workers), Record()
+    try:
+        case(lib, record)
+    finally:
+        lib.close()
+    return record.outcomes + [("next draws", next_draws())]
+
+
+def assert_same(expected, actual, where: str) -> None:
+    if isinstance(expected, Raised):
+        assert isinstance(actual, Raised), (
+            f"{where}: MXNet raised {expected}, raymodule gave a value"
+        )
+        assert issubclass(actual.type, expected.type), f"{where}: {actual} is not {expected}"
+        if expected.exact:
+            assert actual.message == expected.message, where
+    elif isinstance(expected, np.ndarray):
+        assert isinstance(actual, np.ndarray), f"{where}: {actual!r}"
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6, err_msg=where)
+    elif isinstance(expected, (list, tuple)):
+        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), (
+            f"{where}: {actual!r} vs MXNet's {expected!r}"
+        )
+        for i, (e, a) in enumerate(zip(expected, actual)):
+            assert_same(e, a, f"{where}[{i}]")
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and sorted(actual) == sorted(expected), where
+        for key in expected:
+            assert_same(expected[key], actual[key], f"{where}[{key!r}]")
+    elif isinstance(expected, float):
+        assert actual == pytest.approx(expected, rel=1e-5), where
+    else:
+        assert actual == expected, f"{where}: {actual!r} vs MXNet's {expected!r}"
+
+
+CASES: list = []
+
+
+def case(*workers: int):
+    """Registers a case, run on each number of workers given (2 if none)."""
+
+    def register(fn):
+        CASES.extend(pytest.param(fn, n, id=f"{fn.__name__}-{n}w") for n in workers or (2,))
+        return fn
+
+    return register
+
+
+@pytest.mark.parametrize("steps, workers", CASES)
+def test_same_as_mxnet(steps, workers):
+    expected, actual = run(steps, mx.mod, workers), run(steps, raymodule, workers)
+    assert len(actual) == len(expected)
+    for index, (e, a) in enumerate(zip(expected, actual)):
+        assert_same(e, a, f"{steps.__name__} step {index}")
+
+
+# -- cases -----------------------------------------------------------------------------------
+@case(1, 2, 3)
+def fit_score_predict(lib, record):
+    x, y = dataset(n=48)
+    it = mx.io.NDArrayIter(x, y, batch_size=12, shuffle=True)  # shuffles with numpy.random
+    mod = lib.Module(mlp())
+    mod.bind(it.provide_data, it.provide_label)
+    mod.init_params()  # mx.random
+    record(lambda: mod.get_params()[0])
+    mod.fit(it, num_epoch=2, optimizer_params=SGD)
+    record(lambda: mod.get_params()[0])
+    record(mod.score, it, ["acc", "ce"])
+    record(mod.predict, it)
+
+
+def test_starting_ray_and_workers_leaves_the_callers_random_streams_alone():
+    """In a process without Ray: seeded like MXNet code, a raymodule.Module that starts Ray
+    and its workers, initialises, fits and predicts leaves every stream where mx.mod.Module
+    leaves it, and starts from MXNet's initial parameters."""
+    script = textwrap.dedent("""
+        import json, sys
+        sys.path.insert(0, sys.argv[1])
+        import mxnet as mx, ray
+        from test_fidelity import fit_score_predict, run
+        import raymodule
+        assert not ray.is_initialized()
+        expected = run(fit_score_predict, mx.mod, 2)
+        actual = run(fit_score_predict, raymodule, 2)
+        assert ray.is_initialized()
+        initial = all((expected[0][n][2] == actual[0][n][2]).all() for n in expected[0])
+        print("RESULT", json.dumps({"draws": [expected[-1][1], actual[-1][1]],
+                                    "same_initial_params": bool(initial)}))
+    """)
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    with tempfile.TemporaryDirectory(prefix="rmf-", dir="/tmp") as short:  # Ray's socket paths
+        env["RAY_TMPDIR"] = short
+        out = subprocess.run(
+            [sys.executable, "-c", script, os.path.dirname(os.path.abspath(__file__))],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), None)
+    assert line is not None, out.stdout + out.stderr
+    result = json.loads(line.split(" ", 1)[1])
+    native, ours = result["draws"]
+    assert ours == native  # random, numpy.random and mx.random: the very same next draws
+    assert result["same_initial_params"]
