@@ -16,12 +16,12 @@ import ray
 from mxnet import context as ctx
 from mxnet import optimizer as opt
 from mxnet.base import MXNetError
-from mxnet.initializer import InitDesc, Uniform
+from mxnet.initializer import Uniform
 from mxnet.io import DataDesc
 from mxnet.module.base_module import BaseModule, _check_input_names, _parse_data_desc
 from mxnet.module.executor_group import _prepare_group2ctxs
 
-from . import data, loop, metrics, storage
+from . import data, loop, metrics, params, storage
 from .errors import CallOrderError
 from .kvstore import SUPPORTED_KVSTORES, check_kvstore
 from .workerset import WorkerSet
@@ -503,30 +503,8 @@ class Module(loop.TrainingLoops, BaseModule):
             return
         _require(self.binded, "call bind before initializing the parameters")
 
-        def _impl(name, arr, cache):
-            if cache is not None:
-                if name in cache:
-                    cache_arr = cache[name]
-                    if cache_arr is not arr:
-                        if tuple(cache_arr.shape) != tuple(arr.shape):
-                            raise ValueError(
-                                f"{name}: given shape {tuple(cache_arr.shape)}, the module "
-                                f"needs {tuple(arr.shape)}"
-                            )
-                        cache_arr.copyto(arr)
-                else:
-                    if not allow_missing:
-                        raise RuntimeError("%s is not presented" % name)
-                    if initializer is not None:
-                        initializer(name, arr)
-            else:
-                initializer(name, arr)
-
-        attrs = self._symbol.attr_dict()
-        for name, arr in sorted(self._arg_params.items()):
-            _impl(InitDesc(name, attrs.get(name, None)), arr, arg_params)
-        for name, arr in sorted(self._aux_params.items()):
-            _impl(InitDesc(name, attrs.get(name, None)), arr, aux_params)
+        params.initialize(self._symbol, self._arg_params, arg_params, initializer, allow_missing)
+        params.initialize(self._symbol, self._aux_params, aux_params, initializer, allow_missing)
         self.params_initialized = True
         self._params_dirty = False
         self._push_params(allow_extra=allow_extra)
@@ -555,9 +533,17 @@ class Module(loop.TrainingLoops, BaseModule):
             )
             return
         _require(self.binded, "set_params: call bind() first")
-        self._workers.post(
-            "set_params", self._id, _np(arg_params or {}), _np(aux_params or {}), True, allow_extra
+        (arg, aux), error = params.copyable(
+            self._arg_params,
+            self._aux_params,
+            arg_params,
+            aux_params,
+            self._symbol.list_arguments(),
+            allow_extra,
         )
+        self._workers.post("set_params", self._id, _np(arg), _np(aux), True, False)
+        if error is not None:
+            raise error  # as MXNet's executors, after copying the names before the bad one
         self._params_dirty = True
         self.params_initialized = True
 

@@ -223,3 +223,55 @@ def test_starting_ray_and_workers_leaves_the_callers_random_streams_alone():
     native, ours = result["draws"]
     assert ours == native  # random, numpy.random and mx.random: the very same next draws
     assert result["same_initial_params"]
+
+
+def bound_mlp(lib, **bind_args):
+    mod = lib.Module(mlp())
+    mod.bind(*SHAPES, **bind_args)
+    mod.init_params()
+    return mod
+
+
+def forward_outputs(mod, seed=0):
+    x, y = dataset(n=12, seed=seed)
+    mod.forward(mx.io.DataBatch([mx.nd.array(x)], [mx.nd.array(y)]), is_train=False)
+    return mod.get_outputs()
+
+
+@case(1, 2)
+def set_params_with_names_the_symbol_lacks(lib, record):
+    """MXNet 1.9.1 checks names only where it copies the caller's dicts (allow_missing=True):
+    it stops at the first unknown name, having copied those before it, and raises."""
+    mod = bound_mlp(lib)
+    arg, aux = (lambda a: ({k: v + 1 for k, v in a[0].items()}, a[1]))(mod.get_params())
+    extra = {"extra_weight": mx.nd.ones((2,))}
+    record.exact(mod.set_params, {**arg, **extra}, aux)  # the allow_missing=False path: no check
+    arg = {k: v + 1 for k, v in arg.items()}
+    record.exact(mod.set_params, {**arg, **extra}, aux, allow_missing=True)
+    record(lambda: mod.get_params()[0])  # MXNet's host copy did not see that update
+    if len(lib.contexts) == 1:  # its first device did; MXNet stops before the others
+        record(forward_outputs, mod)
+    record.exact(mod.set_params, {**extra, **arg}, aux, allow_missing=True)
+    record.exact(mod.set_params, arg, {"extra_aux": mx.nd.ones((2,))}, allow_missing=True)
+    record(mod.set_params, {**arg, **extra}, aux, allow_missing=True, allow_extra=True)
+    record(forward_outputs, mod)
+    record.exact(mod.init_params, None, {**arg, **extra}, aux, force_init=True)
+
+
+@case(1, 2)
+def set_params_with_missing_names_or_wrong_shapes(lib, record):
+    mod = bound_mlp(lib)
+    arg, aux = mod.get_params()
+    arg = {k: v * 2 for k, v in arg.items()}
+    missing = {k: v for k, v in arg.items() if k != "fc0_bias"}
+    record.exact(mod.set_params, missing, aux)
+    record.exact(mod.init_params, None, missing, aux, force_init=True)
+    record(mod.init_params, mx.init.Zero(), missing, aux, allow_missing=True, force_init=True)
+    record(lambda: mod.get_params()[0])
+    record(mod.set_params, missing, aux, allow_missing=True)
+    record(forward_outputs, mod)
+    wrong = {**arg, "fc0_weight": mx.nd.ones((3, 3))}
+    record(mod.set_params, wrong, aux)
+    record(mod.set_params, wrong, aux, allow_missing=True)
+    record(mod.set_params, arg, aux, force_init=False)  # ignored with a warning
+    record(forward_outputs, mod)
