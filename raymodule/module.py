@@ -266,7 +266,13 @@ class Module(loop.TrainingLoops, BaseModule):
         _require(self.binded, "output_shapes: call bind() first")
         shapes = {d.name: d.shape for d in self._data_shapes + (self._label_shapes or [])}
         _, out_shapes, _ = self._symbol.infer_shape_partial(**shapes)
-        return list(zip(self._output_names, out_shapes))
+        # MXNet's rule (DataParallelExecutorGroup.get_output_shapes): an output's batch axis
+        # reads the batch size, even where the output has more rows (a flattened sequence)
+        batch_size = sum(s.stop - s.start for s in self._slices)
+        return [
+            (name, tuple(batch_size if i == axis else n for i, n in enumerate(shape)))
+            for name, shape, axis in zip(self._output_names, out_shapes, self._output_axes)
+        ]
 
     @property
     def world_size(self) -> int:

@@ -24,6 +24,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 from conftest import dataset, mlp
+from test_bucketing import batches, lstm_sym_gen
 
 import raymodule
 
@@ -232,8 +233,8 @@ def bound_mlp(lib, **bind_args):
     return mod
 
 
-def forward_outputs(mod, seed=0):
-    x, y = dataset(n=12, seed=seed)
+def forward_outputs(mod, n=12, seed=0):
+    x, y = dataset(n=n, seed=seed)
     mod.forward(mx.io.DataBatch([mx.nd.array(x)], [mx.nd.array(y)]), is_train=False)
     return mod.get_outputs()
 
@@ -275,3 +276,36 @@ def set_params_with_missing_names_or_wrong_shapes(lib, record):
     record(mod.set_params, wrong, aux, allow_missing=True)
     record(mod.set_params, arg, aux, force_init=False)  # ignored with a warning
     record(forward_outputs, mod)
+
+
+def shapes(mod):
+    return mod.data_shapes, mod.label_shapes, mod.output_shapes
+
+
+@case(1, 2, 3)
+def bind_and_reshape_take_pairs_descs_lists_and_tuples(lib, record):
+    mod = lib.Module(mlp())
+    mod.bind((("data", (12, 20)),), [mx.io.DataDesc("softmax_label", (12,))])
+    record(shapes, mod)
+    mod.init_params()
+    record(forward_outputs, mod)
+    mod.reshape([mx.io.DataDesc("data", (6, 20))], (("softmax_label", (6,)),))
+    record(shapes, mod)
+    record(mod.reshape, (("data", (9, 20)),), [("softmax_label", (9,))])
+    record(shapes, mod)
+    record(forward_outputs, mod, n=9)
+
+
+@case(1, 2, 3)
+def switch_bucket_takes_name_shape_pairs(lib, record):
+    mod = lib.BucketingModule(lstm_sym_gen, default_bucket_key=8)
+    mod.bind([("data", (12, 8))], [("softmax_label", (12, 8))])
+    mod.init_params()
+    mod.switch_bucket(5, [("data", (12, 5))], [("softmax_label", (12, 5))])
+    record(shapes, mod)
+    mod.switch_bucket(4, (mx.io.DataDesc("data", (12, 4)),), (("softmax_label", (12, 4)),))
+    record(shapes, mod)
+    for data_batch in batches([5, 8, 4], batch_size=12):
+        mod.forward(data_batch, is_train=False)
+        record(mod.get_outputs)
+    record(lambda: sorted(mod._buckets))
