@@ -148,6 +148,7 @@ class Module(loop.TrainingLoops, BaseModule):
         self._label_shapes = None
         self._slices = None
         self._monitor = None
+        self._array_contexts = None  # per worker, where its outputs etc. live (array_contexts)
 
         self._shared_module: Module | None = None  # bound with shared_module=
         self._borrowed_from: Module | None = None  # borrow_optimizer(...)
@@ -234,6 +235,7 @@ class Module(loop.TrainingLoops, BaseModule):
 
     def _reset_bind(self):
         self.binded = False
+        self._array_contexts = None
         self._data_shapes = None
         self._label_shapes = None
         self._slices = None
@@ -442,7 +444,9 @@ class Module(loop.TrainingLoops, BaseModule):
             self._label_names,
             self._fixed_param_names,
             self._state_names,
-            per_worker=[(self._worker_group2ctxs[slot],) for slot in w.slots],
+            per_worker=[
+                (self._worker_group2ctxs[slot], self._context[slot].device_id) for slot in w.slots
+            ],
             ranks=list(ranks),
         )
 
@@ -451,6 +455,7 @@ class Module(loop.TrainingLoops, BaseModule):
         (created and bound as on the others; the caller restores their state from a survivor
         and installs the optimizer), and every worker's share of the global batch split anew."""
         w = self._workers
+        self._array_contexts = None
         if new_ranks:
             self._create_on(new_ranks)
         if not self.binded:
@@ -723,11 +728,23 @@ class Module(loop.TrainingLoops, BaseModule):
         self._workers.steps_sent += 1
 
     def _gather(self, method: str, axes: list[int], merge_multi_context: bool):
+        """What ``method`` returns on every worker, as NDArrays on the contexts MXNet gives
+        them: where the worker computed them for a ``cpu(i)`` (the client can hold any),
+        ``cpu(0)`` for a GPU; merged ones on the first worker's, as MXNet merges."""
         self._workers.sync()
         per_worker = self._workers.call(method, self._id)
+        if self._array_contexts is None:
+            self._array_contexts = self._workers.call("array_contexts", self._id)
+        contexts = [
+            [ctx.Context(t, i) if t == "cpu" else ctx.cpu() for t, i in where[method]]
+            for where in self._array_contexts
+        ]
         if merge_multi_context:
-            return data.merge_outputs(per_worker, axes)
-        return [[data.to_ndarray(outputs[i]) for outputs in per_worker] for i in range(len(axes))]
+            return data.merge_outputs(per_worker, axes, contexts[0])
+        return [
+            [data.to_ndarray(arrays[i], on[i]) for arrays, on in zip(per_worker, contexts)]
+            for i in range(len(axes))
+        ]
 
     def get_outputs(self, merge_multi_context=True):
         _require(self.binded and self.params_initialized, "get_outputs: call bind() first")

@@ -309,3 +309,38 @@ def switch_bucket_takes_name_shape_pairs(lib, record):
         mod.forward(data_batch, is_train=False)
         record(mod.get_outputs)
     record(lambda: sorted(mod._buckets))
+
+
+def every_result(mod):
+    """What the module gives back after a training forward-backward, merged and per worker."""
+    x, y = dataset(n=12, classes=4)
+    mod.forward_backward(mx.io.DataBatch([mx.nd.array(x)], [mx.nd.array(y)]))
+    return [
+        mod.get_outputs(),
+        mod.get_outputs(merge_multi_context=False),
+        mod.get_input_grads(),
+        mod.get_input_grads(merge_multi_context=False),
+    ]
+
+
+@case(1, 2, 3)
+def outputs_and_input_grads_on_each_workers_context(lib, record):
+    record(every_result, bound_mlp(lib, inputs_need_grad=True))
+
+
+def two_stage_mlp():
+    """The input layer in group "stage1", the output layer in "stage2"."""
+    with mx.AttrScope(ctx_group="stage1"):
+        net = mx.sym.FullyConnected(mx.sym.Variable("data"), num_hidden=8, name="fc0")
+        net = mx.sym.Activation(net, act_type="relu")
+    with mx.AttrScope(ctx_group="stage2"):
+        net = mx.sym.FullyConnected(net, num_hidden=4, name="fc1")
+        return mx.sym.SoftmaxOutput(net, name="softmax")
+
+
+@case(1, 2)
+def group2ctxs_arrays_come_back_on_their_groups_context(lib, record):
+    mod = lib.Module(two_stage_mlp(), group2ctxs={"stage1": mx.cpu(1), "stage2": mx.cpu(2)})
+    mod.bind(*SHAPES, inputs_need_grad=True)
+    mod.init_params()
+    record(every_result, mod)
