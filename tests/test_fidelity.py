@@ -344,3 +344,36 @@ def group2ctxs_arrays_come_back_on_their_groups_context(lib, record):
     mod.bind(*SHAPES, inputs_need_grad=True)
     mod.init_params()
     record(every_result, mod)
+
+
+@case(1, 2)
+def states_per_worker_on_each_workers_context(lib, record):
+    data, state = mx.sym.Variable("data"), mx.sym.Variable("state")
+    symbol = mx.sym.elemwise_add(data, state, name="sum")
+    mod = lib.Module(symbol, label_names=None, state_names=["state"])
+    mod.bind([("data", (4, 3))], None, for_training=False)
+    mod.init_params()
+    mod.set_states(value=2.0)
+    record(mod.get_states, merge_multi_context=False)  # MXNet cannot merge states yet
+    n = len(lib.contexts)
+    mod.set_states(states=[[mx.nd.ones((4 // n, 3)) * i for i in range(n)]])
+    record(mod.get_states, merge_multi_context=False)
+    mod.forward(mx.io.DataBatch([mx.nd.ones((4, 3))]))
+    record(mod.get_outputs)
+
+
+@case(2)
+def bucketing_set_params_checks_names_as_mxnet_does(lib, record):
+    """MXNet's BucketingModule drops allow_extra on the allow_missing=False path."""
+    mod = lib.BucketingModule(lstm_sym_gen, default_bucket_key=8)
+    mod.bind([("data", (12, 8))], [("softmax_label", (12, 8))])
+    mod.init_params()
+    arg, aux = mod.get_params()
+    arg = {k: v + 1 for k, v in arg.items()}
+    extra = {"extra_weight": mx.nd.ones((2,))}
+    record.exact(mod.set_params, {**arg, **extra}, aux, allow_extra=True)
+    record.exact(mod.set_params, {**arg, **extra}, aux, allow_missing=True)
+    record(mod.set_params, {**arg, **extra}, aux, allow_missing=True, allow_extra=True)
+    record(lambda: mod.get_params()[0])
+    mod.forward(batches([8], batch_size=12)[0], is_train=False)
+    record(mod.get_outputs)
