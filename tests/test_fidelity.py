@@ -377,3 +377,48 @@ def bucketing_set_params_checks_names_as_mxnet_does(lib, record):
     record(lambda: mod.get_params()[0])
     mod.forward(batches([8], batch_size=12)[0], is_train=False)
     record(mod.get_outputs)
+
+
+def train_steps(mod, steps=2):
+    for seed in range(steps):
+        x, y = dataset(n=12, seed=seed)
+        mod.forward_backward(mx.io.DataBatch([mx.nd.array(x)], [mx.nd.array(y)]))
+        mod.update()
+    return mod.get_params()[0]
+
+
+@case(1, 2)
+def training_steps_with_grad_req_and_fixed_params(lib, record):
+    for grad_req in ("write", "add"):
+        mod = lib.Module(mlp(), fixed_param_names=["fc0_weight"])
+        mod.bind(*SHAPES, grad_req=grad_req)
+        mod.init_params()
+        mod.init_optimizer(optimizer_params=SGD)
+        record(train_steps, mod)
+
+
+@case(2)
+def force_init_and_force_rebind(lib, record):
+    mod = bound_mlp(lib)
+    mod.init_optimizer(optimizer_params=SGD)
+    record(mod.init_params, mx.init.Zero())  # warns and is ignored
+    record(mod.init_params, mx.init.Constant(0.5), force_init=True)
+    record(forward_outputs, mod)
+    record(mod.bind, *SHAPES)  # already bound: logged and ignored
+    record(mod.bind, [("data", (6, 20))], [("softmax_label", (6,))], force_rebind=True)
+    record(shapes, mod)
+    record(forward_outputs, mod, n=6)
+    record(lambda: (mod.params_initialized, mod.optimizer_initialized))
+
+
+@case(2)
+def a_shared_module_uses_the_first_modules_parameters_and_optimizer(lib, record):
+    first = bound_mlp(lib)
+    first.init_optimizer(optimizer_params=SGD)
+    second = lib.Module(mlp())
+    second.bind([("data", (6, 20))], [("softmax_label", (6,))], shared_module=first)
+    record(lambda: (second.params_initialized, second.optimizer_initialized))
+    record(train_steps, first, 1)
+    record(forward_outputs, second, 6)
+    record(train_steps, second, 1)
+    record(lambda: first.get_params()[0])
