@@ -55,11 +55,17 @@ def _int_keys(keys) -> bool:
     return all(isinstance(k, int) and not isinstance(k, bool) for k in keys)
 
 
-def _size(shapes) -> int:
+def _shapes(descs) -> list[tuple]:
+    """The shapes of ``DataDesc``s or of ``(name, shape)`` pairs (a DataDesc is such a pair),
+    as MXNet takes either."""
+    return [tuple(shape) for _, shape in descs or []]
+
+
+def _size(descs) -> int:
     total = 0
-    for desc in shapes or []:
+    for shape in _shapes(descs):
         n = 1
-        for dim in desc.shape:
+        for dim in shape:
             n *= dim
         total += n
     return total
@@ -227,7 +233,7 @@ class BucketingModule(loop.TrainingLoops, _MXNetBucketingModule):
             module = self._new_module(symbol, data_names, label_names)
             self._buckets[bucket_key] = module
         if not module.binded:
-            self._warn_if_larger(bucket_key, data_shapes, label_shapes)
+            self._warn_if_larger(bucket_key, data_shapes)
             try:
                 module.bind(
                     data_shapes,
@@ -259,15 +265,15 @@ class BucketingModule(loop.TrainingLoops, _MXNetBucketingModule):
                     "bucket must take the same inputs"
                 )
 
-    def _warn_if_larger(self, bucket_key, data_shapes, label_shapes) -> None:
+    def _warn_if_larger(self, bucket_key, data_shapes) -> None:
         default = self._default
         if bucket_key in self._warned_larger or _size(data_shapes) <= _size(default.data_shapes):
             return
         self._warned_larger.add(bucket_key)
         warnings.warn(
-            f"bucket {bucket_key!r} has larger inputs ({[tuple(d.shape) for d in data_shapes]}) "
+            f"bucket {bucket_key!r} has larger inputs ({_shapes(data_shapes)}) "
             f"than the default bucket {self._default_bucket_key!r} "
-            f"({[tuple(d.shape) for d in default.data_shapes]}); the other buckets borrow the "
+            f"({_shapes(default.data_shapes)}); the other buckets borrow the "
             f"default bucket's memory, so make the largest key ({bucket_key!r}) the "
             "default_bucket_key",
             UserWarning,

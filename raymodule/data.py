@@ -77,9 +77,10 @@ def to_numpy(array) -> np.ndarray:
     return array.asnumpy() if isinstance(array, mx.nd.NDArray) else np.asarray(array)
 
 
-def to_ndarray(array: np.ndarray) -> mx.nd.NDArray:
-    """An NDArray copy of ``array`` in its own dtype (``mx.nd.array`` would make it float32)."""
-    return mx.nd.array(array, dtype=array.dtype)
+def to_ndarray(array: np.ndarray, context: mx.Context | None = None) -> mx.nd.NDArray:
+    """An NDArray copy of ``array`` in its own dtype (``mx.nd.array`` would make it float32),
+    on ``context`` (the current one if None)."""
+    return mx.nd.array(array, ctx=context, dtype=array.dtype)
 
 
 def nd_bytes(arrays) -> bytes:
@@ -104,13 +105,16 @@ def to_batch(data_batch, data_descs, label_descs) -> Batch:
     )
 
 
-def merge_outputs(per_worker: list[list[np.ndarray]], axes: list[int]) -> list[mx.nd.NDArray]:
-    """Per-worker outputs joined along their batch axes, like MXNet's ``_merge_multi_context``."""
+def merge_outputs(
+    per_worker: list[list[np.ndarray]], axes: list[int], contexts: list[mx.Context]
+) -> list[mx.nd.NDArray]:
+    """Per-worker outputs joined along their batch axes, like MXNet's ``_merge_multi_context``,
+    each on its entry of ``contexts`` (the first worker's array's, in MXNet)."""
     merged = []
     for index, axis in enumerate(axes):
         parts = [outputs[index] for outputs in per_worker]
         joined = np.concatenate(parts, axis=axis) if axis >= 0 and len(parts) > 1 else parts[0]
-        merged.append(to_ndarray(joined))
+        merged.append(to_ndarray(joined, contexts[index]))
     return merged
 
 

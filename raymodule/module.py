@@ -16,12 +16,12 @@ import ray
 from mxnet import context as ctx
 from mxnet import optimizer as opt
 from mxnet.base import MXNetError
-from mxnet.initializer import InitDesc, Uniform
+from mxnet.initializer import Uniform
 from mxnet.io import DataDesc
 from mxnet.module.base_module import BaseModule, _check_input_names, _parse_data_desc
 from mxnet.module.executor_group import _prepare_group2ctxs
 
-from . import data, loop, metrics, storage
+from . import data, loop, metrics, params, storage
 from .errors import CallOrderError
 from .kvstore import SUPPORTED_KVSTORES, check_kvstore
 from .workerset import WorkerSet
@@ -148,6 +148,7 @@ class Module(loop.TrainingLoops, BaseModule):
         self._label_shapes = None
         self._slices = None
         self._monitor = None
+        self._array_contexts = None  # per worker, where its outputs etc. live (array_contexts)
 
         self._shared_module: Module | None = None  # bound with shared_module=
         self._borrowed_from: Module | None = None  # borrow_optimizer(...)
@@ -234,6 +235,7 @@ class Module(loop.TrainingLoops, BaseModule):
 
     def _reset_bind(self):
         self.binded = False
+        self._array_contexts = None
         self._data_shapes = None
         self._label_shapes = None
         self._slices = None
@@ -266,7 +268,13 @@ class Module(loop.TrainingLoops, BaseModule):
         _require(self.binded, "output_shapes: call bind() first")
         shapes = {d.name: d.shape for d in self._data_shapes + (self._label_shapes or [])}
         _, out_shapes, _ = self._symbol.infer_shape_partial(**shapes)
-        return list(zip(self._output_names, out_shapes))
+        # MXNet's rule (DataParallelExecutorGroup.get_output_shapes): an output's batch axis
+        # reads the batch size, even where the output has more rows (a flattened sequence)
+        batch_size = sum(s.stop - s.start for s in self._slices)
+        return [
+            (name, tuple(batch_size if i == axis else n for i, n in enumerate(shape)))
+            for name, shape, axis in zip(self._output_names, out_shapes, self._output_axes)
+        ]
 
     @property
     def world_size(self) -> int:
@@ -435,7 +443,9 @@ class Module(loop.TrainingLoops, BaseModule):
             self._label_names,
             self._fixed_param_names,
             self._state_names,
-            per_worker=[(self._worker_group2ctxs[slot],) for slot in w.slots],
+            per_worker=[
+                (self._worker_group2ctxs[slot], self._context[slot].device_id) for slot in w.slots
+            ],
             ranks=list(ranks),
         )
 
@@ -444,6 +454,7 @@ class Module(loop.TrainingLoops, BaseModule):
         (created and bound as on the others; the caller restores their state from a survivor
         and installs the optimizer), and every worker's share of the global batch split anew."""
         w = self._workers
+        self._array_contexts = None
         if new_ranks:
             self._create_on(new_ranks)
         if not self.binded:
@@ -500,30 +511,8 @@ class Module(loop.TrainingLoops, BaseModule):
             return
         _require(self.binded, "call bind before initializing the parameters")
 
-        def _impl(name, arr, cache):
-            if cache is not None:
-                if name in cache:
-                    cache_arr = cache[name]
-                    if cache_arr is not arr:
-                        if tuple(cache_arr.shape) != tuple(arr.shape):
-                            raise ValueError(
-                                f"{name}: given shape {tuple(cache_arr.shape)}, the module "
-                                f"needs {tuple(arr.shape)}"
-                            )
-                        cache_arr.copyto(arr)
-                else:
-                    if not allow_missing:
-                        raise RuntimeError("%s is not presented" % name)
-                    if initializer is not None:
-                        initializer(name, arr)
-            else:
-                initializer(name, arr)
-
-        attrs = self._symbol.attr_dict()
-        for name, arr in sorted(self._arg_params.items()):
-            _impl(InitDesc(name, attrs.get(name, None)), arr, arg_params)
-        for name, arr in sorted(self._aux_params.items()):
-            _impl(InitDesc(name, attrs.get(name, None)), arr, aux_params)
+        params.initialize(self._symbol, self._arg_params, arg_params, initializer, allow_missing)
+        params.initialize(self._symbol, self._aux_params, aux_params, initializer, allow_missing)
         self.params_initialized = True
         self._params_dirty = False
         self._push_params(allow_extra=allow_extra)
@@ -552,9 +541,17 @@ class Module(loop.TrainingLoops, BaseModule):
             )
             return
         _require(self.binded, "set_params: call bind() first")
-        self._workers.post(
-            "set_params", self._id, _np(arg_params or {}), _np(aux_params or {}), True, allow_extra
+        (arg, aux), error = params.copyable(
+            self._arg_params,
+            self._aux_params,
+            arg_params,
+            aux_params,
+            self._symbol.list_arguments(),
+            allow_extra,
         )
+        self._workers.post("set_params", self._id, _np(arg), _np(aux), True, False)
+        if error is not None:
+            raise error  # as MXNet's executors, after copying the names before the bad one
         self._params_dirty = True
         self.params_initialized = True
 
@@ -729,11 +726,23 @@ class Module(loop.TrainingLoops, BaseModule):
         self._workers.count_step()
 
     def _gather(self, method: str, axes: list[int], merge_multi_context: bool):
+        """What ``method`` returns on every worker, as NDArrays on the contexts MXNet gives
+        them: where the worker computed them for a ``cpu(i)`` (the client can hold any),
+        ``cpu(0)`` for a GPU; merged ones on the first worker's, as MXNet merges."""
         self._workers.sync()
         per_worker = self._workers.call(method, self._id)
+        if self._array_contexts is None:
+            self._array_contexts = self._workers.call("array_contexts", self._id)
+        contexts = [
+            [ctx.Context(t, i) if t == "cpu" else ctx.cpu() for t, i in where[method]]
+            for where in self._array_contexts
+        ]
         if merge_multi_context:
-            return data.merge_outputs(per_worker, axes)
-        return [[data.to_ndarray(outputs[i]) for outputs in per_worker] for i in range(len(axes))]
+            return data.merge_outputs(per_worker, axes, contexts[0])
+        return [
+            [data.to_ndarray(arrays[i], on[i]) for arrays, on in zip(per_worker, contexts)]
+            for i in range(len(axes))
+        ]
 
     def get_outputs(self, merge_multi_context=True):
         _require(self.binded and self.params_initialized, "get_outputs: call bind() first")

@@ -3,9 +3,12 @@ on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import random
 
+import numpy as np
 import ray
 
 __all__ = ["ensure_ray", "started_locally"]
@@ -30,8 +33,22 @@ def _use_loopback() -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
+@contextlib.contextmanager
+def _callers_random_streams_kept():
+    """Puts Python's ``random`` and ``numpy.random`` back as they were: starting Ray draws from
+    ``random`` (it picks free ports), and MXNet code seeds both and expects repeats.
+    ``mx.random`` has no getter; raymodule's client draws from it only where MXNet does."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
 def ensure_ray() -> None:
-    """Connect to Ray if this process is not connected yet.
+    """Connect to Ray if this process is not connected yet, leaving the caller's random
+    streams where they were.
 
     With ``RAY_ADDRESS`` set, that cluster is joined; otherwise a local Ray is started on
     127.0.0.1 with this machine's CPUs and no dashboard.
@@ -39,12 +56,13 @@ def ensure_ray() -> None:
     global _started_locally
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return
-    _use_loopback()
-    # address="local": never join a cluster that `ray start` left recorded on this machine.
-    ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    with _callers_random_streams_kept():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=True)
+            return
+        _use_loopback()
+        # address="local": never join a cluster that `ray start` left recorded on this machine.
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
     _started_locally = True
     log.info("raymodule started a local Ray on 127.0.0.1: %s", ray.cluster_resources())
 

@@ -117,14 +117,26 @@ class ModuleWorker:
 
     # -- module life cycle ------------------------------------------------------------------
     def create(
-        self, mid: int, symbol, data_names, label_names, fixed_param_names, state_names, group2ctxs
+        self,
+        mid: int,
+        symbol,
+        data_names,
+        label_names,
+        fixed_param_names,
+        state_names,
+        group2ctxs,
+        device_id: int,
     ) -> None:
+        """A replica for the module's context ``device_id``: on that very ``cpu(i)`` (any id
+        is this process's memory), so its arrays live where MXNet's would; on this worker's
+        own GPU, which it sees as index 0."""
+        on_cpu = self.device.device_type == "cpu"
         self._modules[mid] = mx.mod.Module(
             symbol,
             data_names=data_names,
             label_names=label_names,
             logger=log,
-            context=self.device,
+            context=mx.cpu(device_id) if on_cpu else self.device,
             fixed_param_names=fixed_param_names,
             state_names=state_names,
             group2ctxs=group2ctxs,
@@ -329,6 +341,20 @@ class ModuleWorker:
 
     def input_grads(self, mid) -> list[np.ndarray]:
         return _numpy_list(self._modules[mid].get_input_grads())
+
+    def array_contexts(self, mid) -> dict[str, list[tuple[str, int]]]:
+        """Where the arrays that ``outputs``, ``input_grads`` and ``get_states`` read live:
+        (device type, id) each; fixed once bound (``group2ctxs`` places them)."""
+        mod = self._modules[mid]
+
+        def where(arrays) -> list[tuple[str, int]]:
+            return [(a.context.device_type, a.context.device_id) for a in arrays]
+
+        return {
+            "outputs": where(mod.get_outputs()),
+            "input_grads": where(mod.get_input_grads()) if mod.inputs_need_grad else [],
+            "get_states": where(s[0] for s in mod.get_states(merge_multi_context=False)),
+        }
 
     def get_states(self, mid) -> list[np.ndarray]:
         # one device here: MXNet's per-device list holds one array per state
