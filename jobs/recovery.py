@@ -152,7 +152,11 @@ def trial(args, storage: str, number: int, reference: dict, restart: bool) -> di
 def summary(label: str, results: list[dict]) -> str:
     seconds = [r["kill_to_next_step_s"] for r in results]
     lost = [r["completed_steps_lost"] for r in results]
-    p90 = statistics.quantiles(seconds, n=10)[-1] if len(seconds) > 1 else seconds[0]
+    p90 = (
+        statistics.quantiles(seconds, n=10, method="inclusive")[-1]
+        if len(seconds) > 1
+        else seconds[0]
+    )
     return (
         f"{label}: kill -> next completed step {statistics.median(seconds):.2f} s median, "
         f"{p90:.2f} s p90, {max(seconds):.2f} s max over {len(seconds)} trials; "

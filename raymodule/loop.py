@@ -50,6 +50,7 @@ class _Step:
     batch: object  # the global batch as numpy (data.Batch)
     target: object  # the raymodule Module that runs it
     number: int = 0  # for training: the step count a worker has applied after it
+    slices: list | None = None  # how it was split over the workers when it was sent
 
 
 def run_steps(
@@ -101,6 +102,7 @@ def run_steps(
         depth = workers.settings.pipeline_depth
     inflight: deque = deque()  # (steps, refs per rank, slots, generation) in the order sent
     chunk: list[_Step] = []
+    seen_generation = workers.generation  # of the group the loop last sent to or set up
     final: list = []
     seconds: dict[int, float] = {}
     done = 0
@@ -109,15 +111,22 @@ def run_steps(
         steps = chunk if steps is None else steps
         if not steps:
             return
-        if inflight and inflight[-1][3] != workers.generation:
-            resend(workers.committed)  # the group re-formed outside the loop (in a callback)
+        nonlocal seen_generation
+        if seen_generation != workers.generation:  # re-formed outside the loop (in a callback)
+            if inflight:
+                resend(workers.committed)
+            else:  # a replacement may have joined: it needs the metric too
+                workers.post("set_metric", metric)
+                seen_generation = workers.generation
         if monitor is not None:
             monitor.tic()
         if training:
             for step in steps:
                 step.number = workers.count_step()
         mids = [step.target._id for step in steps]
-        parts = zip(*(step.batch.parts(step.target._slices) for step in steps))
+        for step in steps:
+            step.slices = step.target._slices
+        parts = zip(*(step.batch.parts(step.slices) for step in steps))
         refs = workers.send_steps(method, mids, [ray.put(list(part)) for part in parts])
         inflight.append((list(steps), refs, list(workers.slots), workers.generation))
         steps.clear() if steps is chunk else None
@@ -128,7 +137,7 @@ def run_steps(
             for increments in results:
                 metrics.add_counters(metric, increments)
         elif results is not None:
-            labels = [step.batch.worker_slice(part)[1] for part in step.target._slices]
+            labels = [step.batch.worker_slice(part)[1] for part in step.slices]
             metrics.update_per_slice(
                 metric, step.target.label_names, step.target.output_names, labels, results
             )
@@ -161,9 +170,11 @@ def run_steps(
     def resend(committed: int) -> None:
         """Sends the steps in flight again to the re-formed group, but for those applied
         before it (up to step ``committed``), which are only reported."""
+        nonlocal seen_generation
         void = [step for steps, _, _, _ in inflight for step in steps]
         inflight.clear()
         workers.post("set_metric", metric)
+        seen_generation = workers.generation
         again = []
         for step in void:
             if training and step.number <= committed:
@@ -181,9 +192,9 @@ def run_steps(
             continue
         if stop is not None and stop():
             send()
+            _drain(finish, inflight)  # first: a loss meanwhile would void the checkpoint's copy
             if nbatch > first_batch:  # else the checkpoint it resumed from, or the epoch's end
                 on_checkpoint(nbatch, workers.steps_sent)
-            _drain(finish, inflight)
             raise Preempted(
                 f"fit stopped at epoch {epoch}, batch {nbatch}: the process received SIGTERM; "
                 "run it again with the same RunConfig.name to go on from there"
@@ -204,8 +215,8 @@ def run_steps(
         # by no more than that
         while len(inflight) > depth:
             finish(last_chunk=False)
-        if workers.pending and workers.grow(drain=lambda: _drain(finish, inflight)):
-            workers.post("set_metric", metric)
+        if workers.pending:  # replacements join at this step boundary (send sets them up)
+            workers.grow(drain=lambda: _drain(finish, inflight))
     send()
     while inflight:
         finish(last_chunk=True)
@@ -317,6 +328,9 @@ class TrainingLoops:
                         run_folder, resume, fresh_data, failures_before,
                     )  # fmt: skip
                 except EveryWorkerLost as lost:
+                    if run_folder is not None and run_folder.preempted:
+                        message = f"{lost}; the process received SIGTERM: not restarting"
+                        raise Preempted(message) from None
                     resume = run_folder.latest() if run_folder is not None else None
                     if resume is None:
                         raise WorkerLostError(f"{lost}; no checkpoint to restart from") from None

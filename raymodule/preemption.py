@@ -31,7 +31,9 @@ class SigtermNotice:
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        self._previous = signal.signal(signal.SIGTERM, self._note)
+        previous = signal.signal(signal.SIGTERM, self._note)
+        # None: a handler not set from Python; the default is what it did
+        self._previous = signal.SIG_DFL if previous is None else previous
         self._installed = True
 
     def _note(self, signum, frame) -> None:

@@ -194,12 +194,14 @@ class Run:
         self._sigterm.install()
         return self
 
-    def __exit__(self, exc_type, *exc) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
         try:
             # a preempted run waits for the checkpoint it stopped with; after another failure,
             # a snapshot a worker has not delivered is not waited for (that worker may be lost)
             stopped = exc_type is not None and issubclass(exc_type, Preempted)
             self.close(raise_failures=exc_type is None or stopped)
+            if stopped:  # said here: the signal delivered next may end the process
+                log.warning("raymodule: %s", exc)
         finally:
             self._sigterm.restore()
 

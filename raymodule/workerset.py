@@ -123,14 +123,16 @@ class WorkerSet:
         self._next_poll = 0.0
         self.lost: WorkerLostError | None = None
         self.params_dirty = False  # the workers' parameters are newer than the client's copy
-        bound = self.settings.placement_timeout_s + self.settings.control_timeout_s
+        bound = (
+            self.settings.placement_timeout_s + self._forming_s() + self.settings.control_timeout_s
+        )
         try:
             self._adopt(ray.get(self.controller.start.remote(), timeout=bound))
         except ray.exceptions.GetTimeoutError:
             self.close()
             raise WorkerLostError(
                 f"starting {len(contexts)} workers for {contexts} took more than {bound:g} s "
-                "(RAYMODULE_PLACEMENT_TIMEOUT_S + RAYMODULE_CONTROL_TIMEOUT_S)"
+                "(RAYMODULE_PLACEMENT_TIMEOUT_S, forming their group, RAYMODULE_CONTROL_TIMEOUT_S)"
             ) from None
         except ray.exceptions.RayError as err:
             self.close()
@@ -344,7 +346,7 @@ class WorkerSet:
         if removed:
             gone.extend(removed)
             self._synced.difference_update(removed)
-            self._control("remove", removed)
+            self._control("remove", removed, waits_s=0.0)
         live = len(self.handles) - len(removed)
         wait = decision.action is policy.Action.WAIT
         return self._reform(self._wait_for_floor(live, wait, why[-1]))
@@ -367,7 +369,7 @@ class WorkerSet:
         if not self.pending or not self.limits.elastic or time.monotonic() < self._next_poll:
             return False
         self._next_poll = time.monotonic() + self.settings.admit_interval_s
-        ready = self._control("ready", 0.0)
+        ready = self._control("ready", 0.0, waits_s=0.0)
         admit = ready[: policy.to_admit(len(self.contexts), len(self.handles), len(ready))]
         if not admit:
             return False
@@ -395,7 +397,7 @@ class WorkerSet:
     def _wait_for_floor(self, live: int, wait: bool, loss: str) -> list[int]:
         """Replacements to admit now: those already up; while below the floor, waits for
         more (bounded by RAYMODULE_MIN_WORKERS_WAIT_S), then fails as the policy says."""
-        ready = self._control("ready", 0.0)
+        ready = self._control("ready", 0.0, waits_s=0.0)
         start = time.monotonic()
         limit = self.settings.min_workers_wait_s
         while wait and live + len(ready) < self.limits.floor:
@@ -408,7 +410,7 @@ class WorkerSet:
                 live + len(ready), len(self.contexts), self.limits.floor, waited, limit,
             )  # fmt: skip
             step = min(limit - waited, self.settings.placement_report_interval_s)
-            ready = sorted(set(ready) | set(self._control("ready", step)))
+            ready = sorted(set(ready) | set(self._control("ready", step, waits_s=step)))
         decision = policy.after_wait(self.limits, live + len(ready), time.monotonic() - start)
         if decision.action is policy.Action.FAIL:
             self.lost = WorkerLostError(f"{loss}; {decision.reason}")
@@ -421,7 +423,7 @@ class WorkerSet:
         or earlier by a re-forming that a later loss cut short) and brings everyone to the
         latest step a member in step applied. A member lost meanwhile raises
         :class:`StepsFailed` (for :meth:`recover`)."""
-        membership = self._control("reform", admit)
+        membership = self._control("reform", admit, waits_s=self._forming_s())
         self._adopt(membership)
         if membership["lost"]:
             rank_of = {slot: rank for rank, slot in enumerate(self.slots)}
@@ -455,12 +457,17 @@ class WorkerSet:
         self.steps_sent = self.committed = committed
         return committed
 
-    def _control(self, method: str, *args):
-        """Calls the controller (bounded by RAYMODULE_CONTROL_TIMEOUT_S, plus what the call
-        itself waits). A lost controller (its node died) loses the run's workers too (they
-        share its fate), so the run goes on from its latest checkpoint, as one more failure;
-        a controller that does not answer is treated the same way."""
-        bound = self.settings.control_timeout_s + sum(a for a in args if isinstance(a, float))
+    def _forming_s(self) -> float:
+        """The longest a re-forming may take: leaving, the rendezvous, then joining (twice
+        the collective timeout), each bounded by the collective timeout."""
+        return 4 * self.settings.collective_timeout_s
+
+    def _control(self, method: str, *args, waits_s: float):
+        """Calls the controller: bounded by what the call itself may wait (``waits_s``) plus
+        RAYMODULE_CONTROL_TIMEOUT_S. A lost controller (its node died) loses the run's workers
+        too (they share its fate), so the run goes on from its latest checkpoint, as one more
+        failure; a controller that does not answer is treated the same way."""
+        bound = self.settings.control_timeout_s + waits_s
         try:
             return ray.get(getattr(self.controller, method).remote(*args), timeout=bound)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
@@ -516,6 +523,7 @@ class WorkerSet:
                     "generation": self.generation,
                     "recovery_s": round(seconds, 3),
                     "pending": list(self.pending),
+                    "failures": self.failures,
                     **extra,
                 }
             )

@@ -109,7 +109,8 @@ class FaultyWorker(ModuleWorker):
         return super().applied()
 
     def leave(self, generation=None):
-        self._fire("leave")
+        if generation is not None:  # the controller's call in a re-form, not the worker's own
+            self._fire("leave")
         super().leave(generation)
 
 

@@ -72,7 +72,12 @@ with raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)]) as mod:
         num_epoch=3,
         optimizer_params={"learning_rate": 0.1, "momentum": 0.9},
         batch_end_callback=callback,
-        run=raymodule.RunConfig(name=args.name, storage=args.storage, checkpoint_every=3),
+        # every 5 in the SIGTERM runs: the checkpoint taken for the signal is none of those
+        run=raymodule.RunConfig(
+            name=args.name,
+            storage=args.storage,
+            checkpoint_every=5 if args.sigterm_mid_epoch is not None else 3,
+        ),
     )
     mod.save_params(args.out)
 print("done", flush=True)

@@ -4,6 +4,7 @@ session's real Ray. The whole of it under real faults is tests/test_elastic.py."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -90,6 +91,16 @@ def test_to_admit(configured, live, ready, admitted):
 # -- membership against stand-in workers ------------------------------------------------------
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
 NEVER_UP = os.path.join(tempfile.gettempdir(), f"raymodule-never-up-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def replacements_never_start():
+    """Replacements started meanwhile never come up, so none joins a recovery early."""
+    open(NEVER_UP, "w").close()
+    try:
+        yield
+    finally:
+        os.remove(NEVER_UP)
 
 
 class StandIn:
@@ -234,13 +245,10 @@ def test_a_lost_worker_is_removed_and_survivors_agree_on_the_last_step(stand_ins
 def test_below_the_floor_training_waits_then_fails_in_words(stand_ins):
     workers, _, _ = stand_ins
     workers.limits = Limits(3, min_workers=3, max_failures=-1)
-    open(NEVER_UP, "w").close()
-    try:
+    with replacements_never_start():
         failure = fail_step(workers, 2)
         with pytest.raises(WorkerLostError, match=r"worker 2 .* was lost.*min_workers=3"):
             workers.recover(failure)
-    finally:
-        os.remove(NEVER_UP)
 
 
 def test_a_silent_worker_is_lost_after_the_collective_timeout(stand_ins):
@@ -249,8 +257,9 @@ def test_a_silent_worker_is_lost_after_the_collective_timeout(stand_ins):
     # the group broke; ranks 0 and 2 answer, rank 1 stays busy in its steps (alive, silent)
     workers.call("set_fault", "steps", "hang", ranks=[1])
     workers.send_steps("train_step", [], [None] * workers.world_size)
-    workers.recover(StepsFailed("steps", {}, "GroupBrokenError: timed out"))
-    assert 1 not in workers.slots and workers.world_size in (2, 3)
+    with replacements_never_start():
+        workers.recover(StepsFailed("steps", {}, "GroupBrokenError: timed out"))
+    assert workers.slots == [0, 2]
     assert events[0]["lost"] == ["slot 1"] and "silent" in events[0]["why"]
 
 
@@ -259,10 +268,9 @@ def test_a_survivor_silent_while_the_group_re_forms_is_removed_within_the_bound(
     workers.limits = Limits(3, min_workers=1, max_failures=-1)
     workers.call("set_fault", "leave", "hang", ranks=[2])  # SIGSTOPped, as it were
     failure = fail_step(workers, 0)
-    tic = time.monotonic()
-    workers.recover(failure)
-    assert time.monotonic() - tic < 60  # the collective timeout is 2 s; unbounded: never
-    assert 2 not in workers.slots  # (slot 0's replacement may have joined meanwhile)
+    with replacements_never_start():
+        workers.recover(failure)  # bounded: without the bound, pytest-timeout ends it
+    assert workers.slots == [1]
     # one change, announced once: both slots, and why each went
     assert events[-1]["lost"] == ["slot 0", "slot 2"] and len(events) == 1
     assert "ActorDiedError" in events[-1]["why"] and "silent" in events[-1]["why"]
@@ -279,7 +287,8 @@ def test_a_worker_lost_while_replacements_join_leaves_them_set_up_as_new(stand_i
     assert ray.get(workers.controller.ready.remote(60.0)) == [1]
     workers.call("set_fault", "applied", "die", ranks=[1])  # slot 2 dies at the admission
     workers._next_poll = 0.0
-    assert workers.grow(drain=lambda: None)
+    with replacements_never_start():
+        assert workers.grow(drain=lambda: None)
     assert workers.slots == [0, 1]
     states = workers.call("state")
     assert [s["count"] for s in states] == [4, 4]
@@ -294,7 +303,8 @@ def test_a_worker_lost_in_a_read_outside_the_step_loop_is_recovered_from(stand_i
     workers.limits = Limits(3, min_workers=1)
     workers.call("set_count", 9)
     ray.kill(workers.handles[0], no_restart=True)
-    assert workers.call("get_params", 7, ranks=[0]) == [9]
+    with replacements_never_start():
+        assert workers.call("get_params", 7, ranks=[0]) == [9]
     assert workers.slots == [1, 2] and events[-1]["lost"] == ["slot 0"]
 
 
@@ -306,7 +316,8 @@ def test_a_group_that_keeps_breaking_with_nobody_lost_evicts_its_slowest_member(
     for _ in range(2):
         workers.recover(StepsFailed("steps", {}, "GroupBrokenError: timed out", slowest=2))
         assert workers.slots == [0, 1, 2] and workers.failures == 0
-    workers.recover(StepsFailed("steps", {}, "GroupBrokenError: timed out", slowest=2))
+    with replacements_never_start():
+        workers.recover(StepsFailed("steps", {}, "GroupBrokenError: timed out", slowest=2))
     assert workers.slots == [0, 1] and workers.failures == 1
     assert [e["change"] for e in events] == ["re-formed", "re-formed", "lost"]
     assert "evicted" in events[-1]["why"] and "RAYMODULE_MAX_REFORMS=2" in events[-1]["why"]
