@@ -11,11 +11,12 @@ A run folder holds::
                                                     its manifest, for people and tools
 
 A checkpoint is committed once its manifest is written (object stores make each file appear
-whole, or not at all). Readers trust only a checkpoint whose files match its manifest; when the
-newest does not, they say which file is wrong and use the one before. After each commit the
-writer deletes what the run no longer needs: committed checkpoints beyond ``keep``, folders
-without a manifest (interrupted writes) and folders newer than the commit (left by a run that
-went on from an earlier checkpoint).
+whole, or not at all). Readers trust only a checkpoint whose files match its manifest (see
+:mod:`raymodule.manifest` for what a reader accepts); when the newest does not, they say which
+file is wrong and use the one before. After each commit the writer deletes what the run no
+longer needs: committed checkpoints beyond ``keep``, folders without a manifest (interrupted
+writes) and folders newer than the commit (left by a run that went on from an earlier
+checkpoint).
 
 :class:`CheckpointWriter` writes in a background thread while training goes on; nothing here
 imports MXNet.
@@ -24,7 +25,6 @@ imports MXNet.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -36,10 +36,14 @@ from dataclasses import dataclass
 
 import ray
 
+from . import manifest as manifests
 from .errors import CheckpointError
+from .manifest import FORMAT, MANIFEST
 from .storage import Folder
 
 __all__ = [
+    "FORMAT",
+    "MANIFEST",
     "Checkpoint",
     "CheckpointWriter",
     "checkpoint_names",
@@ -47,20 +51,26 @@ __all__ = [
     "latest",
     "latest_checkpoint",
     "read",
+    "survey",
     "write",
 ]
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
 MODEL = "model"
-MANIFEST = "manifest.json"
 LATEST = "latest"
+LATEST_MAX_BYTES = 256
+"""The largest ``latest`` pointer read (it holds one folder name)."""
 _FOLDER = re.compile(r"^ckpt-(\d{10})$")
 
 
 def folder_name(global_step: int) -> str:
     return f"ckpt-{global_step:010d}"
+
+
+def is_folder_name(name: str) -> bool:
+    """Whether ``name`` is a checkpoint folder's name (``ckpt-`` and ten digits)."""
+    return isinstance(name, str) and _FOLDER.match(name) is not None
 
 
 def checkpoint_names(run: Folder) -> list[str]:
@@ -127,27 +137,8 @@ def write(run: Folder, snapshot: dict, info: dict, keep: int) -> str:
         run.delete_folder(name)
     for file, data in files.items():
         run.write(f"{name}/{file}", data)
-    optimizer = snapshot["optimizer"] or {}
-    manifest = {
-        "format": FORMAT,
-        "files": {
-            file: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            for file, data in files.items()
-        },
-        "epoch": info["epoch"],
-        "batch": info["batch"],
-        "global_step": info["global_step"],
-        "world_size": info["world_size"],
-        "work_load_list": info["work_load_list"],
-        "optimizer": {
-            "type": optimizer.get("type"),
-            "num_update": optimizer.get("num_update"),
-            "hyperparameters": optimizer.get("hyperparameters"),
-        },
-        "versions": _versions(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    run.write(f"{name}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+    made = manifests.make(files, info, snapshot["optimizer"] or {}, _versions())
+    run.write(f"{name}/{MANIFEST}", json.dumps(made, indent=1).encode())
     run.write(LATEST, name.encode())
     try:
         _tidy(run, name, keep, held)
@@ -180,49 +171,33 @@ def _tidy(run: Folder, committed: str, keep: int, held: dict[str, int]) -> None:
 def read(run: Folder, name: str) -> Checkpoint:
     """Reads checkpoint ``name`` and checks every file against its manifest.
 
-    Raises ``CheckpointError`` naming the file that is missing, truncated or altered.
+    Raises ``CheckpointError`` naming the file that is missing, truncated, altered, or that
+    the manifest should not name (see :mod:`raymodule.manifest`).
     """
-    where = f"{run}/{name}"
-    try:
-        manifest = json.loads(run.read(f"{name}/{MANIFEST}"))
-        listed = manifest["files"]
-        if manifest.get("format") != FORMAT:
-            raise CheckpointError(
-                f"{where}/{MANIFEST} has format {manifest.get('format')!r}; "
-                f"this raymodule reads format {FORMAT}"
-            )
-    except FileNotFoundError:
-        raise CheckpointError(f"{where} has no {MANIFEST}: it was never committed") from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{where}/{MANIFEST} is not a valid manifest: {err}") from None
-    files = {}
-    for file, expected in listed.items():
+    manifest = manifests.load(run, name)
+    return Checkpoint(run.uri(name), manifest, manifests.verified_files(run, name, manifest))
+
+
+def survey(run: Folder) -> tuple[Checkpoint | None, list[tuple[str, str]]]:
+    """The newest checkpoint of the run that verifies (or None), and the committed ones
+    newer than it that do not, each with the reason. Every checkpoint that does not verify
+    is logged with the reason, and skipped."""
+    rejected = []
+    for name in reversed(checkpoint_names(run)):
         try:
-            data = run.read(f"{name}/{file}")
-        except FileNotFoundError:
-            raise CheckpointError(f"{where}/{file} is missing") from None
-        if len(data) != expected["size"]:
-            raise CheckpointError(
-                f"{where}/{file} has {len(data)} bytes where the manifest says "
-                f"{expected['size']} (truncated or overwritten)"
-            )
-        if hashlib.sha256(data).hexdigest() != expected["sha256"]:
-            raise CheckpointError(
-                f"{where}/{file} does not match the sha256 in the manifest (corrupted)"
-            )
-        files[file] = data
-    return Checkpoint(run.uri(name), manifest, files)
+            return read(run, name), rejected
+        except manifests.Uncommitted as err:
+            log.warning("not using checkpoint %s: %s", name, err)
+        except CheckpointError as err:
+            log.warning("not using checkpoint %s: %s", name, err)
+            rejected.append((name, str(err)))
+    return None, rejected
 
 
 def latest(run: Folder) -> Checkpoint | None:
     """The newest checkpoint of the run that verifies, or None. Every newer checkpoint that
     does not verify is logged with the reason, and skipped."""
-    for name in reversed(checkpoint_names(run)):
-        try:
-            return read(run, name)
-        except CheckpointError as err:
-            log.warning("not using checkpoint %s: %s", name, err)
-    return None
+    return survey(run)[0]
 
 
 @functools.cache

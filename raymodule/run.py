@@ -27,6 +27,8 @@ __all__ = ["RunConfig", "Run"]
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
+METRICS_MAX_BYTES = 256 * 1024**2
+"""The largest ``metrics.jsonl`` read (a line per epoch: a few hundred bytes each)."""
 _RESUME = ("auto", "never", "must")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -167,16 +169,19 @@ class Run:
         if self.resume_from is None:
             return []
         try:
-            lines = self.folder.read(METRICS).decode().splitlines()
-        except (FileNotFoundError, OSError):
+            data = self.folder.read(METRICS, limit=METRICS_MAX_BYTES)
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            log.warning("%s is not carried on: %s", METRICS, err)
             return []
         kept = []
-        for line in lines:  # epochs after the resume point are trained again
-            try:
+        for line in data.decode(errors="replace").splitlines():
+            try:  # epochs after the resume point are trained again; other lines are dropped
                 entry = json.loads(line)
                 if entry.get("epoch", entry.get("during_epoch")) < self.resume_from.epoch:
                     kept.append(line)
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, AttributeError, TypeError):
                 continue
         return kept
 

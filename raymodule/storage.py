@@ -2,22 +2,38 @@
 
 A location is a local path (made absolute) or any URI that ``pyarrow.fs.FileSystem.from_uri``
 accepts, query options included (``s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http``).
-Local paths take the same code path as remote URIs. File suffixes go on a URI's path, never
-into its query, and URIs are redacted wherever they are printed.
+Local paths take the same code path as remote URIs, but for one thing pyarrow does not do: a
+local read opens only a regular file inside its folder, without blocking on a FIFO or following
+a link. Names inside a
+folder are plain relative names (no ``..``); reads are bounded when the caller gives a size.
+File suffixes go on a URI's path, never into its query, and URIs are redacted wherever they
+are printed.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import re
+import stat
 import threading
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pyarrow
 import pyarrow.fs as pafs
 
-__all__ = ["Folder", "is_uri", "with_suffix", "redact", "read_bytes", "write_bytes"]
+__all__ = [
+    "Folder",
+    "Refused",
+    "TooLarge",
+    "is_uri",
+    "read_bytes",
+    "redact",
+    "unsafe_name",
+    "with_suffix",
+    "write_bytes",
+]
 
 # object stores need no folders before a write, and make each written object appear whole
 _OBJECT_STORES = tuple(
@@ -27,6 +43,8 @@ _SECRET_KEYS = re.compile(r"(secret|token|password|key|credential)", re.I)
 # tries per object-store request when a location is checked: an S3 server that is not there
 # then fails the check in a second or two
 CHECK_ATTEMPTS = 2
+# files are read this many bytes at a time, so a bound on a file's size bounds the memory used
+READ_CHUNK = 8 * 1024**2
 
 
 def is_uri(location: str) -> bool:
@@ -73,6 +91,33 @@ def _failure(action: str, location: str, err: Exception) -> OSError:
     return OSError(f"cannot {action} {redact(location)!r}: {type(err).__name__}: {err}")
 
 
+class Refused(OSError):
+    """A file that is not read: not a regular file inside its folder, or too large."""
+
+
+class TooLarge(Refused):
+    """A file holds more bytes than its reader allows (``size``, ``limit``)."""
+
+    def __init__(self, message: str, size: int, limit: int):
+        super().__init__(message)
+        self.size, self.limit = size, limit
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why ``name`` is not a plain relative name inside a folder (``a/b.json``: no ``/`` at
+    the start or the end, no empty, ``.`` or ``..`` parts, no backslash or control
+    character), or None when it is one."""
+    if not isinstance(name, str) or not name:
+        return "it is not a non-empty string"
+    if any(ord(c) < 32 or c == "\\" for c in name):
+        return "it holds a backslash or a control character"
+    if name.startswith("/"):
+        return "it starts with '/'"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "it has an empty, '.' or '..' part"
+    return None
+
+
 class Folder:
     """A folder at a local path or URI, its filesystem resolved once.
 
@@ -100,7 +145,12 @@ class Folder:
         return Folder(self.uri(name))
 
     def _full(self, name: str) -> str:
-        return f"{self._path}/{name}" if name else self._path
+        if not name:
+            return self._path
+        why = unsafe_name(name)
+        if why is not None:
+            raise ValueError(f"{name!r} is not a plain name inside {self}: {why}")
+        return f"{self._path}/{name}"
 
     def write(self, name: str, data: bytes) -> None:
         """Writes the file ``name``, creating the folders it needs. The file appears whole or
@@ -124,14 +174,56 @@ class Folder:
         except OSError as err:
             raise _failure("write", self.uri(name), err) from None
 
-    def read(self, name: str) -> bytes:
+    def read(self, name: str, limit: int | None = None, *, follow_links: bool = False) -> bytes:
+        """The contents of the regular file ``name``, read in bounded chunks. ``limit`` bounds
+        its size: a larger file raises :class:`TooLarge` before it is read. Anything but a
+        regular file inside this folder (a device, a FIFO, a symbolic link unless
+        ``follow_links``) raises :class:`Refused` without being opened for reading."""
+        path = self._full(name)
         try:
-            with self._fs.open_input_stream(self._full(name)) as source:
-                return source.read()
+            if isinstance(self._fs, pafs.LocalFileSystem):
+                return self._read_local(name, path, limit, follow_links)
+            info = self._fs.get_file_info(path)
+            if info.type == pafs.FileType.NotFound:
+                raise FileNotFoundError(path)
+            if info.type != pafs.FileType.File:
+                raise Refused(f"{redact(self.uri(name))!r} is not a regular file")
+            self._check_size(name, info.size, limit)
+            with self._fs.open_input_stream(path) as source:
+                return _read_chunks(source.read, name, limit, self)
         except FileNotFoundError:
             raise FileNotFoundError(f"no file at {redact(self.uri(name))!r}") from None
+        except Refused:
+            raise
         except OSError as err:
             raise _failure("read", self.uri(name), err) from None
+
+    def _read_local(self, name: str, path: str, limit: int | None, follow_links: bool) -> bytes:
+        inside = os.path.realpath(self._path) + os.sep
+        real = os.path.realpath(os.path.dirname(path)) + os.sep
+        if not follow_links and not real.startswith(inside):
+            raise Refused(f"{redact(self.uri(name))!r} is not inside {self}")
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO does not block the open
+        try:
+            fd = os.open(path, flags if follow_links else flags | os.O_NOFOLLOW)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise Refused(f"{redact(self.uri(name))!r} is a symbolic link") from None
+            raise
+        with os.fdopen(fd, "rb", buffering=0) as source:
+            info = os.fstat(source.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise Refused(f"{redact(self.uri(name))!r} is not a regular file")
+            self._check_size(name, info.st_size, limit)
+            return _read_chunks(source.read, name, limit, self)
+
+    def _check_size(self, name: str, size: int, limit: int | None) -> None:
+        if limit is not None and size > limit:
+            raise TooLarge(
+                f"{redact(self.uri(name))!r} holds {size} bytes, more than the {limit} allowed",
+                size,
+                limit,
+            )
 
     def sizes(self, name: str = "") -> dict[str, int]:
         """Every file under ``name``, by its name relative to that folder, with its size;
@@ -205,6 +297,23 @@ class Folder:
         quick.delete(probe)
 
 
+def _read_chunks(read, name: str, limit: int | None, folder: Folder) -> bytes:
+    """All that ``read(n)`` gives until the end, but no more than ``limit`` bytes."""
+    chunks, total = [], 0
+    while True:
+        chunk = read(READ_CHUNK if limit is None else min(READ_CHUNK, limit - total + 1))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if limit is not None and total > limit:
+            raise TooLarge(
+                f"{redact(folder.uri(name))!r} holds more than the {limit} bytes allowed",
+                total,
+                limit,
+            )
+
+
 def _with_few_retries(fs: pafs.FileSystem) -> pafs.FileSystem:
     """``fs`` itself, or for S3 the same filesystem (endpoint, region, keys, options) trying
     each request at most :data:`CHECK_ATTEMPTS` times."""
@@ -232,6 +341,6 @@ def write_bytes(location: str, data: bytes) -> None:
 
 
 def read_bytes(location: str) -> bytes:
-    """The contents of the file at ``location``."""
+    """The contents of the file at ``location`` (which the caller names: links are followed)."""
     folder, name = _split_file(location)
-    return folder.read(name)
+    return folder.read(name, follow_links=True)

@@ -1,0 +1,174 @@
+"""Run folders read without trust: checkpoint files written and read through the
+library's own functions on real local storage (the end-to-end cases are in
+test_checkpoint.py and test_cli.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+
+import mxnet as mx
+import pytest
+
+import raymodule.tune
+from raymodule import CheckpointError, RunConfig, checkpoint, storage
+from raymodule.constants import Settings
+from raymodule.run import Run
+
+
+def snapshot(tmp_path, value: float = 1.0) -> dict:
+    """A worker's snapshot as the writer gets it: MXNet's ``.params`` bytes and the optimizer."""
+    path = tmp_path / "snapshot.params"
+    mx.nd.save(str(path), {"arg:w": mx.nd.full((2, 3), value), "aux:m": mx.nd.zeros((3,))})
+    return {"params": path.read_bytes(), "optimizer.nd": b"", "optimizer": {"type": "SGD"}}
+
+
+def info(step: int, epoch: int = 1) -> dict:
+    return {
+        "files": {"model-symbol.json": b"{}"},
+        "epoch": epoch,
+        "batch": 0,
+        "global_step": step,
+        "world_size": 1,
+        "work_load_list": [1],
+    }
+
+
+def committed(tmp_path, step: int = 12, name: str = "r") -> storage.Folder:
+    """A run folder holding one committed checkpoint at ``step``."""
+    run = storage.Folder(str(tmp_path / name))
+    checkpoint.write(run, snapshot(tmp_path), info(step), keep=5)
+    return run
+
+
+def edit_manifest(run: storage.Folder, name: str, change) -> None:
+    manifest = json.loads(run.read(f"{name}/manifest.json"))
+    run.write(f"{name}/manifest.json", json.dumps(change(manifest)).encode())
+
+
+def listed(path: Path) -> dict:
+    """Every file under ``path`` with its size, as a user would see it."""
+    return {
+        str(p.relative_to(path)): p.lstat().st_size for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+# -- readers trust nothing in a run folder ---------------------------------------------------
+@pytest.mark.parametrize(
+    "name", ["../../outside.txt", "/etc/hostname", "a//b", "./x", "a\\..\\..\\b", "", "x/"]
+)
+def test_manifest_names_that_are_not_plain_are_rejected_naming_them(tmp_path, name):
+    run = committed(tmp_path)
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"not the run's")
+    entry = {"size": outside.stat().st_size, "sha256": hashlib.sha256(b"not the run's").hexdigest()}
+    edit_manifest(run, "ckpt-0000000012", lambda m: {**m, "files": {**m["files"], name: entry}})
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.read(run, "ckpt-0000000012")
+    assert f"it names the file {name!r}, which is not a plain name" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda m: {**m, "files": list(m["files"])}, "'files' is a list, not an object"),
+        (
+            lambda m: {**m, "files": {**m["files"], "model-symbol.json": "x"}},
+            "the entry of 'model-symbol.json' is a str, not an object",
+        ),
+        (
+            lambda m: {**m, "files": {"model-symbol.json": {"size": "2", "sha256": "0" * 64}}},
+            "the size of 'model-symbol.json' is '2'",
+        ),
+        (lambda m: [m], "it holds a list, not an object"),
+        (lambda m: {**m, "epoch": None}, "'epoch' is None"),
+    ],
+)
+def test_malformed_manifests_are_rejected_in_words_and_the_one_before_is_used(
+    tmp_path, change, problem
+):
+    run = committed(tmp_path, step=6)
+    checkpoint.write(run, snapshot(tmp_path), info(12), keep=5)
+    edit_manifest(run, "ckpt-0000000012", change)
+    with pytest.raises(CheckpointError, match="ckpt-0000000012/manifest.json is not a valid"):
+        checkpoint.read(run, "ckpt-0000000012")
+    found, rejected = checkpoint.survey(run)
+    assert found.name == "ckpt-0000000006"
+    assert [name for name, _ in rejected] == ["ckpt-0000000012"] and problem in rejected[0][1]
+
+
+@pytest.mark.timeout(60)  # a FIFO opened for reading waits for a writer: the old hang
+def test_files_that_are_no_regular_files_in_the_folder_are_never_opened(tmp_path):
+    run = committed(tmp_path)
+    ckpt = tmp_path / "r" / "ckpt-0000000012"
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"{}")  # what model-symbol.json holds: the hashes match
+    for make in (os.mkfifo, lambda path: os.symlink(secret, path)):
+        (ckpt / "model-symbol.json").unlink()
+        make(ckpt / "model-symbol.json")
+        with pytest.raises(
+            CheckpointError, match="model-symbol.json is not read: .*(regular|link)"
+        ):
+            checkpoint.read(run, "ckpt-0000000012")
+
+    # a checkpoint folder that is a link out of the run is not read either
+    elsewhere = committed(tmp_path, name="elsewhere")
+    os.symlink(tmp_path / "elsewhere" / "ckpt-0000000012", tmp_path / "r" / "ckpt-0000000020")
+    with pytest.raises(
+        CheckpointError, match="ckpt-0000000020/manifest.json is not read: .*not inside"
+    ):
+        checkpoint.read(run, "ckpt-0000000020")
+    assert checkpoint.latest(elsewhere).name == "ckpt-0000000012"
+
+    # a device, and a file larger than its reader allows, are refused before a byte is read
+    os.symlink("/dev/zero", tmp_path / "r" / "zero")
+    os.mknod(tmp_path / "r" / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null
+    for name in ("zero", "null"):
+        with pytest.raises(storage.Refused, match=f"{name}' is (a symbolic link|not a regular)"):
+            run.read(name, limit=10)
+    with pytest.raises(storage.TooLarge, match="latest' holds 15 bytes, more than the 2 allowed"):
+        run.read("latest", limit=2)
+
+
+def test_the_latest_pointer_must_name_a_checkpoint_folder(tmp_path, monkeypatch):
+    committed(tmp_path, name="other")  # epoch 1, at the epoch's end: what a report waits for
+    run = storage.Folder(str(tmp_path / "r"))
+    run.write("latest", b"../other/ckpt-0000000012")
+    monkeypatch.setattr(raymodule.tune, "COMMIT_WAIT_S", 0.3)
+    assert raymodule.tune._await_epoch_checkpoint(run, 1) is None
+
+
+def test_a_tune_restore_from_a_crafted_checkpoint_writes_nothing(tmp_path):
+    from ray import tune
+
+    source = committed(tmp_path, name="a/b/trial")
+    data = b"escaped"
+    (tmp_path / "a" / "escaped").write_bytes(data)
+    entry = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    name = "../../../escaped"  # from the checkpoint: a/escaped; from the adopting run: ./escaped
+    edit_manifest(source, "ckpt-0000000012", lambda m: {**m, "files": {**m["files"], name: entry}})
+    restore = tune.Checkpoint.from_directory(str(tmp_path / "a/b/trial/ckpt-0000000012"))
+    run = RunConfig(name="adopter", storage=str(tmp_path / "runs"))
+    with pytest.raises(
+        CheckpointError, match="not a raymodule run checkpoint .*'../../../escaped'"
+    ):
+        raymodule.tune._adopt(restore, run)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "escaped").exists()
+    with pytest.raises(CheckpointError, match="not writing '../x' into"):
+        raymodule.tune._write(str(tmp_path / "local"), "../x", b"")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_resumed_run_skips_metrics_lines_that_are_no_objects(tmp_path):
+    run = committed(tmp_path, step=12)  # epoch 1 done
+    lines = ['{"epoch": 0, "train": {}}', "[1, 2]", "5", '"x"', '{"epoch": 1, "train": {}}']
+    run.write("metrics.jsonl", "\n".join(lines).encode())
+    config = RunConfig(name="r", storage=str(tmp_path))
+    with Run(config, Settings.from_env(), {"world_size": 1, "work_load_list": [1]}) as resumed:
+        assert resumed.resume_from.name == "ckpt-0000000012"
+        resumed.record_epoch({"epoch": 1, "train": {}})
+    epochs = [json.loads(line)["epoch"] for line in run.read("metrics.jsonl").splitlines()]
+    assert epochs == [0, 1]
