@@ -16,7 +16,7 @@ whole, or not at all). Readers trust only a checkpoint whose files match its man
 file is wrong and use the one before. After each commit the writer deletes what the run no
 longer needs: committed checkpoints beyond ``keep``, folders without a manifest (interrupted
 writes) and folders newer than the commit (left by a run that went on from an earlier
-checkpoint).
+checkpoint) that do not verify; a newer one that verifies is kept, and said.
 
 :class:`CheckpointWriter` writes in a background thread while training goes on; nothing here
 imports MXNet.
@@ -118,12 +118,13 @@ class Checkpoint:
         return self.files["optimizer.nd"], json.loads(self.files["optimizer.json"])
 
 
-def write(run: Folder, snapshot: dict, info: dict, keep: int) -> str:
+def write(run: Folder, snapshot: dict, info: dict, keep: int, *, drop_newer: bool = False) -> str:
     """Writes a checkpoint from a worker's ``snapshot`` and commits it; returns its name.
 
     ``info`` holds ``files`` (the module's own files, such as ``model-symbol.json``, by name),
     ``epoch``, ``batch``, ``global_step``, ``world_size`` and ``work_load_list``. A folder of
-    the same name (an earlier, interrupted attempt) is replaced.
+    the same name (an earlier, interrupted attempt) is replaced. ``drop_newer`` deletes the
+    run's newer checkpoints even when they verify (a Tune trial continuing from another's).
     """
     name = folder_name(info["global_step"])
     files = {
@@ -141,15 +142,15 @@ def write(run: Folder, snapshot: dict, info: dict, keep: int) -> str:
     run.write(f"{name}/{MANIFEST}", json.dumps(made, indent=1).encode())
     run.write(LATEST, name.encode())
     try:
-        _tidy(run, name, keep, held)
+        _tidy(run, name, keep, held, drop_newer)
     except OSError as err:  # the checkpoint is committed; a later commit tidies again
         log.warning("checkpoint %s: could not delete old checkpoints: %s", name, err)
     return name
 
 
-def _tidy(run: Folder, committed: str, keep: int, held: dict[str, int]) -> None:
+def _tidy(run: Folder, committed: str, keep: int, held: dict[str, int], drop_newer: bool) -> None:
     """Deletes what the run folder ``held`` (before ``committed`` was written) that the run no
-    longer needs."""
+    longer needs; a newer checkpoint that verifies stays unless ``drop_newer``."""
     for name in held:  # halves of local writes that a killed process left
         if "/" not in name and ".part-" in name and f".part-{os.getpid()}-" not in name:
             run.delete(name)
@@ -160,12 +161,28 @@ def _tidy(run: Folder, committed: str, keep: int, held: dict[str, int]) -> None:
     for name in folders:
         if name == committed:
             continue
-        if name > committed or f"{name}/{MANIFEST}" not in held:
-            run.delete_folder(name)  # newer than the commit, or never committed
+        if f"{name}/{MANIFEST}" not in held:
+            run.delete_folder(name)  # never committed
+        elif name > committed:
+            if drop_newer or not _verifies(run, name):
+                run.delete_folder(name)
+            else:
+                log.warning(
+                    "checkpoint %s: not deleting %s, which is newer and verifies (another run "
+                    "may be writing to %s)", committed, name, run,
+                )  # fmt: skip
         else:
             older.append(name)
     for name in older[: max(0, len(older) - (keep - 1))]:
         run.delete_folder(name)
+
+
+def _verifies(run: Folder, name: str) -> bool:
+    try:
+        read(run, name)
+    except CheckpointError:
+        return False
+    return True
 
 
 def read(run: Folder, name: str) -> Checkpoint:

@@ -123,11 +123,19 @@ class Run:
                     "pass resume='auto' to continue it"
                 )
             return None
-        found = checkpoint.latest(self.folder)
+        found, rejected = checkpoint.survey(self.folder)
         if found is None and self.config.resume == "must":
             raise CheckpointError(
                 f"resume='must' but run {self.config.name!r} at {self.folder} has no committed "
                 "checkpoint that verifies (see the warnings above for any that were rejected)"
+            )
+        if found is None and rejected:  # starting afresh would delete them at the first commit
+            reasons = "; ".join(f"{name}: {why}" for name, why in rejected)
+            raise CheckpointError(
+                f"run {self.config.name!r} at {self.folder} holds {len(rejected)} committed "
+                f"checkpoints and none verifies, so it neither resumes nor starts afresh over "
+                f"them ({reasons}). To start over, pass resume='never' with a new name, or "
+                "delete the run's folder by hand"
             )
         if found is not None:
             log.info(

@@ -354,8 +354,8 @@ def _uri(scheme: str, path: str, query: dict) -> str:
 
 def _adopt(restore, run: RunConfig) -> dict:
     """Verifies the Tune checkpoint ``restore`` and commits it into ``run`` as its newest
-    checkpoint (checkpoint.write drops the run's later ones), for ``fit`` to resume from.
-    Returns where it came from: the trial and run checkpoint that took it, its epoch."""
+    checkpoint (dropping the run's later ones, which the trial gives up), for ``fit`` to resume
+    from. Returns where it came from: the trial and run checkpoint that took it, its epoch."""
     with restore.as_directory() as local:
         local = local.rstrip("/")
         try:
@@ -382,7 +382,7 @@ def _adopt(restore, run: RunConfig) -> dict:
     folder = Folder(run.location)
     try:
         folder.check_writable()
-        name = checkpoint.write(folder, snapshot, info, run.keep)
+        name = checkpoint.write(folder, snapshot, info, run.keep, drop_newer=True)
     except OSError as err:
         raise CheckpointError(f"cannot restore the trial's run at {folder}: {err}") from None
     origin = {

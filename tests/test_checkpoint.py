@@ -226,3 +226,23 @@ def test_optimizer_state_survives_json_and_ndarrays_exactly():
             copy([0, 1], [g.copy() for g in grads], mirrored)
         for a, b in zip(weights, mirrored):
             np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
+
+
+def test_auto_never_starts_over_checkpoints_that_do_not_verify(tmp_path):
+    config = RunConfig(name="r", storage=str(tmp_path), checkpoint_every=6)
+    train(config, num_epoch=1)
+    run = storage.Folder(str(tmp_path)).child("r")
+    names = run.folders()
+    assert names == ["ckpt-0000000006", "ckpt-0000000012"]
+    _break_file(run, f"{names[0]}/optimizer.nd", "flip")
+    _break_file(run, f"{names[1]}/model-0001.params", "truncate")
+    before = {name: run.read(name) for name in run.sizes()}
+
+    with pytest.raises(CheckpointError) as err:
+        train(config, num_epoch=1)
+    message = str(err.value)
+    assert "holds 2 committed checkpoints and none verifies" in message
+    assert f"{names[0]}/optimizer.nd does not match the sha256" in message
+    assert f"{names[1]}/model-0001.params has" in message
+    assert "resume='never' with a new name, or delete the run's folder by hand" in message
+    assert {name: run.read(name) for name in run.sizes()} == before  # metrics.jsonl too

@@ -1,11 +1,12 @@
-"""Run folders read without trust: checkpoint files written and read through the
-library's own functions on real local storage (the end-to-end cases are in
-test_checkpoint.py and test_cli.py)."""
+"""Run folders read without trust, checkpoints deleted only when they do not verify:
+checkpoint files written and read through the library's own functions on real local storage
+(the end-to-end cases are in test_checkpoint.py and test_cli.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import stat
 from pathlib import Path
@@ -172,3 +173,19 @@ def test_a_resumed_run_skips_metrics_lines_that_are_no_objects(tmp_path):
         resumed.record_epoch({"epoch": 1, "train": {}})
     epochs = [json.loads(line)["epoch"] for line in run.read("metrics.jsonl").splitlines()]
     assert epochs == [0, 1]
+
+
+# -- delete only what does not verify --------------------------------------------------------
+def test_a_newer_checkpoint_that_verifies_is_kept_one_that_does_not_is_deleted(tmp_path, caplog):
+    run = committed(tmp_path, step=20)
+    checkpoint.write(run, snapshot(tmp_path), info(30), keep=5)
+    broken = "ckpt-0000000030/model-0001.params"
+    run.write(broken, run.read(broken)[:-1])
+    with caplog.at_level(logging.WARNING, logger="raymodule"):
+        checkpoint.write(run, snapshot(tmp_path), info(10), keep=5)  # went on from before them
+    assert run.folders() == ["ckpt-0000000010", "ckpt-0000000020"]
+    assert "not deleting ckpt-0000000020, which is newer and verifies" in caplog.text
+
+    # a Tune trial continuing from another trial's checkpoint gives up its own later ones
+    checkpoint.write(run, snapshot(tmp_path), info(5), keep=5, drop_newer=True)
+    assert run.folders() == ["ckpt-0000000005"]
