@@ -39,7 +39,7 @@ import ray
 from . import manifest as manifests
 from .errors import CheckpointError
 from .manifest import FORMAT, MANIFEST
-from .storage import Folder
+from .storage import Folder, redact
 
 __all__ = [
     "FORMAT",
@@ -86,6 +86,12 @@ class Checkpoint:
     """The checkpoint folder (a local path or URI)."""
     manifest: dict
     files: dict[str, bytes]
+
+    def __repr__(self) -> str:  # the location redacted, the files' bytes left out
+        return (
+            f"Checkpoint({redact(self.location)!r}, epoch={self.epoch}, batch={self.batch}, "
+            f"global_step={self.global_step}, files={sorted(self.files)})"
+        )
 
     @property
     def name(self) -> str:

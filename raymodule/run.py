@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from . import checkpoint
 from .checkpoint import Checkpoint, CheckpointWriter
 from .errors import CheckpointError
-from .storage import Folder, is_uri, with_suffix
+from .storage import Folder, is_uri, redact, with_suffix
 
 __all__ = ["RunConfig", "Run"]
 
@@ -83,6 +83,10 @@ class RunConfig:
             raise bad("min_workers", "must be an integer >= 1, or None for every context")
         if not _is_int(self.max_failures) or self.max_failures < -1:
             raise bad("max_failures", "must be an integer >= 0, or -1 for unlimited")
+
+    def __repr__(self) -> str:  # the storage redacted: a URI may hold keys
+        shown = dict(vars(self), storage=redact(self.storage))
+        return "RunConfig(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
     @property
     def location(self) -> str:

@@ -7,7 +7,7 @@ local read opens only a regular file inside its folder, without blocking on a FI
 a link. Names inside a
 folder are plain relative names (no ``..``); reads are bounded when the caller gives a size.
 File suffixes go on a URI's path, never into its query, and URIs are redacted wherever they
-are printed.
+are printed, in pyarrow's messages too.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 import re
 import stat
 import threading
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlencode, urlsplit, urlunsplit
 
 import pyarrow
 import pyarrow.fs as pafs
@@ -27,6 +27,7 @@ __all__ = [
     "Folder",
     "Refused",
     "TooLarge",
+    "credentials_in",
     "is_uri",
     "read_bytes",
     "redact",
@@ -66,12 +67,49 @@ def redact(location: str) -> str:
     location = str(location)
     if not is_uri(location):
         return location
-    parts = urlsplit(location)
+    try:
+        parts = urlsplit(location)
+    except ValueError:  # not even a URL (a bad IPv6 host): show only its scheme
+        return location.split("://", 1)[0] + "://***"
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
     query = [(k, "***" if _SECRET_KEYS.search(k) else v) for k, v in parse_qsl(parts.query)]
     return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*:")))
+
+
+def credentials_in(location: str) -> list[str]:
+    """The parts of ``location`` that hold credentials (a user part, query keys such as
+    ``secret_key``), by name; empty for a local path or a URI without any."""
+    location = str(location)
+    if not is_uri(location):
+        return []
+    try:
+        parts = urlsplit(location)
+    except ValueError:
+        return []
+    found = ["user part"] if "@" in parts.netloc else []
+    return found + [k for k, _ in parse_qsl(parts.query) if _SECRET_KEYS.search(k)]
+
+
+def _scrub(text: str, location: str) -> str:
+    """``text`` (a library's message about ``location``) with the credentials of ``location``
+    hidden: pyarrow repeats a URI it cannot parse whole."""
+    secrets = []
+    try:
+        parts = urlsplit(location)
+        if "@" in parts.netloc:
+            secrets.append(parts.netloc.rsplit("@", 1)[0])
+        for raw in parts.query.split("&"):
+            key, _, value = raw.partition("=")
+            if value and _SECRET_KEYS.search(unquote(key)):
+                secrets += [value, unquote_plus(value)]
+    except ValueError:
+        return "(the message repeats the location, so it is not shown)"
+    text = text.replace(location, redact(location))
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def _resolve(location: str, shown: str) -> tuple[pafs.FileSystem, str]:
@@ -82,13 +120,15 @@ def _resolve(location: str, shown: str) -> tuple[pafs.FileSystem, str]:
         return pafs.FileSystem.from_uri(location)
     except (pyarrow.ArrowInvalid, ValueError) as err:
         raise ValueError(
-            f"{redact(shown)!r} is not a storage location raymodule can use: {err} "
+            f"{redact(shown)!r} is not a storage location raymodule can use: "
+            f"{_scrub(str(err), location)} "
             "(use a local path or a URI such as file://, s3://, gs:// or hdfs://)"
         ) from None
 
 
 def _failure(action: str, location: str, err: Exception) -> OSError:
-    return OSError(f"cannot {action} {redact(location)!r}: {type(err).__name__}: {err}")
+    detail = _scrub(str(err), location)
+    return OSError(f"cannot {action} {redact(location)!r}: {type(err).__name__}: {detail}")
 
 
 class Refused(OSError):

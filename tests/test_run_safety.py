@@ -1,6 +1,7 @@
-"""Run folders read without trust, checkpoints deleted only when they do not verify:
-checkpoint files written and read through the library's own functions on real local storage
-(the end-to-end cases are in test_checkpoint.py and test_cli.py)."""
+"""Run folders read without trust, checkpoints deleted only when they do not verify, secrets
+kept out of messages and reprs: checkpoint files written and read through the library's own
+functions on real local storage (the end-to-end cases are in test_checkpoint.py and
+test_cli.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import json
 import logging
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import mxnet as mx
@@ -18,6 +21,8 @@ import raymodule.tune
 from raymodule import CheckpointError, RunConfig, checkpoint, storage
 from raymodule.constants import Settings
 from raymodule.run import Run
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def snapshot(tmp_path, value: float = 1.0) -> dict:
@@ -189,3 +194,33 @@ def test_a_newer_checkpoint_that_verifies_is_kept_one_that_does_not_is_deleted(t
     # a Tune trial continuing from another trial's checkpoint gives up its own later ones
     checkpoint.write(run, snapshot(tmp_path), info(5), keep=5, drop_newer=True)
     assert run.folders() == ["ckpt-0000000005"]
+
+
+# -- secrets never appear --------------------------------------------------------------------
+def test_a_secret_in_a_uri_never_appears_in_errors_or_reprs(tmp_path):
+    unparseable = "s3://b/my runs?access_key=AKIA9&secret_key=XYZ123%2Bq"
+    for call in (lambda: storage.Folder(unparseable), lambda: storage.read_bytes(unparseable)):
+        with pytest.raises(ValueError, match="is not a storage location") as err:
+            call()
+        assert "XYZ123" not in str(err.value) and "secret_key=***" in str(err.value)
+
+    config = RunConfig(name="r", storage="s3://AKIA:PW@b/runs?secret_key=XYZ123&region=x")
+    assert "XYZ123" not in repr(config) and "PW" not in repr(config)
+    assert "secret_key=***" in repr(config) and "keep=2" in repr(config)
+    run = committed(tmp_path)
+    ckpt = checkpoint.read(run, "ckpt-0000000012")
+    shown = repr(checkpoint.Checkpoint(config.location + "/ckpt-1", ckpt.manifest, ckpt.files))
+    assert "XYZ123" not in shown and "epoch=1" in shown and "b'" not in shown
+
+
+def test_the_sweep_job_refuses_keys_in_its_storage_uri():
+    out = subprocess.run(
+        [sys.executable, "jobs/sweep.py", "--storage", "s3://b/sweeps?secret_key=XYZ123"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "XYZ123" not in out.stdout + out.stderr
+    assert "holds credentials (secret_key)" in out.stderr
+    assert "AWS_SECRET_ACCESS_KEY" in out.stderr
