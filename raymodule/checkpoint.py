@@ -11,15 +11,17 @@ A run folder holds::
                                                     its manifest, for people and tools
 
 A checkpoint is committed once its manifest is written (object stores make each file appear
-whole, or not at all). Readers trust only a checkpoint whose files match its manifest (see
-:mod:`raymodule.manifest` for what a reader accepts); when the newest does not, they say which
-file is wrong and use the one before. After each commit the writer deletes what the run no
-longer needs: committed checkpoints beyond ``keep``, folders without a manifest (interrupted
-writes) and folders newer than the commit (left by a run that went on from an earlier
-checkpoint) that do not verify; a newer one that verifies is kept, and said.
+whole, or not at all; on a local or network filesystem each file and its folder are synced
+before the next is written). A checkpoint whose parameters are not all finite is not committed.
+Readers trust only a checkpoint whose files match its manifest (see :mod:`raymodule.manifest`
+for what a reader accepts); when the newest does not, they say which file is wrong and use the
+one before. After each commit the writer deletes what the run no longer needs: committed
+checkpoints beyond ``keep``, folders without a manifest (interrupted writes) and folders newer
+than the commit (left by a run that went on from an earlier checkpoint) that do not verify; a
+newer one that verifies is kept, and said.
 
-:class:`CheckpointWriter` writes in a background thread while training goes on; nothing here
-imports MXNet.
+:class:`CheckpointWriter` writes in a background thread while training goes on; MXNet is
+imported only to check that parameters are finite.
 """
 
 from __future__ import annotations
@@ -131,8 +133,15 @@ def write(run: Folder, snapshot: dict, info: dict, keep: int, *, drop_newer: boo
     ``epoch``, ``batch``, ``global_step``, ``world_size`` and ``work_load_list``. A folder of
     the same name (an earlier, interrupted attempt) is replaced. ``drop_newer`` deletes the
     run's newer checkpoints even when they verify (a Tune trial continuing from another's).
+    Raises ``CheckpointError`` without writing anything when the parameters are not finite.
     """
     name = folder_name(info["global_step"])
+    bad = _not_finite(snapshot["params"])
+    if bad:
+        raise CheckpointError(
+            f"checkpoint at step {info['global_step']} not committed: parameters "
+            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} are not finite (NaN or inf)"
+        )
     files = {
         **info["files"],
         f"{MODEL}-{info['epoch']:04d}.params": snapshot["params"],
@@ -152,6 +161,18 @@ def write(run: Folder, snapshot: dict, info: dict, keep: int, *, drop_newer: boo
     except OSError as err:  # the checkpoint is committed; a later commit tidies again
         log.warning("checkpoint %s: could not delete old checkpoints: %s", name, err)
     return name
+
+
+def _not_finite(params: bytes) -> list[str]:
+    """The names of the arrays in MXNet's ``.params`` bytes that hold a NaN or infinity."""
+    import mxnet as mx
+    import numpy as np
+
+    return [
+        name
+        for name, array in mx.nd.load_frombuffer(params).items()
+        if not np.isfinite(array.asnumpy()).all()
+    ]
 
 
 def _tidy(run: Folder, committed: str, keep: int, held: dict[str, int], drop_newer: bool) -> None:
@@ -323,6 +344,9 @@ class CheckpointWriter:
         for attempt in range(1, self.attempts + 1):
             try:
                 name = write(self.run, contents, info, self.keep)
+            except CheckpointError as err:  # not to be committed: trying again changes nothing
+                self._failed(step, str(err))
+                return
             except OSError as err:
                 if attempt < self.attempts:
                     delay = self.backoff_s * 2 ** (attempt - 1)

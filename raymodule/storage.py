@@ -2,9 +2,9 @@
 
 A location is a local path (made absolute) or any URI that ``pyarrow.fs.FileSystem.from_uri``
 accepts, query options included (``s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http``).
-Local paths take the same code path as remote URIs, but for one thing pyarrow does not do: a
-local read opens only a regular file inside its folder, without blocking on a FIFO or following
-a link. Names inside a
+Local paths take the same code path as remote URIs, but for two things pyarrow does not do:
+a local write is synced (file, then folder) before it returns, and a local read opens only a
+regular file inside its folder, without blocking on a FIFO or following a link. Names inside a
 folder are plain relative names (no ``..``); reads are bounded when the caller gives a size.
 File suffixes go on a URI's path, never into its query, and URIs are redacted wherever they
 are printed, in pyarrow's messages too.
@@ -195,24 +195,37 @@ class Folder:
     def write(self, name: str, data: bytes) -> None:
         """Writes the file ``name``, creating the folders it needs. The file appears whole or
         not at all: object stores do that themselves, a local file is written aside and
-        renamed."""
+        renamed. A local file is durable when this returns (it and the folders it is in, up to
+        this one, are synced), so what is written after it never survives without it."""
         path = self._full(name)
         try:
             if isinstance(self._fs, _OBJECT_STORES):  # no folders to make: one PUT
                 with self._fs.open_output_stream(path) as out:
                     out.write(data)
                 return
-            self._fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            if not isinstance(self._fs, pafs.LocalFileSystem):
-                with self._fs.open_output_stream(path) as out:
-                    out.write(data)
+            if isinstance(self._fs, pafs.LocalFileSystem):
+                self._write_local(path, data)
                 return
-            part = f"{path}.part-{os.getpid()}-{threading.get_ident()}"
-            with self._fs.open_output_stream(part) as out:
+            self._fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            with self._fs.open_output_stream(path) as out:
                 out.write(data)
-            self._fs.move(part, path)
         except OSError as err:
             raise _failure("write", self.uri(name), err) from None
+
+    def _write_local(self, path: str, data: bytes) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        part = f"{path}.part-{os.getpid()}-{threading.get_ident()}"
+        with open(part, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(part, path)
+        folder = os.path.dirname(path)
+        while True:  # the new name, and any folder made for it, are durable too
+            _fsync_folder(folder)
+            if len(folder) <= len(self._path):
+                break
+            folder = os.path.dirname(folder)
 
     def read(self, name: str, limit: int | None = None, *, follow_links: bool = False) -> bytes:
         """The contents of the regular file ``name``, read in bounded chunks. ``limit`` bounds
@@ -352,6 +365,14 @@ def _read_chunks(read, name: str, limit: int | None, folder: Folder) -> bytes:
                 total,
                 limit,
             )
+
+
+def _fsync_folder(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _with_few_retries(fs: pafs.FileSystem) -> pafs.FileSystem:

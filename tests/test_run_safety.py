@@ -1,7 +1,7 @@
 """Run folders read without trust, checkpoints deleted only when they do not verify, secrets
-kept out of messages and reprs: checkpoint files written and read through the library's own
-functions on real local storage (the end-to-end cases are in test_checkpoint.py and
-test_cli.py)."""
+kept out of messages and reprs, commits that are durable and finite: checkpoint files written
+and read through the library's own functions on real local storage (the end-to-end cases are
+in test_checkpoint.py and test_cli.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mxnet as mx
 import pytest
+import ray
 
 import raymodule.tune
 from raymodule import CheckpointError, RunConfig, checkpoint, storage
@@ -224,3 +225,53 @@ def test_the_sweep_job_refuses_keys_in_its_storage_uri():
     assert out.returncode == 2 and "XYZ123" not in out.stdout + out.stderr
     assert "holds credentials (secret_key)" in out.stderr
     assert "AWS_SECRET_ACCESS_KEY" in out.stderr
+
+
+# -- durable, finite commits -----------------------------------------------------------------
+def test_parameters_that_are_not_finite_are_not_committed(tmp_path, monkeypatch):
+    run = storage.Folder(str(tmp_path / "r"))
+    with pytest.raises(CheckpointError, match="step 12 not committed: parameters arg:w are not"):
+        checkpoint.write(run, snapshot(tmp_path, float("nan")), info(12), keep=2)
+    assert not (tmp_path / "r").exists()
+
+    monkeypatch.setenv("RAYMODULE_CHECKPOINT_FAILURES_TOLERATED", "0")
+    writer = checkpoint.CheckpointWriter(run, 2, Settings.from_env())
+    writer.submit(ray.put(snapshot(tmp_path, float("inf"))), info(12))
+    with pytest.raises(CheckpointError, match="1 checkpoints in a row .*not finite"):
+        writer.close()
+    assert writer.failures_in_row == 1 and not (tmp_path / "r").exists()
+
+
+def test_files_and_folders_are_synced_before_the_manifest_and_the_manifest_before_latest(
+    tmp_path, monkeypatch
+):
+    """The order of what reaches the disk, seen by watching the real calls."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def watched_fsync(fd):
+        events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def watched_replace(src, dst):
+        events.append(("rename", str(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", watched_fsync)
+    monkeypatch.setattr(os, "replace", watched_replace)
+    committed(tmp_path)
+    folder = str(tmp_path / "r" / "ckpt-0000000012")
+
+    def at(kind, path):
+        return events.index((kind, path))
+
+    manifest = at("rename", f"{folder}/manifest.json")
+    for name in ("model-symbol.json", "model-0001.params", "optimizer.nd", "optimizer.json"):
+        synced = [i for i, (k, p) in enumerate(events) if k == "sync" and f"/{name}.part-" in p]
+        assert synced and synced[0] < at("rename", f"{folder}/{name}") < manifest
+    folder_synced = [i for i, e in enumerate(events) if e == ("sync", folder)]
+    latest = at("rename", str(tmp_path / "r" / "latest"))
+    assert folder_synced[0] < manifest  # the files' entries
+    assert any(manifest < i < latest for i in folder_synced)  # the manifest's own entry
+    assert ("sync", str(tmp_path / "r")) in events[latest:]  # and latest's
+    assert not [p for p in listed(tmp_path / "r") if ".part-" in p]
