@@ -34,12 +34,14 @@ import platform
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import ray
 
 from . import manifest as manifests
 from .errors import CheckpointError
+from .lease import LeaseLost
 from .manifest import FORMAT, MANIFEST
 from .storage import Folder, redact
 
@@ -126,7 +128,15 @@ class Checkpoint:
         return self.files["optimizer.nd"], json.loads(self.files["optimizer.json"])
 
 
-def write(run: Folder, snapshot: dict, info: dict, keep: int, *, drop_newer: bool = False) -> str:
+def write(
+    run: Folder,
+    snapshot: dict,
+    info: dict,
+    keep: int,
+    *,
+    drop_newer: bool = False,
+    check_owner: Callable[[], None] | None = None,
+) -> str:
     """Writes a checkpoint from a worker's ``snapshot`` and commits it; returns its name.
 
     ``info`` holds ``files`` (the module's own files, such as ``model-symbol.json``, by name),
@@ -134,7 +144,10 @@ def write(run: Folder, snapshot: dict, info: dict, keep: int, *, drop_newer: boo
     the same name (an earlier, interrupted attempt) is replaced. ``drop_newer`` deletes the
     run's newer checkpoints even when they verify (a Tune trial continuing from another's).
     Raises ``CheckpointError`` without writing anything when the parameters are not finite.
+    ``check_owner`` (a :class:`raymodule.lease.Lease`'s ``check``) is called before the first
+    write or delete, before the commit and before tidying; what it raises stops the write.
     """
+    check_owner = check_owner or (lambda: None)
     name = folder_name(info["global_step"])
     bad = _not_finite(snapshot["params"])
     if bad:
@@ -148,14 +161,17 @@ def write(run: Folder, snapshot: dict, info: dict, keep: int, *, drop_newer: boo
         "optimizer.nd": snapshot["optimizer.nd"],
         "optimizer.json": json.dumps(snapshot["optimizer"]).encode(),
     }
+    check_owner()
     held = run.sizes()  # one listing serves the replace below and the tidying after the commit
     if any(path.startswith(name + "/") for path in held):
         run.delete_folder(name)
     for file, data in files.items():
         run.write(f"{name}/{file}", data)
     made = manifests.make(files, info, snapshot["optimizer"] or {}, _versions())
+    check_owner()
     run.write(f"{name}/{MANIFEST}", json.dumps(made, indent=1).encode())
     run.write(LATEST, name.encode())
+    check_owner()
     try:
         _tidy(run, name, keep, held, drop_newer)
     except OSError as err:  # the checkpoint is committed; a later commit tidies again
@@ -269,9 +285,10 @@ class CheckpointWriter:
     raises ``CheckpointError``.
     """
 
-    def __init__(self, run: Folder, keep: int, settings):
+    def __init__(self, run: Folder, keep: int, settings, check_owner=None):
         self.run = run
         self.keep = keep
+        self.check_owner = check_owner
         self.attempts = settings.checkpoint_attempts
         self.backoff_s = settings.checkpoint_backoff_s
         self.failures_tolerated = settings.checkpoint_failures_tolerated
@@ -343,9 +360,9 @@ class CheckpointWriter:
         tic = time.monotonic()
         for attempt in range(1, self.attempts + 1):
             try:
-                name = write(self.run, contents, info, self.keep)
+                name = write(self.run, contents, info, self.keep, check_owner=self.check_owner)
             except CheckpointError as err:  # not to be committed: trying again changes nothing
-                self._failed(step, str(err))
+                self._failed(step, str(err), fatal=isinstance(err, LeaseLost))
                 return
             except OSError as err:
                 if attempt < self.attempts:
@@ -365,7 +382,7 @@ class CheckpointWriter:
                 self._committed.append({"name": name, "seconds": round(seconds, 3)})
             return
 
-    def _failed(self, step: int, why: str) -> None:
+    def _failed(self, step: int, why: str, fatal: bool = False) -> None:
         with self._cond:
             self.failures_in_row += 1
             failures = self.failures_in_row
@@ -373,7 +390,9 @@ class CheckpointWriter:
                 "checkpoint at step %d failed (%d in a row; training goes on through %d): %s",
                 step, failures, self.failures_tolerated, why,
             )  # fmt: skip
-            if failures > self.failures_tolerated:
+            if fatal:  # another run owns the folder: nothing more may be written
+                self._error = CheckpointError(why)
+            elif failures > self.failures_tolerated:
                 self._error = CheckpointError(
                     f"{failures} checkpoints in a row could not be written to {self.run}; the "
                     f"last: {why}. Check the storage (RAYMODULE_CHECKPOINT_FAILURES_TOLERATED="

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from . import checkpoint
 from .checkpoint import Checkpoint, CheckpointWriter
 from .errors import CheckpointError
+from .lease import Lease
 from .storage import Folder, is_uri, redact, with_suffix
 
 __all__ = ["RunConfig", "Run"]
@@ -102,8 +103,9 @@ class Run:
     """One ``fit`` call's run folder: where it resumes, its checkpoints and its metrics."""
 
     def __init__(self, config: RunConfig, settings, static: dict):
-        """Opens the run folder; raises before training if storage cannot be used or the
-        ``resume`` rule forbids this run. ``static`` is what every checkpoint records about
+        """Opens the run folder and takes its lease (:mod:`raymodule.lease`); raises before
+        training if storage cannot be used, another live run of the same name owns the folder,
+        or the ``resume`` rule forbids this run. ``static`` is what every checkpoint records about
         the module (``world_size``, ``work_load_list``)."""
         self.config = config
         # resolved from the storage the user gave, so an unusable one is named as given
@@ -112,10 +114,18 @@ class Run:
             self.folder.check_writable()
         except OSError as err:
             raise CheckpointError(f"cannot use the run folder {self.folder}: {err}") from None
-        self.resume_from = self._resume_point()
-        self._static = static
-        self._metrics = self._read_metrics()
-        self.writer = CheckpointWriter(self.folder, config.keep, settings)
+        self.lease = Lease(self.folder, config.name, settings.lease_ttl_s)
+        self.lease.acquire()  # before anything is read to resume from, or written
+        try:
+            self.resume_from = self._resume_point()
+            self._static = static
+            self._metrics = self._read_metrics()
+        except BaseException:
+            self.lease.release()
+            raise
+        self.writer = CheckpointWriter(
+            self.folder, config.keep, settings, check_owner=self.lease.check
+        )
 
     def _resume_point(self) -> Checkpoint | None:
         if self.config.resume == "never":
@@ -172,6 +182,7 @@ class Run:
     def _record(self, entry: dict) -> None:
         entry = dict(entry, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         self._metrics.append(json.dumps(entry))
+        self.lease.check()  # a run that lost its folder stops here, in words
         try:
             self.folder.write(METRICS, ("\n".join(self._metrics) + "\n").encode())
         except OSError as err:
@@ -205,10 +216,13 @@ class Run:
 
     def close(self, raise_failures: bool = True) -> None:
         """Waits for the checkpoint being written; raises if too many failed in a row (or only
-        logs it, when training already failed for another reason)."""
+        logs it, when training already failed for another reason), then releases the run
+        folder's lease."""
         try:
             self.writer.close()
         except CheckpointError as err:
             if raise_failures:
                 raise
             log.error("%s", err)
+        finally:
+            self.lease.release()

@@ -9,9 +9,11 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mxnet as mx
@@ -21,9 +23,11 @@ import ray
 import raymodule.tune
 from raymodule import CheckpointError, RunConfig, checkpoint, storage
 from raymodule.constants import Settings
+from raymodule.lease import LeaseLost
 from raymodule.run import Run
 
 REPO = Path(__file__).resolve().parent.parent
+STATIC = {"world_size": 1, "work_load_list": [1]}
 
 
 def snapshot(tmp_path, value: float = 1.0) -> dict:
@@ -174,7 +178,7 @@ def test_a_resumed_run_skips_metrics_lines_that_are_no_objects(tmp_path):
     lines = ['{"epoch": 0, "train": {}}', "[1, 2]", "5", '"x"', '{"epoch": 1, "train": {}}']
     run.write("metrics.jsonl", "\n".join(lines).encode())
     config = RunConfig(name="r", storage=str(tmp_path))
-    with Run(config, Settings.from_env(), {"world_size": 1, "work_load_list": [1]}) as resumed:
+    with Run(config, Settings.from_env(), STATIC) as resumed:
         assert resumed.resume_from.name == "ckpt-0000000012"
         resumed.record_epoch({"epoch": 1, "train": {}})
     epochs = [json.loads(line)["epoch"] for line in run.read("metrics.jsonl").splitlines()]
@@ -275,3 +279,87 @@ def test_files_and_folders_are_synced_before_the_manifest_and_the_manifest_befor
     assert any(manifest < i < latest for i in folder_synced)  # the manifest's own entry
     assert ("sync", str(tmp_path / "r")) in events[latest:]  # and latest's
     assert not [p for p in listed(tmp_path / "r") if ".part-" in p]
+
+
+# -- one owner per run -----------------------------------------------------------------------
+OWNER = """
+import sys
+from raymodule import RunConfig
+from raymodule.constants import Settings
+from raymodule.run import Run
+
+run = Run(RunConfig(name="r", storage=sys.argv[1]), Settings.from_env(), {"world_size": 1})
+print("owned", flush=True)
+sys.stdin.readline()
+run.close()
+print("closed", flush=True)
+"""
+
+
+def test_a_second_run_of_the_same_name_refuses_naming_the_owner(tmp_path):
+    run = committed(tmp_path)
+    config = RunConfig(name="r", storage=str(tmp_path))
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert owner.stdout.readline().strip() == "owned"
+        with pytest.raises(CheckpointError) as err:
+            Run(config, Settings.from_env(), STATIC)
+        message = str(err.value)
+        assert f"run 'r' at {run} is in use by another run (owner " in message
+        assert f"on host {socket.gethostname()!r}, pid {owner.pid}" in message
+        assert "RAYMODULE_LEASE_TTL_S=60" in message and "choose another name" in message
+        assert checkpoint.latest(run).name == "ckpt-0000000012"  # what is there still verifies
+
+        owner.stdin.write("\n")
+        owner.stdin.flush()
+        assert owner.stdout.readline().strip() == "closed"
+    finally:
+        owner.kill()
+        owner.wait(timeout=60)
+    with Run(config, Settings.from_env(), STATIC) as again:  # released: taken at once
+        assert again.resume_from.name == "ckpt-0000000012"
+    assert not run.exists("lease.json")
+
+
+def test_a_lease_whose_owner_died_is_taken_over(tmp_path, monkeypatch, caplog):
+    run = storage.Folder(str(tmp_path / "r"))
+    config = RunConfig(name="r", storage=str(tmp_path))
+    monkeypatch.setenv("RAYMODULE_LEASE_TTL_S", "30")
+    elsewhere = {"owner": "0ld", "host": "elsewhere", "pid": 1, "heartbeat": time.time()}
+    run.write("lease.json", json.dumps(elsewhere).encode())
+    with pytest.raises(CheckpointError, match="owner 0ld on host 'elsewhere', pid 1; lease re"):
+        Run(config, Settings.from_env(), STATIC)
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    for held, why in (
+        (dict(elsewhere, heartbeat=time.time() - 31), "last renewed 31 s ago"),  # the TTL passed
+        (dict(elsewhere, host=socket.gethostname(), pid=int(gone.stdout)), "process is gone"),
+    ):
+        run.write("lease.json", json.dumps(held).encode())
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="raymodule"):
+            with Run(config, Settings.from_env(), STATIC) as taken:
+                stored = json.loads(run.read("lease.json"))
+                assert stored["owner"] == taken.lease.owner["owner"] and stored["ttl_s"] == 30
+        assert "taking over from owner 0ld" in caplog.text and why in caplog.text
+
+
+def test_a_run_that_lost_its_folder_stops_and_writes_nothing(tmp_path):
+    owned = Run(RunConfig(name="r", storage=str(tmp_path)), Settings.from_env(), STATIC)
+    run = owned.folder
+    taker = {"owner": "other", "host": "elsewhere", "pid": 2, "heartbeat": time.time()}
+    run.write("lease.json", json.dumps(taker).encode())
+    files = {"model-symbol.json": b"{}"}
+    owned.checkpoint(ray.put(snapshot(tmp_path)), files, epoch=1, batch=0, global_step=12)
+    with pytest.raises(CheckpointError, match="no longer owns .*owner other on host 'elsewhere'"):
+        owned.close()
+    with pytest.raises(LeaseLost, match="stops without writing or deleting anything more"):
+        owned.record_epoch({"epoch": 0})
+    assert checkpoint.checkpoint_names(run) == [] and not run.exists("metrics.jsonl")
+    assert json.loads(run.read("lease.json"))["owner"] == "other"  # not deleted either
