@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import mxnet as mx
 import numpy as np
@@ -122,7 +123,9 @@ def _break_file(run, name: str, how: str) -> None:
 
 def test_corrupt_checkpoints_are_rejected_naming_the_file(storage_uri, caplog):
     config = RunConfig(name="c", storage=storage_uri, checkpoint_every=2, keep=3)
-    train(config, num_epoch=1)
+    # paced so that the writer keeps up and commits at least three (a checkpoint due while the
+    # one before is still being written is skipped, and S3 writes on a busy machine are slow)
+    train(config, num_epoch=1, batch_end_callback=lambda param: time.sleep(0.5))
     run = storage.Folder(storage_uri).child("c")
     names = run.folders()
     assert len(names) == 3 and names[-1] == "ckpt-0000000012"
