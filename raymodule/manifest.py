@@ -113,9 +113,9 @@ def verified_files(run: Folder, name: str, manifest: dict) -> dict[str, bytes]:
             data = run.read(f"{name}/{file}", limit=size)
         except FileNotFoundError:
             raise CheckpointError(f"{where} is missing") from None
-        except TooLarge as err:
+        except TooLarge:
             raise CheckpointError(
-                f"{where} has {err.size} bytes where the manifest says {size} (overwritten)"
+                f"{where} has more bytes than the {size} the manifest says (overwritten)"
             ) from None
         except Refused as err:
             raise CheckpointError(f"{where} is not read: {err}") from None
