@@ -11,7 +11,8 @@ not close its run leaves it to the next fit of the same process.
 
 Object stores have no compare-and-swap, so the last writer of the lease owns it: a run reads
 the lease back after taking it, at every renewal and before every checkpoint commit and
-metrics write. A run that finds another owner stops (:class:`LeaseLost`) and deletes nothing.
+metrics write. A run that finds another owner stops (:class:`LeaseLost`) and deletes nothing;
+one that finds no lease (a storage server that lost it, a hand that deleted it) takes it again.
 """
 
 from __future__ import annotations
@@ -90,11 +91,14 @@ class Lease:
         """Raises :class:`LeaseLost` unless this run still owns the folder (read now)."""
         if self._lost is None:
             held = self._read()
-            if held is None or held["owner"] != self.owner["owner"]:
-                taker = "nobody (its lease was deleted)" if held is None else _describe(held)
+            if held is None:  # lost by storage (a server restarted) or by hand: nobody else's
+                log.warning("run %r: its lease is gone from %s; taking it again", self.name,
+                            self.folder)  # fmt: skip
+                self._write()
+            elif held["owner"] != self.owner["owner"]:
                 self._lost = (
-                    f"run {self.name!r} no longer owns {self.folder}: {taker} holds it now. "
-                    "This run stops without writing or deleting anything more"
+                    f"run {self.name!r} no longer owns {self.folder}: {_describe(held)} holds it "
+                    "now. This run stops without writing or deleting anything more"
                 )
         if self._lost is not None:
             raise LeaseLost(self._lost)

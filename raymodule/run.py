@@ -182,10 +182,10 @@ class Run:
     def _record(self, entry: dict) -> None:
         entry = dict(entry, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         self._metrics.append(json.dumps(entry))
-        self.lease.check()  # a run that lost its folder stops here, in words
         try:
+            self.lease.check()  # a run that lost its folder stops here, in words
             self.folder.write(METRICS, ("\n".join(self._metrics) + "\n").encode())
-        except OSError as err:
+        except OSError as err:  # storage that fails now: the next line rewrites the file
             log.warning("could not write %s: %s", METRICS, err)
 
     def _read_metrics(self) -> list[str]:

@@ -363,3 +363,13 @@ def test_a_run_that_lost_its_folder_stops_and_writes_nothing(tmp_path):
         owned.record_epoch({"epoch": 0})
     assert checkpoint.checkpoint_names(run) == [] and not run.exists("metrics.jsonl")
     assert json.loads(run.read("lease.json"))["owner"] == "other"  # not deleted either
+
+
+def test_a_lease_lost_by_storage_is_taken_again(tmp_path):
+    with Run(RunConfig(name="r", storage=str(tmp_path)), Settings.from_env(), STATIC) as owned:
+        owned.folder.delete("lease.json")  # an object store restarted without it
+        owned.record_epoch({"epoch": 0})
+        stored = json.loads(owned.folder.read("lease.json"))
+        assert stored["owner"] == owned.lease.owner["owner"]
+        assert owned.folder.exists("metrics.jsonl")
+    assert not owned.folder.exists("lease.json")
