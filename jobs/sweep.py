@@ -47,7 +47,7 @@ from train import digits, mlp
 
 import raymodule
 import raymodule.runtime
-from raymodule.storage import is_uri, redact
+from raymodule.storage import credentials_in, is_uri, redact
 
 METRIC = "validation-accuracy"
 
@@ -131,7 +131,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="where sweeps are kept: a local path or a URI such as "
         "'s3://bucket/sweeps?endpoint_override=127.0.0.1:9000&scheme=http' (keys from the "
         "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables, which the trials' processes "
-        "need too)",
+        "need too; never in the URI, which Tune records)",
     )
     parser.add_argument(
         "--verbose",
@@ -165,6 +165,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.location = raymodule.RunConfig(name=args.name, storage=args.storage)
     except ValueError as err:
         parser.error(str(err).replace("RunConfig(", "("))
+    held = credentials_in(args.storage)
+    if held:  # Tune keeps its storage path in the experiment's state and the job's metadata
+        parser.error(
+            f"--storage {redact(args.storage)!r} holds credentials ({', '.join(held)}), which "
+            "Ray Tune would record with the sweep; give the keys in AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY (on every node) instead"
+        )
     return args
 
 

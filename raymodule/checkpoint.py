@@ -11,20 +11,22 @@ A run folder holds::
                                                     its manifest, for people and tools
 
 A checkpoint is committed once its manifest is written (object stores make each file appear
-whole, or not at all). Readers trust only a checkpoint whose files match its manifest; when the
-newest does not, they say which file is wrong and use the one before. After each commit the
-writer deletes what the run no longer needs: committed checkpoints beyond ``keep``, folders
-without a manifest (interrupted writes) and folders newer than the commit (left by a run that
-went on from an earlier checkpoint).
+whole, or not at all; on a local or network filesystem each file and its folder are synced
+before the next is written). A checkpoint whose parameters are not all finite is not committed.
+Readers trust only a checkpoint whose files match its manifest (see :mod:`raymodule.manifest`
+for what a reader accepts); when the newest does not, they say which file is wrong and use the
+one before. After each commit the writer deletes what the run no longer needs: committed
+checkpoints beyond ``keep``, folders without a manifest (interrupted writes) and folders newer
+than the commit (left by a run that went on from an earlier checkpoint) that do not verify; a
+newer one that verifies is kept, and said.
 
-:class:`CheckpointWriter` writes in a background thread while training goes on; nothing here
-imports MXNet.
+:class:`CheckpointWriter` writes in a background thread while training goes on; MXNet is
+imported only to check that parameters are finite.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -32,14 +34,20 @@ import platform
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import ray
 
+from . import manifest as manifests
 from .errors import CheckpointError
-from .storage import Folder
+from .lease import LeaseLost
+from .manifest import FORMAT, MANIFEST
+from .storage import Folder, redact
 
 __all__ = [
+    "FORMAT",
+    "MANIFEST",
     "Checkpoint",
     "CheckpointWriter",
     "checkpoint_names",
@@ -47,20 +55,26 @@ __all__ = [
     "latest",
     "latest_checkpoint",
     "read",
+    "survey",
     "write",
 ]
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
 MODEL = "model"
-MANIFEST = "manifest.json"
 LATEST = "latest"
+LATEST_MAX_BYTES = 256
+"""The largest ``latest`` pointer read (it holds one folder name)."""
 _FOLDER = re.compile(r"^ckpt-(\d{10})$")
 
 
 def folder_name(global_step: int) -> str:
     return f"ckpt-{global_step:010d}"
+
+
+def is_folder_name(name: str) -> bool:
+    """Whether ``name`` is a checkpoint folder's name (``ckpt-`` and ten digits)."""
+    return isinstance(name, str) and _FOLDER.match(name) is not None
 
 
 def checkpoint_names(run: Folder) -> list[str]:
@@ -76,6 +90,12 @@ class Checkpoint:
     """The checkpoint folder (a local path or URI)."""
     manifest: dict
     files: dict[str, bytes]
+
+    def __repr__(self) -> str:  # the location redacted, the files' bytes left out
+        return (
+            f"Checkpoint({redact(self.location)!r}, epoch={self.epoch}, batch={self.batch}, "
+            f"global_step={self.global_step}, files={sorted(self.files)})"
+        )
 
     @property
     def name(self) -> str:
@@ -108,57 +128,72 @@ class Checkpoint:
         return self.files["optimizer.nd"], json.loads(self.files["optimizer.json"])
 
 
-def write(run: Folder, snapshot: dict, info: dict, keep: int) -> str:
+def write(
+    run: Folder,
+    snapshot: dict,
+    info: dict,
+    keep: int,
+    *,
+    drop_newer: bool = False,
+    check_owner: Callable[[], None] | None = None,
+) -> str:
     """Writes a checkpoint from a worker's ``snapshot`` and commits it; returns its name.
 
     ``info`` holds ``files`` (the module's own files, such as ``model-symbol.json``, by name),
     ``epoch``, ``batch``, ``global_step``, ``world_size`` and ``work_load_list``. A folder of
-    the same name (an earlier, interrupted attempt) is replaced.
+    the same name (an earlier, interrupted attempt) is replaced. ``drop_newer`` deletes the
+    run's newer checkpoints even when they verify (a Tune trial continuing from another's).
+    Raises ``CheckpointError`` without writing anything when the parameters are not finite.
+    ``check_owner`` (a :class:`raymodule.lease.Lease`'s ``check``) is called before the first
+    write or delete, before the commit and before tidying; what it raises stops the write.
     """
+    check_owner = check_owner or (lambda: None)
     name = folder_name(info["global_step"])
+    bad = _not_finite(snapshot["params"])
+    if bad:
+        raise CheckpointError(
+            f"checkpoint at step {info['global_step']} not committed: parameters "
+            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} are not finite (NaN or inf)"
+        )
     files = {
         **info["files"],
         f"{MODEL}-{info['epoch']:04d}.params": snapshot["params"],
         "optimizer.nd": snapshot["optimizer.nd"],
         "optimizer.json": json.dumps(snapshot["optimizer"]).encode(),
     }
+    check_owner()
     held = run.sizes()  # one listing serves the replace below and the tidying after the commit
     if any(path.startswith(name + "/") for path in held):
         run.delete_folder(name)
     for file, data in files.items():
         run.write(f"{name}/{file}", data)
-    optimizer = snapshot["optimizer"] or {}
-    manifest = {
-        "format": FORMAT,
-        "files": {
-            file: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            for file, data in files.items()
-        },
-        "epoch": info["epoch"],
-        "batch": info["batch"],
-        "global_step": info["global_step"],
-        "world_size": info["world_size"],
-        "work_load_list": info["work_load_list"],
-        "optimizer": {
-            "type": optimizer.get("type"),
-            "num_update": optimizer.get("num_update"),
-            "hyperparameters": optimizer.get("hyperparameters"),
-        },
-        "versions": _versions(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    run.write(f"{name}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+    made = manifests.make(files, info, snapshot["optimizer"] or {}, _versions())
+    check_owner()
+    run.write(f"{name}/{MANIFEST}", json.dumps(made, indent=1).encode())
     run.write(LATEST, name.encode())
+    check_owner()
     try:
-        _tidy(run, name, keep, held)
+        _tidy(run, name, keep, held, drop_newer)
     except OSError as err:  # the checkpoint is committed; a later commit tidies again
         log.warning("checkpoint %s: could not delete old checkpoints: %s", name, err)
     return name
 
 
-def _tidy(run: Folder, committed: str, keep: int, held: dict[str, int]) -> None:
+def _not_finite(params: bytes) -> list[str]:
+    """The names of the arrays in MXNet's ``.params`` bytes that hold a NaN or infinity."""
+    import mxnet as mx
+    import numpy as np
+
+    return [
+        name
+        for name, array in mx.nd.load_frombuffer(params).items()
+        if not np.isfinite(array.asnumpy()).all()
+    ]
+
+
+def _tidy(run: Folder, committed: str, keep: int, held: dict[str, int], drop_newer: bool) -> None:
     """Deletes what the run folder ``held`` (before ``committed`` was written) that the run no
-    longer needs."""
+    longer needs; a newer checkpoint that verifies stays unless ``drop_newer``."""
     for name in held:  # halves of local writes that a killed process left
         if "/" not in name and ".part-" in name and f".part-{os.getpid()}-" not in name:
             run.delete(name)
@@ -169,60 +204,60 @@ def _tidy(run: Folder, committed: str, keep: int, held: dict[str, int]) -> None:
     for name in folders:
         if name == committed:
             continue
-        if name > committed or f"{name}/{MANIFEST}" not in held:
-            run.delete_folder(name)  # newer than the commit, or never committed
+        if f"{name}/{MANIFEST}" not in held:
+            run.delete_folder(name)  # never committed
+        elif name > committed:
+            if drop_newer or not _verifies(run, name):
+                run.delete_folder(name)
+            else:
+                log.warning(
+                    "checkpoint %s: not deleting %s, which is newer and verifies (another run "
+                    "may be writing to %s)", committed, name, run,
+                )  # fmt: skip
         else:
             older.append(name)
     for name in older[: max(0, len(older) - (keep - 1))]:
         run.delete_folder(name)
 
 
+def _verifies(run: Folder, name: str) -> bool:
+    try:
+        read(run, name)
+    except CheckpointError:
+        return False
+    return True
+
+
 def read(run: Folder, name: str) -> Checkpoint:
     """Reads checkpoint ``name`` and checks every file against its manifest.
 
-    Raises ``CheckpointError`` naming the file that is missing, truncated or altered.
+    Raises ``CheckpointError`` naming the file that is missing, truncated, altered, or that
+    the manifest should not name (see :mod:`raymodule.manifest`).
     """
-    where = f"{run}/{name}"
-    try:
-        manifest = json.loads(run.read(f"{name}/{MANIFEST}"))
-        listed = manifest["files"]
-        if manifest.get("format") != FORMAT:
-            raise CheckpointError(
-                f"{where}/{MANIFEST} has format {manifest.get('format')!r}; "
-                f"this raymodule reads format {FORMAT}"
-            )
-    except FileNotFoundError:
-        raise CheckpointError(f"{where} has no {MANIFEST}: it was never committed") from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{where}/{MANIFEST} is not a valid manifest: {err}") from None
-    files = {}
-    for file, expected in listed.items():
+    manifest = manifests.load(run, name)
+    return Checkpoint(run.uri(name), manifest, manifests.verified_files(run, name, manifest))
+
+
+def survey(run: Folder) -> tuple[Checkpoint | None, list[tuple[str, str]]]:
+    """The newest checkpoint of the run that verifies (or None), and the committed ones
+    newer than it that do not, each with the reason. Every checkpoint that does not verify
+    is logged with the reason, and skipped."""
+    rejected = []
+    for name in reversed(checkpoint_names(run)):
         try:
-            data = run.read(f"{name}/{file}")
-        except FileNotFoundError:
-            raise CheckpointError(f"{where}/{file} is missing") from None
-        if len(data) != expected["size"]:
-            raise CheckpointError(
-                f"{where}/{file} has {len(data)} bytes where the manifest says "
-                f"{expected['size']} (truncated or overwritten)"
-            )
-        if hashlib.sha256(data).hexdigest() != expected["sha256"]:
-            raise CheckpointError(
-                f"{where}/{file} does not match the sha256 in the manifest (corrupted)"
-            )
-        files[file] = data
-    return Checkpoint(run.uri(name), manifest, files)
+            return read(run, name), rejected
+        except manifests.Uncommitted as err:
+            log.warning("not using checkpoint %s: %s", name, err)
+        except CheckpointError as err:
+            log.warning("not using checkpoint %s: %s", name, err)
+            rejected.append((name, str(err)))
+    return None, rejected
 
 
 def latest(run: Folder) -> Checkpoint | None:
     """The newest checkpoint of the run that verifies, or None. Every newer checkpoint that
     does not verify is logged with the reason, and skipped."""
-    for name in reversed(checkpoint_names(run)):
-        try:
-            return read(run, name)
-        except CheckpointError as err:
-            log.warning("not using checkpoint %s: %s", name, err)
-    return None
+    return survey(run)[0]
 
 
 @functools.cache
@@ -250,9 +285,10 @@ class CheckpointWriter:
     raises ``CheckpointError``.
     """
 
-    def __init__(self, run: Folder, keep: int, settings):
+    def __init__(self, run: Folder, keep: int, settings, check_owner=None):
         self.run = run
         self.keep = keep
+        self.check_owner = check_owner
         self.attempts = settings.checkpoint_attempts
         self.backoff_s = settings.checkpoint_backoff_s
         self.failures_tolerated = settings.checkpoint_failures_tolerated
@@ -341,7 +377,10 @@ class CheckpointWriter:
         tic = time.monotonic()
         for attempt in range(1, self.attempts + 1):
             try:
-                name = write(self.run, contents, info, self.keep)
+                name = write(self.run, contents, info, self.keep, check_owner=self.check_owner)
+            except CheckpointError as err:  # not to be committed: trying again changes nothing
+                self._failed(step, str(err), fatal=isinstance(err, LeaseLost))
+                return
             except OSError as err:
                 if attempt < self.attempts:
                     delay = self.backoff_s * 2 ** (attempt - 1)
@@ -360,7 +399,7 @@ class CheckpointWriter:
                 self._committed.append({"name": name, "seconds": round(seconds, 3)})
             return
 
-    def _failed(self, step: int, why: str) -> None:
+    def _failed(self, step: int, why: str, fatal: bool = False) -> None:
         with self._cond:
             self.failures_in_row += 1
             failures = self.failures_in_row
@@ -368,7 +407,9 @@ class CheckpointWriter:
                 "checkpoint at step %d failed (%d in a row; training goes on through %d): %s",
                 step, failures, self.failures_tolerated, why,
             )  # fmt: skip
-            if failures > self.failures_tolerated:
+            if fatal:  # another run owns the folder: nothing more may be written
+                self._error = CheckpointError(why)
+            elif failures > self.failures_tolerated:
                 self._error = CheckpointError(
                     f"{failures} checkpoints in a row could not be written to {self.run}; the "
                     f"last: {why}. Check the storage (RAYMODULE_CHECKPOINT_FAILURES_TOLERATED="

@@ -70,6 +70,10 @@ class Settings:
     checkpoint_failures_tolerated: int = 3
     """RAYMODULE_CHECKPOINT_FAILURES_TOLERATED: failed checkpoints in a row that training goes
     on through; one more stops it."""
+    lease_ttl_s: float = 60.0
+    """RAYMODULE_LEASE_TTL_S: a run's lease on its folder not renewed for this long belongs to
+    a run that died, and another run of the same name takes it over; renewed every quarter of
+    it. Hosts' clocks must agree to well within it."""
 
     @classmethod
     def from_env(cls) -> Settings:

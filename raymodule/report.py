@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import statistics
 from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlsplit
 
 from . import checkpoint
-from .run import METRICS
-from .storage import Folder, is_uri
+from .run import METRICS, METRICS_MAX_BYTES
+from .storage import Folder, Refused, is_uri
 
 __all__ = [
     "RunRecord",
@@ -32,6 +33,8 @@ __all__ = [
     "runs_table",
     "summary",
 ]
+
+log = logging.getLogger(__name__)
 
 # metric names (MXNet's, lowercased) for which smaller is better; every other is larger-better
 _LOWER_IS_BETTER = ("loss", "entropy", "perplexity", "error", "mae", "mse", "rmse")
@@ -124,7 +127,7 @@ def load_run(location: str) -> RunRecord:
     """
     folder = Folder(location)
     try:
-        text = folder.read(METRICS).decode(errors="replace")
+        text = folder.read(METRICS, limit=METRICS_MAX_BYTES).decode(errors="replace")
     except FileNotFoundError:
         raise ValueError(_not_a_run(folder)) from None
     entries = parse_metrics(text)
@@ -272,7 +275,15 @@ def _time(entry: dict) -> datetime | None:
 def plot(run: RunRecord) -> bytes:
     """A PNG of the run: training curves (train and validation per epoch, one panel per
     metric, the best validation value starred), throughput per epoch, and the world size with
-    its membership changes. Resumed epochs are marked in each."""
+    its membership changes. Resumed epochs are marked in each. Names from the run are drawn as
+    they are written (a ``$`` in a metric's name is no formula)."""
+    from matplotlib import rc_context
+
+    with rc_context({"text.parse_math": False}):
+        return _draw(run)
+
+
+def _draw(run: RunRecord) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -434,8 +445,12 @@ def list_runs(storage: Folder) -> list[RunRow]:
             continue
         epochs = None
         if has_metrics:
-            entries = parse_metrics(run.read(METRICS).decode(errors="replace"))
-            epochs = len({e["epoch"] for e in entries if _is_epoch(e)})
+            try:
+                text = run.read(METRICS, limit=METRICS_MAX_BYTES).decode(errors="replace")
+            except Refused as err:
+                log.warning("%s", err)
+            else:
+                epochs = len({e["epoch"] for e in parse_metrics(text) if _is_epoch(e)})
         rows.append(RunRow(name, epochs, checkpoint.latest(run)))
     return rows
 

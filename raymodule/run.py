@@ -20,14 +20,17 @@ from dataclasses import dataclass
 from . import checkpoint
 from .checkpoint import Checkpoint, CheckpointWriter
 from .errors import CheckpointError, Preempted
+from .lease import Lease
 from .preemption import SigtermNotice
-from .storage import Folder, is_uri, with_suffix
+from .storage import Folder, is_uri, redact, with_suffix
 
 __all__ = ["RunConfig", "Run"]
 
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
+METRICS_MAX_BYTES = 256 * 1024**2
+"""The largest ``metrics.jsonl`` read (a line per epoch: a few hundred bytes each)."""
 _RESUME = ("auto", "never", "must")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -85,6 +88,10 @@ class RunConfig:
         if not _is_int(self.max_failures) or self.max_failures < -1:
             raise bad("max_failures", "must be an integer >= 0, or -1 for unlimited")
 
+    def __repr__(self) -> str:  # the storage redacted: a URI may hold keys
+        shown = dict(vars(self), storage=redact(self.storage))
+        return "RunConfig(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
     @property
     def location(self) -> str:
         """The run's folder, ``<storage>/<name>`` (a query stays at the end of a URI)."""
@@ -99,8 +106,9 @@ class Run:
     """One ``fit`` call's run folder: where it resumes, its checkpoints and its metrics."""
 
     def __init__(self, config: RunConfig, settings, static: dict):
-        """Opens the run folder; raises before training if storage cannot be used or the
-        ``resume`` rule forbids this run. ``static`` is what every checkpoint records about
+        """Opens the run folder and takes its lease (:mod:`raymodule.lease`); raises before
+        training if storage cannot be used, another live run of the same name owns the folder,
+        or the ``resume`` rule forbids this run. ``static`` is what every checkpoint records about
         the module (``world_size``, ``work_load_list``)."""
         self.config = config
         # resolved from the storage the user gave, so an unusable one is named as given
@@ -109,10 +117,18 @@ class Run:
             self.folder.check_writable()
         except OSError as err:
             raise CheckpointError(f"cannot use the run folder {self.folder}: {err}") from None
-        self.resume_from = self._resume_point()
-        self._static = static
-        self._metrics = self._read_metrics()
-        self.writer = CheckpointWriter(self.folder, config.keep, settings)
+        self.lease = Lease(self.folder, config.name, settings.lease_ttl_s)
+        self.lease.acquire()  # before anything is read to resume from, or written
+        try:
+            self.resume_from = self._resume_point()
+            self._static = static
+            self._metrics = self._read_metrics()
+        except BaseException:
+            self.lease.release()
+            raise
+        self.writer = CheckpointWriter(
+            self.folder, config.keep, settings, check_owner=self.lease.check
+        )
         self._sigterm = SigtermNotice()
 
     def _resume_point(self) -> Checkpoint | None:
@@ -125,11 +141,19 @@ class Run:
                     "pass resume='auto' to continue it"
                 )
             return None
-        found = checkpoint.latest(self.folder)
+        found, rejected = checkpoint.survey(self.folder)
         if found is None and self.config.resume == "must":
             raise CheckpointError(
                 f"resume='must' but run {self.config.name!r} at {self.folder} has no committed "
                 "checkpoint that verifies (see the warnings above for any that were rejected)"
+            )
+        if found is None and rejected:  # starting afresh would delete them at the first commit
+            reasons = "; ".join(f"{name}: {why}" for name, why in rejected)
+            raise CheckpointError(
+                f"run {self.config.name!r} at {self.folder} holds {len(rejected)} committed "
+                f"checkpoints and none verifies, so it neither resumes nor starts afresh over "
+                f"them ({reasons}). To start over, pass resume='never' with a new name, or "
+                "delete the run's folder by hand"
             )
         if found is not None:
             log.info(
@@ -163,24 +187,28 @@ class Run:
         entry = dict(entry, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         self._metrics.append(json.dumps(entry))
         try:
+            self.lease.check()  # a run that lost its folder stops here, in words
             self.folder.write(METRICS, ("\n".join(self._metrics) + "\n").encode())
-        except OSError as err:
+        except OSError as err:  # storage that fails now: the next line rewrites the file
             log.warning("could not write %s: %s", METRICS, err)
 
     def _read_metrics(self) -> list[str]:
         if self.resume_from is None:
             return []
         try:
-            lines = self.folder.read(METRICS).decode().splitlines()
-        except (FileNotFoundError, OSError):
+            data = self.folder.read(METRICS, limit=METRICS_MAX_BYTES)
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            log.warning("%s is not carried on: %s", METRICS, err)
             return []
         kept = []
-        for line in lines:  # epochs after the resume point are trained again
-            try:
+        for line in data.decode(errors="replace").splitlines():
+            try:  # epochs after the resume point are trained again; other lines are dropped
                 entry = json.loads(line)
                 if entry.get("epoch", entry.get("during_epoch")) < self.resume_from.epoch:
                     kept.append(line)
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, AttributeError, TypeError):
                 continue
         return kept
 
@@ -208,10 +236,12 @@ class Run:
     def close(self, raise_failures: bool = True) -> None:
         """Waits for the checkpoint being written; raises if too many failed in a row (or only
         logs it, when training already failed for another reason: then a snapshot that a
-        worker has not delivered is not waited for)."""
+        worker has not delivered is not waited for), then releases the run folder's lease."""
         try:
             self.writer.close(abandon=not raise_failures)
         except CheckpointError as err:
             if raise_failures:
                 raise
             log.error("%s", err)
+        finally:
+            self.lease.release()

@@ -2,22 +2,39 @@
 
 A location is a local path (made absolute) or any URI that ``pyarrow.fs.FileSystem.from_uri``
 accepts, query options included (``s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http``).
-Local paths take the same code path as remote URIs. File suffixes go on a URI's path, never
-into its query, and URIs are redacted wherever they are printed.
+Local paths take the same code path as remote URIs, but for two things pyarrow does not do:
+a local write is synced (file, then folder) before it returns, and a local read opens only a
+regular file inside its folder, without blocking on a FIFO or following a link. Names inside a
+folder are plain relative names (no ``..``); reads are bounded when the caller gives a size.
+File suffixes go on a URI's path, never into its query, and URIs are redacted wherever they
+are printed, in pyarrow's messages too.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import re
+import stat
 import threading
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlencode, urlsplit, urlunsplit
 
 import pyarrow
 import pyarrow.fs as pafs
 
-__all__ = ["Folder", "is_uri", "with_suffix", "redact", "read_bytes", "write_bytes"]
+__all__ = [
+    "Folder",
+    "Refused",
+    "TooLarge",
+    "credentials_in",
+    "is_uri",
+    "read_bytes",
+    "redact",
+    "unsafe_name",
+    "with_suffix",
+    "write_bytes",
+]
 
 # object stores need no folders before a write, and make each written object appear whole
 _OBJECT_STORES = tuple(
@@ -27,6 +44,8 @@ _SECRET_KEYS = re.compile(r"(secret|token|password|key|credential)", re.I)
 # tries per object-store request when a location is checked: an S3 server that is not there
 # then fails the check in a second or two
 CHECK_ATTEMPTS = 2
+# files are read this many bytes at a time, so a bound on a file's size bounds the memory used
+READ_CHUNK = 8 * 1024**2
 
 
 def is_uri(location: str) -> bool:
@@ -48,12 +67,49 @@ def redact(location: str) -> str:
     location = str(location)
     if not is_uri(location):
         return location
-    parts = urlsplit(location)
+    try:
+        parts = urlsplit(location)
+    except ValueError:  # not even a URL (a bad IPv6 host): show only its scheme
+        return location.split("://", 1)[0] + "://***"
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
     query = [(k, "***" if _SECRET_KEYS.search(k) else v) for k, v in parse_qsl(parts.query)]
     return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*:")))
+
+
+def credentials_in(location: str) -> list[str]:
+    """The parts of ``location`` that hold credentials (a user part, query keys such as
+    ``secret_key``), by name; empty for a local path or a URI without any."""
+    location = str(location)
+    if not is_uri(location):
+        return []
+    try:
+        parts = urlsplit(location)
+    except ValueError:
+        return []
+    found = ["user part"] if "@" in parts.netloc else []
+    return found + [k for k, _ in parse_qsl(parts.query) if _SECRET_KEYS.search(k)]
+
+
+def _scrub(text: str, location: str) -> str:
+    """``text`` (a library's message about ``location``) with the credentials of ``location``
+    hidden: pyarrow repeats a URI it cannot parse whole."""
+    secrets = []
+    try:
+        parts = urlsplit(location)
+        if "@" in parts.netloc:
+            secrets.append(parts.netloc.rsplit("@", 1)[0])
+        for raw in parts.query.split("&"):
+            key, _, value = raw.partition("=")
+            if value and _SECRET_KEYS.search(unquote(key)):
+                secrets += [value, unquote_plus(value)]
+    except ValueError:
+        return "(the message repeats the location, so it is not shown)"
+    text = text.replace(location, redact(location))
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def _resolve(location: str, shown: str) -> tuple[pafs.FileSystem, str]:
@@ -64,13 +120,38 @@ def _resolve(location: str, shown: str) -> tuple[pafs.FileSystem, str]:
         return pafs.FileSystem.from_uri(location)
     except (pyarrow.ArrowInvalid, ValueError) as err:
         raise ValueError(
-            f"{redact(shown)!r} is not a storage location raymodule can use: {err} "
+            f"{redact(shown)!r} is not a storage location raymodule can use: "
+            f"{_scrub(str(err), location)} "
             "(use a local path or a URI such as file://, s3://, gs:// or hdfs://)"
         ) from None
 
 
 def _failure(action: str, location: str, err: Exception) -> OSError:
-    return OSError(f"cannot {action} {redact(location)!r}: {type(err).__name__}: {err}")
+    detail = _scrub(str(err), location)
+    return OSError(f"cannot {action} {redact(location)!r}: {type(err).__name__}: {detail}")
+
+
+class Refused(OSError):
+    """A file that is not read: not a regular file inside its folder, or too large."""
+
+
+class TooLarge(Refused):
+    """A file holds more bytes than its reader allows."""
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why ``name`` is not a plain relative name inside a folder (``a/b.json``: no ``/`` at
+    the start or the end, no empty, ``.`` or ``..`` parts, no backslash or control
+    character), or None when it is one."""
+    if not isinstance(name, str) or not name:
+        return "it is not a non-empty string"
+    if any(ord(c) < 32 or c == "\\" for c in name):
+        return "it holds a backslash or a control character"
+    if name.startswith("/"):
+        return "it starts with '/'"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "it has an empty, '.' or '..' part"
+    return None
 
 
 class Folder:
@@ -100,38 +181,91 @@ class Folder:
         return Folder(self.uri(name))
 
     def _full(self, name: str) -> str:
-        return f"{self._path}/{name}" if name else self._path
+        if not name:
+            return self._path
+        why = unsafe_name(name)
+        if why is not None:
+            raise ValueError(f"{name!r} is not a plain name inside {self}: {why}")
+        return f"{self._path}/{name}"
 
     def write(self, name: str, data: bytes) -> None:
         """Writes the file ``name``, creating the folders it needs. The file appears whole or
         not at all: object stores do that themselves, a local file is written aside and
-        renamed."""
+        renamed. A local file is durable when this returns (it and the folders it is in, up to
+        this one, are synced), so what is written after it never survives without it."""
         path = self._full(name)
         try:
             if isinstance(self._fs, _OBJECT_STORES):  # no folders to make: one PUT
                 with self._fs.open_output_stream(path) as out:
                     out.write(data)
                 return
-            self._fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            if not isinstance(self._fs, pafs.LocalFileSystem):
-                with self._fs.open_output_stream(path) as out:
-                    out.write(data)
+            if isinstance(self._fs, pafs.LocalFileSystem):
+                self._write_local(path, data)
                 return
-            part = f"{path}.part-{os.getpid()}-{threading.get_ident()}"
-            with self._fs.open_output_stream(part) as out:
+            self._fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            with self._fs.open_output_stream(path) as out:
                 out.write(data)
-            self._fs.move(part, path)
         except OSError as err:
             raise _failure("write", self.uri(name), err) from None
 
-    def read(self, name: str) -> bytes:
+    def _write_local(self, path: str, data: bytes) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        part = f"{path}.part-{os.getpid()}-{threading.get_ident()}"
+        with open(part, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(part, path)
+        folder = os.path.dirname(path)
+        while True:  # the new name, and any folder made for it, are durable too
+            _fsync_folder(folder)
+            if len(folder) <= len(self._path):
+                break
+            folder = os.path.dirname(folder)
+
+    def read(self, name: str, limit: int | None = None, *, follow_links: bool = False) -> bytes:
+        """The contents of the regular file ``name``, read in bounded chunks. ``limit`` bounds
+        its size: a larger file raises :class:`TooLarge` before it is read. Anything but a
+        regular file inside this folder (a device, a FIFO, a symbolic link unless
+        ``follow_links``) raises :class:`Refused` without being opened for reading."""
+        path = self._full(name)
         try:
-            with self._fs.open_input_stream(self._full(name)) as source:
-                return source.read()
+            if isinstance(self._fs, pafs.LocalFileSystem):
+                return self._read_local(name, path, limit, follow_links)
+            # an object store holds no links, devices or FIFOs: the chunks alone bound the read
+            with self._fs.open_input_stream(path) as source:
+                return _read_chunks(source.read, name, limit, self)
         except FileNotFoundError:
             raise FileNotFoundError(f"no file at {redact(self.uri(name))!r}") from None
+        except Refused:
+            raise
         except OSError as err:
             raise _failure("read", self.uri(name), err) from None
+
+    def _read_local(self, name: str, path: str, limit: int | None, follow_links: bool) -> bytes:
+        inside = os.path.realpath(self._path) + os.sep
+        real = os.path.realpath(os.path.dirname(path)) + os.sep
+        if not follow_links and not real.startswith(inside):
+            raise Refused(f"{redact(self.uri(name))!r} is not inside {self}")
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO does not block the open
+        try:
+            fd = os.open(path, flags if follow_links else flags | os.O_NOFOLLOW)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise Refused(f"{redact(self.uri(name))!r} is a symbolic link") from None
+            raise
+        with os.fdopen(fd, "rb", buffering=0) as source:
+            info = os.fstat(source.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise Refused(f"{redact(self.uri(name))!r} is not a regular file")
+            self._check_size(name, info.st_size, limit)
+            return _read_chunks(source.read, name, limit, self)
+
+    def _check_size(self, name: str, size: int, limit: int | None) -> None:
+        if limit is not None and size > limit:
+            raise TooLarge(
+                f"{redact(self.uri(name))!r} holds {size} bytes, more than the {limit} allowed"
+            )
 
     def sizes(self, name: str = "") -> dict[str, int]:
         """Every file under ``name``, by its name relative to that folder, with its size;
@@ -205,6 +339,29 @@ class Folder:
         quick.delete(probe)
 
 
+def _read_chunks(read, name: str, limit: int | None, folder: Folder) -> bytes:
+    """All that ``read(n)`` gives until the end, but no more than ``limit`` bytes."""
+    chunks, total = [], 0
+    while True:
+        chunk = read(READ_CHUNK if limit is None else min(READ_CHUNK, limit - total + 1))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if limit is not None and total > limit:
+            raise TooLarge(
+                f"{redact(folder.uri(name))!r} holds more than the {limit} bytes allowed"
+            )
+
+
+def _fsync_folder(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _with_few_retries(fs: pafs.FileSystem) -> pafs.FileSystem:
     """``fs`` itself, or for S3 the same filesystem (endpoint, region, keys, options) trying
     each request at most :data:`CHECK_ATTEMPTS` times."""
@@ -232,6 +389,6 @@ def write_bytes(location: str, data: bytes) -> None:
 
 
 def read_bytes(location: str) -> bytes:
-    """The contents of the file at ``location``."""
+    """The contents of the file at ``location`` (which the caller names: links are followed)."""
     folder, name = _split_file(location)
-    return folder.read(name)
+    return folder.read(name, follow_links=True)

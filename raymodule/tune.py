@@ -59,11 +59,11 @@ from urllib.parse import urlencode
 
 import ray
 
-from . import checkpoint, runtime
+from . import checkpoint, manifest, runtime
 from .constants import Settings
 from .errors import CheckpointError, PlacementError
 from .run import RunConfig
-from .storage import Folder, redact, with_suffix
+from .storage import Folder, redact, unsafe_name, with_suffix
 
 __all__ = ["with_workers", "workers", "report_callback", "ReportCallback", "run_config"]
 
@@ -73,6 +73,7 @@ RUNS = "raymodule_runs"
 """The folder of the trials' runs in a Tune experiment."""
 SOURCE = "raymodule-source.json"
 """The file in a Tune checkpoint that says which run checkpoint it copies (not part of it)."""
+SOURCE_MAX_BYTES = 64 * 1024
 COMMIT_WAIT_S = 300.0
 """How long a report waits for the epoch's run checkpoint to be committed before it reports
 the metrics without a checkpoint (the writer retries failed writes meanwhile)."""
@@ -353,8 +354,8 @@ def _uri(scheme: str, path: str, query: dict) -> str:
 
 def _adopt(restore, run: RunConfig) -> dict:
     """Verifies the Tune checkpoint ``restore`` and commits it into ``run`` as its newest
-    checkpoint (checkpoint.write drops the run's later ones), for ``fit`` to resume from.
-    Returns where it came from: the trial and run checkpoint that took it, its epoch."""
+    checkpoint (dropping the run's later ones, which the trial gives up), for ``fit`` to resume
+    from. Returns where it came from: the trial and run checkpoint that took it, its epoch."""
     with restore.as_directory() as local:
         local = local.rstrip("/")
         try:
@@ -364,7 +365,7 @@ def _adopt(restore, run: RunConfig) -> dict:
                 f"the checkpoint Tune restores this trial from is not a raymodule run "
                 f"checkpoint ({err}); report with raymodule.tune.report_callback()"
             ) from None
-        source = _read_json(os.path.join(local, SOURCE))
+        source = _read_source(Folder(local))
     params = f"{checkpoint.MODEL}-{ckpt.epoch:04d}.params"
     arrays, description = ckpt.optimizer()
     snapshot = {"params": ckpt.params_file(), "optimizer.nd": arrays, "optimizer": description}
@@ -381,7 +382,7 @@ def _adopt(restore, run: RunConfig) -> dict:
     folder = Folder(run.location)
     try:
         folder.check_writable()
-        name = checkpoint.write(folder, snapshot, info, run.keep)
+        name = checkpoint.write(folder, snapshot, info, run.keep, drop_newer=True)
     except OSError as err:
         raise CheckpointError(f"cannot restore the trial's run at {folder}: {err}") from None
     origin = {
@@ -400,12 +401,13 @@ def _adopt(restore, run: RunConfig) -> dict:
     return origin
 
 
-def _read_json(path: str) -> dict:
+def _read_source(folder: Folder) -> dict:
+    """The :data:`SOURCE` of a Tune checkpoint, or ``{}`` when it has none that reads."""
     try:
-        with open(path) as source:
-            return json.load(source)
+        source = json.loads(folder.read(SOURCE, limit=SOURCE_MAX_BYTES))
     except (OSError, ValueError):
         return {}
+    return source if isinstance(source, dict) else {}
 
 
 # -- reports ----------------------------------------------------------------------------------
@@ -534,17 +536,15 @@ def _send(epoch: int, metrics: dict, run: RunConfig | None, warn_once) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="raymodule-tune-") as local:
         for name, data in ckpt.files.items():
-            _write(os.path.join(local, name), data)
-        _write(
-            os.path.join(local, checkpoint.MANIFEST), json.dumps(ckpt.manifest, indent=1).encode()
-        )
+            _write(local, name, data)
+        _write(local, checkpoint.MANIFEST, json.dumps(ckpt.manifest, indent=1).encode())
         source = {
             "trial_id": tune.get_context().get_trial_id(),
             "run": redact(run.location),
             "checkpoint": ckpt.name,
             "restored_from": _Trial.restored_from,
         }
-        _write(os.path.join(local, SOURCE), json.dumps(source).encode())
+        _write(local, SOURCE, json.dumps(source).encode())
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(local))
 
 
@@ -555,22 +555,32 @@ def _await_epoch_checkpoint(folder: Folder, epoch: int) -> checkpoint.Checkpoint
     seen = None
     while time.monotonic() < deadline:
         try:
-            name = folder.read(checkpoint.LATEST).decode().strip()
-        except (FileNotFoundError, OSError):
+            name = folder.read(checkpoint.LATEST, limit=checkpoint.LATEST_MAX_BYTES)
+            name = name.decode().strip()
+        except (OSError, ValueError):
             name = None
         if name and name != seen:
             seen = name
             try:
-                manifest = json.loads(folder.read(f"{name}/{checkpoint.MANIFEST}"))
-                if manifest.get("epoch") == epoch and manifest.get("batch") == 0:
+                if not checkpoint.is_folder_name(name):
+                    raise CheckpointError(f"{folder}/{checkpoint.LATEST} names no checkpoint")
+                found = manifest.load(folder, name)
+                if found["epoch"] == epoch and found["batch"] == 0:
                     return checkpoint.read(folder, name)
-            except (OSError, ValueError, CheckpointError) as err:
-                log.warning("report_callback(): cannot read checkpoint %s: %s", name, err)
+            except (OSError, CheckpointError) as err:
+                log.warning("report_callback(): cannot read checkpoint %r: %s", name, err)
         time.sleep(_POLL_S)
     return None
 
 
-def _write(path: str, data: bytes) -> None:
+def _write(folder: str, name: str, data: bytes) -> None:
+    """Writes the file ``name`` (a plain name, as a manifest gives) inside the local
+    ``folder``, never outside it."""
+    why = unsafe_name(name)
+    if why is not None:
+        raise CheckpointError(f"not writing {name!r} into {folder}: {why}")
+    path = os.path.join(folder, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as out:
         out.write(data)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import mxnet as mx
 import numpy as np
@@ -122,7 +123,9 @@ def _break_file(run, name: str, how: str) -> None:
 
 def test_corrupt_checkpoints_are_rejected_naming_the_file(storage_uri, caplog):
     config = RunConfig(name="c", storage=storage_uri, checkpoint_every=2, keep=3)
-    train(config, num_epoch=1)
+    # paced so that the writer keeps up and commits at least three (a checkpoint due while the
+    # one before is still being written is skipped, and S3 writes on a busy machine are slow)
+    train(config, num_epoch=1, batch_end_callback=lambda param: time.sleep(0.5))
     run = storage.Folder(storage_uri).child("c")
     names = run.folders()
     assert len(names) == 3 and names[-1] == "ckpt-0000000012"
@@ -226,3 +229,23 @@ def test_optimizer_state_survives_json_and_ndarrays_exactly():
             copy([0, 1], [g.copy() for g in grads], mirrored)
         for a, b in zip(weights, mirrored):
             np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
+
+
+def test_auto_never_starts_over_checkpoints_that_do_not_verify(tmp_path):
+    config = RunConfig(name="r", storage=str(tmp_path), checkpoint_every=6)
+    train(config, num_epoch=1)
+    run = storage.Folder(str(tmp_path)).child("r")
+    names = run.folders()
+    assert names == ["ckpt-0000000006", "ckpt-0000000012"]
+    _break_file(run, f"{names[0]}/optimizer.nd", "flip")
+    _break_file(run, f"{names[1]}/model-0001.params", "truncate")
+    before = {name: run.read(name) for name in run.sizes()}
+
+    with pytest.raises(CheckpointError) as err:
+        train(config, num_epoch=1)
+    message = str(err.value)
+    assert "holds 2 committed checkpoints and none verifies" in message
+    assert f"{names[0]}/optimizer.nd does not match the sha256" in message
+    assert f"{names[1]}/model-0001.params has" in message
+    assert "resume='never' with a new name, or delete the run's folder by hand" in message
+    assert {name: run.read(name) for name in run.sizes()} == before  # metrics.jsonl too

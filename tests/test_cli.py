@@ -3,6 +3,7 @@ user runs them (the installed console script, in a subprocess)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -186,6 +187,50 @@ def test_bad_input_exits_2_with_the_reason_in_words(storage_dir, s3, tmp_path):
     denied = fails("runs", s3.uri("x"), env={"AWS_SECRET_ACCESS_KEY": "wrong-secret-key"})
     assert "s3://raymodule-test/x?" in denied and "wrong-secret-key" not in denied
     assert cli("report").returncode == 2  # argparse: RUN_DIR missing
+
+
+def test_crafted_run_folders_are_read_without_trust(tmp_path):
+    """Manifests naming a file outside their folder, a link, a FIFO, or files as a list; lines
+    of metrics.jsonl that are no objects; a `$` in a metric's name: `runs` and `report` read
+    nothing outside the run, never hang, say what they skipped and go on."""
+    root = tmp_path / "crafted"
+    run = root / "evil"
+    secret = b"outside the run"
+    root.mkdir()
+    (root / "secret.txt").write_bytes(secret)
+    entry = {"size": len(secret), "sha256": hashlib.sha256(secret).hexdigest()}
+
+    def checkpoint_with(step: int, files) -> str:
+        folder = run / f"ckpt-{step:010d}"
+        folder.mkdir(parents=True)
+        manifest = {"format": 1, "epoch": 1, "batch": 0, "global_step": step, "files": files}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        return str(folder)
+
+    checkpoint_with(1, ["model-symbol.json"])
+    checkpoint_with(2, {"../../secret.txt": entry})
+    os.mkfifo(os.path.join(checkpoint_with(3, {"pipe": entry}), "pipe"))
+    os.symlink(root / "secret.txt", os.path.join(checkpoint_with(4, {"link": entry}), "link"))
+    epoch = {"epoch": 0, "global_step": 4, "train": {"a$b": 0.5}, "world_size": 1}
+    (run / "metrics.jsonl").write_text("\n".join([json.dumps(epoch), "[1, 2]", "5", '"x"']))
+
+    out = cli("runs", str(root))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[2].split() == ["evil", "1", "no", "committed", "checkpoint"]
+    for why in (
+        "ckpt-0000000004/link is not read: ",
+        "ckpt-0000000003/pipe is not read: ",
+        "it names the file '../../secret.txt', which is not a plain name",
+        "'files' is a list, not an object",
+    ):
+        assert why in out.stderr, out.stderr
+
+    out = cli("report", str(run))
+    assert out.returncode == 0, out.stderr
+    assert field(out.stdout, "final train") == "a$b=0.5"
+    assert field(out.stdout, "latest checkpoint") == "no committed checkpoint that verifies"
+    assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Traceback" not in out.stderr
 
 
 def test_help_explains_the_commands_and_python_m_works_too():

@@ -1,0 +1,375 @@
+"""Run folders read without trust, checkpoints deleted only when they do not verify, secrets
+kept out of messages and reprs, commits that are durable and finite: checkpoint files written
+and read through the library's own functions on real local storage (the end-to-end cases are
+in test_checkpoint.py and test_cli.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mxnet as mx
+import pytest
+import ray
+
+import raymodule.tune
+from raymodule import CheckpointError, RunConfig, checkpoint, storage
+from raymodule.constants import Settings
+from raymodule.lease import LeaseLost
+from raymodule.run import Run
+
+REPO = Path(__file__).resolve().parent.parent
+STATIC = {"world_size": 1, "work_load_list": [1]}
+
+
+def snapshot(tmp_path, value: float = 1.0) -> dict:
+    """A worker's snapshot as the writer gets it: MXNet's ``.params`` bytes and the optimizer."""
+    path = tmp_path / "snapshot.params"
+    mx.nd.save(str(path), {"arg:w": mx.nd.full((2, 3), value), "aux:m": mx.nd.zeros((3,))})
+    return {"params": path.read_bytes(), "optimizer.nd": b"", "optimizer": {"type": "SGD"}}
+
+
+def info(step: int, epoch: int = 1) -> dict:
+    return {
+        "files": {"model-symbol.json": b"{}"},
+        "epoch": epoch,
+        "batch": 0,
+        "global_step": step,
+        "world_size": 1,
+        "work_load_list": [1],
+    }
+
+
+def committed(tmp_path, step: int = 12, name: str = "r") -> storage.Folder:
+    """A run folder holding one committed checkpoint at ``step``."""
+    run = storage.Folder(str(tmp_path / name))
+    checkpoint.write(run, snapshot(tmp_path), info(step), keep=5)
+    return run
+
+
+def edit_manifest(run: storage.Folder, name: str, change) -> None:
+    manifest = json.loads(run.read(f"{name}/manifest.json"))
+    run.write(f"{name}/manifest.json", json.dumps(change(manifest)).encode())
+
+
+def listed(path: Path) -> dict:
+    """Every file under ``path`` with its size, as a user would see it."""
+    return {
+        str(p.relative_to(path)): p.lstat().st_size for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+# -- readers trust nothing in a run folder ---------------------------------------------------
+@pytest.mark.parametrize(
+    "name", ["../../outside.txt", "/etc/hostname", "a//b", "./x", "a\\..\\..\\b", "", "x/"]
+)
+def test_manifest_names_that_are_not_plain_are_rejected_naming_them(tmp_path, name):
+    run = committed(tmp_path)
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"not the run's")
+    entry = {"size": outside.stat().st_size, "sha256": hashlib.sha256(b"not the run's").hexdigest()}
+    edit_manifest(run, "ckpt-0000000012", lambda m: {**m, "files": {**m["files"], name: entry}})
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.read(run, "ckpt-0000000012")
+    assert f"it names the file {name!r}, which is not a plain name" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda m: {**m, "files": list(m["files"])}, "'files' is a list, not an object"),
+        (
+            lambda m: {**m, "files": {**m["files"], "model-symbol.json": "x"}},
+            "the entry of 'model-symbol.json' is a str, not an object",
+        ),
+        (
+            lambda m: {**m, "files": {"model-symbol.json": {"size": "2", "sha256": "0" * 64}}},
+            "the size of 'model-symbol.json' is '2'",
+        ),
+        (lambda m: [m], "it holds a list, not an object"),
+        (lambda m: {**m, "epoch": None}, "'epoch' is None"),
+    ],
+)
+def test_malformed_manifests_are_rejected_in_words_and_the_one_before_is_used(
+    tmp_path, change, problem
+):
+    run = committed(tmp_path, step=6)
+    checkpoint.write(run, snapshot(tmp_path), info(12), keep=5)
+    edit_manifest(run, "ckpt-0000000012", change)
+    with pytest.raises(CheckpointError, match="ckpt-0000000012/manifest.json is not a valid"):
+        checkpoint.read(run, "ckpt-0000000012")
+    found, rejected = checkpoint.survey(run)
+    assert found.name == "ckpt-0000000006"
+    assert [name for name, _ in rejected] == ["ckpt-0000000012"] and problem in rejected[0][1]
+
+
+@pytest.mark.timeout(60)  # a FIFO opened for reading waits for a writer: the old hang
+def test_files_that_are_no_regular_files_in_the_folder_are_never_opened(tmp_path):
+    run = committed(tmp_path)
+    ckpt = tmp_path / "r" / "ckpt-0000000012"
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"{}")  # what model-symbol.json holds: the hashes match
+    for make in (os.mkfifo, lambda path: os.symlink(secret, path)):
+        (ckpt / "model-symbol.json").unlink()
+        make(ckpt / "model-symbol.json")
+        with pytest.raises(
+            CheckpointError, match="model-symbol.json is not read: .*(regular|link)"
+        ):
+            checkpoint.read(run, "ckpt-0000000012")
+
+    # a checkpoint folder that is a link out of the run is not read either
+    elsewhere = committed(tmp_path, name="elsewhere")
+    os.symlink(tmp_path / "elsewhere" / "ckpt-0000000012", tmp_path / "r" / "ckpt-0000000020")
+    with pytest.raises(
+        CheckpointError, match="ckpt-0000000020/manifest.json is not read: .*not inside"
+    ):
+        checkpoint.read(run, "ckpt-0000000020")
+    assert checkpoint.latest(elsewhere).name == "ckpt-0000000012"
+
+    # a device, and a file larger than its reader allows, are refused before a byte is read
+    os.symlink("/dev/zero", tmp_path / "r" / "zero")
+    os.mknod(tmp_path / "r" / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null
+    for name in ("zero", "null"):
+        with pytest.raises(storage.Refused, match=f"{name}' is (a symbolic link|not a regular)"):
+            run.read(name, limit=10)
+    with pytest.raises(storage.TooLarge, match="latest' holds 15 bytes, more than the 2 allowed"):
+        run.read("latest", limit=2)
+
+
+def test_the_latest_pointer_must_name_a_checkpoint_folder(tmp_path, monkeypatch):
+    committed(tmp_path, name="other")  # epoch 1, at the epoch's end: what a report waits for
+    run = storage.Folder(str(tmp_path / "r"))
+    run.write("latest", b"../other/ckpt-0000000012")
+    monkeypatch.setattr(raymodule.tune, "COMMIT_WAIT_S", 0.3)
+    assert raymodule.tune._await_epoch_checkpoint(run, 1) is None
+
+
+def test_a_tune_restore_from_a_crafted_checkpoint_writes_nothing(tmp_path):
+    from ray import tune
+
+    source = committed(tmp_path, name="a/b/trial")
+    data = b"escaped"
+    (tmp_path / "a" / "escaped").write_bytes(data)
+    entry = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    name = "../../../escaped"  # from the checkpoint: a/escaped; from the adopting run: ./escaped
+    edit_manifest(source, "ckpt-0000000012", lambda m: {**m, "files": {**m["files"], name: entry}})
+    restore = tune.Checkpoint.from_directory(str(tmp_path / "a/b/trial/ckpt-0000000012"))
+    run = RunConfig(name="adopter", storage=str(tmp_path / "runs"))
+    with pytest.raises(
+        CheckpointError, match="not a raymodule run checkpoint .*'../../../escaped'"
+    ):
+        raymodule.tune._adopt(restore, run)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "escaped").exists()
+    with pytest.raises(CheckpointError, match="not writing '../x' into"):
+        raymodule.tune._write(str(tmp_path / "local"), "../x", b"")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_resumed_run_skips_metrics_lines_that_are_no_objects(tmp_path):
+    run = committed(tmp_path, step=12)  # epoch 1 done
+    lines = ['{"epoch": 0, "train": {}}', "[1, 2]", "5", '"x"', '{"epoch": 1, "train": {}}']
+    run.write("metrics.jsonl", "\n".join(lines).encode())
+    config = RunConfig(name="r", storage=str(tmp_path))
+    with Run(config, Settings.from_env(), STATIC) as resumed:
+        assert resumed.resume_from.name == "ckpt-0000000012"
+        resumed.record_epoch({"epoch": 1, "train": {}})
+    epochs = [json.loads(line)["epoch"] for line in run.read("metrics.jsonl").splitlines()]
+    assert epochs == [0, 1]
+
+
+# -- delete only what does not verify --------------------------------------------------------
+def test_a_newer_checkpoint_that_verifies_is_kept_one_that_does_not_is_deleted(tmp_path, caplog):
+    run = committed(tmp_path, step=20)
+    checkpoint.write(run, snapshot(tmp_path), info(30), keep=5)
+    broken = "ckpt-0000000030/model-0001.params"
+    run.write(broken, run.read(broken)[:-1])
+    with caplog.at_level(logging.WARNING, logger="raymodule"):
+        checkpoint.write(run, snapshot(tmp_path), info(10), keep=5)  # went on from before them
+    assert run.folders() == ["ckpt-0000000010", "ckpt-0000000020"]
+    assert "not deleting ckpt-0000000020, which is newer and verifies" in caplog.text
+
+    # a Tune trial continuing from another trial's checkpoint gives up its own later ones
+    checkpoint.write(run, snapshot(tmp_path), info(5), keep=5, drop_newer=True)
+    assert run.folders() == ["ckpt-0000000005"]
+
+
+# -- secrets never appear --------------------------------------------------------------------
+def test_a_secret_in_a_uri_never_appears_in_errors_or_reprs(tmp_path):
+    unparseable = "s3://b/my runs?access_key=AKIA9&secret_key=XYZ123%2Bq"
+    for call in (lambda: storage.Folder(unparseable), lambda: storage.read_bytes(unparseable)):
+        with pytest.raises(ValueError, match="is not a storage location") as err:
+            call()
+        assert "XYZ123" not in str(err.value) and "secret_key=***" in str(err.value)
+
+    config = RunConfig(name="r", storage="s3://AKIA:PW@b/runs?secret_key=XYZ123&region=x")
+    assert "XYZ123" not in repr(config) and "PW" not in repr(config)
+    assert "secret_key=***" in repr(config) and "keep=2" in repr(config)
+    run = committed(tmp_path)
+    ckpt = checkpoint.read(run, "ckpt-0000000012")
+    shown = repr(checkpoint.Checkpoint(config.location + "/ckpt-1", ckpt.manifest, ckpt.files))
+    assert "XYZ123" not in shown and "epoch=1" in shown and "b'" not in shown
+
+
+def test_the_sweep_job_refuses_keys_in_its_storage_uri():
+    out = subprocess.run(
+        [sys.executable, "jobs/sweep.py", "--storage", "s3://b/sweeps?secret_key=XYZ123"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "XYZ123" not in out.stdout + out.stderr
+    assert "holds credentials (secret_key)" in out.stderr
+    assert "AWS_SECRET_ACCESS_KEY" in out.stderr
+
+
+# -- durable, finite commits -----------------------------------------------------------------
+def test_parameters_that_are_not_finite_are_not_committed(tmp_path, monkeypatch):
+    run = storage.Folder(str(tmp_path / "r"))
+    with pytest.raises(CheckpointError, match="step 12 not committed: parameters arg:w are not"):
+        checkpoint.write(run, snapshot(tmp_path, float("nan")), info(12), keep=2)
+    assert not (tmp_path / "r").exists()
+
+    monkeypatch.setenv("RAYMODULE_CHECKPOINT_FAILURES_TOLERATED", "0")
+    writer = checkpoint.CheckpointWriter(run, 2, Settings.from_env())
+    writer.submit(ray.put(snapshot(tmp_path, float("inf"))), info(12))
+    with pytest.raises(CheckpointError, match="1 checkpoints in a row .*not finite"):
+        writer.close()
+    assert writer.failures_in_row == 1 and not (tmp_path / "r").exists()
+
+
+def test_files_and_folders_are_synced_before_the_manifest_and_the_manifest_before_latest(
+    tmp_path, monkeypatch
+):
+    """The order of what reaches the disk, seen by watching the real calls."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def watched_fsync(fd):
+        events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def watched_replace(src, dst):
+        events.append(("rename", str(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", watched_fsync)
+    monkeypatch.setattr(os, "replace", watched_replace)
+    committed(tmp_path)
+    folder = str(tmp_path / "r" / "ckpt-0000000012")
+
+    def at(kind, path):
+        return events.index((kind, path))
+
+    manifest = at("rename", f"{folder}/manifest.json")
+    for name in ("model-symbol.json", "model-0001.params", "optimizer.nd", "optimizer.json"):
+        synced = [i for i, (k, p) in enumerate(events) if k == "sync" and f"/{name}.part-" in p]
+        assert synced and synced[0] < at("rename", f"{folder}/{name}") < manifest
+    folder_synced = [i for i, e in enumerate(events) if e == ("sync", folder)]
+    latest = at("rename", str(tmp_path / "r" / "latest"))
+    assert folder_synced[0] < manifest  # the files' entries
+    assert any(manifest < i < latest for i in folder_synced)  # the manifest's own entry
+    assert ("sync", str(tmp_path / "r")) in events[latest:]  # and latest's
+    assert not [p for p in listed(tmp_path / "r") if ".part-" in p]
+
+
+# -- one owner per run -----------------------------------------------------------------------
+OWNER = """
+import sys
+from raymodule import RunConfig
+from raymodule.constants import Settings
+from raymodule.run import Run
+
+run = Run(RunConfig(name="r", storage=sys.argv[1]), Settings.from_env(), {"world_size": 1})
+print("owned", flush=True)
+sys.stdin.readline()
+run.close()
+print("closed", flush=True)
+"""
+
+
+def test_a_second_run_of_the_same_name_refuses_naming_the_owner(tmp_path):
+    run = committed(tmp_path)
+    config = RunConfig(name="r", storage=str(tmp_path))
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert owner.stdout.readline().strip() == "owned"
+        with pytest.raises(CheckpointError) as err:
+            Run(config, Settings.from_env(), STATIC)
+        message = str(err.value)
+        assert f"run 'r' at {run} is in use by another run (owner " in message
+        assert f"on host {socket.gethostname()!r}, pid {owner.pid}" in message
+        assert "RAYMODULE_LEASE_TTL_S=60" in message and "choose another name" in message
+        assert checkpoint.latest(run).name == "ckpt-0000000012"  # what is there still verifies
+
+        owner.stdin.write("\n")
+        owner.stdin.flush()
+        assert owner.stdout.readline().strip() == "closed"
+    finally:
+        owner.kill()
+        owner.wait(timeout=60)
+    with Run(config, Settings.from_env(), STATIC) as again:  # released: taken at once
+        assert again.resume_from.name == "ckpt-0000000012"
+    assert not run.exists("lease.json")
+
+
+def test_a_lease_whose_owner_died_is_taken_over(tmp_path, monkeypatch, caplog):
+    run = storage.Folder(str(tmp_path / "r"))
+    config = RunConfig(name="r", storage=str(tmp_path))
+    monkeypatch.setenv("RAYMODULE_LEASE_TTL_S", "30")
+    elsewhere = {"owner": "0ld", "host": "elsewhere", "pid": 1, "heartbeat": time.time()}
+    run.write("lease.json", json.dumps(elsewhere).encode())
+    with pytest.raises(CheckpointError, match="owner 0ld on host 'elsewhere', pid 1; lease re"):
+        Run(config, Settings.from_env(), STATIC)
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    for held, why in (
+        (dict(elsewhere, heartbeat=time.time() - 31), "last renewed 31 s ago"),  # the TTL passed
+        (dict(elsewhere, host=socket.gethostname(), pid=int(gone.stdout)), "process is gone"),
+    ):
+        run.write("lease.json", json.dumps(held).encode())
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="raymodule"):
+            with Run(config, Settings.from_env(), STATIC) as taken:
+                stored = json.loads(run.read("lease.json"))
+                assert stored["owner"] == taken.lease.owner["owner"] and stored["ttl_s"] == 30
+        assert "taking over from owner 0ld" in caplog.text and why in caplog.text
+
+
+def test_a_run_that_lost_its_folder_stops_and_writes_nothing(tmp_path):
+    owned = Run(RunConfig(name="r", storage=str(tmp_path)), Settings.from_env(), STATIC)
+    run = owned.folder
+    taker = {"owner": "other", "host": "elsewhere", "pid": 2, "heartbeat": time.time()}
+    run.write("lease.json", json.dumps(taker).encode())
+    files = {"model-symbol.json": b"{}"}
+    owned.checkpoint(ray.put(snapshot(tmp_path)), files, epoch=1, batch=0, global_step=12)
+    with pytest.raises(CheckpointError, match="no longer owns .*owner other on host 'elsewhere'"):
+        owned.close()
+    with pytest.raises(LeaseLost, match="stops without writing or deleting anything more"):
+        owned.record_epoch({"epoch": 0})
+    assert checkpoint.checkpoint_names(run) == [] and not run.exists("metrics.jsonl")
+    assert json.loads(run.read("lease.json"))["owner"] == "other"  # not deleted either
+
+
+def test_a_lease_lost_by_storage_is_taken_again(tmp_path):
+    with Run(RunConfig(name="r", storage=str(tmp_path)), Settings.from_env(), STATIC) as owned:
+        owned.folder.delete("lease.json")  # an object store restarted without it
+        owned.record_epoch({"epoch": 0})
+        stored = json.loads(owned.folder.read("lease.json"))
+        assert stored["owner"] == owned.lease.owner["owner"]
+        assert owned.folder.exists("metrics.jsonl")
+    assert not owned.folder.exists("lease.json")
