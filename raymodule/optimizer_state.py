@@ -77,9 +77,16 @@ def capture(updater: mx.optimizer.Updater) -> tuple[dict[str, mx.nd.NDArray], di
     return arrays, description
 
 
-def restore(updater: mx.optimizer.Updater, arrays: dict, description: dict) -> None:
+def restore(
+    updater: mx.optimizer.Updater, arrays: dict, description: dict, device_id: int | None = None
+) -> None:
     """Puts a state captured by :func:`capture` into ``updater`` (whose optimizer was created
-    by the resuming ``fit``); the arrays move to the weights' device at the next update."""
+    by the resuming ``fit``); the arrays move to the weights' device at the next update.
+
+    MXNet counts updates per device id. A worker's replica has one device, but its id is the
+    module's context's (``cpu(i)``), which need not be the id of the replica the state was
+    captured from: with ``device_id``, the captured counts become that device's, or the
+    optimizer would count from the start again (a learning-rate schedule would restart)."""
     optimizer = updater.optimizer
     if type(optimizer).__name__ != description["type"]:
         raise ValueError(
@@ -114,9 +121,11 @@ def restore(updater: mx.optimizer.Updater, arrays: dict, description: dict) -> N
     optimizer.begin_num_update = description["begin_num_update"]
     counts = optimizer._all_index_update_counts
     current = next((d for d, c in counts.items() if c is optimizer._index_update_count), 0)
+    captured = description["index_update_counts"]
+    if device_id is not None and len(captured) == 1:
+        captured, current = [(device_id, captured[0][1])], device_id
     optimizer._all_index_update_counts = {
-        device: {index: count for index, count in counts}
-        for device, counts in description["index_update_counts"]
+        device: {index: count for index, count in counts} for device, counts in captured
     }
     optimizer._index_update_count = optimizer._all_index_update_counts.setdefault(current, {})
     if scheduler is not None:

@@ -224,8 +224,10 @@ class ModuleWorker:
         }
 
     def restore_optimizer(self, mid, arrays: bytes, description: dict) -> None:
+        mod = self._modules[mid]
         loaded = mx.nd.load_frombuffer(arrays)
-        optimizer_state.restore(self._modules[mid]._updater, loaded or {}, description)
+        device_id = mod._context[0].device_id  # where this replica's weights are
+        optimizer_state.restore(mod._updater, loaded or {}, description, device_id)
 
     def restore(self, mid, snapshot: dict) -> None:
         """Takes a peer's :meth:`snapshot`: parameters, optimizer state, steps applied."""
