@@ -90,7 +90,12 @@ class Lease:
     def check(self) -> None:
         """Raises :class:`LeaseLost` unless this run still owns the folder (read now)."""
         if self._lost is None:
-            held = self._read()
+            try:
+                held = self._read()
+            except OSError as err:  # stored, but the store cannot serve it (a server killed
+                # while it was renewed): written anew below; if storage is down, that fails too
+                log.warning("run %r: its lease cannot be read (%s)", self.name, err)
+                held = None
             if held is None:  # lost by storage (a server restarted) or by hand: nobody else's
                 log.warning("run %r: its lease is gone from %s; taking it again", self.name,
                             self.folder)  # fmt: skip
