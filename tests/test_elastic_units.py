@@ -192,9 +192,23 @@ def stand_ins(monkeypatch):
     workers.close()
 
 
+def kill(handle) -> None:
+    """Kills a worker and waits until Ray says it is dead (ray.kill only asks for it: a call
+    made right after may still run)."""
+    ray.kill(handle, no_restart=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            ray.get(handle.describe.remote(), timeout=10)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the killed worker still answers")
+
+
 def fail_step(workers, rank):
     """Kills the worker of ``rank`` and returns the failure a step then raises."""
-    ray.kill(workers.handles[rank], no_restart=True)
+    kill(workers.handles[rank])
     with pytest.raises(StepsFailed) as failed:
         workers.get(workers.send_steps("train_step", [], [None] * workers.world_size), "steps")
     return failed.value
@@ -302,7 +316,7 @@ def test_a_worker_lost_in_a_read_outside_the_step_loop_is_recovered_from(stand_i
     workers, _, events = stand_ins
     workers.limits = Limits(3, min_workers=1)
     workers.call("set_count", 9)
-    ray.kill(workers.handles[0], no_restart=True)
+    kill(workers.handles[0])
     with replacements_never_start():
         assert workers.call("get_params", 7, ranks=[0]) == [9]
     assert workers.slots == [1, 2] and events[-1]["lost"] == ["slot 0"]
