@@ -383,11 +383,14 @@ class WorkerSet:
         try:
             committed = self._reform(admit)
         except StepsFailed as failure:  # a worker lost while the replacements joined
-            self._recovering = False
-            self.recover(failure)
-            return True
+            lost_while_joining = failure
+        else:
+            lost_while_joining = None
         finally:
             self._recovering = False
+        if lost_while_joining is not None:
+            self.recover(lost_while_joining)
+            return True
         joined = ", ".join(f"slot {s}" for s in admit)
         self._announce(
             "grown", f"replacement for {joined} joined", before, tic, {"step": committed}
