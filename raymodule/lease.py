@@ -111,8 +111,8 @@ class Lease:
     def release(self) -> None:
         """Stops renewing, and deletes the lease if it is still this run's."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        if self._thread is not None:  # a renewal stuck longer than the TTL lost the lease anyway
+            self._thread.join(timeout=self.ttl_s)
         try:
             self.check()
             self.folder.delete(LEASE)
