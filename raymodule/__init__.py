@@ -18,6 +18,7 @@ from .errors import (
     PlacementError,
     Preempted,
     RayModuleError,
+    ResumeMismatch,
     WorkerError,
     WorkerLostError,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "WorkerError",
     "WorkerLostError",
     "CheckpointError",
+    "ResumeMismatch",
     "Preempted",
     "tune",
 ]

@@ -350,6 +350,9 @@ class BucketingModule(loop.TrainingLoops, _MXNetBucketingModule):
     def _checkpoint_files(self) -> dict[str, bytes]:
         return {"model" + suffix: data for suffix, data in self._model_files(True).items()}
 
+    def _param_shapes(self) -> dict[str, list[int]]:
+        return self._default._param_shapes()
+
     @property
     def _snapshot_id(self) -> int:
         return self._default._id

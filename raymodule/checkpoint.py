@@ -21,7 +21,7 @@ than the commit (left by a run that went on from an earlier checkpoint) that do 
 newer one that verifies is kept, and said.
 
 :class:`CheckpointWriter` writes in a background thread while training goes on; MXNet is
-imported only to check that parameters are finite.
+imported only to read the parameters (are they finite, what shapes they have).
 """
 
 from __future__ import annotations
@@ -140,7 +140,8 @@ def write(
     """Writes a checkpoint from a worker's ``snapshot`` and commits it; returns its name.
 
     ``info`` holds ``files`` (the module's own files, such as ``model-symbol.json``, by name),
-    ``epoch``, ``batch``, ``global_step``, ``world_size`` and ``work_load_list``. A folder of
+    ``epoch``, ``batch``, ``global_step``, ``world_size``, ``work_load_list`` and, when known,
+    ``batch_size`` and ``batches_per_epoch`` (see :mod:`raymodule.continuity`). A folder of
     the same name (an earlier, interrupted attempt) is replaced. ``drop_newer`` deletes the
     run's newer checkpoints even when they verify (a Tune trial continuing from another's).
     Raises ``CheckpointError`` without writing anything when the parameters are not finite.
@@ -149,7 +150,8 @@ def write(
     """
     check_owner = check_owner or (lambda: None)
     name = folder_name(info["global_step"])
-    bad = _not_finite(snapshot["params"])
+    arrays = _load(snapshot["params"])
+    bad = _not_finite(arrays)
     if bad:
         raise CheckpointError(
             f"checkpoint at step {info['global_step']} not committed: parameters "
@@ -167,7 +169,8 @@ def write(
         run.delete_folder(name)
     for file, data in files.items():
         run.write(f"{name}/{file}", data)
-    made = manifests.make(files, info, snapshot["optimizer"] or {}, _versions())
+    params = {key: list(array.shape) for key, array in arrays.items()}  # arg:w, aux:m
+    made = manifests.make(files, info, snapshot["optimizer"] or {}, params, _versions())
     check_owner()
     run.write(f"{name}/{MANIFEST}", json.dumps(made, indent=1).encode())
     run.write(LATEST, name.encode())
@@ -179,16 +182,18 @@ def write(
     return name
 
 
-def _not_finite(params: bytes) -> list[str]:
-    """The names of the arrays in MXNet's ``.params`` bytes that hold a NaN or infinity."""
+def _load(params: bytes) -> dict:
+    """The arrays of MXNet's ``.params`` bytes, by name (``arg:w``, ``aux:m``)."""
     import mxnet as mx
+
+    return mx.nd.load_frombuffer(params)
+
+
+def _not_finite(arrays: dict) -> list[str]:
+    """The names of the ``arrays`` that hold a NaN or infinity."""
     import numpy as np
 
-    return [
-        name
-        for name, array in mx.nd.load_frombuffer(params).items()
-        if not np.isfinite(array.asnumpy()).all()
-    ]
+    return [name for name, array in arrays.items() if not np.isfinite(array.asnumpy()).all()]
 
 
 def _tidy(run: Folder, committed: str, keep: int, held: dict[str, int], drop_newer: bool) -> None:

@@ -9,6 +9,7 @@ __all__ = [
     "WorkerError",
     "WorkerLostError",
     "CheckpointError",
+    "ResumeMismatch",
     "GroupBrokenError",
     "Preempted",
 ]
@@ -39,6 +40,13 @@ class WorkerLostError(RayModuleError):
 
 class CheckpointError(RayModuleError):
     """A run's checkpoints cannot be written or resumed from as asked."""
+
+
+class ResumeMismatch(CheckpointError, ValueError):
+    """The ``fit`` that would resume a run differs from the run its checkpoint was taken in
+    (symbol, optimizer, batch size, data); nothing is trained or written.
+
+    It is also a ``ValueError``: the resuming call's arguments are what is wrong."""
 
 
 class GroupBrokenError(RayModuleError):

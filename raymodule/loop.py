@@ -21,9 +21,9 @@ from mxnet.base import _as_list
 from mxnet.initializer import Uniform
 from mxnet.model import BatchEndParam
 
-from . import data, metrics, policy, runtime
+from . import continuity, data, metrics, policy, runtime
 from .constants import Settings
-from .errors import CallOrderError, Preempted, WorkerLostError
+from .errors import CallOrderError, Preempted, ResumeMismatch, WorkerLostError
 from .kvstore import check_kvstore
 from .run import Run, RunConfig
 from .workerset import EveryWorkerLost, StepsFailed
@@ -77,10 +77,12 @@ def run_steps(
     ``flush()`` before it changes how batches already queued would be split.
 
     The first ``first_batch`` batches are read and skipped (they were trained before a run
-    resumed). Every ``checkpoint_every`` batches, ``on_checkpoint(nbatch, steps)`` is called
-    once the steps before batch ``nbatch`` are sent and before any later one is, so a worker
-    call it makes sees the state after exactly ``nbatch`` batches (``steps`` training steps
-    applied); it is called only when another batch follows (the epoch's end has its own).
+    resumed); a ``data_iter`` that ends before it gives batch ``first_batch`` is not the data
+    the run was trained on, and raises :class:`raymodule.ResumeMismatch`. Every
+    ``checkpoint_every`` batches, ``on_checkpoint(nbatch, steps)`` is called once the steps
+    before batch ``nbatch`` are sent and before any later one is, so a worker call it makes
+    sees the state after exactly ``nbatch`` batches (``steps`` training steps applied); it is
+    called only when another batch follows (the epoch's end has its own).
     When ``stop()`` becomes true (the process received SIGTERM), the loop checkpoints at the
     next batch boundary the same way, finishes the steps sent and raises
     :class:`raymodule.errors.Preempted`.
@@ -184,10 +186,11 @@ def run_steps(
         for start in range(0, len(again), per_call):
             send(again[start : start + per_call])
 
-    end, samples = first_batch, 0
+    end, samples, given = first_batch, 0, 0
     for nbatch, data_batch in enumerate(data_iter):
         if num_batch is not None and nbatch == num_batch:
             break
+        given = nbatch + 1
         if nbatch < first_batch:
             continue
         if stop is not None and stop():
@@ -217,6 +220,12 @@ def run_steps(
             finish(last_chunk=False)
         if workers.pending:  # replacements join at this step boundary (send sets them up)
             workers.grow(drain=lambda: _drain(finish, inflight))
+    if given <= first_batch and first_batch > 0:  # nothing was sent: nothing trained or written
+        raise ResumeMismatch(
+            f"the run resumes epoch {epoch} after batch {first_batch}, but train_data gives "
+            f"only {given} batches in it: it is not the data the run was trained on. Resume "
+            "with that data, or start a new run: another RunConfig(name=...)"
+        )
     send()
     while inflight:
         finish(last_chunk=True)
@@ -256,8 +265,8 @@ class TrainingLoops:
     A module using them provides, besides MXNet's intermediate API: ``_workers``,
     ``_context``, ``_work_load_list``, ``_step_module(data_batch, flush)`` (see
     :func:`run_steps`), ``_snapshot_id`` (the module whose replicas hold every parameter and the
-    optimizer) and ``_checkpoint_files()`` (the files that describe the model in a run
-    checkpoint, by name).
+    optimizer), ``_checkpoint_files()`` (the files that describe the model in a run
+    checkpoint, by name) and ``_param_shapes()`` (the bound parameters' shapes, by name).
     """
 
     def fit(
@@ -290,9 +299,16 @@ class TrainingLoops:
         With ``run`` (a :class:`raymodule.RunConfig`), the run is checkpointed to its folder in
         storage every ``run.checkpoint_every`` batches and at each epoch's end, in the
         background, and a run of the same name resumes from its latest verified checkpoint:
-        parameters, optimizer state, learning-rate schedule and position in the data. For the
-        same data order, pass ``train_data`` as a fresh iterator (as a new process makes it):
-        it is reset once per completed epoch and the batches already trained are skipped.
+        parameters, optimizer state, the update count (which places the learning-rate schedule)
+        and position in the data. For the same data order, pass ``train_data`` as a fresh
+        iterator (as a new process makes it): it is reset once per completed epoch and the
+        batches already trained are skipped. Before it trains, a resuming ``fit`` is checked
+        against the run (see :mod:`raymodule.continuity`): another symbol (parameter names or
+        shapes), optimizer type or global batch size, optimizer states for other parameters,
+        or ``train_data`` shorter than the resume position raise
+        :class:`raymodule.ResumeMismatch`. The learning rate, other optimizer hyperparameters
+        and the schedule's settings are this call's (a Tune trial's new config takes effect):
+        only the optimizer's state and update count come from the checkpoint.
 
         A run is also elastic: it goes on through lost workers within ``run.min_workers`` and
         ``run.max_failures`` (the survivors run the failed step again; replacements join when
@@ -369,6 +385,17 @@ class TrainingLoops:
             for_training=True,
             force_rebind=force_rebind,
         )
+        desc = self.data_shapes[0]
+        batch_size = desc.shape[mx.io.DataDesc.get_batch_axis(desc.layout)]
+        if resume is not None:
+            continuity.check(
+                resume,
+                run_folder.config.name,
+                params=self._param_shapes(),
+                optimizer=continuity.optimizer_type(optimizer),
+                batch_size=batch_size,
+            )
+        per_epoch = resume.manifest.get("batches_per_epoch") if resume is not None else None
         if monitor is not None:
             self.install_monitor(monitor)
         if resume is not None:
@@ -409,6 +436,8 @@ class TrainingLoops:
                 epoch=epoch,
                 batch=batch,
                 global_step=steps + offset,
+                batch_size=batch_size,
+                batches_per_epoch=per_epoch,
             )
 
         try:
@@ -429,6 +458,7 @@ class TrainingLoops:
                     on_checkpoint=lambda n, steps, e=epoch: checkpoint(e, n, steps),
                     stop=(lambda: run_folder.preempted) if run_folder is not None else None,
                 )
+                per_epoch = done.batches
                 if run_folder is not None:
                     checkpoint(epoch + 1, 0, self._workers.steps_sent)
                 self._params_dirty = True

@@ -5,8 +5,11 @@ or crafted. So a reader takes nothing on faith. The manifest is a JSON object of
 whose ``files`` maps plain names inside the checkpoint folder (``model-symbol.json``; no ``/``
 at the start, no empty, ``.`` or ``..`` parts, no backslash) to ``{"size": int, "sha256":
 hex}``; each file is read only if it is a regular file inside the folder, never more bytes
-than the manifest gives, and must match both. Anything else is rejected with a
-``CheckpointError`` that names the file and what is wrong with it.
+than the manifest gives, and must match both. What a resume is checked against (see
+:mod:`raymodule.continuity`), when recorded, must be of its type: ``params`` an object of
+shapes (lists of integers >= 0) by name, ``batch_size`` and ``batches_per_epoch`` integers >= 1
+or null. Anything else is rejected with a ``CheckpointError`` that names the file or field and
+what is wrong with it.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ class Uncommitted(CheckpointError):
     """A checkpoint folder without a manifest: its write was interrupted before the commit."""
 
 
-def make(files: dict[str, bytes], info: dict, optimizer: dict, versions: dict) -> dict:
-    """The manifest of a checkpoint holding ``files`` (see :func:`raymodule.checkpoint.write`
-    for ``info``)."""
+def make(
+    files: dict[str, bytes], info: dict, optimizer: dict, params: dict, versions: dict
+) -> dict:
+    """The manifest of a checkpoint holding ``files`` and parameters of the shapes ``params``
+    (see :func:`raymodule.checkpoint.write` for ``info``)."""
     return {
         "format": FORMAT,
         "files": {
@@ -47,6 +52,9 @@ def make(files: dict[str, bytes], info: dict, optimizer: dict, versions: dict) -
         "global_step": info["global_step"],
         "world_size": info["world_size"],
         "work_load_list": info["work_load_list"],
+        "params": params,
+        "batch_size": info.get("batch_size"),
+        "batches_per_epoch": info.get("batches_per_epoch"),
         "optimizer": {
             "type": optimizer.get("type"),
             "num_update": optimizer.get("num_update"),
@@ -85,6 +93,13 @@ def _problem(manifest) -> str | None:
         value = manifest.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             return f"{key!r} is {value!r}, not an integer >= 0"
+    for key in ("batch_size", "batches_per_epoch"):
+        value = manifest.get(key)
+        if value is not None and not (_is_int(value) and value >= 1):
+            return f"{key!r} is {value!r}, not an integer >= 1 or null"
+    params = manifest.get("params", {})
+    if not isinstance(params, dict) or not all(_is_shape(s) for s in params.values()):
+        return "'params' is not an object of shapes (lists of integers >= 0) by name"
     files = manifest.get("files")
     if not isinstance(files, dict):
         return f"'files' is a {type(files).__name__}, not an object of files by name"
@@ -100,6 +115,14 @@ def _problem(manifest) -> str | None:
         if not isinstance(sha256, str) or not _SHA256.match(sha256):
             return f"the sha256 of {file!r} is {sha256!r}, not 64 lowercase hex digits"
     return None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_shape(shape) -> bool:
+    return isinstance(shape, list) and all(_is_int(n) and n >= 0 for n in shape)
 
 
 def verified_files(run: Folder, name: str, manifest: dict) -> dict[str, bytes]:

@@ -21,7 +21,7 @@ from mxnet.io import DataDesc
 from mxnet.module.base_module import BaseModule, _check_input_names, _parse_data_desc
 from mxnet.module.executor_group import _prepare_group2ctxs
 
-from . import data, loop, metrics, params, storage
+from . import continuity, data, loop, metrics, params, storage
 from .errors import CallOrderError
 from .kvstore import SUPPORTED_KVSTORES, check_kvstore
 from .workerset import WorkerSet
@@ -837,6 +837,10 @@ class Module(loop.TrainingLoops, BaseModule):
     def _checkpoint_files(self) -> dict[str, bytes]:
         """The files of a run checkpoint that describe the model (besides its parameters)."""
         return {"model-symbol.json": self._symbol_file(True)}
+
+    def _param_shapes(self) -> dict[str, list[int]]:
+        """The bound symbol's parameters and their shapes, as a run checkpoint records them."""
+        return continuity.param_shapes(self._arg_params, self._aux_params)
 
     @property
     def _snapshot_id(self) -> int:

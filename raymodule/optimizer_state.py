@@ -3,9 +3,12 @@
 MXNet's ``.states`` files are pickles of an ``Updater``'s states (and optionally of the whole
 optimizer). A run checkpoint stores the same state without pickle: the state arrays in MXNet's
 NDArray format (``optimizer.nd``) and, as JSON (``optimizer.json``), how they nest per
-parameter, the update counts and the learning-rate scheduler's position. Hyperparameters are
-recorded but not restored: the ``fit`` call that resumes (or a Tune trial's new config) sets
-them, as it sets the optimizer itself.
+parameter, the parameter each belongs to, and the update counts. Hyperparameters and the
+learning-rate scheduler's settings are recorded but not restored: the ``fit`` call that resumes
+(or a Tune trial's new config) sets them, as it sets the optimizer itself. The schedule goes on
+from the restored update count: MXNet calls the scheduler with it, and its own schedulers
+(factor, multi-factor, poly, cosine) find their place from it alone, starting from the new
+settings. A scheduler that keeps its place elsewhere starts again.
 
 Runs where the optimizer is, in the worker processes.
 """
@@ -16,6 +19,8 @@ import json
 import numbers
 
 import mxnet as mx
+
+from .errors import ResumeMismatch
 
 __all__ = ["capture", "restore", "plain_attributes"]
 
@@ -68,6 +73,7 @@ def capture(updater: mx.optimizer.Updater) -> tuple[dict[str, mx.nd.NDArray], di
         "states": [
             [index, encode(index, str(index), state)] for index, state in updater.states.items()
         ],
+        "state_names": [[index, optimizer.idx2name.get(index)] for index in updater.states],
     }
     if optimizer.lr_scheduler is not None:
         description["lr_scheduler"] = {
@@ -88,6 +94,7 @@ def restore(
     captured from: with ``device_id``, the captured counts become that device's, or the
     optimizer would count from the start again (a learning-rate schedule would restart)."""
     optimizer = updater.optimizer
+    _check_names(optimizer, description)
     if type(optimizer).__name__ != description["type"]:
         raise ValueError(
             f"the checkpoint holds {description['type']} optimizer states, but the optimizer is "
@@ -128,6 +135,24 @@ def restore(
         device: {index: count for index, count in counts} for device, counts in captured
     }
     optimizer._index_update_count = optimizer._all_index_update_counts.setdefault(current, {})
-    if scheduler is not None:
-        for key, value in scheduler["attributes"].items():
-            setattr(optimizer.lr_scheduler, key, value)
+
+
+def _check_names(optimizer: mx.optimizer.Optimizer, description: dict) -> None:
+    """Raises ``ResumeMismatch`` unless the states, which are restored by index, belong to the
+    parameters of the same names in ``optimizer`` (when the checkpoint names them; else, at
+    least to indices it has)."""
+    names = optimizer.idx2name
+    if not names:  # an optimizer that does not name its parameters (made by hand)
+        return
+    recorded = description.get("state_names")
+    if recorded is None:  # a checkpoint from before the names: its indices must be ours
+        wrong = [(i, "unnamed", None) for i, _ in description["states"] if i not in names]
+    else:
+        wrong = [(i, then, names.get(i)) for i, then in recorded if names.get(i) != then]
+    if wrong:
+        shown = "; ".join(f"#{i}: {then} in the checkpoint, {now} here" for i, then, now in wrong)
+        raise ResumeMismatch(
+            f"the checkpoint's optimizer states do not belong to this optimizer's parameters "
+            f"(by index: {shown}): the symbol orders or names its parameters otherwise. Resume "
+            "with the run's symbol, or start a new run: another RunConfig(name=...)"
+        )

@@ -50,6 +50,10 @@ class RunConfig:
         keep: committed checkpoints kept; older ones are deleted after a newer one commits.
         resume: ``"auto"`` continues from the latest committed checkpoint if there is one,
             ``"never"`` refuses to touch an existing run, ``"must"`` fails if there is none.
+            A resume is checked against the run (the symbol's parameters, the optimizer type,
+            the global batch size, the data's length: :mod:`raymodule.continuity`); the
+            learning rate, other hyperparameters and the schedule's settings are the resuming
+            ``fit``'s, and the schedule goes on from the restored update count.
         min_workers: the elastic floor (None: every context).
         max_failures: failures tolerated over the run, -1 for unlimited. A failure is one
             event in which workers were lost together (a killed process, a lost node with
@@ -162,13 +166,12 @@ class Run:
             )  # fmt: skip
         return found
 
-    def checkpoint(
-        self, snapshot, files: dict, *, epoch: int, batch: int, global_step: int
-    ) -> None:
+    def checkpoint(self, snapshot, files: dict, **position) -> None:
         """Hands a worker's snapshot and the module's own files (its symbols) to the
-        background writer (raises if too many checkpoints in a row failed)."""
-        info = dict(self._static, files=files, epoch=epoch, batch=batch, global_step=global_step)
-        self.writer.submit(snapshot, info)
+        background writer (raises if too many checkpoints in a row failed). ``position`` is
+        ``epoch``, ``batch`` and ``global_step``, and what a resume is checked against:
+        ``batch_size`` and ``batches_per_epoch`` (see :mod:`raymodule.continuity`)."""
+        self.writer.submit(snapshot, dict(self._static, files=files, **position))
 
     def latest(self) -> Checkpoint | None:
         """The run's newest committed checkpoint that verifies, as storage has it now."""

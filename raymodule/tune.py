@@ -378,6 +378,8 @@ def _adopt(restore, run: RunConfig) -> dict:
         "global_step": ckpt.global_step,
         "world_size": manifest.get("world_size"),
         "work_load_list": manifest.get("work_load_list"),
+        "batch_size": manifest.get("batch_size"),
+        "batches_per_epoch": manifest.get("batches_per_epoch"),
     }
     folder = Folder(run.location)
     try:

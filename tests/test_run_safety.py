@@ -19,9 +19,10 @@ from pathlib import Path
 import mxnet as mx
 import pytest
 import ray
+from conftest import dataset, mlp
 
 import raymodule.tune
-from raymodule import CheckpointError, RunConfig, checkpoint, storage
+from raymodule import CheckpointError, RunConfig, checkpoint, continuity, optimizer_state, storage
 from raymodule.constants import Settings
 from raymodule.lease import LeaseLost
 from raymodule.run import Run
@@ -373,3 +374,113 @@ def test_a_lease_lost_by_storage_is_taken_again(tmp_path):
         assert stored["owner"] == owned.lease.owner["owner"]
         assert owned.folder.exists("metrics.jsonl")
     assert not owned.folder.exists("lease.json")
+
+
+# -- a resume continues the run it resumes ---------------------------------------------------
+def fit(config, batch_size=8, n=96, hidden=(32, 16), num_epoch=2, **fit_args):
+    """One worker trains the MLP on ``n`` samples in batches of ``batch_size``."""
+    x, y = dataset(n=n)
+    mx.random.seed(0)
+    with raymodule.Module(mlp(hidden), context=[mx.cpu(0)]) as mod:
+        train = mx.io.NDArrayIter(x, y, batch_size=batch_size)
+        mod.fit(train, num_epoch=num_epoch, run=config, **fit_args)
+
+
+def test_a_resume_with_another_symbol_optimizer_or_batch_size_fails_naming_what_differs(
+    tmp_path,
+):
+    config = RunConfig(name="r", storage=str(tmp_path))
+    fit(config, num_epoch=1)
+    run = storage.Folder(config.location)
+    manifest = checkpoint.latest(run).manifest
+    assert manifest["batch_size"] == 8 and manifest["batches_per_epoch"] == 12
+    assert manifest["params"]["arg:fc0_weight"] == [32, 20] and "arg:out_bias" in manifest["params"]
+    before = {name: run.read(name) for name in run.sizes() if name != "lease.json"}
+
+    for change, words in (
+        ({"hidden": (32, 24)}, r"params differ \(shapes differ: arg:fc1_bias \(16,\) in the check"),
+        ({"hidden": (32,)}, "the checkpoint's arg:fc1_bias, arg:fc1_weight are not in this fit"),
+        ({"optimizer": "adam"}, "the checkpoint's optimizer is 'SGD', this fit's 'Adam'"),
+        ({"batch_size": 16}, "the checkpoint's batch_size is 8, this fit's 16"),
+    ):
+        with pytest.raises(raymodule.ResumeMismatch, match=words) as err:
+            fit(config, **change)
+        assert "cannot resume from ckpt-0000000012" in str(err.value)
+        assert "another RunConfig(name=...) (with resume='never'" in str(err.value)
+        assert isinstance(err.value, ValueError)
+    assert {name: run.read(name) for name in run.sizes() if name != "lease.json"} == before
+
+    # the same symbol, optimizer and batch go on; a new learning rate is allowed
+    fit(config, optimizer_params={"learning_rate": 0.5})
+    assert checkpoint.latest(run).epoch == 2
+
+
+def test_a_manifest_that_records_no_such_fields_is_not_checked_for_them(tmp_path, caplog):
+    run = committed(tmp_path)
+    old = ("params", "batch_size", "batches_per_epoch")  # recorded since
+    edit_manifest(run, "ckpt-0000000012", lambda m: {k: v for k, v in m.items() if k not in old})
+    old = checkpoint.read(run, "ckpt-0000000012")
+    with caplog.at_level(logging.DEBUG, logger="raymodule"):
+        continuity.check(old, "r", params={"arg:x": [1]}, optimizer="SGD", batch_size=64)
+    assert "records no params; not checked" in caplog.text
+    assert "records no batch_size; not checked" in caplog.text
+    with pytest.raises(raymodule.ResumeMismatch, match="optimizer is 'SGD', this fit's 'Adam'"):
+        continuity.check(old, "r", params={"arg:x": [1]}, optimizer="Adam", batch_size=64)
+
+
+def test_data_shorter_than_the_resume_position_fails_and_deletes_nothing(tmp_path):
+    config = RunConfig(name="r", storage=str(tmp_path), checkpoint_every=4, keep=5)
+    fit(config, num_epoch=1, batch_end_callback=lambda param: time.sleep(0.3))  # paced
+    run = storage.Folder(config.location)
+    run.delete_folder("ckpt-0000000012")  # the epoch's end gone: it resumes mid-epoch
+    resume_from = checkpoint.latest(run)
+    assert resume_from.epoch == 0 and resume_from.batch in (4, 8)
+    before = {name: run.read(name) for name in run.sizes() if name != "lease.json"}
+
+    with pytest.raises(raymodule.ResumeMismatch) as err:
+        fit(config, n=24, num_epoch=1)  # 3 batches
+    assert (
+        f"resumes epoch 0 after batch {resume_from.batch}, but train_data gives only 3 batches"
+        in str(err.value)
+    )
+    assert {name: run.read(name) for name in run.sizes() if name != "lease.json"} == before
+
+
+def test_a_resume_takes_the_new_learning_rate_and_goes_on_with_the_schedule():
+    def updater(learning_rate):
+        schedule = mx.lr_scheduler.FactorScheduler(step=10, factor=0.5)
+        return mx.optimizer.get_updater(
+            mx.optimizer.SGD(learning_rate=learning_rate, lr_scheduler=schedule)
+        )
+
+    trained = updater(0.1)
+    weight = mx.nd.ones((3,))
+    for _ in range(25):
+        trained(0, mx.nd.ones((3,)), weight)
+    assert trained.optimizer.learning_rate == pytest.approx(0.1 * 0.5**2)
+    arrays, description = optimizer_state.capture(trained)
+
+    resumed = updater(0.2)  # a new fit (or a PBT trial) with a new learning rate
+    optimizer_state.restore(resumed, arrays, json.loads(json.dumps(description)))
+    assert resumed.optimizer.num_update == 25
+    assert resumed.optimizer.learning_rate == pytest.approx(0.2 * 0.5**2)
+
+
+def test_optimizer_states_for_other_parameters_are_refused_in_words():
+    def updater(names):
+        optimizer = mx.optimizer.SGD(momentum=0.9, param_idx2name=dict(enumerate(names)))
+        return mx.optimizer.get_updater(optimizer)
+
+    trained = updater(["fc0_weight", "fc1_weight"])
+    weights = [mx.nd.ones((2, 3)), mx.nd.ones((3, 2))]
+    trained([0, 1], [mx.nd.ones_like(w) for w in weights], weights)
+    arrays, description = optimizer_state.capture(trained)
+    reordered = updater(["fc1_weight", "fc0_weight"])  # a symbol built in another order
+    with pytest.raises(raymodule.ResumeMismatch, match="#0: fc0_weight in the checkpoint, fc1_"):
+        optimizer_state.restore(reordered, arrays, description)
+    assert reordered.states == {}
+
+    # a checkpoint from before the names were recorded: its indices must be this optimizer's
+    del description["state_names"]
+    with pytest.raises(raymodule.ResumeMismatch, match="#1: unnamed in the checkpoint, None"):
+        optimizer_state.restore(updater(["fc0_weight"]), arrays, description)
