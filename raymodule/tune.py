@@ -40,7 +40,9 @@ A trial function builds a :class:`raymodule.Module` and fits it, as a script wou
 - **Storage.** Each trial's run is ``<experiment>/raymodule_runs/<trial id>``, under the Tune
   experiment's storage (a local path, or a URI such as ``s3://`` whose keys the trial processes
   get as everywhere in raymodule: from the usual AWS variables or the machine's role), so
-  ``raymodule runs <experiment>/raymodule_runs`` lists every trial's run.
+  ``raymodule runs <experiment>/raymodule_runs`` lists every trial's run. A ``name`` given to
+  :func:`run_config` is a folder holding one run per trial (``<name>/<trial id>``): trials never
+  share a run, so none resumes from another's weights but through Tune.
 
 Ray Tune is imported when these functions are called, not with raymodule.
 """
@@ -279,9 +281,11 @@ def run_config(storage: str | None = None, name: str | None = None, **options) -
     """The :class:`raymodule.RunConfig` for this trial's ``fit(run=...)``.
 
     Its folder is ``<experiment>/raymodule_runs/<trial id>`` under the Tune experiment's
-    storage (or ``storage/name`` when given). If Tune started the trial from a checkpoint (PBT
-    exploiting another trial, or a restore), that checkpoint is verified and committed into
-    the run as its newest, so ``fit`` resumes from its parameters and optimizer state.
+    storage; ``storage`` replaces ``<experiment>/raymodule_runs``, and ``name`` puts the trial's
+    run in a folder of that name (``<storage>/<name>/<trial id>``: one run per trial, whatever
+    name the trials share). If Tune started the trial from a checkpoint (PBT exploiting another
+    trial, or a restore), that checkpoint is verified and committed into the run as its newest,
+    so ``fit`` resumes from its parameters and optimizer state.
     ``options`` are other ``RunConfig`` fields (``checkpoint_every``, ``keep``, ...).
     """
     from ray import tune
@@ -297,9 +301,10 @@ def run_config(storage: str | None = None, name: str | None = None, **options) -
         raise RuntimeError("raymodule.tune.run_config() is for trial functions run by Ray Tune")
     if storage is None:
         storage = with_suffix(_experiment_location(context.get_storage()), "/" + RUNS)
+    storage, name = _trial_run_location(storage, name, trial_id)
     restore = tune.get_checkpoint()
     run = RunConfig(
-        name=name or trial_id,
+        name=name,
         storage=storage,
         resume="must" if restore is not None else "auto",
         **options,
@@ -309,6 +314,15 @@ def run_config(storage: str | None = None, name: str | None = None, **options) -
         _Trial.adopted.add((trial_id, restore.path))
     _Trial.run = run
     return run
+
+
+def _trial_run_location(storage: str, name: str | None, trial_id: str) -> tuple[str, str]:
+    """The ``(storage, name)`` of a trial's run: the trial id is the run's name, inside the
+    folder ``name`` when one is given, so that trials sharing a name get a run each."""
+    if name is None:
+        return storage, trial_id
+    RunConfig(name=name, storage=storage)  # a name that is no plain folder name fails here
+    return with_suffix(storage, "/" + name), trial_id
 
 
 def _experiment_location(storage) -> str:

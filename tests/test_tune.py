@@ -56,7 +56,7 @@ def net(classes=4):
     return mx.sym.SoftmaxOutput(body, name="softmax")
 
 
-def fit_trial(config, eval_end=()):
+def fit_trial(config, eval_end=(), name=None):
     train, val = iterators()
     mx.random.seed(0)  # every trial starts from the same parameters
     report = raymodule.tune.report_callback()
@@ -71,12 +71,12 @@ def fit_trial(config, eval_end=()):
             num_epoch=config["epochs"],
             batch_end_callback=report,
             eval_end_callback=[report, *eval_end],
-            run=raymodule.tune.run_config(),
+            run=raymodule.tune.run_config(name=name),
         )
 
 
 def train_asha(config):
-    fit_trial(config)
+    fit_trial(config, name="shared")  # one name for every trial: each still gets its own run
 
 
 def role(trial_id: str) -> str:
@@ -195,9 +195,12 @@ def test_asha_sweep_of_two_trials_on_two_workers_each_reports_the_best_config(tm
     with best.checkpoint.as_directory() as folder:
         mod = mx.mod.Module.load(os.path.join(folder, "model"), 3)
         assert "fc0_weight" in mod._arg_params
-    # each trial's raymodule run is under the experiment's storage, one line per epoch
+    # each trial's raymodule run is under the experiment's storage, in the folder of the name
+    # the trials share, one run per trial, one line per epoch
+    runs = tmp_path / "asha" / "raymodule_runs" / "shared"
+    assert sorted(os.listdir(runs)) == sorted(r.metrics["trial_id"] for r in results)
     for result in results:
-        run = tmp_path / "asha" / "raymodule_runs" / result.metrics["trial_id"]
+        run = runs / result.metrics["trial_id"]
         assert raymodule.latest_checkpoint(str(run)).epoch == result.metrics["epoch"]
         lines = (run / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["epoch"] for line in lines] == list(range(len(lines)))
@@ -295,6 +298,20 @@ def test_on_a_cluster_that_may_grow_the_check_asks_for_room_then_gives_up(monkey
     table = ray.util.placement_group_table()
     probes = [table[pg] for pg in set(table) - before]
     assert probes and all(p["state"] == "REMOVED" for p in probes)
+
+
+def test_trials_sharing_a_name_get_a_run_folder_each():
+    location = raymodule.tune._trial_run_location
+    assert location("s3://b/runs?region=x", "shared", "ab_00001") == (
+        "s3://b/runs/shared?region=x",
+        "ab_00001",
+    )
+    first, second = (location("/runs", "shared", trial) for trial in ("ab_00000", "ab_00001"))
+    assert raymodule.RunConfig(name=first[1], storage=first[0]).location == "/runs/shared/ab_00000"
+    assert first != second
+    assert location("/runs", None, "ab_00000") == ("/runs", "ab_00000")
+    with pytest.raises(ValueError, match=r"RunConfig\(name='../x'\)"):
+        location("/runs", "../x", "ab_00000")
 
 
 def test_bad_arguments_fail_in_words():
