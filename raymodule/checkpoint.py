@@ -15,10 +15,12 @@ whole, or not at all; on a local or network filesystem each file and its folder 
 before the next is written). A checkpoint whose parameters are not all finite is not committed.
 Readers trust only a checkpoint whose files match its manifest (see :mod:`raymodule.manifest`
 for what a reader accepts); when the newest does not, they say which file is wrong and use the
-one before. After each commit the writer deletes what the run no longer needs: committed
-checkpoints beyond ``keep``, folders without a manifest (interrupted writes) and folders newer
-than the commit (left by a run that went on from an earlier checkpoint) that do not verify; a
-newer one that verifies is kept, and said.
+one before. A checkpoint that verifies is never replaced by one of the same step. After each
+commit the writer deletes what the run no longer needs: committed checkpoints beyond ``keep``,
+folders without a manifest (interrupted writes) and folders newer than the commit (left by a
+run that went on from an earlier checkpoint) that do not verify; a newer one that verifies is
+kept, and said. Half-written files a killed process left (``*.part-*``) are not deleted: they
+may be another process's write in progress.
 
 :class:`CheckpointWriter` writes in a background thread while training goes on; MXNet is
 imported only to read the parameters (are they finite, what shapes they have).
@@ -29,7 +31,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import platform
 import re
 import threading
@@ -141,12 +142,13 @@ def write(
 
     ``info`` holds ``files`` (the module's own files, such as ``model-symbol.json``, by name),
     ``epoch``, ``batch``, ``global_step``, ``world_size``, ``work_load_list`` and, when known,
-    ``batch_size`` and ``batches_per_epoch`` (see :mod:`raymodule.continuity`). A folder of
-    the same name (an earlier, interrupted attempt) is replaced. ``drop_newer`` deletes the
-    run's newer checkpoints even when they verify (a Tune trial continuing from another's).
-    Raises ``CheckpointError`` without writing anything when the parameters are not finite.
-    ``check_owner`` (a :class:`raymodule.lease.Lease`'s ``check``) is called before the first
-    write or delete, before the commit and before tidying; what it raises stops the write.
+    ``batch_size`` and ``batches_per_epoch`` (see :mod:`raymodule.continuity`). A folder of the
+    same name that does not verify (an earlier, interrupted attempt) is replaced; one that
+    verifies raises ``CheckpointError`` and is kept. ``drop_newer`` gives up the run's
+    checkpoints from this step on even when they verify (a Tune trial continuing from
+    another's). Raises ``CheckpointError`` without writing anything when the parameters are not
+    finite. ``check_owner`` (a :class:`raymodule.lease.Lease`'s ``check``) is called before the
+    first write or delete, before the commit and before tidying; what it raises stops the write.
     """
     check_owner = check_owner or (lambda: None)
     name = folder_name(info["global_step"])
@@ -166,6 +168,12 @@ def write(
     check_owner()
     held = run.sizes()  # one listing serves the replace below and the tidying after the commit
     if any(path.startswith(name + "/") for path in held):
+        if not drop_newer and _verifies(run, name):
+            raise CheckpointError(
+                f"checkpoint at step {info['global_step']} not written: {run}/{name} already "
+                "holds a committed checkpoint of that step that verifies (another run, or an "
+                "earlier attempt of this one, wrote it); it is kept as it is"
+            )
         run.delete_folder(name)
     for file, data in files.items():
         run.write(f"{name}/{file}", data)
@@ -197,23 +205,21 @@ def _not_finite(arrays: dict) -> list[str]:
 
 
 def _tidy(run: Folder, committed: str, keep: int, held: dict[str, int], drop_newer: bool) -> None:
-    """Deletes what the run folder ``held`` (before ``committed`` was written) that the run no
-    longer needs; a newer checkpoint that verifies stays unless ``drop_newer``."""
-    for name in held:  # halves of local writes that a killed process left
-        if "/" not in name and ".part-" in name and f".part-{os.getpid()}-" not in name:
-            run.delete(name)
+    """Deletes the checkpoint folders the run folder ``held`` (before ``committed`` was
+    written) that the run no longer needs; a newer checkpoint that verifies stays unless
+    ``drop_newer``."""
     folders = sorted(
         {p.split("/", 1)[0] for p in held if "/" in p and _FOLDER.match(p.split("/", 1)[0])}
     )
-    older = []
+    doomed, older = [], []
     for name in folders:
         if name == committed:
             continue
         if f"{name}/{MANIFEST}" not in held:
-            run.delete_folder(name)  # never committed
+            doomed.append(name)  # never committed
         elif name > committed:
             if drop_newer or not _verifies(run, name):
-                run.delete_folder(name)
+                doomed.append(name)
             else:
                 log.warning(
                     "checkpoint %s: not deleting %s, which is newer and verifies (another run "
@@ -221,7 +227,7 @@ def _tidy(run: Folder, committed: str, keep: int, held: dict[str, int], drop_new
                 )  # fmt: skip
         else:
             older.append(name)
-    for name in older[: max(0, len(older) - (keep - 1))]:
+    for name in doomed + older[: max(0, len(older) - (keep - 1))]:
         run.delete_folder(name)
 
 

@@ -196,15 +196,22 @@ class Run:
             log.warning("could not write %s: %s", METRICS, err)
 
     def _read_metrics(self) -> list[str]:
-        if self.resume_from is None:
-            return []
+        """The lines of ``metrics.jsonl`` this run carries on: every one when it starts
+        afresh (they are not its to drop), those before the resume point when it resumes."""
         try:
             data = self.folder.read(METRICS, limit=METRICS_MAX_BYTES)
         except FileNotFoundError:
             return []
         except OSError as err:
+            if self.resume_from is None:  # rewriting it would lose what it holds
+                raise CheckpointError(
+                    f"run {self.config.name!r} starts afresh, but its {METRICS} cannot be read "
+                    f"to be carried on ({err}); move it away or choose another name"
+                ) from None
             log.warning("%s is not carried on: %s", METRICS, err)
             return []
+        if self.resume_from is None:
+            return data.decode(errors="replace").splitlines()
         kept = []
         for line in data.decode(errors="replace").splitlines():
             try:  # epochs after the resume point are trained again; other lines are dropped

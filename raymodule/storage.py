@@ -4,14 +4,17 @@ A location is a local path (made absolute) or any URI that ``pyarrow.fs.FileSyst
 accepts, query options included (``s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http``).
 Local paths take the same code path as remote URIs, but for two things pyarrow does not do:
 a local write is synced (file, then folder) before it returns, and a local read opens only a
-regular file inside its folder, without blocking on a FIFO or following a link. Names inside a
-folder are plain relative names (no ``..``); reads are bounded when the caller gives a size.
+regular file inside its folder, without blocking on a FIFO or following a link. A local write
+that fails removes its half-written ``<name>.part-<pid>-<thread>`` file; one that a killed
+process left stays (nothing tells it from another process's write in progress). Names inside
+a folder are plain relative names (no ``..``); reads are bounded when the caller gives a size.
 File suffixes go on a URI's path, never into its query, and URIs are redacted wherever they
 are printed, in pyarrow's messages too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import os
@@ -211,11 +214,16 @@ class Folder:
     def _write_local(self, path: str, data: bytes) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         part = f"{path}.part-{os.getpid()}-{threading.get_ident()}"
-        with open(part, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(part, path)
+        try:
+            with open(part, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(part, path)
+        except BaseException:  # no half left behind; one a killed process leaves stays
+            with contextlib.suppress(OSError):
+                os.unlink(part)
+            raise
         folder = os.path.dirname(path)
         while True:  # the new name, and any folder made for it, are durable too
             _fsync_folder(folder)

@@ -202,6 +202,46 @@ def test_a_newer_checkpoint_that_verifies_is_kept_one_that_does_not_is_deleted(t
     assert run.folders() == ["ckpt-0000000005"]
 
 
+def test_a_checkpoint_of_the_same_step_that_verifies_is_never_replaced(tmp_path):
+    run = committed(tmp_path, step=12)
+    before = {name: run.read(name) for name in run.sizes()}
+    with pytest.raises(CheckpointError, match="ckpt-0000000012 already holds a committed chec"):
+        checkpoint.write(run, snapshot(tmp_path, 2.0), info(12), keep=5)  # a second writer
+    assert {name: run.read(name) for name in run.sizes()} == before
+
+    # one that does not verify (an interrupted or damaged write) is replaced
+    params = "ckpt-0000000012/model-0001.params"
+    run.write(params, run.read(params)[:-1])
+    checkpoint.write(run, snapshot(tmp_path, 2.0), info(12), keep=5)
+    replaced = checkpoint.read(run, "ckpt-0000000012")
+    assert replaced.params_file() == snapshot(tmp_path, 2.0)["params"]
+
+
+def test_other_processes_half_written_files_are_left_alone(tmp_path):
+    run = committed(tmp_path, step=6)
+    others = ["latest.part-4242-1", "metrics.jsonl.part-4243-7", "lease.json.part-1-2"]
+    for name in others:  # another process's writes in progress (or a killed one's halves)
+        run.write(name, b"half")
+    checkpoint.write(run, snapshot(tmp_path), info(12), keep=1)
+    assert run.folders() == ["ckpt-0000000012"]
+    assert sorted(n for n in run.sizes() if ".part-" in n) == sorted(others)
+
+    # a local write that fails once its half is written leaves no half of its own behind
+    with pytest.raises(OSError, match="cannot write .*ckpt-0000000012.*IsADirectory"):
+        run.write("ckpt-0000000012", b"over a folder")  # the rename fails
+    assert sorted(n for n in run.sizes() if ".part-" in n) == sorted(others)
+
+
+def test_a_fresh_start_keeps_the_metrics_lines_already_there(tmp_path):
+    run = storage.Folder(str(tmp_path / "r"))
+    run.write("metrics.jsonl", b'{"epoch": 0, "train": {"acc": 0.5}}\n')  # no checkpoint
+    with Run(RunConfig(name="r", storage=str(tmp_path)), Settings.from_env(), STATIC) as fresh:
+        assert fresh.resume_from is None
+        fresh.record_epoch({"epoch": 0, "train": {"acc": 0.6}})
+    lines = [json.loads(line) for line in run.read("metrics.jsonl").splitlines()]
+    assert [line["train"]["acc"] for line in lines] == [0.5, 0.6]
+
+
 # -- secrets never appear --------------------------------------------------------------------
 def test_a_secret_in_a_uri_never_appears_in_errors_or_reprs(tmp_path):
     unparseable = "s3://b/my runs?access_key=AKIA9&secret_key=XYZ123%2Bq"
