@@ -20,7 +20,9 @@ commit the writer deletes what the run no longer needs: committed checkpoints be
 folders without a manifest (interrupted writes) and folders newer than the commit (left by a
 run that went on from an earlier checkpoint) that do not verify; a newer one that verifies is
 kept, and said. Half-written files a killed process left (``*.part-*``) are not deleted: they
-may be another process's write in progress.
+may be another process's write in progress. The run's ownership of the folder is checked
+before a checkpoint's first write, before its commit and before each delete
+(:mod:`raymodule.lease`).
 
 :class:`CheckpointWriter` writes in a background thread while training goes on; MXNet is
 imported only to read the parameters (are they finite, what shapes they have).
@@ -148,7 +150,7 @@ def write(
     checkpoints from this step on even when they verify (a Tune trial continuing from
     another's). Raises ``CheckpointError`` without writing anything when the parameters are not
     finite. ``check_owner`` (a :class:`raymodule.lease.Lease`'s ``check``) is called before the
-    first write or delete, before the commit and before tidying; what it raises stops the write.
+    first write, before the commit and before each delete; what it raises stops the write.
     """
     check_owner = check_owner or (lambda: None)
     name = folder_name(info["global_step"])
@@ -174,6 +176,7 @@ def write(
                 "holds a committed checkpoint of that step that verifies (another run, or an "
                 "earlier attempt of this one, wrote it); it is kept as it is"
             )
+        check_owner()
         run.delete_folder(name)
     for file, data in files.items():
         run.write(f"{name}/{file}", data)
@@ -182,9 +185,8 @@ def write(
     check_owner()
     run.write(f"{name}/{MANIFEST}", json.dumps(made, indent=1).encode())
     run.write(LATEST, name.encode())
-    check_owner()
     try:
-        _tidy(run, name, keep, held, drop_newer)
+        _tidy(run, name, keep, held, drop_newer, check_owner)
     except OSError as err:  # the checkpoint is committed; a later commit tidies again
         log.warning("checkpoint %s: could not delete old checkpoints: %s", name, err)
     return name
@@ -204,10 +206,17 @@ def _not_finite(arrays: dict) -> list[str]:
     return [name for name, array in arrays.items() if not np.isfinite(array.asnumpy()).all()]
 
 
-def _tidy(run: Folder, committed: str, keep: int, held: dict[str, int], drop_newer: bool) -> None:
+def _tidy(
+    run: Folder,
+    committed: str,
+    keep: int,
+    held: dict[str, int],
+    drop_newer: bool,
+    check_owner: Callable[[], None],
+) -> None:
     """Deletes the checkpoint folders the run folder ``held`` (before ``committed`` was
-    written) that the run no longer needs; a newer checkpoint that verifies stays unless
-    ``drop_newer``."""
+    written) that the run no longer needs, each once ``check_owner()`` passed; a newer
+    checkpoint that verifies stays unless ``drop_newer``."""
     folders = sorted(
         {p.split("/", 1)[0] for p in held if "/" in p and _FOLDER.match(p.split("/", 1)[0])}
     )
@@ -228,6 +237,7 @@ def _tidy(run: Folder, committed: str, keep: int, held: dict[str, int], drop_new
         else:
             older.append(name)
     for name in doomed + older[: max(0, len(older) - (keep - 1))]:
+        check_owner()  # a run that lost the folder deletes nothing more
         run.delete_folder(name)
 
 

@@ -9,10 +9,23 @@ this host and its process is gone (a killed job started again), else once it is 
 (hosts' clocks must agree to well within the TTL). The lease is per process: a fit that did
 not close its run leaves it to the next fit of the same process.
 
-Object stores have no compare-and-swap, so the last writer of the lease owns it: a run reads
-the lease back after taking it, at every renewal and before every checkpoint commit and
-metrics write. A run that finds another owner stops (:class:`LeaseLost`) and deletes nothing;
-one that finds no lease (a storage server that lost it, a hand that deleted it) takes it again.
+Object stores (and pyarrow over any storage) have no compare-and-swap, so the last writer of
+the lease owns it, and ownership is verified by reading it back: after taking it, at every
+renewal, before a checkpoint's first write and its commit, before each delete (an interrupted
+or superseded checkpoint, one beyond ``keep``), before each metrics write and before the lease
+itself is deleted. A run that finds another owner stops (:class:`LeaseLost`) and writes and
+deletes nothing more; one that finds no lease (a storage server that lost it, a hand that
+deleted it) takes it again.
+
+What this does not close, honestly: a check and the write or delete after it are two requests,
+so a run that loses the lease between them (another run took it over after the TTL, or two
+runs took a free lease at the same moment and both read their own back before the later write
+landed) still makes that one write or delete. The window is one storage request (a checkpoint's
+files, written between two checks, are in a folder of their own step and are not committed
+without a check). A run whose renewals stall for longer than the TTL can be taken over while
+it still trains; it finds out at its next check. Runs of one name are meant to be one at a
+time: the lease makes a second one fail at once and a stale one stop, it does not make two
+concurrent writers safe.
 """
 
 from __future__ import annotations

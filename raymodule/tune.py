@@ -64,6 +64,7 @@ import ray
 from . import checkpoint, manifest, runtime
 from .constants import Settings
 from .errors import CheckpointError, PlacementError
+from .lease import Lease
 from .run import RunConfig
 from .storage import Folder, redact, unsafe_name, with_suffix
 
@@ -398,7 +399,14 @@ def _adopt(restore, run: RunConfig) -> dict:
     folder = Folder(run.location)
     try:
         folder.check_writable()
-        name = checkpoint.write(folder, snapshot, info, run.keep, drop_newer=True)
+        lease = Lease(folder, run.name, Settings.from_env().lease_ttl_s)
+        lease.acquire()  # the trial's own run folder, as fit takes it
+        try:
+            name = checkpoint.write(
+                folder, snapshot, info, run.keep, drop_newer=True, check_owner=lease.check
+            )
+        finally:
+            lease.release()
     except OSError as err:
         raise CheckpointError(f"cannot restore the trial's run at {folder}: {err}") from None
     origin = {

@@ -24,7 +24,7 @@ from conftest import dataset, mlp
 import raymodule.tune
 from raymodule import CheckpointError, RunConfig, checkpoint, continuity, optimizer_state, storage
 from raymodule.constants import Settings
-from raymodule.lease import LeaseLost
+from raymodule.lease import Lease, LeaseLost
 from raymodule.run import Run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -394,6 +394,7 @@ def test_a_lease_whose_owner_died_is_taken_over(tmp_path, monkeypatch, caplog):
 def test_a_run_that_lost_its_folder_stops_and_writes_nothing(tmp_path):
     owned = Run(RunConfig(name="r", storage=str(tmp_path)), Settings.from_env(), STATIC)
     run = owned.folder
+    run.write("ckpt-0000000003/model-symbol.json", b"{}")  # the new owner's write in progress
     taker = {"owner": "other", "host": "elsewhere", "pid": 2, "heartbeat": time.time()}
     run.write("lease.json", json.dumps(taker).encode())
     files = {"model-symbol.json": b"{}"}
@@ -402,8 +403,34 @@ def test_a_run_that_lost_its_folder_stops_and_writes_nothing(tmp_path):
         owned.close()
     with pytest.raises(LeaseLost, match="stops without writing or deleting anything more"):
         owned.record_epoch({"epoch": 0})
-    assert checkpoint.checkpoint_names(run) == [] and not run.exists("metrics.jsonl")
+    assert checkpoint.checkpoint_names(run) == ["ckpt-0000000003"]  # not tidied away
+    assert not run.exists("metrics.jsonl")
     assert json.loads(run.read("lease.json"))["owner"] == "other"  # not deleted either
+
+
+def test_a_run_that_loses_its_folder_while_tidying_deletes_nothing_more(tmp_path):
+    run = storage.Folder(str(tmp_path / "r"))
+    for step in (2, 4, 6):
+        checkpoint.write(run, snapshot(tmp_path), info(step), keep=5)
+    run.write("ckpt-0000000003/model-symbol.json", b"{}")  # never committed
+    lease = Lease(run, "r", ttl_s=60)
+    lease.acquire()
+    checks = []
+
+    def another_run_takes_over_after_the_first_delete():
+        checks.append(sorted(run.folders()))
+        if len(checks) == 4:  # after the checks before the writes, the commit, 1st delete
+            taker = {"owner": "other", "host": "elsewhere", "pid": 2, "heartbeat": time.time()}
+            run.write("lease.json", json.dumps(taker).encode())
+        lease.check()
+
+    with pytest.raises(LeaseLost, match="owner other on host 'elsewhere'"):
+        checkpoint.write(run, snapshot(tmp_path), info(8), keep=1,
+                         check_owner=another_run_takes_over_after_the_first_delete)  # fmt: skip
+    assert "ckpt-0000000003" in checks[2] and "ckpt-0000000003" not in checks[3]
+    assert run.folders() == [checkpoint.folder_name(s) for s in (2, 4, 6, 8)]
+    lease.release()
+    assert json.loads(run.read("lease.json"))["owner"] == "other"
 
 
 def test_a_lease_lost_by_storage_is_taken_again(tmp_path):
