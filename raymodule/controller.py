@@ -1,55 +1,730 @@
-"""The controller actor: one per module family, owner of its worker group's membership.
+"""The controller actor (the design's driver actor): one per module family, beside the client.
 
-It reserves no resources. It places the workers, knows which worker holds each context (its
-slot), on which node, and the group's generation; it removes lost workers, starts their
-replacements and re-forms the collective group. Module calls go from the client straight to
-the workers (one hop fewer per step); membership changes go through here, decided by
-:mod:`raymodule.policy` in the client, which alone sees a step fail.
+It owns the family's run on the workers: their membership (placing them, their slots, the
+group's generation), the step counter, the work split, the steps in flight and recovery. The
+client (:class:`raymodule.handle.ControllerHandle`) calls the controller only; the controller
+calls the workers, one Ray call per worker, and returns each reply with its :meth:`view` of
+the membership. A training loop hands it chunks of steps (:meth:`Controller.advance`) and
+reads back the finished ones, in order; a worker lost meanwhile is recovered from here, and
+the steps it voided are sent again to the re-formed group.
+
+Its states, each change logged once::
+
+    STARTING -> RUNNING <-> RECOVERING -> WAITING_FOR_WORKERS -> RECOVERING -> RUNNING
+                RUNNING <-> GROWING
+    any -> FAILED (the run cannot go on: every later call says why) ; any -> CLOSED
+
+The decisions are :mod:`raymodule.policy`'s; the controller acts on them.
 """
 
 from __future__ import annotations
 
+import enum
+import logging
+import time
+from collections import deque
+
 import ray
 
+from . import chunks, policy
 from .constants import Settings
+from .errors import GroupBrokenError, RayModuleError, WorkerError, WorkerLostError
 from .group import WorkerGroup
+from .replicas import Replica
 from .worker import ModuleWorker  # light: MXNet is imported in the worker process only
 
-__all__ = ["Controller"]
+__all__ = ["Controller", "RemoteController", "State", "EveryWorkerLost", "StepsFailed"]
+
+log = logging.getLogger(__name__)
+
+# calls that read what every replica holds alike: asked again of the new group after a loss
+_REPEATABLE = frozenset({"get_params", "optimizer_states"})
+
+
+class State(enum.Enum):
+    STARTING = "placing the workers and forming their group"
+    RUNNING = "the group is whole or within its limits"
+    RECOVERING = "removing lost workers and re-forming the group"
+    WAITING_FOR_WORKERS = "below the floor: waiting for replacements"
+    GROWING = "admitting replacements"
+    FAILED = "the run cannot go on on these workers"
+    CLOSED = "the workers are stopped"
+
+
+class StepsFailed(Exception):
+    """Internal: a call to the workers failed because the membership broke (workers ``lost``
+    by rank, with why; or none lost, the group broken by a worker that was late). Raised only
+    in an elastic run, which recovers from it."""
+
+    def __init__(
+        self,
+        method: str,
+        lost: dict[int, str],
+        broken: str,
+        seen_at: float = 0.0,
+        slowest: int | None = None,
+    ):
+        super().__init__(f"{method}: lost {lost or 'no worker'} ({broken})")
+        self.method = method
+        self.lost = lost
+        self.broken = broken
+        self.seen_at = seen_at or time.monotonic()  # when the first call failed
+        self.slowest = slowest  # the rank whose failed call came back last
+
+
+class EveryWorkerLost(WorkerLostError):
+    """An elastic run lost every worker that held its state: ``fit`` goes on from its latest
+    checkpoint, on new workers."""
 
 
 class Controller:
+    """The run of one module family on its workers (see the module's docstring)."""
+
     def __init__(
         self,
         bundles: list[dict],
         devices: list,
+        names: list[str],
         fail_fast: bool,
         backend: str,
         settings: Settings,
         worker_class=ModuleWorker,
     ):
+        self.settings = settings
         self._group = WorkerGroup(bundles, devices, fail_fast, settings, worker_class)
         self._backend = backend
+        self._slot_count = len(bundles)
+        self._names = names  # each slot's context, as the user wrote it
+        self.state = State.STARTING
+        self.handles: list = []
+        self.slots: list[int] = []
+        self.nodes: list[dict] = []
+        self.generation = 0
+        self.pending: list[int] = []  # slots whose replacement worker is starting
+        self.placement_group = None
+        self.limits = policy.Limits(self._slot_count, elastic=False)
+        self.failures = 0  # failure events of the elastic run (policy.py says what one is)
+        self.broken_in_a_row = 0  # re-formings with no worker lost since a step last succeeded
+        self.steps_sent = 0  # training steps sent; a worker's applied() counts the same
+        self.committed = 0  # the step every member was at when the group last re-formed
+        self.lost: WorkerLostError | None = None  # why the run cannot go on (FAILED)
+        self._replicas: dict[int, Replica] = {}  # by module id
+        self._metric = None  # the metric the steps update on the workers
+        self._events: list[dict] = []  # membership changes the client has not read yet
+        self._unchecked: list[tuple[int, ray.ObjectRef, str]] = []
+        self._in_flight: dict[ray.ObjectRef, tuple] = {}  # step calls not read: (rank, kind)
+        self._chunks: deque[chunks.Chunk] = deque()  # in the order sent
+        self._synced: set[int] = set()  # slots whose workers hold every module, in step
+        self._recovering = False
+        self._next_poll = 0.0
 
-    def start(self) -> dict:
-        """Places the workers and forms their group; returns the membership."""
-        return self._group.start(self._backend)
+    # -- the client's calls: each returns (value, view) ------------------------------------------
+    def start(self) -> tuple:
+        """Places the workers and forms their group."""
+        self._adopt(self._group.start(self._backend))
+        self._synced = set(self.slots)
+        self._enter(State.RUNNING, f"{len(self.handles)} workers in generation {self.generation}")
+        return None, self.view()
 
-    def remove(self, slots: list[int]) -> None:
-        """Kills the workers of ``slots`` and starts replacements for them."""
-        self._group.remove(slots)
+    def view(self) -> dict:
+        """The membership as the client sees it, and the changes it has not read yet."""
+        events, self._events = self._events, []
+        return {
+            "handles": list(self.handles),
+            "slots": list(self.slots),
+            "nodes": list(self.nodes),
+            "generation": self.generation,
+            "pending": list(self.pending),
+            "placement_group": self.placement_group,
+            "steps_sent": self.steps_sent,
+            "failures": self.failures,
+            "state": self.state.name,
+            "events": events,
+        }
+
+    def configure(self, limits: policy.Limits, failures: int) -> tuple:
+        """Sets the run's limits (an elastic run's, or none) and the failures it had before."""
+        self.limits = limits
+        self.failures = failures
+        return None, self.view()
+
+    def post(self, method: str, args: tuple, per_worker=None, ranks=None, generation=None):
+        """Calls ``method(*args, *per_worker[rank])`` on the workers (or ``ranks``); an error
+        surfaces at the next :meth:`sync` or call. ``generation``: the one ``per_worker`` was
+        made for."""
+        self._check_generation(method, per_worker, generation)
+        self._note(method, args)
+        self._post(method, *args, per_worker=per_worker, ranks=ranks)
+        return None, self.view()
+
+    def call(self, method: str, args: tuple, per_worker=None, ranks=None, generation=None):
+        """Calls ``method`` on the workers and returns their results, in rank order."""
+        self._check_generation(method, per_worker, generation)
+        return self._call(method, *args, per_worker=per_worker, ranks=ranks), self.view()
+
+    def sync(self) -> tuple:
+        """Waits for every posted call and raises the first error among them."""
+        self._sync()
+        return None, self.view()
+
+    def create(self, mid: int, args: tuple, per_slot: list) -> tuple:
+        """Creates a module's replicas (``per_slot``: the arguments that differ by slot)."""
+        self._replicas[mid] = Replica(args, per_slot)
+        self._create(mid, range(len(self.handles)))
+        return None, self.view()
+
+    def bind(self, mid: int, args: tuple, shapes: tuple, work_load: list) -> tuple:
+        """Binds a module's replicas to the global ``shapes`` ((data, label) shapes) split by
+        ``work_load`` (by slot); returns the gradient storage types of worker 0's."""
+        replica = self._replicas[mid]
+        replica.shapes, replica.work_load = shapes, work_load
+        self._sync()
+        stypes = self._call("bind", mid, *args, per_worker=replica.split(self.slots))[0]
+        replica.bind = args
+        return stypes, self.view()
+
+    def reshape(self, mid: int, shapes: tuple) -> tuple:
+        replica = self._replicas[mid]
+        replica.shapes = shapes
+        self._post("reshape", mid, per_worker=replica.split(self.slots))
+        return None, self.view()
+
+    def set_metric(self, metric) -> tuple:
+        """The metric the steps update on the workers (None: they return outputs)."""
+        self._metric = metric
+        self._post("set_metric", metric)
+        return None, self.view()
+
+    def advance(self, kind: str, spec: dict | None, keep: int) -> tuple:
+        """Sends a chunk of steps (``spec``: see :func:`raymodule.chunks.steps_of`), then reads
+        the chunks in flight until at most ``keep`` are. Replacements that are up join first,
+        at this step boundary. Returns the steps finished, in order, each as ``(serial,
+        results per member or None, the slices they ran on)``: None for a step the survivors
+        of a loss had applied already; and the seconds each slot spent in them."""
+        done: list = []
+        seconds: dict[int, float] = {}
+        if spec is not None:
+            if self.pending and self.limits.elastic:
+                self._grow(done, seconds)
+            self._send(kind, chunks.steps_of(spec))
+        while len(self._chunks) > keep:
+            self._finish(done, seconds)
+        return {"steps": done, "seconds": seconds}, self.view()
+
+    def snapshot(self, mid: int, steps: int) -> tuple:
+        """Worker 0's copy of a module's state once it has applied ``steps`` (None then if a
+        step before failed: it was sent again, and this copy is not the run's)."""
+        return self._submit("snapshot", mid, steps, ranks=[0])[0], self.view()
 
     def ready(self, timeout_s: float = 0.0) -> list[int]:
-        """Slots whose replacement worker is up and can be admitted."""
+        """Slots whose replacement worker is up and can be admitted (tests ask)."""
         return self._group.ready(timeout_s)
-
-    def reform(self, admit: list[int]) -> dict:
-        """Admits the ready replacements of ``admit`` and forms the next generation's group."""
-        self._group.admit(admit)
-        return self._group.form(self._backend)
 
     def shutdown(self) -> None:
         self._group.stop()
+        self._enter(State.CLOSED, "shut down")
+
+    # -- state -------------------------------------------------------------------------------------
+    def _enter(self, state: State, why: str) -> None:
+        if state is not self.state:
+            log.info("raymodule controller: %s -> %s (%s)", self.state.name, state.name, why)
+            self.state = state
+
+    def _fail(self, error: WorkerLostError) -> WorkerLostError:
+        error.fatal = True  # the client's handle then refuses further calls itself
+        self.lost = error
+        self._enter(State.FAILED, str(error))
+        return error
+
+    def _adopt(self, membership: dict) -> None:
+        self.placement_group = membership["placement_group"]
+        self.handles = membership["handles"]
+        self.slots = membership["slots"]
+        self.nodes = membership["nodes"]
+        self.generation = membership["generation"]
+        self.pending = membership["pending"]
+
+    def _weights(self, work_load: list) -> list:
+        return [work_load[slot] for slot in self.slots]
+
+    def _check_generation(self, method, per_worker, generation) -> None:
+        if per_worker is not None and generation not in (None, self.generation):
+            raise WorkerLostError(
+                f"{method}(): the workers' membership changed (generation {generation} -> "
+                f"{self.generation}) since its per-worker arguments were made: call it again"
+            )
+
+    def _note(self, method: str, args: tuple) -> None:
+        """Keeps the journal of what the replicas were set up with."""
+        if method == "drop":
+            self._replicas.pop(args[0], None)
+        elif method == "set_params":
+            self._replicas[args[0]].params = True
+        elif method == "init_optimizer":
+            self._replicas[args[0]].optimizer = ("init_optimizer", args[1], {}, False)
+        elif method == "borrow_optimizer":
+            self._replicas[args[0]].optimizer = ("borrow_optimizer", args[1])
+        elif method == "update":
+            self.steps_sent += 1
+
+    # -- calls to the workers --------------------------------------------------------------------
+    def _submit(self, method: str, *args, per_worker=None, ranks=None) -> list[ray.ObjectRef]:
+        """Calls ``method(*args, *per_worker[rank])`` on every worker (or ``ranks``), no wait."""
+        if self.lost is not None:
+            raise self.lost
+        if self.state is State.CLOSED:
+            raise WorkerLostError("this module was closed; its workers are gone")
+        refs = []
+        for rank in range(len(self.handles)) if ranks is None else ranks:
+            extra = per_worker[rank] if per_worker is not None else ()
+            refs.append(getattr(self.handles[rank], method).remote(*args, *extra))
+        return refs
+
+    def _post(self, method: str, *args, per_worker=None, ranks=None) -> None:
+        ranks = list(range(len(self.handles))) if ranks is None else ranks
+        refs = self._submit(method, *args, per_worker=per_worker, ranks=ranks)
+        self._unchecked.extend((rank, ref, method) for rank, ref in zip(ranks, refs))
+
+    def _call(self, method: str, *args, per_worker=None, ranks=None) -> list:
+        """In an elastic run a worker lost during the call is recovered from here: a read of
+        the replicated state (``_REPEATABLE``) is then asked again of the new group; any other
+        call cannot be, and says so."""
+        while True:
+            refs = self._submit(method, *args, per_worker=per_worker, ranks=ranks)
+            try:
+                return self._get(refs, method, ranks)
+            except StepsFailed as failure:
+                self._recover_here(failure)
+                if method not in _REPEATABLE or per_worker is not None or ranks not in (None, [0]):
+                    raise WorkerLostError(
+                        f"a worker was lost during {method}(); the run went on without it "
+                        "but this call's result is gone: call it again"
+                    ) from None
+
+    def _sync(self) -> None:
+        """Waits for every posted call and raises the first error among them (in an elastic
+        run, a worker lost meanwhile is recovered from: the survivors hold what was posted,
+        and replacements take a survivor's state)."""
+        unchecked, self._unchecked = self._unchecked, []
+        if not unchecked:
+            return
+        ranks, refs, methods = zip(*unchecked)
+        try:
+            self._get(list(refs), "/".join(dict.fromkeys(methods)), list(ranks))
+        except StepsFailed as failure:
+            self._recover_here(failure)
+
+    def _recover_here(self, failure: StepsFailed) -> None:
+        """A failure seen outside the steps in flight is recovered from where it is seen;
+        inside a recovery, that starts again."""
+        if self._recovering:
+            raise failure
+        self._recover(failure)
+
+    def _get(self, refs: list, method: str, ranks=None) -> list:
+        """``ray.get`` that names the worker, says a lost worker is lost, and never hangs.
+
+        A worker is lost when its process or node is gone, or when it is silent: still busy
+        ``RAYMODULE_COLLECTIVE_TIMEOUT_S`` after a peer's call failed (its peers' collective
+        timed out waiting for it), or ``RAYMODULE_CALL_TIMEOUT_S`` after the call. In an
+        elastic run that raises :class:`StepsFailed` to recover from; otherwise the module
+        cannot go on and says so.
+        """
+        ranks = list(range(len(refs))) if ranks is None else ranks
+        kinds = {self._in_flight.pop(ref, (None, None))[1] for ref in refs}
+        outcomes, seen_at, last = _await(refs, self.settings)
+        results, lost, broken, failed = [], {}, "", None
+        for rank, (kind, value) in zip(ranks, outcomes):
+            if kind == "ok":
+                results.append(value)
+            elif kind == "broken":
+                broken = broken or first_line(value)
+            elif kind == "failed":
+                failed = failed or (rank, value)
+            elif kind:
+                lost.setdefault(rank, _why_lost(kind, value, self.settings))
+        if failed and not lost:
+            rank, err = failed
+            raise in_words(err, f"worker {rank} failed in {method}()") from None
+        if lost or broken:
+            if self.limits.elastic:
+                slowest = ranks[last] if last is not None else None
+                raise StepsFailed(method, lost, broken, seen_at, slowest)
+            raise self._fail(
+                WorkerLostError(
+                    f"{self._describe_lost(lost) if lost else 'the collective group broke'} "
+                    f"during {method}(): {'; '.join(lost.values()) or broken}. The module "
+                    "cannot continue; create a new one, or train with "
+                    "fit(..., run=raymodule.RunConfig(...)) to go on through lost workers"
+                )
+            )
+        if kinds == {"train_step"}:  # the group summed gradients: it works again
+            self.broken_in_a_row = 0
+        return results
+
+    def _describe_lost(self, lost: dict[int, str]) -> str:
+        described = []
+        for rank in sorted(lost):
+            node = self.nodes[rank]
+            described.append(
+                f"worker {rank} ({self._names[self.slots[rank]]}, pid {node.get('pid', '?')}, "
+                f"node {str(node.get('node', '?'))[:8]})"
+            )
+        return ", ".join(described) + (" was lost" if len(lost) == 1 else " were lost")
+
+    # -- steps -------------------------------------------------------------------------------------
+    def _send(self, kind: str, steps: list[chunks.Step]) -> None:
+        """Sends ``steps`` to every member in one call each, for this generation."""
+        if kind == "train_step":
+            for step in steps:
+                self.steps_sent += 1
+                step.number = self.steps_sent
+        weights = [self._weights(self._replicas[step.mid].work_load) for step in steps]
+        args = chunks.worker_args(steps, weights)
+        mids = [step.mid for step in steps]
+        refs = [
+            handle.steps.remote(kind, mids, batches, self.generation, plan)
+            for handle, (batches, plan) in zip(self.handles, args)
+        ]
+        self._in_flight.update((ref, (rank, kind)) for rank, ref in enumerate(refs))
+        self._chunks.append(chunks.Chunk(kind, steps, refs, list(self.slots), self.generation))
+
+    def _finish(self, done: list, seconds: dict) -> None:
+        """Reads the oldest chunk in flight into ``done``; after a loss, sends the steps in
+        flight again to the re-formed group."""
+        chunk = self._chunks[0]
+        try:
+            per_worker = self._get(chunk.refs, chunk.kind)
+        except StepsFailed as failure:
+            if chunk.generation == self.generation:
+                self._resend(self._recover(failure), done)
+            else:  # sent before a re-forming that a call in between went through
+                self._resend(self.committed, done)
+            return
+        self._chunks.popleft()
+        for slot, (_, took) in zip(chunk.slots, per_worker):
+            seconds[slot] = seconds.get(slot, 0.0) + took
+        for index, step in enumerate(chunk.steps):
+            done.append((step.serial, [results[index] for results, _ in per_worker], step.slices))
+
+    def _resend(self, committed: int, done: list) -> None:
+        """Sends the steps in flight again to the re-formed group, but for those applied
+        before it (up to step ``committed``), which are finished without results."""
+        void = [step for chunk in self._chunks for step in chunk.steps]
+        kind = self._chunks[0].kind
+        self._chunks.clear()
+        self._post("set_metric", self._metric)
+        again = []
+        for step in void:
+            if kind == "train_step" and step.number <= committed:
+                done.append((step.serial, None, None))  # applied by the survivors
+            else:
+                again.append(step)
+        per_call = max(1, self.settings.steps_per_call)
+        for start in range(0, len(again), per_call):
+            self._send(kind, again[start : start + per_call])
+
+    def _grow(self, done: list, seconds: dict) -> None:
+        """At a step boundary: admits replacement workers that are up (asked at most every
+        RAYMODULE_ADMIT_INTERVAL_S); the steps in flight are finished first."""
+        if time.monotonic() < self._next_poll:
+            return
+        self._next_poll = time.monotonic() + self.settings.admit_interval_s
+        ready = self._group.ready(0.0)
+        admit = ready[: policy.to_admit(self._slot_count, len(self.handles), len(ready))]
+        if not admit:
+            return
+        tic, before = time.monotonic(), len(self.handles)
+        while self._chunks:
+            self._finish(done, seconds)
+        self._sync()
+        admit = [slot for slot in admit if slot in self.pending]  # a recovery may have taken it
+        if not admit:
+            return
+        self._enter(State.GROWING, f"admitting slots {admit}")
+        self._recovering = True
+        try:
+            committed = self._reform(admit)
+        except StepsFailed as failure:  # a worker lost while the replacements joined
+            lost_while_joining = failure
+        else:
+            lost_while_joining = None
+        finally:
+            self._recovering = False
+        if lost_while_joining is not None:
+            self._recover(lost_while_joining)
+            return
+        self._enter(State.RUNNING, "replacements joined")
+        joined = ", ".join(f"slot {s}" for s in admit)
+        self._announce(
+            "grown", f"replacement for {joined} joined", before, tic, {"step": committed}
+        )
+
+    # -- recovery ----------------------------------------------------------------------------------
+    def _recover(self, failure: StepsFailed) -> int:
+        """Removes the lost workers (their replacements start), re-forms the group of the
+        survivors and the replacements already up, and brings them all to the latest step a
+        survivor applied. A worker lost meanwhile is removed too, in the same recovery: the
+        change is announced once, with every worker it lost. Returns that step; the steps
+        after it are sent again. Storage is never read here: when nobody survived,
+        :class:`EveryWorkerLost` leaves it to ``fit``."""
+        tic, before, during = failure.seen_at, len(self.handles), failure.method
+        gone: list[int] = []
+        why: list[str] = []
+        self._enter(State.RECOVERING, str(failure))
+        self._recovering = True
+        try:
+            while True:
+                try:
+                    committed = self._recover_once(failure, gone, why)
+                    break
+                except StepsFailed as again:  # another worker lost while recovering
+                    failure = again
+        finally:
+            self._recovering = False
+        self._enter(State.RUNNING, f"generation {self.generation}, {len(self.handles)} workers")
+        extra = {"lost": [f"slot {s}" for s in gone], "step": committed, "during": during}
+        self._announce("lost" if gone else "re-formed", "; ".join(why), before, tic, extra)
+        return committed
+
+    def _recover_once(self, failure: StepsFailed, gone: list[int], why: list[str]) -> int:
+        """One attempt of :meth:`_recover`; appends the slots it removes to ``gone`` and says
+        why in ``why``."""
+        lost = dict(failure.lost)
+        self._settle(lost)
+        self.broken_in_a_row = 0 if lost else self.broken_in_a_row + 1
+        decision = self._decide(lost)
+        if decision.action is policy.Action.EVICT:
+            rank = failure.slowest if failure.slowest is not None else len(self.handles) - 1
+            lost[rank] = f"evicted: {decision.reason}"
+            self.broken_in_a_row = 0
+            decision = self._decide(lost)
+        if lost:
+            self.failures += 1
+        if decision.action in (policy.Action.FAIL, policy.Action.RESTART):
+            # RESTART needs new workers from storage: fit() does that on EveryWorkerLost
+            error = WorkerLostError if decision.action is policy.Action.FAIL else EveryWorkerLost
+            raise self._fail(
+                error(
+                    f"{self._describe_lost(lost) if lost else 'the group broke'} during "
+                    f"{failure.method}(): {'; '.join(lost.values()) or failure.broken}"
+                    + (f"; {decision.reason}" if decision.reason else "")
+                )
+            )
+        removed = [self.slots[r] for r in sorted(lost)]
+        why.append(
+            f"{self._describe_lost(lost)}: {'; '.join(lost.values())}"
+            if lost
+            else f"group broke: {failure.broken}"
+        )
+        if removed:
+            gone.extend(removed)
+            self._synced.difference_update(removed)
+            self._group.remove(removed)
+        live = len(self.handles) - len(removed)
+        wait = decision.action is policy.Action.WAIT
+        return self._reform(self._wait_for_floor(live, wait, why[-1]))
+
+    def _decide(self, lost: dict) -> policy.Decision:
+        return policy.on_loss(
+            self.limits,
+            policy.Loss(
+                survivors=len(self.handles) - len(lost),
+                lost=len(lost),
+                failures_before=self.failures,
+                broken_in_a_row=self.broken_in_a_row,
+            ),
+        )
+
+    def _wait_for_floor(self, live: int, wait: bool, loss: str) -> list[int]:
+        """Replacements to admit now: those already up; while below the floor, waits for
+        more (bounded by RAYMODULE_MIN_WORKERS_WAIT_S), then fails as the policy says."""
+        ready = self._group.ready(0.0)
+        start = time.monotonic()
+        limit = self.settings.min_workers_wait_s
+        while wait and live + len(ready) < self.limits.floor:
+            self._enter(State.WAITING_FOR_WORKERS, loss)
+            waited = time.monotonic() - start
+            if waited >= limit:
+                break
+            log.warning(
+                "raymodule: %d of %d workers, below the floor of %d: waiting for replacements "
+                "(%.0f s of %.0f s)",
+                live + len(ready), self._slot_count, self.limits.floor, waited, limit,
+            )  # fmt: skip
+            step = min(limit - waited, self.settings.placement_report_interval_s)
+            ready = sorted(set(ready) | set(self._group.ready(step)))
+        decision = policy.after_wait(self.limits, live + len(ready), time.monotonic() - start)
+        if decision.action is policy.Action.FAIL:
+            raise self._fail(WorkerLostError(f"{loss}; {decision.reason}"))
+        self._enter(State.RECOVERING, f"re-forming with {live + len(ready)} workers")
+        return ready
+
+    def _reform(self, admit: list[int]) -> int:
+        """Forms the next generation's group of the members and the ready replacements of
+        ``admit`` (slots), sets up every module on each worker not yet in step (admitted now,
+        or earlier by a re-forming that a later loss cut short) from the journal, splits every
+        module's batch anew and brings everyone to the latest step a member in step applied.
+        A member lost meanwhile raises :class:`StepsFailed` (for :meth:`_recover`)."""
+        self._group.admit(admit)
+        membership = self._group.form(self._backend)
+        self._adopt(membership)
+        if membership["lost"]:
+            rank_of = {slot: rank for rank, slot in enumerate(self.slots)}
+            lost = {rank_of[slot]: why for slot, why in membership["lost"].items()}
+            raise StepsFailed("re-form", lost, "")
+        new = [rank for rank, slot in enumerate(self.slots) if slot not in self._synced]
+        old = [rank for rank, slot in enumerate(self.slots) if slot in self._synced]
+        if not old:
+            raise self._fail(EveryWorkerLost("every worker holding the run's state was lost"))
+        applied = self._call("applied", ranks=old)
+        committed = max(applied)
+        source = old[applied.index(committed)]
+        behind = [r for r, a in zip(old, applied) if a < committed] + new
+        replicas = sorted(self._replicas.items())
+        for mid, replica in replicas:
+            self._create(mid, new)
+            if replica.bind is None:
+                continue
+            per_worker = replica.split(self.slots)
+            if old:
+                self._post("reshape", mid, per_worker=per_worker, ranks=old)
+            if new:
+                self._post("bind", mid, *replica.bind, per_worker=per_worker, ranks=new)
+        snapshots = {
+            mid: self._submit("snapshot", mid, committed, ranks=[source])[0]
+            for mid, replica in replicas
+            if behind and replica.holds_state
+        }
+        for mid, snapshot in snapshots.items():  # parameters, and survivors' optimizer states
+            self._post("restore", mid, snapshot, ranks=behind)
+        for mid, replica in replicas:
+            if new and replica.bind is not None and replica.optimizer is not None:
+                self._post(replica.optimizer[0], mid, *replica.optimizer[1:], ranks=new)
+        for mid, snapshot in snapshots.items():  # the new workers' optimizer states
+            self._post("restore", mid, snapshot, ranks=new)
+        if new:
+            self._post("set_metric", self._metric, ranks=new)
+        self._sync()
+        self._synced = set(self.slots)
+        self.steps_sent = self.committed = committed
+        return committed
+
+    def _create(self, mid: int, ranks) -> None:
+        replica = self._replicas[mid]
+        per_worker = {rank: replica.per_slot[self.slots[rank]] for rank in ranks}
+        if per_worker:
+            self._post("create", mid, *replica.create, per_worker=per_worker, ranks=list(ranks))
+
+    def _settle(self, lost: dict[int, str]) -> None:
+        """Waits for the survivors' calls in flight (they fail at once: their group is
+        broken); a survivor that does not answer within the collective timeout is lost too."""
+        unchecked, self._unchecked = self._unchecked, []
+        in_flight, self._in_flight = self._in_flight, {}
+        waiting = {ref: rank for ref, (rank, _) in in_flight.items() if rank not in lost}
+        waiting.update({ref: rank for rank, ref, _ in unchecked if rank not in lost})
+        if not waiting:
+            return
+        _, late = ray.wait(
+            list(waiting), num_returns=len(waiting), timeout=self.settings.collective_timeout_s
+        )
+        for ref in late:
+            lost.setdefault(waiting[ref], _why_lost("silent", None, self.settings))
+
+    def _announce(self, change: str, why: str, before: int, tic: float, extra: dict) -> None:
+        """Queues a membership change for the client (:meth:`view`), which logs and records
+        it."""
+        self._events.append(
+            {
+                "event": "membership",
+                "change": change,
+                "why": why,
+                "world_size": len(self.handles),
+                "previous_world_size": before,
+                "generation": self.generation,
+                "recovery_s": round(time.monotonic() - tic, 3),
+                "pending": list(self.pending),
+                "failures": self.failures,
+                **extra,
+            }
+        )
 
 
 RemoteController = ray.remote(num_cpus=0, max_restarts=0)(Controller)
+
+
+def forming_s(settings: Settings) -> float:
+    """The longest a re-forming may take: leaving, the rendezvous, then joining (twice the
+    collective timeout), each bounded by the collective timeout."""
+    return 4 * settings.collective_timeout_s
+
+
+def longest_call_s(settings: Settings, slots: int) -> float:
+    """The longest one controller call may take: a call to the workers, then recoveries (at
+    most one per worker, and the re-formings with nobody lost the policy allows), each
+    settling the calls in flight, waiting for replacements and re-forming."""
+    recovery = settings.collective_timeout_s + settings.min_workers_wait_s + forming_s(settings)
+    recoveries = slots + settings.max_reforms + 1
+    return settings.call_timeout_s + recoveries * (recovery + settings.call_timeout_s)
+
+
+def _await(refs: list, settings: Settings) -> tuple[list[tuple[str, object]], float, int | None]:
+    """Each call's outcome: ("ok", result), ("broken", err) for a worker whose group broke,
+    ("dead", err), ("silent", None) for one that did not answer in time, or ("failed", err)
+    for an error of the worker's own, which ends the wait at once (the others: ("", None));
+    when the first call that did not succeed was seen (0.0 if none); and the index of the
+    failed call that came back last (the slowest member, when the group broke)."""
+    outcomes: list = [None] * len(refs)
+    seen_at, last = 0.0, None
+    index = {ref: i for i, ref in enumerate(refs)}
+    pending = list(refs)
+    deadline = time.monotonic() + settings.call_timeout_s
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+        if not ready:
+            left = max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready:
+                break
+        for ref in ready:
+            i = index[ref]
+            try:
+                outcomes[i] = ("ok", ray.get(ref))
+                continue
+            except ray.exceptions.RayActorError as err:
+                outcomes[i] = ("dead", err)
+            except ray.exceptions.RayTaskError as err:
+                if not isinstance(getattr(err, "cause", None), GroupBrokenError):
+                    outcomes[i] = ("failed", err)
+                    return [o or ("", None) for o in outcomes], time.monotonic(), i
+                outcomes[i] = ("broken", err)
+            last = i
+            # a peer is gone or its group broke: the others answer within the collective timeout
+            seen_at = seen_at or time.monotonic()
+            deadline = min(deadline, seen_at + settings.collective_timeout_s)
+    if None in outcomes:
+        seen_at = seen_at or time.monotonic()
+    return [o or ("silent", None) for o in outcomes], seen_at, last
+
+
+def _why_lost(kind: str, err, settings: Settings) -> str:
+    if kind == "silent":
+        return (
+            f"silent: no answer within RAYMODULE_COLLECTIVE_TIMEOUT_S="
+            f"{settings.collective_timeout_s:g} s after its peers' collective failed"
+        )
+    return f"{type(err).__name__}: {first_line(err)}"
+
+
+def in_words(err: Exception, what: str) -> Exception:
+    """The error to raise for a failed Ray call: raymodule's own error (e.g. a PlacementError,
+    already in words) as it is, anything else as a WorkerError saying what failed."""
+    cause = getattr(err, "cause", None) or err
+    if isinstance(cause, RayModuleError):
+        return cause
+    return WorkerError(f"{what}: {type(cause).__name__}: {cause}")
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -18,6 +18,7 @@ from mxnet.io import DataDesc
 __all__ = [
     "Batch",
     "split_slices",
+    "split_shapes",
     "batch_axes",
     "to_batch",
     "to_numpy",
@@ -38,6 +39,33 @@ def split_slices(batch_size: int, work_load_list: list[float]) -> list[slice]:
             f"with work_load_list={list(work_load_list)}: some workers would get no samples; "
             f"use a batch of at least {len(work_load_list)} samples (more for uneven weights)"
         ) from None
+
+
+def with_batch(desc: DataDesc, size: int) -> DataDesc:
+    """``desc`` with ``size`` samples on its batch axis."""
+    axis = DataDesc.get_batch_axis(desc.layout)
+    shape = list(desc.shape)
+    shape[axis] = size
+    return DataDesc(desc.name, tuple(shape), desc.dtype, desc.layout)
+
+
+def split_shapes(data_shapes, label_shapes, work_load_list: list[float]):
+    """The work split of a global batch of these shapes: each worker's slice of it, and each
+    worker's ``(data_shapes, label_shapes)``."""
+    sizes = {d.shape[DataDesc.get_batch_axis(d.layout)] for d in data_shapes}
+    if len(sizes) != 1:
+        raise ValueError(f"data_shapes={data_shapes}: every input needs the same batch size")
+    slices = split_slices(sizes.pop(), work_load_list)
+    per_worker = []
+    for part in slices:
+        n = part.stop - part.start
+        per_worker.append(
+            (
+                [with_batch(d, n) for d in data_shapes],
+                [with_batch(d, n) for d in label_shapes] if label_shapes else None,
+            )
+        )
+    return slices, per_worker
 
 
 def batch_axes(descs: list[DataDesc] | None) -> list[int]:
@@ -63,6 +91,27 @@ class Batch:
     def parts(self, slices: list[slice]) -> list[Batch]:
         """One batch per worker holding only its slice: what is sent to that worker."""
         return [Batch(*self.worker_slice(s), self.data_axes, self.label_axes) for s in slices]
+
+    @staticmethod
+    def join(pieces: list[Batch]) -> Batch:
+        """Consecutive pieces of a batch as one (an input without a batch axis is whole in
+        every piece)."""
+        first = pieces[0]
+        if len(pieces) == 1:
+            return first
+
+        def joined(arrays, axes) -> list[np.ndarray]:
+            return [
+                np.concatenate([p[i] for p in arrays], axis=axis) if axis >= 0 else arrays[0][i]
+                for i, axis in enumerate(axes)
+            ]
+
+        return Batch(
+            joined([p.data for p in pieces], first.data_axes),
+            joined([p.label for p in pieces], first.label_axes),
+            first.data_axes,
+            first.label_axes,
+        )
 
 
 def _take(array: np.ndarray, axis: int, part: slice) -> np.ndarray:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import mxnet as mx
@@ -23,10 +22,10 @@ from mxnet.model import BatchEndParam
 
 from . import continuity, data, metrics, policy, runtime
 from .constants import Settings
+from .controller import EveryWorkerLost
 from .errors import CallOrderError, Preempted, ResumeMismatch, WorkerLostError
 from .kvstore import check_kvstore
 from .run import Run, RunConfig
-from .workerset import EveryWorkerLost, StepsFailed
 
 __all__ = ["TrainingLoops", "run_steps", "Epoch"]
 
@@ -49,8 +48,6 @@ class _Step:
     data_batch: object
     batch: object  # the global batch as numpy (data.Batch)
     target: object  # the raymodule Module that runs it
-    number: int = 0  # for training: the step count a worker has applied after it
-    slices: list | None = None  # how it was split over the workers when it was sent
 
 
 def run_steps(
@@ -87,104 +84,70 @@ def run_steps(
     next batch boundary the same way, finishes the steps sent and raises
     :class:`raymodule.errors.Preempted`.
 
-    In an elastic run, a step that fails because workers were lost is run again on the group
-    the workers re-form (:meth:`WorkerSet.recover`); so is every step sent after it. Steps the
-    survivors had applied are not run again: their metric updates are missing, their
-    callbacks are still called. Returns an :class:`Epoch`.
+    The controller runs the steps (:meth:`raymodule.controller.Controller.advance`): this
+    loop puts each worker's part of every chunk of batches in the object store, hands the
+    controller the references and reads back the steps finished, in order. In an elastic
+    run, steps that a lost worker voided are run again on the re-formed group; steps the
+    survivors had applied are not: their metric updates are missing, their callbacks are
+    still called. Returns an :class:`Epoch`.
     """
     workers = module._workers
     workers.sync()
-    workers.post("set_metric", metric)
+    workers.set_metric(metric)
     on_workers = metrics.runs_on_workers(metric)
-    training = method == "train_step"
     if monitor is not None:  # statistics are collected step by step, as MXNet does
         per_call, depth = 1, 0
     else:
         per_call = workers.settings.steps_per_call
         depth = workers.settings.pipeline_depth
-    inflight: deque = deque()  # (steps, refs per rank, slots, generation) in the order sent
+    sent: dict[int, _Step] = {}  # by serial, until finished
     chunk: list[_Step] = []
-    seen_generation = workers.generation  # of the group the loop last sent to or set up
     final: list = []
     seconds: dict[int, float] = {}
+    serials = iter(range(1 << 62))
     done = 0
 
-    def send(steps: list[_Step] | None = None) -> None:
-        steps = chunk if steps is None else steps
-        if not steps:
-            return
-        nonlocal seen_generation
-        if seen_generation != workers.generation:  # re-formed outside the loop (in a callback)
-            if inflight:
-                resend(workers.committed)
-            else:  # a replacement may have joined: it needs the metric too
-                workers.post("set_metric", metric)
-                seen_generation = workers.generation
-        if monitor is not None:
-            monitor.tic()
-        if training:
-            for step in steps:
-                step.number = workers.count_step()
-        mids = [step.target._id for step in steps]
-        for step in steps:
-            step.slices = step.target._slices
-        parts = zip(*(step.batch.parts(step.slices) for step in steps))
-        refs = workers.send_steps(method, mids, [ray.put(list(part)) for part in parts])
-        inflight.append((list(steps), refs, list(workers.slots), workers.generation))
-        steps.clear() if steps is chunk else None
+    def advance(keep: int) -> None:
+        """Sends the chunk (if any), then reads finished steps until ``keep`` chunks are in
+        flight; runs their callbacks."""
+        spec = None
+        if chunk:
+            if monitor is not None:
+                monitor.tic()
+            ids = [next(serials) for _ in chunk]
+            sent.update(zip(ids, chunk))
+            slices = [step.target._slices for step in chunk]
+            parts = zip(*(step.batch.parts(cut) for step, cut in zip(chunk, slices)))
+            spec = {
+                "serials": ids,
+                "mids": [step.target._id for step in chunk],
+                "sizes": [cut[-1].stop for cut in slices],
+                "slices": [[(c.start, c.stop) for c in cut] for cut in slices],
+                "sources": [ray.put(list(part)) for part in parts],
+            }
+            chunk.clear()
+        finished = workers.advance(method, spec, keep)
+        for slot, took in finished["seconds"].items():
+            seconds[slot] = seconds.get(slot, 0.0) + took
+        for serial, results, slices in finished["steps"]:
+            report(sent.pop(serial), results, slices)
 
-    def report(step: _Step, results, last: bool) -> None:
+    def report(step: _Step, results, slices) -> None:
         nonlocal done
         if results is not None and on_workers:
             for increments in results:
                 metrics.add_counters(metric, increments)
         elif results is not None:
-            labels = [step.batch.worker_slice(part)[1] for part in step.slices]
+            labels = [step.batch.worker_slice(part)[1] for part in slices]
             metrics.update_per_slice(
                 metric, step.target.label_names, step.target.output_names, labels, results
             )
         if monitor is not None:
             monitor.toc_print()
-        if last:
-            final.extend(metric.get_global_name_value())
         _call_back(
             batch_end_callback, module, data_iter, step.data_batch, epoch, step.nbatch, metric
         )
         done += 1
-
-    def finish(last_chunk: bool) -> None:
-        steps, refs, slots, generation = inflight[0]
-        try:
-            per_worker = workers.get(refs, method)
-        except StepsFailed as failure:
-            if generation == workers.generation:
-                resend(workers.recover(failure))
-            else:  # sent before a re-forming that a callback's call went through
-                resend(workers.committed)
-            return
-        inflight.popleft()
-        for slot, (_, took) in zip(slots, per_worker):
-            seconds[slot] = seconds.get(slot, 0.0) + took
-        for index, step in enumerate(steps):
-            last = last_chunk and not inflight and index == len(steps) - 1
-            report(step, [results[index] for results, _ in per_worker], last)
-
-    def resend(committed: int) -> None:
-        """Sends the steps in flight again to the re-formed group, but for those applied
-        before it (up to step ``committed``), which are only reported."""
-        nonlocal seen_generation
-        void = [step for steps, _, _, _ in inflight for step in steps]
-        inflight.clear()
-        workers.post("set_metric", metric)
-        seen_generation = workers.generation
-        again = []
-        for step in void:
-            if training and step.number <= committed:
-                report(step, None, last=False)  # applied by the survivors before the loss
-            else:
-                again.append(step)
-        for start in range(0, len(again), per_call):
-            send(again[start : start + per_call])
 
     end, samples, given = first_batch, 0, 0
     for nbatch, data_batch in enumerate(data_iter):
@@ -194,8 +157,7 @@ def run_steps(
         if nbatch < first_batch:
             continue
         if stop is not None and stop():
-            send()
-            _drain(finish, inflight)  # first: a loss meanwhile would void the checkpoint's copy
+            advance(keep=0)  # first: a loss meanwhile would void the checkpoint's copy
             if nbatch > first_batch:  # else the checkpoint it resumed from, or the epoch's end
                 on_checkpoint(nbatch, workers.steps_sent)
             raise Preempted(
@@ -203,42 +165,27 @@ def run_steps(
                 "run it again with the same RunConfig.name to go on from there"
             )
         if checkpoint_every and nbatch > first_batch and nbatch % checkpoint_every == 0:
-            send()
+            advance(keep=depth)
             on_checkpoint(nbatch, workers.steps_sent)
         end = nbatch + 1
-        target = module._step_module(data_batch, flush=send)
+        target = module._step_module(data_batch, flush=lambda: advance(keep=depth))
         target.prepare(data_batch, sparse_row_id_fn=sparse_row_id_fn)
         batch = target._batch(data_batch)
         samples += batch.data[0].shape[batch.data_axes[0]] if batch.data else 0
         chunk.append(_Step(nbatch, data_batch, batch, target))
         if len(chunk) >= per_call:
-            send()
-        # after every send (a checkpoint's or a bucket switch's flush sends too): no more than
-        # RAYMODULE_PIPELINE_DEPTH calls ahead of the results read, and callbacks that trail
-        # by no more than that
-        while len(inflight) > depth:
-            finish(last_chunk=False)
-        if workers.pending:  # replacements join at this step boundary (send sets them up)
-            workers.grow(drain=lambda: _drain(finish, inflight))
+            advance(keep=depth)
     if given <= first_batch and first_batch > 0:  # nothing was sent: nothing trained or written
         raise ResumeMismatch(
             f"the run resumes epoch {epoch} after batch {first_batch}, but train_data gives "
             f"only {given} batches in it: it is not the data the run was trained on. Resume "
             "with that data, or start a new run: another RunConfig(name=...)"
         )
-    send()
-    while inflight:
-        finish(last_chunk=True)
+    advance(keep=0)
+    final.extend(metric.get_global_name_value())
 
     _call_back(score_end_callback, module, data_iter, None, epoch, done, metric)
-    if not final:
-        final.extend(metric.get_global_name_value())
     return Epoch(final, end, samples, seconds)
-
-
-def _drain(finish, inflight) -> None:
-    while inflight:
-        finish(last_chunk=False)
 
 
 def _call_back(callbacks, module, data_iter, data_batch, epoch, nbatch, metric) -> None:
@@ -429,7 +376,7 @@ class TrainingLoops:
         def checkpoint(epoch: int, batch: int, steps: int) -> None:
             # worker 0's copy, taken after the steps sent so far: every replica is at this step
             # (None if a step before failed: it is run again and the checkpoint skipped)
-            snapshot = self._workers.submit("snapshot", self._snapshot_id, steps, ranks=[0])[0]
+            snapshot = self._workers.snapshot(self._snapshot_id, steps)
             run_folder.checkpoint(
                 snapshot,
                 self._checkpoint_files(),
@@ -503,8 +450,7 @@ class TrainingLoops:
                 train_data.reset()
         finally:
             if self._workers is not None:
-                self._workers.limits = policy.Limits(len(self._context), elastic=False)
-                self._workers.on_membership = None
+                self._workers.end_run()
 
     def _elastic(self, run_folder: Run, epoch, failures_before: int) -> None:
         """Makes the workers go on through lost workers within the run's limits
@@ -512,17 +458,17 @@ class TrainingLoops:
         each membership change in the run's metrics (``epoch()``: the epoch it happens in)."""
         config = run_folder.config
         workers = self._workers
-        workers.limits = policy.Limits(
+        workers.on_membership = lambda event: run_folder.record_event(
+            dict(event, during_epoch=epoch())
+        )
+        limits = policy.Limits(
             len(self._context),
             config.min_workers,
             config.max_failures,
             elastic=True,
             max_reforms=workers.settings.max_reforms,
         )
-        workers.failures = failures_before
-        workers.on_membership = lambda event: run_folder.record_event(
-            dict(event, during_epoch=epoch())
-        )
+        workers.configure(limits, failures_before)
 
     def score(
         self,

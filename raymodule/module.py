@@ -23,8 +23,8 @@ from mxnet.module.executor_group import _prepare_group2ctxs
 
 from . import continuity, data, loop, metrics, params, storage
 from .errors import CallOrderError
+from .handle import ControllerHandle
 from .kvstore import SUPPORTED_KVSTORES, check_kvstore
-from .workerset import WorkerSet
 
 __all__ = ["Module", "SUPPORTED_KVSTORES"]
 
@@ -41,13 +41,6 @@ def _check_optimizer_name(name: str) -> None:
     if name.lower() not in opt.Optimizer.opt_registry:
         known = ", ".join(sorted(opt.Optimizer.opt_registry))
         raise ValueError(f"optimizer={name!r} is not a registered MXNet optimizer; known: {known}")
-
-
-def _with_batch(desc: DataDesc, size: int) -> DataDesc:
-    axis = DataDesc.get_batch_axis(desc.layout)
-    shape = list(desc.shape)
-    shape[axis] = size
-    return DataDesc(desc.name, tuple(shape), desc.dtype, desc.layout)
 
 
 def _load_ndarrays(location: str) -> dict:
@@ -146,14 +139,13 @@ class Module(loop.TrainingLoops, BaseModule):
         self._grad_req = None
         self._data_shapes = None
         self._label_shapes = None
-        self._slices = None
         self._monitor = None
-        self._array_contexts = None  # per worker, where its outputs etc. live (array_contexts)
+        self._array_contexts = (0, None)  # (generation, where each worker's arrays live)
 
         self._shared_module: Module | None = None  # bound with shared_module=
         self._borrowed_from: Module | None = None  # borrow_optimizer(...)
         self._id = next(_module_ids)
-        self._workers: WorkerSet | None = None
+        self._workers: ControllerHandle | None = None
         self._owns_workers = False
 
     @property
@@ -174,7 +166,6 @@ class Module(loop.TrainingLoops, BaseModule):
         """Releases the workers (a module sharing them releases only its own replicas)."""
         if self._workers is None:
             return
-        self._workers.modules.pop(self._id, None)  # not set up again after a membership change
         if self._owns_workers:
             self._workers.close()
         elif not self._workers.closed:
@@ -235,10 +226,9 @@ class Module(loop.TrainingLoops, BaseModule):
 
     def _reset_bind(self):
         self.binded = False
-        self._array_contexts = None
+        self._array_contexts = (0, None)
         self._data_shapes = None
         self._label_shapes = None
-        self._slices = None
 
     # -- names and shapes ------------------------------------------------------------------------
     @property
@@ -284,7 +274,7 @@ class Module(loop.TrainingLoops, BaseModule):
         return self._workers.world_size
 
     @property
-    def workers(self) -> WorkerSet | None:
+    def workers(self) -> ControllerHandle | None:
         """The worker actors of this module (``None`` before ``bind``)."""
         return self._workers
 
@@ -328,24 +318,19 @@ class Module(loop.TrainingLoops, BaseModule):
                 )
 
     def _split(self, data_shapes, label_shapes):
-        """Per-worker shapes and slices for global shapes."""
-        sizes = {d.shape[DataDesc.get_batch_axis(d.layout)] for d in data_shapes}
-        if len(sizes) != 1:
-            raise ValueError(f"data_shapes={data_shapes}: every input needs the same batch size")
+        """Per-worker slices and shapes for global shapes, over the workers training now
+        (the controller splits the same way)."""
         weights = self._work_load_list
         if self._workers is not None:
             weights = self._workers.weights(weights)
-        slices = data.split_slices(sizes.pop(), weights)
-        per_worker = []
-        for part in slices:
-            n = part.stop - part.start
-            per_worker.append(
-                (
-                    [_with_batch(d, n) for d in data_shapes],
-                    [_with_batch(d, n) for d in label_shapes] if label_shapes else None,
-                )
-            )
-        return slices, per_worker
+        return data.split_shapes(data_shapes, label_shapes, weights)
+
+    @property
+    def _slices(self) -> list[slice] | None:
+        """Each worker's slice of a global batch of the bound shapes."""
+        if self._data_shapes is None:
+            return None
+        return self._split(self._data_shapes, self._label_shapes)[0]
 
     # -- bind, parameters, optimizer ---------------------------------------------------------------
     def bind(
@@ -389,30 +374,25 @@ class Module(loop.TrainingLoops, BaseModule):
                 )
             self._attach(shared_module._workers, owns=False)
         elif self._workers is None:
-            self._attach(WorkerSet(self._context), owns=True)
+            self._attach(ControllerHandle(self._context), owns=True)
 
         self.for_training = for_training
         self.inputs_need_grad = inputs_need_grad
         self._grad_req = grad_req
         self._shared_module = shared_module
-        w = self._workers
-        w.sync()
-        slices, per_worker = self._split(data_shapes, label_shapes)
-        grad_stypes = w.call(
-            "bind",
+        shared = shared_module._id if shared_module is not None else None
+        grad_stypes = self._workers.bind(
             self._id,
-            for_training,
-            inputs_need_grad,
-            shared_module._id if shared_module is not None else None,
-            grad_req,
-            per_worker=per_worker,
-        )[0]
+            (for_training, inputs_need_grad, shared, grad_req),
+            (data_shapes, label_shapes),
+            self._work_load_list,
+        )
         if any(stype != "default" for stype in grad_stypes):
             raise NotImplementedError(
                 f"gradient storage types {sorted(set(grad_stypes))}: raymodule reduces dense "
                 "gradients only; use dense (default) gradients"
             )
-        self._data_shapes, self._label_shapes, self._slices = data_shapes, label_shapes, slices
+        self._data_shapes, self._label_shapes = data_shapes, label_shapes
 
         if shared_module is not None:
             self.params_initialized = True
@@ -427,61 +407,20 @@ class Module(loop.TrainingLoops, BaseModule):
             self.borrow_optimizer(shared_module)
         self.binded = True
 
-    def _attach(self, workers: WorkerSet, owns: bool) -> None:
+    def _attach(self, workers: ControllerHandle, owns: bool) -> None:
         self._workers = workers
         self._owns_workers = owns
-        workers.modules[self._id] = self
-        self._create_on(range(workers.world_size))
-
-    def _create_on(self, ranks) -> None:
-        w = self._workers
-        w.post(
-            "create",
+        workers.create(
             self._id,
-            self._symbol,
-            self._data_names,
-            self._label_names,
-            self._fixed_param_names,
-            self._state_names,
-            per_worker=[
-                (self._worker_group2ctxs[slot], self._context[slot].device_id) for slot in w.slots
-            ],
-            ranks=list(ranks),
+            (
+                self._symbol,
+                self._data_names,
+                self._label_names,
+                self._fixed_param_names,
+                self._state_names,
+            ),
+            [(self._worker_group2ctxs[slot], c.device_id) for slot, c in enumerate(self._context)],
         )
-
-    def _rejoin(self, new_ranks: list[int]) -> None:
-        """After a membership change: this module's replicas on the workers ``new_ranks``
-        (created and bound as on the others; the caller restores their state from a survivor
-        and installs the optimizer), and every worker's share of the global batch split anew."""
-        w = self._workers
-        self._array_contexts = None
-        if new_ranks:
-            self._create_on(new_ranks)
-        if not self.binded:
-            return
-        old = [r for r in range(w.world_size) if r not in new_ranks]
-        slices, per_worker = self._split(self._data_shapes, self._label_shapes)
-        shared = self._shared_module._id if self._shared_module is not None else None
-        if old:
-            self._workers.post("reshape", self._id, per_worker=per_worker, ranks=old)
-        if new_ranks:
-            args = (self.for_training, self.inputs_need_grad, shared, self._grad_req)
-            w.post("bind", self._id, *args, per_worker=per_worker, ranks=new_ranks)
-        self._slices = slices
-
-    def _install_optimizer(self, ranks: list[int]) -> None:
-        """This module's optimizer on the workers ``ranks`` (new ones, with parameters set)."""
-        if not (ranks and self.binded and self.optimizer_initialized):
-            return
-        if self._borrowed_from is not None:
-            self._workers.post("borrow_optimizer", self._id, self._borrowed_from._id, ranks=ranks)
-        else:
-            self._workers.post("init_optimizer", self._id, self._optimizer, {}, False, ranks=ranks)
-
-    def _holds_state(self) -> bool:
-        """Whether this module's replicas own parameters and optimizer state (a module bound
-        with ``shared_module`` uses another's)."""
-        return self.binded and self.params_initialized and self._shared_module is None
 
     def reshape(self, data_shapes, label_shapes=None):
         _require(self.binded, "reshape: call bind() first")
@@ -489,9 +428,9 @@ class Module(loop.TrainingLoops, BaseModule):
             self.data_names, self.label_names, data_shapes, label_shapes
         )
         self._check_param_shapes(*self._infer(data_shapes, label_shapes))
-        slices, per_worker = self._split(data_shapes, label_shapes)
-        self._workers.post("reshape", self._id, per_worker=per_worker)
-        self._data_shapes, self._label_shapes, self._slices = data_shapes, label_shapes, slices
+        self._split(data_shapes, label_shapes)  # checks the batch sizes
+        self._workers.reshape(self._id, (data_shapes, label_shapes))
+        self._data_shapes, self._label_shapes = data_shapes, label_shapes
 
     def init_params(
         self,
@@ -723,7 +662,6 @@ class Module(loop.TrainingLoops, BaseModule):
         )
         self._params_dirty = True
         self._workers.post("update", self._id)
-        self._workers.count_step()
 
     def _gather(self, method: str, axes: list[int], merge_multi_context: bool):
         """What ``method`` returns on every worker, as NDArrays on the contexts MXNet gives
@@ -731,11 +669,13 @@ class Module(loop.TrainingLoops, BaseModule):
         ``cpu(0)`` for a GPU; merged ones on the first worker's, as MXNet merges."""
         self._workers.sync()
         per_worker = self._workers.call(method, self._id)
-        if self._array_contexts is None:
-            self._array_contexts = self._workers.call("array_contexts", self._id)
+        generation, where_all = self._array_contexts
+        if where_all is None or generation != self._workers.generation:
+            where_all = self._workers.call("array_contexts", self._id)
+            self._array_contexts = (self._workers.generation, where_all)
         contexts = [
             [ctx.Context(t, i) if t == "cpu" else ctx.cpu() for t, i in where[method]]
-            for where in self._array_contexts
+            for where in where_all
         ]
         if merge_multi_context:
             return data.merge_outputs(per_worker, axes, contexts[0])

@@ -33,13 +33,14 @@ log = logging.getLogger(__name__)
 
 def _import_runtime() -> None:
     """Binds this module's MXNet-dependent names; runs once, in the worker process."""
-    global mx, np, DataBatch, metrics, nd_bytes, optimizer_state, to_ndarray
+    global mx, np, DataBatch, assemble, metrics, nd_bytes, optimizer_state, to_ndarray
     os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # no backend banner per executor
     import mxnet as mx
     import numpy as np
     from mxnet.io import DataBatch
 
     from . import metrics, optimizer_state
+    from .chunks import assemble
     from .data import nd_bytes, to_ndarray
 
 
@@ -308,9 +309,14 @@ class ModuleWorker:
             return metrics.counters(self._metric)
         return _numpy_list(mod.get_outputs())
 
-    def steps(self, kind: str, mids: list[int], batches: list[Batch], generation: int) -> list:
+    def steps(self, kind: str, mids: list[int], batches, generation: int, plan=None) -> list:
         """Runs ``kind`` ("train_step" or "eval_step") on consecutive global batches, each on
         the module named by ``mids`` (a bucketing module's buckets differ from batch to batch).
+
+        ``batches`` is this worker's part of each batch, as the client put it in the object
+        store; or, with ``plan``, references to parts put for another split (the steps are
+        sent again to a group that re-formed): ``plan[i]`` names the rows of step ``i``, as
+        ``(source, item, start, stop)`` pieces of ``batches[source][item]``.
 
         Several steps per call: one object-store transfer and one call per chunk, where each
         costs about a millisecond, instead of one per batch. Returns the steps' results and
@@ -324,6 +330,8 @@ class ModuleWorker:
                 f"steps sent to generation {generation} of the group reached generation "
                 f"{self._generation}; they are sent again"
             )
+        if plan is not None:
+            batches = assemble(batches, plan)
         tic = time.perf_counter()
         results = [step(mid, batch) for mid, batch in zip(mids, batches)]
         return results, time.perf_counter() - tic

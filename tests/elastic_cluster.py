@@ -50,8 +50,8 @@ from conftest import dataset, max_relative_diff, mlp  # noqa: E402
 
 import raymodule  # noqa: E402
 import raymodule.module  # noqa: E402
+from raymodule.handle import ControllerHandle  # noqa: E402
 from raymodule.worker import ModuleWorker  # noqa: E402
-from raymodule.workerset import WorkerSet  # noqa: E402
 
 WORKERS = 3
 BATCH = 24  # splits evenly over 3 and over 2 workers
@@ -202,7 +202,9 @@ def run_scenario(scenario: str, cluster, storage: str) -> dict:
         return both
 
     if scenario in ("epoch_end", "admit", "reform_kill", "reform_stop", "frozen"):
-        raymodule.module.WorkerSet = lambda contexts: WorkerSet(contexts, FaultyWorker)
+        raymodule.module.ControllerHandle = lambda contexts: ControllerHandle(
+            contexts, FaultyWorker
+        )
     faults = []
     min_workers, max_failures = 2, 3
     if scenario == "kill":

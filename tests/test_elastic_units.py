@@ -1,6 +1,7 @@
-"""Elastic training's parts on their own: the pure policies, and the membership machinery
-(controller, worker group, recovery in the client) against light stand-in workers on the
-session's real Ray. The whole of it under real faults is tests/test_elastic.py."""
+"""Elastic training's parts on their own: the pure policies, and the controller (membership,
+steps in flight, recovery, the journal that sets up replacements) against light stand-in
+workers on the session's real Ray, with no module. The whole of it under real faults is
+tests/test_elastic.py."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ import tempfile
 import time
 
 import mxnet as mx
+import numpy as np
 import pytest
 import ray
+from mxnet.io import DataDesc
 
-from raymodule import policy
+from raymodule import chunks, policy
+from raymodule.constants import Settings
+from raymodule.controller import Controller, State, StepsFailed
+from raymodule.data import Batch, split_slices
 from raymodule.errors import WorkerLostError
 from raymodule.policy import Action, Limits, Loss
-from raymodule.workerset import StepsFailed, WorkerSet
 
 
 # -- policies ----------------------------------------------------------------------------------
@@ -105,12 +110,14 @@ def replacements_never_start():
 
 class StandIn:
     """A worker with the membership calls of raymodule's, and a step counter instead of a
-    model; ``restore`` takes a peer's counter as the real one takes its parameters."""
+    model; ``restore`` takes a peer's counter as the real one takes its parameters. It notes
+    the module calls the controller's journal replays."""
 
     def __init__(self, device, bucket_bytes):
         if os.path.exists(NEVER_UP):  # a replacement that never comes up
             time.sleep(3600)
         self.count, self.group, self.restored, self.generation = 0, None, 0, 0
+        self.calls = []  # the module calls it received: (method, batch rows)
         self.fault = None  # (method, "die" | "hang"): what this worker does when next called
 
     def set_fault(self, method, how):
@@ -122,9 +129,11 @@ class StandIn:
                 os._exit(1)
             time.sleep(3600)
 
-    def steps(self, kind, mids, batches, generation):
+    def steps(self, kind, mids, batches, generation, plan=None):
         self._maybe_fail("steps")
-        return [], 0.0
+        if kind == "train_step":
+            self.count += len(mids)
+        return [None] * len(mids), 0.0
 
     def get_params(self, mid):
         self._maybe_fail("get_params")
@@ -150,6 +159,25 @@ class StandIn:
     def set_count(self, count):
         self.count = count
 
+    def create(self, mid, *args):
+        self.calls.append(("create", None))
+
+    def bind(self, mid, *args):
+        self.calls.append(("bind", args[-2][0].shape[0]))
+        return ["default"]
+
+    def reshape(self, mid, data_shapes, label_shapes):
+        self.calls.append(("reshape", data_shapes[0].shape[0]))
+
+    def set_params(self, mid, *args):
+        pass
+
+    def init_optimizer(self, mid, *args):
+        self.calls.append(("init_optimizer", None))
+
+    def set_metric(self, metric):
+        pass
+
     def snapshot(self, mid, expected=None):
         return {"applied": self.count} if expected in (None, self.count) else None
 
@@ -158,38 +186,75 @@ class StandIn:
         self.restored += 1
 
     def state(self):
-        return {"group": self.group, "count": self.count, "restored": self.restored}
+        return {
+            "group": self.group,
+            "count": self.count,
+            "restored": self.restored,
+            "calls": self.calls,
+        }
 
 
-class Holder:
-    """The modules' side of a membership change, as a module holding state does it."""
-
-    _id = 7
-
-    def __init__(self):
-        self.rejoined = []
-
-    def _rejoin(self, new_ranks):
-        self.rejoined.append(list(new_ranks))
-
-    def _holds_state(self):
-        return True
-
-    def _install_optimizer(self, ranks):
-        pass
+MID = 7  # the one module the stand-ins hold
 
 
 @pytest.fixture
-def stand_ins(monkeypatch):
+def controller(monkeypatch):
+    """A controller, in this process, of three stand-in workers holding one module (bound to
+    a global batch of 6, parameters set, an optimizer installed), and the membership changes
+    it announced."""
     monkeypatch.setenv("RAYMODULE_COLLECTIVE_TIMEOUT_S", "2")
     monkeypatch.setenv("RAYMODULE_MIN_WORKERS_WAIT_S", "2")
-    workers = WorkerSet([mx.cpu(i) for i in range(3)], worker_class=StandIn)
-    holder = Holder()
-    workers.modules[holder._id] = holder
-    events = []
-    workers.on_membership = events.append
-    yield workers, holder, events
-    workers.close()
+    devices = [mx.cpu(i) for i in range(3)]
+    ctl = Controller(
+        [{"CPU": 0.1}] * 3, ["cpu"] * 3, [str(d) for d in devices], True, "gloo",
+        Settings.from_env(), StandIn,
+    )  # fmt: skip
+    try:
+        ctl.start()
+        ctl.create(MID, (), [(None, i) for i in range(3)])
+        ctl.bind(MID, (True, False, None, "write"), ([DataDesc("data", (6, 2))], None), [1] * 3)
+        ctl.post("set_params", (MID,))
+        ctl.post("init_optimizer", (MID, "sgd", {}, False))
+        ctl.sync()
+        ctl.seen = []
+        yield ctl
+    finally:
+        ctl.shutdown()
+
+
+def read(ctl, reply):
+    """A reply's value; keeps the membership changes its view announced in ``ctl.seen``."""
+    value, view = reply
+    ctl.seen.extend(view["events"])
+    return value
+
+
+def call(ctl, method, *args, ranks=None):
+    return read(ctl, ctl.call(method, args, None, ranks))
+
+
+def events_of(ctl) -> list:
+    """Every membership change announced so far."""
+    read(ctl, (None, ctl.view()))
+    return ctl.seen
+
+
+def spec(ctl) -> dict:
+    """A chunk of one global batch of 6, split as the client splits it."""
+    cut = split_slices(6, [1] * len(ctl.slots))
+    return {
+        "serials": [0],
+        "mids": [MID],
+        "sizes": [6],
+        "slices": [[(c.start, c.stop) for c in cut]],
+        "sources": [ray.put([None]) for _ in cut],
+    }
+
+
+def step(ctl) -> list:
+    """One training step through the controller; returns the steps finished: (serial,
+    results, slices)."""
+    return read(ctl, ctl.advance("train_step", spec(ctl), 0))["steps"]
 
 
 def kill(handle) -> None:
@@ -206,141 +271,159 @@ def kill(handle) -> None:
     raise AssertionError("the killed worker still answers")
 
 
-def fail_step(workers, rank):
-    """Kills the worker of ``rank`` and returns the failure a step then raises."""
-    kill(workers.handles[rank])
-    with pytest.raises(StepsFailed) as failed:
-        workers.get(workers.send_steps("train_step", [], [None] * workers.world_size), "steps")
-    return failed.value
-
-
-def test_a_lost_worker_is_removed_and_survivors_agree_on_the_last_step(stand_ins):
-    workers, holder, events = stand_ins
-    workers.limits = Limits(3, min_workers=2, max_failures=1)
-    assert workers.generation == 1 and workers.slots == [0, 1, 2]
+def test_a_lost_worker_is_removed_and_survivors_agree_on_the_last_step(controller):
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=2, max_failures=1)
+    assert ctl.generation == 1 and ctl.slots == [0, 1, 2] and ctl.state is State.RUNNING
     # a failed step may leave one survivor a step ahead of another: the furthest one counts
     for rank, count in enumerate([5, 5, 6]):
-        workers.call("set_count", count, ranks=[rank])
-    failure = fail_step(workers, 1)
-    assert list(failure.lost) == [1] and "ActorDiedError" in failure.lost[1]
-
-    committed = workers.recover(failure)
-    assert committed == 6
-    assert workers.slots == [0, 2] and workers.generation == 2 and workers.world_size == 2
-    states = workers.call("state")
+        call(ctl, "set_count", count, ranks=[rank])
+    ctl.steps_sent = 6
+    kill(ctl.handles[1])
+    # step 7 fails: a stand-in applies it with a peer gone (a real worker would not, its
+    # collective fails), so the survivors agree on step 7 and it is finished without results
+    assert step(ctl) == [(0, None, None)]
+    assert ctl.slots == [0, 2] and ctl.generation == 2 and ctl.state is State.RUNNING
+    states = call(ctl, "state")
     assert [s["group"] for s in states] == [(2, 0, 2), (2, 1, 2)]
-    assert [s["count"] for s in states] == [6, 6]
+    assert [s["count"] for s in states] == [7, 7]
     assert [s["restored"] for s in states] == [1, 0]  # only the one behind was restored
-    assert holder.rejoined == [[]]  # split again, no new worker
-    assert events[-1]["world_size"] == 2 and events[-1]["lost"] == ["slot 1"]
-    assert workers.pending == [1]  # its replacement is starting
+    # the survivors' share of the batch of 6 was split anew: 3 each, no module made again
+    assert [s["calls"][-1] for s in states] == [("reshape", 3), ("reshape", 3)]
+    event = events_of(ctl)[-1]
+    assert event["world_size"] == 2 and event["lost"] == ["slot 1"] and event["step"] == 7
+    assert ctl.pending == [1]  # its replacement is starting
 
-    # the replacement comes up (its bundle is free again) and joins at a step boundary
-    assert ray.get(workers.controller.ready.remote(60.0)) == [1]
-    drained = []
-    workers._next_poll = 0.0
-    assert workers.grow(drain=lambda: drained.append(True))
-    assert drained == [True]
-    assert workers.slots == [0, 1, 2] and workers.generation == 3
-    states = workers.call("state")
+    # the replacement comes up (its bundle is free again) and joins at the next step boundary
+    assert ctl.ready(60.0) == [1]
+    ctl._next_poll = 0.0
+    step(ctl)
+    assert ctl.slots == [0, 1, 2] and ctl.generation == 3
+    states = call(ctl, "state")
     assert [s["group"] for s in states] == [(3, r, 3) for r in range(3)]
-    assert [s["count"] for s in states] == [6, 6, 6]
-    assert holder.rejoined[-1] == [1]
-    assert events[-1]["change"] == "grown" and events[-1]["world_size"] == 3
+    assert [s["count"] for s in states] == [8, 8, 8]
+    # the replacement was set up from the journal: made, bound to its share, optimizer
+    assert [c for c, _ in states[1]["calls"]] == ["create", "bind", "init_optimizer"]
+    assert states[1]["calls"][1] == ("bind", 2)
+    assert events_of(ctl)[-1]["change"] == "grown"
 
-    # a second loss is more than max_failures=1: a clear error, and the set says so afterwards
-    failure = fail_step(workers, 0)
+    # a second loss is more than max_failures=1: a clear error, and the controller says so
+    kill(ctl.handles[0])
     with pytest.raises(WorkerLostError, match="max_failures=1"):
-        workers.recover(failure)
+        step(ctl)
+    assert ctl.state is State.FAILED
     with pytest.raises(WorkerLostError):
-        workers.submit("applied")
+        call(ctl, "applied")
 
 
-def test_below_the_floor_training_waits_then_fails_in_words(stand_ins):
-    workers, _, _ = stand_ins
-    workers.limits = Limits(3, min_workers=3, max_failures=-1)
+def test_steps_sent_again_read_the_rows_the_new_split_gives_them():
+    """After a re-forming, a worker reads its new rows from the parts put for the old split."""
+    batch = Batch([np.arange(12).reshape(6, 2)], [np.arange(6)], [0], [0])
+    three = [slice(0, 2), slice(2, 4), slice(4, 6)]
+    refs = [ray.put([part]) for part in batch.parts(three)]
+    spec = {"serials": [0], "mids": [MID], "sizes": [6], "sources": refs}
+    spec["slices"] = [[(s.start, s.stop) for s in three]]
+    same = chunks.worker_args(chunks.steps_of(spec), [[1, 1, 1]])
+    assert [plan for _, plan in same] == [None] * 3  # each reads its own part, as put
+    two = chunks.worker_args(chunks.steps_of(spec), [[1, 1]])
+    rows = []
+    for sources, plan in two:
+        (got,) = chunks.assemble(sources, plan)
+        rows.append(got.label[0].tolist())
+    assert rows == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_below_the_floor_training_waits_then_fails_in_words(controller):
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=3, max_failures=-1)
     with replacements_never_start():
-        failure = fail_step(workers, 2)
+        kill(ctl.handles[2])
         with pytest.raises(WorkerLostError, match=r"worker 2 .* was lost.*min_workers=3"):
-            workers.recover(failure)
+            step(ctl)
 
 
-def test_a_silent_worker_is_lost_after_the_collective_timeout(stand_ins):
-    workers, _, events = stand_ins
-    workers.limits = Limits(3, min_workers=1)
+def test_a_silent_worker_is_lost_after_the_collective_timeout(controller):
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1)
     # the group broke; ranks 0 and 2 answer, rank 1 stays busy in its steps (alive, silent)
-    workers.call("set_fault", "steps", "hang", ranks=[1])
-    workers.send_steps("train_step", [], [None] * workers.world_size)
+    call(ctl, "set_fault", "steps", "hang", ranks=[1])
+    ctl._send("train_step", chunks.steps_of(spec(ctl)))
     with replacements_never_start():
-        workers.recover(StepsFailed("steps", {}, "GroupBrokenError: timed out"))
-    assert workers.slots == [0, 2]
-    assert events[0]["lost"] == ["slot 1"] and "silent" in events[0]["why"]
+        ctl._recover(StepsFailed("steps", {}, "GroupBrokenError: timed out"))
+    assert ctl.slots == [0, 2]
+    (event,) = events_of(ctl)
+    assert event["lost"] == ["slot 1"] and "silent" in event["why"]
 
 
-def test_a_survivor_silent_while_the_group_re_forms_is_removed_within_the_bound(stand_ins):
-    workers, _, events = stand_ins
-    workers.limits = Limits(3, min_workers=1, max_failures=-1)
-    workers.call("set_fault", "leave", "hang", ranks=[2])  # SIGSTOPped, as it were
-    failure = fail_step(workers, 0)
+def test_a_survivor_silent_while_the_group_re_forms_is_removed_within_the_bound(controller):
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1, max_failures=-1)
+    call(ctl, "set_fault", "leave", "hang", ranks=[2])  # SIGSTOPped, as it were
+    kill(ctl.handles[0])
     with replacements_never_start():
-        workers.recover(failure)  # bounded: without the bound, pytest-timeout ends it
-    assert workers.slots == [1]
+        step(ctl)  # bounded: without the bound, pytest-timeout ends it
+    assert ctl.slots == [1]
     # one change, announced once: both slots, and why each went
-    assert events[-1]["lost"] == ["slot 0", "slot 2"] and len(events) == 1
-    assert "ActorDiedError" in events[-1]["why"] and "silent" in events[-1]["why"]
-    assert workers.failures == 2  # the kill, then the silent survivor: two events
+    (event,) = events_of(ctl)
+    assert event["lost"] == ["slot 0", "slot 2"]
+    assert "ActorDiedError" in event["why"] and "silent" in event["why"]
+    assert ctl.failures == 2  # the kill, then the silent survivor: two events
 
 
-def test_a_worker_lost_while_replacements_join_leaves_them_set_up_as_new(stand_ins):
+def test_a_worker_lost_while_replacements_join_leaves_them_set_up_as_new(controller):
     """A survivor dies while a replacement is admitted: the replacement is still treated as
     a new worker (modules set up, state restored), not as a survivor in step."""
-    workers, holder, events = stand_ins
-    workers.limits = Limits(3, min_workers=1, max_failures=-1)
-    workers.call("set_count", 4)
-    workers.recover(fail_step(workers, 1))
-    assert ray.get(workers.controller.ready.remote(60.0)) == [1]
-    workers.call("set_fault", "applied", "die", ranks=[1])  # slot 2 dies at the admission
-    workers._next_poll = 0.0
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1, max_failures=-1)
+    call(ctl, "set_count", 4)
+    ctl.steps_sent = 4
+    kill(ctl.handles[1])
+    step(ctl)
+    assert ctl.ready(60.0) == [1]
+    call(ctl, "set_fault", "applied", "die", ranks=[1])  # slot 2 dies at the admission
+    ctl._next_poll = 0.0
     with replacements_never_start():
-        assert workers.grow(drain=lambda: None)
-    assert workers.slots == [0, 1]
-    states = workers.call("state")
-    assert [s["count"] for s in states] == [4, 4]
+        step(ctl)
+    assert ctl.slots == [0, 1]
+    states = call(ctl, "state")
+    assert [s["count"] for s in states] == [6, 6]
     assert states[0]["restored"] == 0 and states[1]["restored"] > 0  # it took slot 0's state
-    assert holder.rejoined[-1] == [1]  # and its modules were made: it is new
-    assert events[-1]["lost"] == ["slot 2"]
+    assert [c for c, _ in states[1]["calls"]][:2] == ["create", "bind"]  # it is new
+    assert events_of(ctl)[-1]["lost"] == ["slot 2"]
 
 
-def test_a_worker_lost_in_a_read_outside_the_step_loop_is_recovered_from(stand_ins):
+def test_a_worker_lost_in_a_read_outside_the_step_loop_is_recovered_from(controller):
     """e.g. the parameters read at an epoch's end: the run goes on, the read is asked again."""
-    workers, _, events = stand_ins
-    workers.limits = Limits(3, min_workers=1)
-    workers.call("set_count", 9)
-    kill(workers.handles[0])
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1)
+    call(ctl, "set_count", 9)
+    ctl.steps_sent = 9
+    kill(ctl.handles[0])
     with replacements_never_start():
-        assert workers.call("get_params", 7, ranks=[0]) == [9]
-    assert workers.slots == [1, 2] and events[-1]["lost"] == ["slot 0"]
+        assert call(ctl, "get_params", MID, ranks=[0]) == [9]
+    assert ctl.slots == [1, 2] and events_of(ctl)[-1]["lost"] == ["slot 0"]
 
 
-def test_a_group_that_keeps_breaking_with_nobody_lost_evicts_its_slowest_member(stand_ins):
+def test_a_group_that_keeps_breaking_with_nobody_lost_evicts_its_slowest_member(controller):
     """No livelock: a member late by more than the collective timeout makes every rank report
     a broken group and none lost; after RAYMODULE_MAX_REFORMS re-formings its slowest goes."""
-    workers, _, events = stand_ins
-    workers.limits = Limits(3, min_workers=1, max_reforms=2)
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1, max_reforms=2)
     for _ in range(2):
-        workers.recover(StepsFailed("steps", {}, "GroupBrokenError: timed out", slowest=2))
-        assert workers.slots == [0, 1, 2] and workers.failures == 0
+        ctl._recover(StepsFailed("steps", {}, "GroupBrokenError: timed out", slowest=2))
+        assert ctl.slots == [0, 1, 2] and ctl.failures == 0
     with replacements_never_start():
-        workers.recover(StepsFailed("steps", {}, "GroupBrokenError: timed out", slowest=2))
-    assert workers.slots == [0, 1] and workers.failures == 1
+        ctl._recover(StepsFailed("steps", {}, "GroupBrokenError: timed out", slowest=2))
+    assert ctl.slots == [0, 1] and ctl.failures == 1
+    events = events_of(ctl)
     assert [e["change"] for e in events] == ["re-formed", "re-formed", "lost"]
     assert "evicted" in events[-1]["why"] and "RAYMODULE_MAX_REFORMS=2" in events[-1]["why"]
 
 
-def test_a_successful_step_ends_a_run_of_re_formings(stand_ins):
-    workers, _, _ = stand_ins
-    workers.limits = Limits(3, min_workers=1, max_reforms=1)
-    workers.recover(StepsFailed("steps", {}, "GroupBrokenError: timed out", slowest=2))
-    workers.get(workers.send_steps("train_step", [], [None] * workers.world_size), "steps")
-    workers.recover(StepsFailed("steps", {}, "GroupBrokenError: timed out", slowest=2))
-    assert workers.slots == [0, 1, 2] and workers.broken_in_a_row == 1
+def test_a_successful_step_ends_a_run_of_re_formings(controller):
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1, max_reforms=1)
+    ctl._recover(StepsFailed("steps", {}, "GroupBrokenError: timed out", slowest=2))
+    step(ctl)
+    ctl._recover(StepsFailed("steps", {}, "GroupBrokenError: timed out", slowest=2))
+    assert ctl.slots == [0, 1, 2] and ctl.broken_in_a_row == 1

@@ -1,0 +1,256 @@
+"""The client's handle on a module family's controller (and, through it, its workers).
+
+Every call goes to the controller (:mod:`raymodule.controller`), which calls the workers; each
+reply carries the controller's view of the membership, kept here for the facades (the work
+split, where arrays live) and for the run's record of membership changes. A call the client
+does not read (:meth:`ControllerHandle.post`) fails at the next one that it reads, as MXNet's
+asynchronous engine reports an error at the next read.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import weakref
+
+import mxnet as mx
+import ray
+from ray.util.placement_group import get_current_placement_group, remove_placement_group
+from ray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
+
+from . import policy, runtime
+from .constants import Settings
+from .context import local_device, resources_of
+from .controller import (
+    EveryWorkerLost,
+    RemoteController,
+    first_line,
+    forming_s,
+    in_words,
+    longest_call_s,
+)
+from .errors import RayModuleError, WorkerLostError
+
+__all__ = ["ControllerHandle"]
+
+log = logging.getLogger(__name__)
+
+_MAX_UNCHECKED = 64  # posts between two reads: the controller checks them then
+
+
+def _shutdown(controller, held: dict) -> None:
+    """Stops a family's workers and controller, and removes the placement group it made
+    (``held["placement_group"]``: a controller that died left it behind); safe at exit."""
+    if not ray.is_initialized():
+        return
+    try:
+        ray.get(controller.shutdown.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - the controller may be gone already
+        pass
+    for release in (
+        lambda: ray.kill(controller, no_restart=True),
+        lambda: held["placement_group"] and remove_placement_group(held["placement_group"]),
+    ):
+        try:
+            release()
+        except Exception:  # noqa: BLE001 - gone already
+            pass
+
+
+class ControllerHandle:
+    """A module family's controller, started beside this process; released when closed or
+    when no module uses it any more.
+
+    ``handles`` are the live workers in rank order and ``slots`` the contexts they hold; both
+    change when an elastic run loses or regains workers.
+    """
+
+    def __init__(self, contexts: list[mx.Context], worker_class=None):
+        """``worker_class``: the worker actors' class (tests use a light stand-in)."""
+        runtime.ensure_ray()
+        gc.collect()  # modules that were dropped release their workers before we ask for more
+        self.contexts = contexts
+        self.settings = Settings.from_env()
+        backend = "nccl" if any(c.device_type == "gpu" for c in contexts) else "gloo"
+        self.controller = RemoteController.options(scheduling_strategy=_beside_client()).remote(
+            [resources_of(c) for c in contexts],
+            [local_device(c) for c in contexts],
+            [str(c) for c in contexts],
+            runtime.started_locally(),
+            backend,
+            self.settings,
+            *([worker_class] if worker_class is not None else []),
+        )
+        self.handles: list = []
+        self.slots: list[int] = []
+        self.nodes: list[dict] = []
+        self.generation = 0
+        self.pending: list[int] = []  # slots whose replacement worker is starting
+        self.steps_sent = 0  # training steps sent to the workers (the controller counts them)
+        self.failures = 0  # failure events of the elastic run
+        self.limits = policy.Limits(len(contexts), elastic=False)
+        self.on_membership = None  # set by an elastic run: called with each change, as a dict
+        self.lost: WorkerLostError | None = None
+        self.params_dirty = False  # the workers' parameters are newer than the client's copy
+        self._posted = 0  # posts since the last call read
+        self._held = {"placement_group": None}  # what the controller made, for _shutdown
+        self._finalizer = weakref.finalize(self, _shutdown, self.controller, self._held)
+        bound = self.settings.placement_timeout_s + forming_s(self.settings)
+        try:
+            self._control("start", waits_s=bound)
+        except WorkerLostError as err:
+            self.close()
+            raise WorkerLostError(
+                f"starting {len(contexts)} workers for {contexts} failed: {err}"
+            ) from None
+        except RayModuleError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._finalizer()
+        self.handles = []
+
+    @property
+    def world_size(self) -> int:
+        return len(self.handles)
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def weights(self, work_load_list: list) -> list:
+        """The ``work_load_list`` entries of the live workers, in rank order."""
+        return [work_load_list[slot] for slot in self.slots]
+
+    # -- calls -------------------------------------------------------------------------------
+    def post(self, method: str, *args, per_worker=None, ranks=None) -> None:
+        """Calls ``method(*args, *per_worker[rank])`` on every worker (or ``ranks``); its
+        error surfaces at the next call read."""
+        self._usable()
+        self.controller.post.remote(method, args, per_worker, ranks, self.generation)
+        self._posted += 1
+        if self._posted > _MAX_UNCHECKED:
+            self.sync()
+
+    def call(self, method: str, *args, per_worker=None, ranks=None) -> list:
+        """Calls ``method`` on the workers and returns their results, in rank order."""
+        return self._read("call", method, args, per_worker, ranks, self.generation)
+
+    def sync(self) -> None:
+        """Waits for every posted call and raises the first error among them."""
+        self._read("sync")
+
+    def create(self, mid: int, args: tuple, per_slot: list) -> None:
+        self._usable()
+        self.controller.create.remote(mid, args, per_slot)
+
+    def bind(self, mid: int, args: tuple, shapes: tuple, work_load: list) -> list:
+        return self._read("bind", mid, args, shapes, work_load)
+
+    def reshape(self, mid: int, shapes: tuple) -> None:
+        self._usable()
+        self.controller.reshape.remote(mid, shapes)
+
+    def set_metric(self, metric) -> None:
+        self._usable()
+        self.controller.set_metric.remote(metric)
+
+    def advance(self, kind: str, spec: dict | None, keep: int) -> dict:
+        """Sends a chunk of steps and reads finished ones (:meth:`Controller.advance`)."""
+        return self._read("advance", kind, spec, keep)
+
+    def snapshot(self, mid: int, steps: int) -> ray.ObjectRef:
+        """Worker 0's copy of a module's state after ``steps`` training steps (a reference)."""
+        return self._read("snapshot", mid, steps)
+
+    def configure(self, limits: policy.Limits, failures: int) -> None:
+        """Sets the run's limits and the failures it had before (a restarted run's)."""
+        self.limits = limits
+        self._read("configure", limits, failures)
+
+    def end_run(self) -> None:
+        """An elastic run ended (``fit`` returned or failed): a lost worker fails again."""
+        self.on_membership = None
+        self.limits = policy.Limits(len(self.contexts), elastic=False)
+        if self.lost is None and not self.closed:
+            self.controller.configure.remote(self.limits, self.failures)
+
+    # -- the controller ----------------------------------------------------------------------
+    def _usable(self) -> None:
+        if self.lost is not None:
+            raise self.lost
+        if self.closed:
+            raise WorkerLostError("this module was closed; its workers are gone")
+
+    def _read(self, method: str, *args):
+        self._usable()
+        self._posted = 0
+        waits = longest_call_s(self.settings, len(self.contexts))
+        return self._control(method, *args, waits_s=waits)
+
+    def _control(self, method: str, *args, waits_s: float):
+        """Calls the controller and applies the view it returns: bounded by what the call
+        may wait (``waits_s``) plus RAYMODULE_CONTROL_TIMEOUT_S. A lost controller loses the
+        run's workers too (they share its fate), so an elastic run goes on from its latest
+        checkpoint, as one more failure; a controller that does not answer is treated the
+        same way."""
+        bound = self.settings.control_timeout_s + waits_s
+        try:
+            value, view = ray.get(getattr(self.controller, method).remote(*args), timeout=bound)
+        except ray.exceptions.RayTaskError as err:
+            cause = getattr(err, "cause", None)
+            if getattr(cause, "fatal", False):
+                self.lost = cause
+            raise in_words(err, f"{method} on the workers failed") from None
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+            why = (
+                f"no answer within {bound:g} s (RAYMODULE_CONTROL_TIMEOUT_S)"
+                if isinstance(err, ray.exceptions.GetTimeoutError)
+                else first_line(err)
+            )
+            lost = max(1, len(self.handles))
+            decision = policy.on_loss(self.limits, policy.Loss(0, lost, self.failures, 0))
+            self.failures += 1
+            restart = decision.action is policy.Action.RESTART
+            self.lost = (EveryWorkerLost if restart else WorkerLostError)(
+                f"the controller and its {len(self.handles)} workers were lost: {why}"
+                + (f"; {decision.reason}" if decision.reason else "")
+            )
+            raise self.lost from None
+        self._apply(view)
+        return value
+
+    def _apply(self, view: dict) -> None:
+        self._held["placement_group"] = view["placement_group"]
+        self.handles = view["handles"]
+        self.slots = view["slots"]
+        self.nodes = view["nodes"]
+        self.generation = view["generation"]
+        self.pending = view["pending"]
+        self.steps_sent = view["steps_sent"]
+        self.failures = view["failures"]
+        for event in view["events"]:
+            log.warning(
+                "raymodule: %s; world size %d -> %d (generation %d), recovered in %.2f s%s",
+                event["why"],
+                event["previous_world_size"],
+                event["world_size"],
+                event["generation"],
+                event["recovery_s"],
+                f"; replacements pending for slots {event['pending']}" if event["pending"] else "",
+            )
+            if self.on_membership is not None:
+                self.on_membership(event)
+
+
+def _beside_client():
+    """Where the controller goes: on this process's node, which training cannot outlive
+    anyway (in a Tune trial: the trial's first bundle, the trainable's own)."""
+    pg = get_current_placement_group()
+    if pg is not None:
+        return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
