@@ -24,7 +24,10 @@ may be another process's write in progress. The run's ownership of the folder is
 before a checkpoint's first write, before its commit and before each delete
 (:mod:`raymodule.lease`).
 
-:class:`CheckpointWriter` writes in a background thread while training goes on; MXNet is
+:class:`CheckpointWriter` writes in a background thread while training goes on: the files
+are written by a Ray task on the training process's node, given the worker's snapshot by
+reference (its bytes never pass through the training process), and committed here, by the
+run that owns the folder. MXNet is
 imported only to read the parameters (are they finite, what shapes they have).
 """
 
@@ -41,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import manifest as manifests
 from .errors import CheckpointError
@@ -139,7 +143,8 @@ def write(
     *,
     drop_newer: bool = False,
     check_owner: Callable[[], None] | None = None,
-) -> str:
+    stage: Callable[[Folder, object, dict], dict | None] | None = None,
+) -> str | None:
     """Writes a checkpoint from a worker's ``snapshot`` and commits it; returns its name.
 
     ``info`` holds ``files`` (the module's own files, such as ``model-symbol.json``, by name),
@@ -151,8 +156,44 @@ def write(
     another's). Raises ``CheckpointError`` without writing anything when the parameters are not
     finite. ``check_owner`` (a :class:`raymodule.lease.Lease`'s ``check``) is called before the
     first write, before the commit and before each delete; what it raises stops the write.
+
+    ``stage(run, snapshot, info)`` writes the files and returns the manifest to commit, or
+    None when there is no snapshot (its workers were lost: nothing is committed, and None is
+    returned); :func:`stage_files` by default, here. The background writer runs it as a Ray
+    task, so the snapshot's bytes never reach this process.
     """
     check_owner = check_owner or (lambda: None)
+    name = folder_name(info["global_step"])
+    check_owner()
+    held = run.sizes()  # one listing serves the replace below and the tidying after the commit
+    if any(path.startswith(name + "/") for path in held):
+        if not drop_newer and _verifies(run, name):
+            raise CheckpointError(
+                f"checkpoint at step {info['global_step']} not written: {run}/{name} already "
+                "holds a committed checkpoint of that step that verifies (another run, or an "
+                "earlier attempt of this one, wrote it); it is kept as it is"
+            )
+        check_owner()
+        run.delete_folder(name)
+    made = (stage or stage_files)(run, snapshot, info)
+    if made is None:
+        return None
+    check_owner()
+    run.write(f"{name}/{MANIFEST}", json.dumps(made, indent=1).encode())
+    run.write(LATEST, name.encode())
+    try:
+        _tidy(run, name, keep, held, drop_newer, check_owner)
+    except OSError as err:  # the checkpoint is committed; a later commit tidies again
+        log.warning("checkpoint %s: could not delete old checkpoints: %s", name, err)
+    return name
+
+
+def stage_files(run: Folder, snapshot: dict | None, info: dict) -> dict | None:
+    """Writes the files of the checkpoint of ``snapshot`` and ``info`` (see :func:`write`),
+    not committed yet, and returns its manifest; None without a snapshot. Writes nothing and
+    raises ``CheckpointError`` when the parameters are not finite."""
+    if snapshot is None:
+        return None
     name = folder_name(info["global_step"])
     arrays = _load(snapshot["params"])
     bad = _not_finite(arrays)
@@ -167,29 +208,15 @@ def write(
         "optimizer.nd": snapshot["optimizer.nd"],
         "optimizer.json": json.dumps(snapshot["optimizer"]).encode(),
     }
-    check_owner()
-    held = run.sizes()  # one listing serves the replace below and the tidying after the commit
-    if any(path.startswith(name + "/") for path in held):
-        if not drop_newer and _verifies(run, name):
-            raise CheckpointError(
-                f"checkpoint at step {info['global_step']} not written: {run}/{name} already "
-                "holds a committed checkpoint of that step that verifies (another run, or an "
-                "earlier attempt of this one, wrote it); it is kept as it is"
-            )
-        check_owner()
-        run.delete_folder(name)
     for file, data in files.items():
         run.write(f"{name}/{file}", data)
     params = {key: list(array.shape) for key, array in arrays.items()}  # arg:w, aux:m
-    made = manifests.make(files, info, snapshot["optimizer"] or {}, params, _versions())
-    check_owner()
-    run.write(f"{name}/{MANIFEST}", json.dumps(made, indent=1).encode())
-    run.write(LATEST, name.encode())
-    try:
-        _tidy(run, name, keep, held, drop_newer, check_owner)
-    except OSError as err:  # the checkpoint is committed; a later commit tidies again
-        log.warning("checkpoint %s: could not delete old checkpoints: %s", name, err)
-    return name
+    return manifests.make(files, info, snapshot["optimizer"] or {}, params, _versions())
+
+
+_stage_task = ray.remote(num_cpus=0, max_retries=0)(stage_files)
+"""stage_files as a Ray task: it is given the snapshot's reference, and only the manifest
+comes back."""
 
 
 def _load(params: bytes) -> dict:
@@ -384,21 +411,22 @@ class CheckpointWriter:
         deadline = time.monotonic() + self.snapshot_timeout_s
         ready: list = []
         while not ready and not self._abandon and time.monotonic() < deadline:
-            ready, _ = ray.wait([snapshot], timeout=min(1.0, self.snapshot_timeout_s))
-        try:
-            contents = ray.get(snapshot) if ready else None
-        except ray.exceptions.RayActorError:
-            contents = None  # its worker was lost: not the storage's failure
-        except ray.exceptions.RayError as err:
-            self._failed(step, f"the snapshot was lost: {type(err).__name__}")
-            return
-        if contents is None:  # workers were lost before it (or silent): the steps run again
-            log.warning("checkpoint at step %d skipped: workers were lost before it", step)
+            wait = min(1.0, self.snapshot_timeout_s)
+            ready, _ = ray.wait([snapshot], timeout=wait, fetch_local=False)
+        if not ready:  # its worker is silent, or training failed: not the storage's failure
+            log.warning("checkpoint at step %d skipped: its snapshot did not come", step)
             return
         tic = time.monotonic()
         for attempt in range(1, self.attempts + 1):
             try:
-                name = write(self.run, contents, info, self.keep, check_owner=self.check_owner)
+                name = write(
+                    self.run,
+                    snapshot,
+                    info,
+                    self.keep,
+                    check_owner=self.check_owner,
+                    stage=self._stage_beside,
+                )
             except CheckpointError as err:  # not to be committed: trying again changes nothing
                 self._failed(step, str(err), fatal=isinstance(err, LeaseLost))
                 return
@@ -413,12 +441,41 @@ class CheckpointWriter:
                     continue
                 self._failed(step, f"{self.attempts} attempts failed, the last with: {err}")
                 return
+            if name is None:  # workers were lost before it: the steps run again
+                log.warning("checkpoint at step %d skipped: workers were lost before it", step)
+                return
             seconds = time.monotonic() - tic
             log.info("checkpoint %s committed in %.2f s", f"{self.run}/{name}", seconds)
             with self._cond:
                 self.failures_in_row = 0
                 self._committed.append({"name": name, "seconds": round(seconds, 3)})
             return
+
+    def _stage_beside(self, run: Folder, snapshot: ray.ObjectRef, info: dict):
+        """:func:`stage_files` as a Ray task on this node: the bytes go from the worker to
+        storage through the object store, not through this process's memory; a local path
+        is this node's, as for the commit. The task sees the environment Ray started with
+        (storage credentials come from there). Bounded by
+        RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S; its errors are raised as stage_files' own."""
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        task = _stage_task.options(scheduling_strategy=here).remote(run, snapshot, info)
+        try:
+            return ray.get(task, timeout=self.close_timeout_s)
+        except ray.exceptions.RayActorError:
+            return None  # the worker that made the snapshot was lost
+        except ray.exceptions.GetTimeoutError:
+            raise OSError(
+                f"writing the files took more than {self.close_timeout_s:g} s "
+                "(RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S)"
+            ) from None
+        except ray.exceptions.RayTaskError as err:
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, (OSError, CheckpointError)):
+                raise cause from None
+            why = f"writing the files failed: {type(cause).__name__}: {cause}"
+            raise CheckpointError(why) from None
+        except ray.exceptions.RayError as err:
+            raise CheckpointError(f"the snapshot was lost: {type(err).__name__}") from None
 
     def _failed(self, step: int, why: str, fatal: bool = False) -> None:
         with self._cond:

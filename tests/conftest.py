@@ -15,6 +15,14 @@ _OWN_TMPDIR = None if "RAY_TMPDIR" in os.environ else tempfile.mkdtemp(prefix="r
 if _OWN_TMPDIR:  # short: Ray's socket paths must fit in 107 bytes
     os.environ["RAY_TMPDIR"] = _OWN_TMPDIR
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# the test S3 server's keys, in the usual AWS variables, before Ray starts: every process of
+# the session has them, as every process of a cluster has its storage credentials (checkpoint
+# files are written by Ray tasks, which see the environment Ray was started with)
+os.environ.update(
+    AWS_ACCESS_KEY_ID="raymodule-test-access",
+    AWS_SECRET_ACCESS_KEY="raymodule-test-secret-0123456789",
+    AWS_EC2_METADATA_DISABLED="true",
+)
 
 import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -78,23 +86,15 @@ def max_relative_diff(expected: dict, actual: dict) -> float:
 
 @pytest.fixture(scope="session")
 def s3():
-    """A real S3-compatible server on 127.0.0.1, with keys in the usual AWS variables."""
+    """A real S3-compatible server on 127.0.0.1; its keys are in the usual AWS variables."""
     from s3server import ACCESS_KEY, SECRET_KEY, SeaweedS3
 
-    keys = {
-        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
+    assert (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]) == (
+        ACCESS_KEY,
+        SECRET_KEY,
+    ), "tests/conftest.py sets the server's keys before Ray starts"
     server = SeaweedS3().start()
     try:
         yield server
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
