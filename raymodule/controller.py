@@ -12,6 +12,7 @@ Its states, each change logged once::
 
     STARTING -> RUNNING <-> RECOVERING -> WAITING_FOR_WORKERS -> RECOVERING -> RUNNING
                 RUNNING <-> GROWING
+                RUNNING  -> LEAVING -> RECOVERING (members shut down gracefully: SIGTERM)
     any -> FAILED (the run cannot go on: every later call says why) ; any -> CLOSED
 
 The decisions are :mod:`raymodule.policy`'s; the controller acts on them.
@@ -47,6 +48,7 @@ class State(enum.Enum):
     RECOVERING = "removing lost workers and re-forming the group"
     WAITING_FOR_WORKERS = "below the floor: waiting for replacements"
     GROWING = "admitting replacements"
+    LEAVING = "removing members that were shut down (SIGTERM), at a step boundary"
     FAILED = "the run cannot go on on these workers"
     CLOSED = "the workers are stopped"
 
@@ -115,6 +117,7 @@ class Controller:
         self._in_flight: dict[ray.ObjectRef, tuple] = {}  # step calls not read: (rank, kind)
         self._chunks: deque[chunks.Chunk] = deque()  # in the order sent
         self._synced: set[int] = set()  # slots whose workers hold every module, in step
+        self._leaving: set[int] = set()  # slots whose worker got SIGTERM: removed gracefully
         self._recovering = False
         self._next_poll = 0.0
 
@@ -138,6 +141,7 @@ class Controller:
             "placement_group": self.placement_group,
             "steps_sent": self.steps_sent,
             "failures": self.failures,
+            "leaving": sorted(self._leaving),
             "state": self.state.name,
             "events": events,
         }
@@ -203,6 +207,8 @@ class Controller:
         of a loss had applied already; and the seconds each slot spent in them."""
         done: list = []
         seconds: dict[int, float] = {}
+        if self._leaving:
+            self._leave(done, seconds)
         if spec is not None:
             if self.pending and self.limits.elastic:
                 self._grow(done, seconds)
@@ -402,10 +408,13 @@ class Controller:
                 self._resend(self.committed, done)
             return
         self._chunks.popleft()
-        for slot, (_, took) in zip(chunk.slots, per_worker):
+        for slot, (_, took, shut_down) in zip(chunk.slots, per_worker):
             seconds[slot] = seconds.get(slot, 0.0) + took
+            if shut_down and slot in self.slots:
+                self._leaving.add(slot)
         for index, step in enumerate(chunk.steps):
-            done.append((step.serial, [results[index] for results, _ in per_worker], step.slices))
+            results = [per_step[index] for per_step, _, _ in per_worker]
+            done.append((step.serial, results, step.slices))
 
     def _resend(self, committed: int, done: list) -> None:
         """Sends the steps in flight again to the re-formed group, but for those applied
@@ -459,6 +468,45 @@ class Controller:
         self._announce(
             "grown", f"replacement for {joined} joined", before, tic, {"step": committed}
         )
+
+    def _leave(self, done: list, seconds: dict) -> None:
+        """At a step boundary: removes the members that were shut down (SIGTERM) once the
+        steps in flight are finished, and re-forms the group without them. No step fails and
+        nothing is restored: every member is at the same step. It is no failure."""
+        while self._chunks:
+            self._finish(done, seconds)
+        self._sync()
+        leaving = sorted(slot for slot in self._leaving if slot in self.slots)
+        self._leaving = set()
+        if not leaving:
+            return
+        tic, before = time.monotonic(), len(self.handles)
+        why = f"{', '.join(f'slot {s}' for s in leaving)} shut down (SIGTERM)"
+        survivors = len(self.handles) - len(leaving)
+        decision = policy.on_leave(self.limits, survivors)
+        if decision.action is policy.Action.FAIL:
+            raise self._fail(WorkerLostError(f"{why}; {decision.reason}"))
+        if decision.action is policy.Action.RESTART:
+            raise self._fail(EveryWorkerLost(f"every worker was shut down: {why}"))
+        self._enter(State.LEAVING, why)
+        self._synced.difference_update(leaving)
+        self._group.remove(leaving)
+        self._recovering = True
+        try:
+            ready = self._wait_for_floor(survivors, decision.action is policy.Action.WAIT, why)
+            committed = self._reform(ready)
+        except StepsFailed as failure:  # a member lost meanwhile: recovered as a loss
+            lost_meanwhile = failure
+        else:
+            lost_meanwhile = None
+        finally:
+            self._recovering = False
+        if lost_meanwhile is not None:
+            self._recover(lost_meanwhile)
+            return
+        self._enter(State.RUNNING, f"generation {self.generation}, {len(self.handles)} workers")
+        extra = {"left": [f"slot {s}" for s in leaving], "step": committed}
+        self._announce("left", why, before, tic, extra)
 
     # -- recovery ----------------------------------------------------------------------------------
     def _recover(self, failure: StepsFailed) -> int:

@@ -91,6 +91,7 @@ class ControllerHandle:
         self.pending: list[int] = []  # slots whose replacement worker is starting
         self.steps_sent = 0  # training steps sent to the workers (the controller counts them)
         self.failures = 0  # failure events of the elastic run
+        self.leaving: list[int] = []  # slots shut down (SIGTERM), leaving at the next boundary
         self.limits = policy.Limits(len(contexts), elastic=False)
         self.on_membership = None  # set by an elastic run: called with each change, as a dict
         self.lost: WorkerLostError | None = None
@@ -233,6 +234,7 @@ class ControllerHandle:
         self.pending = view["pending"]
         self.steps_sent = view["steps_sent"]
         self.failures = view["failures"]
+        self.leaving = view["leaving"]
         for event in view["events"]:
             log.warning(
                 "raymodule: %s; world size %d -> %d (generation %d), recovered in %.2f s%s",

@@ -82,7 +82,8 @@ def run_steps(
     called only when another batch follows (the epoch's end has its own).
     When ``stop()`` becomes true (the process received SIGTERM), the loop checkpoints at the
     next batch boundary the same way, finishes the steps sent and raises
-    :class:`raymodule.errors.Preempted`.
+    :class:`raymodule.errors.Preempted`; when a worker received it, the loop checkpoints at
+    the next batch boundary too, and the controller removes that worker there, gracefully.
 
     The controller runs the steps (:meth:`raymodule.controller.Controller.advance`): this
     loop puts each worker's part of every chunk of batches in the object store, hands the
@@ -106,6 +107,7 @@ def run_steps(
     seconds: dict[int, float] = {}
     serials = iter(range(1 << 62))
     done = 0
+    checkpoint_due = False  # a worker was shut down: checkpoint at the next batch boundary
 
     def advance(keep: int) -> None:
         """Sends the chunk (if any), then reads finished steps until ``keep`` chunks are in
@@ -127,6 +129,8 @@ def run_steps(
             }
             chunk.clear()
         finished = workers.advance(method, spec, keep)
+        nonlocal checkpoint_due
+        checkpoint_due = checkpoint_due or bool(workers.leaving)
         for slot, took in finished["seconds"].items():
             seconds[slot] = seconds.get(slot, 0.0) + took
         for serial, results, slices in finished["steps"]:
@@ -164,9 +168,11 @@ def run_steps(
                 f"fit stopped at epoch {epoch}, batch {nbatch}: the process received SIGTERM; "
                 "run it again with the same RunConfig.name to go on from there"
             )
-        if checkpoint_every and nbatch > first_batch and nbatch % checkpoint_every == 0:
+        every = checkpoint_every and nbatch % checkpoint_every == 0
+        if (every or checkpoint_due) and on_checkpoint is not None and nbatch > first_batch:
             advance(keep=depth)
             on_checkpoint(nbatch, workers.steps_sent)
+            checkpoint_due = False
         end = nbatch + 1
         target = module._step_module(data_batch, flush=lambda: advance(keep=depth))
         target.prepare(data_batch, sparse_row_id_fn=sparse_row_id_fn)

@@ -99,6 +99,22 @@ def on_loss(limits: Limits, loss: Loss) -> Decision:
     return Decision(Action.CONTINUE)
 
 
+def on_leave(limits: Limits, survivors: int) -> Decision:
+    """What to do when members asked to leave (SIGTERM: a preemption notice, a node drained)
+    and ``survivors`` would remain. Leaving is no failure: no step failed, no state is lost."""
+    if not limits.elastic:
+        return Decision(
+            Action.FAIL,
+            "a worker that is shut down ends a call outside an elastic run; pass "
+            "fit(..., run=raymodule.RunConfig(...)) to train on through it",
+        )
+    if survivors == 0:
+        return Decision(Action.RESTART)
+    if survivors < limits.floor:
+        return Decision(Action.WAIT)
+    return Decision(Action.CONTINUE)
+
+
 def after_wait(limits: Limits, live: int, waited_s: float) -> Decision:
     """Whether training goes on after waiting ``waited_s`` for replacements, with ``live``
     workers (survivors and replacements that came up)."""

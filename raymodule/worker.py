@@ -13,6 +13,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
+import threading
 import time
 import warnings
 from typing import TYPE_CHECKING
@@ -66,6 +68,17 @@ class ModuleWorker:
         self._applied = 0
         self._broken: str | None = None  # why the collective group broke, until re-formed
         self._generation = 0
+        self._shut_down = False  # SIGTERM came: the controller removes this worker gracefully
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._note_shutdown)
+
+    def _note_shutdown(self, signum, frame) -> None:
+        """SIGTERM (a preemption notice, Ray's graceful node shutdown): instead of dying in a
+        step, this worker says so with its next steps' results, and the controller removes it
+        at a step boundary (ray.kill; Ray's grace period bounds the wait)."""
+        if not self._shut_down:
+            log.warning("raymodule worker: SIGTERM; leaving the group at the next step boundary")
+        self._shut_down = True
 
     # -- membership -------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -319,9 +332,10 @@ class ModuleWorker:
         ``(source, item, start, stop)`` pieces of ``batches[source][item]``.
 
         Several steps per call: one object-store transfer and one call per chunk, where each
-        costs about a millisecond, instead of one per batch. Returns the steps' results and
-        the seconds they took here. A call sent to an earlier ``generation`` of the group (it
-        was in flight when the group re-formed) runs nothing: its steps are sent again.
+        costs about a millisecond, instead of one per batch. Returns the steps' results, the
+        seconds they took here and whether this worker was told to shut down (SIGTERM). A
+        call sent to an earlier ``generation`` of the group (it was in flight when the group
+        re-formed) runs nothing: its steps are sent again.
         """
         step = {"train_step": self.train_step, "eval_step": self.eval_step}[kind]
         self._check_group()
@@ -334,7 +348,7 @@ class ModuleWorker:
             batches = assemble(batches, plan)
         tic = time.perf_counter()
         results = [step(mid, batch) for mid, batch in zip(mids, batches)]
-        return results, time.perf_counter() - tic
+        return results, time.perf_counter() - tic, self._shut_down
 
     def train_step(self, mid, batch: Batch):
         mod, labels = self._load(mid, batch, True)

@@ -114,7 +114,7 @@ class FaultyWorker(ModuleWorker):
         super().leave(generation)
 
 
-def train(storage, name, callback=None, min_workers=2, contexts=WORKERS, max_failures=3):
+def train(storage, name, callback=None, min_workers=2, contexts=WORKERS, max_failures=3, every=4):
     """The elastic run; returns the module (still open) and the exception it raised, if any."""
     mx.random.seed(0)
     mod = raymodule.Module(mlp(), context=[mx.cpu(i) for i in range(contexts)])
@@ -127,7 +127,8 @@ def train(storage, name, callback=None, min_workers=2, contexts=WORKERS, max_fai
             run=raymodule.RunConfig(
                 name=name,
                 storage=storage,
-                checkpoint_every=4,
+                checkpoint_every=every,
+                keep=2 if every else 10,
                 min_workers=min_workers,
                 max_failures=max_failures,
             ),
@@ -177,6 +178,9 @@ def run_scenario(scenario: str, cluster, storage: str) -> dict:
     def stop(mod):
         os.kill(mod.workers.nodes[victim]["pid"], signal.SIGSTOP)
 
+    def terminate(mod):
+        os.kill(mod.workers.nodes[victim]["pid"], signal.SIGTERM)
+
     def remove_node(mod):
         cluster.remove_node(nodes[mod.workers.nodes[victim]["node"]], allow_graceful=False)
 
@@ -206,7 +210,7 @@ def run_scenario(scenario: str, cluster, storage: str) -> dict:
             contexts, FaultyWorker
         )
     faults = []
-    min_workers, max_failures = 2, 3
+    min_workers, max_failures, every = 2, 3, 4
     if scenario == "kill":
         faults.append(Fault(FAULT_AT, kill))
     elif scenario == "hang":
@@ -236,13 +240,18 @@ def run_scenario(scenario: str, cluster, storage: str) -> dict:
         how = "die" if scenario == "reform_kill" else "stop"
         faults.append(Fault(FAULT_AT, then(fault_in(2, "leave", how), kill)))
         min_workers = 1
+    elif scenario == "sigterm":  # no failure allowed; checkpoints only at epoch ends
+        faults.append(Fault((0, 2), terminate))
+        max_failures, every = 0, 0
     elif scenario == "frozen":
         victim = 0
         faults.append(Fault(FAULT_AT, stop))
         max_failures = 0
     callbacks = faults or None
     tic = time.monotonic()
-    mod, error = train(storage, scenario, callbacks, min_workers, max_failures=max_failures)
+    mod, error = train(
+        storage, scenario, callbacks, min_workers, max_failures=max_failures, every=every
+    )
     result = {
         "scenario": scenario,
         "seconds": round(time.monotonic() - tic, 2),
@@ -256,6 +265,8 @@ def run_scenario(scenario: str, cluster, storage: str) -> dict:
         result["replicas_equal"] = replicas_equal(mod)
     mod.close()
     result["metrics"] = read_metrics(os.path.join(storage, scenario))
+    run_folder = os.path.join(storage, scenario)
+    result["checkpoints"] = sorted(n for n in os.listdir(run_folder) if n.startswith("ckpt-"))
     return result
 
 

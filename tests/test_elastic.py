@@ -157,6 +157,24 @@ def test_a_worker_lost_while_the_group_re_forms_is_recovered_from(fault, tmp_pat
         assert "silent: no answer within 4 s while the group re-formed" in lost["why"]
 
 
+def test_a_worker_sent_sigterm_leaves_at_a_step_boundary_with_a_checkpoint_there(tmp_path):
+    """A preemption notice to one worker mid-epoch, with no failure allowed: it leaves the
+    group gracefully at a step boundary (no step fails, nothing is restored, no failure is
+    counted), a checkpoint is committed there, and the run ends as the uninterrupted one."""
+    result = scenario("sigterm", tmp_path)
+    assert result["fired"] == [1]
+    assert_same_model(result)
+    assert result["diff"] <= 1e-5
+    (left,) = changes(result)
+    assert left["change"] == "left" and left["left"] == ["slot 1"] and left["failures"] == 0
+    assert left["world_size"] == 2 and result["world_size"] == 2
+    # checkpoint_every=0: checkpoints at epoch ends, and at the batch boundary after the one
+    # where the worker left (the workers run ahead of the callbacks: in these short epochs
+    # it is often the epoch's end)
+    steps = [int(name.split("-")[1]) for name in result["checkpoints"]]
+    assert any(left["step"] <= step <= left["step"] + 4 for step in steps), steps
+
+
 def test_a_frozen_worker_with_no_failures_allowed_ends_fit_in_words_not_a_hang(tmp_path):
     result = scenario("frozen", tmp_path)
     assert result["fired"] == [1]

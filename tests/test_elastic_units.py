@@ -118,6 +118,7 @@ class StandIn:
             time.sleep(3600)
         self.count, self.group, self.restored, self.generation = 0, None, 0, 0
         self.calls = []  # the module calls it received: (method, batch rows)
+        self.down = False  # told to shut down (as SIGTERM tells a real one)
         self.fault = None  # (method, "die" | "hang"): what this worker does when next called
 
     def set_fault(self, method, how):
@@ -133,7 +134,10 @@ class StandIn:
         self._maybe_fail("steps")
         if kind == "train_step":
             self.count += len(mids)
-        return [None] * len(mids), 0.0
+        return [None] * len(mids), 0.0, self.down
+
+    def shut_down(self):
+        self.down = True
 
     def get_params(self, mid):
         self._maybe_fail("get_params")
@@ -314,6 +318,31 @@ def test_a_lost_worker_is_removed_and_survivors_agree_on_the_last_step(controlle
     assert ctl.state is State.FAILED
     with pytest.raises(WorkerLostError):
         call(ctl, "applied")
+
+
+def test_a_member_shut_down_leaves_at_the_next_step_boundary_and_it_is_no_failure(controller):
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1, max_failures=0)
+    call(ctl, "set_count", 3)
+    ctl.steps_sent = 3
+    call(ctl, "shut_down", ranks=[1])
+    step(ctl)  # its results say so; it still ran the step
+    assert ctl.view()["leaving"] == [1] and ctl.slots == [0, 1, 2]
+    step(ctl)  # the next boundary: it leaves before this step is sent
+    assert ctl.slots == [0, 2] and ctl.failures == 0 and ctl.state is State.RUNNING
+    states = call(ctl, "state")
+    assert [s["count"] for s in states] == [5, 5] and [s["restored"] for s in states] == [0, 0]
+    (event,) = events_of(ctl)
+    assert event["change"] == "left" and event["left"] == ["slot 1"] and event["step"] == 4
+    assert "SIGTERM" in event["why"] and ctl.pending == [1]
+
+
+def test_a_member_shut_down_outside_an_elastic_run_ends_it_in_words(controller):
+    ctl = controller
+    call(ctl, "shut_down", ranks=[0])
+    step(ctl)
+    with pytest.raises(WorkerLostError, match=r"slot 0 shut down \(SIGTERM\).*RunConfig"):
+        step(ctl)
 
 
 def test_steps_sent_again_read_the_rows_the_new_split_gives_them():
