@@ -165,9 +165,10 @@ def test_a_worker_sent_sigterm_leaves_at_a_step_boundary_with_a_checkpoint_there
     assert result["fired"] == [1]
     assert_same_model(result)
     assert result["diff"] <= 1e-5
-    (left,) = changes(result)
+    left = changes(result)[0]  # its replacement may come back on the same node later
     assert left["change"] == "left" and left["left"] == ["slot 1"] and left["failures"] == 0
-    assert left["world_size"] == 2 and result["world_size"] == 2
+    assert left["world_size"] == 2 and "lost" not in left
+    assert all(change["change"] in ("left", "grown") for change in changes(result))
     # checkpoint_every=0: checkpoints at epoch ends, and at the batch boundary after the one
     # where the worker left (the workers run ahead of the callbacks: in these short epochs
     # it is often the epoch's end)
