@@ -21,10 +21,11 @@ from ray.util.scheduling_strategies import (
     PlacementGroupSchedulingStrategy,
 )
 
-from . import policy, runtime
+from . import runtime
 from .constants import Settings
 from .context import local_device, resources_of
-from .controller import (
+from .controller import policy
+from .controller.actor import (
     EveryWorkerLost,
     RemoteController,
     first_line,

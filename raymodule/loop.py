@@ -20,9 +20,9 @@ from mxnet.base import _as_list
 from mxnet.initializer import Uniform
 from mxnet.model import BatchEndParam
 
-from . import continuity, data, metrics, policy, runtime
+from . import continuity, data, metrics, runtime
 from .constants import Settings
-from .controller import EveryWorkerLost
+from .controller import EveryWorkerLost, policy
 from .errors import CallOrderError, Preempted, ResumeMismatch, WorkerLostError
 from .kvstore import check_kvstore
 from .run import Run, RunConfig

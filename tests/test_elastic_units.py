@@ -17,12 +17,12 @@ import pytest
 import ray
 from mxnet.io import DataDesc
 
-from raymodule import chunks, policy
 from raymodule.constants import Settings
-from raymodule.controller import Controller, State, StepsFailed
+from raymodule.controller import Controller, State, StepsFailed, chunks, policy
+from raymodule.controller.policy import Action, Limits, Loss
 from raymodule.data import Batch, split_slices
 from raymodule.errors import WorkerLostError
-from raymodule.policy import Action, Limits, Loss
+from raymodule.worker.actor import assemble
 
 
 # -- policies ----------------------------------------------------------------------------------
@@ -357,7 +357,7 @@ def test_steps_sent_again_read_the_rows_the_new_split_gives_them():
     two = chunks.worker_args(chunks.steps_of(spec), [[1, 1]])
     rows = []
     for sources, plan in two:
-        (got,) = chunks.assemble(sources, plan)
+        (got,) = assemble(sources, plan)
         rows.append(got.label[0].tolist())
     assert rows == [[0, 1, 2], [3, 4, 5]]
 

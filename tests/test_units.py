@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from raymodule import data, metrics
-from raymodule.allreduce import plan_buckets
 from raymodule.constants import Settings
+from raymodule.worker.collective import plan_buckets
 
 
 def test_buckets_fill_up_to_the_limit_and_keep_order():

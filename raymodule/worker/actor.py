@@ -23,10 +23,10 @@ if TYPE_CHECKING:
     import mxnet as mx
     import numpy as np
 
-    from .allreduce import Collective
-    from .data import Batch
+    from ..data import Batch
+    from .collective import Collective
 
-from .errors import GroupBrokenError
+from ..errors import GroupBrokenError
 
 __all__ = ["ModuleWorker"]
 
@@ -35,15 +35,14 @@ log = logging.getLogger(__name__)
 
 def _import_runtime() -> None:
     """Binds this module's MXNet-dependent names; runs once, in the worker process."""
-    global mx, np, DataBatch, assemble, metrics, nd_bytes, optimizer_state, to_ndarray
+    global mx, np, DataBatch, metrics, nd_bytes, optimizer_state, to_ndarray
     os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # no backend banner per executor
     import mxnet as mx
     import numpy as np
     from mxnet.io import DataBatch
 
-    from . import metrics, optimizer_state
-    from .chunks import assemble
-    from .data import nd_bytes, to_ndarray
+    from .. import metrics, optimizer_state
+    from ..data import nd_bytes, to_ndarray
 
 
 def _numpy_list(arrays) -> list[np.ndarray]:
@@ -86,12 +85,12 @@ class ModuleWorker:
         collective's modules imported, so that forming a group waits for no imports)."""
         import ray
 
-        from . import allreduce  # noqa: F401 - torch: seconds
+        from . import collective  # noqa: F401 - torch: seconds
 
         return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     def rendezvous_address(self) -> str:
-        from .allreduce import free_address
+        from .collective import free_address
 
         return free_address()
 
@@ -111,7 +110,7 @@ class ModuleWorker:
         self._broken = None
 
     def join(self, world_size, rank, address, backend, timeout_s, generation) -> None:
-        from .allreduce import Collective
+        from .collective import Collective
 
         self.leave()
         self._collective = Collective(world_size, rank, address, backend, timeout_s)
@@ -399,3 +398,23 @@ class ModuleWorker:
 
     def monitor_toc(self) -> list:
         return self._monitor.toc()
+
+
+def assemble(sources: list, plan: list) -> list[Batch]:
+    """The batches ``plan`` names (see :func:`raymodule.controller.chunks.worker_args`),
+    fetching only the sources it reads."""
+    import ray
+
+    from ..data import Batch
+
+    needed = sorted({source for pieces in plan for source, _, _, _ in pieces})
+    fetched = dict(zip(needed, ray.get([sources[i] for i in needed])))
+    batches = []
+    for pieces in plan:
+        parts = []
+        for source, item, start, stop in pieces:
+            part = fetched[source][item]
+            rows = part.worker_slice(slice(start, stop))
+            parts.append(Batch(*rows, part.data_axes, part.label_axes))
+        batches.append(Batch.join(parts))
+    return batches

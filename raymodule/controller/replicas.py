@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import data
+from .. import data
 
 __all__ = ["Replica"]
 

@@ -1,6 +1,6 @@
 """Elastic training's decisions, as pure functions of what was observed.
 
-The policies decide; the controller (:mod:`raymodule.controller`) acts. Nothing here
+The policies decide; the controller (:mod:`.actor`) acts. Nothing here
 talks to Ray or to storage, so every rule is tested on plain values.
 
 A *failure* is one event in which workers were lost together: a killed process, a lost node

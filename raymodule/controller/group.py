@@ -19,8 +19,8 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .constants import Settings
-from .errors import PlacementError, WorkerLostError
+from ..constants import Settings
+from ..errors import PlacementError, WorkerLostError
 
 __all__ = ["WorkerGroup"]
 

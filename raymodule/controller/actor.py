@@ -15,7 +15,7 @@ Its states, each change logged once::
                 RUNNING  -> LEAVING -> RECOVERING (members shut down gracefully: SIGTERM)
     any -> FAILED (the run cannot go on: every later call says why) ; any -> CLOSED
 
-The decisions are :mod:`raymodule.policy`'s; the controller acts on them.
+The decisions are :mod:`.policy`'s; the controller acts on them.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from collections import deque
 
 import ray
 
+from ..constants import Settings
+from ..errors import GroupBrokenError, RayModuleError, WorkerError, WorkerLostError
+from ..worker import ModuleWorker  # light: MXNet is imported in the worker process only
 from . import chunks, policy
-from .constants import Settings
-from .errors import GroupBrokenError, RayModuleError, WorkerError, WorkerLostError
 from .group import WorkerGroup
 from .replicas import Replica
-from .worker import ModuleWorker  # light: MXNet is imported in the worker process only
 
 __all__ = ["Controller", "RemoteController", "State", "EveryWorkerLost", "StepsFailed"]
 
@@ -200,7 +200,7 @@ class Controller:
         return None, self.view()
 
     def advance(self, kind: str, spec: dict | None, keep: int) -> tuple:
-        """Sends a chunk of steps (``spec``: see :func:`raymodule.chunks.steps_of`), then reads
+        """Sends a chunk of steps (``spec``: see :func:`.chunks.steps_of`), then reads
         the chunks in flight until at most ``keep`` are. Replacements that are up join first,
         at this step boundary. Returns the steps finished, in order, each as ``(serial,
         results per member or None, the slices they ran on)``: None for a step the survivors

@@ -3,19 +3,17 @@
 The client puts each worker's part of a chunk of global batches in the object store, one
 object per worker per chunk, and hands the controller the references. A worker reads its own
 part only. When the group re-forms before a step ran, the step is sent again split for the
-new members: each then reads the pieces of the parts that hold its new rows (the controller
-never fetches the rows themselves).
+new members: each then reads the pieces of the parts that hold its new rows
+(:func:`raymodule.worker.actor.assemble`; the controller never fetches the rows themselves).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import ray
+from ..data import split_slices
 
-from .data import Batch, split_slices
-
-__all__ = ["Piece", "Step", "Chunk", "steps_of", "worker_args", "assemble"]
+__all__ = ["Piece", "Step", "Chunk", "steps_of", "worker_args"]
 
 
 @dataclass
@@ -97,19 +95,3 @@ def worker_args(steps: list[Step], weights: list[list[float]]) -> list[tuple]:
             plan.append(pieces)
         args.append((sources, plan))
     return args
-
-
-def assemble(sources: list, plan: list) -> list[Batch]:
-    """On the worker: the batches ``plan`` names (see :func:`worker_args`), fetching only
-    the sources it reads."""
-    needed = sorted({source for pieces in plan for source, _, _, _ in pieces})
-    fetched = dict(zip(needed, ray.get([sources[i] for i in needed])))
-    batches = []
-    for pieces in plan:
-        parts = []
-        for source, item, start, stop in pieces:
-            part = fetched[source][item]
-            rows = part.worker_slice(slice(start, stop))
-            parts.append(Batch(*rows, part.data_axes, part.label_axes))
-        batches.append(Batch.join(parts))
-    return batches

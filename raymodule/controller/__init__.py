@@ -1,0 +1,13 @@
+"""The controller side: one actor per module family that owns the run on its workers.
+
+- :mod:`.actor`: the controller actor, its state machine, its calls to the workers, the steps
+  in flight and recovery;
+- :mod:`.policy`: the elastic decisions, as pure functions;
+- :mod:`.group`: placing the workers, their slots and the collective group's generations;
+- :mod:`.chunks`: the steps it sends, and where their rows are after a re-forming;
+- :mod:`.replicas`: its journal of each module's replicas, replayed on workers that join.
+"""
+
+from .actor import Controller, EveryWorkerLost, RemoteController, State, StepsFailed
+
+__all__ = ["Controller", "EveryWorkerLost", "RemoteController", "State", "StepsFailed"]
