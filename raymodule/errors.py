@@ -12,7 +12,15 @@ __all__ = [
     "ResumeMismatch",
     "GroupBrokenError",
     "Preempted",
+    "first_line",
 ]
+
+
+def first_line(err: BaseException) -> str:
+    """An error's first line (its type's name if it has no message): what a one-line report
+    of it shows."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
 class RayModuleError(RuntimeError):

@@ -28,12 +28,11 @@ from .controller import policy
 from .controller.actor import (
     EveryWorkerLost,
     RemoteController,
-    first_line,
     forming_s,
     in_words,
     longest_call_s,
 )
-from .errors import RayModuleError, WorkerLostError
+from .errors import RayModuleError, WorkerLostError, first_line
 
 __all__ = ["ControllerHandle"]
 

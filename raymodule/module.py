@@ -22,7 +22,7 @@ from mxnet.module.base_module import BaseModule, _check_input_names, _parse_data
 from mxnet.module.executor_group import _prepare_group2ctxs
 
 from . import continuity, data, loop, metrics, params, storage
-from .errors import CallOrderError
+from .errors import CallOrderError, first_line
 from .handle import ControllerHandle
 from .kvstore import SUPPORTED_KVSTORES, check_kvstore
 
@@ -287,7 +287,7 @@ class Module(loop.TrainingLoops, BaseModule):
                 **{d.name: d.dtype for d in data_shapes + (label_shapes or [])}
             )
         except MXNetError as err:
-            detail = str(err).strip().splitlines()[0]
+            detail = first_line(err)
             raise ValueError(f"input shapes {inputs} do not fit the symbol: {detail}") from None
         if arg_shapes is None:
             raise ValueError(f"input shapes {inputs} are not enough to infer every shape")

@@ -28,7 +28,13 @@ from collections import deque
 import ray
 
 from ..constants import Settings
-from ..errors import GroupBrokenError, RayModuleError, WorkerError, WorkerLostError
+from ..errors import (
+    GroupBrokenError,
+    RayModuleError,
+    WorkerError,
+    WorkerLostError,
+    first_line,
+)
 from ..worker import ModuleWorker  # light: MXNet is imported in the worker process only
 from . import chunks, policy
 from .group import WorkerGroup
@@ -771,8 +777,3 @@ def in_words(err: Exception, what: str) -> Exception:
     if isinstance(cause, RayModuleError):
         return cause
     return WorkerError(f"{what}: {type(cause).__name__}: {cause}")
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

@@ -20,7 +20,7 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..constants import Settings
-from ..errors import PlacementError, WorkerLostError
+from ..errors import PlacementError, WorkerError, WorkerLostError, first_line
 
 __all__ = ["WorkerGroup"]
 
@@ -53,8 +53,9 @@ def _relevant(resources: dict, bundles: list[dict]) -> dict:
 
 def _unresponsive(slots: list[int], refs: list, timeout_s: float) -> dict[int, str]:
     """The slots whose call failed because their worker is gone, or that did not answer
-    within ``timeout_s`` (alive but silent), each with why. Other errors are raised, unless a
-    worker is gone or silent (its peers' calls then fail for that reason)."""
+    within ``timeout_s`` (alive but silent), each with why. Another error is raised as a
+    WorkerError naming the slot, unless a worker is gone or silent (its peers' calls then fail
+    for that reason)."""
     done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     done = set(done)
     lost, failed = {}, None
@@ -65,11 +66,16 @@ def _unresponsive(slots: list[int], refs: list, timeout_s: float) -> dict[int, s
         try:
             ray.get(ref)
         except ray.exceptions.RayActorError as err:
-            lost[slot] = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
+            lost[slot] = f"{type(err).__name__}: {first_line(err)}"
         except ray.exceptions.RayTaskError as err:
-            failed = failed or err
+            failed = failed or (slot, err)
     if failed is not None and not lost:
-        raise failed
+        slot, err = failed
+        cause = getattr(err, "cause", None) or err
+        raise WorkerError(
+            f"the worker of slot {slot} failed while the group re-formed: "
+            f"{type(cause).__name__}: {first_line(cause)}"
+        )
     return lost
 
 

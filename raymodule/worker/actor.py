@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from ..data import Batch
     from .collective import Collective
 
-from ..errors import GroupBrokenError
+from ..errors import GroupBrokenError, first_line
 
 __all__ = ["ModuleWorker"]
 
@@ -290,7 +290,7 @@ class ModuleWorker:
                 [g[0] for g in reversed(grad_arrays) if g[0] is not None], self._bucket_bytes
             )
         except Exception as err:  # noqa: BLE001 - a peer lost or silent: the step is not applied
-            why = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+            why = f"{type(err).__name__}: {first_line(err)[:200]}"
         if why is not None:
             # Close this end at once, out of the except block (whose traceback holds the
             # group): a peer waiting for data from this worker then fails now too, wherever
