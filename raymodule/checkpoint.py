@@ -219,6 +219,14 @@ _stage_task = ray.remote(num_cpus=0, max_retries=0)(stage_files)
 comes back."""
 
 
+@ray.remote(num_cpus=0)
+def _ready_to_stage() -> None:
+    """Imports what :func:`stage_files` needs (MXNet: seconds) in a worker process of this
+    node, which Ray then keeps for the tasks that write: the first checkpoint does not pay
+    for the imports while training goes on."""
+    import mxnet  # noqa: F401
+
+
 def _load(params: bytes) -> dict:
     """The arrays of MXNet's ``.params`` bytes, by name (``arg:w``, ``aux:m``)."""
     import mxnet as mx
@@ -354,6 +362,8 @@ class CheckpointWriter:
             target=self._loop, name="raymodule-checkpoint-writer", daemon=True
         )
         self._thread.start()
+        if ray.is_initialized():
+            _ready_to_stage.options(scheduling_strategy=_this_node()).remote()
 
     def submit(self, snapshot: ray.ObjectRef, info: dict) -> None:
         with self._cond:
@@ -457,8 +467,7 @@ class CheckpointWriter:
         is this node's, as for the commit. The task sees the environment Ray started with
         (storage credentials come from there). Bounded by
         RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S; its errors are raised as stage_files' own."""
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        task = _stage_task.options(scheduling_strategy=here).remote(run, snapshot, info)
+        task = _stage_task.options(scheduling_strategy=_this_node()).remote(run, snapshot, info)
         try:
             return ray.get(task, timeout=self.close_timeout_s)
         except ray.exceptions.RayActorError:
@@ -499,3 +508,7 @@ def latest_checkpoint(run_location: str) -> Checkpoint | None:
     """The newest verified checkpoint of the run at ``run_location`` (``<storage>/<name>``,
     a local path or URI), or None; ``Module.load(ckpt.prefix, ckpt.epoch)`` loads it."""
     return latest(Folder(run_location))
+
+
+def _this_node() -> NodeAffinitySchedulingStrategy:
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

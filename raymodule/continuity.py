@@ -3,9 +3,11 @@
 Each checkpoint's manifest records what a ``fit`` must keep to go on from it: ``params``, the
 symbol's parameters (``arg:<name>``, ``aux:<name>``) with their shapes; ``optimizer.type``;
 ``batch_size``, the global batch; and ``batches_per_epoch`` once an epoch has completed. A
-``fit`` that resumes is compared with the first three before it trains; one that differs
-raises :class:`raymodule.errors.ResumeMismatch` naming the field, the checkpoint's value and
-the new one. A manifest written before a field was recorded is not checked for that field.
+``fit`` that resumes is compared with the first three before it trains, and with the fourth
+before it trains when its data says how long an epoch is (:func:`batches_in`), else at the end
+of the first epoch it completes (before that epoch's checkpoint); one that differs raises
+:class:`raymodule.errors.ResumeMismatch` naming the field, the checkpoint's value and the new
+one. A manifest written before a field was recorded is not checked for that field.
 Learning rates and other hyperparameters may change: the resuming ``fit`` sets them.
 """
 
@@ -15,7 +17,7 @@ import logging
 
 from .errors import ResumeMismatch
 
-__all__ = ["check", "optimizer_type", "param_shapes"]
+__all__ = ["check", "check_epoch_length", "batches_in", "optimizer_type", "param_shapes"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,35 @@ def optimizer_type(optimizer) -> str | None:
         return type(optimizer).__name__
     made = mx.optimizer.Optimizer.opt_registry.get(str(optimizer).lower())
     return made.__name__ if made is not None else None
+
+
+def batches_in(data_iter) -> int | None:
+    """Batches an epoch of ``data_iter`` gives, when it says without being read (MXNet's
+    ``NDArrayIter`` that pads or discards its last batch), else None."""
+    import mxnet as mx
+
+    if not isinstance(data_iter, mx.io.NDArrayIter):
+        return None
+    full, rest = divmod(data_iter.num_data, data_iter.batch_size)
+    if data_iter.last_batch_handle == "pad":
+        return full + (rest > 0)
+    if data_iter.last_batch_handle == "discard":
+        return full
+    return None  # roll_over: it depends on the epoch
+
+
+def check_epoch_length(checkpoint, run_name: str, batches: int | None) -> None:
+    """Raises ``ResumeMismatch`` if an epoch of the resuming ``fit``'s data has ``batches``
+    batches (None: not known) where the run's epochs had another number."""
+    recorded = checkpoint.manifest.get("batches_per_epoch")
+    if recorded is None or batches is None or batches == recorded:
+        return
+    raise ResumeMismatch(
+        f"run {run_name!r} cannot resume from {checkpoint.name}: its epochs had {recorded} "
+        f"batches, an epoch of this fit's train_data has {batches}: it is not the data the run "
+        "was trained on. Resume with that data, or start a new run: another "
+        "RunConfig(name=...) (with resume='never' to be sure it is new)"
+    )
 
 
 def check(checkpoint, run_name: str, *, params: dict, optimizer: str | None, batch_size: int):

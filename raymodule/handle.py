@@ -226,12 +226,14 @@ class ControllerHandle:
         return value
 
     def _apply(self, view: dict) -> None:
-        self._held["placement_group"] = view["placement_group"]
-        self.handles = view["handles"]
-        self.slots = view["slots"]
-        self.nodes = view["nodes"]
-        self.generation = view["generation"]
-        self.pending = view["pending"]
+        membership = view["membership"]
+        if membership is not None:  # changed
+            self._held["placement_group"] = membership["placement_group"]
+            self.handles = membership["handles"]
+            self.slots = membership["slots"]
+            self.nodes = membership["nodes"]
+            self.generation = membership["generation"]
+            self.pending = membership["pending"]
         self.steps_sent = view["steps_sent"]
         self.failures = view["failures"]
         self.leaving = view["leaving"]

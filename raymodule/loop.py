@@ -348,6 +348,9 @@ class TrainingLoops:
                 optimizer=continuity.optimizer_type(optimizer),
                 batch_size=batch_size,
             )
+            continuity.check_epoch_length(
+                resume, run_folder.config.name, continuity.batches_in(train_data)
+            )
         per_epoch = resume.manifest.get("batches_per_epoch") if resume is not None else None
         if monitor is not None:
             self.install_monitor(monitor)
@@ -411,6 +414,8 @@ class TrainingLoops:
                     on_checkpoint=lambda n, steps, e=epoch: checkpoint(e, n, steps),
                     stop=(lambda: run_folder.preempted) if run_folder is not None else None,
                 )
+                if resume is not None and epoch == begin_epoch:  # its length known only now
+                    continuity.check_epoch_length(resume, run_folder.config.name, done.batches)
                 per_epoch = done.batches
                 if run_folder is not None:
                     checkpoint(epoch + 1, 0, self._workers.steps_sent)

@@ -444,12 +444,15 @@ def test_a_lease_lost_by_storage_is_taken_again(tmp_path):
 
 
 # -- a resume continues the run it resumes ---------------------------------------------------
-def fit(config, batch_size=8, n=96, hidden=(32, 16), num_epoch=2, **fit_args):
-    """One worker trains the MLP on ``n`` samples in batches of ``batch_size``."""
+def fit(config, batch_size=8, n=96, hidden=(32, 16), num_epoch=2, batches=None, **fit_args):
+    """One worker trains the MLP on ``n`` samples in batches of ``batch_size`` (``batches``
+    a batch per epoch: through an iterator that does not say how many it gives)."""
     x, y = dataset(n=n)
     mx.random.seed(0)
     with raymodule.Module(mlp(hidden), context=[mx.cpu(0)]) as mod:
         train = mx.io.NDArrayIter(x, y, batch_size=batch_size)
+        if batches is not None:
+            train = mx.io.ResizeIter(train, batches)
         mod.fit(train, num_epoch=num_epoch, run=config, **fit_args)
 
 
@@ -469,6 +472,7 @@ def test_a_resume_with_another_symbol_optimizer_or_batch_size_fails_naming_what_
         ({"hidden": (32,)}, "the checkpoint's arg:fc1_bias, arg:fc1_weight are not in this fit"),
         ({"optimizer": "adam"}, "the checkpoint's optimizer is 'SGD', this fit's 'Adam'"),
         ({"batch_size": 16}, "the checkpoint's batch_size is 8, this fit's 16"),
+        ({"n": 120}, "its epochs had 12 batches, an epoch of this fit's train_data has 15"),
     ):
         with pytest.raises(raymodule.ResumeMismatch, match=words) as err:
             fit(config, **change)
@@ -480,6 +484,18 @@ def test_a_resume_with_another_symbol_optimizer_or_batch_size_fails_naming_what_
     # the same symbol, optimizer and batch go on; a new learning rate is allowed
     fit(config, optimizer_params={"learning_rate": 0.5})
     assert checkpoint.latest(run).epoch == 2
+
+
+def test_data_whose_epochs_are_of_another_length_fail_at_the_first_epochs_end(tmp_path):
+    """An iterator that does not say how long its epochs are is checked when the first one
+    ends, before that epoch's checkpoint."""
+    config = RunConfig(name="r", storage=str(tmp_path))
+    fit(config, num_epoch=1)
+    with pytest.raises(raymodule.ResumeMismatch, match="had 12 batches, .* train_data has 10"):
+        fit(config, batches=10)
+    assert checkpoint.latest(storage.Folder(config.location)).name == "ckpt-0000000012"
+    fit(config, batches=12)  # the same length goes on
+    assert checkpoint.latest(storage.Folder(config.location)).epoch == 2
 
 
 def test_a_manifest_that_records_no_such_fields_is_not_checked_for_them(tmp_path, caplog):

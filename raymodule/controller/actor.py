@@ -119,6 +119,7 @@ class Controller:
         self._replicas: dict[int, Replica] = {}  # by module id
         self._metric = None  # the metric the steps update on the workers
         self._events: list[dict] = []  # membership changes the client has not read yet
+        self._seen = None  # the membership the client last saw (see view)
         self._unchecked: list[tuple[int, ray.ObjectRef, str]] = []
         self._in_flight: dict[ray.ObjectRef, tuple] = {}  # step calls not read: (rank, kind)
         self._chunks: deque[chunks.Chunk] = deque()  # in the order sent
@@ -127,7 +128,7 @@ class Controller:
         self._recovering = False
         self._next_poll = 0.0
 
-    # -- the client's calls: each returns (value, view) ------------------------------------------
+    # -- the client's calls: those it reads return (value, view), the others nothing ---------------
     def start(self) -> tuple:
         """Places the workers and forms their group."""
         self._adopt(self._group.start(self._backend))
@@ -136,15 +137,24 @@ class Controller:
         return None, self.view()
 
     def view(self) -> dict:
-        """The membership as the client sees it, and the changes it has not read yet."""
+        """What the client keeps of the run: the membership (when it changed since the last
+        view: None otherwise, the reply of every chunk stays small), the step count, and the
+        changes it has not read yet. Only the replies the client reads carry one."""
         events, self._events = self._events, []
-        return {
+        membership = {
             "handles": list(self.handles),
             "slots": list(self.slots),
             "nodes": list(self.nodes),
             "generation": self.generation,
             "pending": list(self.pending),
             "placement_group": self.placement_group,
+        }
+        seen = (self.generation, tuple(self.slots), tuple(self.pending))
+        if seen == self._seen:
+            membership = None
+        self._seen = seen
+        return {
+            "membership": membership,
             "steps_sent": self.steps_sent,
             "failures": self.failures,
             "leaving": sorted(self._leaving),
@@ -158,14 +168,13 @@ class Controller:
         self.failures = failures
         return None, self.view()
 
-    def post(self, method: str, args: tuple, per_worker=None, ranks=None, generation=None):
+    def post(self, method: str, args: tuple, per_worker=None, ranks=None, generation=None) -> None:
         """Calls ``method(*args, *per_worker[rank])`` on the workers (or ``ranks``); an error
         surfaces at the next :meth:`sync` or call. ``generation``: the one ``per_worker`` was
         made for."""
         self._check_generation(method, per_worker, generation)
         self._note(method, args)
         self._post(method, *args, per_worker=per_worker, ranks=ranks)
-        return None, self.view()
 
     def call(self, method: str, args: tuple, per_worker=None, ranks=None, generation=None):
         """Calls ``method`` on the workers and returns their results, in rank order."""
@@ -177,11 +186,10 @@ class Controller:
         self._sync()
         return None, self.view()
 
-    def create(self, mid: int, args: tuple, per_slot: list) -> tuple:
+    def create(self, mid: int, args: tuple, per_slot: list) -> None:
         """Creates a module's replicas (``per_slot``: the arguments that differ by slot)."""
         self._replicas[mid] = Replica(args, per_slot)
         self._create(mid, range(len(self.handles)))
-        return None, self.view()
 
     def bind(self, mid: int, args: tuple, shapes: tuple, work_load: list) -> tuple:
         """Binds a module's replicas to the global ``shapes`` ((data, label) shapes) split by
@@ -193,17 +201,15 @@ class Controller:
         replica.bind = args
         return stypes, self.view()
 
-    def reshape(self, mid: int, shapes: tuple) -> tuple:
+    def reshape(self, mid: int, shapes: tuple) -> None:
         replica = self._replicas[mid]
         replica.shapes = shapes
         self._post("reshape", mid, per_worker=replica.split(self.slots))
-        return None, self.view()
 
-    def set_metric(self, metric) -> tuple:
+    def set_metric(self, metric) -> None:
         """The metric the steps update on the workers (None: they return outputs)."""
         self._metric = metric
         self._post("set_metric", metric)
-        return None, self.view()
 
     def advance(self, kind: str, spec: dict | None, keep: int) -> tuple:
         """Sends a chunk of steps (``spec``: see :func:`.chunks.steps_of`), then reads
