@@ -362,8 +362,9 @@ class CheckpointWriter:
             target=self._loop, name="raymodule-checkpoint-writer", daemon=True
         )
         self._thread.start()
+        self._warm = None  # the process made ready for the first write, while it starts
         if ray.is_initialized():
-            _ready_to_stage.options(scheduling_strategy=_this_node()).remote()
+            self._warm = _ready_to_stage.options(scheduling_strategy=_this_node()).remote()
 
     def submit(self, snapshot: ray.ObjectRef, info: dict) -> None:
         with self._cond:
@@ -401,6 +402,23 @@ class CheckpointWriter:
                 )
             self._raise_if_failed()
 
+    def settle(self) -> None:
+        """Waits until the checkpoints handed over are committed or given up, at most
+        RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S; a snapshot its worker has not delivered is not
+        waited for (that worker may be lost). For a run that goes on from its latest
+        checkpoint: one whose copy was taken is committed first."""
+        deadline = time.monotonic() + self.close_timeout_s
+        with self._cond:
+            self._abandon = True
+            try:
+                while self._waiting is not None or self._busy:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(timeout=left)
+            finally:
+                self._abandon = False
+
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
@@ -414,7 +432,13 @@ class CheckpointWriter:
                 if self._waiting is None:
                     return
                 (snapshot, info), self._waiting = self._waiting, None
-            self._write(snapshot, info)
+                self._busy = True
+            try:
+                self._write(snapshot, info)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
 
     def _write(self, snapshot: ray.ObjectRef, info: dict) -> None:
         step = info["global_step"]
@@ -467,6 +491,9 @@ class CheckpointWriter:
         is this node's, as for the commit. The task sees the environment Ray started with
         (storage credentials come from there). Bounded by
         RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S; its errors are raised as stage_files' own."""
+        if self._warm is not None:  # the first write waits for it rather than start another
+            ray.wait([self._warm], timeout=self.close_timeout_s)
+            self._warm = None
         task = _stage_task.options(scheduling_strategy=_this_node()).remote(run, snapshot, info)
         try:
             return ray.get(task, timeout=self.close_timeout_s)

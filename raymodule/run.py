@@ -174,7 +174,10 @@ class Run:
         self.writer.submit(snapshot, dict(self._static, files=files, **position))
 
     def latest(self) -> Checkpoint | None:
-        """The run's newest committed checkpoint that verifies, as storage has it now."""
+        """The run's newest committed checkpoint that verifies, as storage has it once the
+        checkpoints handed to the writer are committed or given up (every worker was lost:
+        one whose copy was taken is still the run's)."""
+        self.writer.settle()
         return checkpoint.latest(self.folder)
 
     def record_epoch(self, entry: dict) -> None:

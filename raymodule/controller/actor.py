@@ -463,17 +463,8 @@ class Controller:
         if not admit:
             return
         self._enter(State.GROWING, f"admitting slots {admit}")
-        self._recovering = True
-        try:
-            committed = self._reform(admit)
-        except StepsFailed as failure:  # a worker lost while the replacements joined
-            lost_while_joining = failure
-        else:
-            lost_while_joining = None
-        finally:
-            self._recovering = False
-        if lost_while_joining is not None:
-            self._recover(lost_while_joining)
+        committed = self._re_form_or_recover(lambda: self._reform(admit))
+        if committed is None:
             return
         self._enter(State.RUNNING, "replacements joined")
         joined = ", ".join(f"slot {s}" for s in admit)
@@ -503,22 +494,29 @@ class Controller:
         self._enter(State.LEAVING, why)
         self._synced.difference_update(leaving)
         self._group.remove(leaving)
-        self._recovering = True
-        try:
-            ready = self._wait_for_floor(survivors, decision.action is policy.Action.WAIT, why)
-            committed = self._reform(ready)
-        except StepsFailed as failure:  # a member lost meanwhile: recovered as a loss
-            lost_meanwhile = failure
-        else:
-            lost_meanwhile = None
-        finally:
-            self._recovering = False
-        if lost_meanwhile is not None:
-            self._recover(lost_meanwhile)
+        wait = decision.action is policy.Action.WAIT
+        committed = self._re_form_or_recover(
+            lambda: self._reform(self._wait_for_floor(survivors, wait, why))
+        )
+        if committed is None:
             return
         self._enter(State.RUNNING, f"generation {self.generation}, {len(self.handles)} workers")
         extra = {"left": [f"slot {s}" for s in leaving], "step": committed}
         self._announce("left", why, before, tic, extra)
+
+    def _re_form_or_recover(self, re_form) -> int | None:
+        """Runs ``re_form()`` (a membership change the controller chose: admitting, leaving)
+        and returns the step it brought everyone to; a worker lost meanwhile is recovered from
+        as a loss, announced as one, and None is returned."""
+        self._recovering = True
+        try:
+            return re_form()
+        except StepsFailed as failure:
+            lost_meanwhile = failure
+        finally:
+            self._recovering = False
+        self._recover(lost_meanwhile)
+        return None
 
     # -- recovery ----------------------------------------------------------------------------------
     def _recover(self, failure: StepsFailed) -> int:
