@@ -11,6 +11,7 @@ metric and the callbacks run, trailing the workers by at most the batches in fli
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -105,7 +106,7 @@ def run_steps(
     chunk: list[_Step] = []
     final: list = []
     seconds: dict[int, float] = {}
-    serials = iter(range(1 << 62))
+    serials = itertools.count()
     done = 0
     checkpoint_due = False  # a worker was shut down: checkpoint at the next batch boundary
 

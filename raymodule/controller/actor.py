@@ -158,7 +158,6 @@ class Controller:
             "steps_sent": self.steps_sent,
             "failures": self.failures,
             "leaving": sorted(self._leaving),
-            "state": self.state.name,
             "events": events,
         }
 

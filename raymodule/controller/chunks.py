@@ -9,7 +9,7 @@ new members: each then reads the pieces of the parts that hold its new rows
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..data import split_slices
 
@@ -45,7 +45,6 @@ class Chunk:
     refs: list  # the members' calls, in rank order
     slots: list[int]
     generation: int
-    seconds: dict = field(default_factory=dict)
 
 
 def steps_of(spec: dict) -> list[Step]:
