@@ -30,7 +30,7 @@ class Settings:
     waits for."""
     collective_timeout_s: float = 300.0
     """RAYMODULE_COLLECTIVE_TIMEOUT_S: bound on every collective call and rendezvous; a worker
-    still silent this long after its peers' collective failed is lost (hung)."""
+    still silent twice this long after its peers' collective failed is lost (hung)."""
     call_timeout_s: float = 3600.0
     """RAYMODULE_CALL_TIMEOUT_S: bound on one call to the workers when no collective bounds it
     (a single worker); a worker silent for longer is lost."""

@@ -43,6 +43,11 @@ def epochs(result: dict) -> list[dict]:
     return [m for m in result["metrics"] if "epoch" in m]
 
 
+def assert_fired(result: dict, expected: list[int]) -> None:
+    """Each fault fired as many times as ``expected``; if not, the run's error says why."""
+    assert result["fired"] == expected, result.get("error") or result["log"][-3000:]
+
+
 def assert_same_model(result: dict) -> None:
     assert result["error"] is None, result["error"]
     assert result["replicas_equal"], "the replicas differ"
@@ -54,7 +59,7 @@ def test_a_lost_worker_costs_no_completed_step(fault, tmp_path):
     """A worker process SIGKILLed, or its node removed for real, at step k: the survivors run
     the failed step again on the same global batch and the run ends as if nothing happened."""
     result = scenario(fault, tmp_path)
-    assert result["fired"] == [1]
+    assert_fired(result, [1])
     assert_same_model(result)
     (lost,) = changes(result)
     assert lost["world_size"] == 2 and lost["previous_world_size"] == 3
@@ -67,7 +72,7 @@ def test_a_lost_worker_costs_no_completed_step(fault, tmp_path):
 def test_a_silent_worker_is_removed_after_the_timeout(tmp_path):
     """A worker SIGSTOPped (alive, not answering) is removed after the collective timeout."""
     result = scenario("hang", tmp_path)
-    assert result["fired"] == [1]
+    assert_fired(result, [1])
     assert_same_model(result)
     (lost,) = changes(result)
     assert "silent" in lost["why"] and lost["world_size"] == 2
@@ -75,7 +80,7 @@ def test_a_silent_worker_is_removed_after_the_timeout(tmp_path):
 
 def test_the_group_grows_back_when_a_node_returns(tmp_path):
     result = scenario("grow", tmp_path)
-    assert result["fired"] == [1, 1]
+    assert_fired(result, [1, 1])
     assert_same_model(result)
     lost, grown = changes(result)
     assert (lost["world_size"], grown["world_size"]) == (2, 3)
@@ -86,7 +91,7 @@ def test_the_group_grows_back_when_a_node_returns(tmp_path):
 
 def test_with_every_worker_lost_the_run_goes_on_from_its_latest_checkpoint(tmp_path):
     result = scenario("all", tmp_path)
-    assert result["fired"] == [1]
+    assert_fired(result, [1])
     assert_same_model(result)
     assert "restarting them from ckpt-" in result["log"]
     (restart,) = changes(result)
@@ -97,7 +102,7 @@ def test_with_every_worker_lost_the_run_goes_on_from_its_latest_checkpoint(tmp_p
 
 def test_below_min_workers_with_no_node_coming_fails_in_words(tmp_path):
     result = scenario("floor", tmp_path)
-    assert result["fired"] == [1]
+    assert_fired(result, [1])
     error = result["error"]
     assert error.startswith("WorkerLostError"), error
     assert "was lost" in error and "min_workers=3" in error and "waiting" in error
@@ -106,7 +111,8 @@ def test_below_min_workers_with_no_node_coming_fails_in_words(tmp_path):
 def test_a_killed_training_process_resumes_from_storage(tmp_path):
     """The training process itself SIGKILLed mid-epoch, then run again with the same name."""
     result = scenario("process", tmp_path)
-    assert result["first_rc"] == -9 and result["fired"] == [1]
+    assert result["first_rc"] == -9
+    assert_fired(result, [1])
     assert result["second_rc"] == 0, result["second_log"]
     assert result["diff"] <= 1e-4
     assert [e["epoch"] for e in epochs(result)] == [0, 1]
@@ -115,7 +121,7 @@ def test_a_killed_training_process_resumes_from_storage(tmp_path):
 
 def test_a_killed_controller_takes_its_workers_and_the_run_goes_on_from_its_checkpoint(tmp_path):
     result = scenario("controller", tmp_path)
-    assert result["fired"] == [1]
+    assert_fired(result, [1])
     assert_same_model(result)
     (restart,) = changes(result)
     assert restart["change"] == "restarted" and "were lost" in restart["why"]
@@ -135,7 +141,7 @@ def test_a_worker_lost_reading_the_parameters_at_an_epochs_end_is_recovered_from
 
 def test_a_survivor_lost_while_a_replacement_joins_leaves_the_replacement_set_up(tmp_path):
     result = scenario("admit", tmp_path)
-    assert result["fired"] == [1, 1]
+    assert_fired(result, [1, 1])
     assert_same_model(result)
     first, second = changes(result)[:2]
     assert first["lost"] == ["slot 1"]
@@ -148,7 +154,7 @@ def test_a_worker_lost_while_the_group_re_forms_is_recovered_from(fault, tmp_pat
     answering (SIGSTOP, bounded by the collective timeout): the recovery starts again without
     both, and the run ends as the run without faults."""
     result = scenario(fault, tmp_path)
-    assert result["fired"] == [1]
+    assert_fired(result, [1])
     assert_same_model(result)
     lost = changes(result)[0]  # one change, with both
     assert lost["lost"] == ["slot 1", "slot 2"] and lost["during"] == "train_step"
@@ -162,7 +168,7 @@ def test_a_worker_sent_sigterm_leaves_at_a_step_boundary_with_a_checkpoint_there
     group gracefully at a step boundary (no step fails, nothing is restored, no failure is
     counted), a checkpoint is committed there, and the run ends as the uninterrupted one."""
     result = scenario("sigterm", tmp_path)
-    assert result["fired"] == [1]
+    assert_fired(result, [1])
     assert_same_model(result)
     assert result["diff"] <= 1e-5
     left = changes(result)[0]  # its replacement may come back on the same node later
@@ -178,7 +184,7 @@ def test_a_worker_sent_sigterm_leaves_at_a_step_boundary_with_a_checkpoint_there
 
 def test_a_frozen_worker_with_no_failures_allowed_ends_fit_in_words_not_a_hang(tmp_path):
     result = scenario("frozen", tmp_path)
-    assert result["fired"] == [1]
+    assert_fired(result, [1])
     error = result["error"]
     assert error.startswith("WorkerLostError") and "max_failures=0" in error, error
     assert "silent" in error

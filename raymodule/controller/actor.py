@@ -291,6 +291,11 @@ class Controller:
             raise self.lost
         if self.state is State.CLOSED:
             raise WorkerLostError("this module was closed; its workers are gone")
+        if ranks is not None and not all(0 <= rank < len(self.handles) for rank in ranks):
+            raise ValueError(
+                f"ranks {list(ranks)} asked of {method}(), but the group has "
+                f"{len(self.handles)} workers (ranks 0..{len(self.handles) - 1})"
+            )
         refs = []
         for rank in range(len(self.handles)) if ranks is None else ranks:
             extra = per_worker[rank] if per_worker is not None else ()
@@ -342,8 +347,8 @@ class Controller:
         """``ray.get`` that names the worker, says a lost worker is lost, and never hangs.
 
         A worker is lost when its process or node is gone, or when it is silent: still busy
-        ``RAYMODULE_COLLECTIVE_TIMEOUT_S`` after a peer's call failed (its peers' collective
-        timed out waiting for it), or ``RAYMODULE_CALL_TIMEOUT_S`` after the call. In an
+        :func:`silence_s` after a peer's call failed (its peers' collective timed out waiting
+        for it), or ``RAYMODULE_CALL_TIMEOUT_S`` after the call. In an
         elastic run that raises :class:`StepsFailed` to recover from; otherwise the module
         cannot go on and says so.
         """
@@ -675,7 +680,7 @@ class Controller:
 
     def _settle(self, lost: dict[int, str]) -> None:
         """Waits for the survivors' calls in flight (they fail at once: their group is
-        broken); a survivor that does not answer within the collective timeout is lost too."""
+        broken); a survivor that does not answer within :func:`silence_s` is lost too."""
         unchecked, self._unchecked = self._unchecked, []
         in_flight, self._in_flight = self._in_flight, {}
         waiting = {ref: rank for ref, (rank, _) in in_flight.items() if rank not in lost}
@@ -683,7 +688,7 @@ class Controller:
         if not waiting:
             return
         _, late = ray.wait(
-            list(waiting), num_returns=len(waiting), timeout=self.settings.collective_timeout_s
+            list(waiting), num_returns=len(waiting), timeout=silence_s(self.settings)
         )
         for ref in late:
             lost.setdefault(waiting[ref], _why_lost("silent", None, self.settings))
@@ -710,6 +715,14 @@ class Controller:
 RemoteController = ray.remote(num_cpus=0, max_restarts=0)(Controller)
 
 
+def silence_s(settings: Settings) -> float:
+    """How long after a peer's call failed a member may still be busy before it is lost
+    (silent): a member may reach the collective up to one collective timeout after its peers
+    (its own step took longer, or its process was not scheduled), and then waits up to one
+    collective timeout for the peer that is gone."""
+    return 2 * settings.collective_timeout_s
+
+
 def forming_s(settings: Settings) -> float:
     """The longest a re-forming may take: leaving, the rendezvous, then joining (twice the
     collective timeout), each bounded by the collective timeout."""
@@ -720,7 +733,7 @@ def longest_call_s(settings: Settings, slots: int) -> float:
     """The longest one controller call may take: a call to the workers, then recoveries (at
     most one per worker, and the re-formings with nobody lost the policy allows), each
     settling the calls in flight, waiting for replacements and re-forming."""
-    recovery = settings.collective_timeout_s + settings.min_workers_wait_s + forming_s(settings)
+    recovery = silence_s(settings) + settings.min_workers_wait_s + forming_s(settings)
     recoveries = slots + settings.max_reforms + 1
     return settings.call_timeout_s + recoveries * (recovery + settings.call_timeout_s)
 
@@ -756,9 +769,9 @@ def _await(refs: list, settings: Settings) -> tuple[list[tuple[str, object]], fl
                     return [o or ("", None) for o in outcomes], time.monotonic(), i
                 outcomes[i] = ("broken", err)
             last = i
-            # a peer is gone or its group broke: the others answer within the collective timeout
+            # a peer is gone or its group broke: the others answer within silence_s
             seen_at = seen_at or time.monotonic()
-            deadline = min(deadline, seen_at + settings.collective_timeout_s)
+            deadline = min(deadline, seen_at + silence_s(settings))
     if None in outcomes:
         seen_at = seen_at or time.monotonic()
     return [o or ("silent", None) for o in outcomes], seen_at, last
@@ -767,8 +780,8 @@ def _await(refs: list, settings: Settings) -> tuple[list[tuple[str, object]], fl
 def _why_lost(kind: str, err, settings: Settings) -> str:
     if kind == "silent":
         return (
-            f"silent: no answer within RAYMODULE_COLLECTIVE_TIMEOUT_S="
-            f"{settings.collective_timeout_s:g} s after its peers' collective failed"
+            f"silent: no answer within {silence_s(settings):g} s (twice "
+            f"RAYMODULE_COLLECTIVE_TIMEOUT_S) after its peers' collective failed"
         )
     return f"{type(err).__name__}: {first_line(err)}"
 
