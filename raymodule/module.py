@@ -21,7 +21,7 @@ from mxnet.io import DataDesc
 from mxnet.module.base_module import BaseModule, _check_input_names, _parse_data_desc
 from mxnet.module.executor_group import _prepare_group2ctxs
 
-from . import continuity, data, loop, metrics, params, storage
+from . import continuity, data, loop, metrics, params, storage, views
 from .errors import CallOrderError, first_line
 from .handle import ControllerHandle
 from .kvstore import SUPPORTED_KVSTORES, check_kvstore
@@ -132,9 +132,8 @@ class Module(loop.TrainingLoops, BaseModule):
         self._aux_params = None
         self._dirty = False
         self._optimizer = None
-        self._kvstore = None
-        self._update_on_kvstore = False
-        self._updater = None
+        self._kvstore_type: str | None = None  # the kvstore MXNet would create, if any
+        self._update_on_kvstore = None
         self._preload_opt_states = None
         self._grad_req = None
         self._data_shapes = None
@@ -560,8 +559,10 @@ class Module(loop.TrainingLoops, BaseModule):
             )
         self._optimizer = optimizer
         self._borrowed_from = None
-        self._kvstore = None
-        self._update_on_kvstore = False
+        # MXNet's _create_kvstore makes none for one device outside dist_*
+        one_device = len(self._context) == 1 and "dist" not in (kvstore or "")
+        self._kvstore_type = None if kvstore is None or one_device else kvstore
+        self._update_on_kvstore = False  # every worker runs the update
         self._workers.post("init_optimizer", self._id, optimizer, {}, force_init)
         self.optimizer_initialized = True
         if self._preload_opt_states is not None:
@@ -581,11 +582,42 @@ class Module(loop.TrainingLoops, BaseModule):
             )
         self._optimizer = shared_module._optimizer
         self._borrowed_from = shared_module
-        self._kvstore = None
+        self._kvstore_type = shared_module._kvstore_type
         self._update_on_kvstore = False
         if self._workers is not None:
             self._workers.post("borrow_optimizer", self._id, shared_module._id)
         self.optimizer_initialized = True
+
+    # -- MXNet's private state, as read-only views (raymodule.views) -----------------------------
+    @property
+    def _exec_group(self) -> views.ExecGroupView | None:
+        """MXNet's executor group: ``execs[i]`` is worker *i*'s executor."""
+        return views.ExecGroupView(self) if self.binded else None
+
+    @property
+    def _updater(self) -> views.UpdaterView | None:
+        return views.UpdaterView(self) if self.optimizer_initialized else None
+
+    @property
+    def _kvstore(self) -> views.KVStoreView | None:
+        if not self.optimizer_initialized or self._kvstore_type is None:
+            return None
+        return views.KVStoreView(self._kvstore_type)
+
+    @property
+    def _total_exec_bytes(self) -> int:
+        """MXNet's count of the memory the executors allocated (in MB, as MXNet counts it),
+        summed over the workers."""
+        if not self.binded or self._workers is None:
+            return 0
+        self._workers.sync()
+        return sum(g["total_exec_bytes"] for g in self._workers.call("exec_group", self._id))
+
+    @_total_exec_bytes.setter
+    def _total_exec_bytes(self, value: int) -> None:
+        # BaseModule.__init__ sets 0, the count of a module not bound; it is not stored
+        if value != 0:
+            raise AttributeError("_total_exec_bytes is read-only: the workers' executors count it")
 
     # -- computation -------------------------------------------------------------------------
     def _step_module(self, data_batch, flush) -> Module:
@@ -673,10 +705,7 @@ class Module(loop.TrainingLoops, BaseModule):
         if where_all is None or generation != self._workers.generation:
             where_all = self._workers.call("array_contexts", self._id)
             self._array_contexts = (self._workers.generation, where_all)
-        contexts = [
-            [ctx.Context(t, i) if t == "cpu" else ctx.cpu() for t, i in where[method]]
-            for where in where_all
-        ]
+        contexts = [[views.on_client(w) for w in where[method]] for where in where_all]
         if merge_multi_context:
             return data.merge_outputs(per_worker, axes, contexts[0])
         return [
@@ -737,7 +766,10 @@ class Module(loop.TrainingLoops, BaseModule):
 
         def toc():
             workers.sync()
-            return [row for rows in workers.call("monitor_toc") for row in rows]
+            rows = [row for rows in workers.call("monitor_toc") for row in rows]
+            if mon.sort:  # as MXNet's: by name over every device's rows, devices in order
+                rows.sort(key=lambda row: row[1])
+            return rows
 
         mon.tic, mon.toc = tic, toc
         self._monitor = mon

@@ -422,3 +422,126 @@ def a_shared_module_uses_the_first_modules_parameters_and_optimizer(lib, record)
     record(forward_outputs, second, 6)
     record(train_steps, second, 1)
     record(lambda: first.get_params()[0])
+
+
+def private_state(mod):
+    """What MXNet's private attributes show after a training forward-backward."""
+    group = mod._exec_group
+    return [
+        [dict(e.arg_dict) for e in group.execs],
+        [dict(e.grad_dict) for e in group.execs],
+        [dict(e.aux_dict) for e in group.execs],
+        [e.outputs for e in group.execs],
+        group.param_arrays,
+        group.grad_arrays,
+        group.grad_req,
+        group.slices,
+        group.batch_size,
+        mod._total_exec_bytes,
+    ]
+
+
+@case(1, 2, 3)
+def private_state_reads_as_mxnets(lib, record):
+    """``_exec_group``, ``_updater``, ``_kvstore``: with MXNET_UPDATE_ON_KVSTORE=0, MXNet's
+    module keeps the updater itself (as raymodule's workers do)."""
+    os.environ["MXNET_UPDATE_ON_KVSTORE"] = "0"
+    try:
+        mod = lib.Module(mlp(), fixed_param_names=["fc0_bias"])
+        record(lambda: (mod._exec_group, mod._updater, mod._kvstore, mod._update_on_kvstore))
+        mod.bind(*SHAPES)
+        mod.init_params()
+        record(lambda: (mod._updater, mod._kvstore))
+        mod.init_optimizer(optimizer_params=SGD)
+        record(lambda: (mod._update_on_kvstore, getattr(mod._kvstore, "type", None)))
+        train_steps(mod)
+        record(lambda: mod._updater.states)
+        x, y = dataset(n=12, seed=5)
+        mod.forward_backward(mx.io.DataBatch([mx.nd.array(x)], [mx.nd.array(y)]))
+        record(private_state, mod)
+    finally:
+        del os.environ["MXNET_UPDATE_ON_KVSTORE"]
+
+
+@case(2)
+def bucketing_private_state_reads_as_mxnets(lib, record):
+    mod = lib.BucketingModule(lstm_sym_gen, default_bucket_key=8)
+    mod.bind([("data", (12, 8))], [("softmax_label", (12, 8))])
+    mod.init_params()
+    mod.forward_backward(batches([5], batch_size=12)[0])
+    record(lambda: [e.outputs for e in mod._curr_module._exec_group.execs])
+    record(lambda: [dict(e.grad_dict) for e in mod._buckets[8]._exec_group.execs])
+
+
+def test_the_private_state_views_refuse_writes_in_words():
+    mod = raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)])
+    try:
+        mod.bind(*SHAPES)
+        mod.init_params()
+        mod.init_optimizer(kvstore="local", optimizer_params=SGD)
+        with pytest.raises(AttributeError, match="read-only.*set_params"):
+            mod._exec_group.execs = []
+        with pytest.raises(TypeError):
+            mod._exec_group.execs[0].arg_dict["fc0_weight"] = mx.nd.zeros((8, 20))
+        with pytest.raises(AttributeError, match="read-only.*init_optimizer"):
+            mod._updater.states = {}
+        assert mod._kvstore.type == "local" and not mod._update_on_kvstore
+        with pytest.raises(AttributeError, match="read-only"):
+            mod._total_exec_bytes = 5
+    finally:
+        mod.close()
+
+
+@case(1, 2)
+def grad_req_null_leaves_the_parameters_where_they_are(lib, record):
+    mod = lib.Module(mlp())
+    mod.bind(*SHAPES, grad_req="null")
+    mod.init_params()
+    mod.init_optimizer(optimizer_params=SGD)
+    record(train_steps, mod)
+    record(lambda: mod._exec_group.grad_req)
+
+
+@case(1, 2, 3)
+def monitor_update_metric_and_prepare(lib, record):
+    mod = bound_mlp(lib)
+    mod.init_optimizer(optimizer_params=SGD)
+    monitor = mx.mon.Monitor(1, pattern=".*weight", sort=True)
+    mod.install_monitor(monitor)
+    x, y = dataset(n=12, seed=3)
+    batch = mx.io.DataBatch([mx.nd.array(x)], [mx.nd.array(y)])
+    record(mod.prepare, batch)
+    monitor.tic()
+    mod.forward_backward(batch)
+    record(monitor.toc)
+    metric = mx.metric.create(["acc", "ce"])
+    record(mod.update_metric, metric, batch.label)
+    record(metric.get_name_value)
+
+
+@case(1, 2, 3)
+def iter_predict_gives_each_batchs_outputs(lib, record):
+    mod = bound_mlp(lib)
+    it = mx.io.NDArrayIter(*dataset(n=30, seed=4), batch_size=12)  # the last batch padded
+    # copied as they come: MXNet's, on one device, are views of the executor's outputs
+    record(lambda: [([o.copy() for o in outs], n) for outs, n, _ in mod.iter_predict(it)])
+    record(lambda: [(outs, n) for outs, n, _ in mod.iter_predict(it, num_batch=1, reset=True)])
+
+
+@case(2)
+def load_dict_builds_the_buckets_with_the_parameters_given(lib, record):
+    first = lib.BucketingModule(lstm_sym_gen, default_bucket_key=8)
+    first.bind([("data", (12, 8))], [("softmax_label", (12, 8))])
+    first.init_params()
+    arg, aux = first.get_params()
+    symbols = {8: lstm_sym_gen(8)[0], 5: lstm_sym_gen(5)[0]}
+    mod = lib._made(
+        lib.package.BucketingModule.load_dict(
+            symbols, lstm_sym_gen, 8, arg, aux, context=lib.contexts
+        )
+    )
+    mod.bind([("data", (12, 8))], [("softmax_label", (12, 8))])
+    record(lambda: sorted(mod._buckets))
+    for data_batch in batches([8, 5], batch_size=12):
+        mod.forward(data_batch, is_train=False)
+        record(mod.get_outputs)

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 def _import_runtime() -> None:
     """Binds this module's MXNet-dependent names; runs once, in the worker process."""
-    global mx, np, DataBatch, metrics, nd_bytes, optimizer_state, to_ndarray
+    global mx, np, DataBatch, metrics, nd_bytes, optimizer_state, to_ndarray, Placed
     os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # no backend banner per executor
     import mxnet as mx
     import numpy as np
@@ -43,6 +43,7 @@ def _import_runtime() -> None:
 
     from .. import metrics, optimizer_state
     from ..data import nd_bytes, to_ndarray
+    from ..views import Placed
 
 
 def _numpy_list(arrays) -> list[np.ndarray]:
@@ -378,6 +379,32 @@ class ModuleWorker:
             "input_grads": where(mod.get_input_grads()) if mod.inputs_need_grad else [],
             "get_states": where(s[0] for s in mod.get_states(merge_multi_context=False)),
         }
+
+    # -- what the client's read-only views of MXNet's private state read -------------------------
+    def executor(self, mid, which: str):
+        """This replica's executor's ``arg_dict``, ``grad_dict`` or ``aux_dict`` (by name),
+        or its ``outputs`` (a list), each array :class:`Placed` (None where MXNet holds none:
+        an argument without a gradient)."""
+        arrays = getattr(self._modules[mid]._exec_group.execs[0], which)
+        if which == "outputs":
+            return [Placed.of(a) for a in arrays]
+        return {name: Placed.of(a) for name, a in arrays.items()}
+
+    def exec_group(self, mid) -> dict:
+        """What MXNet's executor group says of itself beyond its arrays."""
+        group = self._modules[mid]._exec_group
+        return {"grad_req": dict(group.grad_req), "total_exec_bytes": group._total_exec_bytes}
+
+    def updater_states(self, mid) -> dict:
+        """The optimizer's states by parameter index (one device here: MXNet's index is the
+        parameter's), each NDArray :class:`Placed`, tuples and lists kept."""
+
+        def placed(state):
+            if isinstance(state, (tuple, list)):
+                return type(state)(placed(s) for s in state)
+            return Placed.of(state) if isinstance(state, mx.nd.NDArray) else state
+
+        return {index: placed(s) for index, s in self._modules[mid]._updater.states.items()}
 
     def get_states(self, mid) -> list[np.ndarray]:
         # one device here: MXNet's per-device list holds one array per state
