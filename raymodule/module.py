@@ -381,17 +381,12 @@ class Module(loop.TrainingLoops, BaseModule):
         self._grad_req = grad_req
         self._shared_module = shared_module
         shared = shared_module._id if shared_module is not None else None
-        grad_stypes = self._workers.bind(
+        stypes = self._workers.bind(
             self._id,
             (for_training, inputs_need_grad, shared, grad_req),
             (data_shapes, label_shapes),
             self._work_load_list,
         )
-        if any(stype != "default" for stype in grad_stypes):
-            raise NotImplementedError(
-                f"gradient storage types {sorted(set(grad_stypes))}: raymodule reduces dense "
-                "gradients only; use dense (default) gradients"
-            )
         self._data_shapes, self._label_shapes = data_shapes, label_shapes
 
         if shared_module is not None:
@@ -401,7 +396,10 @@ class Module(loop.TrainingLoops, BaseModule):
         elif self.params_initialized:
             self._push_params(allow_extra=False)
         else:
-            self._arg_params = {n: mx.nd.zeros(s, dtype=t) for n, (s, t) in params.items()}
+            # host copies of MXNet's storage types: a row_sparse weight's is row_sparse
+            self._arg_params = {
+                n: mx.nd.zeros(s, dtype=t, stype=stypes[n]) for n, (s, t) in params.items()
+            }
             self._aux_params = {n: mx.nd.zeros(s, dtype=t) for n, (s, t) in aux.items()}
         if shared_module is not None and shared_module.optimizer_initialized:
             self.borrow_optimizer(shared_module)
@@ -505,8 +503,10 @@ class Module(loop.TrainingLoops, BaseModule):
         arg, aux = self._workers.call("get_params", self._id, ranks=[0])[0]
         for held, fresh in ((self._arg_params, arg), (self._aux_params, aux)):
             for name, value in fresh.items():
-                if name in held:
+                if name in held and held[name].stype == "default":
                     held[name][:] = value
+                elif name in held:  # row_sparse: a dense copy turned sparse, not sliced into
+                    data.to_ndarray(value).tostype(held[name].stype).copyto(held[name])
                 else:
                     held[name] = data.to_ndarray(value)
         self._params_dirty = False

@@ -160,8 +160,8 @@ class ModuleWorker:
 
     def bind(
         self, mid, for_training, inputs_need_grad, shared_mid, grad_req, data_shapes, label_shapes
-    ) -> list[str]:
-        """Binds the replica; returns the storage types of its gradients."""
+    ) -> dict[str, str]:
+        """Binds the replica; returns the storage type of each of its parameters."""
         mod = self._modules[mid]
         shared = self._modules[shared_mid] if shared_mid is not None else None
         mod.bind(
@@ -173,7 +173,8 @@ class ModuleWorker:
             shared_module=shared,
             grad_req=grad_req,
         )
-        return [g[0].stype for g in mod._exec_group.grad_arrays or [] if g[0] is not None]
+        group = mod._exec_group
+        return {name: a[0].stype for name, a in zip(group.param_names, group.param_arrays)}
 
     def reshape(self, mid, data_shapes, label_shapes) -> None:
         self._modules[mid].reshape(data_shapes, label_shapes)
