@@ -171,3 +171,59 @@ def test_row_sparse_gradients_are_gathered_as_rows_on_a_real_group():
         ray.get([r.close.remote() for r in ranks], timeout=60)
         for r in ranks:
             ray.kill(r)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def fit(mod, num_epoch=2, **fit_args) -> dict:
+    """Fits the sparse model from seed 5 with SGD momentum on 6 batches an epoch."""
+    steps = batches(6)
+    data = {
+        "ids": mx.nd.concat(*(b.data[0] for b in steps), dim=0),
+        "feats": mx.nd.sparse.concat(*(b.data[1] for b in steps), dim=0),
+    }
+    label = mx.nd.concat(*(b.label[0] for b in steps), dim=0)
+    it = mx.io.NDArrayIter(data, label, batch_size=BATCH, last_batch_handle="discard")
+    mx.random.seed(5)
+    mod.fit(
+        it,
+        num_epoch=num_epoch,
+        optimizer=OPTIMIZERS[0][0],
+        optimizer_params=OPTIMIZERS[0][1],
+        initializer=mx.init.Xavier(),
+        **fit_args,
+    )
+    return mod.get_params()[0]
+
+
+def test_a_run_with_row_sparse_weights_resumes_and_plain_mxnet_loads_it(tmp_path):
+    """Run checkpoints hold the row_sparse weights and optimizer states (momentum of row_sparse
+    weights is row_sparse too); a resumed run ends where one MXNet device does."""
+    symbol, names = sparse_net(), ["ids", "feats"]
+    native = fit(mx.mod.Module(symbol, data_names=names))
+    config = raymodule.RunConfig(name="sparse", storage=str(tmp_path), checkpoint_every=2)
+
+    def stop(param):
+        if (param.epoch, param.nbatch) == (1, 1):
+            raise Interrupted()
+
+    with raymodule.Module(symbol, data_names=names, context=[mx.cpu(0), mx.cpu(1)]) as mod:
+        with pytest.raises(Interrupted):
+            fit(mod, run=config, batch_end_callback=stop)
+    assert raymodule.latest_checkpoint(str(tmp_path / "sparse")).epoch == 1
+    with raymodule.Module(symbol, data_names=names, context=[mx.cpu(0), mx.cpu(1)]) as mod:
+        resumed = fit(mod, run=config)
+    assert max_relative_diff(native, resumed) <= 1e-5
+
+    ckpt = raymodule.latest_checkpoint(str(tmp_path / "sparse"))
+    loaded = mx.mod.Module.load(ckpt.prefix, ckpt.epoch, data_names=names)
+    loaded.bind(
+        [("ids", (BATCH, IDS)), ("feats", (BATCH, ROWS))],
+        [("softmax_label", (BATCH,))],
+        for_training=False,
+    )
+    held = loaded.get_params()[0]
+    assert held["linear_weight"].stype == "row_sparse"
+    assert max_relative_diff(resumed, held) == 0.0
