@@ -20,6 +20,7 @@ from mxnet.initializer import Uniform
 from mxnet.io import DataDesc
 from mxnet.module.base_module import BaseModule, _check_input_names, _parse_data_desc
 from mxnet.module.executor_group import _prepare_group2ctxs
+from mxnet.ndarray.sparse import row_sparse_array
 
 from . import continuity, data, loop, metrics, params, storage
 from .errors import CallOrderError, first_line
@@ -387,6 +388,12 @@ class Module(loop.TrainingLoops, BaseModule):
             (data_shapes, label_shapes),
             self._work_load_list,
         )
+        sparse = sorted(n for n, (_, grad) in stypes.items() if grad == "row_sparse")
+        if sparse and len(self._context) > 1 and any(c.device_type == "gpu" for c in self._context):
+            raise NotImplementedError(
+                f"row_sparse gradients of {sparse} on GPU workers: raymodule gathers sparse rows "
+                "with gloo on CPU workers only; use CPU contexts or dense gradients"
+            )
         self._data_shapes, self._label_shapes = data_shapes, label_shapes
 
         if shared_module is not None:
@@ -398,7 +405,7 @@ class Module(loop.TrainingLoops, BaseModule):
         else:
             # host copies of MXNet's storage types: a row_sparse weight's is row_sparse
             self._arg_params = {
-                n: mx.nd.zeros(s, dtype=t, stype=stypes[n]) for n, (s, t) in params.items()
+                n: mx.nd.zeros(s, dtype=t, stype=stypes[n][0]) for n, (s, t) in params.items()
             }
             self._aux_params = {n: mx.nd.zeros(s, dtype=t) for n, (s, t) in aux.items()}
         if shared_module is not None and shared_module.optimizer_initialized:
@@ -505,8 +512,12 @@ class Module(loop.TrainingLoops, BaseModule):
             for name, value in fresh.items():
                 if name in held and held[name].stype == "default":
                     held[name][:] = value
-                elif name in held:  # row_sparse: a dense copy turned sparse, not sliced into
-                    data.to_ndarray(value).tostype(held[name].stype).copyto(held[name])
+                elif name in held:  # row_sparse: every row, as the workers' weight holds
+                    # them (MXNet's updates of a row_sparse weight require all its rows)
+                    rows = mx.nd.arange(len(value), dtype="int64")
+                    row_sparse_array((data.to_ndarray(value), rows), shape=value.shape).copyto(
+                        held[name]
+                    )
                 else:
                     held[name] = data.to_ndarray(value)
         self._params_dirty = False

@@ -160,8 +160,9 @@ class ModuleWorker:
 
     def bind(
         self, mid, for_training, inputs_need_grad, shared_mid, grad_req, data_shapes, label_shapes
-    ) -> dict[str, str]:
-        """Binds the replica; returns the storage type of each of its parameters."""
+    ) -> dict[str, tuple[str, str | None]]:
+        """Binds the replica; returns the storage types of each parameter and of its gradient
+        (None without one)."""
         mod = self._modules[mid]
         shared = self._modules[shared_mid] if shared_mid is not None else None
         mod.bind(
@@ -174,7 +175,11 @@ class ModuleWorker:
             grad_req=grad_req,
         )
         group = mod._exec_group
-        return {name: a[0].stype for name, a in zip(group.param_names, group.param_arrays)}
+        grads = group.grad_arrays or [[None]] * len(group.param_names)
+        return {
+            name: (a[0].stype, g[0].stype if g[0] is not None else None)
+            for name, a, g in zip(group.param_names, group.param_arrays, grads)
+        }
 
     def reshape(self, mid, data_shapes, label_shapes) -> None:
         self._modules[mid].reshape(data_shapes, label_shapes)
