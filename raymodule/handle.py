@@ -149,7 +149,7 @@ class ControllerHandle:
         self._usable()
         self.controller.create.remote(mid, args, per_slot)
 
-    def bind(self, mid: int, args: tuple, shapes: tuple, work_load: list) -> list:
+    def bind(self, mid: int, args: tuple, shapes: tuple, work_load: list) -> dict:
         return self._read("bind", mid, args, shapes, work_load)
 
     def reshape(self, mid: int, shapes: tuple) -> None:

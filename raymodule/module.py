@@ -20,6 +20,7 @@ from mxnet.initializer import Uniform
 from mxnet.io import DataDesc
 from mxnet.module.base_module import BaseModule, _check_input_names, _parse_data_desc
 from mxnet.module.executor_group import _prepare_group2ctxs
+from mxnet.ndarray.sparse import row_sparse_array
 
 from . import continuity, data, loop, metrics, params, storage, views
 from .errors import CallOrderError, first_line
@@ -380,16 +381,17 @@ class Module(loop.TrainingLoops, BaseModule):
         self._grad_req = grad_req
         self._shared_module = shared_module
         shared = shared_module._id if shared_module is not None else None
-        grad_stypes = self._workers.bind(
+        stypes = self._workers.bind(
             self._id,
             (for_training, inputs_need_grad, shared, grad_req),
             (data_shapes, label_shapes),
             self._work_load_list,
         )
-        if any(stype != "default" for stype in grad_stypes):
+        sparse = sorted(n for n, (_, grad) in stypes.items() if grad == "row_sparse")
+        if sparse and len(self._context) > 1 and any(c.device_type == "gpu" for c in self._context):
             raise NotImplementedError(
-                f"gradient storage types {sorted(set(grad_stypes))}: raymodule reduces dense "
-                "gradients only; use dense (default) gradients"
+                f"row_sparse gradients of {sparse} on GPU workers: raymodule gathers sparse rows "
+                "with gloo on CPU workers only; use CPU contexts or dense gradients"
             )
         self._data_shapes, self._label_shapes = data_shapes, label_shapes
 
@@ -400,7 +402,10 @@ class Module(loop.TrainingLoops, BaseModule):
         elif self.params_initialized:
             self._push_params(allow_extra=False)
         else:
-            self._arg_params = {n: mx.nd.zeros(s, dtype=t) for n, (s, t) in params.items()}
+            # host copies of MXNet's storage types: a row_sparse weight's is row_sparse
+            self._arg_params = {
+                n: mx.nd.zeros(s, dtype=t, stype=stypes[n][0]) for n, (s, t) in params.items()
+            }
             self._aux_params = {n: mx.nd.zeros(s, dtype=t) for n, (s, t) in aux.items()}
         if shared_module is not None and shared_module.optimizer_initialized:
             self.borrow_optimizer(shared_module)
@@ -504,8 +509,14 @@ class Module(loop.TrainingLoops, BaseModule):
         arg, aux = self._workers.call("get_params", self._id, ranks=[0])[0]
         for held, fresh in ((self._arg_params, arg), (self._aux_params, aux)):
             for name, value in fresh.items():
-                if name in held:
+                if name in held and held[name].stype == "default":
                     held[name][:] = value
+                elif name in held:  # row_sparse: every row, as the workers' weight holds
+                    # them (MXNet's updates of a row_sparse weight require all its rows)
+                    rows = mx.nd.arange(len(value), dtype="int64")
+                    row_sparse_array((data.to_ndarray(value), rows), shape=value.shape).copyto(
+                        held[name]
+                    )
                 else:
                     held[name] = data.to_ndarray(value)
         self._params_dirty = False

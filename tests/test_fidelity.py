@@ -545,3 +545,18 @@ def load_dict_builds_the_buckets_with_the_parameters_given(lib, record):
     for data_batch in batches([8, 5], batch_size=12):
         mod.forward(data_batch, is_train=False)
         record(mod.get_outputs)
+
+
+@case(1, 2, 3)
+def fit_an_embedding_with_sparse_gradients(lib, record):
+    rng = np.random.RandomState(0)
+    ids, y = rng.randint(0, 20, (48, 3)).astype("float32"), rng.randint(0, 4, 48)
+    emb = mx.sym.Embedding(
+        mx.sym.Variable("data"), input_dim=40, output_dim=6, sparse_grad=True, name="emb"
+    )
+    net = mx.sym.FullyConnected(mx.sym.flatten(emb), num_hidden=4, name="fc")
+    mod = lib.Module(mx.sym.SoftmaxOutput(net, name="softmax"))
+    it = mx.io.NDArrayIter(ids, y.astype("float32"), batch_size=12)
+    mod.fit(it, num_epoch=2, optimizer_params=SGD, initializer=mx.init.Xavier())
+    record(lambda: mod.get_params()[0])
+    record(lambda: sorted((k, v.stype) for k, v in mod.get_params()[0].items()))

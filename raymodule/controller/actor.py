@@ -192,7 +192,8 @@ class Controller:
 
     def bind(self, mid: int, args: tuple, shapes: tuple, work_load: list) -> tuple:
         """Binds a module's replicas to the global ``shapes`` ((data, label) shapes) split by
-        ``work_load`` (by slot); returns the gradient storage types of worker 0's."""
+        ``work_load`` (by slot); returns the storage types of worker 0's parameters and their
+        gradients."""
         replica = self._replicas[mid]
         replica.shapes, replica.work_load = shapes, work_load
         self._sync()

@@ -161,8 +161,9 @@ class ModuleWorker:
 
     def bind(
         self, mid, for_training, inputs_need_grad, shared_mid, grad_req, data_shapes, label_shapes
-    ) -> list[str]:
-        """Binds the replica; returns the storage types of its gradients."""
+    ) -> dict[str, tuple[str, str | None]]:
+        """Binds the replica; returns the storage types of each parameter and of its gradient
+        (None without one)."""
         mod = self._modules[mid]
         shared = self._modules[shared_mid] if shared_mid is not None else None
         mod.bind(
@@ -174,7 +175,12 @@ class ModuleWorker:
             shared_module=shared,
             grad_req=grad_req,
         )
-        return [g[0].stype for g in mod._exec_group.grad_arrays or [] if g[0] is not None]
+        group = mod._exec_group
+        grads = group.grad_arrays or [[None]] * len(group.param_names)
+        return {
+            name: (a[0].stype, g[0].stype if g[0] is not None else None)
+            for name, a, g in zip(group.param_names, group.param_arrays, grads)
+        }
 
     def reshape(self, mid, data_shapes, label_shapes) -> None:
         self._modules[mid].reshape(data_shapes, label_shapes)

@@ -1,4 +1,4 @@
-"""Gradient allreduce over ``ray.util.collective``: fused buckets, overlapped with backward.
+"""Gradient sums over ``ray.util.collective``: fused buckets, overlapped with backward.
 
 Gradients are reduced last layer first, the order in which backward finishes them: while the
 MXNet engine still computes earlier layers, finished buckets are already on the wire. Each
@@ -6,6 +6,10 @@ bucket is one collective call (gloo on CPU workers, NCCL on GPU workers) on a to
 NDArrays' own memory (DLPack); a bucket of one array is reduced in place, several arrays are
 packed into one buffer and copied back. ``reduce`` returns only when every bucket is summed,
 so the optimizer never sees a partial step.
+
+``row_sparse`` gradients stay sparse: every rank gathers every rank's row ids and rows and
+sums rows of the same id (:func:`sum_rows`), so the bytes sent follow the rows touched, not
+the size of the parameter, and the optimizer gets a row-sparse sum for MXNet's lazy update.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch.distributed as dist
 import torch.utils.dlpack
 from ray.util import collective as col
 
-__all__ = ["Collective", "plan_buckets", "free_address"]
+__all__ = ["Collective", "plan_buckets", "sum_rows", "free_address"]
 
 GROUP_NAME = "default"
 
@@ -45,6 +49,17 @@ def plan_buckets(sizes_bytes: list[int], bucket_bytes: int) -> list[list[int]]:
     if current:
         buckets.append(current)
     return buckets
+
+
+def sum_rows(ids: list[np.ndarray], rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The sum of row-sparse parts, given in rank order as each part's row ``ids`` (distinct,
+    as a ``RowSparseNDArray``'s are) and ``rows``: the distinct ids of all parts, sorted, and
+    their summed rows. Rows are added part after part, so every rank gets the same bits."""
+    unique = np.unique(np.concatenate(ids))
+    summed = np.zeros((len(unique),) + rows[0].shape[1:], rows[0].dtype)
+    for part_ids, part_rows in zip(ids, rows):
+        summed[np.searchsorted(unique, part_ids)] += part_rows
+    return unique, summed
 
 
 def free_address() -> str:
@@ -106,6 +121,8 @@ class Collective:
             group_name=GROUP_NAME,
             gloo_timeout=int(timeout_s * 1000),
         )
+        self._world_size = world_size
+        # one thread issues every collective call, so all ranks issue them in the same order
         self._comm = ThreadPoolExecutor(1, thread_name_prefix="raymodule-allreduce")
 
     def close(self) -> None:
@@ -118,19 +135,25 @@ class Collective:
             except Exception:  # noqa: BLE001 - already gone, or never made
                 pass
 
-    def reduce(self, grads: list[mx.nd.NDArray], bucket_bytes: int) -> None:
-        """Sum ``grads`` (in reduction order) across the group, in place."""
-        if not grads:
-            return
-        sizes = [g.size * np.dtype(g.dtype).itemsize for g in grads]
+    def reduce(self, grads: list[mx.nd.NDArray], bucket_bytes: int) -> int:
+        """Sum ``grads`` (in reduction order) across the group, in place: dense ones by
+        allreduce, ``row_sparse`` ones as rows. Returns the bytes this rank handed to the
+        collective calls (its payload, before the algorithm's own traffic)."""
+        dense = [g for g in grads if g.stype == "default"]
+        sparse = [g for g in grads if g.stype == "row_sparse"]
+        sizes = [g.size * np.dtype(g.dtype).itemsize for g in dense]
         pending = []
         for bucket in plan_buckets(sizes, bucket_bytes):
-            tensors = [_as_torch(grads[i]) for i in bucket]
+            tensors = [_as_torch(dense[i]) for i in bucket]
             if len(tensors) == 1 and tensors[0].is_contiguous():
                 flat = tensors[0]
             else:
                 flat = torch.cat([t.reshape(-1) for t in tensors])
             pending.append((tensors, flat, self._comm.submit(col.allreduce, flat, GROUP_NAME)))
+        sent = sum(sizes)
+        if sparse:
+            parts = [(g.indices.asnumpy(), g.data.asnumpy()) for g in sparse]
+            summed = self._comm.submit(self._sum_rows, parts)
         for tensors, flat, done in pending:
             done.result()
             if flat is tensors[0]:
@@ -139,3 +162,53 @@ class Collective:
             for t in tensors:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
+        if sparse:
+            sums, sparse_sent = summed.result()
+            for grad, (ids, rows) in zip(sparse, sums):
+                mx.nd.sparse.row_sparse_array(
+                    (rows, ids), shape=grad.shape, ctx=grad.context, dtype=grad.dtype
+                ).copyto(grad)
+            sent += sparse_sent
+        return sent
+
+    def _sum_rows(self, parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list, int]:
+        """Each row-sparse part's (ids, rows) summed over the group, and the bytes this rank
+        sent. All-gather takes equal sizes: the counts go first, then the ids and rows of each
+        part, padded to the most rows a rank has of it, which the receivers trim off."""
+        counts = torch.tensor([len(ids) for ids, _ in parts], dtype=torch.int64)
+        per_rank = [c.tolist() for c in self._all_gather(counts)]
+        sent = _nbytes(counts)
+        sums = []
+        for k, (ids, rows) in enumerate(parts):
+            n = [c[k] for c in per_rank]
+            if max(n) == 0:  # no rank touched a row
+                sums.append(sum_rows([ids], [rows]))
+                continue
+            padded = [_padded(ids, max(n)), _padded(rows, max(n))]
+            all_ids, all_rows = (self._all_gather(t) for t in padded)
+            sums.append(
+                sum_rows(
+                    [t[:c].numpy() for t, c in zip(all_ids, n)],
+                    [t[:c].numpy() for t, c in zip(all_rows, n)],
+                )
+            )
+            sent += sum(_nbytes(t) for t in padded)
+        return sums, sent
+
+    def _all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (all of one shape), in rank order."""
+        out = [torch.empty_like(tensor) for _ in range(self._world_size)]
+        col.allgather(out, tensor, GROUP_NAME)
+        return out
+
+
+def _padded(array: np.ndarray, length: int) -> torch.Tensor:
+    """``array`` with zeros appended along its first axis up to ``length``."""
+    source = torch.from_numpy(array)
+    out = torch.zeros((length,) + tuple(source.shape[1:]), dtype=source.dtype)
+    out[: len(source)] = source
+    return out
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
