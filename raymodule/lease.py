@@ -121,6 +121,12 @@ class Lease:
         if self._lost is not None:
             raise LeaseLost(self._lost)
 
+    def known_lost(self) -> None:
+        """Raises :class:`LeaseLost` if this run is known to have lost the folder (reads
+        nothing: for callers that must not wait on storage)."""
+        if self._lost is not None:
+            raise LeaseLost(self._lost)
+
     def release(self) -> None:
         """Stops renewing, and deletes the lease if it is still this run's."""
         self._stop.set()

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 
@@ -115,6 +116,7 @@ class Run:
         or the ``resume`` rule forbids this run. ``static`` is what every checkpoint records about
         the module (``world_size``, ``work_load_list``)."""
         self.config = config
+        self._settings = settings
         # resolved from the storage the user gave, so an unusable one is named as given
         self.folder = Folder(config.storage).child(config.name)
         try:
@@ -126,7 +128,7 @@ class Run:
         try:
             self.resume_from = self._resume_point()
             self._static = static
-            self._metrics = self._read_metrics()
+            self._metrics = MetricsFile(self.folder, self._read_metrics(), self.lease)
         except BaseException:
             self.lease.release()
             raise
@@ -192,11 +194,6 @@ class Run:
     def _record(self, entry: dict) -> None:
         entry = dict(entry, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         self._metrics.append(json.dumps(entry))
-        try:
-            self.lease.check()  # a run that lost its folder stops here, in words
-            self.folder.write(METRICS, ("\n".join(self._metrics) + "\n").encode())
-        except OSError as err:  # storage that fails now: the next line rewrites the file
-            log.warning("could not write %s: %s", METRICS, err)
 
     def _read_metrics(self) -> list[str]:
         """The lines of ``metrics.jsonl`` this run carries on: every one when it starts
@@ -251,10 +248,73 @@ class Run:
         logs it, when training already failed for another reason: then a snapshot that a
         worker has not delivered is not waited for), then releases the run folder's lease."""
         try:
-            self.writer.close(abandon=not raise_failures)
+            try:
+                self.writer.close(abandon=not raise_failures)
+            finally:
+                self._metrics.flush(self._settings.checkpoint_close_timeout_s)
         except CheckpointError as err:
             if raise_failures:
                 raise
             log.error("%s", err)
         finally:
             self.lease.release()
+
+
+class MetricsFile:
+    """A run's ``metrics.jsonl``, rewritten whole (object stores cannot append) from a thread
+    of its own, so that training never waits on storage for it: lines appended while a write
+    is under way go with the next one. A run that lost its folder writes nothing more there
+    and raises :class:`raymodule.lease.LeaseLost` at the next line or at :meth:`flush`."""
+
+    def __init__(self, folder: Folder, lines: list[str], lease: Lease):
+        self._folder, self._lines, self._lease = folder, lines, lease
+        self._lock = threading.Lock()
+        self._writing = False  # a write is under way or due (guarded by _lock)
+        self._dirty = False  # lines not written yet (guarded by _lock)
+        self._failure: BaseException | None = None
+        self._thread: threading.Thread | None = None  # a daemon: a stalled store delays no exit
+
+    def append(self, line: str) -> None:
+        self._lease.known_lost()
+        self._raise_failure()
+        with self._lock:
+            self._lines.append(line)
+            self._dirty = True
+            if not self._writing:
+                self._writing = True
+                self._thread = threading.Thread(
+                    target=self._write, name="raymodule-metrics", daemon=True
+                )
+                self._thread.start()
+
+    def _write(self) -> None:
+        while True:
+            with self._lock:
+                if not self._dirty or self._failure is not None:
+                    self._writing = False
+                    return
+                self._dirty = False
+                data = ("\n".join(self._lines) + "\n").encode()
+            try:
+                self._lease.check()  # a run that lost its folder writes nothing more there
+                self._folder.write(METRICS, data)
+            except OSError as err:  # storage that fails now: the next line rewrites the file
+                log.warning("could not write %s: %s", METRICS, err)
+            except BaseException as err:  # noqa: BLE001 - raised on the training thread
+                self._failure = err
+
+    def flush(self, timeout_s: float) -> None:
+        """Waits up to ``timeout_s`` for the lines appended so far to be written."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning(
+                    "%s: its last lines were not written within %g s (storage did not answer)",
+                    METRICS, timeout_s,
+                )  # fmt: skip
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure

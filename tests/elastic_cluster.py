@@ -13,7 +13,9 @@ hang (SIGSTOP one worker: alive, silent), grow (remove a node, add one back late
 floor (remove a node with min_workers=3 and no node coming), all (SIGKILL every worker:
 the run goes on from its latest checkpoint), process (SIGKILL the training process itself
 mid-run, run it again with the same name), controller (kill the controller actor: its workers
-go with it, and the run goes on from its latest checkpoint), none (no fault).
+go with it, and the run goes on from its latest checkpoint), s3stop (the run's storage is an
+S3 server, SIGSTOPped; then a worker is SIGKILLed: the survivors go on without reading storage,
+and the server is resumed steps later), none (no fault).
 
 Faults that the workers fire themselves, at a call of their own (:class:`FaultyWorker`):
 epoch_end (worker 0 dies reading the parameters at the epoch's end), admit (a survivor dies
@@ -30,6 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 
@@ -47,10 +50,12 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import dataset, max_relative_diff, mlp  # noqa: E402
+from s3server import SeaweedS3  # noqa: E402
 
 import raymodule  # noqa: E402
 import raymodule.module  # noqa: E402
 from raymodule.handle import ControllerHandle  # noqa: E402
+from raymodule.storage import Folder  # noqa: E402
 from raymodule.worker import ModuleWorker  # noqa: E402
 
 WORKERS = 3
@@ -58,6 +63,7 @@ BATCH = 24  # splits evenly over 3 and over 2 workers
 EPOCHS = 2
 FAULT_AT = (0, 6)  # (epoch, batch) whose batch_end_callback injects the fault
 GROW_AT = (1, 2)  # the grow scenario adds a node back here
+S3_BACK_AT = (0, 10)  # the s3stop scenario resumes the storage server here
 # A removed node is declared dead after ~5 s (the default is ~30 s); tighter bounds make a
 # node on a busy 2-core machine miss its checks and die on its own.
 HEALTH = {
@@ -162,7 +168,7 @@ def replicas_equal(mod) -> bool:
     )
 
 
-def run_scenario(scenario: str, cluster, storage: str) -> dict:
+def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = None) -> dict:
     import ray
 
     nodes = {n.node_id: n for n in cluster.list_all_nodes()}
@@ -191,6 +197,20 @@ def run_scenario(scenario: str, cluster, storage: str) -> dict:
             if ray.get(mod.workers.controller.ready.remote(1.0)):
                 return
         raise RuntimeError("no replacement worker came up on the added node")
+
+    storage_back = []  # who resumed the stopped storage server: "step", or the guard
+
+    def stop_storage(mod):
+        os.killpg(s3.proc.pid, signal.SIGSTOP)
+        # bounded: if training waited on storage, no later step would resume it
+        guard = threading.Timer(120, resume_storage, ("guard",))
+        guard.daemon = True
+        guard.start()
+
+    def resume_storage(by):
+        if not storage_back:
+            storage_back.append(by)
+            os.killpg(s3.proc.pid, signal.SIGCONT)
 
     def fault_in(rank, method, how):
         def arm(mod):
@@ -243,6 +263,11 @@ def run_scenario(scenario: str, cluster, storage: str) -> dict:
     elif scenario == "sigterm":  # no failure allowed; checkpoints only at epoch ends
         faults.append(Fault((0, 2), terminate))
         max_failures, every = 0, 0
+    elif scenario == "s3stop":
+        faults += [
+            Fault(FAULT_AT, then(stop_storage, kill)),
+            Fault(S3_BACK_AT, lambda mod: resume_storage("step")),
+        ]
     elif scenario == "frozen":
         victim = 0
         faults.append(Fault(FAULT_AT, stop))
@@ -252,8 +277,10 @@ def run_scenario(scenario: str, cluster, storage: str) -> dict:
     mod, error = train(
         storage, scenario, callbacks, min_workers, max_failures=max_failures, every=every
     )
+    resume_storage("end")  # a run that failed before S3_BACK_AT
     result = {
         "scenario": scenario,
+        "storage_back": storage_back,
         "seconds": round(time.monotonic() - tic, 2),
         "fired": [f.fired for f in faults],
         "error": f"{type(error).__name__}: {error}" if error else None,
@@ -264,18 +291,16 @@ def run_scenario(scenario: str, cluster, storage: str) -> dict:
         result["diff"] = max_relative_diff(plain_mxnet(), {**arg, **aux})
         result["replicas_equal"] = replicas_equal(mod)
     mod.close()
-    result["metrics"] = read_metrics(os.path.join(storage, scenario))
-    run_folder = os.path.join(storage, scenario)
-    result["checkpoints"] = sorted(n for n in os.listdir(run_folder) if n.startswith("ckpt-"))
+    run_folder = Folder(storage).child(scenario)
+    result["metrics"] = read_metrics(run_folder)
+    result["checkpoints"] = sorted(n for n in run_folder.folders() if n.startswith("ckpt-"))
     return result
 
 
-def read_metrics(run_folder: str) -> list[dict]:
-    try:
-        with open(os.path.join(run_folder, "metrics.jsonl")) as f:
-            return [json.loads(line) for line in f]
-    except FileNotFoundError:
+def read_metrics(run_folder) -> list[dict]:
+    if not run_folder.exists("metrics.jsonl"):
         return []
+    return [json.loads(line) for line in run_folder.read("metrics.jsonl").splitlines()]
 
 
 def process_scenario(cluster, storage: str) -> dict:
@@ -295,7 +320,7 @@ def process_scenario(cluster, storage: str) -> dict:
         params = mx.nd.load(os.path.join(storage, "process.params"))
         got = {k.split(":", 1)[1]: v for k, v in params.items()}
         result["diff"] = max_relative_diff(plain_mxnet(), got)
-    result["metrics"] = read_metrics(os.path.join(storage, "process"))
+    result["metrics"] = read_metrics(Folder(storage).child("process"))
     return result
 
 
@@ -329,10 +354,18 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     storage = tempfile.mkdtemp(prefix="elastic-")
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": HEALTH},
-    )
+    s3 = SeaweedS3().start() if scenario == "s3stop" else None
+    if s3 is not None:
+        storage = s3.uri("elastic")
+    try:
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": HEALTH},
+        )
+    except BaseException:
+        if s3 is not None:
+            s3.stop()
+        raise
     try:
         if scenario != "process":
             import ray
@@ -346,12 +379,15 @@ def main() -> None:
         if scenario == "process":
             result = process_scenario(cluster, storage)
         else:
-            result = run_scenario(scenario, cluster, storage)
+            result = run_scenario(scenario, cluster, storage, s3)
     finally:
         import ray
 
         ray.shutdown()
         cluster.shutdown()
+        if s3 is not None:
+            os.killpg(s3.proc.pid, signal.SIGCONT)  # a stopped server ignores SIGTERM
+            s3.stop()
     with open(out, "w") as f:
         json.dump(result, f, indent=1, default=str)
 

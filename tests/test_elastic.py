@@ -89,6 +89,20 @@ def test_the_group_grows_back_when_a_node_returns(tmp_path):
     assert epochs(result)[-1]["world_size"] == 3
 
 
+def test_with_its_storage_stopped_a_run_goes_on_through_a_lost_worker(tmp_path):
+    """The S3 server SIGSTOPped, then a worker SIGKILLed: the survivors go on, reading no
+    storage (the server is resumed by a later step, which a run waiting on it never reaches),
+    and the checkpoints written once the server is back are the run's."""
+    result = scenario("s3stop", tmp_path)
+    assert_fired(result, [1, 1])
+    assert result["storage_back"] == ["step"], result["storage_back"]
+    assert_same_model(result)
+    lost = changes(result)[0]  # then its replacement may join, when it is up in time
+    assert lost["world_size"] == 2 and lost["lost"] == ["slot 1"]
+    assert epochs(result)[-1]["global_step"] == 32
+    assert "ckpt-0000000032" in result["checkpoints"]
+
+
 def test_with_every_worker_lost_the_run_goes_on_from_its_latest_checkpoint(tmp_path):
     result = scenario("all", tmp_path)
     assert_fired(result, [1])
