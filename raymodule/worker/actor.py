@@ -76,8 +76,10 @@ class ModuleWorker:
         """SIGTERM (a preemption notice, Ray's graceful node shutdown): instead of dying in a
         step, this worker says so with its next steps' results, and the controller removes it
         at a step boundary (ray.kill; Ray's grace period bounds the wait)."""
+        # debug only: the controller reports the leave (a membership event), and Ray's own
+        # shutdown sends SIGTERM to every worker, where a warning would be noise
         if not self._shut_down:
-            log.warning("raymodule worker: SIGTERM; leaving the group at the next step boundary")
+            log.debug("SIGTERM: leaving the group at the next step boundary")
         self._shut_down = True
 
     # -- membership -------------------------------------------------------------------------
