@@ -208,7 +208,7 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
         guard.start()
 
     def resume_storage(by):
-        if not storage_back:
+        if s3 is not None and not storage_back:
             storage_back.append(by)
             os.killpg(s3.proc.pid, signal.SIGCONT)
 
