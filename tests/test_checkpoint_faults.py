@@ -112,7 +112,10 @@ def test_s3_killed_in_the_middle_of_a_checkpoint(own_s3, fast_retries):
     assert "model-symbol.json" in seen_at_kill["names"]
     assert "manifest.json" not in seen_at_kill["names"], "the kill came after the commit"
     assert records.seen.is_set(), records.lines
-    assert verified_during_outage == [None]  # nothing was committed before the kill
+    # nothing was committed before the kill; a later checkpoint the writer had queued may be
+    # committed as soon as the server is back, before this check: if so, it verifies
+    (during,) = verified_during_outage
+    assert during is None or during.global_step > 4, during
     # training completed, later checkpoints committed, the broken one is gone
     ckpt = latest_checkpoint(run.location)
     assert (ckpt.epoch, ckpt.batch, ckpt.global_step) == (2, 0, 32)
