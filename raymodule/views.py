@@ -70,12 +70,13 @@ class _ReadOnly:
     _how = "set_params(), set_states() or init_optimizer()"
 
     def __setattr__(self, name, value):
+        self.__delattr__(name)
+
+    def __delattr__(self, name):
         raise AttributeError(
             f"{type(self).__name__}.{name} is read-only: raymodule's workers hold this state "
             f"and the view shows copies; change it with the module's {self._how}"
         )
-
-    __delattr__ = __setattr__
 
 
 class ExecutorView(_ReadOnly):

@@ -491,6 +491,8 @@ def test_the_private_state_views_refuse_writes_in_words():
             mod._exec_group.execs[0].arg_dict["fc0_weight"] = mx.nd.zeros((8, 20))
         with pytest.raises(AttributeError, match="read-only.*init_optimizer"):
             mod._updater.states = {}
+        with pytest.raises(AttributeError, match="read-only"):
+            del mod._exec_group.execs
         assert mod._kvstore.type == "local" and not mod._update_on_kvstore
         with pytest.raises(AttributeError, match="read-only"):
             mod._total_exec_bytes = 5
