@@ -235,12 +235,10 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
         faults.append(Fault(FAULT_AT, kill))
     elif scenario == "hang":
         faults.append(Fault(FAULT_AT, stop))
-    elif scenario == "node":  # allowed down to one: see test_elastic's grow test
+    elif scenario == "node":
         faults.append(Fault(FAULT_AT, remove_node))
-        min_workers = 1
     elif scenario == "grow":
         faults += [Fault(FAULT_AT, remove_node), Fault(GROW_AT, add_node)]
-        min_workers = 1
     elif scenario == "all":
         faults.append(Fault(FAULT_AT, kill_all))
         min_workers = 1

@@ -67,7 +67,7 @@ def test_a_lost_worker_costs_no_completed_step(fault, tmp_path):
     result = scenario(fault, tmp_path)
     assert_fired(result, [1])
     assert_same_model(result)
-    lost = changes(result)[0]
+    (lost,) = changes(result)  # one member lost, no other: not even the removed node's peers
     assert lost["world_size"] == 2 and lost["previous_world_size"] == 3
     assert lost["lost"] == ["slot 1"] and "was lost" in lost["why"]
     assert "world size 3 -> 2" in result["log"]  # the line a user sees
@@ -85,12 +85,12 @@ def test_a_silent_worker_is_removed_after_the_timeout(tmp_path):
 
 
 def test_the_group_grows_back_when_a_node_returns(tmp_path):
+    """A node removed, then one added: the run goes on with the two survivors (min_workers=2),
+    and the lost member's replacement comes up on the new node and joins."""
     result = scenario("grow", tmp_path)
     assert_fired(result, [1, 1])
     assert_same_model(result)
-    # a node removed on this busy machine sometimes costs a second member too (declared
-    # silent; not understood yet): the run, allowed down to one worker, still grows back
-    lost, grown = changes(result)[0], changes(result)[-1]
+    lost, grown = changes(result)
     assert lost["world_size"] == 2 and lost["lost"] == ["slot 1"]
     assert grown["change"] == "grown" and grown["world_size"] == 3
     assert grown["step"] > lost["step"]

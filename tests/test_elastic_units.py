@@ -118,6 +118,7 @@ class StandIn:
             time.sleep(3600)
         self.count, self.group, self.restored, self.generation = 0, None, 0, 0
         self.calls = []  # the module calls it received: (method, batch rows)
+        self.reads = []  # the parts it read steps sent again from (their object ids)
         self.down = False  # told to shut down (as SIGTERM tells a real one)
         self.fault = None  # (method, "die" | "hang"): what this worker does when next called
 
@@ -132,6 +133,8 @@ class StandIn:
 
     def steps(self, kind, mids, batches, generation, plan=None):
         self._maybe_fail("steps")
+        if plan is not None:  # the parts are references: Ray resolves only top-level ones
+            self.reads.append([part.hex() for part in batches])
         if kind == "train_step":
             self.count += len(mids)
         return [None] * len(mids), 0.0, self.down
@@ -195,6 +198,7 @@ class StandIn:
             "count": self.count,
             "restored": self.restored,
             "calls": self.calls,
+            "reads": self.reads,
         }
 
 
@@ -360,6 +364,26 @@ def test_steps_sent_again_read_the_rows_the_new_split_gives_them():
         (got,) = assemble(sources, plan)
         rows.append(got.label[0].tolist())
     assert rows == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_steps_sent_again_read_a_copy_of_the_part_a_lost_member_read(controller):
+    """Ray may fetch an object from any node that holds a copy, a lost one included (it then
+    waits out its pull timeout, 10 s, and the survivor is declared silent): the steps sent
+    again read the lost member's part from a copy the controller made, and the survivors'
+    parts as they were put. (An evaluation step: a training step the survivors applied without
+    the lost member is not sent again.)"""
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1)
+    chunk = spec(ctl)
+    parts = [part.hex() for part in chunk["sources"]]
+    with replacements_never_start():
+        kill(ctl.handles[1])
+        read(ctl, ctl.advance("eval_step", chunk, 0))
+    assert ctl.slots == [0, 2]
+    survivors = [{part for sources in s["reads"] for part in sources} for s in call(ctl, "state")]
+    assert parts[0] in survivors[0] and parts[2] in survivors[1]  # their own
+    assert parts[1] not in survivors[0] | survivors[1]  # the lost member's: a copy of it
+    assert all(len(read) == 2 for read in survivors)
 
 
 def test_below_the_floor_training_waits_then_fails_in_words(controller):

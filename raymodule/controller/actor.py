@@ -410,7 +410,16 @@ class Controller:
             for handle, (batches, plan) in zip(self.handles, args)
         ]
         self._in_flight.update((ref, (rank, kind)) for rank, ref in enumerate(refs))
-        self._chunks.append(chunks.Chunk(kind, steps, refs, list(self.slots), self.generation))
+        self._chunks.append(
+            chunks.Chunk(
+                kind,
+                steps,
+                refs,
+                list(self.slots),
+                self.generation,
+                chunks.reads(self.handles, args),
+            )
+        )
 
     def _finish(self, done: list, seconds: dict) -> None:
         """Reads the oldest chunk in flight into ``done``; after a loss, sends the steps in
@@ -438,7 +447,16 @@ class Controller:
         before it (up to step ``committed``), which are finished without results."""
         void = [step for chunk in self._chunks for step in chunk.steps]
         kind = self._chunks[0].kind
+        members = set(self.handles)
+        read_by_lost = {
+            ref
+            for chunk in self._chunks
+            for member, read in chunk.reads.items()
+            if member not in members
+            for ref in read
+        }
         self._chunks.clear()
+        self._rehome(void, read_by_lost)
         self._post("set_metric", self._metric)
         again = []
         for step in void:
@@ -449,6 +467,23 @@ class Controller:
         per_call = max(1, self.settings.steps_per_call)
         for start in range(0, len(again), per_call):
             self._send(kind, again[start : start + per_call])
+
+    def _rehome(self, steps: list[chunks.Step], refs: set) -> None:
+        """Copies the parts lost members read into objects of the controller's own, before
+        ``steps`` are sent again. Ray lists every node that fetched an object as a place to
+        fetch it from; a survivor that picks a lost node waits out Ray's pull timeout
+        (``object_manager_pull_timeout_ms``, 10 s) before it tries another, and is then
+        declared silent. The controller runs beside the client, whose node holds the first
+        copy: reading it here is local. Bounded; on a timeout the parts are sent as they are."""
+        if not refs:
+            return
+        refs = list(refs)
+        try:
+            parts = ray.get(refs, timeout=self.settings.collective_timeout_s)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.ObjectLostError) as err:
+            log.warning("the lost members' parts were not copied (%s); sent as they are", err)
+            return
+        chunks.rehome(steps, {ref: ray.put(part) for ref, part in zip(refs, parts)})
 
     def _grow(self, done: list, seconds: dict) -> None:
         """At a step boundary: admits replacement workers that are up (asked at most every

@@ -4,7 +4,8 @@ The client puts each worker's part of a chunk of global batches in the object st
 object per worker per chunk, and hands the controller the references. A worker reads its own
 part only. When the group re-forms before a step ran, the step is sent again split for the
 new members: each then reads the pieces of the parts that hold its new rows
-(:func:`raymodule.worker.actor.assemble`; the controller never fetches the rows themselves).
+(:func:`raymodule.worker.actor.assemble`). The controller fetches rows in one case only: the
+parts a lost member read, which it copies before they are sent again (:func:`rehome`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 from ..data import split_slices
 
-__all__ = ["Piece", "Step", "Chunk", "steps_of", "worker_args"]
+__all__ = ["Piece", "Step", "Chunk", "steps_of", "worker_args", "reads", "rehome"]
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Chunk:
     refs: list  # the members' calls, in rank order
     slots: list[int]
     generation: int
+    reads: dict  # member (actor handle) -> the part objects it was given
 
 
 def steps_of(spec: dict) -> list[Step]:
@@ -94,3 +96,18 @@ def worker_args(steps: list[Step], weights: list[list[float]]) -> list[tuple]:
             plan.append(pieces)
         args.append((sources, plan))
     return args
+
+
+def reads(members: list, args: list[tuple]) -> dict:
+    """The part objects each of ``members`` reads, given :func:`worker_args`' result."""
+    return {
+        member: [batches] if plan is None else list(batches)
+        for member, (batches, plan) in zip(members, args)
+    }
+
+
+def rehome(steps: list[Step], fresh: dict) -> None:
+    """Makes ``steps`` read their rows from ``fresh[ref]`` where they read from ``ref``."""
+    for step in steps:
+        for piece in step.pieces:
+            piece.ref = fresh.get(piece.ref, piece.ref)
