@@ -21,7 +21,8 @@ from mxnet.base import _as_list
 from mxnet.initializer import Uniform
 from mxnet.model import BatchEndParam
 
-from . import continuity, data, metrics, runtime
+from . import data, metrics, runtime
+from .checkpoint import continuity
 from .constants import Settings
 from .controller import EveryWorkerLost, policy
 from .errors import CallOrderError, Preempted, ResumeMismatch, WorkerLostError
@@ -257,7 +258,7 @@ class TrainingLoops:
         and position in the data. For the same data order, pass ``train_data`` as a fresh
         iterator (as a new process makes it): it is reset once per completed epoch and the
         batches already trained are skipped. Before it trains, a resuming ``fit`` is checked
-        against the run (see :mod:`raymodule.continuity`): another symbol (parameter names or
+        against the run (:mod:`raymodule.checkpoint.continuity`): another symbol (parameter names or
         shapes), optimizer type or global batch size, optimizer states for other parameters,
         or ``train_data`` shorter than the resume position raise
         :class:`raymodule.ResumeMismatch`. The learning rate, other optimizer hyperparameters

@@ -22,7 +22,8 @@ from mxnet.module.base_module import BaseModule, _check_input_names, _parse_data
 from mxnet.module.executor_group import _prepare_group2ctxs
 from mxnet.ndarray.sparse import row_sparse_array
 
-from . import continuity, data, loop, metrics, params, storage, views
+from . import data, loop, metrics, params, storage, views
+from .checkpoint import continuity
 from .errors import CallOrderError, first_line
 from .handle import ControllerHandle
 from .kvstore import SUPPORTED_KVSTORES, check_kvstore

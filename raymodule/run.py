@@ -52,7 +52,7 @@ class RunConfig:
         resume: ``"auto"`` continues from the latest committed checkpoint if there is one,
             ``"never"`` refuses to touch an existing run, ``"must"`` fails if there is none.
             A resume is checked against the run (the symbol's parameters, the optimizer type,
-            the global batch size, the data's length: :mod:`raymodule.continuity`); the
+            the global batch size, the data's length: :mod:`raymodule.checkpoint.continuity`); the
             learning rate, other hyperparameters and the schedule's settings are the resuming
             ``fit``'s, and the schedule goes on from the restored update count.
         min_workers: the elastic floor (None: every context).
@@ -172,7 +172,7 @@ class Run:
         """Hands a worker's snapshot and the module's own files (its symbols) to the
         background writer (raises if too many checkpoints in a row failed). ``position`` is
         ``epoch``, ``batch`` and ``global_step``, and what a resume is checked against:
-        ``batch_size`` and ``batches_per_epoch`` (see :mod:`raymodule.continuity`)."""
+        ``batch_size`` and ``batches_per_epoch`` (see :mod:`raymodule.checkpoint.continuity`)."""
         self.writer.submit(snapshot, dict(self._static, files=files, **position))
 
     def latest(self) -> Checkpoint | None:

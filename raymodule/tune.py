@@ -61,7 +61,8 @@ from urllib.parse import urlencode
 
 import ray
 
-from . import checkpoint, manifest, runtime
+from . import checkpoint, runtime
+from .checkpoint import Snapshot, manifest
 from .constants import Settings
 from .errors import CheckpointError, PlacementError
 from .lease import Lease
@@ -381,11 +382,9 @@ def _adopt(restore, run: RunConfig) -> dict:
                 f"checkpoint ({err}); report with raymodule.tune.report_callback()"
             ) from None
         source = _read_source(Folder(local))
-    params = f"{checkpoint.MODEL}-{ckpt.epoch:04d}.params"
-    arrays, description = ckpt.optimizer()
-    snapshot = {"params": ckpt.params_file(), "optimizer.nd": arrays, "optimizer": description}
+    snapshot = Snapshot(ckpt.params_file(), *ckpt.optimizer())
     manifest = ckpt.manifest
-    own = (params, "optimizer.nd", "optimizer.json")  # the snapshot's; the rest: the model's
+    own = snapshot.files(checkpoint.params_file_name(ckpt.epoch))  # the rest: the model's
     info = {
         "files": {k: v for k, v in ckpt.files.items() if k not in own},
         "epoch": ckpt.epoch,

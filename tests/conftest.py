@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 
 # Ray reads these when it is imported: keep every test on loopback, without auth or telemetry.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -72,6 +73,32 @@ def dataset(n=192, shape=(20,), classes=10, seed=0):
     x = rng.uniform(-1, 1, (n,) + shape).astype("float32")
     y = rng.randint(0, classes, n).astype("float32")
     return x, y
+
+
+class Interrupted(Exception):
+    """Raised by a callback to interrupt ``fit`` (as a killed training process would)."""
+
+
+def interrupt_at(epoch: int, nbatch: int, run_location: str, pace_s: float = 0.3):
+    """A ``batch_end_callback`` that interrupts ``fit`` at (epoch, nbatch) once a checkpoint
+    inside that epoch is committed (waiting at most 60 s). Paced by ``pace_s`` per batch: a
+    checkpoint due while the one before is still being written is skipped, and writes on a
+    busy machine are slow."""
+    import raymodule
+
+    def callback(param):
+        time.sleep(pace_s)
+        if (param.epoch, param.nbatch) != (epoch, nbatch):
+            return
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ckpt = raymodule.latest_checkpoint(run_location)
+            if ckpt is not None and ckpt.epoch == epoch and ckpt.batch > 0:
+                break
+            time.sleep(0.1)
+        raise Interrupted()
+
+    return callback
 
 
 def max_relative_diff(expected: dict, actual: dict) -> float:

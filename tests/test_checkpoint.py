@@ -10,10 +10,11 @@ import time
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import dataset, max_relative_diff, mlp
+from conftest import Interrupted, dataset, interrupt_at, max_relative_diff, mlp
 
 import raymodule
-from raymodule import CheckpointError, RunConfig, latest_checkpoint, optimizer_state, storage
+from raymodule import CheckpointError, RunConfig, latest_checkpoint, storage
+from raymodule.checkpoint import optimizer_state
 
 X, Y = dataset(n=96)
 CONTEXTS = [mx.cpu(0), mx.cpu(1)]
@@ -32,18 +33,6 @@ def optimizer_params():
         "wd": 1e-4,
         "lr_scheduler": mx.lr_scheduler.FactorScheduler(step=5, factor=0.8),
     }
-
-
-class Interrupted(Exception):
-    pass
-
-
-def interrupt_at(epoch, nbatch):
-    def callback(param):
-        if (param.epoch, param.nbatch) == (epoch, nbatch):
-            raise Interrupted()
-
-    return callback
 
 
 def train(run=None, num_epoch=3, **fit_args):
@@ -69,9 +58,9 @@ def uninterrupted():
 
 def test_resumed_mid_epoch_the_run_ends_as_if_never_interrupted(storage_uri, uninterrupted):
     config = RunConfig(name="cut", storage=storage_uri, checkpoint_every=4)
-    with pytest.raises(Interrupted):
-        train(config, batch_end_callback=interrupt_at(1, 6))
     run = storage.Folder(storage_uri).child("cut")
+    with pytest.raises(Interrupted):
+        train(config, batch_end_callback=interrupt_at(1, 6, run.location))
     ckpt = latest_checkpoint(run.location)
     assert ckpt.epoch == 1 and ckpt.batch > 0, (
         "the interruption should leave a mid-epoch checkpoint"

@@ -14,7 +14,7 @@ import sysconfig
 
 import mxnet as mx
 import pytest
-from conftest import dataset, mlp
+from conftest import Interrupted, dataset, interrupt_at, mlp
 from PIL import Image  # matplotlib's own dependency
 
 import raymodule
@@ -24,17 +24,11 @@ X, Y = dataset(n=96)
 X_VAL, Y_VAL = dataset(n=32, seed=1)
 
 
-class Interrupted(Exception):
-    pass
-
-
 def train(config: RunConfig, num_epoch: int, stop_at: tuple[int, int] | None = None) -> None:
-    """The MLP on 2 workers with a validation set; ``stop_at=(epoch, nbatch)`` interrupts it."""
-
-    def interrupt(param):
-        if (param.epoch, param.nbatch) == stop_at:
-            raise Interrupted()
-
+    """The MLP on 2 workers with a validation set; ``stop_at=(epoch, nbatch)`` interrupts it
+    (once a checkpoint inside that epoch is committed)."""
+    run_location = f"{config.storage}/{config.name}"
+    interrupt = interrupt_at(*stop_at, run_location) if stop_at else None
     mx.random.seed(0)
     with raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)]) as mod:
         mod.fit(
@@ -43,7 +37,7 @@ def train(config: RunConfig, num_epoch: int, stop_at: tuple[int, int] | None = N
             eval_metric=["acc", "ce"],
             num_epoch=num_epoch,
             optimizer_params={"learning_rate": 0.1, "momentum": 0.9},
-            batch_end_callback=interrupt if stop_at else None,
+            batch_end_callback=interrupt,
             run=config,
         )
 

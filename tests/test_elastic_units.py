@@ -17,6 +17,7 @@ import pytest
 import ray
 from mxnet.io import DataDesc
 
+from raymodule.checkpoint import Snapshot
 from raymodule.constants import Settings
 from raymodule.controller import Controller, State, StepsFailed, chunks, policy
 from raymodule.controller.policy import Action, Limits, Loss
@@ -186,10 +187,10 @@ class StandIn:
         pass
 
     def snapshot(self, mid, expected=None):
-        return {"applied": self.count} if expected in (None, self.count) else None
+        return Snapshot(b"", b"", None, self.count) if expected in (None, self.count) else None
 
     def restore(self, mid, snapshot):
-        self.count = snapshot["applied"]
+        self.count = snapshot.applied
         self.restored += 1
 
     def state(self):

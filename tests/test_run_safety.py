@@ -22,7 +22,8 @@ import ray
 from conftest import dataset, mlp
 
 import raymodule.tune
-from raymodule import CheckpointError, RunConfig, checkpoint, continuity, optimizer_state, storage
+from raymodule import CheckpointError, RunConfig, checkpoint, storage
+from raymodule.checkpoint import Snapshot, continuity, optimizer_state
 from raymodule.constants import Settings
 from raymodule.lease import Lease, LeaseLost
 from raymodule.run import Run
@@ -31,11 +32,11 @@ REPO = Path(__file__).resolve().parent.parent
 STATIC = {"world_size": 1, "work_load_list": [1]}
 
 
-def snapshot(tmp_path, value: float = 1.0) -> dict:
+def snapshot(tmp_path, value: float = 1.0) -> Snapshot:
     """A worker's snapshot as the writer gets it: MXNet's ``.params`` bytes and the optimizer."""
     path = tmp_path / "snapshot.params"
     mx.nd.save(str(path), {"arg:w": mx.nd.full((2, 3), value), "aux:m": mx.nd.zeros((3,))})
-    return {"params": path.read_bytes(), "optimizer.nd": b"", "optimizer": {"type": "SGD"}}
+    return Snapshot(path.read_bytes(), b"", {"type": "SGD"})
 
 
 def info(step: int, epoch: int = 1) -> dict:
@@ -214,7 +215,7 @@ def test_a_checkpoint_of_the_same_step_that_verifies_is_never_replaced(tmp_path)
     run.write(params, run.read(params)[:-1])
     checkpoint.write(run, snapshot(tmp_path, 2.0), info(12), keep=5)
     replaced = checkpoint.read(run, "ckpt-0000000012")
-    assert replaced.params_file() == snapshot(tmp_path, 2.0)["params"]
+    assert replaced.params_file() == snapshot(tmp_path, 2.0).params
 
 
 def test_other_processes_half_written_files_are_left_alone(tmp_path):

@@ -8,7 +8,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 import ray
-from conftest import max_relative_diff
+from conftest import Interrupted, interrupt_at, max_relative_diff
 
 import raymodule
 from raymodule.worker.collective import Collective, free_address, sum_rows
@@ -178,10 +178,6 @@ def test_row_sparse_gradients_are_gathered_as_rows_on_a_real_group():
             ray.kill(r)
 
 
-class Interrupted(Exception):
-    pass
-
-
 def fit(mod, num_epoch=2, **fit_args) -> dict:
     """Fits the sparse model from seed 5 with SGD momentum on 6 batches an epoch."""
     steps = batches(6)
@@ -209,11 +205,7 @@ def test_a_run_with_row_sparse_weights_resumes_and_plain_mxnet_loads_it(tmp_path
     symbol, names = sparse_net(), ["ids", "feats"]
     native = fit(mx.mod.Module(symbol, data_names=names))
     config = raymodule.RunConfig(name="sparse", storage=str(tmp_path), checkpoint_every=2)
-
-    def stop(param):
-        if (param.epoch, param.nbatch) == (1, 1):
-            raise Interrupted()
-
+    stop = interrupt_at(1, 1, str(tmp_path / "sparse"))
     with raymodule.Module(symbol, data_names=names, context=[mx.cpu(0), mx.cpu(1)]) as mod:
         with pytest.raises(Interrupted):
             fit(mod, run=config, batch_end_callback=stop)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from .errors import ResumeMismatch
+from ..errors import ResumeMismatch
 
 __all__ = ["check", "check_epoch_length", "batches_in", "optimizer_type", "param_shapes"]
 

@@ -1,4 +1,5 @@
-"""Run checkpoints: MXNet's files plus a manifest, committed atomically, verified when read.
+"""The checkpoint format: MXNet's files plus a manifest, committed atomically, verified when
+read.
 
 A run folder holds::
 
@@ -13,7 +14,7 @@ A run folder holds::
 A checkpoint is committed once its manifest is written (object stores make each file appear
 whole, or not at all; on a local or network filesystem each file and its folder are synced
 before the next is written). A checkpoint whose parameters are not all finite is not committed.
-Readers trust only a checkpoint whose files match its manifest (see :mod:`raymodule.manifest`
+Readers trust only a checkpoint whose files match its manifest (see :mod:`.manifest`
 for what a reader accepts); when the newest does not, they say which file is wrong and use the
 one before. A checkpoint that verifies is never replaced by one of the same step. After each
 commit the writer deletes what the run no longer needs: committed checkpoints beyond ``keep``,
@@ -24,11 +25,7 @@ may be another process's write in progress. The run's ownership of the folder is
 before a checkpoint's first write, before its commit and before each delete
 (:mod:`raymodule.lease`).
 
-:class:`CheckpointWriter` writes in a background thread while training goes on: the files
-are written by a Ray task on the training process's node, given the worker's snapshot by
-reference (its bytes never pass through the training process), and committed here, by the
-run that owns the folder. MXNet is
-imported only to read the parameters (are they finite, what shapes they have).
+MXNet is imported only to read the parameters (are they finite, what shapes they have).
 """
 
 from __future__ import annotations
@@ -38,30 +35,24 @@ import json
 import logging
 import platform
 import re
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
+from ..errors import CheckpointError
+from ..storage import Folder, redact
 from . import manifest as manifests
-from .errors import CheckpointError
-from .lease import LeaseLost
-from .manifest import FORMAT, MANIFEST
-from .storage import Folder, redact
+from .manifest import MANIFEST
+from .snapshot import Snapshot
 
 __all__ = [
-    "FORMAT",
-    "MANIFEST",
     "Checkpoint",
-    "CheckpointWriter",
     "checkpoint_names",
     "folder_name",
     "latest",
     "latest_checkpoint",
+    "params_file_name",
     "read",
+    "stage_files",
     "survey",
     "write",
 ]
@@ -73,6 +64,11 @@ LATEST = "latest"
 LATEST_MAX_BYTES = 256
 """The largest ``latest`` pointer read (it holds one folder name)."""
 _FOLDER = re.compile(r"^ckpt-(\d{10})$")
+
+
+def params_file_name(epoch: int) -> str:
+    """The parameters' file in a checkpoint folder, named as ``mx.mod.Module.load`` reads it."""
+    return f"{MODEL}-{epoch:04d}.params"
 
 
 def folder_name(global_step: int) -> str:
@@ -128,7 +124,7 @@ class Checkpoint:
         return Folder(self.location).uri(MODEL)
 
     def params_file(self) -> bytes:
-        return self.files[f"{MODEL}-{self.epoch:04d}.params"]
+        return self.files[params_file_name(self.epoch)]
 
     def optimizer(self) -> tuple[bytes, dict | None]:
         """The optimizer state arrays (MXNet's NDArray format) and their description."""
@@ -149,7 +145,7 @@ def write(
 
     ``info`` holds ``files`` (the module's own files, such as ``model-symbol.json``, by name),
     ``epoch``, ``batch``, ``global_step``, ``world_size``, ``work_load_list`` and, when known,
-    ``batch_size`` and ``batches_per_epoch`` (see :mod:`raymodule.continuity`). A folder of the
+    ``batch_size`` and ``batches_per_epoch`` (see :mod:`.continuity`). A folder of the
     same name that does not verify (an earlier, interrupted attempt) is replaced; one that
     verifies raises ``CheckpointError`` and is kept. ``drop_newer`` gives up the run's
     checkpoints from this step on even when they verify (a Tune trial continuing from
@@ -188,43 +184,25 @@ def write(
     return name
 
 
-def stage_files(run: Folder, snapshot: dict | None, info: dict) -> dict | None:
+def stage_files(run: Folder, snapshot: Snapshot | None, info: dict) -> dict | None:
     """Writes the files of the checkpoint of ``snapshot`` and ``info`` (see :func:`write`),
     not committed yet, and returns its manifest; None without a snapshot. Writes nothing and
     raises ``CheckpointError`` when the parameters are not finite."""
     if snapshot is None:
         return None
     name = folder_name(info["global_step"])
-    arrays = _load(snapshot["params"])
+    arrays = _load(snapshot.params)
     bad = _not_finite(arrays)
     if bad:
         raise CheckpointError(
             f"checkpoint at step {info['global_step']} not committed: parameters "
             f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} are not finite (NaN or inf)"
         )
-    files = {
-        **info["files"],
-        f"{MODEL}-{info['epoch']:04d}.params": snapshot["params"],
-        "optimizer.nd": snapshot["optimizer.nd"],
-        "optimizer.json": json.dumps(snapshot["optimizer"]).encode(),
-    }
+    files = {**info["files"], **snapshot.files(params_file_name(info["epoch"]))}
     for file, data in files.items():
         run.write(f"{name}/{file}", data)
     params = {key: list(array.shape) for key, array in arrays.items()}  # arg:w, aux:m
-    return manifests.make(files, info, snapshot["optimizer"] or {}, params, _versions())
-
-
-_stage_task = ray.remote(num_cpus=0, max_retries=0)(stage_files)
-"""stage_files as a Ray task: it is given the snapshot's reference, and only the manifest
-comes back."""
-
-
-@ray.remote(num_cpus=0)
-def _ready_to_stage() -> None:
-    """Imports what :func:`stage_files` needs (MXNet: seconds) in a worker process of this
-    node, which Ray then keeps for the tasks that write: the first checkpoint does not pay
-    for the imports while training goes on."""
-    import mxnet  # noqa: F401
+    return manifests.make(files, info, snapshot.optimizer or {}, params, _versions())
 
 
 def _load(params: bytes) -> dict:
@@ -288,7 +266,7 @@ def read(run: Folder, name: str) -> Checkpoint:
     """Reads checkpoint ``name`` and checks every file against its manifest.
 
     Raises ``CheckpointError`` naming the file that is missing, truncated, altered, or that
-    the manifest should not name (see :mod:`raymodule.manifest`).
+    the manifest should not name (see :mod:`raymodule.checkpoint.manifest`).
     """
     manifest = manifests.load(run, name)
     return Checkpoint(run.uri(name), manifest, manifests.verified_files(run, name, manifest))
@@ -329,213 +307,7 @@ def _versions() -> dict:
     return found
 
 
-class CheckpointWriter:
-    """Writes checkpoints in a background thread, in order, while training goes on.
-
-    :meth:`submit` hands over a worker's snapshot (an ``ObjectRef``, taken at a step boundary,
-    so all workers were at the same step) and returns at once. While one checkpoint is being
-    written, the newest submitted one waits; an older waiting one is dropped (a newer state
-    supersedes it), so memory stays bounded and training never waits for storage. A write that
-    fails is retried with exponential backoff; a checkpoint that still fails is logged, and once
-    more than ``failures_tolerated`` fail in a row, the next :meth:`submit` (or :meth:`close`)
-    raises ``CheckpointError``.
-    """
-
-    def __init__(self, run: Folder, keep: int, settings, check_owner=None):
-        self.run = run
-        self.keep = keep
-        self.check_owner = check_owner
-        self.attempts = settings.checkpoint_attempts
-        self.backoff_s = settings.checkpoint_backoff_s
-        self.failures_tolerated = settings.checkpoint_failures_tolerated
-        self.snapshot_timeout_s = settings.checkpoint_snapshot_timeout_s
-        self.close_timeout_s = settings.checkpoint_close_timeout_s
-        self._committed: list[dict] = []
-        self.failures_in_row = 0
-        self._error: CheckpointError | None = None
-        self._waiting: tuple | None = None
-        self._busy = False
-        self._closing = False
-        self._abandon = False
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(
-            target=self._loop, name="raymodule-checkpoint-writer", daemon=True
-        )
-        self._thread.start()
-        self._warm = None  # the process made ready for the first write, while it starts
-        if ray.is_initialized():
-            self._warm = _ready_to_stage.options(scheduling_strategy=_this_node()).remote()
-
-    def submit(self, snapshot: ray.ObjectRef, info: dict) -> None:
-        with self._cond:
-            self._raise_if_failed()
-            if self._waiting is not None:
-                log.warning(
-                    "checkpoint at step %d skipped: the one before is still being written",
-                    self._waiting[1]["global_step"],
-                )
-            self._waiting = (snapshot, info)
-            self._cond.notify_all()
-
-    def take_committed(self) -> list[dict]:
-        """The checkpoints committed since the last call: name and seconds to write."""
-        with self._cond:
-            done, self._committed = self._committed, []
-        return done
-
-    def close(self, abandon: bool = False) -> None:
-        """Writes what is waiting, stops the thread, and raises if too many failed in a row
-        or the writing is not done within RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S. With
-        ``abandon`` (training failed), a snapshot its worker has not delivered yet is not
-        waited for: that worker may be the lost one."""
-        with self._cond:
-            self._closing = True
-            self._abandon = abandon
-            self._cond.notify_all()
-        self._thread.join(timeout=self.close_timeout_s)
-        with self._cond:
-            if self._thread.is_alive():
-                raise CheckpointError(
-                    f"the last checkpoints of {self.run} were not written within "
-                    f"{self.close_timeout_s:g} s (RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S); the "
-                    "latest committed checkpoint is the one before them. Check the storage"
-                )
-            self._raise_if_failed()
-
-    def settle(self) -> None:
-        """Waits until the checkpoints handed over are committed or given up, at most
-        RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S; a snapshot its worker has not delivered is not
-        waited for (that worker may be lost). For a run that goes on from its latest
-        checkpoint: one whose copy was taken is committed first."""
-        deadline = time.monotonic() + self.close_timeout_s
-        with self._cond:
-            self._abandon = True
-            try:
-                while self._waiting is not None or self._busy:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(timeout=left)
-            finally:
-                self._abandon = False
-
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while self._waiting is None and not self._closing:
-                    self._cond.wait()
-                if self._waiting is None:
-                    return
-                (snapshot, info), self._waiting = self._waiting, None
-                self._busy = True
-            try:
-                self._write(snapshot, info)
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
-
-    def _write(self, snapshot: ray.ObjectRef, info: dict) -> None:
-        step = info["global_step"]
-        deadline = time.monotonic() + self.snapshot_timeout_s
-        ready: list = []
-        while not ready and not self._abandon and time.monotonic() < deadline:
-            wait = min(1.0, self.snapshot_timeout_s)
-            ready, _ = ray.wait([snapshot], timeout=wait, fetch_local=False)
-        if not ready:  # its worker is silent, or training failed: not the storage's failure
-            log.warning("checkpoint at step %d skipped: its snapshot did not come", step)
-            return
-        tic = time.monotonic()
-        for attempt in range(1, self.attempts + 1):
-            try:
-                name = write(
-                    self.run,
-                    snapshot,
-                    info,
-                    self.keep,
-                    check_owner=self.check_owner,
-                    stage=self._stage_beside,
-                )
-            except CheckpointError as err:  # not to be committed: trying again changes nothing
-                self._failed(step, str(err), fatal=isinstance(err, LeaseLost))
-                return
-            except OSError as err:
-                if attempt < self.attempts:
-                    delay = self.backoff_s * 2 ** (attempt - 1)
-                    log.info(
-                        "checkpoint at step %d: attempt %d of %d failed (%s); retrying in %.1f s",
-                        step, attempt, self.attempts, err, delay,
-                    )  # fmt: skip
-                    time.sleep(delay)
-                    continue
-                self._failed(step, f"{self.attempts} attempts failed, the last with: {err}")
-                return
-            if name is None:  # workers were lost before it: the steps run again
-                log.warning("checkpoint at step %d skipped: workers were lost before it", step)
-                return
-            seconds = time.monotonic() - tic
-            log.info("checkpoint %s committed in %.2f s", f"{self.run}/{name}", seconds)
-            with self._cond:
-                self.failures_in_row = 0
-                self._committed.append({"name": name, "seconds": round(seconds, 3)})
-            return
-
-    def _stage_beside(self, run: Folder, snapshot: ray.ObjectRef, info: dict):
-        """:func:`stage_files` as a Ray task on this node: the bytes go from the worker to
-        storage through the object store, not through this process's memory; a local path
-        is this node's, as for the commit. The task sees the environment Ray started with
-        (storage credentials come from there). Bounded by
-        RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S; its errors are raised as stage_files' own."""
-        if self._warm is not None:  # the first write waits for it rather than start another
-            ray.wait([self._warm], timeout=self.close_timeout_s)
-            self._warm = None
-        task = _stage_task.options(scheduling_strategy=_this_node()).remote(run, snapshot, info)
-        try:
-            return ray.get(task, timeout=self.close_timeout_s)
-        except ray.exceptions.RayActorError:
-            return None  # the worker that made the snapshot was lost
-        except ray.exceptions.GetTimeoutError:
-            raise OSError(
-                f"writing the files took more than {self.close_timeout_s:g} s "
-                "(RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S)"
-            ) from None
-        except ray.exceptions.RayTaskError as err:
-            cause = getattr(err, "cause", None)
-            if isinstance(cause, (OSError, CheckpointError)):
-                raise cause from None
-            why = f"writing the files failed: {type(cause).__name__}: {cause}"
-            raise CheckpointError(why) from None
-        except ray.exceptions.RayError as err:
-            raise CheckpointError(f"the snapshot was lost: {type(err).__name__}") from None
-
-    def _failed(self, step: int, why: str, fatal: bool = False) -> None:
-        with self._cond:
-            self.failures_in_row += 1
-            failures = self.failures_in_row
-            log.warning(
-                "checkpoint at step %d failed (%d in a row; training goes on through %d): %s",
-                step, failures, self.failures_tolerated, why,
-            )  # fmt: skip
-            if fatal:  # another run owns the folder: nothing more may be written
-                self._error = CheckpointError(why)
-            elif failures > self.failures_tolerated:
-                self._error = CheckpointError(
-                    f"{failures} checkpoints in a row could not be written to {self.run}; the "
-                    f"last: {why}. Check the storage (RAYMODULE_CHECKPOINT_FAILURES_TOLERATED="
-                    f"{self.failures_tolerated})"
-                )
-
-
 def latest_checkpoint(run_location: str) -> Checkpoint | None:
     """The newest verified checkpoint of the run at ``run_location`` (``<storage>/<name>``,
     a local path or URI), or None; ``Module.load(ckpt.prefix, ckpt.epoch)`` loads it."""
     return latest(Folder(run_location))
-
-
-def _this_node() -> NodeAffinitySchedulingStrategy:
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

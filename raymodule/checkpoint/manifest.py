@@ -6,7 +6,7 @@ whose ``files`` maps plain names inside the checkpoint folder (``model-symbol.js
 at the start, no empty, ``.`` or ``..`` parts, no backslash) to ``{"size": int, "sha256":
 hex}``; each file is read only if it is a regular file inside the folder, never more bytes
 than the manifest gives, and must match both. What a resume is checked against (see
-:mod:`raymodule.continuity`), when recorded, must be of its type: ``params`` an object of
+:mod:`raymodule.checkpoint.continuity`), when recorded, must be of its type: ``params`` an object of
 shapes (lists of integers >= 0) by name, ``batch_size`` and ``batches_per_epoch`` integers >= 1
 or null. Anything else is rejected with a ``CheckpointError`` that names the file or field and
 what is wrong with it.
@@ -19,8 +19,8 @@ import json
 import re
 import time
 
-from .errors import CheckpointError
-from .storage import Folder, Refused, TooLarge, unsafe_name
+from ..errors import CheckpointError
+from ..storage import Folder, Refused, TooLarge, unsafe_name
 
 __all__ = ["FORMAT", "MANIFEST", "MAX_BYTES", "Uncommitted", "load", "make", "verified_files"]
 

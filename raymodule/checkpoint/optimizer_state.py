@@ -20,7 +20,7 @@ import numbers
 
 import mxnet as mx
 
-from .errors import ResumeMismatch
+from ..errors import ResumeMismatch
 
 __all__ = ["capture", "restore", "plain_attributes"]
 

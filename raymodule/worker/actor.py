@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ..data import Batch
     from .collective import Collective
 
+from ..checkpoint.snapshot import Snapshot
 from ..errors import GroupBrokenError, first_line
 
 __all__ = ["ModuleWorker"]
@@ -41,7 +42,8 @@ def _import_runtime() -> None:
     import numpy as np
     from mxnet.io import DataBatch
 
-    from .. import metrics, optimizer_state
+    from .. import metrics
+    from ..checkpoint import optimizer_state
     from ..data import nd_bytes, to_ndarray
     from ..views import Placed
 
@@ -223,12 +225,10 @@ class ModuleWorker:
     def set_optimizer_states(self, mid, states: bytes) -> None:
         self._modules[mid]._updater.set_states(states)
 
-    def snapshot(self, mid, expected: int | None = None) -> dict | None:
+    def snapshot(self, mid, expected: int | None = None) -> Snapshot | None:
         """This replica's parameters and optimizer state as they stand after the steps run so
-        far (every replica holds the same), as file contents for a run checkpoint: ``params``
-        (MXNet's ``.params``), ``optimizer.nd``, the optimizer's JSON description and
-        ``applied`` (steps applied). None when this replica is not at the ``expected`` step: a
-        step before the call failed (it is run again after the group is formed anew)."""
+        far (every replica holds the same). None when this replica is not at the ``expected``
+        step: a step before the call failed (it is run again after the group is formed anew)."""
         if self._broken is not None or (expected is not None and expected != self._applied):
             return None
         mod = self._modules[mid]
@@ -238,12 +238,7 @@ class ModuleWorker:
         arrays, description = {}, None
         if mod.optimizer_initialized:
             arrays, description = optimizer_state.capture(mod._updater)
-        return {
-            "params": nd_bytes(params),
-            "optimizer.nd": nd_bytes(arrays),
-            "optimizer": description,
-            "applied": self._applied,
-        }
+        return Snapshot(nd_bytes(params), nd_bytes(arrays), description, self._applied)
 
     def restore_optimizer(self, mid, arrays: bytes, description: dict) -> None:
         mod = self._modules[mid]
@@ -251,16 +246,16 @@ class ModuleWorker:
         device_id = mod._context[0].device_id  # where this replica's weights are
         optimizer_state.restore(mod._updater, loaded or {}, description, device_id)
 
-    def restore(self, mid, snapshot: dict) -> None:
+    def restore(self, mid, snapshot: Snapshot) -> None:
         """Takes a peer's :meth:`snapshot`: parameters, optimizer state, steps applied."""
         mod = self._modules[mid]
-        loaded = mx.nd.load_frombuffer(snapshot["params"])
+        loaded = mx.nd.load_frombuffer(snapshot.params)
         arg = {k[4:]: v for k, v in loaded.items() if k.startswith("arg:")}
         aux = {k[4:]: v for k, v in loaded.items() if k.startswith("aux:")}
         mod.set_params(arg, aux, allow_missing=False, force_init=True, allow_extra=False)
-        if snapshot["optimizer"] is not None and mod.optimizer_initialized:
-            self.restore_optimizer(mid, snapshot["optimizer.nd"], snapshot["optimizer"])
-        self._applied = snapshot["applied"]
+        if snapshot.optimizer is not None and mod.optimizer_initialized:
+            self.restore_optimizer(mid, snapshot.optimizer_arrays, snapshot.optimizer)
+        self._applied = snapshot.applied
 
     # -- computation ------------------------------------------------------------------------
     def _load(self, mid, batch: Batch, is_train) -> tuple[mx.mod.Module, list]:

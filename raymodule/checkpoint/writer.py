@@ -1,0 +1,242 @@
+"""The background checkpoint writer: checkpoints are written while training goes on.
+
+The files are written by a Ray task on the training process's node, given the worker's
+snapshot by reference (its bytes never pass through the training process), and committed
+here, by the run that owns the folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ..errors import CheckpointError
+from ..lease import LeaseLost
+from ..storage import Folder
+from .format import stage_files, write
+
+__all__ = ["CheckpointWriter"]
+
+log = logging.getLogger(__name__)
+
+_stage_task = ray.remote(num_cpus=0, max_retries=0)(stage_files)
+"""stage_files as a Ray task: it is given the snapshot's reference, and only the manifest
+comes back."""
+
+
+@ray.remote(num_cpus=0)
+def _ready_to_stage() -> None:
+    """Imports what :func:`stage_files` needs (MXNet: seconds) in a worker process of this
+    node, which Ray then keeps for the tasks that write: the first checkpoint does not pay
+    for the imports while training goes on."""
+    import mxnet  # noqa: F401
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread, in order, while training goes on.
+
+    :meth:`submit` hands over a worker's snapshot (an ``ObjectRef``, taken at a step boundary,
+    so all workers were at the same step) and returns at once. While one checkpoint is being
+    written, the newest submitted one waits; an older waiting one is dropped (a newer state
+    supersedes it), so memory stays bounded and training never waits for storage. A write that
+    fails is retried with exponential backoff; a checkpoint that still fails is logged, and once
+    more than ``failures_tolerated`` fail in a row, the next :meth:`submit` (or :meth:`close`)
+    raises ``CheckpointError``.
+    """
+
+    def __init__(self, run: Folder, keep: int, settings, check_owner=None):
+        self.run = run
+        self.keep = keep
+        self.check_owner = check_owner
+        self.attempts = settings.checkpoint_attempts
+        self.backoff_s = settings.checkpoint_backoff_s
+        self.failures_tolerated = settings.checkpoint_failures_tolerated
+        self.snapshot_timeout_s = settings.checkpoint_snapshot_timeout_s
+        self.close_timeout_s = settings.checkpoint_close_timeout_s
+        self._committed: list[dict] = []
+        self.failures_in_row = 0
+        self._error: CheckpointError | None = None
+        self._waiting: tuple | None = None
+        self._busy = False
+        self._closing = False
+        self._abandon = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(
+            target=self._loop, name="raymodule-checkpoint-writer", daemon=True
+        )
+        self._thread.start()
+        self._warm = None  # the process made ready for the first write, while it starts
+        if ray.is_initialized():
+            self._warm = _ready_to_stage.options(scheduling_strategy=_this_node()).remote()
+
+    def submit(self, snapshot: ray.ObjectRef, info: dict) -> None:
+        with self._cond:
+            self._raise_if_failed()
+            if self._waiting is not None:
+                log.warning(
+                    "checkpoint at step %d skipped: the one before is still being written",
+                    self._waiting[1]["global_step"],
+                )
+            self._waiting = (snapshot, info)
+            self._cond.notify_all()
+
+    def take_committed(self) -> list[dict]:
+        """The checkpoints committed since the last call: name and seconds to write."""
+        with self._cond:
+            done, self._committed = self._committed, []
+        return done
+
+    def close(self, abandon: bool = False) -> None:
+        """Writes what is waiting, stops the thread, and raises if too many failed in a row
+        or the writing is not done within RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S. With
+        ``abandon`` (training failed), a snapshot its worker has not delivered yet is not
+        waited for: that worker may be the lost one."""
+        with self._cond:
+            self._closing = True
+            self._abandon = abandon
+            self._cond.notify_all()
+        self._thread.join(timeout=self.close_timeout_s)
+        with self._cond:
+            if self._thread.is_alive():
+                raise CheckpointError(
+                    f"the last checkpoints of {self.run} were not written within "
+                    f"{self.close_timeout_s:g} s (RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S); the "
+                    "latest committed checkpoint is the one before them. Check the storage"
+                )
+            self._raise_if_failed()
+
+    def settle(self) -> None:
+        """Waits until the checkpoints handed over are committed or given up, at most
+        RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S; a snapshot its worker has not delivered is not
+        waited for (that worker may be lost). For a run that goes on from its latest
+        checkpoint: one whose copy was taken is committed first."""
+        deadline = time.monotonic() + self.close_timeout_s
+        with self._cond:
+            self._abandon = True
+            try:
+                while self._waiting is not None or self._busy:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(timeout=left)
+            finally:
+                self._abandon = False
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._waiting is None and not self._closing:
+                    self._cond.wait()
+                if self._waiting is None:
+                    return
+                (snapshot, info), self._waiting = self._waiting, None
+                self._busy = True
+            try:
+                self._write(snapshot, info)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _write(self, snapshot: ray.ObjectRef, info: dict) -> None:
+        step = info["global_step"]
+        deadline = time.monotonic() + self.snapshot_timeout_s
+        ready: list = []
+        while not ready and not self._abandon and time.monotonic() < deadline:
+            wait = min(1.0, self.snapshot_timeout_s)
+            ready, _ = ray.wait([snapshot], timeout=wait, fetch_local=False)
+        if not ready:  # its worker is silent, or training failed: not the storage's failure
+            log.warning("checkpoint at step %d skipped: its snapshot did not come", step)
+            return
+        tic = time.monotonic()
+        for attempt in range(1, self.attempts + 1):
+            try:
+                name = write(
+                    self.run,
+                    snapshot,
+                    info,
+                    self.keep,
+                    check_owner=self.check_owner,
+                    stage=self._stage_beside,
+                )
+            except CheckpointError as err:  # not to be committed: trying again changes nothing
+                self._failed(step, str(err), fatal=isinstance(err, LeaseLost))
+                return
+            except OSError as err:
+                if attempt < self.attempts:
+                    delay = self.backoff_s * 2 ** (attempt - 1)
+                    log.info(
+                        "checkpoint at step %d: attempt %d of %d failed (%s); retrying in %.1f s",
+                        step, attempt, self.attempts, err, delay,
+                    )  # fmt: skip
+                    time.sleep(delay)
+                    continue
+                self._failed(step, f"{self.attempts} attempts failed, the last with: {err}")
+                return
+            if name is None:  # workers were lost before it: the steps run again
+                log.warning("checkpoint at step %d skipped: workers were lost before it", step)
+                return
+            seconds = time.monotonic() - tic
+            log.info("checkpoint %s committed in %.2f s", f"{self.run}/{name}", seconds)
+            with self._cond:
+                self.failures_in_row = 0
+                self._committed.append({"name": name, "seconds": round(seconds, 3)})
+            return
+
+    def _stage_beside(self, run: Folder, snapshot: ray.ObjectRef, info: dict):
+        """:func:`stage_files` as a Ray task on this node: the bytes go from the worker to
+        storage through the object store, not through this process's memory; a local path
+        is this node's, as for the commit. The task sees the environment Ray started with
+        (storage credentials come from there). Bounded by
+        RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S; its errors are raised as stage_files' own."""
+        if self._warm is not None:  # the first write waits for it rather than start another
+            ray.wait([self._warm], timeout=self.close_timeout_s)
+            self._warm = None
+        task = _stage_task.options(scheduling_strategy=_this_node()).remote(run, snapshot, info)
+        try:
+            return ray.get(task, timeout=self.close_timeout_s)
+        except ray.exceptions.RayActorError:
+            return None  # the worker that made the snapshot was lost
+        except ray.exceptions.GetTimeoutError:
+            raise OSError(
+                f"writing the files took more than {self.close_timeout_s:g} s "
+                "(RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S)"
+            ) from None
+        except ray.exceptions.RayTaskError as err:
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, (OSError, CheckpointError)):
+                raise cause from None
+            why = f"writing the files failed: {type(cause).__name__}: {cause}"
+            raise CheckpointError(why) from None
+        except ray.exceptions.RayError as err:
+            raise CheckpointError(f"the snapshot was lost: {type(err).__name__}") from None
+
+    def _failed(self, step: int, why: str, fatal: bool = False) -> None:
+        with self._cond:
+            self.failures_in_row += 1
+            failures = self.failures_in_row
+            log.warning(
+                "checkpoint at step %d failed (%d in a row; training goes on through %d): %s",
+                step, failures, self.failures_tolerated, why,
+            )  # fmt: skip
+            if fatal:  # another run owns the folder: nothing more may be written
+                self._error = CheckpointError(why)
+            elif failures > self.failures_tolerated:
+                self._error = CheckpointError(
+                    f"{failures} checkpoints in a row could not be written to {self.run}; the "
+                    f"last: {why}. Check the storage (RAYMODULE_CHECKPOINT_FAILURES_TOLERATED="
+                    f"{self.failures_tolerated})"
+                )
+
+
+def _this_node() -> NodeAffinitySchedulingStrategy:
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
