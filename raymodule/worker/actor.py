@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 def _import_runtime() -> None:
     """Binds this module's MXNet-dependent names; runs once, in the worker process."""
-    global mx, np, DataBatch, metrics, nd_bytes, optimizer_state, to_ndarray, Placed
+    global mx, np, DataBatch, metrics, native, nd_bytes, optimizer_state, to_ndarray, Placed
     os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # no backend banner per executor
     import mxnet as mx
     import numpy as np
@@ -46,6 +46,7 @@ def _import_runtime() -> None:
     from ..checkpoint import optimizer_state
     from ..data import nd_bytes, to_ndarray
     from ..views import Placed
+    from . import native
 
 
 def _numpy_list(arrays) -> list[np.ndarray]:
@@ -179,12 +180,7 @@ class ModuleWorker:
             shared_module=shared,
             grad_req=grad_req,
         )
-        group = mod._exec_group
-        grads = group.grad_arrays or [[None]] * len(group.param_names)
-        return {
-            name: (a[0].stype, g[0].stype if g[0] is not None else None)
-            for name, a, g in zip(group.param_names, group.param_arrays, grads)
-        }
+        return native.param_stypes(mod)
 
     def reshape(self, mid, data_shapes, label_shapes) -> None:
         self._modules[mid].reshape(data_shapes, label_shapes)
@@ -199,10 +195,7 @@ class ModuleWorker:
         )
 
     def get_params(self, mid) -> tuple[dict, dict]:
-        mod = self._modules[mid]
-        # Always read the device arrays: a module sharing them may have updated them.
-        mod._sync_params_from_devices()
-        arg, aux = mod._arg_params, mod._aux_params
+        arg, aux = native.read_params(self._modules[mid])
         return ({k: v.asnumpy() for k, v in arg.items()}, {k: v.asnumpy() for k, v in aux.items()})
 
     def init_optimizer(self, mid, optimizer, optimizer_params, force_init) -> None:
@@ -220,10 +213,10 @@ class ModuleWorker:
         self._modules[mid].borrow_optimizer(self._modules[shared_mid])
 
     def optimizer_states(self, mid) -> bytes:
-        return self._modules[mid]._updater.get_states(dump_optimizer=False)
+        return native.updater(self._modules[mid]).get_states(dump_optimizer=False)
 
     def set_optimizer_states(self, mid, states: bytes) -> None:
-        self._modules[mid]._updater.set_states(states)
+        native.updater(self._modules[mid]).set_states(states)
 
     def snapshot(self, mid, expected: int | None = None) -> Snapshot | None:
         """This replica's parameters and optimizer state as they stand after the steps run so
@@ -232,19 +225,17 @@ class ModuleWorker:
         if self._broken is not None or (expected is not None and expected != self._applied):
             return None
         mod = self._modules[mid]
-        group = mod._exec_group  # the device arrays themselves: one device, nothing to average
-        params = {f"arg:{k}": a[0] for k, a in zip(group.param_names, group.param_arrays)}
-        params.update({f"aux:{k}": a[0] for k, a in zip(group.aux_names, group.aux_arrays)})
         arrays, description = {}, None
         if mod.optimizer_initialized:
-            arrays, description = optimizer_state.capture(mod._updater)
-        return Snapshot(nd_bytes(params), nd_bytes(arrays), description, self._applied)
+            arrays, description = optimizer_state.capture(native.updater(mod))
+        params = nd_bytes(native.device_params(mod))
+        return Snapshot(params, nd_bytes(arrays), description, self._applied)
 
     def restore_optimizer(self, mid, arrays: bytes, description: dict) -> None:
         mod = self._modules[mid]
         loaded = mx.nd.load_frombuffer(arrays)
-        device_id = mod._context[0].device_id  # where this replica's weights are
-        optimizer_state.restore(mod._updater, loaded or {}, description, device_id)
+        device_id = native.device_id(mod)  # where this replica's weights are
+        optimizer_state.restore(native.updater(mod), loaded or {}, description, device_id)
 
     def restore(self, mid, snapshot: Snapshot) -> None:
         """Takes a peer's :meth:`snapshot`: parameters, optimizer state, steps applied."""
@@ -277,14 +268,13 @@ class ModuleWorker:
 
     def update(self, mid) -> None:
         mod = self._modules[mid]
-        group = mod._exec_group
         if self._collective is None:
             mod.update()
             self._applied += 1
             return
         self._check_group()
-        grad_arrays = group.grad_arrays
-        if "add" in group.grad_req.values():
+        grad_arrays, accumulating = native.gradient_arrays(mod)
+        if accumulating:
             # 'add' keeps accumulating this worker's own gradients; the sum goes to copies
             grad_arrays = [[g[0].copy()] if g[0] is not None else g for g in grad_arrays]
         # Reverse parameter order: the last layers' gradients are ready first.
@@ -302,15 +292,7 @@ class ModuleWorker:
             self.leave()
             self._broken = why
             self._check_group()
-        mod._params_dirty = True
-        mx.model._update_params(
-            group.param_arrays,
-            grad_arrays,
-            updater=mod._updater,
-            num_device=1,
-            kvstore=None,
-            param_names=group.param_names,
-        )
+        native.apply_update(mod, grad_arrays)
         self._applied += 1
 
     def set_metric(self, metric: mx.metric.EvalMetric | None) -> None:
@@ -388,15 +370,14 @@ class ModuleWorker:
         """This replica's executor's ``arg_dict``, ``grad_dict`` or ``aux_dict`` (by name),
         or its ``outputs`` (a list), each array :class:`Placed` (None where MXNet holds none:
         an argument without a gradient)."""
-        arrays = getattr(self._modules[mid]._exec_group.execs[0], which)
+        arrays = native.executor_arrays(self._modules[mid], which)
         if which == "outputs":
             return [Placed.of(a) for a in arrays]
         return {name: Placed.of(a) for name, a in arrays.items()}
 
     def exec_group(self, mid) -> dict:
         """What MXNet's executor group says of itself beyond its arrays."""
-        group = self._modules[mid]._exec_group
-        return {"grad_req": dict(group.grad_req), "total_exec_bytes": group._total_exec_bytes}
+        return native.exec_group_facts(self._modules[mid])
 
     def updater_states(self, mid) -> dict:
         """The optimizer's states by parameter index (one device here: MXNet's index is the
@@ -407,7 +388,8 @@ class ModuleWorker:
                 return type(state)(placed(s) for s in state)
             return Placed.of(state) if isinstance(state, mx.nd.NDArray) else state
 
-        return {index: placed(s) for index, s in self._modules[mid]._updater.states.items()}
+        states = native.updater(self._modules[mid]).states
+        return {index: placed(s) for index, s in states.items()}
 
     def get_states(self, mid) -> list[np.ndarray]:
         # one device here: MXNet's per-device list holds one array per state

@@ -1,0 +1,94 @@
+"""Every private of MXNet 1.9.1 a worker reaches into, in one place.
+
+A replica is one ``mx.mod.Module`` bound to one device. Its public API has no way to read its
+device arrays without copying them, to apply an update to gradients summed elsewhere, or to
+read and replace its optimizer's state in place; these functions do, each over the private
+it needs. An MXNet upgrade is checked here (and in :mod:`raymodule.checkpoint.optimizer_state`,
+which reads and writes the updater's and optimizer's counters). Imported in worker processes
+only: it imports MXNet.
+"""
+
+from __future__ import annotations
+
+import mxnet as mx
+
+__all__ = [
+    "apply_update",
+    "device_id",
+    "device_params",
+    "executor_arrays",
+    "exec_group_facts",
+    "gradient_arrays",
+    "param_stypes",
+    "read_params",
+    "updater",
+]
+
+
+def param_stypes(mod: mx.mod.Module) -> dict[str, tuple[str, str | None]]:
+    """Each parameter's storage type and its gradient's (None without one), as bound."""
+    group = mod._exec_group
+    grads = group.grad_arrays or [[None]] * len(group.param_names)
+    return {
+        name: (a[0].stype, g[0].stype if g[0] is not None else None)
+        for name, a, g in zip(group.param_names, group.param_arrays, grads)
+    }
+
+
+def read_params(mod: mx.mod.Module) -> tuple[dict, dict]:
+    """The parameters as the device holds them (a module sharing the arrays may have updated
+    them since MXNet last copied them out): MXNet's own ``get_params`` would not copy again."""
+    mod._sync_params_from_devices()
+    return mod._arg_params, mod._aux_params
+
+
+def device_params(mod: mx.mod.Module) -> dict[str, mx.nd.NDArray]:
+    """The device arrays themselves, ``arg:NAME`` and ``aux:NAME`` (MXNet's ``.params`` keys),
+    without a copy: one device, nothing to average."""
+    group = mod._exec_group
+    params = {f"arg:{k}": a[0] for k, a in zip(group.param_names, group.param_arrays)}
+    params.update({f"aux:{k}": a[0] for k, a in zip(group.aux_names, group.aux_arrays)})
+    return params
+
+
+def device_id(mod: mx.mod.Module) -> int:
+    """The id of the device the replica is bound to."""
+    return mod._context[0].device_id
+
+
+def updater(mod: mx.mod.Module):
+    """The module's updater (``mx.optimizer.Updater``): its ``states`` and optimizer."""
+    return mod._updater
+
+
+def gradient_arrays(mod: mx.mod.Module) -> tuple[list, bool]:
+    """The gradient arrays, one list per parameter (None without a gradient), and whether
+    ``grad_req`` is ``add`` for any (its arrays then keep accumulating this worker's own)."""
+    group = mod._exec_group
+    return group.grad_arrays, "add" in group.grad_req.values()
+
+
+def apply_update(mod: mx.mod.Module, grad_arrays: list) -> None:
+    """Applies the optimizer to ``grad_arrays`` (summed over the workers), as ``update()``
+    does with a kvstore of none, and marks the parameters changed on the device."""
+    group = mod._exec_group
+    mod._params_dirty = True
+    mx.model._update_params(
+        group.param_arrays,
+        grad_arrays,
+        updater=mod._updater,
+        num_device=1,
+        kvstore=None,
+        param_names=group.param_names,
+    )
+
+
+def executor_arrays(mod: mx.mod.Module, which: str):
+    """The executor's ``arg_dict``, ``grad_dict``, ``aux_dict`` or ``outputs``."""
+    return getattr(mod._exec_group.execs[0], which)
+
+
+def exec_group_facts(mod: mx.mod.Module) -> dict:
+    """What MXNet's executor group says of itself beyond its arrays."""
+    group = mod._exec_group
+    return {"grad_req": dict(group.grad_req), "total_exec_bytes": group._total_exec_bytes}
