@@ -198,3 +198,117 @@ def test_fit_on_two_workers_equals_one_native_device():
 def test_exported_from_the_package():
     assert raymodule.ArrayDataset is ArrayDataset and raymodule.DatasetIter is DatasetIter
     assert issubclass(DatasetIter, mx.io.DataIter)
+
+
+def test_steps_sent_again_slice_the_same_indices():
+    """A dataset's steps carry indices: a new split only re-slices them (no parts to copy)."""
+    from raymodule.controller import chunks
+
+    x, y = dataset(n=30)
+    ds = ArrayDataset(x, y)
+    ds.ref()
+    index = np.array([9, 3, 27, 4, 0, 11])
+    spec = {"serials": [0], "mids": [1], "sizes": [6], "slices": [[(0, 2), (2, 4), (4, 6)]]}
+    spec.update(dataset=ds, indices=[index], labels=[True])
+    for weights, cuts in [([1, 1, 1], [2, 4, 6]), ([1, 1], [3, 6]), ([1, 2], [2, 6])]:
+        steps = chunks.steps_of(spec)
+        args = chunks.worker_args(steps, [weights])
+        assert chunks.reads(list(range(len(weights))), args) == {r: [] for r in range(len(weights))}
+        start = 0
+        for (parts, plan), stop in zip(args, cuts):
+            assert plan is None
+            sent = pickle.loads(pickle.dumps(parts))  # as a worker receives it: the reference
+            assert sent.dataset._data is None
+            (batch,) = sent.batches()
+            np.testing.assert_array_equal(batch.data[0], x[index[start:stop]])
+            np.testing.assert_array_equal(batch.label[0], y[index[start:stop]])
+            start = stop
+
+
+class PutCounter:
+    """Every ``ray.put`` of the test process during a ``with``: what was put, its size."""
+
+    def __init__(self, monkeypatch):
+        self.objects: list = []
+        self.bytes = 0
+        original = ray.put
+
+        def counted(value, *args, **kwargs):
+            self.objects.append(value)
+            self.bytes += len(pickle.dumps(value))
+            return original(value, *args, **kwargs)
+
+        monkeypatch.setattr(ray, "put", counted)
+
+
+def test_fit_and_score_send_indices_not_samples(monkeypatch):
+    """With a DatasetIter the client puts the dataset once; each step carries indices."""
+    x, y = dataset(n=600, shape=(50,))
+    ds = ArrayDataset(x, y)
+    ds.ref()  # the dataset's one transfer, before counting
+    symbol = mlp()
+
+    def fit(mod, it):
+        mx.random.seed(3)
+        mod.fit(
+            it,
+            eval_data=DatasetIter(ds, 40),
+            eval_metric=mx.metric.create(["acc", "ce"]),
+            num_epoch=2,
+            optimizer="sgd",
+            optimizer_params=SGD,
+            initializer=mx.init.Xavier(),
+        )
+        return mod.get_params()[0]
+
+    native = fit(mx.mod.Module(symbol), DatasetIter(ds, 30, shuffle=True, seed=1))
+    with raymodule.Module(symbol, context=[mx.cpu(0), mx.cpu(1)]) as mod:
+        mod.bind(DatasetIter(ds, 30).provide_data, DatasetIter(ds, 30).provide_label)
+        puts = PutCounter(monkeypatch)
+        params = fit(mod, DatasetIter(ds, 30, shuffle=True, seed=1))
+        assert max_relative_diff(native, params) < 1e-5
+        score = mod.score(DatasetIter(ds, 40), "acc")
+    samples = x.nbytes + y.nbytes
+    assert not any(isinstance(o, raymodule.data.Batch) for o in puts.objects)
+    assert not any(
+        isinstance(o, list) and any(isinstance(p, raymodule.data.Batch) for p in o)
+        for o in puts.objects
+    )
+    # what was put: the initial parameters; far less than one pass over the samples
+    assert puts.bytes < samples / 4, (puts.bytes, samples)
+    assert score[0][0] == "accuracy" and score[0][1] > 0.1
+
+    # the drop-in path (a plain DataIter) puts every sample of every pass
+    with raymodule.Module(symbol, context=[mx.cpu(0), mx.cpu(1)]) as mod:
+        puts = PutCounter(monkeypatch)
+        fit(mod, mx.io.NDArrayIter(x, y, 30))
+    assert puts.bytes > 2 * samples
+
+
+def test_a_metric_on_the_client_gets_the_labels_of_the_indices():
+    """F1 is not additive: the outputs come back, the client reads the labels of each worker's
+    rows from its own dataset (no transfer), and the metric is MXNet's."""
+    rng = np.random.RandomState(0)
+    x = rng.uniform(-1, 1, (120, 20)).astype("float32")
+    y = (x[:, 0] > 0).astype("float32")
+    ds = ArrayDataset(x, y)
+    symbol = mlp(classes=2)
+
+    def fit(mod):
+        mx.random.seed(3)
+        f1 = mx.metric.F1(average="micro")
+        mod.fit(
+            DatasetIter(ds, 24, shuffle=True, seed=2),
+            eval_metric=f1,
+            num_epoch=2,
+            optimizer="sgd",
+            optimizer_params=SGD,
+            initializer=mx.init.Xavier(),
+        )
+        return mod.get_params()[0], f1.get()
+
+    native_params, native_f1 = fit(mx.mod.Module(symbol))
+    with raymodule.Module(symbol, context=[mx.cpu(0), mx.cpu(1)]) as mod:
+        ray_params, ray_f1 = fit(mod)
+    assert max_relative_diff(native_params, ray_params) < 1e-5
+    assert ray_f1[0] == native_f1[0] and ray_f1[1] == pytest.approx(native_f1[1], abs=1e-6)

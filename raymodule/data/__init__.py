@@ -22,12 +22,14 @@ from .batches import (
     to_ndarray,
     to_numpy,
 )
-from .datasets import ArrayDataset, DatasetIter, pass_order
+from .datasets import ArrayDataset, DatasetIter, IndexedParts, index_batch, pass_order
 
 __all__ = [
     "ArrayDataset",
     "DatasetIter",
     "pass_order",
+    "IndexedParts",
+    "index_batch",
     "Batch",
     "split_slices",
     "split_shapes",

@@ -19,11 +19,22 @@ float32 NDArrays, NDArrays keep their dtype.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mxnet as mx
 import numpy as np
 from mxnet.io import DataBatch, DataDesc, DataIter
 
-__all__ = ["ArrayDataset", "DatasetIter", "pass_order", "LAST_BATCH_HANDLES"]
+from .batches import Batch
+
+__all__ = [
+    "ArrayDataset",
+    "DatasetIter",
+    "IndexedParts",
+    "index_batch",
+    "pass_order",
+    "LAST_BATCH_HANDLES",
+]
 
 LAST_BATCH_HANDLES = ("pad", "discard", "roll_over")
 
@@ -139,6 +150,19 @@ class ArrayDataset:
         data, label = self._arrays()
         return [a[indices] for a in data], [a[indices] for a in label]
 
+    def batch(self, indices: np.ndarray, labels: bool = True) -> Batch:
+        """The samples at ``indices`` as a :class:`Batch` in the dtypes of a
+        :class:`DatasetIter`'s batches (its batch axis is 0), without labels if not ``labels``."""
+        data, label = self.take(indices)
+        return Batch(
+            [a.astype(t, copy=False) for a, (_, t) in zip(data, self.data_descs)],
+            [a.astype(t, copy=False) for a, (_, t) in zip(label, self.label_descs)]
+            if labels
+            else [],
+            [0] * len(data),
+            [0] * len(label) if labels else [],
+        )
+
     def __reduce__(self):
         if self._ref is None:
             return _rebuild, (self.__dict__,)
@@ -159,8 +183,13 @@ class DatasetIter(DataIter):
     ``data_name`` and ``label_name``, or by the dataset's dict keys when it has them.
     ``getindex()`` gives the dataset indices of the current batch (padding included).
 
-    Under ``raymodule.Module.fit`` the same global batches are trained whatever the number of
-    workers.
+    Under ``raymodule.Module.fit`` and ``score`` the same global batches are trained whatever
+    the number of workers, and the client reads no samples: each step sends every worker its
+    slice of the batch's indices and the worker reads its rows from the dataset in the object
+    store. The callbacks' ``data_batch`` then holds the batch's ``index``, ``pad`` and
+    ``provide_data``/``provide_label``, not its arrays (:func:`index_batch`). A metric that
+    is not additive (F1, ...) is updated in the client on the outputs gathered from the
+    workers and the labels of those indices, read from the client's own dataset.
     """
 
     def __init__(
@@ -283,3 +312,35 @@ class DatasetIter(DataIter):
 
     def getpad(self) -> int:
         return self._pad
+
+
+def index_batch(index: np.ndarray, pad: int, data_iter: DatasetIter) -> DataBatch:
+    """What ``fit``/``score`` give the callbacks as ``data_batch`` for a :class:`DatasetIter`
+    whose samples the workers read: its ``index`` and ``pad``, and its shapes as
+    ``provide_data``/``provide_label``; ``data`` and ``label`` are None (the arrays are read
+    on the workers, never in the client)."""
+    return DataBatch(
+        data=None,
+        label=None,
+        pad=pad,
+        index=index,
+        provide_data=data_iter.provide_data,
+        provide_label=data_iter.provide_label,
+    )
+
+
+@dataclass
+class IndexedParts:
+    """A worker's rows of consecutive steps as dataset indices: what a worker receives in
+    place of sample bytes when the data is a :class:`DatasetIter` (``dataset`` travels as its
+    object-store reference). ``labels[i]``: whether step ``i``'s module takes labels."""
+
+    dataset: ArrayDataset
+    indices: list[np.ndarray]
+    labels: list[bool]
+
+    def batches(self) -> list[Batch]:
+        """The worker's part of each step, read from the dataset (zero-copy, then gathered)."""
+        return [
+            self.dataset.batch(i, with_labels) for i, with_labels in zip(self.indices, self.labels)
+        ]
