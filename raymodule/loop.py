@@ -323,6 +323,8 @@ class TrainingLoops:
             eval_metric = mx.metric.create(eval_metric)
         resume = run_folder.resume_from if run_folder is not None else None
         fresh_data = True  # train_data is where the caller left it (not reset by a restart)
+        # a DatasetIter's pass at begin_epoch: a restart goes back to the pass of its epoch
+        first_pass = train_data.epoch if isinstance(train_data, data.DatasetIter) else None
         failures_before = 0
         with run_folder if run_folder is not None else contextlib.nullcontext():
             while True:
@@ -359,7 +361,10 @@ class TrainingLoops:
                     )
                     self.close()
                     self.optimizer_initialized = False
-                    train_data.reset()
+                    if first_pass is not None:  # its order is the pass's: that epoch's again
+                        train_data.begin_pass(first_pass + resume.epoch - begin_epoch)
+                    else:
+                        train_data.reset()
                     fresh_data, force_rebind = False, True
 
     def _fit_run(

@@ -3,7 +3,10 @@ and fit over them equal to one native MXNet device."""
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import signal
 
 import mxnet as mx
 import numpy as np
@@ -40,6 +43,10 @@ def test_pass_k_visits_the_documented_permutation():
             assert pad == (2 if b == 4 else 0)
         it.reset()
     assert it.epoch == 3
+    it.begin_pass(1)  # as after one reset()
+    np.testing.assert_array_equal(
+        read(it)[0][3], np.random.default_rng([11, 1]).permutation(n)[:size]
+    )
     # no shuffle: 0..n-1 in every pass
     plain = DatasetIter(ArrayDataset(x), size, last_batch_handle="discard")
     for _ in range(2):
@@ -312,3 +319,60 @@ def test_a_metric_on_the_client_gets_the_labels_of_the_indices():
         ray_params, ray_f1 = fit(mod)
     assert max_relative_diff(native_params, ray_params) < 1e-5
     assert ray_f1[0] == native_f1[0] and ray_f1[1] == pytest.approx(native_f1[1], abs=1e-6)
+
+
+def native_fit(ds, epochs=2, size=16):
+    mx.random.seed(3)
+    mod = mx.mod.Module(mlp())
+    mod.fit(
+        DatasetIter(ds, size, shuffle=True, seed=9),
+        num_epoch=epochs,
+        optimizer="sgd",
+        optimizer_params=SGD,
+        initializer=mx.init.Xavier(),
+    )
+    return mod.get_params()[0]
+
+
+def kill_at(at, ranks, fired):
+    """A batch_end_callback that SIGKILLs the workers of ``ranks`` once, at ``at`` (epoch,
+    batch). Where the workers stand then does not matter: every run must end as MXNet's."""
+
+    def kill(param):
+        if (param.epoch, param.nbatch) == at and not fired:
+            fired.append(True)
+            for rank in ranks:
+                os.kill(param.locals["self"].workers.nodes[rank]["pid"], signal.SIGKILL)
+
+    return kill
+
+
+@pytest.mark.parametrize("lost", [[1], [0, 1, 2]], ids=["one-of-three", "every-worker"])
+def test_a_run_that_loses_workers_trains_the_same_global_batches(lost, tmp_path):
+    """One worker lost: the survivors re-slice the same indices. Every worker lost: fit
+    restarts from its checkpoint, and the epoch it resumes visits that epoch's order, not the
+    next pass's."""
+    x, y = dataset(n=160)
+    ds = ArrayDataset(x, y)
+    expected = native_fit(ds)
+    fired = []
+    mx.random.seed(3)
+    with raymodule.Module(mlp(), context=[mx.cpu(i) for i in range(3)]) as mod:
+        mod.fit(
+            DatasetIter(ds, 16, shuffle=True, seed=9),
+            num_epoch=2,
+            optimizer="sgd",
+            optimizer_params=SGD,
+            initializer=mx.init.Xavier(),
+            batch_end_callback=kill_at((1, 3), lost, fired),
+            run=raymodule.RunConfig(
+                name="r", storage=str(tmp_path), checkpoint_every=2, min_workers=1
+            ),
+        )
+        assert fired == [True]
+        assert max_relative_diff(expected, mod.get_params()[0]) <= 1e-5
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    events = [e for e in map(json.loads, lines) if e.get("event") == "membership"]
+    assert events, "no worker was lost"
+    if len(lost) == 3:
+        assert events[0]["change"] == "restarted"

@@ -262,6 +262,15 @@ class DatasetIter(DataIter):
         self.cursor = -self.batch_size
         self._cache = None
 
+    def begin_pass(self, k: int) -> None:
+        """Starts pass ``k`` as if ``reset()`` had been called ``k`` times, without what
+        ``roll_over`` left over (``fit`` restarting from a checkpoint goes back to its epoch's
+        pass)."""
+        self.epoch = k
+        self._order = pass_order(self.num_data, self.shuffle, self.seed, self.epoch)
+        self.cursor = -self.batch_size
+        self._cache = None
+
     def iter_next(self) -> bool:
         self.cursor += self.batch_size
         return self.cursor < self.num_data
