@@ -182,13 +182,16 @@ def test_fit_on_two_workers_equals_one_native_device():
             initializer=mx.init.Xavier(),
         )
         assert it.epoch == 2  # fit reset it once per epoch
-        return mod.get_params()[0], metric.get()
+        predicted = mod.predict(DatasetIter(ds, 16)).asnumpy()  # the client reads these
+        return mod.get_params()[0], metric.get(), predicted
 
-    native_params, native_metric = fit(mx.mod.Module(symbol))
+    native_params, native_metric, native_pred = fit(mx.mod.Module(symbol))
     with raymodule.Module(symbol, context=[mx.cpu(0), mx.cpu(1)]) as mod:
-        ray_params, ray_metric = fit(mod)
+        ray_params, ray_metric, ray_pred = fit(mod)
     assert max_relative_diff(native_params, ray_params) < 1e-5
     assert ray_metric == native_metric
+    assert ray_pred.shape == (100, 10)  # the pad dropped
+    np.testing.assert_allclose(ray_pred, native_pred, rtol=1e-4, atol=1e-6)
     # the shuffled order mattered: the unshuffled fit trains another model
     with raymodule.Module(symbol, context=[mx.cpu(0), mx.cpu(1)]) as mod:
         mx.random.seed(3)
