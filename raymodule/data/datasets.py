@@ -112,13 +112,9 @@ class ArrayDataset:
     def __repr__(self) -> str:
         where = "in the object store" if self._ref is not None else "local"
         return (
-            f"ArrayDataset({self._length} samples, data {self._describe(self._data)}, "
-            f"label {self._describe(self._label)}, {where})"
+            f"ArrayDataset({self._length} samples, data {self.data_descs}, "
+            f"label {self.label_descs or 'none'}, {where})"
         )
-
-    @staticmethod
-    def _describe(arrays) -> str:
-        return str([(a.shape[1:], a.dtype.name) for a in arrays]) if arrays else "none"
 
     def _arrays(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         if self._data is None:  # unpickled from its reference: read it (zero-copy) once
