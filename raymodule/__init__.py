@@ -31,6 +31,8 @@ __all__ = [
     "latest_checkpoint",
     "WorkerContext",
     "workers",
+    "ArrayDataset",
+    "DatasetIter",
     "RayModuleError",
     "CallOrderError",
     "PlacementError",
@@ -51,6 +53,8 @@ _LAZY = {
     "RunConfig": ".run",
     "Checkpoint": ".checkpoint",
     "latest_checkpoint": ".checkpoint",
+    "ArrayDataset": ".data",
+    "DatasetIter": ".data",
 }
 _SUBMODULES = {"tune"}
 

@@ -48,8 +48,29 @@ class Epoch:
 class _Step:
     nbatch: int
     data_batch: object
-    batch: object  # the global batch as numpy (data.Batch)
+    batch: object  # the global batch as numpy (data.Batch); None for a dataset's batch
     target: object  # the raymodule Module that runs it
+    index: object = None  # a dataset's batch: its dataset indices (the workers read the rows)
+
+    def labels(self, part: slice, dataset) -> list:
+        """The labels of rows ``part`` of the batch (for a metric updated in the client)."""
+        if self.batch is not None:
+            return self.batch.worker_slice(part)[1]
+        return dataset.batch(self.index[part]).label
+
+
+def _batches(data_iter, indexed: bool):
+    """The batches of ``data_iter``; of a dataset the workers read (``indexed``): their
+    indices only, as :func:`raymodule.data.index_batch` describes them."""
+    if not indexed:
+        yield from data_iter
+        return
+    while True:
+        try:
+            index, pad = data_iter.next_indices()
+        except StopIteration:
+            return
+        yield data.index_batch(index, pad, data_iter)
 
 
 def run_steps(
@@ -89,7 +110,10 @@ def run_steps(
 
     The controller runs the steps (:meth:`raymodule.controller.Controller.advance`): this
     loop puts each worker's part of every chunk of batches in the object store, hands the
-    controller the references and reads back the steps finished, in order. In an elastic
+    controller the references and reads back the steps finished, in order. A
+    :class:`raymodule.data.DatasetIter` (for a module with ``_reads_datasets``) is not read
+    here: its dataset is put in the object store once and each step carries its batch's
+    indices only; the workers read their rows. In an elastic
     run, steps that a lost worker voided are run again on the re-formed group; steps the
     survivors had applied are not: their metric updates are missing, their callbacks are
     still called. Returns an :class:`Epoch`.
@@ -98,6 +122,11 @@ def run_steps(
     workers.sync()
     workers.set_metric(metric)
     on_workers = metrics.runs_on_workers(metric)
+    # a DatasetIter: the workers read their rows; the client sends indices only
+    indexed = isinstance(data_iter, data.DatasetIter) and getattr(module, "_reads_datasets", False)
+    dataset = data_iter.dataset if indexed else None
+    if indexed:
+        dataset.ref()  # in the object store once; the calls carry the reference
     if monitor is not None:  # statistics are collected step by step, as MXNet does
         per_call, depth = 1, 0
     else:
@@ -121,14 +150,19 @@ def run_steps(
             ids = [next(serials) for _ in chunk]
             sent.update(zip(ids, chunk))
             slices = [step.target._slices for step in chunk]
-            parts = zip(*(step.batch.parts(cut) for step, cut in zip(chunk, slices)))
             spec = {
                 "serials": ids,
                 "mids": [step.target._id for step in chunk],
                 "sizes": [cut[-1].stop for cut in slices],
                 "slices": [[(c.start, c.stop) for c in cut] for cut in slices],
-                "sources": [ray.put(list(part)) for part in parts],
             }
+            if indexed:
+                spec["dataset"] = dataset
+                spec["indices"] = [step.index for step in chunk]
+                spec["labels"] = [bool(step.target._label_shapes) for step in chunk]
+            else:
+                parts = zip(*(step.batch.parts(cut) for step, cut in zip(chunk, slices)))
+                spec["sources"] = [ray.put(list(part)) for part in parts]
             chunk.clear()
         finished = workers.advance(method, spec, keep)
         nonlocal checkpoint_due
@@ -144,7 +178,7 @@ def run_steps(
             for increments in results:
                 metrics.add_counters(metric, increments)
         elif results is not None:
-            labels = [step.batch.worker_slice(part)[1] for part in slices]
+            labels = [step.labels(part, dataset) for part in slices]
             metrics.update_per_slice(
                 metric, step.target.label_names, step.target.output_names, labels, results
             )
@@ -156,7 +190,7 @@ def run_steps(
         done += 1
 
     end, samples, given = first_batch, 0, 0
-    for nbatch, data_batch in enumerate(data_iter):
+    for nbatch, data_batch in enumerate(_batches(data_iter, indexed)):
         if num_batch is not None and nbatch == num_batch:
             break
         given = nbatch + 1
@@ -178,9 +212,13 @@ def run_steps(
         end = nbatch + 1
         target = module._step_module(data_batch, flush=lambda: advance(keep=depth))
         target.prepare(data_batch, sparse_row_id_fn=sparse_row_id_fn)
-        batch = target._batch(data_batch)
-        samples += batch.data[0].shape[batch.data_axes[0]] if batch.data else 0
-        chunk.append(_Step(nbatch, data_batch, batch, target))
+        if indexed:
+            samples += len(data_batch.index)
+            chunk.append(_Step(nbatch, data_batch, None, target, data_batch.index))
+        else:
+            batch = target._batch(data_batch)
+            samples += batch.data[0].shape[batch.data_axes[0]] if batch.data else 0
+            chunk.append(_Step(nbatch, data_batch, batch, target))
         if len(chunk) >= per_call:
             advance(keep=depth)
     if given <= first_batch and first_batch > 0:  # nothing was sent: nothing trained or written
@@ -286,6 +324,8 @@ class TrainingLoops:
             eval_metric = mx.metric.create(eval_metric)
         resume = run_folder.resume_from if run_folder is not None else None
         fresh_data = True  # train_data is where the caller left it (not reset by a restart)
+        # a DatasetIter's pass at begin_epoch: a restart goes back to the pass of its epoch
+        first_pass = train_data.epoch if isinstance(train_data, data.DatasetIter) else None
         failures_before = 0
         with run_folder if run_folder is not None else contextlib.nullcontext():
             while True:
@@ -322,7 +362,10 @@ class TrainingLoops:
                     )
                     self.close()
                     self.optimizer_initialized = False
-                    train_data.reset()
+                    if first_pass is not None:  # its order is the pass's: that epoch's again
+                        train_data.begin_pass(first_pass + resume.epoch - begin_epoch)
+                    else:
+                        train_data.reset()
                     fresh_data, force_rebind = False, True
 
     def _fit_run(

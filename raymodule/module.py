@@ -49,6 +49,19 @@ def _load_ndarrays(location: str) -> dict:
     return mx.nd.load_frombuffer(storage.read_bytes(location))
 
 
+def _batch_shapes(data_batch) -> tuple[list[tuple], list[tuple]]:
+    """The shapes of a batch's data and label arrays; of its ``provide_data`` and
+    ``provide_label`` when it carries none (a dataset's batch, read on the workers)."""
+    if data_batch.data is None:
+        return (
+            [tuple(d.shape) for d in data_batch.provide_data],
+            [tuple(d.shape) for d in data_batch.provide_label or []],
+        )
+    return [tuple(a.shape) for a in data_batch.data], [
+        tuple(a.shape) for a in data_batch.label or []
+    ]
+
+
 def _np(params: dict) -> dict:
     return {k: v.asnumpy() for k, v in params.items()}
 
@@ -62,6 +75,9 @@ class Module(loop.TrainingLoops, BaseModule):
     supported and raises. Call :meth:`close` (or use ``with``) to release the workers early;
     they are released anyway when the module is garbage-collected.
     """
+
+    # fit/score over a raymodule.data.DatasetIter send the workers indices, not samples
+    _reads_datasets = True
 
     def __init__(
         self,
@@ -646,25 +662,26 @@ class Module(loop.TrainingLoops, BaseModule):
                 "raymodule takes one global DataBatch per call, not a list "
                 "of per-device batches; the split across workers is automatic"
             )
-        shapes = tuple(tuple(a.shape) for a in data_batch.data)
+        shapes = tuple(_batch_shapes(data_batch)[0])
         return shapes != tuple(tuple(d.shape) for d in self._data_shapes)
 
     def _reshape_for(self, data_batch) -> None:
         """Reshapes the module to the batch's shapes, as MXNet's ``forward`` does."""
-        if len(data_batch.data) != len(self._data_shapes):
+        data_shapes, label_shapes = _batch_shapes(data_batch)
+        if len(data_shapes) != len(self._data_shapes):
             raise ValueError(
-                f"the batch has {len(data_batch.data)} data arrays; the module "
+                f"the batch has {len(data_shapes)} data arrays; the module "
                 f"takes {len(self._data_shapes)} ({self._data_names})"
             )
         new_data = [
-            DataDesc(d.name, tuple(a.shape), d.dtype, d.layout)
-            for d, a in zip(self._data_shapes, data_batch.data)
+            DataDesc(d.name, shape, d.dtype, d.layout)
+            for d, shape in zip(self._data_shapes, data_shapes)
         ]
         new_label = None
-        if self._label_shapes and data_batch.label:
+        if self._label_shapes and label_shapes:
             new_label = [
-                DataDesc(d.name, tuple(a.shape), d.dtype, d.layout)
-                for d, a in zip(self._label_shapes, data_batch.label)
+                DataDesc(d.name, shape, d.dtype, d.layout)
+                for d, shape in zip(self._label_shapes, label_shapes)
             ]
         self.reshape(new_data, new_label)
 

@@ -44,10 +44,13 @@ def optimizer_type(optimizer) -> str | None:
 
 def batches_in(data_iter) -> int | None:
     """Batches an epoch of ``data_iter`` gives, when it says without being read (MXNet's
-    ``NDArrayIter`` that pads or discards its last batch), else None."""
+    ``NDArrayIter`` or a :class:`raymodule.data.DatasetIter` that pads or discards its last
+    batch), else None."""
     import mxnet as mx
 
-    if not isinstance(data_iter, mx.io.NDArrayIter):
+    from ..data import DatasetIter
+
+    if not isinstance(data_iter, (mx.io.NDArrayIter, DatasetIter)):
         return None
     full, rest = divmod(data_iter.num_data, data_iter.batch_size)
     if data_iter.last_batch_handle == "pad":

@@ -6,13 +6,17 @@ part only. When the group re-forms before a step ran, the step is sent again spl
 new members: each then reads the pieces of the parts that hold its new rows
 (:func:`raymodule.worker.actor.assemble`). The controller fetches rows in one case only: the
 parts a lost member read, which it copies before they are sent again (:func:`rehome`).
+
+Steps of a :class:`raymodule.data.DatasetIter` carry no parts: each holds its global batch's
+dataset indices, and each member gets its slice of them (:class:`raymodule.data.IndexedParts`)
+and reads its rows from the dataset itself. Sent again, they are only re-sliced.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..data import split_slices
+from ..data import IndexedParts, split_slices
 
 __all__ = ["Piece", "Step", "Chunk", "steps_of", "worker_args", "reads", "rehome"]
 
@@ -35,6 +39,9 @@ class Step:
     pieces: list[Piece]  # where its rows are, in order
     number: int = 0  # a training step: the steps applied once it is
     slices: list[slice] | None = None  # its split over the members it was last sent to
+    indices: object = None  # a dataset's step: its global batch's dataset indices (no pieces)
+    dataset: object = None  # ... that dataset (an ArrayDataset, pickled as its reference)
+    labels: bool = True  # ... whether its module takes labels
 
 
 @dataclass
@@ -52,7 +59,16 @@ class Chunk:
 def steps_of(spec: dict) -> list[Step]:
     """The steps of a chunk the client sent: ``spec`` holds their ``serials``, ``mids``,
     ``sizes``, how each was split (``slices``: per step, ``(start, stop)`` per part) and the
-    parts (``sources``: one object per part, holding that part of every step)."""
+    parts (``sources``: one object per part, holding that part of every step); or, for a
+    dataset's steps, instead of ``sources``: the ``dataset``, each step's global batch's
+    ``indices`` and whether its module takes ``labels``."""
+    if "indices" in spec:
+        return [
+            Step(serial, mid, size, [], indices=index, dataset=spec["dataset"], labels=labels)
+            for serial, mid, size, index, labels in zip(
+                spec["serials"], spec["mids"], spec["sizes"], spec["indices"], spec["labels"]
+            )
+        ]
     steps = []
     for item, (serial, mid, size, rows) in enumerate(
         zip(spec["serials"], spec["mids"], spec["sizes"], spec["slices"])
@@ -70,6 +86,18 @@ def worker_args(steps: list[Step], weights: list[list[float]]) -> list[tuple]:
     for step, step_weights in zip(steps, weights):
         step.slices = split_slices(step.size, step_weights)
     members = len(weights[0])
+    if steps[0].indices is not None:  # a dataset's steps: each member's slice of the indices
+        return [
+            (
+                IndexedParts(
+                    steps[0].dataset,
+                    [step.indices[step.slices[rank]] for step in steps],
+                    [step.labels for step in steps],
+                ),
+                None,
+            )
+            for rank in range(members)
+        ]
     args = []
     for rank in range(members):
         own = [s.pieces[rank] if len(s.pieces) == members else None for s in steps]
@@ -99,11 +127,13 @@ def worker_args(steps: list[Step], weights: list[list[float]]) -> list[tuple]:
 
 
 def reads(members: list, args: list[tuple]) -> dict:
-    """The part objects each of ``members`` reads, given :func:`worker_args`' result."""
+    """The part objects each of ``members`` reads, given :func:`worker_args`' result (none
+    for a dataset's steps: the dataset is the client's object, not a part to copy)."""
     return {
-        member: [batches] if plan is None else list(batches)
+        member: [] if isinstance(batches, IndexedParts) else [batches] if plan is None
+        else list(batches)
         for member, (batches, plan) in zip(members, args)
-    }
+    }  # fmt: skip
 
 
 def rehome(steps: list[Step], fresh: dict) -> None:

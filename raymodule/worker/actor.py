@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import mxnet as mx
     import numpy as np
 
-    from ..data import Batch
+    from ..data import Batch, IndexedParts
     from .collective import Collective
 
 from ..checkpoint.snapshot import Snapshot
@@ -33,10 +33,13 @@ __all__ = ["ModuleWorker"]
 
 log = logging.getLogger(__name__)
 
+_DATASETS_KEPT = 4  # datasets a worker keeps read (each one a zero-copy view of the store)
+
 
 def _import_runtime() -> None:
     """Binds this module's MXNet-dependent names; runs once, in the worker process."""
     global mx, np, DataBatch, metrics, native, nd_bytes, optimizer_state, to_ndarray, Placed
+    global IndexedParts
     os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # no backend banner per executor
     import mxnet as mx
     import numpy as np
@@ -44,7 +47,7 @@ def _import_runtime() -> None:
 
     from .. import metrics
     from ..checkpoint import optimizer_state
-    from ..data import nd_bytes, to_ndarray
+    from ..data import IndexedParts, nd_bytes, to_ndarray
     from ..views import Placed
     from . import native
 
@@ -72,6 +75,7 @@ class ModuleWorker:
         self._broken: str | None = None  # why the collective group broke, until re-formed
         self._generation = 0
         self._shut_down = False  # SIGTERM came: the controller removes this worker gracefully
+        self._datasets: dict = {}  # the datasets read lately, by object-store reference
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._note_shutdown)
 
@@ -312,9 +316,10 @@ class ModuleWorker:
         the module named by ``mids`` (a bucketing module's buckets differ from batch to batch).
 
         ``batches`` is this worker's part of each batch, as the client put it in the object
-        store; or, with ``plan``, references to parts put for another split (the steps are
-        sent again to a group that re-formed): ``plan[i]`` names the rows of step ``i``, as
-        ``(source, item, start, stop)`` pieces of ``batches[source][item]``.
+        store; or its rows of each batch as dataset indices (:class:`IndexedParts`), which it
+        reads from the dataset itself; or, with ``plan``, references to parts put for another
+        split (the steps are sent again to a group that re-formed): ``plan[i]`` names the rows
+        of step ``i``, as ``(source, item, start, stop)`` pieces of ``batches[source][item]``.
 
         Several steps per call: one object-store transfer and one call per chunk, where each
         costs about a millisecond, instead of one per batch. Returns the steps' results, the
@@ -329,11 +334,23 @@ class ModuleWorker:
                 f"steps sent to generation {generation} of the group reached generation "
                 f"{self._generation}; they are sent again"
             )
-        if plan is not None:
+        if isinstance(batches, IndexedParts):
+            batches = self._read(batches)
+        elif plan is not None:
             batches = assemble(batches, plan)
         tic = time.perf_counter()
         results = [step(mid, batch) for mid, batch in zip(mids, batches)]
         return results, time.perf_counter() - tic, self._shut_down
+
+    def _read(self, parts: IndexedParts) -> list[Batch]:
+        """The batches ``parts`` names, read from the dataset as this worker first read it: the
+        dataset arrives with every call as its reference, and is fetched (zero-copy) once."""
+        key = parts.dataset.ref()
+        dataset = self._datasets.pop(key, parts.dataset)
+        self._datasets[key] = dataset  # the newest last; a few kept (training, validation)
+        while len(self._datasets) > _DATASETS_KEPT:
+            del self._datasets[next(iter(self._datasets))]
+        return IndexedParts(dataset, parts.indices, parts.labels).batches()
 
     def train_step(self, mid, batch: Batch):
         mod, labels = self._load(mid, batch, True)
