@@ -7,43 +7,10 @@ The names below are the package's API; :mod:`.optimizer_state` (MXNet) is import
 where it is used.
 """
 
-from .format import (
-    LATEST,
-    LATEST_MAX_BYTES,
-    MODEL,
-    Checkpoint,
-    checkpoint_names,
-    folder_name,
-    is_folder_name,
-    latest,
-    latest_checkpoint,
-    params_file_name,
-    read,
-    stage_files,
-    survey,
-    write,
-)
+from . import format as _format
+from .format import *  # noqa: F403 - the package's API: the format's names and these
 from .manifest import FORMAT, MANIFEST
 from .snapshot import Snapshot
 from .writer import CheckpointWriter
 
-__all__ = [
-    "FORMAT",
-    "LATEST",
-    "LATEST_MAX_BYTES",
-    "MANIFEST",
-    "MODEL",
-    "Checkpoint",
-    "CheckpointWriter",
-    "Snapshot",
-    "checkpoint_names",
-    "folder_name",
-    "is_folder_name",
-    "latest",
-    "latest_checkpoint",
-    "params_file_name",
-    "read",
-    "stage_files",
-    "survey",
-    "write",
-]
+__all__ = [*_format.__all__, "FORMAT", "MANIFEST", "Snapshot", "CheckpointWriter"]

@@ -45,9 +45,13 @@ from .manifest import MANIFEST
 from .snapshot import Snapshot
 
 __all__ = [
+    "LATEST",
+    "LATEST_MAX_BYTES",
+    "MODEL",
     "Checkpoint",
     "checkpoint_names",
     "folder_name",
+    "is_folder_name",
     "latest",
     "latest_checkpoint",
     "params_file_name",

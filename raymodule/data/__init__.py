@@ -10,34 +10,8 @@ batch becomes per-worker slices.
 
 from __future__ import annotations
 
-from .batches import (
-    Batch,
-    batch_axes,
-    merge_outputs,
-    nd_bytes,
-    split_params,
-    split_shapes,
-    split_slices,
-    to_batch,
-    to_ndarray,
-    to_numpy,
-)
-from .datasets import ArrayDataset, DatasetIter, IndexedParts, index_batch, pass_order
+from . import batches, datasets
+from .batches import *  # noqa: F403 - the package's API is its modules' (their __all__)
+from .datasets import *  # noqa: F403
 
-__all__ = [
-    "ArrayDataset",
-    "DatasetIter",
-    "pass_order",
-    "IndexedParts",
-    "index_batch",
-    "Batch",
-    "split_slices",
-    "split_shapes",
-    "batch_axes",
-    "to_batch",
-    "to_numpy",
-    "to_ndarray",
-    "nd_bytes",
-    "split_params",
-    "merge_outputs",
-]
+__all__ = [*datasets.__all__, *batches.__all__]
