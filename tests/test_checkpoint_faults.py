@@ -89,7 +89,8 @@ def test_s3_killed_in_the_middle_of_a_checkpoint(own_s3, fast_retries):
         if (param.epoch, param.nbatch) == (0, 10):
             assert restarted.wait(180), "the server was not restarted"
 
-    logger = logging.getLogger("raymodule.checkpoint")
+    logger = logging.getLogger("raymodule.checkpoint.writer")
+    level = logger.level  # restored: later tests read the package's other loggers' records
     logger.addHandler(records)
     logger.setLevel(logging.INFO)
     killer = threading.Thread(target=kill_during_first_checkpoint, daemon=True)
@@ -107,6 +108,7 @@ def test_s3_killed_in_the_middle_of_a_checkpoint(own_s3, fast_retries):
             final = mod.get_params()[0]
     finally:
         logger.removeHandler(records)
+        logger.setLevel(level)
         killer.join(30)
 
     assert "model-symbol.json" in seen_at_kill["names"]
