@@ -52,6 +52,11 @@ class Settings:
     allreduce_bucket_bytes: int = 4 * 1024 * 1024
     """RAYMODULE_ALLREDUCE_BUCKET_BYTES: gradients are fused into buckets of at most this size,
     one collective call each."""
+    data_timeout_s: float = 300.0
+    """RAYMODULE_DATA_TIMEOUT_S: bound on a worker's wait for its rows of one step: a
+    dataset's samples (an ArrayDataset's arrays from the object store, RecordIO records from
+    their file) or the parts of a step sent again; past it, the step fails naming what was
+    not read."""
     steps_per_call: int = 4
     """RAYMODULE_STEPS_PER_CALL: batches sent to the workers in one call by fit and score."""
     pipeline_depth: int = 2

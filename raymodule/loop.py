@@ -126,7 +126,8 @@ def run_steps(
     indexed = isinstance(data_iter, data.DatasetIter) and getattr(module, "_reads_datasets", False)
     dataset = data_iter.dataset if indexed else None
     if indexed:
-        dataset.ref()  # in the object store once; the calls carry the reference
+        # an ArrayDataset is put in the object store once here; the calls carry its reference
+        dataset.key()
     if monitor is not None:  # statistics are collected step by step, as MXNet does
         per_call, depth = 1, 0
     else:

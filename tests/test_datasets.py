@@ -222,7 +222,7 @@ def test_steps_sent_again_slice_the_same_indices():
     spec.update(dataset=ds, indices=[index], labels=[True])
     for weights, cuts in [([1, 1, 1], [2, 4, 6]), ([1, 1], [3, 6]), ([1, 2], [2, 6])]:
         steps = chunks.steps_of(spec)
-        args = chunks.worker_args(steps, [weights])
+        args = chunks.worker_args(steps, [weights], 60.0)
         assert chunks.reads(list(range(len(weights))), args) == {r: [] for r in range(len(weights))}
         start = 0
         for (parts, plan), stop in zip(args, cuts):

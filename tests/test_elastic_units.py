@@ -357,9 +357,9 @@ def test_steps_sent_again_read_the_rows_the_new_split_gives_them():
     refs = [ray.put([part]) for part in batch.parts(three)]
     spec = {"serials": [0], "mids": [MID], "sizes": [6], "sources": refs}
     spec["slices"] = [[(s.start, s.stop) for s in three]]
-    same = chunks.worker_args(chunks.steps_of(spec), [[1, 1, 1]])
+    same = chunks.worker_args(chunks.steps_of(spec), [[1, 1, 1]], 60.0)
     assert [plan for _, plan in same] == [None] * 3  # each reads its own part, as put
-    two = chunks.worker_args(chunks.steps_of(spec), [[1, 1]])
+    two = chunks.worker_args(chunks.steps_of(spec), [[1, 1]], 60.0)
     rows = []
     for sources, plan in two:
         (got,) = assemble(sources, plan)

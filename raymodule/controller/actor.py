@@ -403,7 +403,7 @@ class Controller:
                 self.steps_sent += 1
                 step.number = self.steps_sent
         weights = [self._weights(self._replicas[step.mid].work_load) for step in steps]
-        args = chunks.worker_args(steps, weights)
+        args = chunks.worker_args(steps, weights, self.settings.data_timeout_s)
         mids = [step.mid for step in steps]
         refs = [
             handle.steps.remote(kind, mids, batches, self.generation, plan)

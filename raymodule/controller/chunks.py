@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..data import IndexedParts, split_slices
+from ..data import IndexedParts, PartPlan, split_slices
 
 __all__ = ["Piece", "Step", "Chunk", "steps_of", "worker_args", "reads", "rehome"]
 
@@ -40,7 +40,7 @@ class Step:
     number: int = 0  # a training step: the steps applied once it is
     slices: list[slice] | None = None  # its split over the members it was last sent to
     indices: object = None  # a dataset's step: its global batch's dataset indices (no pieces)
-    dataset: object = None  # ... that dataset (an ArrayDataset, pickled as its reference)
+    dataset: object = None  # ... that dataset (a raymodule.data.Dataset)
     labels: bool = True  # ... whether its module takes labels
 
 
@@ -78,11 +78,14 @@ def steps_of(spec: dict) -> list[Step]:
     return steps
 
 
-def worker_args(steps: list[Step], weights: list[list[float]]) -> list[tuple]:
+def worker_args(
+    steps: list[Step], weights: list[list[float]], data_timeout_s: float
+) -> list[tuple]:
     """Each member's ``(batches, plan)`` for :meth:`ModuleWorker.steps`, the members weighted
     by ``weights[i]`` for step ``i``; sets each step's :attr:`Step.slices`. A member whose
     rows are exactly one part of every step gets that part's object (Ray hands it the part
-    itself)."""
+    itself); otherwise the sources it reads and a :class:`raymodule.data.PartPlan`. Its waits
+    for rows are bounded by ``data_timeout_s``."""
     for step, step_weights in zip(steps, weights):
         step.slices = split_slices(step.size, step_weights)
     members = len(weights[0])
@@ -93,6 +96,7 @@ def worker_args(steps: list[Step], weights: list[list[float]]) -> list[tuple]:
                     steps[0].dataset,
                     [step.indices[step.slices[rank]] for step in steps],
                     [step.labels for step in steps],
+                    data_timeout_s,
                 ),
                 None,
             )
@@ -122,7 +126,7 @@ def worker_args(steps: list[Step], weights: list[list[float]]) -> list[tuple]:
                 offset = piece.rows.start
                 pieces.append((index, piece.item, start - offset, stop - offset))
             plan.append(pieces)
-        args.append((sources, plan))
+        args.append((sources, PartPlan(plan, data_timeout_s)))
     return args
 
 

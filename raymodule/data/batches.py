@@ -17,6 +17,7 @@ from mxnet.io import DataDesc
 
 __all__ = [
     "Batch",
+    "PartPlan",
     "split_slices",
     "split_shapes",
     "batch_axes",
@@ -112,6 +113,18 @@ class Batch:
             first.data_axes,
             first.label_axes,
         )
+
+
+@dataclass
+class PartPlan:
+    """A worker's rows of steps sent again to a group that re-formed, as pieces of the parts
+    put for the split before: ``pieces[i]`` names step ``i``'s rows, in order, as
+    ``(source, item, start, stop)``: rows ``start:stop`` of item ``item`` of source object
+    ``source`` (see :func:`raymodule.controller.chunks.worker_args`). ``timeout_s``: how long
+    the worker waits for those objects (``RAYMODULE_DATA_TIMEOUT_S``)."""
+
+    pieces: list[list[tuple[int, int, int, int]]]
+    timeout_s: float
 
 
 def _take(array: np.ndarray, axis: int, part: slice) -> np.ndarray:

@@ -1,5 +1,10 @@
 """Datasets the workers read themselves, and the iterator that walks them.
 
+A :class:`Dataset` is what a :class:`DatasetIter` walks and a worker reads: its length, the
+names and shapes of its inputs, its samples by index, and a key a worker caches it by. Two
+kinds: an :class:`ArrayDataset` (below) and a
+:class:`raymodule.data.recordio.RecordIODataset` (MXNet indexed RecordIO files).
+
 An :class:`ArrayDataset` holds arrays (numpy or NDArray, one or a dict of them per side) and
 is put in Ray's object store once, the first time raymodule needs it there
 (:meth:`ArrayDataset.ref`); a worker reads it back without a copy. Plain MXNet use needs no
@@ -19,15 +24,19 @@ float32 NDArrays, NDArrays keep their dtype.
 
 from __future__ import annotations
 
+import concurrent.futures
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 
 import mxnet as mx
 import numpy as np
 from mxnet.io import DataBatch, DataDesc, DataIter
 
+from ..constants import Settings
 from .batches import Batch
 
 __all__ = [
+    "Dataset",
     "ArrayDataset",
     "DatasetIter",
     "IndexedParts",
@@ -75,7 +84,49 @@ def _side(arrays, what: str) -> tuple[list[str] | None, list[np.ndarray], list]:
     return ([str(name) for name, _ in items] if named else None), values, dtypes
 
 
-class ArrayDataset:
+class Dataset:
+    """Samples read by index: what a :class:`DatasetIter` walks, and what a worker reads its
+    rows of each step from under ``fit`` and ``score``.
+
+    A dataset has ``len()`` samples; ``data_names`` and ``label_names`` (its inputs' names, or
+    None for one unnamed input per side, which the iterator names); ``data_descs`` and
+    ``label_descs`` (each input's sample shape and the dtype of its batches; no labels: an
+    empty list). It travels to the workers with every call, so it must pickle small; a worker
+    keeps the copy it first received by :meth:`key` and reads from that one.
+    """
+
+    data_names: list[str] | None
+    label_names: list[str] | None
+    data_descs: list[tuple[tuple, object]]
+    label_descs: list[tuple[tuple, object]]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def key(self) -> Hashable:
+        """What stays the same across this dataset's pickled copies, and differs from every
+        other dataset's: a worker reads from the first copy of it it received."""
+        raise NotImplementedError
+
+    def take(self, indices: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The samples at ``indices`` (in that order): ``(data, label)`` arrays."""
+        raise NotImplementedError
+
+    def batch(self, indices: np.ndarray, labels: bool = True) -> Batch:
+        """The samples at ``indices`` as a :class:`Batch` in the dtypes of a
+        :class:`DatasetIter`'s batches (its batch axis is 0), without labels if not ``labels``."""
+        data, label = self.take(indices)
+        return Batch(
+            [a.astype(t, copy=False) for a, (_, t) in zip(data, self.data_descs)],
+            [a.astype(t, copy=False) for a, (_, t) in zip(label, self.label_descs)]
+            if labels
+            else [],
+            [0] * len(data),
+            [0] * len(label) if labels else [],
+        )
+
+
+class ArrayDataset(Dataset):
     """Samples in arrays, read by index. ``data`` and ``label`` are each a numpy array, an
     ``mx.nd.NDArray`` or a dict of them by input name (several inputs or labels); every array
     holds one sample per entry of its first axis, and all hold as many.
@@ -120,7 +171,16 @@ class ArrayDataset:
         if self._data is None:  # unpickled from its reference: read it (zero-copy) once
             import ray
 
-            self._data, self._label = ray.get(self._ref)
+            # its default: the thread that reads ends; a worker's wait for that thread is
+            # bounded by the run's RAYMODULE_DATA_TIMEOUT_S (IndexedParts.batches)
+            timeout_s = Settings.data_timeout_s
+            try:
+                self._data, self._label = ray.get(self._ref, timeout=timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise TimeoutError(
+                    f"{self!r}: its arrays were not read from the object store within "
+                    f"{timeout_s:g} s"
+                ) from None
         return self._data, self._label
 
     @property
@@ -141,23 +201,14 @@ class ArrayDataset:
             self._ref = ray.put((self._data, self._label))
         return self._ref
 
+    def key(self):
+        """The dataset's object-store reference (put there on the first call)."""
+        return self.ref()
+
     def take(self, indices: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """The samples at ``indices`` (in that order): ``(data, label)`` arrays."""
         data, label = self._arrays()
         return [a[indices] for a in data], [a[indices] for a in label]
-
-    def batch(self, indices: np.ndarray, labels: bool = True) -> Batch:
-        """The samples at ``indices`` as a :class:`Batch` in the dtypes of a
-        :class:`DatasetIter`'s batches (its batch axis is 0), without labels if not ``labels``."""
-        data, label = self.take(indices)
-        return Batch(
-            [a.astype(t, copy=False) for a, (_, t) in zip(data, self.data_descs)],
-            [a.astype(t, copy=False) for a, (_, t) in zip(label, self.label_descs)]
-            if labels
-            else [],
-            [0] * len(data),
-            [0] * len(label) if labels else [],
-        )
 
     def __reduce__(self):
         if self._ref is None:
@@ -173,7 +224,8 @@ def _rebuild(state: dict) -> ArrayDataset:
 
 
 class DatasetIter(DataIter):
-    """An ``mx.io.DataIter`` over an :class:`ArrayDataset` whose order depends only on ``seed``
+    """An ``mx.io.DataIter`` over a :class:`Dataset` (an :class:`ArrayDataset` or a
+    :class:`raymodule.data.RecordIODataset`) whose order depends only on ``seed``
     and the pass: pass ``k`` (the ``reset()`` calls so far) visits :func:`pass_order`; the
     last batch follows ``last_batch_handle`` as in ``mx.io.NDArrayIter``. Inputs are named
     ``data_name`` and ``label_name``, or by the dataset's dict keys when it has them.
@@ -190,7 +242,7 @@ class DatasetIter(DataIter):
 
     def __init__(
         self,
-        dataset: ArrayDataset,
+        dataset: Dataset,
         batch_size: int,
         shuffle: bool = False,
         seed: int = 0,
@@ -198,10 +250,10 @@ class DatasetIter(DataIter):
         data_name: str = "data",
         label_name: str = "softmax_label",
     ):
-        if not isinstance(dataset, ArrayDataset):
+        if not isinstance(dataset, Dataset):
             raise TypeError(
                 f"DatasetIter: dataset is a {type(dataset).__name__}; expected a "
-                "raymodule.data.ArrayDataset"
+                "raymodule.data.ArrayDataset or a raymodule.data.RecordIODataset"
             )
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
             raise ValueError(f"DatasetIter: batch_size={batch_size!r} must be an int >= 1")
@@ -337,15 +389,40 @@ def index_batch(index: np.ndarray, pad: int, data_iter: DatasetIter) -> DataBatc
 @dataclass
 class IndexedParts:
     """A worker's rows of consecutive steps as dataset indices: what a worker receives in
-    place of sample bytes when the data is a :class:`DatasetIter` (``dataset`` travels as its
-    object-store reference). ``labels[i]``: whether step ``i``'s module takes labels."""
+    place of sample bytes when the data is a :class:`DatasetIter` (``dataset`` travels small:
+    an :class:`ArrayDataset` as its object-store reference). ``labels[i]``: whether step
+    ``i``'s module takes labels; ``timeout_s``: how long the worker waits for one step's rows
+    (``RAYMODULE_DATA_TIMEOUT_S``)."""
 
-    dataset: ArrayDataset
+    dataset: Dataset
     indices: list[np.ndarray]
     labels: list[bool]
+    timeout_s: float
 
-    def batches(self) -> list[Batch]:
-        """The worker's part of each step, read from the dataset (zero-copy, then gathered)."""
-        return [
-            self.dataset.batch(i, with_labels) for i, with_labels in zip(self.indices, self.labels)
-        ]
+    def batches(self) -> Iterator[Batch]:
+        """The worker's part of each step, read from the dataset in one background thread
+        that reads a step ahead: step ``i + 1``'s rows are read while the caller computes
+        step ``i``. Each wait for a step's rows is bounded by ``timeout_s``; past it,
+        TimeoutError names the step and the dataset (a read that hangs is left to its
+        thread)."""
+        reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="raymodule-read")
+        try:
+            ahead = [reader.submit(self._read, 0)] if self.indices else []
+            for i in range(len(self.indices)):
+                if i + 1 < len(self.indices):
+                    ahead.append(reader.submit(self._read, i + 1))
+                yield self._wait(ahead.pop(0), i)
+        finally:
+            reader.shutdown(wait=False, cancel_futures=True)
+
+    def _read(self, i: int) -> Batch:
+        return self.dataset.batch(self.indices[i], self.labels[i])
+
+    def _wait(self, read: concurrent.futures.Future, i: int) -> Batch:
+        try:
+            return read.result(timeout=self.timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(
+                f"the {len(self.indices[i])} rows of step {i} of this call were not read from "
+                f"{self.dataset!r} within {self.timeout_s:g} s (RAYMODULE_DATA_TIMEOUT_S)"
+            ) from None

@@ -10,6 +10,7 @@ starts: the controller creates workers from this class without paying seconds of
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -17,13 +18,14 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import mxnet as mx
     import numpy as np
 
-    from ..data import Batch, IndexedParts
+    from ..data import Batch, IndexedParts, PartPlan
     from .collective import Collective
 
 from ..checkpoint.snapshot import Snapshot
@@ -317,9 +319,10 @@ class ModuleWorker:
 
         ``batches`` is this worker's part of each batch, as the client put it in the object
         store; or its rows of each batch as dataset indices (:class:`IndexedParts`), which it
-        reads from the dataset itself; or, with ``plan``, references to parts put for another
-        split (the steps are sent again to a group that re-formed): ``plan[i]`` names the rows
-        of step ``i``, as ``(source, item, start, stop)`` pieces of ``batches[source][item]``.
+        reads from the dataset itself, a step ahead in a background thread; or, with ``plan``
+        (a :class:`PartPlan`), references to parts put for another split (the steps are sent
+        again to a group that re-formed). Every wait for rows is bounded by the timeout they
+        carry.
 
         Several steps per call: one object-store transfer and one call per chunk, where each
         costs about a millisecond, instead of one per batch. Returns the steps' results, the
@@ -338,19 +341,21 @@ class ModuleWorker:
             batches = self._read(batches)
         elif plan is not None:
             batches = assemble(batches, plan)
-        tic = time.perf_counter()
+        tic = time.perf_counter()  # a dataset's rows are read meanwhile: counted in
         results = [step(mid, batch) for mid, batch in zip(mids, batches)]
         return results, time.perf_counter() - tic, self._shut_down
 
-    def _read(self, parts: IndexedParts) -> list[Batch]:
-        """The batches ``parts`` names, read from the dataset as this worker first read it: the
-        dataset arrives with every call as its reference, and is fetched (zero-copy) once."""
-        key = parts.dataset.ref()
+    def _read(self, parts: IndexedParts) -> Iterator[Batch]:
+        """The batches ``parts`` names, read (a step ahead) from the dataset as this worker
+        first received it: the dataset arrives with every call, and the copy kept by its
+        :meth:`~raymodule.data.Dataset.key` is the one read (an ArrayDataset's arrays fetched
+        zero-copy once, a RecordIO file opened once)."""
+        key = parts.dataset.key()
         dataset = self._datasets.pop(key, parts.dataset)
         self._datasets[key] = dataset  # the newest last; a few kept (training, validation)
         while len(self._datasets) > _DATASETS_KEPT:
             del self._datasets[next(iter(self._datasets))]
-        return IndexedParts(dataset, parts.indices, parts.labels).batches()
+        return dataclasses.replace(parts, dataset=dataset).batches()
 
     def train_step(self, mid, batch: Batch):
         mod, labels = self._load(mid, batch, True)
@@ -429,17 +434,24 @@ class ModuleWorker:
         return self._monitor.toc()
 
 
-def assemble(sources: list, plan: list) -> list[Batch]:
+def assemble(sources: list, plan: PartPlan) -> list[Batch]:
     """The batches ``plan`` names (see :func:`raymodule.controller.chunks.worker_args`),
-    fetching only the sources it reads."""
+    fetching only the sources it reads, within ``plan.timeout_s``."""
     import ray
 
     from ..data import Batch
 
-    needed = sorted({source for pieces in plan for source, _, _, _ in pieces})
-    fetched = dict(zip(needed, ray.get([sources[i] for i in needed])))
+    needed = sorted({source for pieces in plan.pieces for source, _, _, _ in pieces})
+    try:
+        fetched = dict(zip(needed, ray.get([sources[i] for i in needed], timeout=plan.timeout_s)))
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(
+            f"the parts of the steps sent again (objects "
+            f"{', '.join(sources[i].hex()[:16] for i in needed)}) were not read within "
+            f"{plan.timeout_s:g} s (RAYMODULE_DATA_TIMEOUT_S)"
+        ) from None
     batches = []
-    for pieces in plan:
+    for pieces in plan.pieces:
         parts = []
         for source, item, start, stop in pieces:
             part = fetched[source][item]
