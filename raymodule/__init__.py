@@ -33,6 +33,7 @@ __all__ = [
     "workers",
     "ArrayDataset",
     "DatasetIter",
+    "RecordIODataset",
     "RayModuleError",
     "CallOrderError",
     "PlacementError",
@@ -55,6 +56,7 @@ _LAZY = {
     "latest_checkpoint": ".checkpoint",
     "ArrayDataset": ".data",
     "DatasetIter": ".data",
+    "RecordIODataset": ".data",
 }
 _SUBMODULES = {"tune"}
 

@@ -32,6 +32,7 @@ __all__ = [
     "TooLarge",
     "credentials_in",
     "is_uri",
+    "open_for_reads",
     "read_bytes",
     "redact",
     "unsafe_name",
@@ -396,7 +397,22 @@ def write_bytes(location: str, data: bytes) -> None:
     folder.write(name, data)
 
 
-def read_bytes(location: str) -> bytes:
-    """The contents of the file at ``location`` (which the caller names: links are followed)."""
+def read_bytes(location: str, limit: int | None = None) -> bytes:
+    """The contents of the file at ``location`` (which the caller names: links are followed);
+    a file of more than ``limit`` bytes raises :class:`TooLarge`."""
     folder, name = _split_file(location)
-    return folder.read(name, follow_links=True)
+    return folder.read(name, limit, follow_links=True)
+
+
+def open_for_reads(location: str) -> pyarrow.NativeFile:
+    """The file at ``location`` opened for reads at any offset (``read_at(nbytes, offset)``,
+    ``size()``), as a pyarrow random-access file; a missing file raises FileNotFoundError
+    and any other failure OSError, each naming the redacted location."""
+    location = str(location)
+    fs, path = _resolve(location, location)
+    try:
+        return fs.open_input_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no file at {redact(location)!r}") from None
+    except OSError as err:
+        raise _failure("open", location, err) from None
