@@ -184,7 +184,10 @@ class EpochProgress:
 
 
 def _batch_size(data_batch) -> int:
-    """The samples in a global batch (its pad included, as MXNet's Speedometer counts them)."""
-    if data_batch is None or not data_batch.data:
+    """The samples in a global batch (its pad included, as MXNet's Speedometer counts them);
+    a ``raymodule.DatasetIter``'s batch under ``fit`` holds its indices, not its arrays."""
+    if data_batch is None:
         return 0
-    return data_batch.data[0].shape[0]
+    if data_batch.data:
+        return data_batch.data[0].shape[0]
+    return 0 if data_batch.index is None else len(data_batch.index)

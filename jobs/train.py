@@ -4,6 +4,11 @@ The data are scikit-learn's 8x8 handwritten digits (1,797 images, shipped inside
 nothing is downloaded). The model is an MLP; each global batch is split across the workers and
 their gradients are summed, so the result is what one MXNet device would train.
 
+With ``--data recordio`` the data are image records instead: an MXNet indexed RecordIO pair
+(``--rec``, ``--idx``, as ``im2rec`` or ``jobs/digits_rec.py`` write them; local paths or
+URIs such as ``s3://...``) that each worker reads its own rows of, and the model is a small
+CNN over ``--data-shape`` images (pixel values 0-255).
+
 The run is checkpointed to ``--storage``/``--name`` (every ``--checkpoint-every`` batches and
 at each epoch's end); started again with the same name, it resumes where it stopped.
 
@@ -11,6 +16,8 @@ Run locally (raymodule starts a Ray on 127.0.0.1 with this machine's CPUs):
 
     python jobs/train.py
     python jobs/train.py --name digits --epochs 20 --output ./digits-model
+    python jobs/train.py --data recordio --rec digits_rec/train.rec --idx digits_rec/train.idx \
+        --test-rec digits_rec/test.rec --test-idx digits_rec/test.idx --data-shape 1,8,8
 
 Run on a Ray cluster (from the repository root; the job joins the cluster through RAY_ADDRESS),
 with the run in object storage so that a resubmitted job resumes it:
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import time
 
 import mxnet as mx
@@ -46,8 +54,39 @@ import raymodule
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Train an MLP on scikit-learn's handwritten digits with raymodule workers.",
+        description="Train an MLP on scikit-learn's handwritten digits (or a small CNN on "
+        "MXNet RecordIO image records) with raymodule workers.",
         formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "--data",
+        choices=("digits", "recordio"),
+        default="digits",
+        help="digits: scikit-learn's digits, an MLP; recordio: the image records of --rec and "
+        "--idx, a small CNN, each worker reading its own records",
+    )
+    parser.add_argument(
+        "--rec", default=None, help="with --data recordio: the training .rec (a path or a URI)"
+    )
+    parser.add_argument(
+        "--idx", default=None, help="with --data recordio: the training .rec's .idx file"
+    )
+    parser.add_argument(
+        "--test-rec",
+        default=None,
+        help="with --data recordio: the .rec to report test accuracy on (with --test-idx; "
+        "default: the training records)",
+    )
+    parser.add_argument(
+        "--test-idx", default=None, help="with --data recordio: the --test-rec's .idx file"
+    )
+    parser.add_argument(
+        "--data-shape",
+        default="1,8,8",
+        help="with --data recordio: channels,height,width the images are resized and cropped to",
+    )
+    parser.add_argument(
+        "--classes", type=int, default=10, help="with --data recordio: labels 0 .. classes-1"
     )
     add_training_options(parser, epochs=15, batch_size=64)
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
@@ -62,8 +101,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     check_training_options(parser, args)
+    if args.data == "recordio":
+        check_recordio_options(parser, args)
+    elif args.rec or args.idx or args.test_rec or args.test_idx:
+        parser.error("--rec, --idx, --test-rec and --test-idx need --data recordio")
     args.run = run_config(parser, args)
     return args
+
+
+def check_recordio_options(parser: argparse.ArgumentParser, args) -> None:
+    """Ends the job with a usage error when the RecordIO options cannot work; sets
+    ``args.data_shape`` to a tuple."""
+    if not (args.rec and args.idx):
+        parser.error("--data recordio needs --rec and --idx")
+    if bool(args.test_rec) != bool(args.test_idx):
+        parser.error("--test-rec and --test-idx go together")
+    try:
+        shape = tuple(int(d) for d in args.data_shape.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        parser.error(f"--data-shape={args.data_shape!r} must be 3 positive ints: C,H,W")
+    args.data_shape = shape
+    if args.classes < 2:
+        parser.error(f"--classes={args.classes}: need at least 2")
 
 
 def mlp(classes: int = 10) -> mx.sym.Symbol:
@@ -74,6 +135,38 @@ def mlp(classes: int = 10) -> mx.sym.Symbol:
         )
     net = mx.sym.FullyConnected(net, num_hidden=classes, name="out")
     return mx.sym.SoftmaxOutput(net, name="softmax")
+
+
+def cnn(classes: int = 10) -> mx.sym.Symbol:
+    """A small CNN over images of pixel values 0-255 (any height and width of at least 2)."""
+    net = mx.sym.Variable("data") * (1 / 255)
+    net = mx.sym.Convolution(net, kernel=(3, 3), pad=(1, 1), num_filter=16, name="conv0")
+    net = mx.sym.Pooling(
+        mx.sym.Activation(net, act_type="relu"), pool_type="max", kernel=(2, 2), stride=(2, 2)
+    )
+    net = mx.sym.FullyConnected(mx.sym.flatten(net), num_hidden=64, name="fc0")
+    net = mx.sym.FullyConnected(
+        mx.sym.Activation(net, act_type="relu"), num_hidden=classes, name="out"
+    )
+    return mx.sym.SoftmaxOutput(net, name="softmax")
+
+
+def records(args) -> tuple[raymodule.DatasetIter, raymodule.DatasetIter]:
+    """The (training, test) iterators over the RecordIO files the options name: the training
+    one shuffles by ``--seed`` (a resumed run gets the same order) and drops a last partial
+    batch; the test one is the training records when no test files are given."""
+    train = raymodule.RecordIODataset(args.rec, args.idx, args.data_shape)
+    test = (
+        raymodule.RecordIODataset(args.test_rec, args.test_idx, args.data_shape)
+        if args.test_rec
+        else train
+    )
+    return (
+        raymodule.DatasetIter(
+            train, args.batch_size, shuffle=True, seed=args.seed, last_batch_handle="discard"
+        ),
+        raymodule.DatasetIter(test, args.batch_size),
+    )
 
 
 def digits(seed: int, batch_size: int) -> tuple[mx.io.NDArrayIter, mx.io.NDArrayIter]:
@@ -99,15 +192,32 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("raymodule.run").setLevel(logging.INFO)  # where the run resumes
     check_storage(args.run)  # before Ray starts: a --storage that cannot be written ends here
-    train, test = digits(args.seed, args.batch_size)
-    print(
-        f"digits: {train.num_data} training and {test.num_data} test images of 8x8 pixels; "
-        f"{args.workers} workers, global batch {args.batch_size}"
-    )
+    if args.data == "recordio":
+        try:
+            train, test = records(args)
+        except ValueError as err:  # files that cannot be read: their error says which
+            raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {err}") from None
+        symbol = cnn(args.classes)
+        print(
+            f"recordio: {train.num_data} training and {test.num_data} test images of "
+            f"{args.data_shape} (C,H,W); {args.workers} workers, global batch {args.batch_size}"
+        )
+    else:
+        train, test = digits(args.seed, args.batch_size)
+        symbol = mlp()
+        print(
+            f"digits: {train.num_data} training and {test.num_data} test images of 8x8 "
+            f"pixels; {args.workers} workers, global batch {args.batch_size}"
+        )
+    return fit_and_report(args, symbol, train, test)
 
+
+def fit_and_report(args, symbol: mx.sym.Symbol, train, test) -> int:
+    """Trains ``symbol`` on ``train`` as the options say (SGD, a run in ``--storage``, a
+    progress bar), prints its accuracy on ``test`` and where the run and model are."""
     mx.random.seed(args.seed)
     start = time.monotonic()
-    with raymodule.Module(mlp(), context=raymodule.workers(args.workers)) as mod:
+    with raymodule.Module(symbol, context=raymodule.workers(args.workers)) as mod:
         mod.fit(
             train,
             eval_metric="acc",

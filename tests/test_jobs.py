@@ -69,6 +69,32 @@ def test_train_job_rejects_bad_options():
         assert "(checkpoint-every=-1): must be an integer >= 0" in out.stderr
 
 
+def test_digits_rec_job_packs_records_and_train_job_trains_on_them():
+    """The digits as MXNet RecordIO files, trained on by workers reading their own records
+    (jobs/train.py's --data recordio model and loop); train.py refuses recordio options that
+    cannot work, files that do not match included, in words."""
+    with tempfile.TemporaryDirectory(prefix="rmj-", dir="/tmp") as tmp:
+        out = run_job(["--epochs", "3", "--records", "recs", "--name", "dr"], tmp, "digits_rec.py")
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+        assert "1437 training and 360 test images" in out.stdout
+        accuracy = float(re.search(r"test accuracy: ([0-9.]+)", out.stdout).group(1))
+        assert accuracy > 0.8
+        assert re.search(r"accuracy=0\.[0-9]{3}, samples/s=[0-9,]+, workers=2\]", out.stdout)
+        assert sorted(os.listdir(os.path.join(tmp, "recs"))) == [
+            "test.idx",
+            "test.rec",
+            "train.idx",
+            "train.rec",
+        ]
+        recs = os.path.join(tmp, "recs")
+        out = run_job(["--data", "recordio", "--rec", f"{recs}/train.rec"], tmp)
+        assert out.returncode == 2 and "--data recordio needs --rec and --idx" in out.stderr
+        mismatched = ["--rec", f"{recs}/test.rec", "--idx", f"{recs}/train.idx"]
+        out = run_job(["--data", "recordio", *mismatched], tmp)
+        assert out.returncode == 1 and "Traceback" not in out.stderr
+        assert "train.idx' does not match rec" in out.stderr, out.stderr[-2000:]
+
+
 def test_bucketing_job_trains_a_language_model_whose_perplexity_falls():
     with tempfile.TemporaryDirectory(prefix="rmj-", dir="/tmp") as tmp:
         out = run_job(["--epochs", "3", "--name", "lm"], tmp, job="bucketing.py")
