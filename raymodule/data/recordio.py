@@ -112,7 +112,7 @@ class RecordIODataset(Dataset):
         self.keys, self.offsets = _read_index(self.idx)
         self._file = None
         self.rec_size = self._open().size()
-        self._check_offsets()
+        self._check_index()
         self.data_names = None
         self.label_names = None
         self.data_descs = [(self.data_shape, np.float32)]
@@ -120,7 +120,7 @@ class RecordIODataset(Dataset):
         self.label_descs = [(label_shape, np.float32)]
         self._key = uuid.uuid4().hex
         for i in sorted({0, len(self) - 1}):
-            self.sample(i)  # framed and decoded to data_shape, or a ValueError naming it
+            self.sample(i)  # decoded to data_shape, or a ValueError naming it
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -146,7 +146,8 @@ class RecordIODataset(Dataset):
                 raise ValueError(f"RecordIODataset: rec: {err}") from None
         return self._file
 
-    def _check_offsets(self) -> None:
+    def _check_index(self) -> None:
+        """Offsets that increase inside the rec, and records framed at the first and last."""
         where = f"RecordIODataset: idx {redact(self.idx)!r} does not match rec {redact(self.rec)!r}"
         steps = np.diff(self.offsets)
         if (steps <= 0).any():
@@ -161,6 +162,11 @@ class RecordIODataset(Dataset):
                 f"{where}: record {len(self) - 1} (key {self.keys[-1]!r}) is at byte "
                 f"{self.offsets[-1]}, past the end of the rec ({self.rec_size} bytes)"
             )
+        for i in sorted({0, len(self) - 1}):
+            try:
+                self.record(i)
+            except ValueError as err:
+                raise ValueError(f"{where}: {str(err).removeprefix('RecordIODataset: ')}") from None
 
     def record(self, i: int) -> bytes:
         """The payload of record ``i`` (``i``-th line of the ``.idx``), read by its byte range."""
