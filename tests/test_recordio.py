@@ -77,11 +77,21 @@ def test_samples_are_the_records_images_and_labels(digits):
     # other shapes: resized to cover, then center-cropped, as RGB for 3 channels
     (rgb,), _ = RecordIODataset(rec, idx, (3, 4, 6)).take(np.array([1]))
     assert rgb.shape == (1, 3, 4, 6) and (rgb[:, 0] == rgb[:, 2]).all()
-    # pickled, it carries offsets, not records, and opens the file again where it reads
+    # pickled, it carries its index, not records, and opens the file again where it reads
     copy = pickle.loads(pickle.dumps(ds))
-    assert len(pickle.dumps(ds)) < 2000 + 8 * N
-    assert copy.key() == ds.key() != RecordIODataset(rec, idx, (1, 8, 8)).key()
+    assert 8 * N < len(pickle.dumps(ds)) < 2000 + 16 * N
     np.testing.assert_array_equal(copy.take(np.array([7]))[0][0], ds.take(np.array([7]))[0][0])
+    # once fit or score asked for its key, the index travels as its object-store reference
+    assert ds.key() == copy.key() != RecordIODataset(rec, idx, (1, 8, 8)).key()
+    assert len(pickle.dumps(ds)) < 1500
+
+    @ray.remote
+    def read(dataset, indices):  # as a worker reads: a copy reading the index once
+        return dataset._offsets is None, dataset.take(indices)[0][0], dataset._offsets is None
+
+    before, got, after = ray.get(read.remote(ds, np.array([9, 2])))
+    assert before and not after
+    np.testing.assert_array_equal(got, ds.take(np.array([9, 2]))[0][0])
 
 
 def test_fit_on_two_workers_equals_one_native_module(digits):

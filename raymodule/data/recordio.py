@@ -11,8 +11,9 @@ A :class:`RecordIODataset` reads the ``.idx`` once, in the client, when it is ma
 it against the ``.rec``; it then reads each record by its byte range (from its offset to the
 next record's, or to the end of the file), from a local path or any URI the run storage takes
 (``s3://bucket/train.rec?endpoint_override=...``), with one ranged read per record. It
-pickles as its locations, offsets and shapes, never as record bytes; a copy opens the
-``.rec`` the first time it reads.
+pickles as its locations, index and shapes, never as record bytes (once raymodule's ``fit``
+or ``score`` has used it: as a reference to its index in Ray's object store); a copy opens
+the ``.rec`` the first time it reads.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Callable
 import mxnet as mx
 import numpy as np
 
+from ..constants import Settings
 from ..storage import open_for_reads, read_bytes, redact
 from .datasets import Dataset
 
@@ -109,7 +111,9 @@ class RecordIODataset(Dataset):
                 "for others"
             )
         self.decode = decode
-        self.keys, self.offsets = _read_index(self.idx)
+        self._keys, self._offsets = _read_index(self.idx)
+        self._length = len(self._offsets)
+        self._index_ref = None  # the index in Ray's object store, once key() put it there
         self._file = None
         self.rec_size = self._open().size()
         self._check_index()
@@ -123,7 +127,7 @@ class RecordIODataset(Dataset):
             self.sample(i)  # decoded to data_shape, or a ValueError naming it
 
     def __len__(self) -> int:
-        return len(self.offsets)
+        return self._length
 
     def __repr__(self) -> str:
         return (
@@ -132,11 +136,37 @@ class RecordIODataset(Dataset):
         )
 
     def key(self) -> str:
-        """A name made for this dataset when it was made, kept by its pickled copies."""
+        """A name made for this dataset when it was made, kept by its pickled copies. Its
+        first call (raymodule's ``fit`` and ``score`` make it before their steps) also puts
+        the index (keys and offsets) in Ray's object store: the copies pickled after it carry
+        the reference, and read the index once, where they first read a record."""
+        if self._index_ref is None and self._offsets is not None:
+            import ray
+
+            self._index_ref = ray.put((self._keys, self._offsets))
         return self._key
 
     def __getstate__(self) -> dict:
-        return dict(self.__dict__, _file=None)  # the copy opens the .rec when it first reads
+        state = dict(self.__dict__, _file=None)  # the copy opens the .rec when it first reads
+        if self._index_ref is not None:
+            state.update(_keys=None, _offsets=None)
+        return state
+
+    def _index(self) -> tuple[list[str], np.ndarray]:
+        """The keys and offsets of the records, in the .idx's order."""
+        if self._offsets is None:  # a copy pickled after key(): read the index once
+            import ray
+
+            # its default: the thread that reads ends; a worker's wait for that thread is
+            # bounded by the run's RAYMODULE_DATA_TIMEOUT_S (IndexedParts.batches)
+            timeout_s = Settings.data_timeout_s
+            try:
+                self._keys, self._offsets = ray.get(self._index_ref, timeout=timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise TimeoutError(
+                    f"{self!r}: its index was not read from the object store within {timeout_s:g} s"
+                ) from None
+        return self._keys, self._offsets
 
     def _open(self):
         if self._file is None:
@@ -149,18 +179,19 @@ class RecordIODataset(Dataset):
     def _check_index(self) -> None:
         """Offsets that increase inside the rec, and records framed at the first and last."""
         where = f"RecordIODataset: idx {redact(self.idx)!r} does not match rec {redact(self.rec)!r}"
-        steps = np.diff(self.offsets)
+        keys, offsets = self._index()
+        steps = np.diff(offsets)
         if (steps <= 0).any():
             line = int(np.argmax(steps <= 0)) + 1
             raise ValueError(
-                f"{where}: record {line} (key {self.keys[line]!r}) is at byte "
-                f"{self.offsets[line]}, not after the one before (at byte "
-                f"{self.offsets[line - 1]}): offsets must increase"
+                f"{where}: record {line} (key {keys[line]!r}) is at byte "
+                f"{offsets[line]}, not after the one before (at byte "
+                f"{offsets[line - 1]}): offsets must increase"
             )
-        if self.offsets[-1] >= self.rec_size:
+        if offsets[-1] >= self.rec_size:
             raise ValueError(
-                f"{where}: record {len(self) - 1} (key {self.keys[-1]!r}) is at byte "
-                f"{self.offsets[-1]}, past the end of the rec ({self.rec_size} bytes)"
+                f"{where}: record {len(self) - 1} (key {keys[-1]!r}) is at byte "
+                f"{offsets[-1]}, past the end of the rec ({self.rec_size} bytes)"
             )
         for i in sorted({0, len(self) - 1}):
             try:
@@ -170,8 +201,9 @@ class RecordIODataset(Dataset):
 
     def record(self, i: int) -> bytes:
         """The payload of record ``i`` (``i``-th line of the ``.idx``), read by its byte range."""
-        start = int(self.offsets[i])
-        stop = int(self.offsets[i + 1]) if i + 1 < len(self) else self.rec_size
+        offsets = self._index()[1]
+        start = int(offsets[i])
+        stop = int(offsets[i + 1]) if i + 1 < len(self) else self.rec_size
         buffer = self._open().read_at(stop - start, start)
         try:
             return read_record(buffer)
@@ -179,8 +211,9 @@ class RecordIODataset(Dataset):
             raise ValueError(f"{self._name(i)}: {err}") from None
 
     def _name(self, i: int) -> str:
+        keys, offsets = self._index()
         return (
-            f"RecordIODataset: record {i} (key {self.keys[i]!r}, at byte {self.offsets[i]}) "
+            f"RecordIODataset: record {i} (key {keys[i]!r}, at byte {offsets[i]}) "
             f"of {redact(self.rec)!r}"
         )
 
