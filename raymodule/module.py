@@ -339,7 +339,7 @@ class Module(loop.TrainingLoops, BaseModule):
         (the controller splits the same way)."""
         weights = self._work_load_list
         if self._workers is not None:
-            weights = self._workers.weights(weights)
+            weights = self._workers.membership.weights(weights)
         return data.split_shapes(data_shapes, label_shapes, weights)
 
     @property
