@@ -32,6 +32,7 @@ from .controller.actor import (
     in_words,
     longest_call_s,
 )
+from .controller.membership import Membership
 from .errors import RayModuleError, WorkerLostError, first_line
 
 __all__ = ["ControllerHandle"]
@@ -84,11 +85,7 @@ class ControllerHandle:
             self.settings,
             *([worker_class] if worker_class is not None else []),
         )
-        self.handles: list = []
-        self.slots: list[int] = []
-        self.nodes: list[dict] = []
-        self.generation = 0
-        self.pending: list[int] = []  # slots whose replacement worker is starting
+        self.membership = Membership()  # the controller's, as its last reply gave it
         self.steps_sent = 0  # training steps sent to the workers (the controller counts them)
         self.failures = 0  # failure events of the elastic run
         self.leaving: list[int] = []  # slots shut down (SIGTERM), leaving at the next boundary
@@ -113,19 +110,18 @@ class ControllerHandle:
 
     def close(self) -> None:
         self._finalizer()
-        self.handles = []
+        self.membership = Membership()
 
-    @property
-    def world_size(self) -> int:
-        return len(self.handles)
+    # what the facades and tests read of the membership
+    handles = property(lambda self: self.membership.handles)
+    slots = property(lambda self: self.membership.slots)
+    nodes = property(lambda self: self.membership.nodes)
+    generation = property(lambda self: self.membership.generation)
+    world_size = property(lambda self: self.membership.world_size)
 
     @property
     def closed(self) -> bool:
         return not self._finalizer.alive
-
-    def weights(self, work_load_list: list) -> list:
-        """The ``work_load_list`` entries of the live workers, in rank order."""
-        return [work_load_list[slot] for slot in self.slots]
 
     # -- calls -------------------------------------------------------------------------------
     def post(self, method: str, *args, per_worker=None, ranks=None) -> None:
@@ -213,12 +209,12 @@ class ControllerHandle:
                 if isinstance(err, ray.exceptions.GetTimeoutError)
                 else first_line(err)
             )
-            lost = max(1, len(self.handles))
+            lost = max(1, self.world_size)
             decision = policy.on_loss(self.limits, policy.Loss(0, lost, self.failures, 0))
             self.failures += 1
             restart = decision.action is policy.Action.RESTART
             self.lost = (EveryWorkerLost if restart else WorkerLostError)(
-                f"the controller and its {len(self.handles)} workers were lost: {why}"
+                f"the controller and its {self.world_size} workers were lost: {why}"
                 + (f"; {decision.reason}" if decision.reason else "")
             )
             raise self.lost from None
@@ -228,12 +224,8 @@ class ControllerHandle:
     def _apply(self, view: dict) -> None:
         membership = view["membership"]
         if membership is not None:  # changed
-            self._held["placement_group"] = membership["placement_group"]
-            self.handles = membership["handles"]
-            self.slots = membership["slots"]
-            self.nodes = membership["nodes"]
-            self.generation = membership["generation"]
-            self.pending = membership["pending"]
+            self._held["placement_group"] = membership.placement_group
+            self.membership = membership
         self.steps_sent = view["steps_sent"]
         self.failures = view["failures"]
         self.leaving = view["leaving"]

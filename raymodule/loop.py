@@ -25,11 +25,11 @@ from . import data, metrics, runtime
 from .checkpoint import continuity
 from .constants import Settings
 from .controller import EveryWorkerLost, policy
-from .errors import CallOrderError, Preempted, ResumeMismatch, WorkerLostError
+from .errors import CallOrderError, Preempted, RayModuleError, ResumeMismatch, WorkerLostError
 from .kvstore import check_kvstore
 from .run import Run, RunConfig
 
-__all__ = ["TrainingLoops", "run_steps", "Epoch"]
+__all__ = ["TrainingLoops", "run_steps", "steps", "Epoch"]
 
 
 @dataclass
@@ -81,16 +81,62 @@ def run_steps(
     epoch,
     batch_end_callback,
     *,
+    score_end_callback=None,
+    **how,
+):
+    """Runs ``method`` ("train_step" or "eval_step") on every batch of ``data_iter``, merging
+    each step's metric updates into ``metric`` and calling ``batch_end_callback`` after it,
+    then ``score_end_callback``; ``how``: :func:`steps`'s keywords. Returns an
+    :class:`Epoch`."""
+    tally = Epoch([], 0, 0, {})
+    on_workers = metrics.runs_on_workers(metric)
+    monitor = how.get("monitor")
+    done = 0
+    stream = steps(module, data_iter, method, metric, epoch, tally, **how)
+    with contextlib.closing(stream):
+        for step, results, slices in stream:
+            if results is not None and on_workers:
+                for increments in results:
+                    metrics.add_counters(metric, increments)
+            elif results is not None:
+                dataset = data_iter.dataset if step.index is not None else None
+                labels = [step.labels(part, dataset) for part in slices]
+                metrics.update_per_slice(
+                    metric, step.target.label_names, step.target.output_names, labels, results
+                )
+            if monitor is not None:
+                monitor.toc_print()
+            _call_back(
+                batch_end_callback, module, data_iter, step.data_batch, epoch, step.nbatch, metric
+            )
+            done += 1
+    tally.name_values = metric.get_global_name_value()
+    _call_back(score_end_callback, module, data_iter, None, epoch, done, metric)
+    return tally
+
+
+def steps(
+    module,
+    data_iter,
+    method,
+    metric,
+    epoch,
+    tally: Epoch,
+    *,
     monitor=None,
     num_batch=None,
-    score_end_callback=None,
     sparse_row_id_fn=None,
     first_batch=0,
     checkpoint_every=0,
     on_checkpoint=None,
     stop=None,
 ):
-    """Runs ``method`` ("train_step" or "eval_step") on every batch of ``data_iter``.
+    """Runs ``method`` ("train_step" or "eval_step") on every batch of ``data_iter`` and
+    yields each step once it finished, in order: ``(step, results, slices)``, where
+    ``results`` are the members' (metric increments when ``metric`` runs on the workers,
+    else their outputs; None for a step the survivors of a loss had applied already) and
+    ``slices`` the rows each ran. ``tally`` (an :class:`Epoch`) counts the batches, samples
+    and step seconds.
 
     ``module._step_module(data_batch, flush)`` gives the :class:`raymodule.Module` that runs a
     batch (a bucketing module's bucket, reshaped to the batch when needed); it calls
@@ -115,13 +161,12 @@ def run_steps(
     here: its dataset is put in the object store once and each step carries its batch's
     indices only; the workers read their rows. In an elastic
     run, steps that a lost worker voided are run again on the re-formed group; steps the
-    survivors had applied are not: their metric updates are missing, their callbacks are
-    still called. Returns an :class:`Epoch`.
+    survivors had applied are not: their metric updates are missing, and they are yielded
+    with None as results.
     """
     workers = module._workers
     workers.sync()
     workers.set_metric(metric)
-    on_workers = metrics.runs_on_workers(metric)
     # a DatasetIter: the workers read their rows; the client sends indices only
     indexed = isinstance(data_iter, data.DatasetIter) and getattr(module, "_reads_datasets", False)
     dataset = data_iter.dataset if indexed else None
@@ -135,15 +180,13 @@ def run_steps(
         depth = workers.settings.pipeline_depth
     sent: dict[int, _Step] = {}  # by serial, until finished
     chunk: list[_Step] = []
-    final: list = []
-    seconds: dict[int, float] = {}
+    finished: list = []  # (step, results, slices) read back, not yielded yet
     serials = itertools.count()
-    done = 0
     checkpoint_due = False  # a worker was shut down: checkpoint at the next batch boundary
 
     def advance(keep: int) -> None:
         """Sends the chunk (if any), then reads finished steps until ``keep`` chunks are in
-        flight; runs their callbacks."""
+        flight."""
         spec = None
         if chunk:
             if monitor is not None:
@@ -165,74 +208,69 @@ def run_steps(
                 parts = zip(*(step.batch.parts(cut) for step, cut in zip(chunk, slices)))
                 spec["sources"] = [ray.put(list(part)) for part in parts]
             chunk.clear()
-        finished = workers.advance(method, spec, keep)
+        reply = workers.advance(method, spec, keep)
         nonlocal checkpoint_due
         checkpoint_due = checkpoint_due or bool(workers.leaving)
-        for slot, took in finished["seconds"].items():
-            seconds[slot] = seconds.get(slot, 0.0) + took
-        for serial, results, slices in finished["steps"]:
-            report(sent.pop(serial), results, slices)
+        for slot, took in reply["seconds"].items():
+            tally.step_seconds[slot] = tally.step_seconds.get(slot, 0.0) + took
+        for serial, results, slices in reply["steps"]:
+            finished.append((sent.pop(serial), results, slices))
 
-    def report(step: _Step, results, slices) -> None:
-        nonlocal done
-        if results is not None and on_workers:
-            for increments in results:
-                metrics.add_counters(metric, increments)
-        elif results is not None:
-            labels = [step.labels(part, dataset) for part in slices]
-            metrics.update_per_slice(
-                metric, step.target.label_names, step.target.output_names, labels, results
-            )
-        if monitor is not None:
-            monitor.toc_print()
-        _call_back(
-            batch_end_callback, module, data_iter, step.data_batch, epoch, step.nbatch, metric
-        )
-        done += 1
+    def ready():
+        yield from finished
+        finished.clear()
 
-    end, samples, given = first_batch, 0, 0
-    for nbatch, data_batch in enumerate(_batches(data_iter, indexed)):
-        if num_batch is not None and nbatch == num_batch:
-            break
-        given = nbatch + 1
-        if nbatch < first_batch:
-            continue
-        if stop is not None and stop():
-            advance(keep=0)  # first: a loss meanwhile would void the checkpoint's copy
-            if nbatch > first_batch:  # else the checkpoint it resumed from, or the epoch's end
+    try:
+        tally.batches, given = first_batch, 0
+        for nbatch, data_batch in enumerate(_batches(data_iter, indexed)):
+            if num_batch is not None and nbatch == num_batch:
+                break
+            given = nbatch + 1
+            if nbatch < first_batch:
+                continue
+            if stop is not None and stop():
+                advance(keep=0)  # first: a loss meanwhile would void the checkpoint's copy
+                yield from ready()
+                if nbatch > first_batch:  # else the checkpoint it resumed from, or the epoch's end
+                    on_checkpoint(nbatch, workers.steps_sent)
+                raise Preempted(
+                    f"fit stopped at epoch {epoch}, batch {nbatch}: the process received SIGTERM; "
+                    "run it again with the same RunConfig.name to go on from there"
+                )
+            every = checkpoint_every and nbatch % checkpoint_every == 0
+            if (every or checkpoint_due) and on_checkpoint is not None and nbatch > first_batch:
+                advance(keep=depth)
+                yield from ready()
                 on_checkpoint(nbatch, workers.steps_sent)
-            raise Preempted(
-                f"fit stopped at epoch {epoch}, batch {nbatch}: the process received SIGTERM; "
-                "run it again with the same RunConfig.name to go on from there"
+                checkpoint_due = False
+            tally.batches = nbatch + 1
+            target = module._step_module(data_batch, flush=lambda: advance(keep=depth))
+            target.prepare(data_batch, sparse_row_id_fn=sparse_row_id_fn)
+            if indexed:
+                tally.samples += len(data_batch.index)
+                chunk.append(_Step(nbatch, data_batch, None, target, data_batch.index))
+            else:
+                batch = target._batch(data_batch)
+                tally.samples += batch.data[0].shape[batch.data_axes[0]] if batch.data else 0
+                chunk.append(_Step(nbatch, data_batch, batch, target))
+            if len(chunk) >= per_call:
+                advance(keep=depth)
+            yield from ready()
+        if given <= first_batch and first_batch > 0:  # nothing was sent: nothing trained or written
+            raise ResumeMismatch(
+                f"the run resumes epoch {epoch} after batch {first_batch}, but train_data gives "
+                f"only {given} batches in it: it is not the data the run was trained on. Resume "
+                "with that data, or start a new run: another RunConfig(name=...)"
             )
-        every = checkpoint_every and nbatch % checkpoint_every == 0
-        if (every or checkpoint_due) and on_checkpoint is not None and nbatch > first_batch:
-            advance(keep=depth)
-            on_checkpoint(nbatch, workers.steps_sent)
-            checkpoint_due = False
-        end = nbatch + 1
-        target = module._step_module(data_batch, flush=lambda: advance(keep=depth))
-        target.prepare(data_batch, sparse_row_id_fn=sparse_row_id_fn)
-        if indexed:
-            samples += len(data_batch.index)
-            chunk.append(_Step(nbatch, data_batch, None, target, data_batch.index))
-        else:
-            batch = target._batch(data_batch)
-            samples += batch.data[0].shape[batch.data_axes[0]] if batch.data else 0
-            chunk.append(_Step(nbatch, data_batch, batch, target))
-        if len(chunk) >= per_call:
-            advance(keep=depth)
-    if given <= first_batch and first_batch > 0:  # nothing was sent: nothing trained or written
-        raise ResumeMismatch(
-            f"the run resumes epoch {epoch} after batch {first_batch}, but train_data gives "
-            f"only {given} batches in it: it is not the data the run was trained on. Resume "
-            "with that data, or start a new run: another RunConfig(name=...)"
-        )
-    advance(keep=0)
-    final.extend(metric.get_global_name_value())
-
-    _call_back(score_end_callback, module, data_iter, None, epoch, done, metric)
-    return Epoch(final, end, samples, seconds)
+        advance(keep=0)
+        yield from ready()
+    except GeneratorExit:
+        # the caller stopped early (it broke out of iter_predict, or its callback raised):
+        # the steps in flight finish unread, so that the next loop starts on an empty pipeline
+        if sent:
+            with contextlib.suppress(RayModuleError):  # a loss shows at the next call
+                workers.advance(method, None, 0)
+        raise
 
 
 def _call_back(callbacks, module, data_iter, data_batch, epoch, nbatch, metric) -> None:
@@ -526,6 +564,74 @@ class TrainingLoops:
             max_reforms=workers.settings.max_reforms,
         )
         workers.configure(limits, failures_before)
+
+    def iter_predict(self, eval_data, num_batch=None, reset=True, sparse_row_id_fn=None):
+        """MXNet's ``iter_predict``: yields ``(outputs, nbatch, eval_batch)`` per batch, the
+        outputs without the batch's padding. The forward passes run on the workers several
+        batches per call, ahead of the caller (as :meth:`score`'s do); a
+        :class:`raymodule.data.DatasetIter`'s rows are read on the workers, and its
+        ``eval_batch`` holds its indices (and an ArrayDataset's labels), not its data.
+        Breaking out of the loop lets the passes in flight finish unread."""
+        if not (self.binded and self.params_initialized):
+            raise CallOrderError("iter_predict: call bind() and init_params() first")
+        if reset:
+            eval_data.reset()
+        # an ArrayDataset's labels are at hand in the client (a RecordIO file's are not)
+        in_memory = isinstance(eval_data, data.DatasetIter) and isinstance(
+            eval_data.dataset, data.ArrayDataset
+        )
+        stream = steps(
+            self,
+            eval_data,
+            "eval_step",
+            None,
+            0,
+            Epoch([], 0, 0, {}),
+            num_batch=num_batch,
+            sparse_row_id_fn=sparse_row_id_fn,
+        )
+        with contextlib.closing(stream):
+            for step, per_worker, _ in stream:
+                target = step.target
+                outputs = target._merge("outputs", per_worker, target._output_axes, True)
+                batch = step.data_batch
+                if in_memory and step.index is not None and eval_data.dataset.label_descs:
+                    batch.label = eval_data._arrays(
+                        eval_data.dataset.take(step.index)[1], eval_data.dataset.label_descs
+                    )
+                yield [out[0 : out.shape[0] - batch.pad] for out in outputs], step.nbatch, batch
+
+    def predict(
+        self,
+        eval_data,
+        num_batch=None,
+        merge_batches=True,
+        reset=True,
+        always_output_list=False,
+        sparse_row_id_fn=None,
+    ):
+        """MXNet's ``predict``, over :meth:`iter_predict` (several batches per call to the
+        workers); an array (not a ``DataIter``) is one forward pass, as in MXNet."""
+        if not isinstance(eval_data, mx.io.DataIter):
+            return super().predict(
+                eval_data, num_batch, merge_batches, reset, always_output_list, sparse_row_id_fn
+            )
+        if not (self.binded and self.params_initialized):
+            raise CallOrderError("predict: call bind() and init_params() first")
+        batches = [
+            outputs
+            for outputs, _, _ in self.iter_predict(eval_data, num_batch, reset, sparse_row_id_fn)
+        ]
+        if not batches or not merge_batches:
+            return batches
+        count = len(batches[0])
+        if any(len(outputs) != count for outputs in batches):
+            raise AssertionError(  # MXNet's words and type
+                "Cannot merge batches, as num of outputs is not the same in mini-batches. "
+                "Maybe bucketing is used?"
+            )
+        merged = [mx.nd.concatenate([outputs[i] for outputs in batches]) for i in range(count)]
+        return merged[0] if count == 1 and not always_output_list else merged
 
     def score(
         self,

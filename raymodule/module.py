@@ -339,7 +339,7 @@ class Module(loop.TrainingLoops, BaseModule):
         (the controller splits the same way)."""
         weights = self._work_load_list
         if self._workers is not None:
-            weights = self._workers.weights(weights)
+            weights = self._workers.membership.weights(weights)
         return data.split_shapes(data_shapes, label_shapes, weights)
 
     @property
@@ -729,7 +729,11 @@ class Module(loop.TrainingLoops, BaseModule):
         them: where the worker computed them for a ``cpu(i)`` (the client can hold any),
         ``cpu(0)`` for a GPU; merged ones on the first worker's, as MXNet merges."""
         self._workers.sync()
-        per_worker = self._workers.call(method, self._id)
+        return self._merge(method, self._workers.call(method, self._id), axes, merge_multi_context)
+
+    def _merge(self, method: str, per_worker: list, axes: list[int], merge_multi_context: bool):
+        """The arrays of ``method`` each worker returned (numpy), as :meth:`_gather` gives
+        them."""
         generation, where_all = self._array_contexts
         if where_all is None or generation != self._workers.generation:
             where_all = self._workers.call("array_contexts", self._id)

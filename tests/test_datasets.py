@@ -182,7 +182,7 @@ def test_fit_on_two_workers_equals_one_native_device():
             initializer=mx.init.Xavier(),
         )
         assert it.epoch == 2  # fit reset it once per epoch
-        predicted = mod.predict(DatasetIter(ds, 16)).asnumpy()  # the client reads these
+        predicted = mod.predict(DatasetIter(ds, 16)).asnumpy()
         return mod.get_params()[0], metric.get(), predicted
 
     native_params, native_metric, native_pred = fit(mx.mod.Module(symbol))
@@ -251,7 +251,7 @@ class PutCounter:
         monkeypatch.setattr(ray, "put", counted)
 
 
-def test_fit_and_score_send_indices_not_samples(monkeypatch):
+def test_fit_score_and_predict_send_indices_not_samples(monkeypatch):
     """With a DatasetIter the client puts the dataset once; each step carries indices."""
     x, y = dataset(n=600, shape=(50,))
     ds = ArrayDataset(x, y)
@@ -278,6 +278,8 @@ def test_fit_and_score_send_indices_not_samples(monkeypatch):
         params = fit(mod, DatasetIter(ds, 30, shuffle=True, seed=1))
         assert max_relative_diff(native, params) < 1e-5
         score = mod.score(DatasetIter(ds, 40), "acc")
+        predicted = mod.predict(DatasetIter(ds, 40)).asnumpy()
+        batches = [(o[0].asnumpy(), n, b) for o, n, b in mod.iter_predict(DatasetIter(ds, 256))]
     samples = x.nbytes + y.nbytes
     assert not any(isinstance(o, raymodule.data.Batch) for o in puts.objects)
     assert not any(
@@ -287,6 +289,23 @@ def test_fit_and_score_send_indices_not_samples(monkeypatch):
     # what was put: the initial parameters; far less than one pass over the samples
     assert puts.bytes < samples / 4, (puts.bytes, samples)
     assert score[0][0] == "accuracy" and score[0][1] > 0.1
+    native_mod = mx.mod.Module(symbol)
+    native_mod.bind(DatasetIter(ds, 40).provide_data, DatasetIter(ds, 40).provide_label)
+    native_mod.set_params(params, {})
+    np.testing.assert_allclose(
+        predicted, native_mod.predict(DatasetIter(ds, 40)).asnumpy(), rtol=1e-4, atol=1e-6
+    )
+    # iter_predict: the outputs without the pad, the batch's indices and labels
+    assert [(o.shape, n, b.pad) for o, n, b in batches] == [
+        ((256, 10), 0, 0),
+        ((256, 10), 1, 0),
+        ((88, 10), 2, 168),  # 600 = 2 * 256 + 88
+    ]
+    np.testing.assert_allclose(
+        np.concatenate([o for o, _, _ in batches]), predicted, rtol=1e-5, atol=1e-6
+    )
+    last = batches[-1][2]
+    np.testing.assert_array_equal(last.label[0].asnumpy(), y[last.index].astype(np.float32))
 
     # the drop-in path (a plain DataIter) puts every sample of every pass
     with raymodule.Module(symbol, context=[mx.cpu(0), mx.cpu(1)]) as mod:

@@ -250,7 +250,7 @@ def events_of(ctl) -> list:
 
 def spec(ctl) -> dict:
     """A chunk of one global batch of 6, split as the client splits it."""
-    cut = split_slices(6, [1] * len(ctl.slots))
+    cut = split_slices(6, [1] * len(ctl.members.slots))
     return {
         "serials": [0],
         "mids": [MID],
@@ -283,16 +283,22 @@ def kill(handle) -> None:
 def test_a_lost_worker_is_removed_and_survivors_agree_on_the_last_step(controller):
     ctl = controller
     ctl.limits = Limits(3, min_workers=2, max_failures=1)
-    assert ctl.generation == 1 and ctl.slots == [0, 1, 2] and ctl.state is State.RUNNING
+    assert (
+        ctl.members.generation == 1
+        and ctl.members.slots == (0, 1, 2)
+        and ctl.state is State.RUNNING
+    )
     # a failed step may leave one survivor a step ahead of another: the furthest one counts
     for rank, count in enumerate([5, 5, 6]):
         call(ctl, "set_count", count, ranks=[rank])
     ctl.steps_sent = 6
-    kill(ctl.handles[1])
+    kill(ctl.members.handles[1])
     # step 7 fails: a stand-in applies it with a peer gone (a real worker would not, its
     # collective fails), so the survivors agree on step 7 and it is finished without results
     assert step(ctl) == [(0, None, None)]
-    assert ctl.slots == [0, 2] and ctl.generation == 2 and ctl.state is State.RUNNING
+    assert (
+        ctl.members.slots == (0, 2) and ctl.members.generation == 2 and ctl.state is State.RUNNING
+    )
     states = call(ctl, "state")
     assert [s["group"] for s in states] == [(2, 0, 2), (2, 1, 2)]
     assert [s["count"] for s in states] == [7, 7]
@@ -301,13 +307,13 @@ def test_a_lost_worker_is_removed_and_survivors_agree_on_the_last_step(controlle
     assert [s["calls"][-1] for s in states] == [("reshape", 3), ("reshape", 3)]
     event = events_of(ctl)[-1]
     assert event["world_size"] == 2 and event["lost"] == ["slot 1"] and event["step"] == 7
-    assert ctl.pending == [1]  # its replacement is starting
+    assert ctl.members.pending == (1,)  # its replacement is starting
 
     # the replacement comes up (its bundle is free again) and joins at the next step boundary
     assert ctl.ready(60.0) == [1]
     ctl._next_poll = 0.0
     step(ctl)
-    assert ctl.slots == [0, 1, 2] and ctl.generation == 3
+    assert ctl.members.slots == (0, 1, 2) and ctl.members.generation == 3
     states = call(ctl, "state")
     assert [s["group"] for s in states] == [(3, r, 3) for r in range(3)]
     assert [s["count"] for s in states] == [8, 8, 8]
@@ -317,7 +323,7 @@ def test_a_lost_worker_is_removed_and_survivors_agree_on_the_last_step(controlle
     assert events_of(ctl)[-1]["change"] == "grown"
 
     # a second loss is more than max_failures=1: a clear error, and the controller says so
-    kill(ctl.handles[0])
+    kill(ctl.members.handles[0])
     with pytest.raises(WorkerLostError, match="max_failures=1"):
         step(ctl)
     assert ctl.state is State.FAILED
@@ -332,14 +338,14 @@ def test_a_member_shut_down_leaves_at_the_next_step_boundary_and_it_is_no_failur
     ctl.steps_sent = 3
     call(ctl, "shut_down", ranks=[1])
     step(ctl)  # its results say so; it still ran the step
-    assert ctl.view()["leaving"] == [1] and ctl.slots == [0, 1, 2]
+    assert ctl.view()["leaving"] == [1] and ctl.members.slots == (0, 1, 2)
     step(ctl)  # the next boundary: it leaves before this step is sent
-    assert ctl.slots == [0, 2] and ctl.failures == 0 and ctl.state is State.RUNNING
+    assert ctl.members.slots == (0, 2) and ctl.failures == 0 and ctl.state is State.RUNNING
     states = call(ctl, "state")
     assert [s["count"] for s in states] == [5, 5] and [s["restored"] for s in states] == [0, 0]
     (event,) = events_of(ctl)
     assert event["change"] == "left" and event["left"] == ["slot 1"] and event["step"] == 4
-    assert "SIGTERM" in event["why"] and ctl.pending == [1]
+    assert "SIGTERM" in event["why"] and ctl.members.pending == (1,)
 
 
 def test_a_member_shut_down_outside_an_elastic_run_ends_it_in_words(controller):
@@ -378,9 +384,9 @@ def test_steps_sent_again_read_a_copy_of_the_part_a_lost_member_read(controller)
     chunk = spec(ctl)
     parts = [part.hex() for part in chunk["sources"]]
     with replacements_never_start():
-        kill(ctl.handles[1])
+        kill(ctl.members.handles[1])
         read(ctl, ctl.advance("eval_step", chunk, 0))
-    assert ctl.slots == [0, 2]
+    assert ctl.members.slots == (0, 2)
     survivors = [{part for sources in s["reads"] for part in sources} for s in call(ctl, "state")]
     assert parts[0] in survivors[0] and parts[2] in survivors[1]  # their own
     assert parts[1] not in survivors[0] | survivors[1]  # the lost member's: a copy of it
@@ -391,7 +397,7 @@ def test_below_the_floor_training_waits_then_fails_in_words(controller):
     ctl = controller
     ctl.limits = Limits(3, min_workers=3, max_failures=-1)
     with replacements_never_start():
-        kill(ctl.handles[2])
+        kill(ctl.members.handles[2])
         with pytest.raises(WorkerLostError, match=r"worker 2 .* was lost.*min_workers=3"):
             step(ctl)
 
@@ -404,7 +410,7 @@ def test_a_silent_worker_is_lost_after_the_collective_timeout(controller):
     ctl._send("train_step", chunks.steps_of(spec(ctl)))
     with replacements_never_start():
         ctl._recover(StepsFailed("steps", {}, "GroupBrokenError: timed out"))
-    assert ctl.slots == [0, 2]
+    assert ctl.members.slots == (0, 2)
     (event,) = events_of(ctl)
     assert event["lost"] == ["slot 1"] and "silent" in event["why"]
 
@@ -413,10 +419,10 @@ def test_a_survivor_silent_while_the_group_re_forms_is_removed_within_the_bound(
     ctl = controller
     ctl.limits = Limits(3, min_workers=1, max_failures=-1)
     call(ctl, "set_fault", "leave", "hang", ranks=[2])  # SIGSTOPped, as it were
-    kill(ctl.handles[0])
+    kill(ctl.members.handles[0])
     with replacements_never_start():
         step(ctl)  # bounded: without the bound, pytest-timeout ends it
-    assert ctl.slots == [1]
+    assert ctl.members.slots == (1,)
     # one change, announced once: both slots, and why each went
     (event,) = events_of(ctl)
     assert event["lost"] == ["slot 0", "slot 2"]
@@ -431,14 +437,14 @@ def test_a_worker_lost_while_replacements_join_leaves_them_set_up_as_new(control
     ctl.limits = Limits(3, min_workers=1, max_failures=-1)
     call(ctl, "set_count", 4)
     ctl.steps_sent = 4
-    kill(ctl.handles[1])
+    kill(ctl.members.handles[1])
     step(ctl)
     assert ctl.ready(60.0) == [1]
     call(ctl, "set_fault", "applied", "die", ranks=[1])  # slot 2 dies at the admission
     ctl._next_poll = 0.0
     with replacements_never_start():
         step(ctl)
-    assert ctl.slots == [0, 1]
+    assert ctl.members.slots == (0, 1)
     states = call(ctl, "state")
     assert [s["count"] for s in states] == [6, 6]
     assert states[0]["restored"] == 0 and states[1]["restored"] > 0  # it took slot 0's state
@@ -452,10 +458,10 @@ def test_a_worker_lost_in_a_read_outside_the_step_loop_is_recovered_from(control
     ctl.limits = Limits(3, min_workers=1)
     call(ctl, "set_count", 9)
     ctl.steps_sent = 9
-    kill(ctl.handles[0])
+    kill(ctl.members.handles[0])
     with replacements_never_start():
         assert call(ctl, "get_params", MID, ranks=[0]) == [9]
-    assert ctl.slots == [1, 2] and events_of(ctl)[-1]["lost"] == ["slot 0"]
+    assert ctl.members.slots == (1, 2) and events_of(ctl)[-1]["lost"] == ["slot 0"]
 
 
 def test_a_group_that_keeps_breaking_with_nobody_lost_evicts_its_slowest_member(controller):
@@ -465,10 +471,10 @@ def test_a_group_that_keeps_breaking_with_nobody_lost_evicts_its_slowest_member(
     ctl.limits = Limits(3, min_workers=1, max_reforms=2)
     for _ in range(2):
         ctl._recover(StepsFailed("steps", {}, "GroupBrokenError: timed out", slowest=2))
-        assert ctl.slots == [0, 1, 2] and ctl.failures == 0
+        assert ctl.members.slots == (0, 1, 2) and ctl.failures == 0
     with replacements_never_start():
         ctl._recover(StepsFailed("steps", {}, "GroupBrokenError: timed out", slowest=2))
-    assert ctl.slots == [0, 1] and ctl.failures == 1
+    assert ctl.members.slots == (0, 1) and ctl.failures == 1
     events = events_of(ctl)
     assert [e["change"] for e in events] == ["re-formed", "re-formed", "lost"]
     assert "evicted" in events[-1]["why"] and "RAYMODULE_MAX_REFORMS=2" in events[-1]["why"]
@@ -480,4 +486,4 @@ def test_a_successful_step_ends_a_run_of_re_formings(controller):
     ctl._recover(StepsFailed("steps", {}, "GroupBrokenError: timed out", slowest=2))
     step(ctl)
     ctl._recover(StepsFailed("steps", {}, "GroupBrokenError: timed out", slowest=2))
-    assert ctl.slots == [0, 1, 2] and ctl.broken_in_a_row == 1
+    assert ctl.members.slots == (0, 1, 2) and ctl.broken_in_a_row == 1

@@ -4,6 +4,7 @@
   in flight and recovery;
 - :mod:`.policy`: the elastic decisions, as pure functions;
 - :mod:`.group`: placing the workers, their slots and the collective group's generations;
+- :mod:`.membership`: who is in the group at a generation (what the client sees of it too);
 - :mod:`.chunks`: the steps it sends, and where their rows are after a re-forming;
 - :mod:`.replicas`: its journal of each module's replicas, replayed on workers that join.
 """

@@ -38,6 +38,7 @@ from ..errors import (
 from ..worker import ModuleWorker  # light: MXNet is imported in the worker process only
 from . import chunks, policy
 from .group import WorkerGroup
+from .membership import Membership
 from .replicas import Replica
 
 __all__ = ["Controller", "RemoteController", "State", "EveryWorkerLost", "StepsFailed"]
@@ -104,12 +105,7 @@ class Controller:
         self._slot_count = len(bundles)
         self._names = names  # each slot's context, as the user wrote it
         self.state = State.STARTING
-        self.handles: list = []
-        self.slots: list[int] = []
-        self.nodes: list[dict] = []
-        self.generation = 0
-        self.pending: list[int] = []  # slots whose replacement worker is starting
-        self.placement_group = None
+        self.members = Membership()  # the group now; the client reads it in each view
         self.limits = policy.Limits(self._slot_count, elastic=False)
         self.failures = 0  # failure events of the elastic run (policy.py says what one is)
         self.broken_in_a_row = 0  # re-formings with no worker lost since a step last succeeded
@@ -119,7 +115,7 @@ class Controller:
         self._replicas: dict[int, Replica] = {}  # by module id
         self._metric = None  # the metric the steps update on the workers
         self._events: list[dict] = []  # membership changes the client has not read yet
-        self._seen = None  # the membership the client last saw (see view)
+        self._seen: Membership | None = None  # the membership the client last saw (see view)
         self._unchecked: list[tuple[int, ray.ObjectRef, str]] = []
         self._in_flight: dict[ray.ObjectRef, tuple] = {}  # step calls not read: (rank, kind)
         self._chunks: deque[chunks.Chunk] = deque()  # in the order sent
@@ -131,9 +127,12 @@ class Controller:
     # -- the client's calls: those it reads return (value, view), the others nothing ---------------
     def start(self) -> tuple:
         """Places the workers and forms their group."""
-        self._adopt(self._group.start(self._backend))
-        self._synced = set(self.slots)
-        self._enter(State.RUNNING, f"{len(self.handles)} workers in generation {self.generation}")
+        self.members = self._group.start(self._backend)
+        self._synced = set(self.members.slots)
+        self._enter(
+            State.RUNNING,
+            f"{self.members.world_size} workers in generation {self.members.generation}",
+        )
         return None, self.view()
 
     def view(self) -> dict:
@@ -141,20 +140,10 @@ class Controller:
         view: None otherwise, the reply of every chunk stays small), the step count, and the
         changes it has not read yet. Only the replies the client reads carry one."""
         events, self._events = self._events, []
-        membership = {
-            "handles": list(self.handles),
-            "slots": list(self.slots),
-            "nodes": list(self.nodes),
-            "generation": self.generation,
-            "pending": list(self.pending),
-            "placement_group": self.placement_group,
-        }
-        seen = (self.generation, tuple(self.slots), tuple(self.pending))
-        if seen == self._seen:
-            membership = None
-        self._seen = seen
+        changed = not self.members.same_as(self._seen)
+        self._seen = self.members
         return {
-            "membership": membership,
+            "membership": self.members if changed else None,
             "steps_sent": self.steps_sent,
             "failures": self.failures,
             "leaving": sorted(self._leaving),
@@ -188,7 +177,7 @@ class Controller:
     def create(self, mid: int, args: tuple, per_slot: list) -> None:
         """Creates a module's replicas (``per_slot``: the arguments that differ by slot)."""
         self._replicas[mid] = Replica(args, per_slot)
-        self._create(mid, range(len(self.handles)))
+        self._create(mid, range(self.members.world_size))
 
     def bind(self, mid: int, args: tuple, shapes: tuple, work_load: list) -> tuple:
         """Binds a module's replicas to the global ``shapes`` ((data, label) shapes) split by
@@ -197,14 +186,14 @@ class Controller:
         replica = self._replicas[mid]
         replica.shapes, replica.work_load = shapes, work_load
         self._sync()
-        stypes = self._call("bind", mid, *args, per_worker=replica.split(self.slots))[0]
+        stypes = self._call("bind", mid, *args, per_worker=replica.split(self.members.slots))[0]
         replica.bind = args
         return stypes, self.view()
 
     def reshape(self, mid: int, shapes: tuple) -> None:
         replica = self._replicas[mid]
         replica.shapes = shapes
-        self._post("reshape", mid, per_worker=replica.split(self.slots))
+        self._post("reshape", mid, per_worker=replica.split(self.members.slots))
 
     def set_metric(self, metric) -> None:
         """The metric the steps update on the workers (None: they return outputs)."""
@@ -222,7 +211,7 @@ class Controller:
         if self._leaving:
             self._leave(done, seconds)
         if spec is not None:
-            if self.pending and self.limits.elastic:
+            if self.members.pending and self.limits.elastic:
                 self._grow(done, seconds)
             self._send(kind, chunks.steps_of(spec))
         while len(self._chunks) > keep:
@@ -254,22 +243,12 @@ class Controller:
         self._enter(State.FAILED, str(error))
         return error
 
-    def _adopt(self, membership: dict) -> None:
-        self.placement_group = membership["placement_group"]
-        self.handles = membership["handles"]
-        self.slots = membership["slots"]
-        self.nodes = membership["nodes"]
-        self.generation = membership["generation"]
-        self.pending = membership["pending"]
-
-    def _weights(self, work_load: list) -> list:
-        return [work_load[slot] for slot in self.slots]
-
     def _check_generation(self, method, per_worker, generation) -> None:
-        if per_worker is not None and generation not in (None, self.generation):
+        if per_worker is not None and generation not in (None, self.members.generation):
             raise WorkerLostError(
                 f"{method}(): the workers' membership changed (generation {generation} -> "
-                f"{self.generation}) since its per-worker arguments were made: call it again"
+                f"{self.members.generation}) since its per-worker arguments were made: call it "
+                "again"
             )
 
     def _note(self, method: str, args: tuple) -> None:
@@ -292,19 +271,19 @@ class Controller:
             raise self.lost
         if self.state is State.CLOSED:
             raise WorkerLostError("this module was closed; its workers are gone")
-        if ranks is not None and not all(0 <= rank < len(self.handles) for rank in ranks):
+        if ranks is not None and not all(0 <= rank < self.members.world_size for rank in ranks):
             raise ValueError(
                 f"ranks {list(ranks)} asked of {method}(), but the group has "
-                f"{len(self.handles)} workers (ranks 0..{len(self.handles) - 1})"
+                f"{self.members.world_size} workers (ranks 0..{self.members.world_size - 1})"
             )
         refs = []
-        for rank in range(len(self.handles)) if ranks is None else ranks:
+        for rank in range(self.members.world_size) if ranks is None else ranks:
             extra = per_worker[rank] if per_worker is not None else ()
-            refs.append(getattr(self.handles[rank], method).remote(*args, *extra))
+            refs.append(getattr(self.members.handles[rank], method).remote(*args, *extra))
         return refs
 
     def _post(self, method: str, *args, per_worker=None, ranks=None) -> None:
-        ranks = list(range(len(self.handles))) if ranks is None else ranks
+        ranks = list(range(self.members.world_size)) if ranks is None else ranks
         refs = self._submit(method, *args, per_worker=per_worker, ranks=ranks)
         self._unchecked.extend((rank, ref, method) for rank, ref in zip(ranks, refs))
 
@@ -388,9 +367,9 @@ class Controller:
     def _describe_lost(self, lost: dict[int, str]) -> str:
         described = []
         for rank in sorted(lost):
-            node = self.nodes[rank]
+            node, slot = self.members.nodes[rank], self.members.slots[rank]
             described.append(
-                f"worker {rank} ({self._names[self.slots[rank]]}, pid {node.get('pid', '?')}, "
+                f"worker {rank} ({self._names[slot]}, pid {node.get('pid', '?')}, "
                 f"node {str(node.get('node', '?'))[:8]})"
             )
         return ", ".join(described) + (" was lost" if len(lost) == 1 else " were lost")
@@ -402,12 +381,12 @@ class Controller:
             for step in steps:
                 self.steps_sent += 1
                 step.number = self.steps_sent
-        weights = [self._weights(self._replicas[step.mid].work_load) for step in steps]
+        weights = [self.members.weights(self._replicas[step.mid].work_load) for step in steps]
         args = chunks.worker_args(steps, weights, self.settings.data_timeout_s)
         mids = [step.mid for step in steps]
         refs = [
-            handle.steps.remote(kind, mids, batches, self.generation, plan)
-            for handle, (batches, plan) in zip(self.handles, args)
+            handle.steps.remote(kind, mids, batches, self.members.generation, plan)
+            for handle, (batches, plan) in zip(self.members.handles, args)
         ]
         self._in_flight.update((ref, (rank, kind)) for rank, ref in enumerate(refs))
         self._chunks.append(
@@ -415,9 +394,9 @@ class Controller:
                 kind,
                 steps,
                 refs,
-                list(self.slots),
-                self.generation,
-                chunks.reads(self.handles, args),
+                list(self.members.slots),
+                self.members.generation,
+                chunks.reads(self.members.handles, args),
             )
         )
 
@@ -428,7 +407,7 @@ class Controller:
         try:
             per_worker = self._get(chunk.refs, chunk.kind)
         except StepsFailed as failure:
-            if chunk.generation == self.generation:
+            if chunk.generation == self.members.generation:
                 self._resend(self._recover(failure), done)
             else:  # sent before a re-forming that a call in between went through
                 self._resend(self.committed, done)
@@ -436,7 +415,7 @@ class Controller:
         self._chunks.popleft()
         for slot, (_, took, shut_down) in zip(chunk.slots, per_worker):
             seconds[slot] = seconds.get(slot, 0.0) + took
-            if shut_down and slot in self.slots:
+            if shut_down and slot in self.members.slots:
                 self._leaving.add(slot)
         for index, step in enumerate(chunk.steps):
             results = [per_step[index] for per_step, _, _ in per_worker]
@@ -447,7 +426,7 @@ class Controller:
         before it (up to step ``committed``), which are finished without results."""
         void = [step for chunk in self._chunks for step in chunk.steps]
         kind = self._chunks[0].kind
-        members = set(self.handles)
+        members = set(self.members.handles)
         read_by_lost = {
             ref
             for chunk in self._chunks
@@ -492,14 +471,16 @@ class Controller:
             return
         self._next_poll = time.monotonic() + self.settings.admit_interval_s
         ready = self._group.ready(0.0)
-        admit = ready[: policy.to_admit(self._slot_count, len(self.handles), len(ready))]
+        admit = ready[: policy.to_admit(self._slot_count, self.members.world_size, len(ready))]
         if not admit:
             return
-        tic, before = time.monotonic(), len(self.handles)
+        tic, before = time.monotonic(), self.members.world_size
         while self._chunks:
             self._finish(done, seconds)
         self._sync()
-        admit = [slot for slot in admit if slot in self.pending]  # a recovery may have taken it
+        admit = [
+            slot for slot in admit if slot in self.members.pending
+        ]  # a recovery may have taken it
         if not admit:
             return
         self._enter(State.GROWING, f"admitting slots {admit}")
@@ -519,13 +500,13 @@ class Controller:
         while self._chunks:
             self._finish(done, seconds)
         self._sync()
-        leaving = sorted(slot for slot in self._leaving if slot in self.slots)
+        leaving = sorted(slot for slot in self._leaving if slot in self.members.slots)
         self._leaving = set()
         if not leaving:
             return
-        tic, before = time.monotonic(), len(self.handles)
+        tic, before = time.monotonic(), self.members.world_size
         why = f"{', '.join(f'slot {s}' for s in leaving)} shut down (SIGTERM)"
-        survivors = len(self.handles) - len(leaving)
+        survivors = self.members.world_size - len(leaving)
         decision = policy.on_leave(self.limits, survivors)
         if decision.action is policy.Action.FAIL:
             raise self._fail(WorkerLostError(f"{why}; {decision.reason}"))
@@ -540,7 +521,10 @@ class Controller:
         )
         if committed is None:
             return
-        self._enter(State.RUNNING, f"generation {self.generation}, {len(self.handles)} workers")
+        self._enter(
+            State.RUNNING,
+            f"generation {self.members.generation}, {self.members.world_size} workers",
+        )
         extra = {"left": [f"slot {s}" for s in leaving], "step": committed}
         self._announce("left", why, before, tic, extra)
 
@@ -566,7 +550,7 @@ class Controller:
         change is announced once, with every worker it lost. Returns that step; the steps
         after it are sent again. Storage is never read here: when nobody survived,
         :class:`EveryWorkerLost` leaves it to ``fit``."""
-        tic, before, during = failure.seen_at, len(self.handles), failure.method
+        tic, before, during = failure.seen_at, self.members.world_size, failure.method
         gone: list[int] = []
         why: list[str] = []
         self._enter(State.RECOVERING, str(failure))
@@ -580,7 +564,10 @@ class Controller:
                     failure = again
         finally:
             self._recovering = False
-        self._enter(State.RUNNING, f"generation {self.generation}, {len(self.handles)} workers")
+        self._enter(
+            State.RUNNING,
+            f"generation {self.members.generation}, {self.members.world_size} workers",
+        )
         extra = {"lost": [f"slot {s}" for s in gone], "step": committed, "during": during}
         self._announce("lost" if gone else "re-formed", "; ".join(why), before, tic, extra)
         return committed
@@ -593,7 +580,7 @@ class Controller:
         self.broken_in_a_row = 0 if lost else self.broken_in_a_row + 1
         decision = self._decide(lost)
         if decision.action is policy.Action.EVICT:
-            rank = failure.slowest if failure.slowest is not None else len(self.handles) - 1
+            rank = failure.slowest if failure.slowest is not None else self.members.world_size - 1
             lost[rank] = f"evicted: {decision.reason}"
             self.broken_in_a_row = 0
             decision = self._decide(lost)
@@ -609,7 +596,7 @@ class Controller:
                     + (f"; {decision.reason}" if decision.reason else "")
                 )
             )
-        removed = [self.slots[r] for r in sorted(lost)]
+        removed = [self.members.slots[r] for r in sorted(lost)]
         why.append(
             f"{self._describe_lost(lost)}: {'; '.join(lost.values())}"
             if lost
@@ -619,7 +606,7 @@ class Controller:
             gone.extend(removed)
             self._synced.difference_update(removed)
             self._group.remove(removed)
-        live = len(self.handles) - len(removed)
+        live = self.members.world_size - len(removed)
         wait = decision.action is policy.Action.WAIT
         return self._reform(self._wait_for_floor(live, wait, why[-1]))
 
@@ -627,7 +614,7 @@ class Controller:
         return policy.on_loss(
             self.limits,
             policy.Loss(
-                survivors=len(self.handles) - len(lost),
+                survivors=self.members.world_size - len(lost),
                 lost=len(lost),
                 failures_before=self.failures,
                 broken_in_a_row=self.broken_in_a_row,
@@ -665,14 +652,12 @@ class Controller:
         module's batch anew and brings everyone to the latest step a member in step applied.
         A member lost meanwhile raises :class:`StepsFailed` (for :meth:`_recover`)."""
         self._group.admit(admit)
-        membership = self._group.form(self._backend)
-        self._adopt(membership)
-        if membership["lost"]:
-            rank_of = {slot: rank for rank, slot in enumerate(self.slots)}
-            lost = {rank_of[slot]: why for slot, why in membership["lost"].items()}
-            raise StepsFailed("re-form", lost, "")
-        new = [rank for rank, slot in enumerate(self.slots) if slot not in self._synced]
-        old = [rank for rank, slot in enumerate(self.slots) if slot in self._synced]
+        self.members, lost = self._group.form(self._backend)
+        if lost:
+            rank_of = self.members.rank_of()
+            raise StepsFailed("re-form", {rank_of[slot]: why for slot, why in lost.items()}, "")
+        new = [rank for rank, slot in enumerate(self.members.slots) if slot not in self._synced]
+        old = [rank for rank, slot in enumerate(self.members.slots) if slot in self._synced]
         if not old:
             raise self._fail(EveryWorkerLost("every worker holding the run's state was lost"))
         applied = self._call("applied", ranks=old)
@@ -684,7 +669,7 @@ class Controller:
             self._create(mid, new)
             if replica.bind is None:
                 continue
-            per_worker = replica.split(self.slots)
+            per_worker = replica.split(self.members.slots)
             if old:
                 self._post("reshape", mid, per_worker=per_worker, ranks=old)
             if new:
@@ -704,13 +689,13 @@ class Controller:
         if new:
             self._post("set_metric", self._metric, ranks=new)
         self._sync()
-        self._synced = set(self.slots)
+        self._synced = set(self.members.slots)
         self.steps_sent = self.committed = committed
         return committed
 
     def _create(self, mid: int, ranks) -> None:
         replica = self._replicas[mid]
-        per_worker = {rank: replica.per_slot[self.slots[rank]] for rank in ranks}
+        per_worker = {rank: replica.per_slot[self.members.slots[rank]] for rank in ranks}
         if per_worker:
             self._post("create", mid, *replica.create, per_worker=per_worker, ranks=list(ranks))
 
@@ -737,11 +722,11 @@ class Controller:
                 "event": "membership",
                 "change": change,
                 "why": why,
-                "world_size": len(self.handles),
+                "world_size": self.members.world_size,
                 "previous_world_size": before,
-                "generation": self.generation,
+                "generation": self.members.generation,
                 "recovery_s": round(time.monotonic() - tic, 3),
-                "pending": list(self.pending),
+                "pending": list(self.members.pending),
                 "failures": self.failures,
                 **extra,
             }

@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..constants import Settings
 from ..errors import PlacementError, WorkerError, WorkerLostError, first_line
+from .membership import Membership
 
 __all__ = ["WorkerGroup"]
 
@@ -117,7 +118,7 @@ class WorkerGroup:
         self._own_pg: PlacementGroup | None = None
         self._actor_class = ray.remote(worker_class)
 
-    def start(self, backend: str) -> dict:
+    def start(self, backend: str) -> Membership:
         """Places every worker (bounded wait), then forms their collective group."""
         self._pg, self._indexed = self._placement()
         for slot in range(len(self.bundles)):
@@ -133,12 +134,12 @@ class WorkerGroup:
             )
         described = ray.get(probes)
         self.nodes = dict(zip(self.members, described))
-        membership = self.form(backend)
-        if membership["lost"]:
+        membership, lost = self.form(backend)
+        if lost:
             self.stop()
             raise WorkerLostError(
-                f"the workers of slots {sorted(membership['lost'])} were lost before training "
-                f"started: {'; '.join(membership['lost'].values())}"
+                f"the workers of slots {sorted(lost)} were lost before training "
+                f"started: {'; '.join(lost.values())}"
             )
         return membership
 
@@ -153,19 +154,17 @@ class WorkerGroup:
             scheduling_strategy=strategy,
         ).remote(self.devices[slot], self.settings.allreduce_bucket_bytes)
 
-    def membership(self) -> dict:
-        """The members in rank order (by slot), their nodes, the generation, the slots whose
-        replacements are still starting, and the placement group made for them (None in a
-        Tune trial's), which the client removes if this controller dies."""
-        slots = sorted(self.members)
-        return {
-            "placement_group": self._own_pg,
-            "generation": self.generation,
-            "slots": slots,
-            "handles": [self.members[s] for s in slots],
-            "nodes": [self.nodes.get(s, {}) for s in slots],
-            "pending": sorted(self.pending),
-        }
+    def membership(self) -> Membership:
+        """The members now, in rank order (by slot)."""
+        slots = tuple(sorted(self.members))
+        return Membership(
+            handles=tuple(self.members[s] for s in slots),
+            slots=slots,
+            nodes=tuple(self.nodes.get(s, {}) for s in slots),
+            generation=self.generation,
+            pending=tuple(sorted(self.pending)),
+            placement_group=self._own_pg,
+        )
 
     def remove(self, slots: list[int]) -> None:
         """Kills the members of ``slots`` (dead or silent) and starts their replacements."""
@@ -247,10 +246,10 @@ class WorkerGroup:
                 ray.available_resources(),
             )
 
-    def form(self, backend: str) -> dict:
+    def form(self, backend: str) -> tuple[Membership, dict[int, str]]:
         """A new collective group among the members (a fresh rendezvous, the next generation);
-        returns the :meth:`membership`, with ``lost``: the slots whose member died or stayed
-        silent meanwhile, with why (no group was formed then: remove them and form again).
+        returns the :meth:`membership` and the slots whose member died or stayed silent
+        meanwhile, with why (no group was formed then: remove them and form again).
 
         Each phase is bounded: leaving by the collective timeout (a member still in a
         collective fails within it), the rendezvous by twice that (torch's store, then the
@@ -270,7 +269,7 @@ class WorkerGroup:
                     for rank, w in enumerate(workers)
                 ]
                 lost = _unresponsive(slots, refs, 2 * timeout_s)
-        return {**self.membership(), "lost": lost}
+        return self.membership(), lost
 
     def stop(self) -> None:
         for worker in [*self.members.values(), *self.pending.values()]:
