@@ -34,6 +34,7 @@ __all__ = [
     "ArrayDataset",
     "DatasetIter",
     "RecordIODataset",
+    "RayDataIter",
     "RayModuleError",
     "CallOrderError",
     "PlacementError",
@@ -57,6 +58,7 @@ _LAZY = {
     "ArrayDataset": ".data",
     "DatasetIter": ".data",
     "RecordIODataset": ".data",
+    "RayDataIter": ".data",
 }
 _SUBMODULES = {"tune"}
 

@@ -59,9 +59,14 @@ class _Step:
         return dataset.batch(self.index[part]).label
 
 
-def _batches(data_iter, indexed: bool):
+def _batches(data_iter, indexed: bool, passes: int | None = None):
     """The batches of ``data_iter``; of a dataset the workers read (``indexed``): their
-    indices only, as :func:`raymodule.data.index_batch` describes them."""
+    indices only, as :func:`raymodule.data.index_batch` describes them; of a Ray Dataset the
+    workers stream (``passes``: its global batches in this pass): a description of each."""
+    if passes is not None:
+        for _ in range(passes):
+            yield data.index_batch(None, 0, data_iter)
+        return
     if not indexed:
         yield from data_iter
         return
@@ -173,6 +178,32 @@ def steps(
     if indexed:
         # an ArrayDataset is put in the object store once here; the calls carry its reference
         dataset.key()
+    # a RayDataIter: each worker streams its own share of every batch from its split
+    stream, passes = None, None
+    if isinstance(data_iter, data.RayDataIter):
+        if not getattr(module, "_reads_datasets", False):
+            raise ValueError(
+                f"{type(module).__name__} cannot stream a raymodule.data.RayDataIter; "
+                "use raymodule.Module"
+            )
+        if metric is not None and not metrics.runs_on_workers(metric):
+            raise ValueError(
+                f"the metric {metric.name!r} needs every label in the client, which a "
+                "RayDataIter never reads there; use metrics computed on the workers "
+                "(accuracy, cross-entropy, ...)"
+            )
+        # the module reshaped to the iterator's batches (nothing is queued yet), then split
+        module._step_module(data.index_batch(None, 0, data_iter), flush=lambda: None)
+        shares = [cut.stop - cut.start for cut in module._slices]
+        passes = data_iter.batches_per_pass(shares)
+        stream = {
+            "dataset": data_iter.dataset,
+            "key": data_iter.key,
+            "pass": data_iter.epoch,
+            "batches": passes,
+            "data_names": data_iter.data_names,
+            "label_names": data_iter.label_names,
+        }
     if monitor is not None:  # statistics are collected step by step, as MXNet does
         per_call, depth = 1, 0
     else:
@@ -204,6 +235,10 @@ def steps(
                 spec["dataset"] = dataset
                 spec["indices"] = [step.index for step in chunk]
                 spec["labels"] = [bool(step.target._label_shapes) for step in chunk]
+            elif stream is not None:
+                spec["stream"] = dict(stream, positions=[step.nbatch for step in chunk])
+                stream.pop("dataset", None)  # the controller keeps it after the first chunk
+                spec["labels"] = [bool(step.target._label_shapes) for step in chunk]
             else:
                 parts = zip(*(step.batch.parts(cut) for step, cut in zip(chunk, slices)))
                 spec["sources"] = [ray.put(list(part)) for part in parts]
@@ -222,7 +257,7 @@ def steps(
 
     try:
         tally.batches, given = first_batch, 0
-        for nbatch, data_batch in enumerate(_batches(data_iter, indexed)):
+        for nbatch, data_batch in enumerate(_batches(data_iter, indexed, passes)):
             if num_batch is not None and nbatch == num_batch:
                 break
             given = nbatch + 1
@@ -249,6 +284,9 @@ def steps(
             if indexed:
                 tally.samples += len(data_batch.index)
                 chunk.append(_Step(nbatch, data_batch, None, target, data_batch.index))
+            elif stream is not None:
+                tally.samples += data_iter.batch_size
+                chunk.append(_Step(nbatch, data_batch, None, target))
             else:
                 batch = target._batch(data_batch)
                 tally.samples += batch.data[0].shape[batch.data_axes[0]] if batch.data else 0

@@ -54,6 +54,11 @@ def test_outside_a_run_a_loss_fails_and_says_how_to_go_on():
         (Limits(3, max_reforms=0), Loss(3, 0, 9, broken_in_a_row=1), Action.EVICT),
         # ... and that is no failure: max_failures is not passed by it
         (Limits(3, max_failures=0), Loss(3, 0, 0, broken_in_a_row=1), Action.CONTINUE),
+        # in a Ray Dataset's pass the streams cannot be re-split: from the latest checkpoint
+        (Limits(3, min_workers=1), Loss(2, 1, 0, mid_pass=True), Action.RESTART),
+        (Limits(3, min_workers=1), Loss(3, 0, 0, broken_in_a_row=1, mid_pass=True), Action.RESTART),
+        (Limits(3, min_workers=1, max_failures=0), Loss(2, 1, 0, mid_pass=True), Action.FAIL),
+        (Limits(3, elastic=False), Loss(2, 1, 0, mid_pass=True), Action.FAIL),
     ],
 )
 def test_on_loss(limits, loss, action):
@@ -72,6 +77,13 @@ def test_max_failures_counts_failure_events_not_workers():
     decision = policy.on_loss(limits, Loss(survivors=1, lost=1, failures_before=2))
     assert decision.action is Action.FAIL
     assert "3 failures" in decision.reason and "max_failures=2" in decision.reason
+
+
+def test_leaving_in_a_ray_datasets_pass_restarts_saying_why():
+    assert policy.on_leave(Limits(3, min_workers=1), 2).action is Action.CONTINUE
+    decision = policy.on_leave(Limits(3, min_workers=1), 2, mid_pass=True)
+    assert decision.action is Action.RESTART and "Ray Dataset" in decision.reason
+    assert "Ray Dataset" in policy.on_loss(Limits(3), Loss(2, 1, 0, mid_pass=True)).reason
 
 
 def test_evicting_says_why():

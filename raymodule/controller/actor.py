@@ -123,6 +123,9 @@ class Controller:
         self._leaving: set[int] = set()  # slots whose worker got SIGTERM: removed gracefully
         self._recovering = False
         self._next_poll = 0.0
+        self._splits: dict[str, tuple] = {}  # by Ray Dataset: (key, its members' shares)
+        self._stream_datasets: dict = {}  # the Ray Datasets streamed, by their iterator's key
+        self._open_pass = None  # a Ray Dataset's pass being streamed: (key, pass, batches)
 
     # -- the client's calls: those it reads return (value, view), the others nothing ---------------
     def start(self) -> tuple:
@@ -211,7 +214,7 @@ class Controller:
         if self._leaving:
             self._leave(done, seconds)
         if spec is not None:
-            if self.members.pending and self.limits.elastic:
+            if self.members.pending and self.limits.elastic and not self._mid_pass():
                 self._grow(done, seconds)
             self._send(kind, chunks.steps_of(spec))
         while len(self._chunks) > keep:
@@ -382,7 +385,12 @@ class Controller:
                 self.steps_sent += 1
                 step.number = self.steps_sent
         weights = [self.members.weights(self._replicas[step.mid].work_load) for step in steps]
-        args = chunks.worker_args(steps, weights, self.settings.data_timeout_s)
+        split = None
+        if steps[0].stream is not None:
+            split = self._split(steps[0].stream)
+        else:
+            self._open_pass = None  # a pass cut short (num_batch) is over when others start
+        args = chunks.worker_args(steps, weights, self.settings.data_timeout_s, split)
         mids = [step.mid for step in steps]
         refs = [
             handle.steps.remote(kind, mids, batches, self.members.generation, plan)
@@ -400,6 +408,31 @@ class Controller:
             )
         )
 
+    def _split(self, stream: dict) -> tuple[str, list]:
+        """The members' shares of a Ray Dataset (``Dataset.streaming_split`` among them, each
+        share's blocks preferably on its member's node), made once per dataset and generation:
+        ``(its key, the shares in rank order)``. Marks a pass open until its last step is
+        read: a membership change then restarts the run (:meth:`_mid_pass`)."""
+        key = f"{stream['key']}/{self.members.generation}"
+        if "dataset" in stream:  # the first chunk of a pass brings it
+            self._stream_datasets[stream["key"]] = stream["dataset"]
+        made = self._splits.get(stream["key"])
+        if made is None or made[0] != key:  # an earlier generation's is released
+            nodes = [node.get("node") for node in self.members.nodes]
+            shares = self._stream_datasets[stream["key"]].streaming_split(
+                self.members.world_size,
+                equal=True,
+                locality_hints=nodes if all(nodes) else None,
+            )
+            made = self._splits[stream["key"]] = (key, shares)
+        self._open_pass = (stream["key"], stream["pass"], stream["batches"])
+        return made
+
+    def _mid_pass(self) -> bool:
+        """Whether a Ray Dataset's pass is being streamed: its members' splits cannot be
+        re-split before it ends."""
+        return self._open_pass is not None
+
     def _finish(self, done: list, seconds: dict) -> None:
         """Reads the oldest chunk in flight into ``done``; after a loss, sends the steps in
         flight again to the re-formed group."""
@@ -413,6 +446,11 @@ class Controller:
                 self._resend(self.committed, done)
             return
         self._chunks.popleft()
+        if self._open_pass is not None and any(
+            step.stream is not None and step.position == step.stream["batches"] - 1
+            for step in chunk.steps
+        ):
+            self._open_pass = None  # its last step is done
         for slot, (_, took, shut_down) in zip(chunk.slots, per_worker):
             seconds[slot] = seconds.get(slot, 0.0) + took
             if shut_down and slot in self.members.slots:
@@ -507,11 +545,13 @@ class Controller:
         tic, before = time.monotonic(), self.members.world_size
         why = f"{', '.join(f'slot {s}' for s in leaving)} shut down (SIGTERM)"
         survivors = self.members.world_size - len(leaving)
-        decision = policy.on_leave(self.limits, survivors)
+        decision = policy.on_leave(self.limits, survivors, mid_pass=self._mid_pass())
         if decision.action is policy.Action.FAIL:
             raise self._fail(WorkerLostError(f"{why}; {decision.reason}"))
         if decision.action is policy.Action.RESTART:
-            raise self._fail(EveryWorkerLost(f"every worker was shut down: {why}"))
+            raise self._fail(
+                EveryWorkerLost(f"{why}; {decision.reason or 'every worker was shut down'}")
+            )
         self._enter(State.LEAVING, why)
         self._synced.difference_update(leaving)
         self._group.remove(leaving)
@@ -618,6 +658,7 @@ class Controller:
                 lost=len(lost),
                 failures_before=self.failures,
                 broken_in_a_row=self.broken_in_a_row,
+                mid_pass=self._mid_pass(),
             ),
         )
 

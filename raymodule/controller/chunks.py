@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..data import IndexedParts, PartPlan, split_slices
+from ..data import IndexedParts, PartPlan, StreamParts, split_slices
 
 __all__ = ["Piece", "Step", "Chunk", "steps_of", "worker_args", "reads", "rehome"]
 
@@ -42,6 +42,8 @@ class Step:
     indices: object = None  # a dataset's step: its global batch's dataset indices (no pieces)
     dataset: object = None  # ... that dataset (a raymodule.data.Dataset)
     labels: bool = True  # ... whether its module takes labels
+    stream: dict | None = None  # a Ray Dataset's step: its pass (see steps_of; no pieces)
+    position: int = 0  # ... its batch number in the pass
 
 
 @dataclass
@@ -62,6 +64,15 @@ def steps_of(spec: dict) -> list[Step]:
     parts (``sources``: one object per part, holding that part of every step); or, for a
     dataset's steps, instead of ``sources``: the ``dataset``, each step's global batch's
     ``indices`` and whether its module takes ``labels``."""
+    if "stream" in spec:
+        stream = {k: v for k, v in spec["stream"].items() if k != "positions"}
+        return [
+            Step(serial, mid, size, [], labels=labels, stream=stream, position=position)
+            for serial, mid, size, labels, position in zip(
+                spec["serials"], spec["mids"], spec["sizes"], spec["labels"],
+                spec["stream"]["positions"],
+            )
+        ]  # fmt: skip
     if "indices" in spec:
         return [
             Step(serial, mid, size, [], indices=index, dataset=spec["dataset"], labels=labels)
@@ -79,16 +90,36 @@ def steps_of(spec: dict) -> list[Step]:
 
 
 def worker_args(
-    steps: list[Step], weights: list[list[float]], data_timeout_s: float
+    steps: list[Step], weights: list[list[float]], data_timeout_s: float, split=None
 ) -> list[tuple]:
     """Each member's ``(batches, plan)`` for :meth:`ModuleWorker.steps`, the members weighted
     by ``weights[i]`` for step ``i``; sets each step's :attr:`Step.slices`. A member whose
     rows are exactly one part of every step gets that part's object (Ray hands it the part
-    itself); otherwise the sources it reads and a :class:`raymodule.data.PartPlan`. Its waits
-    for rows are bounded by ``data_timeout_s``."""
+    itself); otherwise the sources it reads and a :class:`raymodule.data.PartPlan`. For a Ray
+    Dataset's steps, ``split`` is ``(key, shares)``: member ``rank`` streams from
+    ``shares[rank]`` (:class:`raymodule.data.StreamParts`). Waits for rows are bounded by
+    ``data_timeout_s``."""
     for step, step_weights in zip(steps, weights):
         step.slices = split_slices(step.size, step_weights)
     members = len(weights[0])
+    if steps[0].stream is not None:  # a Ray Dataset's: each member streams from its split
+        stream, (key, shares) = steps[0].stream, split
+        return [
+            (
+                StreamParts(
+                    key,
+                    shares[rank],
+                    stream["pass"],
+                    [step.slices[rank].stop - step.slices[rank].start for step in steps],
+                    [step.labels for step in steps],
+                    stream["data_names"],
+                    stream["label_names"],
+                    data_timeout_s,
+                ),
+                None,
+            )
+            for rank in range(members)
+        ]
     if steps[0].indices is not None:  # a dataset's steps: each member's slice of the indices
         return [
             (
@@ -134,7 +165,8 @@ def reads(members: list, args: list[tuple]) -> dict:
     """The part objects each of ``members`` reads, given :func:`worker_args`' result (none
     for a dataset's steps: the dataset is the client's object, not a part to copy)."""
     return {
-        member: [] if isinstance(batches, IndexedParts) else [batches] if plan is None
+        member: [] if isinstance(batches, (IndexedParts, StreamParts)) else [batches]
+        if plan is None
         else list(batches)
         for member, (batches, plan) in zip(members, args)
     }  # fmt: skip

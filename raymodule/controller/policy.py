@@ -43,13 +43,21 @@ class Limits:
 @dataclass(frozen=True)
 class Loss:
     """What a failed call showed: the workers that survived it and those lost in it, the
-    failures over the run before it, and how many times in a row (this one included) the group
-    broke with no worker lost."""
+    failures over the run before it, how many times in a row (this one included) the group
+    broke with no worker lost, and whether it came in the middle of a Ray Dataset's pass
+    (whose members' splits cannot be re-split before it ends)."""
 
     survivors: int
     lost: int
     failures_before: int
     broken_in_a_row: int = 0
+    mid_pass: bool = False
+
+
+_MID_PASS = (
+    "a Ray Dataset's pass cannot be re-split among other workers before it ends: the run "
+    "restarts from its latest checkpoint"
+)
 
 
 class Action(Enum):
@@ -77,6 +85,8 @@ def on_loss(limits: Limits, loss: Loss) -> Decision:
             "fit(..., run=raymodule.RunConfig(...)) to train on through losses",
         )
     if loss.lost == 0:
+        if loss.mid_pass:  # the failed steps' rows were read from the streams: gone
+            return Decision(Action.RESTART, _MID_PASS)
         if loss.broken_in_a_row > limits.max_reforms:
             return Decision(
                 Action.EVICT,
@@ -94,14 +104,17 @@ def on_loss(limits: Limits, loss: Loss) -> Decision:
         )
     if loss.survivors == 0:
         return Decision(Action.RESTART)
+    if loss.mid_pass:
+        return Decision(Action.RESTART, _MID_PASS)
     if loss.survivors < limits.floor:
         return Decision(Action.WAIT)
     return Decision(Action.CONTINUE)
 
 
-def on_leave(limits: Limits, survivors: int) -> Decision:
+def on_leave(limits: Limits, survivors: int, mid_pass: bool = False) -> Decision:
     """What to do when members asked to leave (SIGTERM: a preemption notice, a node drained)
-    and ``survivors`` would remain. Leaving is no failure: no step failed, no state is lost."""
+    and ``survivors`` would remain (``mid_pass``: in the middle of a Ray Dataset's pass).
+    Leaving is no failure: no step failed, no state is lost."""
     if not limits.elastic:
         return Decision(
             Action.FAIL,
@@ -110,6 +123,8 @@ def on_leave(limits: Limits, survivors: int) -> Decision:
         )
     if survivors == 0:
         return Decision(Action.RESTART)
+    if mid_pass:
+        return Decision(Action.RESTART, _MID_PASS)
     if survivors < limits.floor:
         return Decision(Action.WAIT)
     return Decision(Action.CONTINUE)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import mxnet as mx
     import numpy as np
 
-    from ..data import Batch, IndexedParts, PartPlan
+    from ..data import Batch, IndexedParts, PartPlan, StreamParts, StreamReader
     from .collective import Collective
 
 from ..checkpoint.snapshot import Snapshot
@@ -41,7 +41,7 @@ _DATASETS_KEPT = 4  # datasets a worker keeps read (each one a zero-copy view of
 def _import_runtime() -> None:
     """Binds this module's MXNet-dependent names; runs once, in the worker process."""
     global mx, np, DataBatch, metrics, native, nd_bytes, optimizer_state, to_ndarray, Placed
-    global IndexedParts
+    global IndexedParts, StreamParts, StreamReader
     os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # no backend banner per executor
     import mxnet as mx
     import numpy as np
@@ -49,7 +49,7 @@ def _import_runtime() -> None:
 
     from .. import metrics
     from ..checkpoint import optimizer_state
-    from ..data import IndexedParts, nd_bytes, to_ndarray
+    from ..data import IndexedParts, StreamParts, StreamReader, nd_bytes, to_ndarray
     from ..views import Placed
     from . import native
 
@@ -78,6 +78,7 @@ class ModuleWorker:
         self._generation = 0
         self._shut_down = False  # SIGTERM came: the controller removes this worker gracefully
         self._datasets: dict = {}  # the datasets read lately, by object-store reference
+        self._streams: dict = {}  # the Ray Dataset splits read lately, by key: StreamReaders
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._note_shutdown)
 
@@ -319,7 +320,8 @@ class ModuleWorker:
 
         ``batches`` is this worker's part of each batch, as the client put it in the object
         store; or its rows of each batch as dataset indices (:class:`IndexedParts`), which it
-        reads from the dataset itself, a step ahead in a background thread; or, with ``plan``
+        reads from the dataset itself, a step ahead in a background thread; or its share of a
+        Ray Dataset's steps (:class:`StreamParts`), streamed from its split; or, with ``plan``
         (a :class:`PartPlan`), references to parts put for another split (the steps are sent
         again to a group that re-formed). Every wait for rows is bounded by the timeout they
         carry.
@@ -339,6 +341,12 @@ class ModuleWorker:
             )
         if isinstance(batches, IndexedParts):
             batches = self._read(batches)
+        elif isinstance(batches, StreamParts):
+            reader = self._streams.pop(batches.key, None) or StreamReader()
+            self._streams[batches.key] = reader  # the newest last; training's and validation's
+            while len(self._streams) > _DATASETS_KEPT:
+                self._streams.pop(next(iter(self._streams))).close()
+            batches = reader.batches(batches)
         elif plan is not None:
             batches = assemble(batches, plan)
         tic = time.perf_counter()  # a dataset's rows are read meanwhile: counted in
