@@ -12,7 +12,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 import ray
-from conftest import dataset, max_relative_diff, mlp
+from conftest import Interrupted, dataset, interrupt_at, max_relative_diff, mlp
 
 import raymodule
 from raymodule.data import ArrayDataset, DatasetIter
@@ -398,3 +398,36 @@ def test_a_run_that_loses_workers_trains_the_same_global_batches(lost, tmp_path)
     assert events, "no worker was lost"
     if len(lost) == 3:
         assert events[0]["change"] == "restarted"
+
+
+def test_a_run_resumed_on_another_number_of_workers_trains_the_same_global_batches(tmp_path):
+    """Interrupted mid-epoch on 2 workers, resumed on 3 from its checkpoint: the resumed epoch
+    goes on in that epoch's order from the checkpoint's batch, each batch split three ways,
+    and the run ends as one native device trained it."""
+    x, y = dataset(n=160)
+    ds = ArrayDataset(x, y)
+    expected = native_fit(ds)
+    run = raymodule.RunConfig(name="r", storage=str(tmp_path), checkpoint_every=2)
+
+    def fit(workers, **fit_args):
+        mx.random.seed(3)
+        with raymodule.Module(mlp(), context=[mx.cpu(i) for i in range(workers)]) as mod:
+            mod.fit(
+                DatasetIter(ds, 16, shuffle=True, seed=9),
+                num_epoch=2,
+                optimizer="sgd",
+                optimizer_params=SGD,
+                initializer=mx.init.Xavier(),
+                run=run,
+                **fit_args,
+            )
+            return mod.get_params()[0]
+
+    with pytest.raises(Interrupted):
+        fit(2, batch_end_callback=interrupt_at(1, 6, str(tmp_path / "r")))
+    ckpt = raymodule.latest_checkpoint(str(tmp_path / "r"))
+    assert ckpt.epoch == 1 and ckpt.batch > 0 and ckpt.manifest["world_size"] == 2
+    trained = []
+    resumed = fit(3, batch_end_callback=lambda p: trained.append((p.epoch, p.nbatch)))
+    assert trained[0] == (1, ckpt.batch) and trained[-1] == (1, 9)
+    assert max_relative_diff(expected, resumed) <= 1e-5
