@@ -140,6 +140,15 @@ def test_bad_input_is_refused_in_words():
         DatasetIter(ds, 2.5)
     with pytest.raises(ValueError, match="last_batch_handle='keep' must be one of 'pad'"):
         DatasetIter(ds, 2, last_batch_handle="keep")
+    # samples that do not fit the symbol (3x3 images into a 5x5 convolution): said in the
+    # client, before any worker binds
+    images = DatasetIter(ArrayDataset(np.zeros((8, 1, 3, 3)), np.zeros(8)), 4)
+    conv = mx.sym.Convolution(mx.sym.var("data"), kernel=(5, 5), num_filter=2)
+    net = mx.sym.SoftmaxOutput(mx.sym.FullyConnected(conv, num_hidden=2), name="softmax")
+    with raymodule.Module(net, context=[mx.cpu(0), mx.cpu(1)]) as mod:
+        with pytest.raises(ValueError, match=r"\(4, 1, 3, 3\).*do not fit the symbol"):
+            mod.fit(images, num_epoch=1)
+        assert mod.workers is None
 
 
 def test_the_dataset_goes_to_the_object_store_once_and_travels_as_its_reference():
