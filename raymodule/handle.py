@@ -25,14 +25,9 @@ from . import runtime
 from .constants import Settings
 from .context import local_device, resources_of
 from .controller import policy
-from .controller.actor import (
-    EveryWorkerLost,
-    RemoteController,
-    forming_s,
-    in_words,
-    longest_call_s,
-)
+from .controller.actor import EveryWorkerLost, RemoteController
 from .controller.membership import Membership
+from .controller.waits import forming_s, in_words, longest_call_s
 from .errors import RayModuleError, WorkerLostError, first_line
 
 __all__ = ["ControllerHandle"]

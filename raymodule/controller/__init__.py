@@ -6,7 +6,8 @@
 - :mod:`.group`: placing the workers, their slots and the collective group's generations;
 - :mod:`.membership`: who is in the group at a generation (what the client sees of it too);
 - :mod:`.chunks`: the steps it sends, and where their rows are after a re-forming;
-- :mod:`.replicas`: its journal of each module's replicas, replayed on workers that join.
+- :mod:`.replicas`: its journal of each module's replicas, replayed on workers that join;
+- :mod:`.waits`: how long it waits for workers, and what a call's outcome says.
 """
 
 from .actor import Controller, EveryWorkerLost, RemoteController, State, StepsFailed

@@ -1,0 +1,99 @@
+"""How long the controller waits, and what a call's outcome says.
+
+Every wait for workers is bounded by these, all derived from ``RAYMODULE_*`` settings
+(:mod:`raymodule.constants`); the client bounds its calls to the controller by
+:func:`longest_call_s`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from ..constants import Settings
+from ..errors import GroupBrokenError, RayModuleError, WorkerError, first_line
+
+__all__ = ["silence_s", "forming_s", "longest_call_s", "await_calls", "why_lost", "in_words"]
+
+
+def silence_s(settings: Settings) -> float:
+    """How long after a peer's call failed a member may still be busy before it is lost
+    (silent): a member may reach the collective up to one collective timeout after its peers
+    (its own step took longer, or its process was not scheduled), and then waits up to one
+    collective timeout for the peer that is gone."""
+    return 2 * settings.collective_timeout_s
+
+
+def forming_s(settings: Settings) -> float:
+    """The longest a re-forming may take: leaving, the rendezvous, then joining (twice the
+    collective timeout), each bounded by the collective timeout."""
+    return 4 * settings.collective_timeout_s
+
+
+def longest_call_s(settings: Settings, slots: int) -> float:
+    """The longest one controller call may take: a call to the workers, then recoveries (at
+    most one per worker, and the re-formings with nobody lost the policy allows), each
+    settling the calls in flight, waiting for replacements and re-forming."""
+    recovery = silence_s(settings) + settings.min_workers_wait_s + forming_s(settings)
+    recoveries = slots + settings.max_reforms + 1
+    return settings.call_timeout_s + recoveries * (recovery + settings.call_timeout_s)
+
+
+def await_calls(
+    refs: list, settings: Settings
+) -> tuple[list[tuple[str, object]], float, int | None]:
+    """Each call's outcome: ("ok", result), ("broken", err) for a worker whose group broke,
+    ("dead", err), ("silent", None) for one that did not answer in time, or ("failed", err)
+    for an error of the worker's own, which ends the wait at once (the others: ("", None));
+    when the first call that did not succeed was seen (0.0 if none); and the index of the
+    failed call that came back last (the slowest member, when the group broke)."""
+    outcomes: list = [None] * len(refs)
+    seen_at, last = 0.0, None
+    index = {ref: i for i, ref in enumerate(refs)}
+    pending = list(refs)
+    deadline = time.monotonic() + settings.call_timeout_s
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+        if not ready:
+            left = max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready:
+                break
+        for ref in ready:
+            i = index[ref]
+            try:
+                outcomes[i] = ("ok", ray.get(ref))
+                continue
+            except ray.exceptions.RayActorError as err:
+                outcomes[i] = ("dead", err)
+            except ray.exceptions.RayTaskError as err:
+                if not isinstance(getattr(err, "cause", None), GroupBrokenError):
+                    outcomes[i] = ("failed", err)
+                    return [o or ("", None) for o in outcomes], time.monotonic(), i
+                outcomes[i] = ("broken", err)
+            last = i
+            # a peer is gone or its group broke: the others answer within silence_s
+            seen_at = seen_at or time.monotonic()
+            deadline = min(deadline, seen_at + silence_s(settings))
+    if None in outcomes:
+        seen_at = seen_at or time.monotonic()
+    return [o or ("silent", None) for o in outcomes], seen_at, last
+
+
+def why_lost(kind: str, err, settings: Settings) -> str:
+    if kind == "silent":
+        return (
+            f"silent: no answer within {silence_s(settings):g} s (twice "
+            f"RAYMODULE_COLLECTIVE_TIMEOUT_S) after its peers' collective failed"
+        )
+    return f"{type(err).__name__}: {first_line(err)}"
+
+
+def in_words(err: Exception, what: str) -> Exception:
+    """The error to raise for a failed Ray call: raymodule's own error (e.g. a PlacementError,
+    already in words) as it is, anything else as a WorkerError saying what failed."""
+    cause = getattr(err, "cause", None) or err
+    if isinstance(cause, RayModuleError):
+        return cause
+    return WorkerError(f"{what}: {type(cause).__name__}: {cause}")

@@ -1,0 +1,323 @@
+"""The step stream of ``fit``, ``score``, ``predict`` and ``iter_predict``: batches sent ahead
+to the workers in chunks, their results read back in order.
+
+The client reads the ``DataIter`` and sends the workers chunks of ``RAYMODULE_STEPS_PER_CALL``
+consecutive global batches, one object-store transfer and one controller call per chunk; up
+to ``RAYMODULE_PIPELINE_DEPTH`` chunks are in flight (the bounded queue), so workers do not
+wait for the client. A :class:`raymodule.data.DatasetIter` or
+:class:`raymodule.data.RayDataIter` sends no samples: the workers read their own rows. Results
+come back in order (:func:`steps`); :func:`run_steps` merges metric increments into the user's
+metric and runs the callbacks, trailing the workers by at most the batches in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass
+
+import ray
+from mxnet.base import _as_list
+from mxnet.model import BatchEndParam
+
+from . import data, metrics
+from .errors import Preempted, RayModuleError, ResumeMismatch
+
+__all__ = ["Epoch", "run_steps", "steps"]
+
+
+@dataclass
+class Epoch:
+    """What :func:`run_steps` did: the metric after the last batch, the batches of the epoch
+    done (skipped ones included), the samples it ran and the seconds each worker slot spent
+    in its steps."""
+
+    name_values: list
+    batches: int
+    samples: int
+    step_seconds: dict
+
+
+@dataclass
+class _Step:
+    nbatch: int
+    data_batch: object
+    batch: object  # the global batch as numpy (data.Batch); None for a dataset's batch
+    target: object  # the raymodule Module that runs it
+    index: object = None  # a dataset's batch: its dataset indices (the workers read the rows)
+
+    def labels(self, part: slice, dataset) -> list:
+        """The labels of rows ``part`` of the batch (for a metric updated in the client)."""
+        if self.batch is not None:
+            return self.batch.worker_slice(part)[1]
+        return dataset.batch(self.index[part]).label
+
+
+def _batches(data_iter, indexed: bool, passes: int | None = None):
+    """The batches of ``data_iter``; of a dataset the workers read (``indexed``): their
+    indices only, as :func:`raymodule.data.index_batch` describes them; of a Ray Dataset the
+    workers stream (``passes``: its global batches in this pass): a description of each."""
+    if passes is not None:
+        for _ in range(passes):
+            yield data.index_batch(None, 0, data_iter)
+        return
+    if not indexed:
+        yield from data_iter
+        return
+    while True:
+        try:
+            index, pad = data_iter.next_indices()
+        except StopIteration:
+            return
+        yield data.index_batch(index, pad, data_iter)
+
+
+def run_steps(
+    module,
+    data_iter,
+    method,
+    metric,
+    epoch,
+    batch_end_callback,
+    *,
+    score_end_callback=None,
+    **how,
+):
+    """Runs ``method`` ("train_step" or "eval_step") on every batch of ``data_iter``, merging
+    each step's metric updates into ``metric`` and calling ``batch_end_callback`` after it,
+    then ``score_end_callback``; ``how``: :func:`steps`'s keywords. Returns an
+    :class:`Epoch`."""
+    tally = Epoch([], 0, 0, {})
+    on_workers = metrics.runs_on_workers(metric)
+    monitor = how.get("monitor")
+    done = 0
+    stream = steps(module, data_iter, method, metric, epoch, tally, **how)
+    with contextlib.closing(stream):
+        for step, results, slices in stream:
+            if results is not None and on_workers:
+                for increments in results:
+                    metrics.add_counters(metric, increments)
+            elif results is not None:
+                dataset = data_iter.dataset if step.index is not None else None
+                labels = [step.labels(part, dataset) for part in slices]
+                metrics.update_per_slice(
+                    metric, step.target.label_names, step.target.output_names, labels, results
+                )
+            if monitor is not None:
+                monitor.toc_print()
+            _call_back(
+                batch_end_callback, module, data_iter, step.data_batch, epoch, step.nbatch, metric
+            )
+            done += 1
+    tally.name_values = metric.get_global_name_value()
+    _call_back(score_end_callback, module, data_iter, None, epoch, done, metric)
+    return tally
+
+
+def steps(
+    module,
+    data_iter,
+    method,
+    metric,
+    epoch,
+    tally: Epoch,
+    *,
+    monitor=None,
+    num_batch=None,
+    sparse_row_id_fn=None,
+    first_batch=0,
+    checkpoint_every=0,
+    on_checkpoint=None,
+    stop=None,
+):
+    """Runs ``method`` ("train_step" or "eval_step") on every batch of ``data_iter`` and
+    yields each step once it finished, in order: ``(step, results, slices)``, where
+    ``results`` are the members' (metric increments when ``metric`` runs on the workers,
+    else their outputs; None for a step the survivors of a loss had applied already) and
+    ``slices`` the rows each ran. ``tally`` (an :class:`Epoch`) counts the batches, samples
+    and step seconds.
+
+    ``module._step_module(data_batch, flush)`` gives the :class:`raymodule.Module` that runs a
+    batch (a bucketing module's bucket, reshaped to the batch when needed); it calls
+    ``flush()`` before it changes how batches already queued would be split.
+
+    The first ``first_batch`` batches are read and skipped (they were trained before a run
+    resumed); a ``data_iter`` that ends before it gives batch ``first_batch`` is not the data
+    the run was trained on, and raises :class:`raymodule.ResumeMismatch`. Every
+    ``checkpoint_every`` batches, ``on_checkpoint(nbatch, steps)`` is called once the steps
+    before batch ``nbatch`` are sent and before any later one is, so a worker call it makes
+    sees the state after exactly ``nbatch`` batches (``steps`` training steps applied); it is
+    called only when another batch follows (the epoch's end has its own).
+    When ``stop()`` becomes true (the process received SIGTERM), the loop checkpoints at the
+    next batch boundary the same way, finishes the steps sent and raises
+    :class:`raymodule.errors.Preempted`; when a worker received it, the loop checkpoints at
+    the next batch boundary too, and the controller removes that worker there, gracefully.
+
+    The controller runs the steps (:meth:`raymodule.controller.Controller.advance`): this
+    loop puts each worker's part of every chunk of batches in the object store, hands the
+    controller the references and reads back the steps finished, in order. A
+    :class:`raymodule.data.DatasetIter` (for a module with ``_reads_datasets``) is not read
+    here: its dataset is put in the object store once and each step carries its batch's
+    indices only; the workers read their rows. In an elastic
+    run, steps that a lost worker voided are run again on the re-formed group; steps the
+    survivors had applied are not: their metric updates are missing, and they are yielded
+    with None as results.
+    """
+    workers = module._workers
+    workers.sync()
+    workers.set_metric(metric)
+    # a DatasetIter: the workers read their rows; the client sends indices only
+    indexed = isinstance(data_iter, data.DatasetIter) and getattr(module, "_reads_datasets", False)
+    dataset = data_iter.dataset if indexed else None
+    if indexed:
+        # an ArrayDataset is put in the object store once here; the calls carry its reference
+        dataset.key()
+    # a RayDataIter: each worker streams its own share of every batch from its split
+    stream, passes = None, None
+    if isinstance(data_iter, data.RayDataIter):
+        if not getattr(module, "_reads_datasets", False):
+            raise ValueError(
+                f"{type(module).__name__} cannot stream a raymodule.data.RayDataIter; "
+                "use raymodule.Module"
+            )
+        if metric is not None and not metrics.runs_on_workers(metric):
+            raise ValueError(
+                f"the metric {metric.name!r} needs every label in the client, which a "
+                "RayDataIter never reads there; use metrics computed on the workers "
+                "(accuracy, cross-entropy, ...)"
+            )
+        # the module reshaped to the iterator's batches (nothing is queued yet), then split
+        module._step_module(data.index_batch(None, 0, data_iter), flush=lambda: None)
+        shares = [cut.stop - cut.start for cut in module._slices]
+        passes = data_iter.batches_per_pass(shares)
+        stream = {
+            "dataset": data_iter.dataset,
+            "key": data_iter.key,
+            "pass": data_iter.epoch,
+            "batches": passes,
+            "data_names": data_iter.data_names,
+            "label_names": data_iter.label_names,
+        }
+    if monitor is not None:  # statistics are collected step by step, as MXNet does
+        per_call, depth = 1, 0
+    else:
+        per_call = workers.settings.steps_per_call
+        depth = workers.settings.pipeline_depth
+    sent: dict[int, _Step] = {}  # by serial, until finished
+    chunk: list[_Step] = []
+    finished: list = []  # (step, results, slices) read back, not yielded yet
+    serials = itertools.count()
+    checkpoint_due = False  # a worker was shut down: checkpoint at the next batch boundary
+
+    def advance(keep: int) -> None:
+        """Sends the chunk (if any), then reads finished steps until ``keep`` chunks are in
+        flight."""
+        spec = None
+        if chunk:
+            if monitor is not None:
+                monitor.tic()
+            ids = [next(serials) for _ in chunk]
+            sent.update(zip(ids, chunk))
+            slices = [step.target._slices for step in chunk]
+            spec = {
+                "serials": ids,
+                "mids": [step.target._id for step in chunk],
+                "sizes": [cut[-1].stop for cut in slices],
+                "slices": [[(c.start, c.stop) for c in cut] for cut in slices],
+            }
+            if indexed:
+                spec["dataset"] = dataset
+                spec["indices"] = [step.index for step in chunk]
+                spec["labels"] = [bool(step.target._label_shapes) for step in chunk]
+            elif stream is not None:
+                spec["stream"] = dict(stream, positions=[step.nbatch for step in chunk])
+                stream.pop("dataset", None)  # the controller keeps it after the first chunk
+                spec["labels"] = [bool(step.target._label_shapes) for step in chunk]
+            else:
+                parts = zip(*(step.batch.parts(cut) for step, cut in zip(chunk, slices)))
+                spec["sources"] = [ray.put(list(part)) for part in parts]
+            chunk.clear()
+        reply = workers.advance(method, spec, keep)
+        nonlocal checkpoint_due
+        checkpoint_due = checkpoint_due or bool(workers.leaving)
+        for slot, took in reply["seconds"].items():
+            tally.step_seconds[slot] = tally.step_seconds.get(slot, 0.0) + took
+        for serial, results, slices in reply["steps"]:
+            finished.append((sent.pop(serial), results, slices))
+
+    def ready():
+        yield from finished
+        finished.clear()
+
+    try:
+        tally.batches, given = first_batch, 0
+        for nbatch, data_batch in enumerate(_batches(data_iter, indexed, passes)):
+            if num_batch is not None and nbatch == num_batch:
+                break
+            given = nbatch + 1
+            if nbatch < first_batch:
+                continue
+            if stop is not None and stop():
+                advance(keep=0)  # first: a loss meanwhile would void the checkpoint's copy
+                yield from ready()
+                if nbatch > first_batch:  # else the checkpoint it resumed from, or the epoch's end
+                    on_checkpoint(nbatch, workers.steps_sent)
+                raise Preempted(
+                    f"fit stopped at epoch {epoch}, batch {nbatch}: the process received SIGTERM; "
+                    "run it again with the same RunConfig.name to go on from there"
+                )
+            every = checkpoint_every and nbatch % checkpoint_every == 0
+            if (every or checkpoint_due) and on_checkpoint is not None and nbatch > first_batch:
+                advance(keep=depth)
+                yield from ready()
+                on_checkpoint(nbatch, workers.steps_sent)
+                checkpoint_due = False
+            tally.batches = nbatch + 1
+            target = module._step_module(data_batch, flush=lambda: advance(keep=depth))
+            target.prepare(data_batch, sparse_row_id_fn=sparse_row_id_fn)
+            if indexed:
+                tally.samples += len(data_batch.index)
+                chunk.append(_Step(nbatch, data_batch, None, target, data_batch.index))
+            elif stream is not None:
+                tally.samples += data_iter.batch_size
+                chunk.append(_Step(nbatch, data_batch, None, target))
+            else:
+                batch = target._batch(data_batch)
+                tally.samples += batch.data[0].shape[batch.data_axes[0]] if batch.data else 0
+                chunk.append(_Step(nbatch, data_batch, batch, target))
+            if len(chunk) >= per_call:
+                advance(keep=depth)
+            yield from ready()
+        if given <= first_batch and first_batch > 0:  # nothing was sent: nothing trained or written
+            raise ResumeMismatch(
+                f"the run resumes epoch {epoch} after batch {first_batch}, but train_data gives "
+                f"only {given} batches in it: it is not the data the run was trained on. Resume "
+                "with that data, or start a new run: another RunConfig(name=...)"
+            )
+        advance(keep=0)
+        yield from ready()
+    except GeneratorExit:
+        # the caller stopped early (it broke out of iter_predict, or its callback raised):
+        # the steps in flight finish unread, so that the next loop starts on an empty pipeline
+        if sent:
+            with contextlib.suppress(RayModuleError):  # a loss shows at the next call
+                workers.advance(method, None, 0)
+        raise
+
+
+def _call_back(callbacks, module, data_iter, data_batch, epoch, nbatch, metric) -> None:
+    """Calls MXNet-style callbacks with a ``BatchEndParam`` whose ``locals`` hold what MXNet's
+    loops expose: ``self``, ``data_batch``, the iterator, epoch, batch number and metric."""
+    if not callbacks:
+        return
+    scope = {
+        "self": module,
+        "data_batch": data_batch,
+        "data_iter": data_iter,
+        "epoch": epoch,
+        "nbatch": nbatch,
+        "eval_metric": metric,
+    }
+    params = BatchEndParam(epoch=epoch, nbatch=nbatch, eval_metric=metric, locals=scope)
+    for callback in _as_list(callbacks):
+        callback(params)
