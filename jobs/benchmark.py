@@ -1,11 +1,14 @@
 """Training throughput: native MXNet vs MXNet dist_sync vs raymodule on 1 and 2 Ray workers,
-and what checkpointing to S3 costs raymodule on 2.
+and what checkpointing to S3 costs raymodule on 2; with --data, how the data reaches 2
+raymodule workers: an mx.io.NDArrayIter vs a raymodule.data.DatasetIter.
 
 Measures samples/s of forward + backward + SGD-momentum update (lr 0.01, momentum 0.9,
-rescale_grad = 1/global batch) for three models:
+rescale_grad = 1/global batch) for these models:
 
     mlp        MLP 784-512-512-10, global batch 128, synthetic data
     lenet      LeNet on 1x28x28, global batch 64, synthetic data
+    cnn        on 3x32x32 images: conv 3x3x32, relu, max-pool 2; conv 3x3x64, relu,
+               max-pool 2; fc 10; global batch 64, synthetic data (--data's second model)
     lstm       jobs/bucketing.py's bucketing LSTM language model (vocabulary 2000, embedding
                64, 1 LSTM layer of 128, global batch 32, perplexity as the metric) on its
                corpus (the Python documentation) with its sentence-length buckets 10, 20,
@@ -39,9 +42,36 @@ batches; the first epoch is a warm-up, samples/s is measured over the next --bat
 The table's ratios: x1/native and x2/native (raymodule on 1 and 2 workers against the single
 process), x2/dist_sync (2 workers each: raymodule against MXNet's parameter server).
 
-Run locally (ray1, ray2, ray2_ckpt start their own loopback-only Ray with 4 CPUs):
+--data compares, on mlp and cnn (synthetic data held in memory, the same samples in the
+same order in each), three configurations instead (no gloo floor, no checkpointing):
+
+    native        as above, fed by an mx.io.NDArrayIter: reference for the ratios
+    ray2          raymodule on 2 workers fed by an mx.io.NDArrayIter: the drop-in path, where
+                  the client puts each worker's slice of every batch in Ray's object store
+    ray2_dataset  raymodule on 2 workers fed by raymodule.data.DatasetIter(ArrayDataset(x, y),
+                  global batch): the dataset is put in the object store once and each step
+                  sends every worker its slice of the batch's indices; the workers read
+                  their rows
+
+Its table gives each one's samples/s, its ratio to ray2 and the bytes each worker received
+per step. How the bytes are counted: in the client process, ray.put and
+ControllerHandle.advance are wrapped; a put's bytes are the nbytes of the numpy arrays in
+what is put (a Batch's data and label arrays: no pickle framing), an advance's the nbytes of
+the index arrays its step spec carries. Per worker per step = the bytes the training loop
+(raymodule.loop) put plus the index bytes, both within the timed window, / timed steps / 2
+workers (each worker gets its own half). Not counted, in either path: the per-call control
+data both carry (object refs, row slices, step ids, and for a DatasetIter the dataset's
+reference and shapes, once per call of several steps). The "dataset, once" column is what
+raymodule.data put once, before the timed window: the ArrayDataset's arrays, which each
+worker reads whole (zero-copy on the client's node; a worker on another node pulls them
+once). The dataset is --warmup global batches (every epoch trains on them again), so that
+size scales with --warmup; the per-step bytes do not.
+
+Run locally (ray1, ray2, ray2_ckpt, ray2_dataset start their own loopback-only Ray with 4 CPUs):
 
     python jobs/benchmark.py
+    python jobs/benchmark.py --data
+    python jobs/benchmark.py --data --models cnn --json /tmp/bench-data.json
     python jobs/benchmark.py --models lstm --configs native,dist_sync,ray1,ray2
     python jobs/benchmark.py --configs native,dist_sync --json /tmp/bench.json
     python jobs/benchmark.py --configs ray2,ray2_ckpt --models mlp --checkpoint-every 25
