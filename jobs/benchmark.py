@@ -1,11 +1,14 @@
 """Training throughput: native MXNet vs MXNet dist_sync vs raymodule on 1 and 2 Ray workers,
-and what checkpointing to S3 costs raymodule on 2.
+and what checkpointing to S3 costs raymodule on 2; with --data, how the data reaches 2
+raymodule workers: an mx.io.NDArrayIter vs a raymodule.data.DatasetIter.
 
 Measures samples/s of forward + backward + SGD-momentum update (lr 0.01, momentum 0.9,
-rescale_grad = 1/global batch) for three models:
+rescale_grad = 1/global batch) for these models:
 
     mlp        MLP 784-512-512-10, global batch 128, synthetic data
     lenet      LeNet on 1x28x28, global batch 64, synthetic data
+    cnn        on 3x32x32 images: conv 3x3x32, relu, max-pool 2; conv 3x3x64, relu,
+               max-pool 2; fc 10; global batch 64, synthetic data (--data's second model)
     lstm       jobs/bucketing.py's bucketing LSTM language model (vocabulary 2000, embedding
                64, 1 LSTM layer of 128, global batch 32, perplexity as the metric) on its
                corpus (the Python documentation) with its sentence-length buckets 10, 20,
@@ -39,9 +42,36 @@ batches; the first epoch is a warm-up, samples/s is measured over the next --bat
 The table's ratios: x1/native and x2/native (raymodule on 1 and 2 workers against the single
 process), x2/dist_sync (2 workers each: raymodule against MXNet's parameter server).
 
-Run locally (ray1, ray2, ray2_ckpt start their own loopback-only Ray with 4 CPUs):
+--data compares, on mlp and cnn (synthetic data held in memory, the same samples in the
+same order in each), three configurations instead (no gloo floor, no checkpointing):
+
+    native        as above, fed by an mx.io.NDArrayIter: reference for the ratios
+    ray2          raymodule on 2 workers fed by an mx.io.NDArrayIter: the drop-in path, where
+                  the client puts each worker's slice of every batch in Ray's object store
+    ray2_dataset  raymodule on 2 workers fed by raymodule.data.DatasetIter(ArrayDataset(x, y),
+                  global batch): the dataset is put in the object store once and each step
+                  sends every worker its slice of the batch's indices; the workers read
+                  their rows
+
+Its table gives each one's samples/s, its ratio to ray2 and the bytes each worker received
+per step. How the bytes are counted: in the client process, ray.put and
+ControllerHandle.advance are wrapped; a put's bytes are the nbytes of the numpy arrays in
+what is put (a Batch's data and label arrays: no pickle framing), an advance's the nbytes of
+the index arrays its step spec carries. Per worker per step = the bytes the training loop
+(raymodule.loop) put plus the index bytes, both within the timed window, / timed steps / 2
+workers (each worker gets its own half). Not counted, in either path: the per-call control
+data both carry (object refs, row slices, step ids, and for a DatasetIter the dataset's
+reference and shapes, once per call of several steps). The "dataset, once" column is what
+raymodule.data put once, before the timed window: the ArrayDataset's arrays, which each
+worker reads whole (zero-copy on the client's node; a worker on another node pulls them
+once). The dataset is --warmup global batches (every epoch trains on them again), so that
+size scales with --warmup; the per-step bytes do not.
+
+Run locally (ray1, ray2, ray2_ckpt, ray2_dataset start their own loopback-only Ray with 4 CPUs):
 
     python jobs/benchmark.py
+    python jobs/benchmark.py --data
+    python jobs/benchmark.py --data --models cnn --json /tmp/bench-data.json
     python jobs/benchmark.py --models lstm --configs native,dist_sync,ray1,ray2
     python jobs/benchmark.py --configs native,dist_sync --json /tmp/bench.json
     python jobs/benchmark.py --configs ray2,ray2_ckpt --models mlp --checkpoint-every 25
@@ -73,13 +103,17 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = {"mlp": 128, "lenet": 64, "lstm": 32}  # model -> global batch size
-DEFAULT_BATCHES = {"mlp": 600, "lenet": 300, "lstm": 300}  # timed: ~5-15 s each on 2 cores
+MODELS = {"mlp": 128, "lenet": 64, "cnn": 64, "lstm": 32}  # model -> global batch size
+SHAPES = {"mlp": (784,), "lenet": (1, 28, 28), "cnn": (3, 32, 32)}  # -> one sample's shape
+DEFAULT_BATCHES = {"mlp": 600, "lenet": 300, "cnn": 200, "lstm": 300}  # timed: ~5-15 s each
 LSTM = {"vocab_size": 2000, "num_embed": 64, "num_hidden": 128, "num_layers": 1}
 LSTM_SEED = 0  # of the corpus split and of the batch order
 CONFIGS = ["native", "dist_sync", "ray1", "ray2", "ray2_ckpt"]
 LABELS = ["native", "dist_sync", "raymodule x1", "raymodule x2", "x2 + ckpt"]  # of CONFIGS
-RAY_CONFIGS = {"ray1": 1, "ray2": 2, "ray2_ckpt": 2}  # -> Ray workers
+DATA_CONFIGS = ["native", "ray2", "ray2_dataset"]  # --data's
+DATA_LABELS = ["native", "raymodule x2, NDArrayIter", "raymodule x2, DatasetIter"]
+DATASET_CONFIGS = {"ray2_dataset"}  # fed by a DatasetIter, not an NDArrayIter
+RAY_CONFIGS = {"ray1": 1, "ray2": 2, "ray2_ckpt": 2, "ray2_dataset": 2}  # -> Ray workers
 CKPT_CONFIGS = {"ray2_ckpt"}  # these need the S3 server
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MXNET_CPU_WORKER_NTHREADS": "1"}
 RAY_ENV = {
@@ -89,17 +123,26 @@ RAY_ENV = {
     "GLOO_SOCKET_IFNAME": "lo",
 }
 MARK = "BENCH_RESULT "  # prefix of the one result line a child prints
+DATA_MODELS = ["mlp", "lenet", "cnn"]  # --data's
 HELP = {
+    "data": "compare how the data reaches 2 raymodule workers instead: ray2 fed by an "
+    "mx.io.NDArrayIter (the client puts each worker's slice of every batch in the object "
+    "store) against ray2_dataset fed by a raymodule.data.DatasetIter over an ArrayDataset "
+    "(the workers read their own rows; the client sends indices), native for reference; "
+    "reports samples/s, the ratio to ray2 and the bytes each worker received per step "
+    "(models mlp,cnn unless --models says otherwise)",
     "models": "comma-separated models: mlp (784-512-512-10, global batch 128), "
-    "lenet (1x28x28, global batch 64), lstm (jobs/bucketing.py's bucketing LSTM language "
-    "model, BucketingModule, global batch 32; not run by default: it adds ~2.5 minutes). "
-    "Default: %(default)s",
+    "lenet (1x28x28, global batch 64), cnn (3x32x32, conv 3x3x32, conv 3x3x64, fc 10, "
+    "global batch 64), lstm (jobs/bucketing.py's bucketing LSTM language model, "
+    "BucketingModule, global batch 32; not run by default: it adds ~2.5 minutes; not with "
+    "--data). Default: mlp,lenet; with --data: mlp,cnn",
     "configs": "comma-separated configurations: native, dist_sync, ray1 (raymodule, 1 worker), "
     "ray2 (raymodule, 2 workers), ray2_ckpt (ray2 checkpointing to S3 on a local SeaweedFS); "
-    "leave out ray1,ray2,ray2_ckpt to skip raymodule. Default: %(default)s",
+    "leave out ray1,ray2,ray2_ckpt to skip raymodule. Default: all five. With --data: "
+    "native, ray2 (NDArrayIter), ray2_dataset (DatasetIter); default: all three",
     "batches": "timed global batches per configuration, rounded up to a multiple of --warmup "
     f"(default: mlp {DEFAULT_BATCHES['mlp']}, lenet {DEFAULT_BATCHES['lenet']}, "
-    f"lstm {DEFAULT_BATCHES['lstm']}: ~5-15 s each)",
+    f"cnn {DEFAULT_BATCHES['cnn']}, lstm {DEFAULT_BATCHES['lstm']}: ~5-15 s each)",
     "warmup": "untimed warm-up batches; also the epoch length, as time is taken at the end "
     "of each epoch (default: %(default)s)",
     "timeout": "seconds before a configuration's processes are killed (default: %(default)s)",
@@ -117,6 +160,13 @@ def build_symbol(mx, model):
             x = mx.sym.Activation(
                 mx.sym.FullyConnected(x, num_hidden=width, name=f"fc{i}"), act_type="relu"
             )
+    elif model == "cnn":
+        for i, filters in enumerate([32, 64]):
+            x = mx.sym.Convolution(x, kernel=(3, 3), num_filter=filters, name=f"conv{i}")
+            x = mx.sym.Pooling(
+                mx.sym.Activation(x, act_type="relu"), pool_type="max", kernel=(2, 2), stride=(2, 2)
+            )
+        x = mx.sym.flatten(x)
     else:
         for i, filters in enumerate([20, 50]):
             x = mx.sym.Convolution(x, kernel=(5, 5), num_filter=filters, name=f"conv{i}")
@@ -173,23 +223,30 @@ def gradient_size(mx, model):
         shapes = {"data": (batch, key), "softmax_label": (batch, key)}
     else:
         sym = build_symbol(mx, model)
-        shapes = {"data": (batch, 784) if model == "mlp" else (batch, 1, 28, 28)}
+        shapes = {"data": (batch,) + SHAPES[model]}
     arg_shapes, _, _ = sym.infer_shape(**shapes)
     inputs = {"data", "softmax_label"}
     names = sym.list_arguments()
     return sum(int(np.prod(s)) for n, s in zip(names, arg_shapes, strict=True) if n not in inputs)
 
 
-def make_iter(mx, model, n_batches, n_epochs, rank=0, parts=1):
-    """n_epochs of n_batches global batches, of which this worker gets part `rank`: for mlp
-    and lenet, the same synthetic batches every epoch; for lstm, see make_lstm_iter."""
+def make_iter(mx, model, n_batches, n_epochs, rank=0, parts=1, dataset=False):
+    """n_epochs of n_batches global batches, of which this worker gets part `rank`: for mlp,
+    lenet and cnn, the same synthetic batches every epoch, held in memory, from an
+    mx.io.NDArrayIter, or with `dataset` from a raymodule.data.DatasetIter over an
+    ArrayDataset of the same samples in the same order (no shuffle: like for like); for lstm,
+    see make_lstm_iter."""
     if model == "lstm":
         return make_lstm_iter(mx, n_batches, n_epochs, rank, parts)
-    batch = MODELS[model]
-    shape = (784,) if model == "mlp" else (1, 28, 28)
+    batch, shape = MODELS[model], SHAPES[model]
     rng = np.random.RandomState(0)
     data = rng.uniform(-1, 1, (n_batches, batch) + shape).astype(np.float32)
     label = rng.randint(0, 10, (n_batches, batch)).astype(np.float32)
+    if dataset:  # whole global batches: under raymodule the workers read their own rows
+        from raymodule.data import ArrayDataset, DatasetIter
+
+        samples = ArrayDataset(data.reshape((-1,) + shape), label.reshape(-1))
+        return DatasetIter(samples, batch, label_name="softmax_label")
     part = batch // parts
     rows = slice(rank * part, (rank + 1) * part)
     return mx.io.NDArrayIter(
@@ -253,7 +310,7 @@ def make_lstm_iter(mx, n_batches, n_epochs, rank=0, parts=1):
 
 def timed_fit(mx, mod, model, spec, kv=None, rank=0, parts=1, **fit_args):
     """fit() one warm-up epoch plus the timed epochs; returns (timed samples, seconds,
-    perf_counter at the start and end of the timed window)."""
+    perf_counter at the end of every epoch: the timed window is [0] to [-1])."""
     epochs = math.ceil(spec["batches"] / spec["warmup"])
     marks = []
     if model == "lstm":  # padding carries no loss
@@ -268,7 +325,7 @@ def timed_fit(mx, mod, model, spec, kv=None, rank=0, parts=1, **fit_args):
     sgd = {"learning_rate": 0.01, "momentum": 0.9, "rescale_grad": 1.0 / MODELS[model]}
     kvstore = {} if kv is None else {"kvstore": kv}  # else fit's default, "local"
     mod.fit(
-        make_iter(mx, model, spec["warmup"], 1 + epochs, rank, parts),
+        make_iter(mx, model, spec["warmup"], 1 + epochs, rank, parts, spec.get("dataset")),
         num_epoch=1 + epochs,
         optimizer="sgd",
         optimizer_params=sgd,
@@ -316,6 +373,60 @@ class CheckpointLog(logging.Handler):
         }
 
 
+def array_bytes(value):
+    """Bytes of the numpy arrays in `value`, through lists, tuples, dicts and raymodule's
+    Batch (its data and label): a payload's size without pickle framing or object refs."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (list, tuple)):
+        return sum(array_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(array_bytes(v) for v in value.values())
+    if hasattr(value, "data") and hasattr(value, "label"):  # raymodule.data.Batch
+        return array_bytes(value.data) + array_bytes(value.label)
+    return 0
+
+
+class DataBytes:
+    """Counts, in the client process, the data raymodule's fit sends its workers: wraps
+    ray.put (noting the bytes of the arrays put and which module put them) and
+    ControllerHandle.advance (noting the bytes of a DatasetIter's index arrays, which travel
+    in the call, not through ray.put)."""
+
+    def __init__(self, ray, raymodule):
+        self.puts = []  # (perf_counter, module that called ray.put, array bytes)
+        self.indices = []  # (perf_counter, index array bytes: all workers' slices)
+        put, advance = ray.put, raymodule.handle.ControllerHandle.advance
+
+        def counted_put(value, *args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "?")
+            self.puts.append((time.perf_counter(), caller, array_bytes(value)))
+            return put(value, *args, **kwargs)
+
+        def counted_advance(handle, kind, spec, keep):
+            if spec and "indices" in spec:
+                self.indices.append((time.perf_counter(), array_bytes(spec["indices"])))
+            return advance(handle, kind, spec, keep)
+
+        ray.put = counted_put
+        raymodule.handle.ControllerHandle.advance = counted_advance
+
+    def summary(self, marks, steps, workers):
+        """Bytes per worker per timed step (the samples put by raymodule.loop, or a
+        DatasetIter's indices), and those put once by raymodule.data (a dataset's arrays)."""
+        start, end = marks[0], marks[-1]
+        timed = [(who, n) for t, who, n in self.puts if start <= t <= end]
+        samples = sum(n for who, n in timed if who == "raymodule.loop")
+        indices = sum(n for t, n in self.indices if start <= t <= end)
+        return {
+            "per_worker_step": (samples + indices) / steps / workers,
+            "samples_per_worker_step": samples / steps / workers,
+            "indices_per_worker_step": indices / steps / workers,
+            "other_puts_timed": sum(n for who, n in timed if who != "raymodule.loop"),
+            "dataset_once": sum(n for _, who, n in self.puts if who.startswith("raymodule.data")),
+        }
+
+
 def gloo_floor(mx, model):
     """ms per gloo allreduce of the model's whole gradient between 2 processes: the floor of
     what raymodule x2 pays per step for its exchange (torch.distributed, 127.0.0.1)."""
@@ -354,6 +465,7 @@ def child(spec):
         return
     if config in RAY_CONFIGS:
         os.environ.update(RAY_ENV)  # before ray is imported
+    spec["dataset"] = config in DATASET_CONFIGS
     import mxnet as mx
 
     extra = {}
@@ -379,6 +491,7 @@ def child(spec):
                 ray.init(address="local", num_cpus=4, include_dashboard=False)
             ctx = [mx.cpu(i) for i in range(RAY_CONFIGS[config])]
             mod, fit_args, notes = new_module(mx, raymodule, model, ctx), {}, None
+            counter = DataBytes(ray, raymodule) if spec.get("data") else None
             if config in CKPT_CONFIGS:
                 notes = CheckpointLog()
                 logger = logging.getLogger("raymodule.checkpoint")
@@ -394,6 +507,9 @@ def child(spec):
             result = timed_fit(mx, mod, model, spec, **fit_args)
             if notes is not None:
                 extra["checkpoints"] = notes.summary(result[2], spec)
+            if counter is not None:
+                steps = (len(result[2]) - 1) * spec["warmup"]
+                extra["bytes"] = counter.summary(result[2], steps, len(ctx))
         finally:
             ray.shutdown()
             if own_tmp:
@@ -491,6 +607,7 @@ def run_config(config, model, args, s3=None):
     configuration (samples/s, the child's checkpoint counts). `s3`: start_s3()'s dict."""
     batches = args.batches or DEFAULT_BATCHES[model]
     spec = {"config": config, "model": model, "warmup": args.warmup, "batches": batches}
+    spec["data"] = args.data  # count the bytes fit sends the workers
     procs = []
     try:
         if config == "dist_sync":
@@ -539,6 +656,8 @@ def run_config(config, model, args, s3=None):
         if config == "gloo":  # (bytes, seconds per allreduce)
             return results[0]["samples"], max(r["elapsed"] for r in results)
         rate = sum(r["samples"] for r in results) / max(r["elapsed"] for r in results)
+        if args.data:  # (samples/s, bytes counted; None for native)
+            return rate, results[0].get("bytes")
         return (rate, results[0]["checkpoints"]) if config in CKPT_CONFIGS else rate
     finally:
         stop(procs)
@@ -588,13 +707,80 @@ def checkpoint_cost(model, r, ckpt, warmup):
     )
 
 
+def data_benchmark(args, models, configs, command):
+    """--data: each model's configurations, their samples/s, ratio to ray2 and the bytes fit
+    sent each worker per step; prints the table; returns the report."""
+    results, errors = {}, {}
+    for model in models:
+        results[model] = {}
+        for config in configs:
+            print(f"running {model} {config} ...", file=sys.stderr, flush=True)
+            rate, counted = None, None
+            try:
+                rate, counted = run_config(config, model, args)
+            except Exception as exc:  # report it and go on with the other configurations
+                errors[f"{model}/{config}"] = str(exc)
+                print(f"FAILED {model} {config}: {exc}", file=sys.stderr, flush=True)
+            results[model][config] = {"samples_per_s": rate, "bytes": counted}
+        base = results[model].get("ray2", {}).get("samples_per_s")
+        for r in results[model].values():
+            r["x/ray2"] = r["samples_per_s"] / base if r["samples_per_s"] and base else None
+
+    labels = dict(zip(DATA_CONFIGS, DATA_LABELS, strict=True))
+    header = ["model", "config", "samples/s", "x/ray2", "bytes/worker/step", "dataset, once"]
+    rows = []
+    for model, by_config in results.items():
+        for config, r in by_config.items():
+            counted = r["bytes"] or {}
+            once = counted.get("dataset_once") if config in DATASET_CONFIGS else None
+            rows.append(
+                [model, labels[config], fmt(r["samples_per_s"]), fmt(r["x/ray2"], 2)]
+                + [fmt(counted.get("per_worker_step")), fmt(once)]
+            )
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    print(f"command: {command}")
+    print("samples/s (higher is better); bytes the client sent each of the 2 workers per step")
+    for row in [header] + rows:
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+        cells += [cell.rjust(w) for cell, w in zip(row[2:], widths[2:], strict=True)]
+        print("  ".join(cells))
+    for model, by_config in results.items():
+        plain = (by_config.get("ray2", {}).get("bytes") or {}).get("per_worker_step")
+        indexed = by_config.get("ray2_dataset", {}).get("bytes") or {}
+        if plain is not None and indexed:
+            less = f" ({plain / indexed['per_worker_step']:,.0f}x less)" if plain else ""
+            print(
+                f"{model}: per step each worker receives {plain:,.0f} B of samples through the "
+                f"object store from an NDArrayIter, {indexed['per_worker_step']:,.0f} B of "
+                f"indices from a DatasetIter{less}, which puts its dataset "
+                f"({indexed['dataset_once'] / 1e6:.1f} MB) in the object store once: each "
+                "worker reads it whole (zero-copy on the client's node; a worker on another "
+                "node pulls it once)"
+            )
+        for config, r in by_config.items():
+            other = (r["bytes"] or {}).get("other_puts_timed")
+            if other:
+                print(f"{model} {config}: note: {other:,} B more put in the timed window")
+    return {
+        "command": command,
+        "results": results,
+        "errors": errors,
+        "warmup": args.warmup,
+        "batches": {m: args.batches or DEFAULT_BATCHES[m] for m in models},
+        "global_batch": {m: MODELS[m] for m in models},
+        "sample_shape": {m: SHAPES[m] for m in models},
+        "workers": 2,
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
-    add("--models", default="mlp,lenet", help=HELP["models"])
-    add("--configs", default=",".join(CONFIGS), help=HELP["configs"])
+    add("--data", action="store_true", help=HELP["data"])
+    add("--models", help=HELP["models"])
+    add("--configs", help=HELP["configs"])
     add("--batches", type=int, default=0, help=HELP["batches"])
     add("--warmup", type=int, default=50, help=HELP["warmup"])
     add("--timeout", type=float, default=300.0, help=HELP["timeout"])
@@ -607,12 +793,24 @@ def main(argv=None):
         help="skip timing a bare 2-process gloo allreduce of each model's gradient",
     )
     args = parser.parse_args(argv)
-    models, configs = args.models.split(","), args.configs.split(",")
-    for name, allowed in [(models, MODELS), (configs, CONFIGS)]:
+    allowed_models = DATA_MODELS if args.data else list(MODELS)
+    allowed_configs = DATA_CONFIGS if args.data else CONFIGS
+    models = (args.models or ("mlp,cnn" if args.data else "mlp,lenet")).split(",")
+    configs = (args.configs or ",".join(allowed_configs)).split(",")
+    for name, allowed in [(models, allowed_models), (configs, allowed_configs)]:
         if set(name) - set(allowed):
-            parser.error(f"unknown {sorted(set(name) - set(allowed))}; choose from {list(allowed)}")
+            with_data = " with --data" if args.data else ""
+            parser.error(
+                f"unknown{with_data} {sorted(set(name) - set(allowed))}; choose from {allowed}"
+            )
     if args.checkpoint_every < 0:
         parser.error("--checkpoint-every must be >= 0")
+    if args.data:
+        command = " ".join(["python jobs/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
+        report = data_benchmark(args, models, configs, command)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        return 1 if report["errors"] else 0
 
     s3_server, s3, s3_error = None, None, None
     if CKPT_CONFIGS & set(configs):
