@@ -58,7 +58,7 @@ per step. How the bytes are counted: in the client process, ray.put and
 ControllerHandle.advance are wrapped; a put's bytes are the nbytes of the numpy arrays in
 what is put (a Batch's data and label arrays: no pickle framing), an advance's the nbytes of
 the index arrays its step spec carries. Per worker per step = the bytes the training loop
-(raymodule.loop) put plus the index bytes, both within the timed window, / timed steps / 2
+(raymodule.steps) put plus the index bytes, both within the timed window, / timed steps / 2
 workers (each worker gets its own half). Not counted, in either path: the per-call control
 data both carry (object refs, row slices, step ids, and for a DatasetIter the dataset's
 reference and shapes, once per call of several steps). The "dataset, once" column is what
@@ -412,17 +412,17 @@ class DataBytes:
         raymodule.handle.ControllerHandle.advance = counted_advance
 
     def summary(self, marks, steps, workers):
-        """Bytes per worker per timed step (the samples put by raymodule.loop, or a
+        """Bytes per worker per timed step (the samples put by raymodule.steps, or a
         DatasetIter's indices), and those put once by raymodule.data (a dataset's arrays)."""
         start, end = marks[0], marks[-1]
         timed = [(who, n) for t, who, n in self.puts if start <= t <= end]
-        samples = sum(n for who, n in timed if who == "raymodule.loop")
+        samples = sum(n for who, n in timed if who == "raymodule.steps")
         indices = sum(n for t, n in self.indices if start <= t <= end)
         return {
             "per_worker_step": (samples + indices) / steps / workers,
             "samples_per_worker_step": samples / steps / workers,
             "indices_per_worker_step": indices / steps / workers,
-            "other_puts_timed": sum(n for who, n in timed if who != "raymodule.loop"),
+            "other_puts_timed": sum(n for who, n in timed if who != "raymodule.steps"),
             "dataset_once": sum(n for _, who, n in self.puts if who.startswith("raymodule.data")),
         }
 
