@@ -35,7 +35,6 @@ import mxnet as mx
 import numpy as np
 from jobtools import (
     HelpFormatter,
-    add_run_options,
     add_training_options,
     check_storage,
     check_training_options,
@@ -45,7 +44,7 @@ from jobtools import (
 from PIL import Image  # PNG encoding: mx.recordio.pack_img needs OpenCV's Python module
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from train import cnn, fit_and_report, records
+from train import add_model_options, cnn, fit_and_report, records
 
 from raymodule.storage import Folder, redact
 
@@ -66,16 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "&scheme=http' (keys from the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables)",
     )
     add_training_options(parser, epochs=10, batch_size=64)
-    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the split and the init")
-    add_run_options(parser)
-    parser.add_argument(
-        "--output",
-        default=None,
-        help="also export the trained model to this folder as a plain MXNet checkpoint "
-        "(model-symbol.json, model-NNNN.params)",
-    )
+    add_model_options(parser)
     args = parser.parse_args(argv)
     check_training_options(parser, args)
     args.run = run_config(parser, args)

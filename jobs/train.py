@@ -52,6 +52,20 @@ from sklearn.model_selection import train_test_split
 import raymodule
 
 
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The optimizer, the seed, the run and the export: this job's and digits_rec.py's."""
+    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the split and the init")
+    add_run_options(parser)
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="also export the trained model to this folder as a plain MXNet checkpoint "
+        "(model-symbol.json, model-NNNN.params)",
+    )
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Train an MLP on scikit-learn's handwritten digits (or a small CNN on "
@@ -89,16 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--classes", type=int, default=10, help="with --data recordio: labels 0 .. classes-1"
     )
     add_training_options(parser, epochs=15, batch_size=64)
-    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the split and the init")
-    add_run_options(parser)
-    parser.add_argument(
-        "--output",
-        default=None,
-        help="also export the trained model to this folder as a plain MXNet checkpoint "
-        "(model-symbol.json, model-NNNN.params)",
-    )
+    add_model_options(parser)
     args = parser.parse_args(argv)
     check_training_options(parser, args)
     if args.data == "recordio":

@@ -19,6 +19,7 @@ __all__ = [
     "Batch",
     "PartPlan",
     "split_slices",
+    "checked_batch_size",
     "split_shapes",
     "batch_axes",
     "to_batch",
@@ -40,6 +41,15 @@ def split_slices(batch_size: int, work_load_list: list[float]) -> list[slice]:
             f"with work_load_list={list(work_load_list)}: some workers would get no samples; "
             f"use a batch of at least {len(work_load_list)} samples (more for uneven weights)"
         ) from None
+
+
+def checked_batch_size(batch_size, who: str) -> int:
+    """``batch_size`` as an int, or a ValueError naming ``who`` took it."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise ValueError(f"{who}: batch_size={batch_size!r} must be an int >= 1")
+    if batch_size < 1:
+        raise ValueError(f"{who}: batch_size={batch_size} must be >= 1")
+    return int(batch_size)
 
 
 def with_batch(desc: DataDesc, size: int) -> DataDesc:

@@ -33,7 +33,7 @@ import numpy as np
 from mxnet.io import DataBatch, DataDesc, DataIter
 
 from ..constants import Settings
-from .batches import Batch
+from .batches import Batch, checked_batch_size
 
 __all__ = [
     "Dataset",
@@ -255,16 +255,13 @@ class DatasetIter(DataIter):
                 f"DatasetIter: dataset is a {type(dataset).__name__}; expected a "
                 "raymodule.data.ArrayDataset or a raymodule.data.RecordIODataset"
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-            raise ValueError(f"DatasetIter: batch_size={batch_size!r} must be an int >= 1")
-        if batch_size < 1:
-            raise ValueError(f"DatasetIter: batch_size={batch_size} must be >= 1")
+        batch_size = checked_batch_size(batch_size, "DatasetIter")
         if last_batch_handle not in LAST_BATCH_HANDLES:
             raise ValueError(
                 f"DatasetIter: last_batch_handle={last_batch_handle!r} must be one of "
                 f"{', '.join(map(repr, LAST_BATCH_HANDLES))}"
             )
-        super().__init__(int(batch_size))
+        super().__init__(batch_size)
         self.dataset = dataset
         self.shuffle = bool(shuffle)
         self.seed = int(seed)

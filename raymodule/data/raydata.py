@@ -33,7 +33,7 @@ import mxnet as mx
 import numpy as np
 from mxnet.io import DataBatch, DataDesc, DataIter
 
-from .batches import Batch
+from .batches import Batch, checked_batch_size
 
 __all__ = ["RayDataIter", "StreamParts", "StreamReader"]
 
@@ -64,11 +64,8 @@ class RayDataIter(DataIter):
                 f"RayDataIter: dataset is a {type(dataset).__name__}; expected a "
                 "ray.data.Dataset (for arrays, use raymodule.data.ArrayDataset and DatasetIter)"
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-            raise ValueError(f"RayDataIter: batch_size={batch_size!r} must be an int >= 1")
-        if batch_size < 1:
-            raise ValueError(f"RayDataIter: batch_size={batch_size} must be >= 1")
-        super().__init__(int(batch_size))
+        batch_size = checked_batch_size(batch_size, "RayDataIter")
+        super().__init__(batch_size)
         self.dataset = dataset
         self.data_names = _names(data_name, "data_name")
         self.label_names = _names(label_name, "label_name")
