@@ -43,6 +43,8 @@ __all__ = ["Controller", "RemoteController", "State", "EveryWorkerLost", "StepsF
 
 log = logging.getLogger(__name__)
 
+_STREAMS_KEPT = 2  # Ray Datasets whose split is kept (training's and validation's)
+
 # calls that read what every replica holds alike: asked again of the new group after a loss
 _REPEATABLE = frozenset({"get_params", "optimizer_states"})
 
@@ -422,7 +424,12 @@ class Controller:
                 equal=True,
                 locality_hints=nodes if all(nodes) else None,
             )
-            made = self._splits[stream["key"]] = (key, shares)
+            self._splits.pop(stream["key"], None)
+            made = self._splits[stream["key"]] = (key, shares)  # the newest last
+            while len(self._splits) > _STREAMS_KEPT:  # its coordinator actor is released
+                oldest = next(iter(self._splits))
+                del self._splits[oldest]
+                self._stream_datasets.pop(oldest, None)
         self._open_pass = (stream["key"], stream["pass"], stream["batches"])
         return made
 
