@@ -349,7 +349,7 @@ class ModuleWorker:
             batches = reader.batches(batches)
         elif plan is not None:
             batches = assemble(batches, plan)
-        tic = time.perf_counter()  # a dataset's rows are read meanwhile: counted in
+        tic = time.perf_counter()  # rows still read meanwhile (a dataset's) count as step time
         results = [step(mid, batch) for mid, batch in zip(mids, batches)]
         return results, time.perf_counter() - tic, self._shut_down
 
