@@ -225,14 +225,14 @@ def steps(
                 "sizes": [cut[-1].stop for cut in slices],
                 "slices": [[(c.start, c.stop) for c in cut] for cut in slices],
             }
+            if indexed or stream is not None:  # the workers read the rows: with labels?
+                spec["labels"] = [bool(step.target._label_shapes) for step in chunk]
             if indexed:
                 spec["dataset"] = dataset
                 spec["indices"] = [step.index for step in chunk]
-                spec["labels"] = [bool(step.target._label_shapes) for step in chunk]
             elif stream is not None:
                 spec["stream"] = dict(stream, positions=[step.nbatch for step in chunk])
                 stream.pop("dataset", None)  # the controller keeps it after the first chunk
-                spec["labels"] = [bool(step.target._label_shapes) for step in chunk]
             else:
                 parts = zip(*(step.batch.parts(cut) for step, cut in zip(chunk, slices)))
                 spec["sources"] = [ray.put(list(part)) for part in parts]

@@ -24,6 +24,7 @@ import enum
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import ray
 
@@ -44,6 +45,17 @@ __all__ = ["Controller", "RemoteController", "State", "EveryWorkerLost", "StepsF
 log = logging.getLogger(__name__)
 
 _STREAMS_KEPT = 2  # Ray Datasets whose split is kept (training's and validation's)
+
+
+@dataclass
+class _Stream:
+    """A Ray Dataset the members stream, and their split of it (``key``: the dataset's and the
+    generation's it was made for)."""
+
+    dataset: object
+    key: str | None = None
+    shares: list | None = None
+
 
 # calls that read what every replica holds alike: asked again of the new group after a loss
 _REPEATABLE = frozenset({"get_params", "optimizer_states"})
@@ -123,9 +135,8 @@ class Controller:
         self._leaving: set[int] = set()  # slots whose worker got SIGTERM: removed gracefully
         self._recovering = False
         self._next_poll = 0.0
-        self._splits: dict[str, tuple] = {}  # by Ray Dataset: (key, its members' shares)
-        self._stream_datasets: dict = {}  # the Ray Datasets streamed, by their iterator's key
-        self._open_pass = None  # a Ray Dataset's pass being streamed: (key, pass, batches)
+        self._streams: dict[str, _Stream] = {}  # the Ray Datasets streamed, by iterator key
+        self._in_pass = False  # a Ray Dataset's pass is being streamed: its splits are fixed
 
     # -- the client's calls: those it reads return (value, view), the others nothing ---------------
     def start(self) -> tuple:
@@ -214,7 +225,7 @@ class Controller:
         if self._leaving:
             self._leave(done, seconds)
         if spec is not None:
-            if self.members.pending and self.limits.elastic and not self._mid_pass():
+            if self.members.pending and self.limits.elastic and not self._in_pass:
                 self._grow(done, seconds)
             self._send(kind, chunks.steps_of(spec))
         while len(self._chunks) > keep:
@@ -389,7 +400,7 @@ class Controller:
         if steps[0].stream is not None:
             split = self._split(steps[0].stream)
         else:
-            self._open_pass = None  # a pass cut short (num_batch) is over when others start
+            self._in_pass = False  # a pass cut short (num_batch) is over when others start
         args = chunks.worker_args(steps, weights, self.settings.data_timeout_s, split)
         mids = [step.mid for step in steps]
         refs = [
@@ -412,31 +423,26 @@ class Controller:
         """The members' shares of a Ray Dataset (``Dataset.streaming_split`` among them, each
         share's blocks preferably on its member's node), made once per dataset and generation:
         ``(its key, the shares in rank order)``. Marks a pass open until its last step is
-        read: a membership change then restarts the run (:meth:`_mid_pass`)."""
+        read: a membership change then restarts the run (``Loss.mid_pass``)."""
+        known = self._streams.pop(stream["key"], None)
+        if known is None:  # the first chunk of a pass brings the dataset
+            known = _Stream(stream["dataset"])
+        self._streams[stream["key"]] = known  # the newest last
+        while len(self._streams) > _STREAMS_KEPT:  # its coordinator actor is released
+            del self._streams[next(iter(self._streams))]
         key = f"{stream['key']}/{self.members.generation}"
-        if "dataset" in stream:  # the first chunk of a pass brings it
-            self._stream_datasets[stream["key"]] = stream["dataset"]
-        made = self._splits.get(stream["key"])
-        if made is None or made[0] != key:  # an earlier generation's is released
+        if known.key != key:  # none yet, or an earlier generation's (released)
             nodes = [node.get("node") for node in self.members.nodes]
-            shares = self._stream_datasets[stream["key"]].streaming_split(
-                self.members.world_size,
-                equal=True,
-                locality_hints=nodes if all(nodes) else None,
+            known.key, known.shares = (
+                key,
+                known.dataset.streaming_split(
+                    self.members.world_size,
+                    equal=True,
+                    locality_hints=nodes if all(nodes) else None,
+                ),
             )
-            self._splits.pop(stream["key"], None)
-            made = self._splits[stream["key"]] = (key, shares)  # the newest last
-            while len(self._splits) > _STREAMS_KEPT:  # its coordinator actor is released
-                oldest = next(iter(self._splits))
-                del self._splits[oldest]
-                self._stream_datasets.pop(oldest, None)
-        self._open_pass = (stream["key"], stream["pass"], stream["batches"])
-        return made
-
-    def _mid_pass(self) -> bool:
-        """Whether a Ray Dataset's pass is being streamed: its members' splits cannot be
-        re-split before it ends."""
-        return self._open_pass is not None
+        self._in_pass = True
+        return known.key, known.shares
 
     def _finish(self, done: list, seconds: dict) -> None:
         """Reads the oldest chunk in flight into ``done``; after a loss, sends the steps in
@@ -451,11 +457,11 @@ class Controller:
                 self._resend(self.committed, done)
             return
         self._chunks.popleft()
-        if self._open_pass is not None and any(
+        if any(
             step.stream is not None and step.position == step.stream["batches"] - 1
             for step in chunk.steps
         ):
-            self._open_pass = None  # its last step is done
+            self._in_pass = False  # its last step is done
         for slot, (_, took, shut_down) in zip(chunk.slots, per_worker):
             seconds[slot] = seconds.get(slot, 0.0) + took
             if shut_down and slot in self.members.slots:
@@ -550,7 +556,7 @@ class Controller:
         tic, before = time.monotonic(), self.members.world_size
         why = f"{', '.join(f'slot {s}' for s in leaving)} shut down (SIGTERM)"
         survivors = self.members.world_size - len(leaving)
-        decision = policy.on_leave(self.limits, survivors, mid_pass=self._mid_pass())
+        decision = policy.on_leave(self.limits, survivors, mid_pass=self._in_pass)
         if decision.action is policy.Action.FAIL:
             raise self._fail(WorkerLostError(f"{why}; {decision.reason}"))
         if decision.action is policy.Action.RESTART:
@@ -663,7 +669,7 @@ class Controller:
                 lost=len(lost),
                 failures_before=self.failures,
                 broken_in_a_row=self.broken_in_a_row,
-                mid_pass=self._mid_pass(),
+                mid_pass=self._in_pass,
             ),
         )
 

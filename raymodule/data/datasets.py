@@ -84,6 +84,22 @@ def _side(arrays, what: str) -> tuple[list[str] | None, list[np.ndarray], list]:
     return ([str(name) for name, _ in items] if named else None), values, dtypes
 
 
+def from_store(ref, what: str):
+    """The object ``ref`` from Ray's object store (what a dataset's copy on a worker reads
+    once), or TimeoutError saying ``what`` was not read. Bounded by RAYMODULE_DATA_TIMEOUT_S's
+    default, so that the thread that reads ends; a worker's wait for that thread is bounded by
+    the run's own value (:meth:`IndexedParts.batches`)."""
+    import ray
+
+    timeout_s = Settings.data_timeout_s
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(
+            f"{what} were not read from the object store within {timeout_s:g} s"
+        ) from None
+
+
 class Dataset:
     """Samples read by index: what a :class:`DatasetIter` walks, and what a worker reads its
     rows of each step from under ``fit`` and ``score``.
@@ -169,18 +185,7 @@ class ArrayDataset(Dataset):
 
     def _arrays(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         if self._data is None:  # unpickled from its reference: read it (zero-copy) once
-            import ray
-
-            # its default: the thread that reads ends; a worker's wait for that thread is
-            # bounded by the run's RAYMODULE_DATA_TIMEOUT_S (IndexedParts.batches)
-            timeout_s = Settings.data_timeout_s
-            try:
-                self._data, self._label = ray.get(self._ref, timeout=timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                raise TimeoutError(
-                    f"{self!r}: its arrays were not read from the object store within "
-                    f"{timeout_s:g} s"
-                ) from None
+            self._data, self._label = from_store(self._ref, f"{self!r}: its arrays")
         return self._data, self._label
 
     @property

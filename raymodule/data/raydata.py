@@ -193,10 +193,7 @@ class StreamReader:
                     f"this worker's split of the Ray Dataset ran out at step {i} of this call "
                     f"(pass {parts.pass_}): the splits hold fewer rows than the steps sent"
                 )
-            batch = to_batch(columns, parts.data_names, parts.label_names)
-            if not parts.labels[i]:
-                batch = Batch(batch.data, [], batch.data_axes, [])
-            yield batch
+            yield to_batch(columns, parts.data_names, parts.label_names if parts.labels[i] else [])
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

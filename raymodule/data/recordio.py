@@ -26,9 +26,8 @@ from collections.abc import Callable
 import mxnet as mx
 import numpy as np
 
-from ..constants import Settings
 from ..storage import open_for_reads, read_bytes, redact
-from .datasets import Dataset
+from .datasets import Dataset, from_store
 
 __all__ = ["RecordIODataset"]
 
@@ -155,17 +154,9 @@ class RecordIODataset(Dataset):
     def _index(self) -> tuple[list[str], np.ndarray]:
         """The keys and offsets of the records, in the .idx's order."""
         if self._offsets is None:  # a copy pickled after key(): read the index once
-            import ray
-
-            # its default: the thread that reads ends; a worker's wait for that thread is
-            # bounded by the run's RAYMODULE_DATA_TIMEOUT_S (IndexedParts.batches)
-            timeout_s = Settings.data_timeout_s
-            try:
-                self._keys, self._offsets = ray.get(self._index_ref, timeout=timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                raise TimeoutError(
-                    f"{self!r}: its index was not read from the object store within {timeout_s:g} s"
-                ) from None
+            self._keys, self._offsets = from_store(
+                self._index_ref, f"{self!r}: its index keys and offsets"
+            )
         return self._keys, self._offsets
 
     def _open(self):

@@ -77,8 +77,8 @@ class ModuleWorker:
         self._broken: str | None = None  # why the collective group broke, until re-formed
         self._generation = 0
         self._shut_down = False  # SIGTERM came: the controller removes this worker gracefully
-        self._datasets: dict = {}  # the datasets read lately, by object-store reference
-        self._streams: dict = {}  # the Ray Dataset splits read lately, by key: StreamReaders
+        self._datasets: dict = {}  # the datasets read lately, by key (_kept)
+        self._streams: dict = {}  # the Ray Dataset splits read lately: StreamReaders (_kept)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._note_shutdown)
 
@@ -342,10 +342,7 @@ class ModuleWorker:
         if isinstance(batches, IndexedParts):
             batches = self._read(batches)
         elif isinstance(batches, StreamParts):
-            reader = self._streams.pop(batches.key, None) or StreamReader()
-            self._streams[batches.key] = reader  # the newest last; training's and validation's
-            while len(self._streams) > _DATASETS_KEPT:
-                self._streams.pop(next(iter(self._streams))).close()
+            reader = _kept(self._streams, batches.key, StreamReader, StreamReader.close)
             batches = reader.batches(batches)
         elif plan is not None:
             batches = assemble(batches, plan)
@@ -358,11 +355,7 @@ class ModuleWorker:
         first received it: the dataset arrives with every call, and the copy kept by its
         :meth:`~raymodule.data.Dataset.key` is the one read (an ArrayDataset's arrays fetched
         zero-copy once, a RecordIO file opened once)."""
-        key = parts.dataset.key()
-        dataset = self._datasets.pop(key, parts.dataset)
-        self._datasets[key] = dataset  # the newest last; a few kept (training, validation)
-        while len(self._datasets) > _DATASETS_KEPT:
-            del self._datasets[next(iter(self._datasets))]
+        dataset = _kept(self._datasets, parts.dataset.key(), lambda: parts.dataset)
         return dataclasses.replace(parts, dataset=dataset).batches()
 
     def train_step(self, mid, batch: Batch):
@@ -440,6 +433,16 @@ class ModuleWorker:
 
     def monitor_toc(self) -> list:
         return self._monitor.toc()
+
+
+def _kept(cache: dict, key, make, drop=lambda value: None):
+    """``cache[key]`` (made by ``make()`` if absent), now the newest entry: a few are kept
+    (training's and validation's data), the oldest beyond them dropped (``drop(value)``)."""
+    value = cache.pop(key) if key in cache else make()
+    cache[key] = value
+    while len(cache) > _DATASETS_KEPT:
+        drop(cache.pop(next(iter(cache))))
+    return value
 
 
 def assemble(sources: list, plan: PartPlan) -> list[Batch]:
