@@ -17,9 +17,12 @@ rescale_grad = 1/global batch) for these models:
                a sample is a sentence. Not in the default --models (it adds ~2.5 minutes):
                --models lstm, or mlp,lenet,lstm for all three
 
-in five configurations (Module is BucketingModule(sym_gen, default_bucket_key=40) for lstm):
+in six configurations (Module is BucketingModule(sym_gen, default_bucket_key=40) for lstm):
 
     native     single-process mx.mod.Module on mx.cpu()
+    native2    single-process mx.mod.Module on [mx.cpu(0), mx.cpu(1)]: MXNet's own data
+               parallelism in one process (each context has its own engine thread, and the
+               'local' KVStore sums and updates), the in-process reference for raymodule x2
     dist_sync  MXNet's dist_sync KVStore on 127.0.0.1: 1 scheduler, 1 server, 2 workers,
                each worker training on its half of every global batch (for lstm: the same
                bucket sequence on both)
@@ -40,12 +43,14 @@ Every configuration runs in its own subprocess with OMP_NUM_THREADS=1 and
 MXNET_CPU_WORKER_NTHREADS=1. All use the same method: Module.fit with epochs of --warmup
 batches; the first epoch is a warm-up, samples/s is measured over the next --batches batches.
 The table's ratios: x1/native and x2/native (raymodule on 1 and 2 workers against the single
-process), x2/dist_sync (2 workers each: raymodule against MXNet's parameter server).
+process), x2/native2 (2 workers against MXNet's 2 contexts in one process), x2/dist_sync (2
+workers each: raymodule against MXNet's parameter server).
 
 --data compares, on mlp and cnn (synthetic data held in memory, the same samples in the
 same order in each), three configurations instead (no gloo floor, no checkpointing):
 
-    native        as above, fed by an mx.io.NDArrayIter: reference for the ratios
+    native        as above, fed by an mx.io.NDArrayIter
+    native2       as above (2 contexts in one process), fed by an mx.io.NDArrayIter
     ray2          raymodule on 2 workers fed by an mx.io.NDArrayIter: the drop-in path, where
                   the client puts each worker's slice of every batch in Ray's object store
     ray2_dataset  raymodule on 2 workers fed by raymodule.data.DatasetIter(ArrayDataset(x, y),
@@ -108,10 +113,16 @@ SHAPES = {"mlp": (784,), "lenet": (1, 28, 28), "cnn": (3, 32, 32)}  # -> one sam
 DEFAULT_BATCHES = {"mlp": 600, "lenet": 300, "cnn": 200, "lstm": 300}  # timed: ~5-15 s each
 LSTM = {"vocab_size": 2000, "num_embed": 64, "num_hidden": 128, "num_layers": 1}
 LSTM_SEED = 0  # of the corpus split and of the batch order
-CONFIGS = ["native", "dist_sync", "ray1", "ray2", "ray2_ckpt"]
-LABELS = ["native", "dist_sync", "raymodule x1", "raymodule x2", "x2 + ckpt"]  # of CONFIGS
-DATA_CONFIGS = ["native", "ray2", "ray2_dataset"]  # --data's
-DATA_LABELS = ["native", "raymodule x2, NDArrayIter", "raymodule x2, DatasetIter"]
+CONFIGS = ["native", "native2", "dist_sync", "ray1", "ray2", "ray2_ckpt"]
+LABELS = ["native", "native 2 ctx", "dist_sync", "raymodule x1", "raymodule x2", "x2 + ckpt"]
+DATA_CONFIGS = ["native", "native2", "ray2", "ray2_dataset"]  # --data's
+DATA_LABELS = [
+    "native",
+    "native, 2 contexts",
+    "raymodule x2, NDArrayIter",
+    "raymodule x2, DatasetIter",
+]
+NATIVE_CONTEXTS = {"native": 1, "native2": 2}  # single-process MXNet -> its cpu contexts
 DATASET_CONFIGS = {"ray2_dataset"}  # fed by a DatasetIter, not an NDArrayIter
 RAY_CONFIGS = {"ray1": 1, "ray2": 2, "ray2_ckpt": 2, "ray2_dataset": 2}  # -> Ray workers
 CKPT_CONFIGS = {"ray2_ckpt"}  # these need the S3 server
@@ -136,10 +147,11 @@ HELP = {
     "global batch 64), lstm (jobs/bucketing.py's bucketing LSTM language model, "
     "BucketingModule, global batch 32; not run by default: it adds ~2.5 minutes; not with "
     "--data). Default: mlp,lenet; with --data: mlp,cnn",
-    "configs": "comma-separated configurations: native, dist_sync, ray1 (raymodule, 1 worker), "
-    "ray2 (raymodule, 2 workers), ray2_ckpt (ray2 checkpointing to S3 on a local SeaweedFS); "
-    "leave out ray1,ray2,ray2_ckpt to skip raymodule. Default: all five. With --data: "
-    "native, ray2 (NDArrayIter), ray2_dataset (DatasetIter); default: all three",
+    "configs": "comma-separated configurations: native, native2 (MXNet, 2 contexts in one "
+    "process), dist_sync, ray1 (raymodule, 1 worker), ray2 (raymodule, 2 workers), ray2_ckpt "
+    "(ray2 checkpointing to S3 on a local SeaweedFS); leave out ray1,ray2,ray2_ckpt to skip "
+    "raymodule. Default: all six. With --data: native, native2, ray2 (NDArrayIter), "
+    "ray2_dataset (DatasetIter); default: all four",
     "batches": "timed global batches per configuration, rounded up to a multiple of --warmup "
     f"(default: mlp {DEFAULT_BATCHES['mlp']}, lenet {DEFAULT_BATCHES['lenet']}, "
     f"cnn {DEFAULT_BATCHES['cnn']}, lstm {DEFAULT_BATCHES['lstm']}: ~5-15 s each)",
@@ -471,8 +483,9 @@ def child(spec):
     extra = {}
     if config == "gloo":
         result = gloo_floor(mx, model)
-    elif config == "native":
-        result = timed_fit(mx, new_module(mx, mx.mod, model, mx.cpu()), model, spec)
+    elif config in NATIVE_CONTEXTS:
+        ctx = [mx.cpu(i) for i in range(NATIVE_CONTEXTS[config])]
+        result = timed_fit(mx, new_module(mx, mx.mod, model, ctx), model, spec)
     elif config == "dist_sync":
         kv = mx.kv.create("dist_sync")
         mod = new_module(mx, mx.mod, model, mx.cpu())
@@ -859,13 +872,14 @@ def main(argv=None):
             r = results[model]
             r["x1/native"] = r["ray1"] / r["native"] if r["ray1"] and r["native"] else None
             r["x2/native"] = r["ray2"] / r["native"] if r["ray2"] and r["native"] else None
+            r["x2/native2"] = r["ray2"] / r["native2"] if r["ray2"] and r["native2"] else None
             r["x2/dist_sync"] = r["ray2"] / r["dist_sync"] if r["ray2"] and r["dist_sync"] else None
             r["ckpt/x2"] = r["ray2_ckpt"] / r["ray2"] if r["ray2_ckpt"] and r["ray2"] else None
     finally:
         if s3_server is not None:
             s3_server.stop()  # by PID; also deletes its data folder
 
-    ratios = ["x1/native", "x2/native", "x2/dist_sync"]
+    ratios = ["x1/native", "x2/native", "x2/native2", "x2/dist_sync"]
     header = ["model"] + LABELS + ratios
     rows = [
         [m] + [fmt(r[c]) for c in CONFIGS] + [fmt(r[ratio], 2) for ratio in ratios]
