@@ -1,0 +1,215 @@
+"""Where a raymodule worker's training step spends its time, phase by phase.
+
+Runs ``raymodule.Module.fit`` on 2 workers (or ``--workers``) of one of jobs/benchmark.py's
+models, with every worker timing each phase of its training steps:
+
+    read       waiting for the step's rows (the object store, or a dataset's read-ahead)
+    forward    copying the rows into the executor and running forward
+    backward   backward
+    reduce     summing the gradients across the workers (Collective.reduce)
+    update     the rest of the worker's update: the optimizer's update of the summed
+               gradients
+    metric     the metric's counters (or the outputs, for a metric the client computes)
+    between    no step running: the worker waits for the controller's next call
+
+To tell the phases apart, each worker waits for MXNet's engine (``mx.nd.waitall``) at every
+phase boundary, which takes away the overlap of backward with the reduction: the timed run is
+slower than an untimed one, and the table gives the untimed run's samples/s beside the
+timed run's for that reason. The timing is added by a Ray worker setup hook that wraps the
+worker's methods in its process; raymodule itself is not changed.
+
+    python jobs/step_phases.py
+    python jobs/step_phases.py --model lenet --data dataset
+    RAYMODULE_SHM_ALLREDUCE=0 python jobs/step_phases.py   # (a switch of raymodule's, if set)
+
+Ray is started on 127.0.0.1 with 4 CPUs, in a temporary folder, and stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchmark  # noqa: E402 - jobs/ is not a package: its models and thread settings
+
+PHASES = ["read", "forward", "backward", "reduce", "update", "metric", "between"]
+OUT_ENV = "RAYMODULE_STEP_PHASES_DIR"
+
+
+def install_timers() -> None:
+    """The worker setup hook: wraps ModuleWorker's step methods and its group's reduction so that
+    each phase's seconds are summed, and written to ``$RAYMODULE_STEP_PHASES_DIR/<pid>.json``
+    at the end of each call of steps."""
+    out_dir = os.environ.get(OUT_ENV)
+    if not out_dir:
+        return
+    import mxnet as mx
+
+    from raymodule.worker import actor
+
+    actor._import_runtime()  # the methods wrapped here read the names it binds
+    seconds = dict.fromkeys(PHASES, 0.0)
+    counts = {"steps": 0, "samples": 0}
+    clock = {"returned": None}
+    steps = actor.ModuleWorker.steps
+
+    def timed(reduce):
+        """``reduce`` (a Collective's), its seconds summed under "reduce"."""
+
+        def timed_reduce(grads, bucket_bytes):
+            mx.nd.waitall()
+            tic = time.perf_counter()
+            try:
+                return reduce(grads, bucket_bytes)
+            finally:
+                seconds["reduce"] += time.perf_counter() - tic
+
+        timed_reduce.timed = True
+        return timed_reduce
+
+    def timed_train_step(self, mid, batch):
+        began = time.perf_counter()
+        seconds["read"] += began - clock["step_end"]
+        mod, labels = self._load(mid, batch, True)
+        mx.nd.waitall()
+        loaded = time.perf_counter()
+        seconds["forward"] += loaded - began
+        mod.backward()
+        mx.nd.waitall()
+        backed = time.perf_counter()
+        seconds["backward"] += backed - loaded
+        group = self._collective
+        if group is not None and not hasattr(group.reduce, "timed"):
+            group.reduce = timed(group.reduce)  # this group's; a re-formed one is new
+        before_reduce = seconds["reduce"]
+        self.update(mid)
+        mx.nd.waitall()
+        updated = time.perf_counter()
+        seconds["update"] += updated - backed - (seconds["reduce"] - before_reduce)
+        result = self._step_metric(mod, labels) if self._metric is not None else None
+        clock["step_end"] = time.perf_counter()
+        seconds["metric"] += clock["step_end"] - updated
+        counts["steps"] += 1
+        counts["samples"] += batch.data[0].shape[0]
+        return result
+
+    def timed_steps(self, kind, *args, **kwargs):
+        called = time.perf_counter()
+        if clock["returned"] is not None:
+            seconds["between"] += called - clock["returned"]
+        clock["step_end"] = called
+        try:
+            return steps(self, kind, *args, **kwargs)
+        finally:
+            clock["returned"] = time.perf_counter()
+            if kind == "train_step":
+                record = {"seconds": seconds, **counts}
+                Path(out_dir, f"{os.getpid()}.json").write_text(json.dumps(record))
+
+    actor.ModuleWorker.train_step = timed_train_step
+    actor.ModuleWorker.steps = timed_steps
+
+
+def run(args, timed: bool) -> tuple[float, list[dict]]:
+    """One fit: samples/s over the epochs after the first, and each worker's phase record."""
+    import mxnet as mx
+    import numpy as np
+    import ray
+
+    import raymodule
+
+    out_dir = tempfile.mkdtemp(prefix="step-phases-")
+    ray_tmp = tempfile.mkdtemp(prefix="rs-")
+    os.environ["RAY_TMPDIR"] = ray_tmp
+    env = {OUT_ENV: out_dir} if timed else {}
+    try:
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            runtime_env={"worker_process_setup_hook": install_timers, "env_vars": env},
+        )
+        batch = benchmark.MODELS[args.model]
+        shape = benchmark.SHAPES[args.model]
+        rng = np.random.default_rng(0)
+        x = rng.random((batch * args.batches, *shape), dtype=np.float32)
+        y = rng.integers(0, 10, batch * args.batches).astype(np.float32)
+        if args.data == "dataset":
+            data = raymodule.data.ArrayDataset(x, y)
+            train = raymodule.data.DatasetIter(data, batch, label_name="softmax_label")
+        else:
+            train = mx.io.NDArrayIter(x, y, batch, label_name="softmax_label")
+        ctx = [mx.cpu(i) for i in range(args.workers)]
+        mod = raymodule.Module(benchmark.build_symbol(mx, args.model), context=ctx)
+        marks: list[float] = []
+        mod.fit(
+            train,
+            num_epoch=args.epochs,
+            optimizer="sgd",
+            optimizer_params={"learning_rate": 0.01, "momentum": 0.9, "rescale_grad": 1 / batch},
+            epoch_end_callback=lambda *_: marks.append(time.perf_counter()),
+        )
+        mod.close()
+        rate = batch * args.batches * (len(marks) - 1) / (marks[-1] - marks[0])
+        records = [json.loads(p.read_text()) for p in Path(out_dir).glob("*.json")]
+        return rate, records
+    finally:
+        ray.shutdown()
+        shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="mlp", choices=["mlp", "lenet", "cnn"])
+    parser.add_argument("--workers", type=int, default=2, help="raymodule workers (default 2)")
+    parser.add_argument(
+        "--data",
+        default="ndarrayiter",
+        choices=["ndarrayiter", "dataset"],
+        help="mx.io.NDArrayIter (the drop-in path) or raymodule.data.DatasetIter",
+    )
+    parser.add_argument("--batches", type=int, default=100, help="global batches per epoch")
+    parser.add_argument("--epochs", type=int, default=6, help="epochs; the first is warm-up")
+    args = parser.parse_args(argv)
+    if args.workers < 1 or args.batches < 1 or args.epochs < 2:
+        parser.error("--workers and --batches must be >= 1, --epochs >= 2")
+    os.environ.update(benchmark.THREAD_ENV)
+    os.environ.update(benchmark.RAY_ENV)
+
+    untimed, _ = run(args, timed=False)
+    timed, records = run(args, timed=True)
+    print(
+        f"{args.model}, {args.workers} workers, {args.data}, global batch "
+        f"{benchmark.MODELS[args.model]}: {untimed:,.0f} samples/s untimed, {timed:,.0f} "
+        "timed (phases waited for)"
+    )
+    print("ms per step, per worker (all steps of the run, warm-up included):")
+    header = ["worker"] + PHASES + ["total"]
+    rows = []
+    for k, record in enumerate(sorted(records, key=lambda r: -r["steps"])):
+        per_step = {p: 1e3 * record["seconds"][p] / max(record["steps"], 1) for p in PHASES}
+        rows.append([str(k)] + [f"{per_step[p]:.2f}" for p in PHASES])
+        rows[-1].append(f"{sum(per_step.values()):.2f}")
+    if len(rows) > 1:
+        means = [statistics.fmean(float(r[i]) for r in rows) for i in range(1, len(header))]
+        rows.append(["mean"] + [f"{m:.2f}" for m in means])
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    for row in [header] + rows:
+        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
