@@ -2,11 +2,13 @@
 
     python tests/shm_ranks.py
 
-Starts a ``ray.cluster_utils.Cluster`` on 127.0.0.1 (a head without CPUs and two nodes), places
-four ranks two per node (ranks 0 and 2 on one, 1 and 3 on the other, so the node leaders are
-ranks 0 and 1), sums arrays of odd sizes through ``Collective.reduce`` in one bucket and in
-many, and fails unless every rank got the numpy sum, all the same bits. Stops every Ray
-process it started.
+Starts a ``ray.cluster_utils.Cluster`` as tests/elastic_cluster.py does (a head without CPUs and
+two nodes), places four ranks two per node (ranks 0 and 2 on one, 1 and 3 on the other, so
+the node leaders are ranks 0 and 1), sums arrays of odd sizes through ``Collective.reduce``
+in one bucket and in many, and fails unless every rank got the numpy sum, all the same bits.
+Then SIGKILLs the other node's leader (rank 1) in a sum: rank 0 fails in gloo and breaks its
+node's group, so rank 2 fails too, and rank 3 sees its leader die; each within seconds (the
+timeout is 60 s). Stops every Ray process it started.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import ray
 from raymodule.worker.collective import Collective, free_address
 
 SIZES = (1, 7, 1001)
+BUCKETS = (1 << 20, 64, 1 << 20)  # bucket bytes of the sums on two nodes: one bucket, many
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
 
 
@@ -116,9 +119,18 @@ def two_nodes() -> None:
         ]
         form(ranks)
         assert ray.get([r.local_ranks.remote() for r in ranks]) == [2] * 4
-        for step, bucket_bytes in enumerate((1 << 20, 64, 1 << 20)):
+        for step, bucket_bytes in enumerate(BUCKETS):
             check_sums(ranks, bucket_bytes, seed=step, nodes=[[0, 2], [1, 3]])
-        ray.get([r.close.remote() for r in ranks], timeout=60)
+        ray.get(ranks[1].set_death.remote(len(BUCKETS) + 1))
+        calls = [r.reduce.remote(p, 64) for r, p in zip(ranks, arrays(4))]
+        for rank in (0, 2, 3):
+            try:
+                ray.get(calls[rank], timeout=30)
+            except ray.exceptions.RayTaskError as err:
+                print(f"rank {rank}: {str(err).splitlines()[-1]}")
+            else:
+                raise AssertionError(f"rank {rank} summed without rank 1")
+        ray.get([ranks[r].close.remote() for r in (0, 2, 3)], timeout=60)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -127,4 +139,4 @@ def two_nodes() -> None:
 if __name__ == "__main__":
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     two_nodes()
-    print("sums agree on two nodes")
+    print("sums agree on two nodes; a lost leader fails every rank")

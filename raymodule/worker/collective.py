@@ -148,12 +148,15 @@ class Collective:
     def _form_local_group(self, store, rank: int, timeout, timeout_s: float) -> None:
         """Groups the ranks by node through the rendezvous store: each node's ranks sum
         through shared memory, and when there are several nodes, their leaders (each node's
-        lowest rank) sum the nodes' sums in a gloo group of their own."""
+        lowest rank) sum the nodes' sums in a gloo group of their own. With one rank on every
+        node there is nothing to share: dense gradients go all over gloo, as without."""
         store.set(f"shm/member/{rank}", f"{ray.get_runtime_context().get_node_id()} {os.getpid()}")
         members = [store.get(f"shm/member/{r}").decode().split() for r in range(self._world_size)]
         nodes: dict[str, list[int]] = {}
         for r, (node, _) in enumerate(members):
             nodes.setdefault(node, []).append(r)
+        if len(nodes) == self._world_size:  # a rank per node: nothing to share, all gloo
+            return
         local = nodes[members[rank][0]]
         if len(nodes) > 1:
             leaders = sorted(ranks[0] for ranks in nodes.values())

@@ -26,8 +26,8 @@ loads, ordered as x86-64's memory model orders them (stores seen in program orde
 
 from __future__ import annotations
 
-import glob
 import os
+import re
 import secrets
 import select
 import threading
@@ -42,6 +42,7 @@ import torch
 __all__ = ["LocalGroup", "remove_stale_segments"]
 
 PREFIX = "raymodule-"
+_NAME = re.compile(rf"{PREFIX}(\d+)-[0-9a-f]+-\d+")  # a segment's name; the creator's pid
 ALIGN = 64  # bytes: each data slot starts on a cache line
 _BROKEN, _DATA_NUMBER, _HEADER = 0, 1, 2
 _CHECK_INTERVAL_S = 0.001  # how often a wait looks at the peers and the clock
@@ -52,12 +53,12 @@ def remove_stale_segments() -> list[str]:
     """Unlinks the segments in ``/dev/shm`` whose creator (the pid in their name) is gone;
     returns their names."""
     removed = []
-    for path in glob.glob(f"/dev/shm/{PREFIX}*-*-*"):
-        pid = os.path.basename(path)[len(PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+    for name in os.listdir("/dev/shm"):
+        match = _NAME.fullmatch(name)
+        if match and not _alive(int(match[1])):
             try:
-                os.unlink(path)
-                removed.append(os.path.basename(path))
+                os.unlink(os.path.join("/dev/shm", name))
+                removed.append(name)
             except FileNotFoundError:
                 pass
     return removed
