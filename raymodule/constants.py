@@ -17,6 +17,7 @@ _ZERO_ALLOWED = {
     "checkpoint_backoff_s",
     "checkpoint_failures_tolerated",
     "max_reforms",
+    "shm_allreduce",
 }
 
 
@@ -52,6 +53,10 @@ class Settings:
     allreduce_bucket_bytes: int = 4 * 1024 * 1024
     """RAYMODULE_ALLREDUCE_BUCKET_BYTES: gradients are fused into buckets of at most this size,
     one collective call each."""
+    shm_allreduce: int = 1
+    """RAYMODULE_SHM_ALLREDUCE: 1 sums dense gradients of CPU workers on one node through shared
+    memory (and only the nodes' sums over gloo, between one worker per node); 0 sends them all
+    over gloo."""
     data_timeout_s: float = 300.0
     """RAYMODULE_DATA_TIMEOUT_S: bound on a worker's wait for its rows of one step: a
     dataset's samples (an ArrayDataset's arrays from the object store, RecordIO records from

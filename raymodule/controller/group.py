@@ -152,7 +152,11 @@ class WorkerGroup:
             num_cpus=bundle.get("CPU", 0),
             num_gpus=bundle.get("GPU", 0),
             scheduling_strategy=strategy,
-        ).remote(self.devices[slot], self.settings.allreduce_bucket_bytes)
+        ).remote(
+            self.devices[slot],
+            self.settings.allreduce_bucket_bytes,
+            bool(self.settings.shm_allreduce),
+        )
 
     def membership(self) -> Membership:
         """The members now, in rank order (by slot)."""

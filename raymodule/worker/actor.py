@@ -65,12 +65,13 @@ def _nd_dict(arrays: dict) -> dict:
 class ModuleWorker:
     """One data-parallel replica. Methods take the id of the module they act on."""
 
-    def __init__(self, device_type: str, allreduce_bucket_bytes: int):
+    def __init__(self, device_type: str, allreduce_bucket_bytes: int, shm_allreduce: bool):
         _import_runtime()
         self.device = mx.Context(device_type, 0)
         self._modules: dict[int, mx.mod.Module] = {}
         self._collective: Collective | None = None
         self._bucket_bytes = allreduce_bucket_bytes
+        self._shm_allreduce = shm_allreduce
         self._metric: mx.metric.EvalMetric | None = None
         self._metric_here = False  # the metric's counters are updated on this worker
         self._applied = 0
@@ -126,7 +127,9 @@ class ModuleWorker:
         from .collective import Collective
 
         self.leave()
-        self._collective = Collective(world_size, rank, address, backend, timeout_s)
+        self._collective = Collective(
+            world_size, rank, address, backend, timeout_s, shared_memory=self._shm_allreduce
+        )
         self._generation = generation
 
     def applied(self) -> int:

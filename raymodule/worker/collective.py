@@ -7,6 +7,13 @@ NDArrays' own memory (DLPack); a bucket of one array is reduced in place, severa
 packed into one buffer and copied back. ``reduce`` returns only when every bucket is summed,
 so the optimizer never sees a partial step.
 
+On CPU (gloo), dense buckets do not go through gloo between workers of one node: the ranks are
+grouped by Ray node at rendezvous, each node's ranks sum a bucket through shared memory
+(:class:`~raymodule.worker.shm.LocalGroup`: the sum is added in rank order and copied out of
+one buffer, so every rank gets the same bits), and when the group spans nodes, one rank per
+node (the lowest) sums the nodes' sums over gloo in a group of these leaders. With one node
+dense gradients make no gloo call at all.
+
 ``row_sparse`` gradients stay sparse: every rank gathers every rank's row ids and rows and
 sums rows of the same id (:func:`sum_rows`), so the bytes sent follow the rows touched, not
 the size of the parameter, and the optimizer gets a row-sparse sum for MXNet's lazy update.
@@ -15,6 +22,7 @@ the size of the parameter, and the optimizer gets a row-sparse sum for MXNet's l
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.utils.dlpack
 from ray.util import collective as col
+
+from .shm import LocalGroup
 
 __all__ = ["Collective", "plan_buckets", "sum_rows", "free_address"]
 
@@ -98,22 +108,33 @@ def _as_torch(array: mx.nd.NDArray) -> torch.Tensor:
 
 class Collective:
     """This worker's membership in the gradient group (of two or more workers: a single
-    worker has none), and the reduction of one step."""
+    worker has none), and the reduction of one step. ``shared_memory`` (gloo only) sums dense
+    gradients of one node's ranks through shared memory; off, all go over gloo."""
 
-    def __init__(self, world_size: int, rank: int, address: str, backend: str, timeout_s: float):
+    def __init__(
+        self,
+        world_size: int,
+        rank: int,
+        address: str,
+        backend: str,
+        timeout_s: float,
+        shared_memory: bool = True,
+    ):
         if address.startswith("127."):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        self._world_size = world_size
+        self._local: LocalGroup | None = None
+        self._leaders = None  # the node leaders' gloo group, when the group spans nodes
         if backend == "gloo":
             # torch's own process group bounds every collective with `timeout`; Ray's wrapper
             # then adopts it as the default group (Ray's gloo_timeout bounds only rendezvous).
             timeout = datetime.timedelta(seconds=timeout_s)
+            store = _rendezvous_store(address, world_size, rank, timeout)
             dist.init_process_group(
-                "gloo",
-                store=_rendezvous_store(address, world_size, rank, timeout),
-                world_size=world_size,
-                rank=rank,
-                timeout=timeout,
+                "gloo", store=store, world_size=world_size, rank=rank, timeout=timeout
             )
+            if shared_memory:
+                self._form_local_group(store, rank, timeout, timeout_s)
         col.init_collective_group(
             world_size,
             rank,
@@ -121,14 +142,42 @@ class Collective:
             group_name=GROUP_NAME,
             gloo_timeout=int(timeout_s * 1000),
         )
-        self._world_size = world_size
         # one thread issues every collective call, so all ranks issue them in the same order
         self._comm = ThreadPoolExecutor(1, thread_name_prefix="raymodule-allreduce")
 
+    def _form_local_group(self, store, rank: int, timeout, timeout_s: float) -> None:
+        """Groups the ranks by node through the rendezvous store: each node's ranks sum
+        through shared memory, and when there are several nodes, their leaders (each node's
+        lowest rank) sum the nodes' sums in a gloo group of their own. With one rank on every
+        node there is nothing to share: dense gradients go all over gloo, as without."""
+        store.set(f"shm/member/{rank}", f"{ray.get_runtime_context().get_node_id()} {os.getpid()}")
+        members = [store.get(f"shm/member/{r}").decode().split() for r in range(self._world_size)]
+        nodes: dict[str, list[int]] = {}
+        for r, (node, _) in enumerate(members):
+            nodes.setdefault(node, []).append(r)
+        if len(nodes) == self._world_size:  # a rank per node: nothing to share, all gloo
+            return
+        local = nodes[members[rank][0]]
+        if len(nodes) > 1:
+            leaders = sorted(ranks[0] for ranks in nodes.values())
+            # every rank makes the subgroup, in the same order, as torch requires
+            self._leaders = dist.new_group(leaders, timeout=timeout, backend="gloo")
+        key = f"shm/control/{local[0]}"
+        self._local = LocalGroup(
+            local,
+            [int(members[r][1]) for r in local],
+            local.index(rank),
+            timeout_s,
+            publish=lambda name: store.set(key, name),
+            lookup=lambda: store.get(key).decode(),
+        )
+
     def close(self) -> None:
-        """Leaves the group (Ray's wrapper and torch's WORLD), so that a new one can be formed
-        in this process; works on a group broken by a lost peer too."""
+        """Leaves the group (the shared memory, Ray's wrapper and torch's WORLD), so that a
+        new one can be formed in this process; works on a group broken by a lost peer too."""
         self._comm.shutdown(wait=False, cancel_futures=True)
+        if self._local is not None:
+            self._local.close()
         for leave in (lambda: col.destroy_collective_group(GROUP_NAME), dist.destroy_process_group):
             try:
                 leave()
@@ -143,8 +192,15 @@ class Collective:
         sparse = [g for g in grads if g.stype == "row_sparse"]
         sizes = [g.size * np.dtype(g.dtype).itemsize for g in dense]
         pending = []
-        for bucket in plan_buckets(sizes, bucket_bytes):
+        buckets = plan_buckets(sizes, bucket_bytes)
+        if self._local is not None and buckets:
+            largest = max(_packed_bytes([dense[i] for i in bucket]) for bucket in buckets)
+            pending.append((None, None, self._comm.submit(self._local.reserve, largest)))
+        for bucket in buckets:
             tensors = [_as_torch(dense[i]) for i in bucket]
+            if self._local is not None:  # summed and copied back in the shared memory
+                pending.append((tensors, None, self._comm.submit(self._sum_on_node, tensors)))
+                continue
             if len(tensors) == 1 and tensors[0].is_contiguous():
                 flat = tensors[0]
             else:
@@ -156,7 +212,7 @@ class Collective:
             summed = self._comm.submit(self._sum_rows, parts)
         for tensors, flat, done in pending:
             done.result()
-            if flat is tensors[0]:
+            if flat is None or flat is tensors[0]:
                 continue
             offset = 0
             for t in tensors:
@@ -170,6 +226,17 @@ class Collective:
                 ).copyto(grad)
             sent += sparse_sent
         return sent
+
+    def _sum_on_node(self, tensors: list[torch.Tensor]) -> None:
+        """One bucket summed in place through this node's shared memory (packed as
+        ``torch.cat`` would pack it) and, when the group spans nodes, across the leaders."""
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+        after_sum = self._sum_across_nodes if self._leaders is not None else None
+        self._local.sum(tensors, dtype, after_sum)
+
+    def _sum_across_nodes(self, flat: torch.Tensor) -> None:
+        """The leader's part across nodes: its node's sum, summed with the other leaders'."""
+        dist.all_reduce(flat, group=self._leaders)
 
     def _sum_rows(self, parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list, int]:
         """Each row-sparse part's (ids, rows) summed over the group, and the bytes this rank
@@ -208,6 +275,11 @@ def _padded(array: np.ndarray, length: int) -> torch.Tensor:
     out = torch.zeros((length,) + tuple(source.shape[1:]), dtype=source.dtype)
     out[: len(source)] = source
     return out
+
+
+def _packed_bytes(arrays: list[mx.nd.NDArray]) -> int:
+    """The bytes of ``arrays`` packed into one flat array of their common dtype."""
+    return sum(a.size for a in arrays) * np.result_type(*[a.dtype for a in arrays]).itemsize
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

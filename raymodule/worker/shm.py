@@ -1,0 +1,328 @@
+"""The sum of co-located workers' gradients through POSIX shared memory.
+
+A :class:`LocalGroup` is the ranks of one gradient group that run on one node. Its leader (the
+lowest of them) creates the segments; the others attach; the leader unlinks each segment as
+soon as every local rank has attached it, so the memory lives only as long as the processes
+that map it and a SIGKILL of any of them afterwards leaks nothing. Segment names say who made
+them, ``raymodule-<creator pid>-<token>-<number>``: a leader removes those of dead creators (a
+kill inside the attach window) when it forms a group.
+
+Two segments:
+
+- control: int64 slots, each written by one rank only (no atomics needed): a ``broken`` flag
+  any rank may raise, the data segment's number (written by the leader), and per rank a
+  barrier sequence number and the number of the last segment it attached;
+- data: one slot per rank for its copy of a bucket, and one for the sum. A bucket is summed in
+  two barriers: every rank copies its bucket into its slot; barrier; rank ``i`` sums the
+  ``i``-th part of all slots in rank order into the sum slot; barrier; every rank copies the
+  sum out (the next bucket's first barrier keeps the sum until everyone has it). The data
+  segment is sized by the largest bucket seen; a larger one makes the leader create a bigger
+  segment, at the same call on every rank, since all ranks plan the same buckets.
+
+Every wait is bounded by the collective timeout and watches the local peers: a dead peer
+raises at once, naming it. Slots are written and read through plain aligned int64 stores and
+loads, ordered as x86-64's memory model orders them (stores seen in program order).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import select
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+
+import numpy as np
+import torch
+
+__all__ = ["LocalGroup", "remove_stale_segments"]
+
+PREFIX = "raymodule-"
+_NAME = re.compile(rf"{PREFIX}(\d+)-[0-9a-f]+-\d+")  # a segment's name; the creator's pid
+ALIGN = 64  # bytes: each data slot starts on a cache line
+_BROKEN, _DATA_NUMBER, _HEADER = 0, 1, 2
+_CHECK_INTERVAL_S = 0.001  # how often a wait looks at the peers and the clock
+_CLOSE_WAIT_S = 1.0  # how long close waits for a sum running in another thread to end
+
+
+def remove_stale_segments() -> list[str]:
+    """Unlinks the segments in ``/dev/shm`` whose creator (the pid in their name) is gone;
+    returns their names."""
+    removed = []
+    for name in os.listdir("/dev/shm"):
+        match = _NAME.fullmatch(name)
+        if match and not _alive(int(match[1])):
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Peer:
+    """A local peer's process, watched through a pidfd (which a dead process makes readable,
+    zombie or not, and which a reused pid cannot fool)."""
+
+    def __init__(self, rank: int, pid: int):
+        self.rank, self.pid = rank, pid
+        self._poll = select.poll()
+        self._fd = os.pidfd_open(pid)
+        self._poll.register(self._fd, select.POLLIN)
+
+    def dead(self) -> bool:
+        return bool(self._poll.poll(0))
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _segment(name: str, size: int = 0) -> SharedMemory:
+    """Creates (``size`` > 0) or attaches the segment ``name``, kept out of Python's resource
+    tracker: this group unlinks it, and the tracker would unlink it as soon as a process that
+    attached it exits."""
+    shm = SharedMemory(name, create=size > 0, size=size)
+    resource_tracker.unregister(shm._name, "shared_memory")
+    return shm
+
+
+class LocalGroup:
+    """The co-located ranks of a gradient group, summing buckets through shared memory.
+
+    ``index`` is this rank's place among the ``ranks`` (global ranks, ascending) whose
+    processes are ``pids``; index 0 is the leader. ``publish(name)`` and ``lookup()`` pass the
+    control segment's name from the leader to the others (the group's rendezvous store).
+    """
+
+    def __init__(
+        self,
+        ranks: list[int],
+        pids: list[int],
+        index: int,
+        timeout_s: float,
+        publish: Callable[[str], None],
+        lookup: Callable[[], str],
+    ):
+        self.size, self.index, self.timeout_s = len(ranks), index, timeout_s
+        self._rank = ranks[index]
+        self._peers = [_Peer(r, p) for i, (r, p) in enumerate(zip(ranks, pids)) if i != index]
+        self._prefix = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}-"
+        self._segments: dict[str, SharedMemory] = {}  # name: mapped, linked or not
+        self._linked: set[str] = set()  # of those, the ones this rank created and still links
+        self._data: SharedMemory | None = None
+        self._bytes: torch.Tensor | None = None  # the data segment, as bytes
+        self._slot_bytes = 0
+        self._number = 1  # the leader's: the number of the segment it created last
+        self._seq = 0
+        self._closed = False
+        self._busy = threading.Lock()  # held while a thread uses the mapped memory
+        control_bytes = 8 * (_HEADER + 2 * self.size)
+        if self.leader:
+            remove_stale_segments()
+            name = self._create(1, control_bytes)
+            self._control = self._segments[name]
+            publish(name)
+        else:
+            name = lookup()
+            self._control = self._attach(name)
+        self._slots = np.ndarray((_HEADER + 2 * self.size,), np.int64, self._control.buf)
+        self._seqs = self._slots[_HEADER : _HEADER + self.size]
+        self._attached = self._slots[_HEADER + self.size :]
+        self._attached[index] = 1
+        if self.leader:
+            self._unlink_when_attached(name, 1)
+
+    @property
+    def leader(self) -> bool:
+        return self.index == 0
+
+    def reserve(self, nbytes: int) -> None:
+        """Makes each rank's data slot hold at least ``nbytes``; all local ranks must call it
+        with the same value."""
+        if nbytes <= self._slot_bytes:
+            return
+        with self._busy:
+            try:
+                self._reserve(nbytes)
+            except BaseException:
+                self.abort()
+                raise
+
+    def _reserve(self, nbytes: int) -> None:
+        slot_bytes = -(-nbytes // ALIGN) * ALIGN
+        self._release_data()
+        if self.leader:
+            self._number += 1
+            number = self._number
+            name = self._create(number, slot_bytes * (self.size + 1))
+            self._slots[_DATA_NUMBER] = number
+        else:
+            self._wait(lambda: self._slots[_DATA_NUMBER] > int(self._attached[self.index]))
+            number = int(self._slots[_DATA_NUMBER])
+            name = f"{self._control.name.rsplit('-', 1)[0]}-{number}"
+            self._attach(name)
+        self._data = self._segments[name]
+        self._bytes = torch.frombuffer(self._data.buf, dtype=torch.uint8)
+        self._slot_bytes = slot_bytes
+        self._attached[self.index] = number
+        if self.leader:
+            self._unlink_when_attached(name, number)
+
+    def sum(self, tensors: list[torch.Tensor], dtype: torch.dtype, after_sum=None) -> None:
+        """Sums ``tensors`` (this rank's bucket; together at most :meth:`reserve`'s bytes) over
+        the local group in place, as one flat array of ``dtype``. ``after_sum``, if given, is
+        called by the leader on the local sum (a flat tensor) before anyone copies it out:
+        the sum across nodes."""
+        with self._busy:
+            self._sum(tensors, dtype, after_sum)
+
+    def _sum(self, tensors: list[torch.Tensor], dtype: torch.dtype, after_sum) -> None:
+        try:
+            count = sum(t.numel() for t in tensors)
+            width = torch.empty((), dtype=dtype).element_size()
+            slots = [self._flat(k, count, dtype, width) for k in range(self.size + 1)]
+            offset = 0
+            for t in tensors:
+                slots[self.index][offset : offset + t.numel()].copy_(t.reshape(-1))
+                offset += t.numel()
+            self._barrier()
+            lo, hi = (count * self.index // self.size, count * (self.index + 1) // self.size)
+            summed = slots[self.size][lo:hi]
+            summed.copy_(slots[0][lo:hi])
+            for k in range(1, self.size):
+                summed.add_(slots[k][lo:hi])
+            self._barrier()
+            if after_sum is not None:
+                if self.leader:
+                    after_sum(slots[self.size])
+                self._barrier()
+            offset = 0
+            for t in tensors:
+                t.copy_(slots[self.size][offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Tells the local peers that the group is broken: their waits raise."""
+        if not self._closed and not self._slots[_BROKEN]:
+            self._slots[_BROKEN] = self._rank + 1
+
+    def close(self) -> None:
+        """Aborts, unlinks what this rank still links, and unmaps every segment; idempotent.
+        A sum still running in another thread sees the broken flag within a millisecond and
+        ends; one still in its sum across nodes (gloo, bounded by the collective timeout)
+        keeps the memory mapped until it ends, and the garbage collector unmaps it."""
+        if self._closed:
+            return
+        self.abort()
+        self._closed = True
+        for name in list(self._linked):
+            self._unlink(name)
+        if not self._busy.acquire(timeout=_CLOSE_WAIT_S):
+            return
+        try:
+            self._release_data()
+            self._slots = self._seqs = self._attached = None
+            for name in list(self._segments):
+                self._release(name)
+            for peer in self._peers:
+                peer.close()
+        finally:
+            self._busy.release()
+
+    def _flat(self, slot: int, count: int, dtype: torch.dtype, width: int) -> torch.Tensor:
+        start = slot * self._slot_bytes
+        return self._bytes[start : start + count * width].view(dtype)
+
+    def _barrier(self) -> None:
+        self._seq += 1
+        self._seqs[self.index] = self._seq
+        self._wait(lambda: self._seqs.min() >= self._seq)
+
+    def _wait(self, done: Callable[[], bool]) -> None:
+        """Returns once ``done()``; raises if the group is broken, a local peer dies, or the
+        collective timeout passes first. Yields the CPU while it waits, sleeping longer (up to
+        0.2 ms) the longer the wait."""
+        start = time.monotonic()
+        checked = start
+        while True:
+            broken = int(self._slots[_BROKEN])
+            if not broken and done():
+                return
+            now = time.monotonic()
+            if broken or now - checked >= _CHECK_INTERVAL_S:
+                checked = now
+                for peer in self._peers:
+                    if peer.dead():
+                        raise RuntimeError(
+                            f"rank {peer.rank} (pid {peer.pid}) on this node died during a "
+                            "shared-memory gradient sum"
+                        )
+                if broken:
+                    raise RuntimeError(
+                        f"rank {broken - 1} broke this node's shared-memory group (it failed "
+                        "or left)"
+                    )
+                if now - start > self.timeout_s:
+                    raise TimeoutError(
+                        f"no shared-memory barrier from the local peers in {self.timeout_s:g} s"
+                    )
+            waited = now - start
+            if waited < 1e-4:
+                os.sched_yield()
+            else:
+                time.sleep(min(waited / 10, 2e-4))
+
+    def _create(self, number: int, size: int) -> str:
+        name = f"{self._prefix}{number}"
+        self._segments[name] = _segment(name, size)
+        self._linked.add(name)
+        return name
+
+    def _attach(self, name: str) -> SharedMemory:
+        self._segments[name] = _segment(name)
+        return self._segments[name]
+
+    def _unlink_when_attached(self, name: str, number: int) -> None:
+        try:
+            self._wait(lambda: self._attached.min() >= number)
+        finally:
+            self._unlink(name)
+
+    def _unlink(self, name: str) -> None:
+        if name in self._linked:
+            self._linked.discard(name)
+            try:
+                self._segments[name].unlink()
+            except FileNotFoundError:
+                pass
+
+    def _release_data(self) -> None:
+        if self._data is not None:
+            self._bytes = None
+            self._release(self._data.name)
+            self._data = None
+            self._slot_bytes = 0
+
+    def _release(self, name: str) -> None:
+        self._unlink(name)
+        try:
+            self._segments.pop(name).close()
+        except BufferError:  # a view still exported (an exception's frame): unmapped when freed
+            pass

@@ -1,0 +1,142 @@
+"""Ranks of a real gloo group for the shared-memory allreduce tests, and a two-node run of them.
+
+    python tests/shm_ranks.py
+
+Starts a ``ray.cluster_utils.Cluster`` as tests/elastic_cluster.py does (a head without CPUs and
+two nodes), places four ranks two per node (ranks 0 and 2 on one, 1 and 3 on the other, so
+the node leaders are ranks 0 and 1), sums arrays of odd sizes through ``Collective.reduce``
+in one bucket and in many, and fails unless every rank got the numpy sum, all the same bits.
+Then SIGKILLs the other node's leader (rank 1) in a sum: rank 0 fails in gloo and breaks its
+node's group, so rank 2 fails too, and rank 3 sees its leader die; each within seconds (the
+timeout is 60 s). Stops every Ray process it started.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import mxnet as mx
+import numpy as np
+import ray
+
+from raymodule.worker.collective import Collective, free_address
+
+SIZES = (1, 7, 1001)
+BUCKETS = (1 << 20, 64, 1 << 20)  # bucket bytes of the sums on two nodes: one bucket, many
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+
+
+@ray.remote(num_cpus=0)
+class Rank:
+    """One rank of a real group, reducing arrays as a worker's update does; ``die_at`` makes
+    its call of that number SIGKILL its own process instead of reducing."""
+
+    def __init__(self):
+        self.collective = None
+        self.calls = 0
+        self.die_at = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def address(self) -> str:
+        return free_address()
+
+    def join(self, world_size: int, rank: int, address: str, timeout_s: float = 60) -> None:
+        self.collective = Collective(world_size, rank, address, "gloo", timeout_s)
+        self.calls = 0
+
+    def local_ranks(self) -> int:
+        """How many ranks of the group share this rank's node (and its shared memory)."""
+        return self.collective._local.size
+
+    def set_death(self, call: int) -> None:
+        self.die_at = call
+
+    def reduce(self, arrays: list[np.ndarray], bucket_bytes: int) -> list[np.ndarray]:
+        self.calls += 1
+        if self.calls == self.die_at:
+            os.kill(os.getpid(), 9)
+        grads = [mx.nd.array(a, dtype=a.dtype) for a in arrays]
+        self.collective.reduce(grads, bucket_bytes)
+        return [g.asnumpy() for g in grads]
+
+    def close(self) -> None:
+        self.collective.close()
+
+
+def arrays(world_size: int, seed: int = 0) -> list[list[np.ndarray]]:
+    """Each rank's gradients: float32 arrays of ``SIZES`` elements (and one 2-D)."""
+    rng = np.random.RandomState(seed)
+    return [
+        [rng.uniform(-1, 1, n).astype("f") for n in SIZES] + [rng.normal(size=(13, 5)).astype("f")]
+        for _ in range(world_size)
+    ]
+
+
+def form(ranks: list) -> None:
+    address = ray.get(ranks[0].address.remote(), timeout=60)
+    ray.get([r.join.remote(len(ranks), i, address) for i, r in enumerate(ranks)], timeout=120)
+
+
+def check_sums(ranks: list, bucket_bytes: int, seed: int = 0, nodes=None) -> None:
+    """Reduces each rank's arrays; asserts every rank got bit for bit the same sum, and that
+    it is the numpy sum added in the group's order: each node's ranks in rank order, then the
+    nodes' sums (``nodes``: the ranks of each node; one node if not given). Two node sums add
+    the same in either order, so with up to two nodes the bits are known."""
+    parts = arrays(len(ranks), seed)
+    results = ray.get([r.reduce.remote(p, bucket_bytes) for r, p in zip(ranks, parts)], timeout=120)
+    for k in range(len(parts[0])):
+        node_sums = []
+        for node in nodes or [range(len(ranks))]:
+            summed = parts[node[0]][k].copy()
+            for r in node[1:]:
+                summed += parts[r][k]
+            node_sums.append(summed)
+        expected = sum(node_sums[1:], node_sums[0])
+        for result in results:
+            np.testing.assert_array_equal(result[k], expected)
+            assert result[k].tobytes() == results[0][k].tobytes()
+
+
+def two_nodes() -> None:
+    from ray.cluster_utils import Cluster
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False}
+    )
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
+        cluster.wait_for_nodes()
+        ranks = [
+            Rank.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % 2].node_id, soft=False)
+            ).remote()
+            for i in range(4)
+        ]
+        form(ranks)
+        assert ray.get([r.local_ranks.remote() for r in ranks]) == [2] * 4
+        for step, bucket_bytes in enumerate(BUCKETS):
+            check_sums(ranks, bucket_bytes, seed=step, nodes=[[0, 2], [1, 3]])
+        ray.get(ranks[1].set_death.remote(len(BUCKETS) + 1))
+        calls = [r.reduce.remote(p, 64) for r, p in zip(ranks, arrays(4))]
+        for rank in (0, 2, 3):
+            try:
+                ray.get(calls[rank], timeout=30)
+            except ray.exceptions.RayTaskError as err:
+                print(f"rank {rank}: {str(err).splitlines()[-1]}")
+            else:
+                raise AssertionError(f"rank {rank} summed without rank 1")
+        ray.get([ranks[r].close.remote() for r in (0, 2, 3)], timeout=60)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    two_nodes()
+    print("sums agree on two nodes; a lost leader fails every rank")

@@ -1,0 +1,98 @@
+"""Dense gradients of co-located workers summed through shared memory, on real Ray actors:
+the numpy sum on every rank, the same bits everywhere, on one node and on two; a peer killed in
+a sum fails the others at once and leaves no segment behind."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import ray
+from shm_ranks import Rank, arrays, check_sums, form
+
+from raymodule.worker.shm import remove_stale_segments
+
+HERE = Path(__file__).resolve().parent
+
+
+def segments(pids) -> list[str]:
+    """raymodule's shared-memory segments created by ``pids``."""
+    return [p for pid in pids for p in glob.glob(f"/dev/shm/raymodule-{pid}-*")]
+
+
+@pytest.fixture
+def ranks(request):
+    made = []
+
+    def start(n: int) -> list:
+        made.extend(Rank.remote() for _ in range(n))
+        return made[-n:]
+
+    yield start
+    for r in made:
+        ray.kill(r)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_sums_equal_numpy_and_agree_bit_for_bit_on_one_node(ranks, world_size):
+    group = ranks(world_size)
+    form(group)
+    assert ray.get([r.local_ranks.remote() for r in group]) == [world_size] * world_size
+    # many buckets first, then one bucket larger than any of them: the segment grows
+    for step, bucket_bytes in enumerate((64, 1 << 20, 64)):
+        check_sums(group, bucket_bytes, seed=step)
+    ray.get([r.close.remote() for r in group], timeout=60)
+    ray.get([r.close.remote() for r in group], timeout=60)  # idempotent
+    assert segments(ray.get([r.pid.remote() for r in group])) == []
+
+
+def test_a_peer_killed_in_a_sum_fails_the_others_at_once_and_leaks_no_segment(ranks):
+    group = ranks(3)
+    pids = ray.get([r.pid.remote() for r in group])
+    form(group)  # timeout 60 s
+    check_sums(group, 64)
+    ray.get(group[2].set_death.remote(2))
+    calls = [r.reduce.remote(p, 64) for r, p in zip(group, arrays(3))]
+    for call in calls[:2]:
+        with pytest.raises(ray.exceptions.RayTaskError, match=f"pid {pids[2]}.* died"):
+            ray.get(call, timeout=15)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(calls[2], timeout=15)
+    ray.get([r.close.remote() for r in group[:2]], timeout=60)
+    assert segments(pids) == []
+    # the survivors form a new group in the same processes
+    form(group[:2])
+    check_sums(group[:2], 1 << 20)
+    ray.get([r.close.remote() for r in group[:2]], timeout=60)
+
+
+def test_sums_across_two_nodes_go_through_each_nodes_leader(tmp_path):
+    env = dict(os.environ, RAY_TMPDIR=tempfile.mkdtemp(prefix="rshm-", dir="/tmp"))
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "shm_ranks.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def test_segments_of_dead_creators_are_removed_and_others_kept():
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead, alive = f"raymodule-{gone.pid}-0a1b-1", f"raymodule-{os.getpid()}-0a1b-1"
+    for name in (dead, alive):
+        Path("/dev/shm", name).touch()
+    try:
+        assert dead in remove_stale_segments()
+        assert not Path("/dev/shm", dead).exists() and Path("/dev/shm", alive).exists()
+    finally:
+        for name in (dead, alive):
+            Path("/dev/shm", name).unlink(missing_ok=True)
