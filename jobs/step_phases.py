@@ -20,7 +20,7 @@ worker's methods in its process; raymodule itself is not changed.
 
     python jobs/step_phases.py
     python jobs/step_phases.py --model lenet --data dataset
-    RAYMODULE_SHM_ALLREDUCE=0 python jobs/step_phases.py   # (a switch of raymodule's, if set)
+    RAYMODULE_SHM_ALLREDUCE=0 python jobs/step_phases.py   # gradients summed over gloo only
 
 Ray is started on 127.0.0.1 with 4 CPUs, in a temporary folder, and stopped at the end.
 """
