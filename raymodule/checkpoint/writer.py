@@ -139,6 +139,13 @@ class CheckpointWriter:
                 if self._waiting is None:
                     return
                 (snapshot, info), self._waiting = self._waiting, None
+                if self._error is not None:  # training stops at its next submit or close
+                    log.warning(
+                        "checkpoint at step %d not written: the run's checkpoints already "
+                        "failed too often", info["global_step"],
+                    )  # fmt: skip
+                    self._cond.notify_all()
+                    continue
                 self._busy = True
             try:
                 self._write(snapshot, info)
