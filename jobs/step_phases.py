@@ -58,7 +58,7 @@ def install_timers() -> None:
 
     actor._import_runtime()  # the methods wrapped here read the names it binds
     seconds = dict.fromkeys(PHASES, 0.0)
-    counts = {"steps": 0, "samples": 0}
+    counts = {"steps": 0}
     clock = {"returned": None}
     steps = actor.ModuleWorker.steps
 
@@ -99,7 +99,6 @@ def install_timers() -> None:
         clock["step_end"] = time.perf_counter()
         seconds["metric"] += clock["step_end"] - updated
         counts["steps"] += 1
-        counts["samples"] += batch.data[0].shape[0]
         return result
 
     def timed_steps(self, kind, *args, **kwargs):
