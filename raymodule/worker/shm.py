@@ -308,8 +308,8 @@ class LocalGroup:
     def _unlink(self, name: str) -> None:
         if name in self._linked:
             self._linked.discard(name)
-            try:
-                self._segments[name].unlink()
+            try:  # not SharedMemory.unlink: it unregisters from the tracker a second time
+                os.unlink(os.path.join("/dev/shm", name))
             except FileNotFoundError:
                 pass
 
