@@ -18,17 +18,22 @@ slower than an untimed one, and the table gives the untimed run's samples/s besi
 timed run's for that reason. The timing is added by a Ray worker setup hook that wraps the
 worker's methods in its process; raymodule itself is not changed.
 
+Run locally (starts a Ray on 127.0.0.1 with 4 logical CPUs, in a temporary folder, and stops
+it at the end):
+
     python jobs/step_phases.py
     python jobs/step_phases.py --model lenet --data dataset
     RAYMODULE_SHM_ALLREDUCE=0 python jobs/step_phases.py   # gradients summed over gloo only
 
-Ray is started on 127.0.0.1 with 4 CPUs, in a temporary folder, and stopped at the end.
+Run on a Ray cluster (the workers may be on any of its nodes; each sends its record to the
+job's driver when its last step ends):
+
+    ray job submit --working-dir . -- python jobs/step_phases.py --model lenet
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -42,17 +47,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark  # noqa: E402 - jobs/ is not a package: its models and thread settings
 
 PHASES = ["read", "forward", "backward", "reduce", "update", "metric", "between"]
-OUT_ENV = "RAYMODULE_STEP_PHASES_DIR"
+RECORDER_ENV = "RAYMODULE_STEP_PHASES_RECORDER"
+STEPS_ENV = "RAYMODULE_STEP_PHASES_STEPS"
+
+
+class Recorder:
+    """The named actor each timed worker sends its phase record to, once its last step ends."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def put(self, record: dict) -> None:
+        self.records.append(record)
+
+    def get(self) -> list[dict]:
+        return self.records
 
 
 def install_timers() -> None:
     """The worker setup hook: wraps ModuleWorker's step methods and its group's reduction so that
-    each phase's seconds are summed, and written to ``$RAYMODULE_STEP_PHASES_DIR/<pid>.json``
-    at the end of each call of steps."""
-    out_dir = os.environ.get(OUT_ENV)
-    if not out_dir:
+    each phase's seconds are summed, and sent to the actor named ``$RAYMODULE_STEP_PHASES_RECORDER``
+    at the end of the call of steps that runs the ``$RAYMODULE_STEP_PHASES_STEPS``-th step."""
+    recorder = os.environ.get(RECORDER_ENV)
+    if not recorder:
         return
+    total = int(os.environ[STEPS_ENV])
     import mxnet as mx
+    import ray
 
     from raymodule.worker import actor
 
@@ -110,9 +131,8 @@ def install_timers() -> None:
             return steps(self, kind, *args, **kwargs)
         finally:
             clock["returned"] = time.perf_counter()
-            if kind == "train_step":
-                record = {"seconds": seconds, **counts}
-                Path(out_dir, f"{os.getpid()}.json").write_text(json.dumps(record))
+            if kind == "train_step" and counts["steps"] == total:
+                ray.get_actor(recorder).put.remote({"seconds": seconds, **counts})
 
     actor.ModuleWorker.train_step = timed_train_step
     actor.ModuleWorker.steps = timed_steps
@@ -126,17 +146,17 @@ def run(args, timed: bool) -> tuple[float, list[dict]]:
 
     import raymodule
 
-    out_dir = tempfile.mkdtemp(prefix="step-phases-")
-    ray_tmp = tempfile.mkdtemp(prefix="rs-")
-    os.environ["RAY_TMPDIR"] = ray_tmp
-    env = {OUT_ENV: out_dir} if timed else {}
+    name = f"step-phases-{os.getpid()}-{time.time_ns()}"
+    env = {RECORDER_ENV: name, STEPS_ENV: str(args.batches * args.epochs)} if timed else {}
+    runtime_env = {"worker_process_setup_hook": install_timers, "env_vars": env}
+    own_tmp = None if os.environ.get("RAY_ADDRESS") else tempfile.mkdtemp(prefix="rs-")
     try:
-        ray.init(
-            address="local",
-            num_cpus=4,
-            include_dashboard=False,
-            runtime_env={"worker_process_setup_hook": install_timers, "env_vars": env},
-        )
+        if own_tmp is None:  # under `ray job submit`: join the cluster in RAY_ADDRESS
+            ray.init(runtime_env=runtime_env)
+        else:  # a new private cluster, never someone else's `ray start` one
+            os.environ["RAY_TMPDIR"] = own_tmp
+            ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env=runtime_env)
+        recorder = ray.remote(num_cpus=0)(Recorder).options(name=name).remote()
         batch = benchmark.MODELS[args.model]
         shape = benchmark.SHAPES[args.model]
         rng = np.random.default_rng(0)
@@ -159,28 +179,44 @@ def run(args, timed: bool) -> tuple[float, list[dict]]:
         )
         mod.close()
         rate = batch * args.batches * (len(marks) - 1) / (marks[-1] - marks[0])
-        records = [json.loads(p.read_text()) for p in Path(out_dir).glob("*.json")]
+        records = ray.get(recorder.get.remote(), timeout=60)
+        deadline = time.monotonic() + 30  # each worker's put is sent without waiting for it
+        while timed and len(records) < args.workers and time.monotonic() < deadline:
+            time.sleep(0.2)
+            records = ray.get(recorder.get.remote(), timeout=60)
+        if timed and len(records) != args.workers:
+            raise RuntimeError(f"{len(records)} of {args.workers} workers sent their phases")
         return rate, records
     finally:
         ray.shutdown()
-        shutil.rmtree(out_dir, ignore_errors=True)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        if own_tmp is not None:
+            shutil.rmtree(own_tmp, ignore_errors=True)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="mlp", choices=["mlp", "lenet", "cnn"])
+    parser.add_argument(
+        "--model",
+        default="mlp",
+        choices=["mlp", "lenet", "cnn"],
+        help="one of jobs/benchmark.py's models (default mlp)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="raymodule workers (default 2)")
     parser.add_argument(
         "--data",
         default="ndarrayiter",
         choices=["ndarrayiter", "dataset"],
-        help="mx.io.NDArrayIter (the drop-in path) or raymodule.data.DatasetIter",
+        help="mx.io.NDArrayIter (the drop-in path) or raymodule.data.DatasetIter (default "
+        "ndarrayiter)",
     )
-    parser.add_argument("--batches", type=int, default=100, help="global batches per epoch")
-    parser.add_argument("--epochs", type=int, default=6, help="epochs; the first is warm-up")
+    parser.add_argument(
+        "--batches", type=int, default=100, help="global batches per epoch (default 100)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=6, help="epochs; the first is warm-up (default 6)"
+    )
     args = parser.parse_args(argv)
     if args.workers < 1 or args.batches < 1 or args.epochs < 2:
         parser.error("--workers and --batches must be >= 1, --epochs >= 2")
