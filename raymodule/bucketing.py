@@ -127,7 +127,7 @@ class BucketingModule(loop.TrainingLoops, _MXNetBucketingModule):
             ) from err
 
     def _new_module(self, symbol, data_names, label_names) -> Module:
-        return Module(
+        module = Module(
             symbol,
             data_names,
             label_names,
@@ -138,6 +138,8 @@ class BucketingModule(loop.TrainingLoops, _MXNetBucketingModule):
             state_names=self._state_names,
             group2ctxs=self._group2ctxs,
         )
+        module._run_floor = self._run_floor  # the default bucket's starts the workers
+        return module
 
     # -- life cycle ----------------------------------------------------------------------------
     def close(self) -> None:

@@ -26,6 +26,11 @@ class Settings:
     placement_timeout_s: float = 600.0
     """RAYMODULE_PLACEMENT_TIMEOUT_S: how long workers may wait for resources on a connected
     cluster (an autoscaler may add nodes); a Ray that raymodule started fails at once."""
+    start_wait_s: float = 10.0
+    """RAYMODULE_START_WAIT_S: how long a run that may start with fewer workers than its
+    contexts (an elastic floor) waits for room for all of them, packed as a run needing all
+    gets them; past it, it places them one by one and starts once its floor is up, and the
+    others join as they come up."""
     placement_report_interval_s: float = 30.0
     """RAYMODULE_PLACEMENT_REPORT_INTERVAL_S: how often a pending placement says what it
     waits for."""

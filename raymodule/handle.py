@@ -38,18 +38,17 @@ _MAX_UNCHECKED = 64  # posts between two reads: the controller checks them then
 
 
 def _shutdown(controller, held: dict) -> None:
-    """Stops a family's workers and controller, and removes the placement group it made
-    (``held["placement_group"]``: a controller that died left it behind); safe at exit."""
+    """Stops a family's workers and controller, and removes the placement groups it made
+    (``held["placement_groups"]``: a controller that died left them behind); safe at exit."""
     if not ray.is_initialized():
         return
     try:
         ray.get(controller.shutdown.remote(), timeout=30)
     except Exception:  # noqa: BLE001 - the controller may be gone already
         pass
-    for release in (
-        lambda: ray.kill(controller, no_restart=True),
-        lambda: held["placement_group"] and remove_placement_group(held["placement_group"]),
-    ):
+    releases = [lambda: ray.kill(controller, no_restart=True)]
+    releases += [lambda pg=pg: remove_placement_group(pg) for pg in held["placement_groups"]]
+    for release in releases:
         try:
             release()
         except Exception:  # noqa: BLE001 - gone already
@@ -64,8 +63,9 @@ class ControllerHandle:
     change when an elastic run loses or regains workers.
     """
 
-    def __init__(self, contexts: list[mx.Context], worker_class=None):
-        """``worker_class``: the worker actors' class (tests use a light stand-in)."""
+    def __init__(self, contexts: list[mx.Context], worker_class=None, start_with=None):
+        """``start_with``: start once this many workers are up, if not all fit (None: all);
+        ``worker_class``: the worker actors' class (tests use a light stand-in)."""
         runtime.ensure_ray()
         gc.collect()  # modules that were dropped release their workers before we ask for more
         self.contexts = contexts
@@ -89,11 +89,12 @@ class ControllerHandle:
         self.lost: WorkerLostError | None = None
         self.params_dirty = False  # the workers' parameters are newer than the client's copy
         self._posted = 0  # posts since the last call read
-        self._held = {"placement_group": None}  # what the controller made, for _shutdown
+        self._held = {"placement_groups": ()}  # what the controller made, for _shutdown
         self._finalizer = weakref.finalize(self, _shutdown, self.controller, self._held)
-        bound = self.settings.placement_timeout_s + forming_s(self.settings)
+        settings = self.settings
+        bound = settings.start_wait_s + settings.placement_timeout_s + forming_s(settings)
         try:
-            self._control("start", waits_s=bound)
+            self._control("start", start_with, waits_s=bound)
         except WorkerLostError as err:
             self.close()
             raise WorkerLostError(
@@ -102,6 +103,14 @@ class ControllerHandle:
         except RayModuleError:
             self.close()
             raise
+        if self.membership.pending:
+            log.warning(
+                "raymodule: started with %d of %d workers; the workers of slots %s are waiting "
+                "for resources and join an elastic fit as they come up",
+                self.world_size,
+                len(contexts),
+                list(self.membership.pending),
+            )
 
     def close(self) -> None:
         self._finalizer()
@@ -219,7 +228,7 @@ class ControllerHandle:
     def _apply(self, view: dict) -> None:
         membership = view["membership"]
         if membership is not None:  # changed
-            self._held["placement_group"] = membership.placement_group
+            self._held["placement_groups"] = membership.placement_groups
             self.membership = membership
         self.steps_sent = view["steps_sent"]
         self.failures = view["failures"]

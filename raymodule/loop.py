@@ -15,6 +15,7 @@ from mxnet.initializer import Uniform
 from . import data, runtime
 from .checkpoint import continuity
 from .constants import Settings
+from .context import floor_of
 from .controller import EveryWorkerLost, policy
 from .errors import CallOrderError, Preempted, WorkerLostError
 from .kvstore import check_kvstore
@@ -33,6 +34,8 @@ class TrainingLoops:
     optimizer), ``_checkpoint_files()`` (the files that describe the model in a run
     checkpoint, by name) and ``_param_shapes()`` (the bound parameters' shapes, by name).
     """
+
+    _run_floor: int | None = None  # while an elastic fit binds: the floor its workers start with
 
     def fit(
         self,
@@ -149,12 +152,16 @@ class TrainingLoops:
     ):  # fmt: skip
         """``fit`` from binding on; ``resume`` is the checkpoint to continue from, if any, and
         ``fresh_data`` whether ``train_data`` still needs the resets of the finished epochs."""
-        self.bind(
-            data_shapes=train_data.provide_data,
-            label_shapes=train_data.provide_label,
-            for_training=True,
-            force_rebind=force_rebind,
-        )
+        self._run_floor = run_folder.config.min_workers if run_folder is not None else None
+        try:
+            self.bind(
+                data_shapes=train_data.provide_data,
+                label_shapes=train_data.provide_label,
+                for_training=True,
+                force_rebind=force_rebind,
+            )
+        finally:
+            self._run_floor = None
         desc = self.data_shapes[0]
         batch_size = desc.shape[mx.io.DataDesc.get_batch_axis(desc.layout)]
         if resume is not None:
@@ -291,7 +298,7 @@ class TrainingLoops:
         )
         limits = policy.Limits(
             len(self._context),
-            config.min_workers,
+            config.min_workers if config.min_workers is not None else floor_of(self._context),
             config.max_failures,
             elastic=True,
             max_reforms=workers.settings.max_reforms,

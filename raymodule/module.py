@@ -24,6 +24,7 @@ from mxnet.ndarray.sparse import row_sparse_array
 
 from . import data, loop, metrics, params, storage, views
 from .checkpoint import continuity
+from .context import floor_of
 from .errors import CallOrderError, first_line
 from .handle import ControllerHandle
 from .kvstore import SUPPORTED_KVSTORES, check_kvstore
@@ -391,7 +392,8 @@ class Module(loop.TrainingLoops, BaseModule):
                 )
             self._attach(shared_module._workers, owns=False)
         elif self._workers is None:
-            self._attach(ControllerHandle(self._context), owns=True)
+            start_with = self._run_floor or floor_of(self._context)
+            self._attach(ControllerHandle(self._context, start_with=start_with), owns=True)
 
         self.for_training = for_training
         self.inputs_need_grad = inputs_need_grad

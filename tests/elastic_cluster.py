@@ -12,10 +12,14 @@ Scenarios: kill (SIGKILL one worker process), node (remove a worker's node for r
 hang (SIGSTOP one worker: alive, silent), grow (remove a node, add one back later),
 floor (remove a node with min_workers=3 and no node coming), all (SIGKILL every worker:
 the run goes on from its latest checkpoint), process (SIGKILL the training process itself
-mid-run, run it again with the same name), controller (kill the controller actor: its workers
-go with it, and the run goes on from its latest checkpoint), s3stop (the run's storage is an
+mid-run, run it again with the same name), drain (Ray's drain API, as an autoscaler's
+preemption drain calls it, on one worker's node: that worker leaves at a step boundary),
+controller (kill the controller actor: its workers go with it, and the run goes on from its
+latest checkpoint), s3stop (the run's storage is an
 S3 server, SIGSTOPped; then a worker is SIGKILLed: the survivors go on without reading storage,
-and the server is resumed steps later), none (no fault).
+and the server is resumed steps later), start_small (one worker node for
+``raymodule.workers(1, max_workers=3)``: training starts with one worker, two nodes are added,
+and their workers join), none (no fault).
 
 Faults that the workers fire themselves, at a call of their own (:class:`FaultyWorker`):
 epoch_end (worker 0 dies reading the parameters at the epoch's end), admit (a survivor dies
@@ -44,6 +48,7 @@ os.environ.setdefault("RAYMODULE_COLLECTIVE_TIMEOUT_S", "4")
 os.environ.setdefault("RAYMODULE_MIN_WORKERS_WAIT_S", "4")
 os.environ.setdefault("RAYMODULE_PLACEMENT_REPORT_INTERVAL_S", "5")
 os.environ.setdefault("RAYMODULE_PLACEMENT_TIMEOUT_S", "120")
+os.environ.setdefault("RAYMODULE_START_WAIT_S", "2")
 
 import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -123,7 +128,9 @@ class FaultyWorker(ModuleWorker):
 def train(storage, name, callback=None, min_workers=2, contexts=WORKERS, max_failures=3, every=4):
     """The elastic run; returns the module (still open) and the exception it raised, if any."""
     mx.random.seed(0)
-    mod = raymodule.Module(mlp(), context=[mx.cpu(i) for i in range(contexts)])
+    if isinstance(contexts, int):
+        contexts = [mx.cpu(i) for i in range(contexts)]
+    mod = raymodule.Module(mlp(), context=contexts)
     try:
         mod.fit(
             batches(),
@@ -190,13 +197,31 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
     def remove_node(mod):
         cluster.remove_node(nodes[mod.workers.nodes[victim]["node"]], allow_graceful=False)
 
-    def add_node(mod):
-        cluster.add_node(num_cpus=1)
-        deadline = time.monotonic() + 120  # until the replacement is up on it (not admitted)
-        while time.monotonic() < deadline:
-            if ray.get(mod.workers.controller.ready.remote(1.0)):
-                return
-        raise RuntimeError("no replacement worker came up on the added node")
+    def drain_node(mod):
+        from ray.core.generated import autoscaler_pb2
+
+        gcs = ray._raylet.GcsClient(address=cluster.address)
+        accepted, why = gcs.drain_node(
+            mod.workers.nodes[victim]["node"],
+            autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+            "a test's preemption notice",
+            int(time.time() * 1000) + 600_000,  # the deadline: the node is not stopped here
+        )
+        assert accepted, why
+
+    def add_nodes(count):
+        def add(mod):
+            for _ in range(count):
+                cluster.add_node(num_cpus=1)
+            deadline = time.monotonic() + 120  # until the workers are up on them (not admitted)
+            while time.monotonic() < deadline:
+                if len(ray.get(mod.workers.controller.ready.remote(1.0))) >= count:
+                    return
+            raise RuntimeError(f"no {count} pending workers came up on the added nodes")
+
+        return add
+
+    add_node = add_nodes(1)
 
     storage_back = []  # who resumed the stopped storage server: "step", or the guard
 
@@ -226,11 +251,11 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
         return both
 
     if scenario in ("epoch_end", "admit", "reform_kill", "reform_stop", "frozen"):
-        raymodule.module.ControllerHandle = lambda contexts: ControllerHandle(
-            contexts, FaultyWorker
+        raymodule.module.ControllerHandle = lambda contexts, **kw: ControllerHandle(
+            contexts, FaultyWorker, **kw
         )
     faults = []
-    min_workers, max_failures, every = 2, 3, 4
+    min_workers, max_failures, every, contexts = 2, 3, 4, WORKERS
     if scenario == "kill":
         faults.append(Fault(FAULT_AT, kill))
     elif scenario == "hang":
@@ -268,15 +293,20 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
             Fault(FAULT_AT, then(stop_storage, kill)),
             Fault(S3_BACK_AT, lambda mod: resume_storage("step")),
         ]
+    elif scenario == "drain":  # drains are looked for every admit interval: this run is short
+        os.environ["RAYMODULE_ADMIT_INTERVAL_S"] = "0.05"
+        faults.append(Fault(FAULT_AT, drain_node))
+    elif scenario == "start_small":  # the floor is the contexts' own: 1
+        contexts = raymodule.workers(1, max_workers=WORKERS)
+        faults.append(Fault(FAULT_AT, add_nodes(WORKERS - 1)))
+        min_workers = None
     elif scenario == "frozen":
         victim = 0
         faults.append(Fault(FAULT_AT, stop))
         max_failures = 0
     callbacks = faults or None
     tic = time.monotonic()
-    mod, error = train(
-        storage, scenario, callbacks, min_workers, max_failures=max_failures, every=every
-    )
+    mod, error = train(storage, scenario, callbacks, min_workers, contexts, max_failures, every)
     resume_storage("end")  # a run that failed before S3_BACK_AT
     result = {
         "scenario": scenario,
@@ -373,7 +403,7 @@ def main() -> None:
             # before the other nodes exist: the driver then uses the head's raylet, and the
             # nodes the faults remove are never the driver's own
             ray.init(address=cluster.address, log_to_driver=False)
-        for _ in range(WORKERS):
+        for _ in range(1 if scenario == "start_small" else WORKERS):
             cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         if scenario == "process":

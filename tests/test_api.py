@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import re
@@ -10,6 +11,7 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 import pytest
+import ray
 from conftest import dataset, max_relative_diff, mlp
 
 import raymodule
@@ -358,6 +360,43 @@ def test_worker_contexts_carry_resources():
     assert resources_of(ctxs[0]) == {"CPU": 2}
     assert resources_of(mx.cpu(5)) == {"CPU": 1}
     assert resources_of(mx.gpu(1)) == {"GPU": 1}
+
+
+def test_worker_contexts_beyond_n_are_optional_up_to_max_workers():
+    from raymodule.context import floor_of
+
+    ctxs = raymodule.workers(2, cpus=1, max_workers=4)
+    assert [c.optional for c in ctxs] == [False, False, True, True]
+    assert floor_of(ctxs) == 2 and floor_of(raymodule.workers(3)) is None
+    assert floor_of([mx.cpu(0), mx.cpu(1)]) is None
+    assert "optional=True" in repr(ctxs[3])
+    for bad in (1, 1.5, "3"):
+        with pytest.raises(ValueError, match="max_workers"):
+            raymodule.workers(2, max_workers=bad)
+
+
+def test_a_module_starts_with_the_workers_that_fit_and_removes_the_others_requests(monkeypatch):
+    """Six contexts, one needed, on the session's Ray of 4 CPUs (some held by other tests'
+    modules): after RAYMODULE_START_WAIT_S the workers are placed one by one, training starts
+    with those that fit, and closing the module removes the placement groups still asking for
+    a CPU."""
+    from ray.util.placement_group import placement_group_table
+
+    monkeypatch.setenv("RAYMODULE_START_WAIT_S", "1")
+    gc.collect()  # modules other tests dropped release their CPUs now, not while we start
+    free = int(ray.available_resources().get("CPU", 0))
+    assert 1 <= free < 6
+    x, y = dataset(n=48)
+    mod = raymodule.Module(mlp(), context=raymodule.workers(1, max_workers=6))
+    mod.fit(mx.io.NDArrayIter(x, y, batch_size=12), num_epoch=1, optimizer_params=SGD)
+    membership = mod.workers.membership
+    assert mod.world_size == free and len(membership.pending) == 6 - free
+    assert sorted(membership.slots + membership.pending) == list(range(6))
+    groups = [pg.id.hex() for pg in mod.workers.membership.placement_groups]
+    assert len(groups) == 6
+    mod.close()
+    table = placement_group_table()
+    assert all(table[g]["state"] == "REMOVED" for g in groups), [table[g] for g in groups]
 
 
 def test_logger_is_used(caplog):

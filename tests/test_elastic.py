@@ -98,6 +98,36 @@ def test_the_group_grows_back_when_a_node_returns(tmp_path):
     assert epochs(result)[-1]["world_size"] == 3
 
 
+def test_a_worker_on_a_drained_node_leaves_at_a_step_boundary_with_no_failure(tmp_path):
+    """Ray's drain API (what an autoscaler's preemption drain calls) on one worker's node: the
+    worker leaves at the next step boundary, no step fails, nothing is restored, no failure is
+    counted, and the model is the one plain MXNet trains."""
+    result = scenario("drain", tmp_path)
+    assert_fired(result, [1])
+    assert_same_model(result)
+    drained = changes(result)[0]
+    assert drained["change"] == "drained" and drained["left"] == ["slot 1"], drained
+    assert drained["world_size"] == 2 and drained["failures"] == 0
+    assert "slot 1 its node is being drained" in drained["why"]
+    assert not any(m["change"] == "lost" for m in changes(result))
+    assert epochs(result)[-1]["global_step"] == 32
+
+
+def test_a_run_starts_with_the_workers_there_and_admits_the_others_as_nodes_come(tmp_path):
+    """``raymodule.workers(1, max_workers=3)`` on a cluster with one worker node: training
+    starts with one worker (not waiting for three), two nodes are added, and the workers that
+    were asking for them join at step boundaries; the model is the one plain MXNet trains."""
+    result = scenario("start_small", tmp_path)
+    assert_fired(result, [1])
+    assert_same_model(result)
+    grown = changes(result)
+    assert grown and all(m["change"] == "grown" for m in grown), grown
+    assert grown[0]["previous_world_size"] == 1
+    assert grown[-1]["world_size"] == 3 and result["world_size"] == 3
+    assert "started with 1 of 3 workers; the workers of slots [1, 2] are waiting" in result["log"]
+    assert epochs(result)[-1]["world_size"] == 3
+
+
 def test_with_its_storage_stopped_a_run_goes_on_through_a_lost_worker(tmp_path):
     """The S3 server SIGSTOPped, then a worker SIGKILLed: the survivors go on, reading no
     storage (the server is resumed by a later step, which a run waiting on it never reaches),

@@ -12,7 +12,7 @@ Its states, each change logged once::
 
     STARTING -> RUNNING <-> RECOVERING -> WAITING_FOR_WORKERS -> RECOVERING -> RUNNING
                 RUNNING <-> GROWING
-                RUNNING  -> LEAVING -> RECOVERING (members shut down gracefully: SIGTERM)
+                RUNNING  -> LEAVING -> RECOVERING (members shut down gracefully: SIGTERM, drain)
     any -> FAILED (the run cannot go on: every later call says why) ; any -> CLOSED
 
 The decisions are :mod:`.policy`'s; the controller acts on them.
@@ -35,7 +35,7 @@ from ..errors import (
 )
 from ..worker import ModuleWorker  # light: MXNet is imported in the worker process only
 from . import chunks, policy
-from .group import WorkerGroup
+from .group import WorkerGroup, draining_nodes
 from .membership import Membership
 from .replicas import Replica
 from .waits import await_calls, in_words, silence_s, why_lost
@@ -67,7 +67,7 @@ class State(enum.Enum):
     RECOVERING = "removing lost workers and re-forming the group"
     WAITING_FOR_WORKERS = "below the floor: waiting for replacements"
     GROWING = "admitting replacements"
-    LEAVING = "removing members that were shut down (SIGTERM), at a step boundary"
+    LEAVING = "removing members shut down (SIGTERM) or drained, at a step boundary"
     FAILED = "the run cannot go on on these workers"
     CLOSED = "the workers are stopped"
 
@@ -132,20 +132,23 @@ class Controller:
         self._in_flight: dict[ray.ObjectRef, tuple] = {}  # step calls not read: (rank, kind)
         self._chunks: deque[chunks.Chunk] = deque()  # in the order sent
         self._synced: set[int] = set()  # slots whose workers hold every module, in step
-        self._leaving: set[int] = set()  # slots whose worker got SIGTERM: removed gracefully
+        self._leaving: dict[int, str] = {}  # slots to remove gracefully: why (SIGTERM, drain)
+        self._next_drain_poll = 0.0
         self._recovering = False
         self._next_poll = 0.0
         self._streams: dict[str, _Stream] = {}  # the Ray Datasets streamed, by iterator key
         self._in_pass = False  # a Ray Dataset's pass is being streamed: its splits are fixed
 
     # -- the client's calls: those it reads return (value, view), the others nothing ---------------
-    def start(self) -> tuple:
-        """Places the workers and forms their group."""
-        self.members = self._group.start(self._backend)
+    def start(self, start_with: int | None = None) -> tuple:
+        """Places the workers and forms their group: of every slot, or once ``start_with`` are
+        up (the others pending, admitted by an elastic run as they come up)."""
+        self.members = self._group.start(self._backend, start_with)
         self._synced = set(self.members.slots)
+        pending = f", slots {list(self.members.pending)} pending" if self.members.pending else ""
         self._enter(
             State.RUNNING,
-            f"{self.members.world_size} workers in generation {self.members.generation}",
+            f"{self.members.world_size} workers in generation {self.members.generation}{pending}",
         )
         return None, self.view()
 
@@ -222,6 +225,8 @@ class Controller:
         of a loss had applied already; and the seconds each slot spent in them."""
         done: list = []
         seconds: dict[int, float] = {}
+        if self.limits.elastic:
+            self._note_drains()
         if self._leaving:
             self._leave(done, seconds)
         if spec is not None:
@@ -465,7 +470,7 @@ class Controller:
         for slot, (_, took, shut_down) in zip(chunk.slots, per_worker):
             seconds[slot] = seconds.get(slot, 0.0) + took
             if shut_down and slot in self.members.slots:
-                self._leaving.add(slot)
+                self._leaving.setdefault(slot, "shut down (SIGTERM)")
         for index, step in enumerate(chunk.steps):
             results = [per_step[index] for per_step, _, _ in per_worker]
             done.append((step.serial, results, step.slices))
@@ -538,23 +543,35 @@ class Controller:
             return
         self._enter(State.RUNNING, "replacements joined")
         joined = ", ".join(f"slot {s}" for s in admit)
-        self._announce(
-            "grown", f"replacement for {joined} joined", before, tic, {"step": committed}
-        )
+        self._announce("grown", f"the workers of {joined} joined", before, tic, {"step": committed})
+
+    def _note_drains(self) -> None:
+        """Members on a node that Ray is draining (an autoscaler's preemption or idle drain,
+        ``ray drain-node``, a node sent SIGTERM) are to leave at this step boundary, as if
+        their worker had been sent SIGTERM. Asked at most every RAYMODULE_ADMIT_INTERVAL_S."""
+        if time.monotonic() < self._next_drain_poll:
+            return
+        self._next_drain_poll = time.monotonic() + self.settings.admit_interval_s
+        draining = draining_nodes()
+        for slot, where in zip(self.members.slots, self.members.nodes, strict=True):
+            if where.get("node") in draining:
+                self._leaving.setdefault(slot, "its node is being drained")
 
     def _leave(self, done: list, seconds: dict) -> None:
-        """At a step boundary: removes the members that were shut down (SIGTERM) once the
-        steps in flight are finished, and re-forms the group without them. No step fails and
-        nothing is restored: every member is at the same step. It is no failure."""
+        """At a step boundary: removes the members that were shut down (SIGTERM) or whose node
+        is drained, once the steps in flight are finished, and re-forms the group without them.
+        No step fails and nothing is restored: every member is at the same step. It is no
+        failure."""
         while self._chunks:
             self._finish(done, seconds)
         self._sync()
-        leaving = sorted(slot for slot in self._leaving if slot in self.members.slots)
-        self._leaving = set()
-        if not leaving:
+        reasons = {s: why for s, why in self._leaving.items() if s in self.members.slots}
+        self._leaving = {}
+        if not reasons:
             return
+        leaving = sorted(reasons)
         tic, before = time.monotonic(), self.members.world_size
-        why = f"{', '.join(f'slot {s}' for s in leaving)} shut down (SIGTERM)"
+        why = "; ".join(f"slot {s} {reasons[s]}" for s in leaving)
         survivors = self.members.world_size - len(leaving)
         decision = policy.on_leave(self.limits, survivors, mid_pass=self._in_pass)
         if decision.action is policy.Action.FAIL:
@@ -577,7 +594,8 @@ class Controller:
             f"generation {self.members.generation}, {self.members.world_size} workers",
         )
         extra = {"left": [f"slot {s}" for s in leaving], "step": committed}
-        self._announce("left", why, before, tic, extra)
+        drained = all(reasons[s] == "its node is being drained" for s in leaving)
+        self._announce("drained" if drained else "left", why, before, tic, extra)
 
     def _re_form_or_recover(self, re_form) -> int | None:
         """Runs ``re_form()`` (a membership change the controller chose: admitting, leaving)

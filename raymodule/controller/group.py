@@ -1,8 +1,12 @@
 """The worker group: placing one worker actor per context, and their collective group.
 
-Workers are placed with a Ray placement group (one bundle per worker), so that on an
+Workers are placed with a Ray placement group (one bundle per worker, packed), so that on an
 autoscaling cluster pending workers ask for nodes; inside a Tune trial the trial's own
-placement group is used and none is created.
+placement group is used and none is created. A group that may start with fewer workers than it
+has contexts (an elastic run's floor) and finds no room for all of them within
+RAYMODULE_START_WAIT_S places each worker in a placement group of its own instead: it starts
+once the floor is up, and the others, still asking the cluster (and its autoscaler) for their
+resources, join the run as they come up.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from ray.util.placement_group import (
     PlacementGroup,
     get_current_placement_group,
     placement_group,
+    placement_group_table,
     remove_placement_group,
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -23,9 +28,11 @@ from ..constants import Settings
 from ..errors import PlacementError, WorkerError, WorkerLostError, first_line
 from .membership import Membership
 
-__all__ = ["WorkerGroup"]
+__all__ = ["WorkerGroup", "draining_nodes"]
 
 log = logging.getLogger(__name__)
+
+_POLL_S = 1.0  # how often a start below every worker looks for placed workers again
 
 
 def _total(bundles: list[dict]) -> dict[str, float]:
@@ -50,6 +57,17 @@ def _relevant(resources: dict, bundles: list[dict]) -> dict:
     """The entries of ``resources`` that the bundles ask for (not placement-group bookkeeping)."""
     keys = {k for b in bundles for k in b} | {"CPU"}
     return {k: resources.get(k, 0) for k in sorted(keys)}
+
+
+def draining_nodes() -> set[str]:
+    """The ids of the nodes Ray is draining (its drain API: an autoscaler's preemption or idle
+    drain, ``ray drain-node``, a node sent SIGTERM). Ray has no public call for it yet: read
+    through its state accessor, and an empty set if that is missing."""
+    try:
+        return set(ray._private.state.state.get_draining_nodes())
+    except (AttributeError, ray.exceptions.RaySystemError) as err:
+        log.debug("raymodule: cannot read the draining nodes: %s", err)
+        return set()
 
 
 def _unresponsive(slots: list[int], refs: list, timeout_s: float) -> dict[int, str]:
@@ -113,27 +131,35 @@ class WorkerGroup:
         self.nodes: dict[int, dict] = {}  # slot -> the member's node id and pid
         self.generation = 0
         self._probes: dict[int, ray.ObjectRef] = {}
-        self._pg: PlacementGroup | None = None
-        self._indexed = False
-        self._own_pg: PlacementGroup | None = None
+        self._placed_in: dict[int, tuple[PlacementGroup, int]] = {}  # slot -> (group, bundle)
+        self._own_pgs: list[PlacementGroup] = []  # the placement groups made here: removed
         self._actor_class = ray.remote(worker_class)
 
-    def start(self, backend: str) -> Membership:
-        """Places every worker (bounded wait), then forms their collective group."""
-        self._pg, self._indexed = self._placement()
-        for slot in range(len(self.bundles)):
-            self.members[slot] = self._spawn(slot)
-        probes = [w.describe.remote() for w in self.members.values()]
-        limit = self.settings.placement_timeout_s
-        _, late = ray.wait(probes, num_returns=len(probes), timeout=limit)
-        if late:
-            self.stop()
-            raise PlacementError(
-                f"{len(late)} of {_describe(self.bundles)} did not start within {limit:g} s "
-                "(RAYMODULE_PLACEMENT_TIMEOUT_S sets the wait)"
-            )
-        described = ray.get(probes)
-        self.nodes = dict(zip(self.members, described))
+    def start(self, backend: str, start_with: int | None = None) -> Membership:
+        """Places the workers (bounded wait), then forms their collective group: every worker,
+        or, with ``start_with`` below the number of contexts (and outside a Tune trial), as
+        soon as ``start_with`` of them are up; the others stay pending (see :meth:`ready`)."""
+        slots = range(len(self.bundles))
+        may_start_smaller = start_with is not None and start_with < len(self.bundles)
+        if self._place_together(required=not may_start_smaller):
+            for slot in slots:
+                self.members[slot] = self._spawn(slot)
+            probes = [w.describe.remote() for w in self.members.values()]
+            limit = self.settings.placement_timeout_s
+            _, late = ray.wait(probes, num_returns=len(probes), timeout=limit)
+            if late:
+                self.stop()
+                raise PlacementError(
+                    f"{len(late)} of {_describe(self.bundles)} did not start within {limit:g} s "
+                    "(RAYMODULE_PLACEMENT_TIMEOUT_S sets the wait)"
+                )
+            described = ray.get(probes)
+            self.nodes = dict(zip(self.members, described))
+        else:
+            self._place_each()
+            for slot in slots:
+                self._replace(slot)
+            self.admit(self._wait_for(start_with))
         membership, lost = self.form(backend)
         if lost:
             self.stop()
@@ -143,11 +169,48 @@ class WorkerGroup:
             )
         return membership
 
+    def _wait_for(self, count: int) -> list[int]:
+        """The slots whose worker is up, once ``count`` are and so is every worker whose
+        resources are there (its placement group placed: it is only starting). Bounded by
+        RAYMODULE_PLACEMENT_TIMEOUT_S; a wait past it stops every worker and raises."""
+        limit = self.settings.placement_timeout_s
+        start = time.monotonic()
+        next_report = start + self.settings.placement_report_interval_s
+        while True:
+            ready = self.ready(0.0)
+            waited = time.monotonic() - start
+            starting = [slot for slot in self._probes if slot not in ready]
+            placed = placement_group_table()
+            booting = [
+                slot
+                for slot in starting
+                if placed.get(self._placed_in[slot][0].id.hex(), {}).get("state") == "CREATED"
+            ]
+            if len(ready) >= count and not booting:
+                return ready
+            if waited >= limit:
+                self.stop()
+                raise PlacementError(
+                    f"only {len(ready)} of {_describe(self.bundles)} started within {limit:g} s, "
+                    f"and training needs {count} to start; the cluster has "
+                    f"{_relevant(ray.cluster_resources(), self.bundles)} in all "
+                    "(RAYMODULE_PLACEMENT_TIMEOUT_S sets the wait)"
+                )
+            if time.monotonic() >= next_report:
+                next_report += self.settings.placement_report_interval_s
+                log.warning(
+                    "raymodule: %d of %d workers up, training starts with %d: waiting (%.0f s "
+                    "of %.0f s); free now: %s",
+                    len(ready), len(self.bundles), count, waited, limit,
+                    _relevant(ray.available_resources(), self.bundles),
+                )  # fmt: skip
+            probes = [self._probes[slot] for slot in starting]
+            ray.wait(probes, num_returns=1, timeout=min(_POLL_S, limit - waited))
+
     def _spawn(self, slot: int):
         bundle = self.bundles[slot]
-        strategy = PlacementGroupSchedulingStrategy(
-            self._pg, placement_group_bundle_index=slot if self._indexed else -1
-        )
+        pg, index = self._placed_in[slot]
+        strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
         return self._actor_class.options(
             num_cpus=bundle.get("CPU", 0),
             num_gpus=bundle.get("GPU", 0),
@@ -167,7 +230,7 @@ class WorkerGroup:
             nodes=tuple(self.nodes.get(s, {}) for s in slots),
             generation=self.generation,
             pending=tuple(sorted(self.pending)),
-            placement_group=self._own_pg,
+            placement_groups=tuple(self._own_pgs),
         )
 
     def remove(self, slots: list[int]) -> None:
@@ -198,9 +261,7 @@ class WorkerGroup:
             try:
                 self.nodes[slot] = ray.get(ref)
             except ray.exceptions.RayError as err:
-                log.info(
-                    "raymodule: replacement for slot %d failed to start (%s); again", slot, err
-                )
+                log.info("raymodule: the worker for slot %d failed to start (%s); again", slot, err)
                 self._replace(slot)
                 continue
             ready.append(slot)
@@ -213,28 +274,56 @@ class WorkerGroup:
                 self.members[slot] = self.pending.pop(slot)
                 self._probes.pop(slot)
 
-    def _placement(self) -> tuple[PlacementGroup, bool]:
+    def _place_each(self) -> None:
+        """A placement group per worker, not waited for: each asks for its worker's resources
+        until they are there."""
+        for slot, bundle in enumerate(self.bundles):
+            pg = placement_group([bundle])
+            self._own_pgs.append(pg)
+            self._placed_in[slot] = (pg, 0)
+
+    def _place_together(self, required: bool) -> bool:
+        """One placement group for every worker, packed, or the Tune trial's. Waits for it up
+        to RAYMODULE_PLACEMENT_TIMEOUT_S and raises past it; not ``required``, gives up after
+        RAYMODULE_START_WAIT_S instead and returns False."""
         current = get_current_placement_group()
         if current is not None:
             _check_fits(self.bundles, current.bundle_specs)
-            return current, False
-        if self.fail_fast and not _fits(self.bundles, ray.cluster_resources()):
+            self._placed_in = dict.fromkeys(range(len(self.bundles)), (current, -1))
+            return True
+        fits = _fits(self.bundles, ray.cluster_resources())
+        if self.fail_fast and not fits and not required:
+            return False  # a Ray raymodule started gets no more nodes
+        if self.fail_fast and not fits:
             raise PlacementError(
                 f"cannot place {_describe(self.bundles)}: this local Ray has "
                 f"{_relevant(ray.cluster_resources(), self.bundles)} (start Ray with more "
                 "CPUs/GPUs, or pass fewer contexts)"
             )
         pg = placement_group(self.bundles, strategy="PACK")
-        self._own_pg = pg
+        self._own_pgs.append(pg)
+        self._placed_in = {slot: (pg, slot) for slot in range(len(self.bundles))}
         limit = 10.0 if self.fail_fast else self.settings.placement_timeout_s
+        if not required:
+            limit = min(limit, self.settings.start_wait_s)
         report = self.settings.placement_report_interval_s
         start = time.monotonic()
         while True:
             waited = time.monotonic() - start
             ready, _ = ray.wait([pg.ready()], timeout=max(0.0, min(report, limit - waited)))
             if ready:
-                return pg, True
+                return True
             waited = time.monotonic() - start
+            if waited >= limit and not required:
+                log.info(
+                    "raymodule: no room for %s within %.0f s: starting with the workers "
+                    "placed one by one",
+                    _describe(self.bundles),
+                    waited,
+                )
+                self._own_pgs.remove(pg)
+                remove_placement_group(pg)
+                return False
             if waited >= limit:
                 self.stop()
                 raise PlacementError(
@@ -279,6 +368,6 @@ class WorkerGroup:
         for worker in [*self.members.values(), *self.pending.values()]:
             ray.kill(worker, no_restart=True)
         self.members, self.pending, self._probes = {}, {}, {}
-        if self._own_pg is not None:
-            remove_placement_group(self._own_pg)
-            self._own_pg = None
+        for pg in self._own_pgs:
+            remove_placement_group(pg)
+        self._own_pgs = []

@@ -17,16 +17,16 @@ class Membership:
     """The members in rank order: ``handles[rank]`` is the worker actor holding slot
     ``slots[rank]`` (a slot is one of the module's contexts) on ``nodes[rank]`` (its node id
     and pid); ``generation`` counts the group's formings; ``pending`` are the slots whose
-    replacement worker is still starting; ``placement_group`` is the one the controller made
-    for them (None in a Tune trial, which brings its own), which the client removes if the
-    controller dies."""
+    worker (a replacement, or one the run started without) is still starting;
+    ``placement_groups`` are those the controller made for them (none in a Tune trial, which
+    brings its own), which the client removes if the controller dies."""
 
     handles: tuple = ()
     slots: tuple[int, ...] = ()
     nodes: tuple[dict, ...] = ()
     generation: int = 0
     pending: tuple[int, ...] = ()
-    placement_group: object = None
+    placement_groups: tuple = ()
 
     @property
     def world_size(self) -> int:
