@@ -49,6 +49,7 @@ from jobtools import (
     add_training_options,
     check_storage,
     check_training_options,
+    contexts,
     run_config,
     run_job,
 )
@@ -251,7 +252,7 @@ def main(argv=None) -> int:
     with raymodule.BucketingModule(
         sym_gen=sym_gen,
         default_bucket_key=data_train.default_bucket_key,
-        context=raymodule.workers(args.workers),
+        context=contexts(args),
     ) as mod:
         mod.fit(
             data_train,

@@ -68,8 +68,16 @@ def check_storage(run: raymodule.RunConfig) -> None:
 
 
 def add_training_options(parser: argparse.ArgumentParser, epochs: int, batch_size: int) -> None:
-    """``--workers``, ``--epochs`` and ``--batch-size`` (see :func:`check_training_options`)."""
+    """``--workers``, ``--max-workers``, ``--epochs`` and ``--batch-size`` (see
+    :func:`check_training_options`)."""
     parser.add_argument("--workers", type=int, default=2, help="Ray worker actors (1 CPU each)")
+    parser.add_argument(
+        "--max-workers",
+        type=int,
+        default=None,
+        help="also ask for workers up to this many: training starts once --workers are up, and "
+        "the others join as the cluster (its autoscaler) makes room (default: --workers)",
+    )
     parser.add_argument("--epochs", type=int, default=epochs, help="passes over the training set")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="global batch size")
 
@@ -78,10 +86,19 @@ def check_training_options(parser: argparse.ArgumentParser, args) -> None:
     """Ends the job with a usage error when the training options cannot work."""
     if args.workers < 1:
         parser.error(f"--workers={args.workers}: need at least 1")
-    if args.batch_size < args.workers:
-        parser.error(f"--batch-size={args.batch_size} must be at least --workers={args.workers}")
+    if args.max_workers is not None and args.max_workers < args.workers:
+        parser.error(f"--max-workers={args.max_workers} must be at least --workers={args.workers}")
+    most = max(args.workers, args.max_workers or 0)
+    if args.batch_size < most:
+        parser.error(f"--batch-size={args.batch_size} must be at least the workers' {most}")
     if args.epochs < 1:
         parser.error(f"--epochs={args.epochs}: need at least 1")
+
+
+def contexts(args) -> list:
+    """The workers the training options ask for: ``raymodule.workers(--workers,
+    max_workers=--max-workers)``."""
+    return raymodule.workers(args.workers, max_workers=args.max_workers)
 
 
 def add_run_options(parser: argparse.ArgumentParser, checkpoint_every: int = 10) -> None:

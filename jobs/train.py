@@ -43,6 +43,7 @@ from jobtools import (
     add_training_options,
     check_storage,
     check_training_options,
+    contexts,
     run_config,
     run_job,
 )
@@ -222,7 +223,7 @@ def fit_and_report(args, symbol: mx.sym.Symbol, train, test) -> int:
     progress bar), prints its accuracy on ``test`` and where the run and model are."""
     mx.random.seed(args.seed)
     start = time.monotonic()
-    with raymodule.Module(symbol, context=raymodule.workers(args.workers)) as mod:
+    with raymodule.Module(symbol, context=contexts(args)) as mod:
         mod.fit(
             train,
             eval_metric="acc",
