@@ -55,6 +55,9 @@ class Settings:
     admit_interval_s: float = 1.0
     """RAYMODULE_ADMIT_INTERVAL_S: how often an elastic run with replacements pending asks the
     controller, at a step boundary, whether they are up to be admitted."""
+    balance_every_steps: int = 50
+    """RAYMODULE_BALANCE_EVERY_STEPS: with ``work_load_list="auto"``, the training steps whose
+    compute times the controller sums before it may re-weight the work split."""
     allreduce_bucket_bytes: int = 4 * 1024 * 1024
     """RAYMODULE_ALLREDUCE_BUCKET_BYTES: gradients are fused into buckets of at most this size,
     one collective call each."""

@@ -84,6 +84,7 @@ class ControllerHandle:
         self.steps_sent = 0  # training steps sent to the workers (the controller counts them)
         self.failures = 0  # failure events of the elastic run
         self.leaving: list[int] = []  # slots shut down (SIGTERM), leaving at the next boundary
+        self.work_load: list[float] | None = None  # work_load_list="auto": the weights, by slot
         self.limits = policy.Limits(len(contexts), elastic=False)
         self.on_membership = None  # set by an elastic run: called with each change, as a dict
         self.lost: WorkerLostError | None = None
@@ -149,8 +150,10 @@ class ControllerHandle:
         self._usable()
         self.controller.create.remote(mid, args, per_slot)
 
-    def bind(self, mid: int, args: tuple, shapes: tuple, work_load: list) -> dict:
-        return self._read("bind", mid, args, shapes, work_load)
+    def bind(
+        self, mid: int, args: tuple, shapes: tuple, work_load: list, balance: bool = False
+    ) -> dict:
+        return self._read("bind", mid, args, shapes, work_load, balance)
 
     def reshape(self, mid: int, shapes: tuple) -> None:
         self._usable()
@@ -233,7 +236,19 @@ class ControllerHandle:
         self.steps_sent = view["steps_sent"]
         self.failures = view["failures"]
         self.leaving = view["leaving"]
+        self.work_load = view["work_load"]
         for event in view["events"]:
+            if event["event"] == "work_load":
+                log.info(
+                    "raymodule: work split re-weighted at step %d: weights %s (compute seconds "
+                    "per sample %s)",
+                    event["step"],
+                    event["weights"],
+                    event["seconds_per_sample"],
+                )
+                if self.on_membership is not None:
+                    self.on_membership(event)
+                continue
             log.warning(
                 "raymodule: %s; world size %d -> %d (generation %d), recovered in %.2f s%s",
                 event["why"],

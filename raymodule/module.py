@@ -2,7 +2,8 @@
 
 The facade keeps what MXNet keeps on the host (names, shapes, the parameters' host copy) and
 sends the rest to one worker per context. A global batch is split by ``work_load_list`` as
-MXNet splits it across devices; gradients are summed across workers as the KVStore sums them.
+MXNet splits it across devices (``"auto"``: by weights the controller adjusts to each worker's
+measured compute speed); gradients are summed across workers as the KVStore sums them.
 """
 
 from __future__ import annotations
@@ -100,7 +101,10 @@ class Module(loop.TrainingLoops, BaseModule):
         if not context or not all(isinstance(c, ctx.Context) for c in context):
             raise ValueError(f"context={context!r}: expected an mx.Context or a non-empty list")
         self._context = context
-        if work_load_list is None:
+        if isinstance(work_load_list, str) and work_load_list != "auto":
+            raise ValueError(f"work_load_list={work_load_list!r}: a list of weights, or 'auto'")
+        self._balance_work = isinstance(work_load_list, str)  # "auto", checked above
+        if work_load_list is None or self._balance_work:
             work_load_list = [1] * len(context)
         work_load_list = list(work_load_list)
         if len(work_load_list) != len(context):
@@ -340,6 +344,7 @@ class Module(loop.TrainingLoops, BaseModule):
         (the controller splits the same way)."""
         weights = self._work_load_list
         if self._workers is not None:
+            weights = self._workers.work_load or weights  # "auto": the controller's now
             weights = self._workers.membership.weights(weights)
         return data.split_shapes(data_shapes, label_shapes, weights)
 
@@ -405,6 +410,7 @@ class Module(loop.TrainingLoops, BaseModule):
             (for_training, inputs_need_grad, shared, grad_req),
             (data_shapes, label_shapes),
             self._work_load_list,
+            self._balance_work,
         )
         sparse = sorted(n for n, (_, grad) in stypes.items() if grad == "row_sparse")
         if sparse and len(self._context) > 1 and any(c.device_type == "gpu" for c in self._context):

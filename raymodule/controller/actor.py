@@ -35,6 +35,7 @@ from ..errors import (
 )
 from ..worker import ModuleWorker  # light: MXNet is imported in the worker process only
 from . import chunks, policy
+from .balance import Balancer
 from .group import WorkerGroup, draining_nodes
 from .membership import Membership
 from .replicas import Replica
@@ -133,6 +134,7 @@ class Controller:
         self._chunks: deque[chunks.Chunk] = deque()  # in the order sent
         self._synced: set[int] = set()  # slots whose workers hold every module, in step
         self._leaving: dict[int, str] = {}  # slots to remove gracefully: why (SIGTERM, drain)
+        self._balancer: Balancer | None = None  # work_load_list="auto" (a module bound so)
         self._next_drain_poll = 0.0
         self._recovering = False
         self._next_poll = 0.0
@@ -164,6 +166,9 @@ class Controller:
             "steps_sent": self.steps_sent,
             "failures": self.failures,
             "leaving": sorted(self._leaving),
+            "work_load": (
+                self._balancer.work_load(self._slot_count) if self._balancer is not None else None
+            ),
             "events": events,
         }
 
@@ -196,11 +201,18 @@ class Controller:
         self._replicas[mid] = Replica(args, per_slot)
         self._create(mid, range(self.members.world_size))
 
-    def bind(self, mid: int, args: tuple, shapes: tuple, work_load: list) -> tuple:
+    def bind(
+        self, mid: int, args: tuple, shapes: tuple, work_load: list, balance: bool = False
+    ) -> tuple:
         """Binds a module's replicas to the global ``shapes`` ((data, label) shapes) split by
-        ``work_load`` (by slot); returns the storage types of worker 0's parameters and their
-        gradients."""
+        ``work_load`` (by slot), or with ``balance`` by the weights the controller keeps
+        adjusting (``work_load_list="auto"``); returns the storage types of worker 0's
+        parameters and their gradients."""
         replica = self._replicas[mid]
+        if balance:
+            if self._balancer is None:
+                self._balancer = Balancer(self.settings.balance_every_steps)
+            work_load = self._balancer.work_load(self._slot_count)
         replica.shapes, replica.work_load = shapes, work_load
         self._sync()
         stypes = self._call("bind", mid, *args, per_worker=replica.split(self.members.slots))[0]
@@ -232,6 +244,8 @@ class Controller:
         if spec is not None:
             if self.members.pending and self.limits.elastic and not self._in_pass:
                 self._grow(done, seconds)
+            if self._balancer is not None and kind == "train_step" and "stream" not in spec:
+                self._rebalance()
             self._send(kind, chunks.steps_of(spec))
         while len(self._chunks) > keep:
             self._finish(done, seconds)
@@ -467,12 +481,15 @@ class Controller:
             for step in chunk.steps
         ):
             self._in_pass = False  # its last step is done
-        for slot, (_, took, shut_down) in zip(chunk.slots, per_worker):
+        for slot, (_, took, _, shut_down) in zip(chunk.slots, per_worker):
             seconds[slot] = seconds.get(slot, 0.0) + took
             if shut_down and slot in self.members.slots:
                 self._leaving.setdefault(slot, "shut down (SIGTERM)")
+        if self._balancer is not None and chunk.kind == "train_step":
+            computing = [reply[2] for reply in per_worker]
+            self._balancer.record(chunk.slots, computing, [step.slices for step in chunk.steps])
         for index, step in enumerate(chunk.steps):
-            results = [per_step[index] for per_step, _, _ in per_worker]
+            results = [per_step[index] for per_step, _, _, _ in per_worker]
             done.append((step.serial, results, step.slices))
 
     def _resend(self, committed: int, done: list) -> None:
@@ -544,6 +561,25 @@ class Controller:
         self._enter(State.RUNNING, "replacements joined")
         joined = ", ".join(f"slot {s}" for s in admit)
         self._announce("grown", f"the workers of {joined} joined", before, tic, {"step": committed})
+
+    def _rebalance(self) -> None:
+        """``work_load_list="auto"``: every RAYMODULE_BALANCE_EVERY_STEPS training steps, moves
+        work from slower members to faster ones (:func:`.policy.rebalanced`). The steps sent
+        from here on are split by the new weights (those in flight keep theirs; each worker
+        reshapes after them), and the change is logged and recorded in the run's metrics."""
+        change = self._balancer.adjust(list(self.members.slots))
+        if change is None:
+            return
+        work_load = self._balancer.work_load(self._slot_count)
+        for mid, replica in sorted(self._replicas.items()):
+            replica.work_load = list(work_load)
+            if replica.bind is not None:
+                self._post("reshape", mid, per_worker=replica.split(self.members.slots))
+        log.info("raymodule controller: work split re-weighted: %s", change)
+        self._events.append(
+            {"event": "work_load", "step": self.steps_sent, "world_size": self.members.world_size}
+            | change
+        )
 
     def _note_drains(self) -> None:
         """Members on a node that Ray is draining (an autoscaler's preemption or idle drain,
@@ -787,6 +823,8 @@ class Controller:
     def _announce(self, change: str, why: str, before: int, tic: float, extra: dict) -> None:
         """Queues a membership change for the client (:meth:`view`), which logs and records
         it."""
+        if self._balancer is not None:  # its tally was of the members before
+            self._balancer.reset()
         self._events.append(
             {
                 "event": "membership",

@@ -13,7 +13,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-__all__ = ["Action", "Decision", "Limits", "Loss", "on_loss", "after_wait", "to_admit"]
+__all__ = [
+    "Action",
+    "Decision",
+    "Limits",
+    "Loss",
+    "on_loss",
+    "after_wait",
+    "to_admit",
+    "rebalanced",
+]
+
+#: how far one adjustment of ``work_load_list="auto"`` moves a worker's weight, relative
+MAX_WEIGHT_CHANGE = 0.25
+#: the least gain in the slowest worker's compute time per step that an adjustment must bring
+MIN_BALANCE_GAIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -149,3 +163,34 @@ def after_wait(limits: Limits, live: int, waited_s: float) -> Decision:
 def to_admit(configured: int, live: int, ready: int) -> int:
     """Replacement workers to admit at a step boundary: those ready, up to the contexts."""
     return max(0, min(ready, configured - live))
+
+
+def rebalanced(
+    weights: list[float],
+    seconds_per_sample: list[float],
+    max_change: float = MAX_WEIGHT_CHANGE,
+    min_gain: float = MIN_BALANCE_GAIN,
+) -> list[float] | None:
+    """``work_load_list="auto"``: the members' next weights, from their current ``weights`` and
+    the compute seconds each spent per sample (forward, backward and update, without waiting
+    for the others in the gradient sum). The step's pace is its slowest member's compute time,
+    ``weight * seconds_per_sample`` (its share of the global batch is its weight's); the
+    weights move toward each member's speed, each by at most ``max_change`` of its value, and
+    keep their mean at 1. None (nothing moves) unless the slowest member's time falls by at
+    least ``min_gain``: noise in the timings does not shuffle work back and forth."""
+    if len(weights) < 2 or any(s <= 0 for s in seconds_per_sample):
+        return None
+    speeds = [1.0 / s for s in seconds_per_sample]
+    total = sum(weights)
+    target = [total * speed / sum(speeds) for speed in speeds]
+    moved = [
+        min(max(goal, w * (1 - max_change)), w * (1 + max_change))
+        for w, goal in zip(weights, target, strict=True)
+    ]
+    scale = len(moved) / sum(moved)
+    moved = [w * scale for w in moved]
+    pace = max(w / total * s for w, s in zip(weights, seconds_per_sample, strict=True))
+    new_pace = max(w / sum(moved) * s for w, s in zip(moved, seconds_per_sample, strict=True))
+    if new_pace > pace * (1 - min_gain):
+        return None
+    return moved

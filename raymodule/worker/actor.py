@@ -331,7 +331,8 @@ class ModuleWorker:
 
         Several steps per call: one object-store transfer and one call per chunk, where each
         costs about a millisecond, instead of one per batch. Returns the steps' results, the
-        seconds they took here and whether this worker was told to shut down (SIGTERM). A
+        seconds they took here, those of them it computed (not waiting for the others' part of
+        the gradient sums) and whether this worker was told to shut down (SIGTERM). A
         call sent to an earlier ``generation`` of the group (it was in flight when the group
         re-formed) runs nothing: its steps are sent again.
         """
@@ -350,8 +351,12 @@ class ModuleWorker:
         elif plan is not None:
             batches = assemble(batches, plan)
         tic = time.perf_counter()  # rows still read meanwhile (a dataset's) count as step time
+        group = self._collective
+        waited = group.waited_s if group is not None else 0.0
         results = [step(mid, batch) for mid, batch in zip(mids, batches)]
-        return results, time.perf_counter() - tic, self._shut_down
+        took = time.perf_counter() - tic
+        computing = took - (group.waited_s - waited) if group is not None else took
+        return results, took, computing, self._shut_down
 
     def _read(self, parts: IndexedParts) -> Iterator[Batch]:
         """The batches ``parts`` names, read (a step ahead) from the dataset as this worker

@@ -25,6 +25,7 @@ import datetime
 import functools
 import os
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import mxnet as mx
@@ -123,6 +124,7 @@ class Collective:
         if address.startswith("127."):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         self._world_size = world_size
+        self.waited_s = 0.0  # seconds reduce() waited for the sums (the others, the network)
         self._local: LocalGroup | None = None
         self._leaders = None  # the node leaders' gloo group, when the group spans nodes
         if backend == "gloo":
@@ -211,7 +213,9 @@ class Collective:
             parts = [(g.indices.asnumpy(), g.data.asnumpy()) for g in sparse]
             summed = self._comm.submit(self._sum_rows, parts)
         for tensors, flat, done in pending:
+            tic = time.perf_counter()
             done.result()
+            self.waited_s += time.perf_counter() - tic
             if flat is None or flat is tensors[0]:
                 continue
             offset = 0
@@ -219,7 +223,9 @@ class Collective:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
         if sparse:
+            tic = time.perf_counter()
             sums, sparse_sent = summed.result()
+            self.waited_s += time.perf_counter() - tic
             for grad, (ids, rows) in zip(sparse, sums):
                 mx.nd.sparse.row_sparse_array(
                     (rows, ids), shape=grad.shape, ctx=grad.context, dtype=grad.dtype
