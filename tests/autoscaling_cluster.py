@@ -30,13 +30,8 @@ import time
 import traceback
 from pathlib import Path
 
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-os.environ.setdefault("RAYMODULE_START_WAIT_S", "2")
-os.environ.setdefault("RAYMODULE_PLACEMENT_REPORT_INTERVAL_S", "5")
-os.environ.setdefault("RAYMODULE_PLACEMENT_TIMEOUT_S", "180")
+# elastic_cluster, imported below, sets the rest: Ray on loopback, short raymodule bounds
+os.environ.setdefault("RAYMODULE_PLACEMENT_TIMEOUT_S", "180")  # nodes the autoscaler starts
 
 import mxnet as mx  # noqa: E402
 import yaml  # noqa: E402 - Ray's own dependency
