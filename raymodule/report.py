@@ -70,6 +70,11 @@ class RunRecord:
         """The membership changes (``{"event": "membership", ...}``)."""
         return [e for e in self.entries if _is_membership(e)]
 
+    @property
+    def work_splits(self) -> list[dict]:
+        """The re-weightings of ``work_load_list="auto"`` (``{"event": "work_load", ...}``)."""
+        return [e for e in self.entries if _is_work_split(e)]
+
     def metric_names(self, part: str) -> list[str]:
         """The metrics of ``part`` (``train`` or ``validation``) any epoch recorded, in order."""
         names: dict[str, None] = {}
@@ -117,6 +122,14 @@ def _is_epoch(entry: dict) -> bool:
 
 def _is_membership(entry: dict) -> bool:
     return entry.get("event") == "membership" and not _is_epoch(entry)
+
+
+def _is_work_split(entry: dict) -> bool:
+    return (
+        entry.get("event") == "work_load"
+        and isinstance(entry.get("weights"), dict)
+        and not _is_epoch(entry)
+    )
 
 
 def load_run(location: str) -> RunRecord:
@@ -196,12 +209,21 @@ def summary(run: RunRecord) -> str:
     rows.append(("world size", " -> ".join(str(s) for s in sizes) if sizes else "?"))
     for event in run.events:
         lost = event.get("lost")
+        change = event.get("change")
         rows.append(
             (
                 "membership",
-                f"{event.get('time', '?')}: world size {event.get('world_size', '?')}"
-                + (f", lost {', '.join(map(str, lost))}" if lost else ""),
+                f"{event.get('time', '?')}: "
+                + (f"{change}, " if isinstance(change, str) else "")
+                + f"world size {event.get('world_size', '?')}"
+                + (f", lost {', '.join(map(str, lost))}" if isinstance(lost, list) else ""),
             )
+        )
+    for event in run.work_splits:
+        weights = event["weights"].items()
+        split = ", ".join(f"slot {k} {_num(v)}" for k, v in weights if _is_number(v))
+        rows.append(
+            ("work split", f"{event.get('time', '?')}: step {event.get('step', '?')}: {split}")
         )
     step_seconds = last.get("step_seconds")
     if isinstance(step_seconds, list) and step_seconds and all(map(_is_number, step_seconds)):
@@ -385,6 +407,8 @@ def _plot_world_size(ax, run: RunRecord) -> None:
         ax.plot(*zip(*points), drawstyle="steps-post", color="tab:green", linewidth=2)
     if at_epochs:
         ax.plot(*zip(*at_epochs), "o", color="tab:green", markersize=4)
+    for x, _ in _event_positions(run, _is_work_split):  # work_load_list="auto" re-weighted
+        ax.axvline(x, color="tab:blue", linestyle=":", linewidth=1)
     for i, (x, event) in enumerate(events):
         ax.axvline(x, color="tab:red", linestyle="--", linewidth=1)
         text = f" -> {event.get('world_size', '?')} workers"  # a space clear of the line
@@ -397,19 +421,22 @@ def _plot_world_size(ax, run: RunRecord) -> None:
     changes = {0: "no membership changes", 1: "1 membership change"}.get(
         len(events), f"{len(events)} membership changes"
     )
+    if run.work_splits:  # the title must fit its half of the figure
+        changes = f"{len(events)} changes, {len(run.work_splits)} re-weighted (dotted)"
     _epoch_axis(ax, run, f"world size ({changes})", "workers")
     ax.set_ylim(0, top + 1.5)
     ax.yaxis.get_major_locator().set_params(integer=True)
 
 
-def _event_positions(run: RunRecord) -> list[tuple[float, dict]]:
-    """Each membership change with where it falls on the epoch axis: between the epoch lines
-    written before and after it, by time when both times are known, else halfway."""
+def _event_positions(run: RunRecord, which=_is_membership) -> list[tuple[float, dict]]:
+    """Each event ``which`` picks (membership changes) with where it falls on the epoch axis:
+    between the epoch lines written before and after it, by time when both times are known,
+    else halfway."""
     placed, before = [], None
     for i, entry in enumerate(run.entries):
         if _is_epoch(entry):
             before = entry
-        elif _is_membership(entry):
+        elif which(entry):
             after = next((e for e in run.entries[i + 1 :] if _is_epoch(e)), None)
             if before is None:
                 x = (after["epoch"] if after else 0) - 0.5

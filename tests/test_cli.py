@@ -227,6 +227,37 @@ def test_crafted_run_folders_are_read_without_trust(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_report_lists_membership_changes_and_work_split_changes(tmp_path):
+    """A run that grew, lost a drained worker and re-weighted its split (work_load_list="auto"):
+    the report says each, with what changed, and its plot draws them."""
+    run = tmp_path / "elastic"
+    run.mkdir()
+    lines = [
+        {"epoch": 0, "global_step": 8, "world_size": 1, "time": "2026-12-01T00:00:10Z"},
+        {"event": "membership", "change": "grown", "world_size": 3, "step": 8,
+         "time": "2026-12-01T00:00:11Z"},
+        {"event": "work_load", "step": 12, "weights": {"0": 1.25, "1": 0.75, "2": 1.0},
+         "seconds_per_sample": {"0": 1e-4, "1": 2e-4, "2": 1e-4}, "time": "2026-12-01T00:00:12Z"},
+        {"event": "membership", "change": "drained", "world_size": 2, "step": 14,
+         "time": "2026-12-01T00:00:13Z"},
+        {"epoch": 1, "global_step": 16, "world_size": 2, "time": "2026-12-01T00:00:20Z"},
+        {"event": "work_load", "step": 20, "weights": ["not", "a", "mapping"]},
+    ]  # fmt: skip
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    out = cli("report", str(run))
+    assert out.returncode == 0, out.stderr
+    membership = re.findall(r"^  membership +(.+)$", out.stdout, re.M)
+    assert membership == [
+        "2026-12-01T00:00:11Z: grown, world size 3",
+        "2026-12-01T00:00:13Z: drained, world size 2",
+    ]
+    assert field(out.stdout, "work split") == (
+        "2026-12-01T00:00:12Z: step 12: slot 0 1.25, slot 1 0.75, slot 2 1"
+    )
+    assert field(out.stdout, "world size") == "1 -> 3 -> 2"
+    assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_help_explains_the_commands_and_python_m_works_too():
     out = cli("--help")
     assert out.returncode == 0 and "report" in out.stdout and "runs" in out.stdout
