@@ -50,6 +50,8 @@ def test_the_balancer_adjusts_once_every_n_steps_measured_by_every_member():
     balancer.record([0, 1], [1.0, 2.0], [halves])
     change = balancer.adjust([0, 1])
     assert change["weights"] == {0: 1.25, 1: 0.75}
+    assert balancer.work_load(3) == [1.0, 1.0, 1.0]  # proposed, not yet taken
+    balancer.accept(change)
     assert balancer.work_load(3) == [1.25, 0.75, 1.0]  # a slot never measured keeps 1
     balancer.record([0, 2], [1.0, 2.0], [halves, halves])
     assert balancer.adjust([0, 1]) is None  # slot 1 not measured: no change, a new tally

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import ray
 
+from .. import data
 from ..constants import Settings
 from ..errors import (
     WorkerLostError,
@@ -567,10 +568,20 @@ class Controller:
         work from slower members to faster ones (:func:`.policy.rebalanced`). The steps sent
         from here on are split by the new weights (those in flight keep theirs; each worker
         reshapes after them), and the change is logged and recorded in the run's metrics."""
-        change = self._balancer.adjust(list(self.members.slots))
+        slots = list(self.members.slots)
+        change = self._balancer.adjust(slots)
         if change is None:
             return
         work_load = self._balancer.work_load(self._slot_count)
+        work_load = [change["weights"].get(slot, w) for slot, w in enumerate(work_load)]
+        try:  # every member keeps a sample of every module's batch, or nothing moves
+            for replica in self._replicas.values():
+                if replica.shapes is not None:
+                    data.split_shapes(*replica.shapes, [work_load[s] for s in slots])
+        except ValueError as err:
+            log.info("raymodule controller: work split kept: %s", err)
+            return
+        self._balancer.accept(change)
         for mid, replica in sorted(self._replicas.items()):
             replica.work_load = list(work_load)
             if replica.bind is not None:

@@ -41,6 +41,10 @@ class Balancer:
             self._samples[slot] = self._samples.get(slot, 0) + rows
         self._steps += len(shares)
 
+    def accept(self, change: dict) -> None:
+        """Makes the weights of an :meth:`adjust` result the ones the work is split by."""
+        self.weights.update(change["weights"])
+
     def reset(self) -> None:
         """Forgets the tally (the members changed: their shares were others')."""
         self._seconds, self._samples, self._steps = {}, {}, 0
@@ -48,7 +52,7 @@ class Balancer:
     def adjust(self, slots: list[int]) -> dict | None:
         """After ``every`` steps tallied: the members' (``slots``) new weights if the policy
         moves them, as ``{"weights": ..., "seconds_per_sample": ...}`` by slot, else None.
-        Starts a new tally either way."""
+        Starts a new tally either way; the weights change once :meth:`accept` is called."""
         if self._steps < self.every:
             return None
         tallied = all(self._samples.get(slot, 0) > 0 for slot in slots)
@@ -59,7 +63,6 @@ class Balancer:
         moved = policy.rebalanced([self.weight(slot) for slot in slots], per_sample)
         if moved is None:
             return None
-        self.weights.update(zip(slots, moved, strict=True))
         return {
             "weights": {slot: round(w, 4) for slot, w in zip(slots, moved, strict=True)},
             "seconds_per_sample": {
