@@ -9,7 +9,9 @@ worker nodes have 1 CPU each, at least 1 of them and, at first, at most 1. Train
 one step, a ``batch_end_callback`` raises the config's ceiling to 3 nodes (the autoscaler reads
 its config again at each update): the workers still waiting for resources make the autoscaler
 add two nodes, and they join at a step boundary. The callback waits (bounded) until they are
-up, so that they join whatever this machine's speed. Trains the same batches with plain
+up, so that they join whatever this machine's speed. A later step's callback drains the node of
+one of them through Ray's drain API (what the autoscaler calls to take a node away): its
+worker leaves at a step boundary and the run goes on with two. Trains the same batches with plain
 ``mx.mod.Module`` on one device and writes what happened to OUT_JSON, with the seconds from
 the raised ceiling to the nodes joining the cluster, and from there to their workers being up.
 Stops every process it started, by PID, even when training fails (never ``ray stop``, which
@@ -32,6 +34,7 @@ from pathlib import Path
 
 # elastic_cluster, imported below, sets the rest: Ray on loopback, short raymodule bounds
 os.environ.setdefault("RAYMODULE_PLACEMENT_TIMEOUT_S", "180")  # nodes the autoscaler starts
+os.environ.setdefault("RAYMODULE_ADMIT_INTERVAL_S", "0.05")  # drains looked for: a short run
 
 import mxnet as mx  # noqa: E402
 import yaml  # noqa: E402 - Ray's own dependency
@@ -53,6 +56,7 @@ from raymodule.storage import Folder  # noqa: E402
 
 MAX_NODES = 3
 WAIT_AT = (0, 4)  # the batch whose callback raises the ceiling and waits for the new workers
+DRAIN_AT = (1, 2)  # the batch whose callback drains the node of the worker of slot 1
 
 
 def free_port() -> int:
@@ -164,7 +168,21 @@ def run(storage: str, cfg: Path, port: int) -> dict:
             f"worker nodes; the module's workers: {mod.workers.membership})"
         )
 
-    fault = Fault(WAIT_AT, wait_for_workers)
+    def drain(mod):
+        from ray.core.generated import autoscaler_pb2
+
+        if mod.world_size != MAX_NODES:
+            raise RuntimeError(f"{mod.world_size} workers at {DRAIN_AT}: the others never joined")
+        accepted, why = ray._raylet.GcsClient(address=f"127.0.0.1:{port}").drain_node(
+            mod.workers.nodes[1]["node"],
+            autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+            "a test's preemption notice, as the autoscaler gives one",
+            int(time.time() * 1000) + 600_000,
+        )
+        if not accepted:
+            raise RuntimeError(f"the drain was refused: {why}")
+
+    faults = [Fault(WAIT_AT, wait_for_workers), Fault(DRAIN_AT, drain)]
     mx.random.seed(0)
     mod = raymodule.Module(mlp(), context=raymodule.workers(1, max_workers=MAX_NODES))
     tic = time.monotonic()
@@ -174,7 +192,7 @@ def run(storage: str, cfg: Path, port: int) -> dict:
             batches(),
             num_epoch=EPOCHS,
             optimizer_params=optimizer_params(),
-            batch_end_callback=fault,
+            batch_end_callback=faults,
             run=raymodule.RunConfig(name="autoscaled", storage=storage, checkpoint_every=0),
         )
     except Exception as err:  # noqa: BLE001 - reported to the test
@@ -184,7 +202,7 @@ def run(storage: str, cfg: Path, port: int) -> dict:
         "seconds": round(time.monotonic() - tic, 2),
         "nodes_at_start": nodes_at_start,
         "nodes_at_end": worker_nodes(ray),
-        "fired": [fault.fired],
+        "fired": [fault.fired for fault in faults],
         "error": f"{type(error).__name__}: {error}" if error else None,
         "world_size": mod.world_size,
         **timings,
