@@ -51,6 +51,10 @@ class Rank:
         """How many ranks of the group share this rank's node (and its shared memory)."""
         return self.collective._local.size
 
+    def tier_s(self) -> dict:
+        """Seconds this rank's sums spent per tier (shared memory, gloo)."""
+        return dict(self.collective.tier_s)
+
     def set_death(self, call: int) -> None:
         self.die_at = call
 
@@ -121,6 +125,10 @@ def two_nodes() -> None:
         assert ray.get([r.local_ranks.remote() for r in ranks]) == [2] * 4
         for step, bucket_bytes in enumerate(BUCKETS):
             check_sums(ranks, bucket_bytes, seed=step, nodes=[[0, 2], [1, 3]])
+        # every rank spent time in its node's sum; only the leaders (0, 1) spent any on gloo
+        tiers = ray.get([r.tier_s.remote() for r in ranks], timeout=60)
+        assert all(t["shared memory"] > 0 for t in tiers), tiers
+        assert [t["gloo"] > 0 for t in tiers] == [True, True, False, False], tiers
         ray.get(ranks[1].set_death.remote(len(BUCKETS) + 1))
         calls = [r.reduce.remote(p, 64) for r, p in zip(ranks, arrays(4))]
         for rank in (0, 2, 3):

@@ -46,6 +46,9 @@ def test_sums_equal_numpy_and_agree_bit_for_bit_on_one_node(ranks, world_size):
     # many buckets first, then one bucket larger than any of them: the segment grows
     for step, bucket_bytes in enumerate((64, 1 << 20, 64)):
         check_sums(group, bucket_bytes, seed=step)
+    # one node: all of the time in shared memory, none on gloo
+    tiers = ray.get([r.tier_s.remote() for r in group], timeout=60)
+    assert all(t["shared memory"] > 0 and t["gloo"] == 0 for t in tiers), tiers
     ray.get([r.close.remote() for r in group], timeout=60)
     ray.get([r.close.remote() for r in group], timeout=60)  # idempotent
     assert segments(ray.get([r.pid.remote() for r in group])) == []

@@ -125,6 +125,9 @@ class Collective:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         self._world_size = world_size
         self.waited_s = 0.0  # seconds reduce() waited for the sums (the others, the network)
+        # seconds of this rank's dense sums per tier: "shared memory" (the node's ranks,
+        # copies in and out included), "gloo" (across nodes; with no node group, all of it)
+        self.tier_s = {"shared memory": 0.0, "gloo": 0.0}
         self._local: LocalGroup | None = None
         self._leaders = None  # the node leaders' gloo group, when the group spans nodes
         if backend == "gloo":
@@ -207,7 +210,7 @@ class Collective:
                 flat = tensors[0]
             else:
                 flat = torch.cat([t.reshape(-1) for t in tensors])
-            pending.append((tensors, flat, self._comm.submit(col.allreduce, flat, GROUP_NAME)))
+            pending.append((tensors, flat, self._comm.submit(self._allreduce, flat)))
         sent = sum(sizes)
         if sparse:
             parts = [(g.indices.asnumpy(), g.data.asnumpy()) for g in sparse]
@@ -233,16 +236,27 @@ class Collective:
             sent += sparse_sent
         return sent
 
+    def _allreduce(self, flat: torch.Tensor) -> None:
+        """One bucket summed over gloo by every rank (no node group)."""
+        tic = time.perf_counter()
+        col.allreduce(flat, GROUP_NAME)
+        self.tier_s["gloo"] += time.perf_counter() - tic
+
     def _sum_on_node(self, tensors: list[torch.Tensor]) -> None:
         """One bucket summed in place through this node's shared memory (packed as
         ``torch.cat`` would pack it) and, when the group spans nodes, across the leaders."""
         dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
         after_sum = self._sum_across_nodes if self._leaders is not None else None
+        tic, across = time.perf_counter(), self.tier_s["gloo"]
         self._local.sum(tensors, dtype, after_sum)
+        across = self.tier_s["gloo"] - across
+        self.tier_s["shared memory"] += time.perf_counter() - tic - across
 
     def _sum_across_nodes(self, flat: torch.Tensor) -> None:
         """The leader's part across nodes: its node's sum, summed with the other leaders'."""
+        tic = time.perf_counter()
         dist.all_reduce(flat, group=self._leaders)
+        self.tier_s["gloo"] += time.perf_counter() - tic
 
     def _sum_rows(self, parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list, int]:
         """Each row-sparse part's (ids, rows) summed over the group, and the bytes this rank
