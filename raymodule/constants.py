@@ -70,8 +70,13 @@ class Settings:
     dataset's samples (an ArrayDataset's arrays from the object store, RecordIO records from
     their file) or the parts of a step sent again; past it, the step fails naming what was
     not read."""
-    steps_per_call: int = 4
-    """RAYMODULE_STEPS_PER_CALL: batches sent to the workers in one call by fit and score."""
+    steps_per_call: int = 32
+    """RAYMODULE_STEPS_PER_CALL: the most batches sent to the workers in one call (fit, score,
+    predict); a call carries as many as take them about RAYMODULE_CALL_S."""
+    call_s: float = 0.2
+    """RAYMODULE_CALL_S: the workers' seconds of steps one call carries, as the last steps
+    took: each call costs the workers about a millisecond of waiting, spread over its steps;
+    callbacks trail the workers by up to (1 + RAYMODULE_PIPELINE_DEPTH) calls."""
     pipeline_depth: int = 2
     """RAYMODULE_PIPELINE_DEPTH: calls in flight ahead of the one whose results are read."""
     checkpoint_attempts: int = 3

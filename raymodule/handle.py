@@ -84,6 +84,7 @@ class ControllerHandle:
         self.steps_sent = 0  # training steps sent to the workers (the controller counts them)
         self.failures = 0  # failure events of the elastic run
         self.leaving: list[int] = []  # slots shut down (SIGTERM), leaving at the next boundary
+        self.step_s: float | None = None  # a step's seconds on the workers, as last measured
         self.work_load: list[float] | None = None  # work_load_list="auto": the weights, by slot
         self.limits = policy.Limits(len(contexts), elastic=False)
         self.on_membership = None  # set by an elastic run: called with each change, as a dict

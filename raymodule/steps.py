@@ -1,8 +1,9 @@
 """The step stream of ``fit``, ``score``, ``predict`` and ``iter_predict``: batches sent ahead
 to the workers in chunks, their results read back in order.
 
-The client reads the ``DataIter`` and sends the workers chunks of ``RAYMODULE_STEPS_PER_CALL``
-consecutive global batches, one object-store transfer and one controller call per chunk; up
+The client reads the ``DataIter`` and sends the workers chunks of consecutive global batches,
+as many as take them about ``RAYMODULE_CALL_S`` (:func:`steps_per_call`), one object-store
+transfer and one controller call per chunk; up
 to ``RAYMODULE_PIPELINE_DEPTH`` chunks are in flight (the bounded queue), so workers do not
 wait for the client. A :class:`raymodule.data.DatasetIter` or
 :class:`raymodule.data.RayDataIter` sends no samples: the workers read their own rows. Results
@@ -70,6 +71,16 @@ def _batches(data_iter, indexed: bool, passes: int | None = None):
         except StopIteration:
             return
         yield data.index_batch(index, pad, data_iter)
+
+
+def steps_per_call(workers) -> int:
+    """Batches in the next call: as many as take the workers about ``RAYMODULE_CALL_S``
+    (``workers.step_s``: a step's seconds, as last measured), at least 1, at most
+    ``RAYMODULE_STEPS_PER_CALL``; 4 at most before a step was timed."""
+    most = workers.settings.steps_per_call
+    if not workers.step_s:
+        return min(4, most)
+    return max(1, min(most, round(workers.settings.call_s / workers.step_s)))
 
 
 def run_steps(
@@ -198,11 +209,11 @@ def steps(
             "data_names": data_iter.data_names,
             "label_names": data_iter.label_names,
         }
+    settings = workers.settings
     if monitor is not None:  # statistics are collected step by step, as MXNet does
-        per_call, depth = 1, 0
+        depth = 0
     else:
-        per_call = workers.settings.steps_per_call
-        depth = workers.settings.pipeline_depth
+        depth = settings.pipeline_depth
     sent: dict[int, _Step] = {}  # by serial, until finished
     chunk: list[_Step] = []
     finished: list = []  # (step, results, slices) read back, not yielded yet
@@ -242,6 +253,8 @@ def steps(
         checkpoint_due = checkpoint_due or bool(workers.leaving)
         for slot, took in reply["seconds"].items():
             tally.step_seconds[slot] = tally.step_seconds.get(slot, 0.0) + took
+        if reply["steps"] and reply["seconds"]:
+            workers.step_s = max(reply["seconds"].values()) / len(reply["steps"])
         for serial, results, slices in reply["steps"]:
             finished.append((sent.pop(serial), results, slices))
 
@@ -285,7 +298,7 @@ def steps(
                 batch = target._batch(data_batch)
                 tally.samples += batch.data[0].shape[batch.data_axes[0]] if batch.data else 0
                 chunk.append(_Step(nbatch, data_batch, batch, target))
-            if len(chunk) >= per_call:
+            if len(chunk) >= (1 if monitor is not None else steps_per_call(workers)):
                 advance(keep=depth)
             yield from ready()
         if given <= first_batch and first_batch > 0:  # nothing was sent: nothing trained or written
