@@ -136,6 +136,9 @@ RAY_ENV = {
 MARK = "BENCH_RESULT "  # prefix of the one result line a child prints
 DATA_MODELS = ["mlp", "lenet", "cnn"]  # --data's
 HELP = {
+    "scaling": "first option only: run jobs/scaling.py instead (the scaling model: fitted, "
+    "checked against measured runs of 1, 2 and 4 workers on 1 and 2 nodes, and its "
+    "predictions); the options after it are scaling.py's (see python jobs/scaling.py --help)",
     "data": "compare how the data reaches 2 raymodule workers instead: ray2 fed by an "
     "mx.io.NDArrayIter (the client puts each worker's slice of every batch in the object "
     "store) against ray2_dataset fed by a raymodule.data.DatasetIter over an ArrayDataset "
@@ -502,7 +505,7 @@ def child(spec):
             else:  # "local": a new private cluster, never someone else's `ray start` one
                 os.environ["RAY_TMPDIR"] = own_tmp
                 ray.init(address="local", num_cpus=4, include_dashboard=False)
-            ctx = [mx.cpu(i) for i in range(RAY_CONFIGS[config])]
+            ctx = [mx.cpu(i) for i in range(spec.get("workers") or RAY_CONFIGS[config])]
             mod, fit_args, notes = new_module(mx, raymodule, model, ctx), {}, None
             counter = DataBytes(ray, raymodule) if spec.get("data") else None
             if config in CKPT_CONFIGS:
@@ -787,11 +790,17 @@ def data_benchmark(args, models, configs, command):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--scaling"]:  # jobs/scaling.py, with the options that follow
+        import scaling
+
+        return scaling.main(argv[1:])
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
     add("--data", action="store_true", help=HELP["data"])
+    add("--scaling", action="store_true", help=HELP["scaling"])
     add("--models", help=HELP["models"])
     add("--configs", help=HELP["configs"])
     add("--batches", type=int, default=0, help=HELP["batches"])
@@ -806,6 +815,8 @@ def main(argv=None):
         help="skip timing a bare 2-process gloo allreduce of each model's gradient",
     )
     args = parser.parse_args(argv)
+    if args.scaling:
+        parser.error("--scaling comes first: python jobs/benchmark.py --scaling [its options]")
     allowed_models = DATA_MODELS if args.data else list(MODELS)
     allowed_configs = DATA_CONFIGS if args.data else CONFIGS
     models = (args.models or ("mlp,cnn" if args.data else "mlp,lenet")).split(",")
@@ -819,7 +830,7 @@ def main(argv=None):
     if args.checkpoint_every < 0:
         parser.error("--checkpoint-every must be >= 0")
     if args.data:
-        command = " ".join(["python jobs/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
+        command = " ".join(["python jobs/benchmark.py", *argv])
         report = data_benchmark(args, models, configs, command)
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,83 @@
+"""jobs/scaling.py's model: fitted to measurements made from known terms, it finds those
+terms again, predicts the runs it was not fitted to, and reports them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "jobs"))
+
+import scaling  # noqa: E402
+
+TERMS = {"a_s": 20e-6, "b_s": 0.1e-9, "a_g": 300e-6, "b_g": 0.7e-9, "o1": 1.5e-3, "og": 1.2e-3}
+COMPUTE = {"mlp": (1.4e-3, 0.0125e-3), "lenet": (0.9e-3, 0.16e-3), "resnet50": (0.09, 0.105)}
+
+
+def measurements() -> dict:
+    """What measure() would give on a 2-core machine that behaves exactly as the model."""
+    t = TERMS
+    m = {
+        "cores": 2,
+        "shm": {n: {"s": 2 * t["a_s"] + t["b_s"] * n * 3.5} for n in scaling.SIZES},
+        "gloo": {n: {"s": 2 * t["a_g"] + t["b_g"] * n} for n in scaling.SIZES},
+        "compute_s": {
+            model: {b: c0 + c1 * b for b in ([1, 2] if model == "resnet50" else [16, 32, 64])}
+            for model, (c0, c1) in COMPUTE.items()
+        },
+    }
+    nbytes = scaling.gradient_bytes()["mlp"]
+    m["tiers"] = {
+        f"{w}x{k}": {"s": 1e-3, "tiers": {"shared memory": 1e-3, "gloo": 0.0}}
+        for w, k in scaling.LAYOUTS
+        if w > 1
+    }
+    m["runs"] = {}
+    for w, k in scaling.LAYOUTS:
+        own = COMPUTE["mlp"][0] + COMPUTE["mlp"][1] * 128 / w + t["o1"] + (t["og"] if w > 1 else 0)
+        node = 0.0
+        if w // k > 1:
+            n = w // k
+            node = (2 * t["a_s"] + t["b_s"] * nbytes * (2 + (n + 1) / n)) * max(1, n / 2)
+        net = 2 * (k - 1) * t["a_g"] + 2 * (k - 1) / k * nbytes * t["b_g"] if k > 1 else 0.0
+        step = max(1, w / 2) * own + node + net
+        cores = {"worker": 0.5, "client": 0.1, "controller": 0.05}
+        m["runs"][f"{w}x{k}"] = {"samples_per_s": 128 / step, "cores": cores}
+    return m
+
+
+def test_the_model_finds_the_terms_it_was_measured_with_and_predicts_the_other_runs():
+    model = scaling.Model(json.loads(json.dumps(measurements())))  # as --from-json reads it
+    for name, value in TERMS.items():
+        assert getattr(model, name) == pytest.approx(value, rel=1e-6), name
+    for name, terms in COMPUTE.items():
+        assert model.compute[name] == pytest.approx(terms, rel=1e-6)
+    for w, k in scaling.LAYOUTS:
+        expected = 128 / measurements()["runs"][f"{w}x{k}"]["samples_per_s"]
+        assert model.step("mlp", w, k) == pytest.approx(expected, rel=1e-6)
+    # weak scaling: one node of 8 loses only its shared-memory sum and og; more nodes lose more
+    e8, e64 = (model.efficiency("mlp", 64, w, 8, 10) for w in (8, 64))
+    assert 0 < e64 < e8 < 1
+
+
+def test_the_report_from_saved_measurements_gives_every_table(tmp_path):
+    saved = tmp_path / "m.json"
+    saved.write_text(json.dumps(measurements()))
+    out = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "scaling.py"), "--from-json", str(saved)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = out.stdout.splitlines()
+    for layout in ("2 on 2", "4 on 1", "4 on 2"):  # predicted, and exactly: the data is the model's
+        row = next(r for r in rows if r.lstrip().startswith(layout) and "predicted" in r)
+        assert "+0%" in row or "-0%" in row, row
+    assert any(r.split()[:1] == ["resnet50"] for r in rows)
+    assert "8 workers  64 workers  512 workers" in out.stdout
