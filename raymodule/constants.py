@@ -73,8 +73,8 @@ class Settings:
     steps_per_call: int = 4
     """RAYMODULE_STEPS_PER_CALL: the most batches sent to the workers in one call (fit, score,
     predict); a call carries as many as take them about RAYMODULE_CALL_S. 32 trains the
-    benchmark's MLP on 2 workers 25-45 % faster, but tests whose faults fire from the client's
-    callbacks then fire them too late (the workers are up to 3 calls ahead)."""
+    benchmark's MLP on 2 workers 25-45 % faster; callbacks then trail the workers by up to
+    (1 + RAYMODULE_PIPELINE_DEPTH) calls of 32 batches."""
     call_s: float = 0.2
     """RAYMODULE_CALL_S: the workers' seconds of steps one call carries, as the last steps
     took: each call costs the workers about a millisecond of waiting, spread over its steps;

@@ -3,12 +3,12 @@ to the workers in chunks, their results read back in order.
 
 The client reads the ``DataIter`` and sends the workers chunks of consecutive global batches,
 as many as take them about ``RAYMODULE_CALL_S`` (:func:`steps_per_call`), one object-store
-transfer and one controller call per chunk; up
-to ``RAYMODULE_PIPELINE_DEPTH`` chunks are in flight (the bounded queue), so workers do not
-wait for the client. A :class:`raymodule.data.DatasetIter` or
-:class:`raymodule.data.RayDataIter` sends no samples: the workers read their own rows. Results
-come back in order (:func:`steps`); :func:`run_steps` merges metric increments into the user's
-metric and runs the callbacks, trailing the workers by at most the batches in flight.
+transfer and one controller call per chunk; up to ``RAYMODULE_PIPELINE_DEPTH`` chunks are in
+flight (the bounded queue), so workers do not wait for the client. A
+:class:`raymodule.data.DatasetIter` or :class:`raymodule.data.RayDataIter` sends no samples:
+the workers read their own rows. Results come back in order (:func:`steps`);
+:func:`run_steps` merges metric increments into the user's metric and runs the callbacks,
+trailing the workers by at most the batches in flight.
 """
 
 from __future__ import annotations
@@ -209,11 +209,8 @@ def steps(
             "data_names": data_iter.data_names,
             "label_names": data_iter.label_names,
         }
-    settings = workers.settings
-    if monitor is not None:  # statistics are collected step by step, as MXNet does
-        depth = 0
-    else:
-        depth = settings.pipeline_depth
+    # with a monitor, statistics are collected step by step, as MXNet does: one a call
+    depth = 0 if monitor is not None else workers.settings.pipeline_depth
     sent: dict[int, _Step] = {}  # by serial, until finished
     chunk: list[_Step] = []
     finished: list = []  # (step, results, slices) read back, not yielded yet
