@@ -66,6 +66,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -168,8 +169,6 @@ class _Cluster:
 
     def close(self) -> None:
         self.cluster.shutdown()
-        import shutil
-
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self):
