@@ -64,6 +64,7 @@ node's 127.0.0.1, not the cluster's other nodes):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -257,7 +258,9 @@ def _mx():
     return mx
 
 
+@functools.cache
 def gradient_bytes() -> dict[str, int]:
+    """Bytes of each model's float32 gradient (the symbols' shapes inferred once)."""
     mx = _mx()
     return {
         "mlp": benchmark.gradient_size(mx, "mlp") * 4,
@@ -268,16 +271,17 @@ def gradient_bytes() -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- measuring
 def _cpu_by_process() -> dict[int, tuple[float, str]]:
-    """CPU seconds and command line of every process of this machine (Linux /proc)."""
+    """CPU seconds (benchmark.cpu_seconds) and command line of every process of this machine
+    (Linux /proc)."""
     out = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-        except (OSError, IndexError, UnicodeDecodeError):
+        except (OSError, UnicodeDecodeError):
             continue
-        out[int(pid)] = ((int(fields[11]) + int(fields[12])) / tick, command)
+        cpu = benchmark.cpu_seconds(pid)
+        if cpu is not None:
+            out[pid] = (cpu, command)
     return out
 
 
