@@ -6,11 +6,12 @@ Starts a head node (no CPUs) with Ray's autoscaler and its fake multi-node provi
 are real raylets on 127.0.0.1, started when tasks or placement groups ask for resources), whose
 worker nodes have 1 CPU each, at least 1 of them and, at first, at most 1. Trains an MLP on
 ``raymodule.workers(1, max_workers=3)``: training starts on the one worker node there is. At
-one step, a ``batch_end_callback`` raises the config's ceiling to 3 nodes (the autoscaler reads
+one step, while every worker waits at it (a gate of :mod:`stepfaults`: faults are keyed to the
+workers' own steps), this process raises the config's ceiling to 3 nodes (the autoscaler reads
 its config again at each update): the workers still waiting for resources make the autoscaler
-add two nodes, and they join at a step boundary. The callback waits (bounded) until they are
-up, so that they join whatever this machine's speed. A later step's callback drains the node of
-one of them through Ray's drain API (what the autoscaler calls to take a node away): its
+add two nodes, and they join at a step boundary. The workers wait (bounded) until those are
+up, so that they join whatever this machine's speed. At a later step this process drains the
+node of one of them through Ray's drain API (what the autoscaler calls to take a node away): its
 worker leaves at a step boundary and the run goes on with two. Trains the same batches with plain
 ``mx.mod.Module`` on one device and writes what happened to OUT_JSON, with the seconds from
 the raised ceiling to the nodes joining the cluster, and from there to their workers being up.
@@ -29,34 +30,31 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 # elastic_cluster, imported below, sets the rest: Ray on loopback, short raymodule bounds
 os.environ.setdefault("RAYMODULE_PLACEMENT_TIMEOUT_S", "180")  # nodes the autoscaler starts
 os.environ.setdefault("RAYMODULE_ADMIT_INTERVAL_S", "0.05")  # drains looked for: a short run
 
-import mxnet as mx  # noqa: E402
 import yaml  # noqa: E402 - Ray's own dependency
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import max_relative_diff, mlp  # noqa: E402
+import stepfaults  # noqa: E402
+from conftest import max_relative_diff  # noqa: E402
 from elastic_cluster import (  # noqa: E402
-    EPOCHS,
-    Fault,
-    batches,
-    optimizer_params,
+    Faults,
     plain_mxnet,
     read_metrics,
     replicas_equal,
+    train,
 )
 
 import raymodule  # noqa: E402
 from raymodule.storage import Folder  # noqa: E402
 
 MAX_NODES = 3
-WAIT_AT = (0, 4)  # the batch whose callback raises the ceiling and waits for the new workers
-DRAIN_AT = (1, 2)  # the batch whose callback drains the node of the worker of slot 1
+WAIT_AT = 4  # the step at which the ceiling is raised, until the new workers are up
+DRAIN_AT = 16 + 2  # the step at which the node of the worker of slot 1 is drained
 
 
 def free_port() -> int:
@@ -152,17 +150,19 @@ def run(storage: str, cfg: Path, port: int) -> dict:
     timings = {}
 
     def wait_for_workers(mod):
+        up = stepfaults.workers_up(faults.marks)
         cfg.write_text(yaml.safe_dump(config(port, MAX_NODES)))
         raised = time.monotonic()
         deadline = raised + 180
         while time.monotonic() < deadline:
             if "nodes_s" not in timings and worker_nodes(ray) == MAX_NODES:
                 timings["nodes_s"] = round(time.monotonic() - raised, 2)
-            if len(ray.get(mod.workers.controller.ready.remote(0.2))) >= MAX_NODES - 1:
+            if stepfaults.workers_up(faults.marks) >= up + MAX_NODES - 1:
                 timings["workers_up_after_nodes_s"] = round(
                     time.monotonic() - raised - timings.get("nodes_s", 0.0), 2
                 )
                 return
+            time.sleep(0.2)
         raise RuntimeError(
             f"the autoscaler's nodes brought up no workers within 180 s ({worker_nodes(ray)} "
             f"worker nodes; the module's workers: {mod.workers.membership})"
@@ -182,27 +182,18 @@ def run(storage: str, cfg: Path, port: int) -> dict:
         if not accepted:
             raise RuntimeError(f"the drain was refused: {why}")
 
-    faults = [Fault(WAIT_AT, wait_for_workers), Fault(DRAIN_AT, drain)]
-    mx.random.seed(0)
-    mod = raymodule.Module(mlp(), context=raymodule.workers(1, max_workers=MAX_NODES))
+    faults = Faults(
+        {(WAIT_AT, None): ("gate", "grow"), (DRAIN_AT, None): ("gate", "drain")},
+        {"grow": wait_for_workers, "drain": drain},
+    )
     tic = time.monotonic()
-    error = None
-    try:
-        mod.fit(
-            batches(),
-            num_epoch=EPOCHS,
-            optimizer_params=optimizer_params(),
-            batch_end_callback=faults,
-            run=raymodule.RunConfig(name="autoscaled", storage=storage, checkpoint_every=0),
-        )
-    except Exception as err:  # noqa: BLE001 - reported to the test
-        traceback.print_exc()
-        error = err
+    contexts = raymodule.workers(1, max_workers=MAX_NODES)
+    mod, error = train(storage, "autoscaled", faults, None, contexts, every=0)
     result = {
         "seconds": round(time.monotonic() - tic, 2),
         "nodes_at_start": nodes_at_start,
         "nodes_at_end": worker_nodes(ray),
-        "fired": [fault.fired for fault in faults],
+        "fired": faults.count(),
         "error": f"{type(error).__name__}: {error}" if error else None,
         "world_size": mod.world_size,
         **timings,

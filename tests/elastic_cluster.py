@@ -4,9 +4,10 @@
 
 Starts a ``ray.cluster_utils.Cluster`` (a head without CPUs and three nodes of 1 CPU, fast
 health checks, on 127.0.0.1), trains an MLP on three workers (one per node) through an elastic
-run, injects SCENARIO's fault from a ``batch_end_callback`` keyed to a step (never to the
-clock), trains the same batches with plain ``mx.mod.Module`` on one device, and writes what
-happened to OUT_JSON. Stops every Ray process it started, even when training fails.
+run, injects SCENARIO's fault keyed to the workers' own step (never to the clock, nor to the
+client's trailing callbacks: :mod:`stepfaults`), trains the same batches with plain
+``mx.mod.Module`` on one device, and writes what happened to OUT_JSON.
+Stops every Ray process it started, even when training fails.
 
 Scenarios: kill (SIGKILL one worker process), node (remove a worker's node for real),
 hang (SIGSTOP one worker: alive, silent), grow (remove a node, add one back later),
@@ -21,7 +22,7 @@ and the server is resumed steps later), start_small (one worker node for
 ``raymodule.workers(1, max_workers=3)``: training starts with one worker, two nodes are added,
 and their workers join), none (no fault).
 
-Faults that the workers fire themselves, at a call of their own (:class:`FaultyWorker`):
+Faults that the workers fire at a call of their own, armed at a step (:mod:`stepfaults`):
 epoch_end (worker 0 dies reading the parameters at the epoch's end), admit (a survivor dies
 while a replacement is admitted), reform_kill and reform_stop (one worker is killed; another
 dies, or stops answering, while the group re-forms without it), frozen (worker 0 stops
@@ -39,6 +40,8 @@ import tempfile
 import threading
 import time
 import traceback
+from functools import partial
+from unittest import mock
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -49,26 +52,27 @@ os.environ.setdefault("RAYMODULE_MIN_WORKERS_WAIT_S", "4")
 os.environ.setdefault("RAYMODULE_PLACEMENT_REPORT_INTERVAL_S", "5")
 os.environ.setdefault("RAYMODULE_PLACEMENT_TIMEOUT_S", "120")
 os.environ.setdefault("RAYMODULE_START_WAIT_S", "2")
+# membership changes wait for a call's boundary: 4 boundaries in an epoch of 16 batches
+os.environ.setdefault("RAYMODULE_STEPS_PER_CALL", "4")
 
 import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import stepfaults  # noqa: E402
 from conftest import dataset, max_relative_diff, mlp  # noqa: E402
 from s3server import SeaweedS3  # noqa: E402
 
 import raymodule  # noqa: E402
 import raymodule.module  # noqa: E402
-from raymodule.handle import ControllerHandle  # noqa: E402
 from raymodule.storage import Folder  # noqa: E402
-from raymodule.worker import ModuleWorker  # noqa: E402
 
 WORKERS = 3
 BATCH = 24  # splits evenly over 3 and over 2 workers
 EPOCHS = 2
-FAULT_AT = (0, 6)  # (epoch, batch) whose batch_end_callback injects the fault
-GROW_AT = (1, 2)  # the grow scenario adds a node back here
-S3_BACK_AT = (0, 10)  # the s3stop scenario resumes the storage server here
+FAULT_STEP = 6  # the workers fire the fault as they are about to run this step (epoch 0)
+GROW_STEP = 16 + 2  # the grow scenario adds a node back here (batch 2 of epoch 1)
+S3_BACK_STEP = 10  # the s3stop scenario resumes the storage server here
 # A removed node is declared dead after ~5 s (the default is ~30 s); tighter bounds make a
 # node on a busy 2-core machine miss its checks and die on its own.
 HEALTH = {
@@ -96,73 +100,62 @@ def plain_mxnet() -> dict:
     return {**arg, **aux}
 
 
-class FaultyWorker(ModuleWorker):
-    """A real worker that fails by itself when told: ``set_fault(method, how)`` makes its next
-    call of ``method`` SIGKILL ("die") or SIGSTOP ("stop") its own process, at that point of
-    that call and no other."""
-
-    _fault = None
-
-    def set_fault(self, method: str, how: str) -> None:
-        self._fault = (method, how)
-
-    def _fire(self, method: str) -> None:
-        if self._fault is not None and self._fault[0] == method:
-            how, self._fault = self._fault[1], None
-            os.kill(os.getpid(), signal.SIGKILL if how == "die" else signal.SIGSTOP)
-
-    def get_params(self, mid):
-        self._fire("get_params")
-        return super().get_params(mid)
-
-    def applied(self):
-        self._fire("applied")
-        return super().applied()
-
-    def leave(self, generation=None):
-        if generation is not None:  # the controller's call in a re-form, not the worker's own
-            self._fire("leave")
-        super().leave(generation)
-
-
-def train(storage, name, callback=None, min_workers=2, contexts=WORKERS, max_failures=3, every=4):
-    """The elastic run; returns the module (still open) and the exception it raised, if any."""
+def train(storage, name, faults=None, min_workers=2, contexts=WORKERS, max_failures=3, every=4):
+    """The elastic run under ``faults`` (a :class:`Faults`, or None); returns the module
+    (still open) and the exception it raised, if any."""
     mx.random.seed(0)
     if isinstance(contexts, int):
         contexts = [mx.cpu(i) for i in range(contexts)]
+    faults = faults or Faults({}, {})
+    raymodule.module.ControllerHandle = stepfaults.with_workers(
+        stepfaults.worker_class(faults.plan, faults.marks)
+    )
     mod = raymodule.Module(mlp(), context=contexts)
+    gates = stepfaults.Gates(faults.marks, {n: partial(a, mod) for n, a in faults.actions.items()})
     try:
-        mod.fit(
-            batches(),
-            num_epoch=EPOCHS,
-            optimizer_params=optimizer_params(),
-            batch_end_callback=callback,
-            run=raymodule.RunConfig(
-                name=name,
-                storage=storage,
-                checkpoint_every=every,
-                keep=2 if every else 10,
-                min_workers=min_workers,
-                max_failures=max_failures,
-            ),
-        )
+        with gates:
+            mod.fit(
+                batches(),
+                num_epoch=EPOCHS,
+                optimizer_params=optimizer_params(),
+                run=raymodule.RunConfig(
+                    name=name,
+                    storage=storage,
+                    checkpoint_every=every,
+                    keep=2 if every else 10,
+                    min_workers=min_workers,
+                    max_failures=max_failures,
+                ),
+            )
     except Exception as err:  # noqa: BLE001 - reported to the test
         traceback.print_exc()
         return mod, err
+    finally:
+        faults.fired.update(gates.fired)
+        for error in gates.errors:
+            print(f"a gate's action failed:\n{error}", file=sys.stderr)
     return mod, None
 
 
-class Fault:
-    """Fires ``action(mod)`` once, from the batch_end_callback of batch ``at``."""
+class Faults:
+    """A scenario's faults, keyed to the workers' own steps (:mod:`stepfaults`): ``plan`` is
+    what the workers fire, ``actions[name](mod)`` what this process does while every worker
+    waits at gate ``name``. ``fired`` counts each gate's action, and each worker fault by its
+    (step, rank)."""
 
-    def __init__(self, at, action):
-        self.at, self.action, self.fired = at, action, 0
+    def __init__(self, plan: dict, actions: dict):
+        self.plan, self.actions = plan, actions
+        self.marks = tempfile.mkdtemp(prefix="faults-")
+        self.fired: dict = {}
 
-    def __call__(self, param) -> None:
-        # once: a run restarted from a checkpoint calls back for this batch again
-        if (param.epoch, param.nbatch) == self.at and not self.fired:
-            self.fired += 1
-            self.action(param.locals["self"])
+    def count(self) -> list[int]:
+        """How many times each fault fired, in the plan's order then the actions'."""
+        worker_faults = [
+            int(stepfaults.fired(self.marks, step, rank))
+            for step, rank in self.plan
+            if rank is not None  # a gate (every rank) counts as its action
+        ]
+        return worker_faults + [self.fired.get(name, 0) for name in self.actions]
 
 
 def replicas_equal(mod) -> bool:
@@ -188,14 +181,16 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
         for node in mod.workers.nodes:
             os.kill(node["pid"], signal.SIGKILL)
 
-    def stop(mod):
-        os.kill(mod.workers.nodes[victim]["pid"], signal.SIGSTOP)
-
-    def terminate(mod):
-        os.kill(mod.workers.nodes[victim]["pid"], signal.SIGTERM)
-
     def remove_node(mod):
-        cluster.remove_node(nodes[mod.workers.nodes[victim]["node"]], allow_graceful=False)
+        """Removes the victim's node, and returns once Ray knows it is dead: a replacement
+        the recovery starts then waits for a node, instead of being sent to the dead one."""
+        node_id = mod.workers.nodes[victim]["node"]
+        cluster.remove_node(nodes[node_id], allow_graceful=False)
+        deadline = time.monotonic() + 60
+        while any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node {node_id[:8]} still alive 60 s after its removal")
+            time.sleep(0.1)
 
     def drain_node(mod):
         from ray.core.generated import autoscaler_pb2
@@ -209,19 +204,21 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
         )
         assert accepted, why
 
-    def add_nodes(count):
+    def add_nodes(count, faults):
         def add(mod):
-            for _ in range(count):
-                cluster.add_node(num_cpus=1)
+            up = stepfaults.workers_up(faults.marks)
+            # from the gates' thread: Ray's Node sets a SIGTERM handler, which only the main
+            # thread may; this process stops its nodes itself (cluster.shutdown)
+            with mock.patch.object(ray._private.utils, "set_sigterm_handler", lambda h: None):
+                for _ in range(count):
+                    cluster.add_node(num_cpus=1)
             deadline = time.monotonic() + 120  # until the workers are up on them (not admitted)
-            while time.monotonic() < deadline:
-                if len(ray.get(mod.workers.controller.ready.remote(1.0))) >= count:
-                    return
-            raise RuntimeError(f"no {count} pending workers came up on the added nodes")
+            while stepfaults.workers_up(faults.marks) < up + count:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no {count} workers came up on the added nodes")
+                time.sleep(0.05)
 
         return add
-
-    add_node = add_nodes(1)
 
     storage_back = []  # who resumed the stopped storage server: "step", or the guard
 
@@ -237,12 +234,6 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
             storage_back.append(by)
             os.killpg(s3.proc.pid, signal.SIGCONT)
 
-    def fault_in(rank, method, how):
-        def arm(mod):
-            mod.workers.call("set_fault", method, how, ranks=[rank])
-
-        return arm
-
     def then(*actions):
         def both(mod):
             for action in actions:
@@ -250,69 +241,73 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
 
         return both
 
-    if scenario in ("epoch_end", "admit", "reform_kill", "reform_stop", "frozen"):
-        raymodule.module.ControllerHandle = lambda contexts, **kw: ControllerHandle(
-            contexts, FaultyWorker, **kw
-        )
-    faults = []
+    def gate(name, step=FAULT_STEP):
+        """Every worker waits at the start of ``step`` while this process acts."""
+        return {(step, None): ("gate", name)}
+
     min_workers, max_failures, every, contexts = 2, 3, 4, WORKERS
     if scenario == "kill":
-        faults.append(Fault(FAULT_AT, kill))
+        faults = Faults({(FAULT_STEP, victim): "die"}, {})
     elif scenario == "hang":
-        faults.append(Fault(FAULT_AT, stop))
-    elif scenario == "node":
-        faults.append(Fault(FAULT_AT, remove_node))
+        faults = Faults({(FAULT_STEP, victim): "stop"}, {})
+    elif scenario in ("node", "floor"):
+        faults = Faults(gate("remove"), {"remove": remove_node})
+        min_workers = 3 if scenario == "floor" else 2
     elif scenario == "grow":
-        faults += [Fault(FAULT_AT, remove_node), Fault(GROW_AT, add_node)]
+        faults = Faults(
+            {**gate("remove"), **gate("add", GROW_STEP)}, {"remove": remove_node, "add": None}
+        )
+        faults.actions["add"] = add_nodes(1, faults)
     elif scenario == "all":
-        faults.append(Fault(FAULT_AT, kill_all))
+        faults = Faults(gate("kill all"), {"kill all": kill_all})
         min_workers = 1
-    elif scenario == "floor":
-        faults.append(Fault(FAULT_AT, remove_node))
-        min_workers = 3
     elif scenario == "controller":
-        faults.append(Fault(FAULT_AT, lambda mod: ray.kill(mod.workers.controller)))
+        faults = Faults(gate("kill"), {"kill": lambda mod: ray.kill(mod.workers.controller)})
         min_workers = 1
-    elif scenario == "epoch_end":
-        faults.append(Fault(FAULT_AT, fault_in(0, "get_params", "die")))
+    elif scenario == "epoch_end":  # armed in epoch 0, fired reading the parameters at its end
+        faults = Faults({(FAULT_STEP, 0): ("arm", "get_params", "die")}, {})
     elif scenario == "admit":  # ranks after the loss of slot 1: [slot 0, slot 2]
-        faults += [
-            Fault(FAULT_AT, remove_node),
-            Fault(GROW_AT, then(fault_in(1, "applied", "die"), add_node)),
-        ]
+        plan = {**gate("remove"), **gate("add", GROW_STEP)}
+        plan[(GROW_STEP, 1)] = ("arm", "applied", "die")
+        faults = Faults(plan, {"remove": remove_node, "add": None})
+        faults.actions["add"] = add_nodes(1, faults)
         min_workers = 1
     elif scenario in ("reform_kill", "reform_stop"):
         how = "die" if scenario == "reform_kill" else "stop"
-        faults.append(Fault(FAULT_AT, then(fault_in(2, "leave", how), kill)))
+        faults = Faults({(FAULT_STEP, 2): ("arm", "leave", how), (FAULT_STEP, victim): "die"}, {})
         min_workers = 1
     elif scenario == "sigterm":  # no failure allowed; checkpoints only at epoch ends
-        faults.append(Fault((0, 2), terminate))
+        faults = Faults({(2, victim): "term"}, {})
         max_failures, every = 0, 0
     elif scenario == "s3stop":
-        faults += [
-            Fault(FAULT_AT, then(stop_storage, kill)),
-            Fault(S3_BACK_AT, lambda mod: resume_storage("step")),
-        ]
+        faults = Faults(
+            {**gate("stop and kill"), **gate("resume", S3_BACK_STEP)},
+            {
+                "stop and kill": then(stop_storage, kill),
+                "resume": lambda mod: resume_storage("step"),
+            },
+        )
     elif scenario == "drain":  # drains are looked for every admit interval: this run is short
         os.environ["RAYMODULE_ADMIT_INTERVAL_S"] = "0.05"
-        faults.append(Fault(FAULT_AT, drain_node))
+        faults = Faults(gate("drain"), {"drain": drain_node})
     elif scenario == "start_small":  # the floor is the contexts' own: 1
         contexts = raymodule.workers(1, max_workers=WORKERS)
-        faults.append(Fault(FAULT_AT, add_nodes(WORKERS - 1)))
+        faults = Faults(gate("add"), {"add": None})
+        faults.actions["add"] = add_nodes(WORKERS - 1, faults)
         min_workers = None
     elif scenario == "frozen":
-        victim = 0
-        faults.append(Fault(FAULT_AT, stop))
+        faults = Faults({(FAULT_STEP, 0): "stop"}, {})
         max_failures = 0
-    callbacks = faults or None
+    else:
+        faults = Faults({}, {})
     tic = time.monotonic()
-    mod, error = train(storage, scenario, callbacks, min_workers, contexts, max_failures, every)
-    resume_storage("end")  # a run that failed before S3_BACK_AT
+    mod, error = train(storage, scenario, faults, min_workers, contexts, max_failures, every)
+    resume_storage("end")  # a run that failed before S3_BACK_STEP
     result = {
         "scenario": scenario,
         "storage_back": storage_back,
         "seconds": round(time.monotonic() - tic, 2),
-        "fired": [f.fired for f in faults],
+        "fired": faults.count(),
         "error": f"{type(error).__name__}: {error}" if error else None,
         "world_size": mod.world_size,
     }
@@ -343,6 +338,7 @@ def process_scenario(cluster, storage: str) -> dict:
         "scenario": "process",
         "first_rc": first.returncode,
         "second_rc": second.returncode,
+        "first_log": first.stdout[-3000:] + first.stderr[-3000:],
         "second_log": second.stdout[-3000:] + second.stderr[-3000:],
         "fired": [int("killing the training process" in first.stdout)],
     }
@@ -358,9 +354,7 @@ def child(storage: str, mode: str) -> None:
     """The training process of the ``process`` scenario (joins the cluster at RAY_ADDRESS)."""
     run_folder = os.path.join(storage, "process")
 
-    def kill_self(param):
-        if (param.epoch, param.nbatch) != (1, 6) or mode != "kill":
-            return
+    def kill_self(mod):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # once a checkpoint inside epoch 1 is committed
             ckpt = raymodule.latest_checkpoint(run_folder)
@@ -369,7 +363,14 @@ def child(storage: str, mode: str) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(0.05)
 
-    mod, error = train(storage, "process", kill_self)
+    steps_per_epoch = len(list(batches()))
+    faults = None
+    if mode == "kill":  # while every worker waits at batch 6 of epoch 1
+        # no call ahead of the one read: the checkpoint at batch 4 is then the newest asked for
+        # when the workers stop at batch 6 (a newer one would wait for them, superseding it)
+        os.environ["RAYMODULE_PIPELINE_DEPTH"] = "0"
+        faults = Faults({(steps_per_epoch + 6, None): ("gate", "kill")}, {"kill": kill_self})
+    mod, error = train(storage, "process", faults)
     if error is not None:
         raise error
     mod.save_params(os.path.join(storage, "process.params"))

@@ -3,9 +3,10 @@
     python tests/run_child.py STORAGE NAME OUT [--kill-mid-epoch E] [--sigterm-mid-epoch E]
 
 Writes the final parameters to OUT (MXNet's ``.params``). With ``--kill-mid-epoch E`` it
-SIGKILLs itself in epoch E, once a checkpoint from inside that epoch is committed; with
-``--sigterm-mid-epoch E`` it sends itself SIGTERM in epoch E (as ``ray job stop`` or a
-preemption would), and nothing else.
+SIGKILLs itself in epoch E, while the workers wait at its batch 8, once a checkpoint from
+inside that epoch is committed; with ``--sigterm-mid-epoch E`` worker 0 sends it SIGTERM at
+batch 1 of epoch E (as ``ray job stop`` or a preemption would), and nothing else. Faults are
+keyed to the workers' steps (:mod:`stepfaults`), not to the client's trailing callbacks.
 """
 
 from __future__ import annotations
@@ -15,15 +16,19 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
+from functools import partial
 
 import mxnet as mx
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import stepfaults  # noqa: E402
 from conftest import dataset, mlp  # noqa: E402
 
 import raymodule  # noqa: E402
+import raymodule.module  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("storage")
@@ -36,11 +41,7 @@ logging.basicConfig(level=logging.INFO, stream=sys.stdout)
 run_folder = os.path.join(args.storage, args.name)
 
 
-def kill_mid_epoch(param):
-    # by batch 8's callback the loop has read batch 8, so the checkpoints at batches 3 and 6
-    # were handed to the writer
-    if param.epoch != args.kill_mid_epoch or param.nbatch != 8:
-        return
+def kill_self_once_a_mid_epoch_checkpoint_is_committed(mod):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         ckpt = raymodule.latest_checkpoint(run_folder)
@@ -51,27 +52,33 @@ def kill_mid_epoch(param):
     raise RuntimeError("no mid-epoch checkpoint was committed")
 
 
-def sigterm_mid_epoch(param):
-    if (param.epoch, param.nbatch) == (args.sigterm_mid_epoch, 1):
-        print("sending myself SIGTERM", flush=True)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-callback = None
-if args.kill_mid_epoch is not None:
-    callback = kill_mid_epoch
-elif args.sigterm_mid_epoch is not None:
-    callback = sigterm_mid_epoch
+# Faults keyed to the workers' own steps: 16 batches an epoch; calls of 4 of them, so that a
+# checkpoint and a stop land inside an epoch this short
+os.environ.setdefault("RAYMODULE_STEPS_PER_CALL", "4")
+plan, actions = {}, {}
+if args.kill_mid_epoch is not None:  # the workers wait at batch 8 while this process dies
+    # no call ahead of the one read: the checkpoint at batch 6 is then the newest asked for
+    # when the workers stop at batch 8 (a newer one would wait for them, superseding it)
+    os.environ["RAYMODULE_PIPELINE_DEPTH"] = "0"
+    plan[(16 * args.kill_mid_epoch + 8, None)] = ("gate", "kill")
+    actions["kill"] = kill_self_once_a_mid_epoch_checkpoint_is_committed
+elif args.sigterm_mid_epoch is not None:  # worker 0 at batch 1 sends this process SIGTERM
+    plan[(16 * args.sigterm_mid_epoch + 1, 0)] = ("signal", os.getpid(), signal.SIGTERM)
+    print("sending myself SIGTERM (from worker 0, at batch 1)", flush=True)
+marks = tempfile.mkdtemp(prefix="faults-")
+raymodule.module.ControllerHandle = stepfaults.with_workers(stepfaults.worker_class(plan, marks))
 x, y = dataset(n=160)
 np.random.seed(5)
 train = mx.io.NDArrayIter(x, y, batch_size=10, shuffle=True)
 mx.random.seed(0)
-with raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)]) as mod:
+with (
+    raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)]) as mod,
+    stepfaults.Gates(marks, {name: partial(a, mod) for name, a in actions.items()}),
+):
     mod.fit(
         train,
         num_epoch=3,
         optimizer_params={"learning_rate": 0.1, "momentum": 0.9},
-        batch_end_callback=callback,
         # every 5 in the SIGTERM runs: the checkpoint taken for the signal is none of those
         run=raymodule.RunConfig(
             name=args.name,

@@ -70,6 +70,7 @@ def test_a_lost_worker_costs_no_completed_step(fault, tmp_path):
     (lost,) = changes(result)  # one member lost, no other: not even the removed node's peers
     assert lost["world_size"] == 2 and lost["previous_world_size"] == 3
     assert lost["lost"] == ["slot 1"] and "was lost" in lost["why"]
+    assert lost["step"] == 6  # the step the fault came at, wherever the client's callbacks were
     assert "world size 3 -> 2" in result["log"]  # the line a user sees
     assert [e["epoch"] for e in epochs(result)] == [0, 1]
     assert epochs(result)[-1]["global_step"] == 32
@@ -194,7 +195,7 @@ def test_a_worker_lost_reading_the_parameters_at_an_epochs_end_is_recovered_from
 
 def test_a_survivor_lost_while_a_replacement_joins_leaves_the_replacement_set_up(tmp_path):
     result = scenario("admit", tmp_path)
-    assert_fired(result, [1, 1])
+    assert_fired(result, [1, 1, 1])  # armed in the survivor; the node removed; one added
     assert_same_model(result)
     first, second = changes(result)[:2]
     assert first["lost"] == ["slot 1"]
@@ -207,7 +208,7 @@ def test_a_worker_lost_while_the_group_re_forms_is_recovered_from(fault, tmp_pat
     answering (SIGSTOP, bounded by the collective timeout): the recovery starts again without
     both, and the run ends as the run without faults."""
     result = scenario(fault, tmp_path)
-    assert_fired(result, [1])
+    assert_fired(result, [1, 1])  # armed in the one; the other killed
     assert_same_model(result)
     lost = changes(result)[0]  # one change, with both
     assert lost["lost"] == ["slot 1", "slot 2"] and lost["during"] == "train_step"

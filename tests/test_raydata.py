@@ -7,8 +7,6 @@ worker lost mid-pass restarts the run from its latest checkpoint (epoch-granular
 """
 
 import json
-import os
-import signal
 import sys
 
 import mxnet as mx
@@ -16,10 +14,12 @@ import numpy as np
 import pytest
 import ray
 import ray.data
+import stepfaults
 from conftest import mlp
 from test_datasets import PutCounter
 
 import raymodule
+import raymodule.module
 from raymodule.data import RayDataIter
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray Data runs _label
@@ -106,16 +106,14 @@ def test_bad_input_is_refused_in_words():
             mod.score(it, mx.metric.F1())
 
 
-def test_a_worker_lost_mid_pass_restarts_the_run_from_its_latest_checkpoint(tmp_path):
+def test_a_worker_lost_mid_pass_restarts_the_run_from_its_latest_checkpoint(tmp_path, monkeypatch):
     x = rows()
     train = RayDataIter(ray_dataset(x), 64)
-    killed = []
-
-    def kill_in_second_epoch(param):
-        if (param.epoch, param.nbatch) == (1, 3) and not killed:
-            killed.append(param.locals["self"].workers.nodes[1]["pid"])
-            os.kill(killed[0], signal.SIGKILL)
-
+    steps_per_epoch = N // 64
+    # worker 1 dies as it is about to run batch 3 of epoch 1, wherever the client is
+    plan = {(steps_per_epoch + 3, 1): "die"}
+    cls = stepfaults.worker_class(plan, marks=tmp_path)
+    monkeypatch.setattr(raymodule.module, "ControllerHandle", stepfaults.with_workers(cls))
     run = raymodule.RunConfig(name="stream", storage=str(tmp_path), min_workers=1)
     with raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)]) as mod:
         mod.fit(
@@ -123,11 +121,10 @@ def test_a_worker_lost_mid_pass_restarts_the_run_from_its_latest_checkpoint(tmp_
             num_epoch=3,
             optimizer_params=SGD,
             initializer=mx.init.Xavier(),
-            batch_end_callback=kill_in_second_epoch,
             run=run,
         )
         score = dict(mod.score(RayDataIter(ray_dataset(x), 128), "acc"))
-    assert killed
+    assert list(tmp_path.glob("fired-*")) == [tmp_path / f"fired-{steps_per_epoch + 3}-1"]
     lines = [json.loads(line) for line in open(tmp_path / "stream" / "metrics.jsonl")]
     restarted = [r for r in lines if r.get("change") == "restarted"]
     assert len(restarted) == 1, lines
