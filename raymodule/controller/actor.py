@@ -368,7 +368,10 @@ class Controller:
         """
         ranks = list(range(len(refs))) if ranks is None else ranks
         kinds = {self._in_flight.pop(ref, (None, None))[1] for ref in refs}
-        outcomes, seen_at, last = await_calls(refs, self.settings)
+        # the survivors are not awaited when what they say changes nothing: a loss ends the
+        # call outside an elastic run, and restarts every worker in a Ray Dataset's pass
+        dead_ends = self._in_pass or not self.limits.elastic
+        outcomes, seen_at, last = await_calls(refs, self.settings, dead_ends=dead_ends)
         results, lost, broken, failed = [], {}, "", None
         for rank, (kind, value) in zip(ranks, outcomes):
             if kind == "ok":
@@ -818,9 +821,12 @@ class Controller:
 
     def _settle(self, lost: dict[int, str]) -> None:
         """Waits for the survivors' calls in flight (they fail at once: their group is
-        broken); a survivor that does not answer within :func:`silence_s` is lost too."""
+        broken); a survivor that does not answer within :func:`silence_s` is lost too. In a
+        Ray Dataset's pass nobody is waited for: every worker restarts whatever they say."""
         unchecked, self._unchecked = self._unchecked, []
         in_flight, self._in_flight = self._in_flight, {}
+        if self._in_pass:
+            return
         waiting = {ref: rank for ref, (rank, _) in in_flight.items() if rank not in lost}
         waiting.update({ref: rank for rank, ref, _ in unchecked if rank not in lost})
         if not waiting:

@@ -41,13 +41,17 @@ def longest_call_s(settings: Settings, slots: int) -> float:
 
 
 def await_calls(
-    refs: list, settings: Settings
+    refs: list, settings: Settings, dead_ends: bool = False
 ) -> tuple[list[tuple[str, object]], float, int | None]:
     """Each call's outcome: ("ok", result), ("broken", err) for a worker whose group broke,
     ("dead", err), ("silent", None) for one that did not answer in time, or ("failed", err)
     for an error of the worker's own, which ends the wait at once (the others: ("", None));
     when the first call that did not succeed was seen (0.0 if none); and the index of the
-    failed call that came back last (the slowest member, when the group broke)."""
+    failed call that came back last (the slowest member, when the group broke).
+
+    ``dead_ends``: a dead worker ends the wait at once too, for when the survivors' answers
+    change nothing (every worker restarts) and they may be blocked on the dead one outside
+    any collective (a Ray Dataset's split waits for all of its consumers)."""
     outcomes: list = [None] * len(refs)
     seen_at, last = 0.0, None
     index = {ref: i for i, ref in enumerate(refs)}
@@ -67,6 +71,8 @@ def await_calls(
                 continue
             except ray.exceptions.RayActorError as err:
                 outcomes[i] = ("dead", err)
+                if dead_ends:
+                    return [o or ("", None) for o in outcomes], time.monotonic(), i
             except ray.exceptions.RayTaskError as err:
                 if not isinstance(getattr(err, "cause", None), GroupBrokenError):
                     outcomes[i] = ("failed", err)
