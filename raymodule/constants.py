@@ -70,11 +70,13 @@ class Settings:
     dataset's samples (an ArrayDataset's arrays from the object store, RecordIO records from
     their file) or the parts of a step sent again; past it, the step fails naming what was
     not read."""
-    steps_per_call: int = 4
+    steps_per_call: int = 32
     """RAYMODULE_STEPS_PER_CALL: the most batches sent to the workers in one call (fit, score,
     predict); a call carries as many as take them about RAYMODULE_CALL_S. 32 trains the
-    benchmark's MLP on 2 workers 25-45 % faster; callbacks then trail the workers by up to
-    (1 + RAYMODULE_PIPELINE_DEPTH) calls of 32 batches."""
+    benchmark's MLP on 2 workers 25-45 % faster than 4 (each call costs the workers about a
+    millisecond, and the client, controller and raylet CPU on the workers' cores); callbacks
+    trail the workers by up to (1 + RAYMODULE_PIPELINE_DEPTH) calls, and membership changes
+    and checkpoints wait for a call's boundary."""
     call_s: float = 0.2
     """RAYMODULE_CALL_S: the workers' seconds of steps one call carries, as the last steps
     took: each call costs the workers about a millisecond of waiting, spread over its steps;
