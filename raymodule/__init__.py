@@ -60,7 +60,7 @@ _LAZY = {
     "RecordIODataset": ".data",
     "RayDataIter": ".data",
 }
-_SUBMODULES = {"tune"}
+_SUBMODULES = {"data", "tune"}  # raymodule.data.X works after a plain import raymodule
 
 
 def __getattr__(name: str):

@@ -271,6 +271,12 @@ def test_help_explains_the_commands_and_python_m_works_too():
     assert "--output PNG" in out.stdout
 
 
+def test_the_sub_packages_are_reached_from_a_plain_import():
+    code = "import raymodule; print(raymodule.data.DatasetIter.__name__, raymodule.tune.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["DatasetIter", "raymodule.tune"], out.stderr[-2000:]
+
+
 def test_importing_raymodule_does_not_import_matplotlib():
     code = (
         "import sys, raymodule, raymodule.report, raymodule.cli; print('matplotlib' in sys.modules)"  # noqa: E501
