@@ -31,8 +31,10 @@ answering with max_failures=0: fit fails in words, bounded, instead of hanging).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -143,9 +145,12 @@ class Faults:
     waits at gate ``name``. ``fired`` counts each gate's action, and each worker fault by its
     (step, rank)."""
 
-    def __init__(self, plan: dict, actions: dict):
+    def __init__(self, plan: dict, actions: dict, marks: str | None = None):
         self.plan, self.actions = plan, actions
-        self.marks = tempfile.mkdtemp(prefix="faults-")
+        if marks is None:  # removed when this process ends
+            marks = tempfile.mkdtemp(prefix="faults-")
+            atexit.register(shutil.rmtree, marks, True)
+        self.marks = marks
         self.fired: dict = {}
 
     def count(self) -> list[int]:
@@ -369,7 +374,9 @@ def child(storage: str, mode: str) -> None:
         # no call ahead of the one read: the checkpoint at batch 4 is then the newest asked for
         # when the workers stop at batch 6 (a newer one would wait for them, superseding it)
         os.environ["RAYMODULE_PIPELINE_DEPTH"] = "0"
-        faults = Faults({(steps_per_epoch + 6, None): ("gate", "kill")}, {"kill": kill_self})
+        marks = os.path.join(storage, "faults")  # in the storage main() removes: it is killed
+        os.makedirs(marks, exist_ok=True)
+        faults = Faults({(steps_per_epoch + 6, None): ("gate", "kill")}, {"kill": kill_self}, marks)
     mod, error = train(storage, "process", faults)
     if error is not None:
         raise error
@@ -384,10 +391,8 @@ def main() -> None:
     scenario, out = sys.argv[1], sys.argv[2]
     from ray.cluster_utils import Cluster
 
-    storage = tempfile.mkdtemp(prefix="elastic-")
     s3 = SeaweedS3().start() if scenario == "s3stop" else None
-    if s3 is not None:
-        storage = s3.uri("elastic")
+    storage = s3.uri("elastic") if s3 is not None else tempfile.mkdtemp(prefix="elastic-")
     try:
         cluster = Cluster(
             initialize_head=True,
@@ -419,6 +424,8 @@ def main() -> None:
         if s3 is not None:
             os.killpg(s3.proc.pid, signal.SIGCONT)  # a stopped server ignores SIGTERM
             s3.stop()
+        else:
+            shutil.rmtree(storage, ignore_errors=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1, default=str)
 

@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import time
 from functools import partial
 
@@ -65,7 +64,8 @@ if args.kill_mid_epoch is not None:  # the workers wait at batch 8 while this pr
 elif args.sigterm_mid_epoch is not None:  # worker 0 at batch 1 sends this process SIGTERM
     plan[(16 * args.sigterm_mid_epoch + 1, 0)] = ("signal", os.getpid(), signal.SIGTERM)
     print("sending myself SIGTERM (from worker 0, at batch 1)", flush=True)
-marks = tempfile.mkdtemp(prefix="faults-")
+marks = os.path.join(args.storage, f"{args.name}-faults")  # the test's folder: it is removed
+os.makedirs(marks, exist_ok=True)
 raymodule.module.ControllerHandle = stepfaults.with_workers(stepfaults.worker_class(plan, marks))
 x, y = dataset(n=160)
 np.random.seed(5)

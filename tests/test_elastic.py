@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,14 +22,17 @@ HERE = Path(__file__).resolve().parent
 
 def scenario(name: str, tmp_path) -> dict:
     out = tmp_path / f"{name}.json"
-    env = dict(os.environ, RAY_TMPDIR=tempfile.mkdtemp(prefix="rel-", dir="/tmp"))
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "elastic_cluster.py"), name, str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    ray_tmp = tempfile.mkdtemp(prefix="rel-", dir="/tmp")  # short: Ray's socket paths
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(HERE / "elastic_cluster.py"), name, str(out)],
+            env=dict(os.environ, RAY_TMPDIR=ray_tmp),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
     result["log"] = proc.stdout + proc.stderr
