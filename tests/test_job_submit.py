@@ -197,7 +197,9 @@ def is_loopback(host: str) -> bool:
 @pytest.mark.timeout(180)
 def test_a_running_job_and_its_cluster_listen_on_loopback_only(head, tmp_path):
     storage = tmp_path / "runs"
-    args = ["jobs/train.py", "--name", "net", "--storage", str(storage), "--epochs", "3"]
+    # epochs enough that the workers still run when their sockets are listed (it is stopped
+    # then): with 32 batches a call, 3 epochs could end between the first checkpoint and that
+    args = ["jobs/train.py", "--name", "net", "--storage", str(storage), "--epochs", "100"]
     args += ["--batch-size", "8", "--checkpoint-every", "50"]
     submit(head, "net-1", args, wait=False)
     deadline = time.monotonic() + 120  # a bound on a broken job, not a timing
