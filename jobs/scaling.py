@@ -4,16 +4,18 @@ against measured runs, and its predictions for larger clusters.
 The model of one step of W workers on K nodes (W/K workers a node), global batch G, a gradient
 of B bytes:
 
-    step(W, K)  = s(W) * (T(G/W) + o1 + og [W > 1])  +  node(W/K, B)  +  net(K, B)
+    step(W, K)  = s(W) * (T(G/W) + o1 + og(x) [W > 1])  +  x,   x = node(W/K, B) + net(K, B)
 
     T(b)        = c0 + c1 * b        forward, backward and SGD-momentum update of b samples on
                                      one MXNet context (native, one thread)
     o1                               raymodule's own cost of a step on one worker (its slice of
                                      the data, the call, the metric): the 1-worker run - T(G)
-    og                               the cost of a step in a group beyond the sums themselves
-                                     (a peer late at the barrier when this machine's other
-                                     processes take its core, the calls' latency): the
-                                     2-worker run on one node - the model without og
+    og(x)       = g0 + g1 * x        the cost of a step in a group beyond the sums themselves:
+                                     the calls' latency and the barriers (g0), and peers late
+                                     at the sums (g1 * x): a rank that this machine's other
+                                     processes held off its core keeps the others waiting,
+                                     the longer the sums take the more. Fitted to the 2-worker
+                                     runs on one node (shared memory, x small) and on two (gloo)
     node(n, B)  = (2 a_s + b_s * B * (2 + (n + 1) / n)) * max(1, n / cores)
                                      the shared-memory sum of a node's n ranks: two barriers,
                                      a copy in, the sum of 1/n of the bucket over n slots, a
@@ -32,8 +34,8 @@ ray.cluster_utils.Cluster on 127.0.0.1, which also times each tier (Collective.t
 
 The check: raymodule.Module.fit of jobs/benchmark.py's mlp (global batch 128) on 1, 2 and 4
 workers on 1 and 2 simulated nodes (a Cluster whose nodes hold W/K CPUs each): measured
-samples/s against the model's G / step(W, K). Two runs calibrate o1 and og (1 on 1, 2 on 1);
-the other three (2 on 2, 4 on 1, 4 on 2) are predictions. Beside each run, the CPU each of
+samples/s against the model's G / step(W, K). Three runs calibrate o1 and og (1 on 1; 2 on 1
+and 2 on 2); the other two (4 on 1, 4 on 2) are predictions. Beside each run, the CPU each of
 its workers, the client and the controller used (cores, from /proc, from 40 % to 90 % of the
 run, when it trains): what a worker does not use, it waits.
 
@@ -41,12 +43,13 @@ The prediction: efficiency at 8, 64 and 512 workers, weak scaling (each worker k
 b), for the mlp (b 64), LeNet (b 32) and a ResNet-50-sized gradient (25.6M float32, b 32,
 compute measured on this CPU with MXNet's model-zoo ResNet-50 v1):
 
-    efficiency(W) = (T(b) + o1) / (T(b) + o1 + og + node(n, B) + net(W / n, B))
+    efficiency(W) = (T(b) + o1) / (T(b) + o1 + og(x) + x),   x = node(n, B) + net(W / n, B)
 
 with n = --workers-per-node workers on every node, each on its own core, and links of 10 and
 25 Gb/s between the nodes: b_g there is the slower of this machine's gloo (loopback) and
 8 / (the link's bits per second). a_g is loopback's: a real network's latency is higher, which
-at 512 workers (2 (K - 1) latencies a step) matters; og is this machine's, kept as measured.
+at 512 workers (2 (K - 1) latencies a step) matters; og(x) is this machine's, kept as
+measured: on nodes whose workers have cores of their own, peers are late less often.
 
 Run locally (about 5 minutes; starts and stops its own clusters on 127.0.0.1):
 
@@ -375,9 +378,18 @@ class Model:
             model: fit_line([int(b) for b in times], list(times.values()))
             for model, times in m["compute_s"].items()
         }
-        self.o1 = self.og = 0.0
+        self.o1 = self.g0 = self.g1 = 0.0
         self.o1 = self._measured_step(m, 1, 1) - self.step(CHECK_MODEL, 1, 1)
-        self.og = self._measured_step(m, 2, 1) - self.step(CHECK_MODEL, 2, 1)
+        # og(x) at the two 2-worker runs: what their steps take beyond the model without og
+        (x1, r1), (x2, r2) = (
+            (
+                self.exchange(CHECK_MODEL, 2, k),
+                self._measured_step(m, 2, k) - self.step(CHECK_MODEL, 2, k),
+            )
+            for k in (1, 2)
+        )
+        self.g1 = (r2 - r1) / (x2 - x1)
+        self.g0 = r1 - self.g1 * x1
 
     @staticmethod
     def _measured_step(m: dict, workers: int, nodes: int) -> float:
@@ -398,13 +410,22 @@ class Model:
             return 0.0
         return 2 * (k - 1) * self.a_g + 2 * (k - 1) / k * nbytes * (b_g or self.b_g)
 
+    def og(self, exchange: float) -> float:
+        """A group's cost of a step beyond its sums, which take ``exchange`` seconds."""
+        return self.g0 + self.g1 * exchange
+
+    def exchange(self, model: str, workers: int, nodes: int) -> float:
+        """Seconds of the sums of a step of the check's kind: this machine's cores shared."""
+        nbytes = gradient_bytes()[model]
+        return self.node(workers // nodes, nbytes) + self.net(nodes, nbytes)
+
     def step(self, model: str, workers: int, nodes: int) -> float:
         """Seconds of a step of the check's kind: this machine's cores shared."""
-        nbytes = gradient_bytes()[model]
+        exchange = self.exchange(model, workers, nodes)
         own = self.compute_s(model, benchmark.MODELS[model] / workers) + self.o1
-        own += self.og if workers > 1 else 0.0
+        own += self.og(exchange) if workers > 1 else 0.0
         share = max(1.0, workers / self.cores)
-        return share * own + self.node(workers // nodes, nbytes) + self.net(nodes, nbytes)
+        return share * own + exchange
 
     def efficiency(self, model: str, batch: int, workers: int, per_node: int, gbps: float):
         """Weak scaling on nodes of ``per_node`` workers with a core each, ``gbps`` links."""
@@ -413,7 +434,7 @@ class Model:
         n = min(per_node, workers)
         b_g = max(self.b_g, 8 / (gbps * 1e9))
         exchange = self.node(n, nbytes, own_cores=True) + self.net(workers // n, nbytes, b_g)
-        return alone / (alone + self.og + exchange)
+        return alone / (alone + self.og(exchange) + exchange)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -436,8 +457,9 @@ def report(m: dict, per_node: int, sample_ms: dict) -> str:
         f"({1 / model.b_s / 1e9:.1f} GB/s)",
         f"  gloo           a_g {model.a_g * 1e6:6.1f} us  b_g {model.b_g * 1e9:.3f} ns/B "
         f"({1 / model.b_g / 1e9:.2f} GB/s, {8 / model.b_g / 1e9:.1f} Gb/s)",
-        f"  o1 {model.o1 * ms:.2f} ms (raymodule's own cost a step, 1 worker), og "
-        f"{model.og * ms:.2f} ms (a step in a group, beyond its sums)",
+        f"  o1 {model.o1 * ms:.2f} ms (raymodule's own cost a step, 1 worker), og(x) "
+        f"{model.g0 * ms:.2f} ms + {model.g1:.2f} x (a step in a group beyond its sums, "
+        "which take x)",
     ]
     for name, (c0, c1) in model.compute.items():
         lines.append(f"  compute {name:<9} T(b) = {c0 * ms:.2f} ms + {c1 * ms:.4f} ms * b")
@@ -465,7 +487,9 @@ def report(m: dict, per_node: int, sample_ms: dict) -> str:
         run = m["runs"][f"{workers}x{nodes}"]
         measured = run["samples_per_s"]
         predicted = benchmark.MODELS[CHECK_MODEL] / model.step(CHECK_MODEL, workers, nodes)
-        role = {(1, 1): "fits o1", (2, 1): "fits og"}.get((workers, nodes), "predicted")
+        role = {(1, 1): "fits o1", (2, 1): "fits og", (2, 2): "fits og"}.get(
+            (workers, nodes), "predicted"
+        )
         rows.append(
             [
                 f"{workers} on {nodes}",
