@@ -535,7 +535,7 @@ class Module(loop.TrainingLoops, BaseModule):
         for held, fresh in ((self._arg_params, arg), (self._aux_params, aux)):
             for name, value in fresh.items():
                 if name in held and held[name].stype == "default":
-                    held[name][:] = value
+                    data.copy_into(held[name], value)
                 elif name in held:  # row_sparse: every row, as the workers' weight holds
                     # them (MXNet's updates of a row_sparse weight require all its rows)
                     rows = mx.nd.arange(len(value), dtype="int64")

@@ -25,6 +25,8 @@ __all__ = [
     "to_batch",
     "to_numpy",
     "to_ndarray",
+    "ndarray_view",
+    "copy_into",
     "nd_bytes",
     "split_params",
     "merge_outputs",
@@ -153,6 +155,32 @@ def to_ndarray(array: np.ndarray, context: mx.Context | None = None) -> mx.nd.ND
     """An NDArray copy of ``array`` in its own dtype (``mx.nd.array`` would make it float32),
     on ``context`` (the current one if None)."""
     return mx.nd.array(array, ctx=context, dtype=array.dtype)
+
+
+_VIEWABLE = frozenset(
+    np.dtype(t) for t in ("float16", "float32", "float64", "uint8", "int32", "int64")
+)
+
+
+def ndarray_view(array: np.ndarray) -> mx.nd.NDArray:
+    """A CPU NDArray over ``array``'s own memory (DLPack), for an array nothing writes again:
+    ``array`` is made read-only, and kept alive until MXNet is done with it. Unlike
+    :func:`to_ndarray`, it neither copies nor waits: ``mx.nd.array``'s synchronous copy waits
+    for the operations MXNet's engine has queued (the step before), which keeps a worker from
+    queueing its next step while the last one runs. An array it cannot view (not C-contiguous,
+    empty, or of another dtype) is copied."""
+    if array.dtype in _VIEWABLE and array.ndim and array.size and array.flags.c_contiguous:
+        return mx.nd.from_numpy(array, zero_copy=True)
+    return to_ndarray(array)
+
+
+def copy_into(target: mx.nd.NDArray, array: np.ndarray) -> None:
+    """Copies ``array`` (which nothing writes again) into ``target`` through MXNet's engine,
+    without waiting for the copy (``target[:] = array`` waits for the engine's queue)."""
+    if array.dtype == target.dtype and array.shape == target.shape:
+        ndarray_view(array).copyto(target)
+    else:
+        target[:] = array
 
 
 def nd_bytes(arrays) -> bytes:

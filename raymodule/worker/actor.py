@@ -41,6 +41,7 @@ _DATASETS_KEPT = 4  # datasets a worker keeps read (each one a zero-copy view of
 def _import_runtime() -> None:
     """Binds this module's MXNet-dependent names; runs once, in the worker process."""
     global mx, np, DataBatch, metrics, native, nd_bytes, optimizer_state, to_ndarray, Placed
+    global ndarray_view
     global IndexedParts, StreamParts, StreamReader
     os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # no backend banner per executor
     import mxnet as mx
@@ -49,7 +50,7 @@ def _import_runtime() -> None:
 
     from .. import metrics
     from ..checkpoint import optimizer_state
-    from ..data import IndexedParts, StreamParts, StreamReader, nd_bytes, to_ndarray
+    from ..data import IndexedParts, StreamParts, StreamReader, nd_bytes, ndarray_view, to_ndarray
     from ..views import Placed
     from . import native
 
@@ -205,8 +206,7 @@ class ModuleWorker:
         )
 
     def get_params(self, mid) -> tuple[dict, dict]:
-        arg, aux = native.read_params(self._modules[mid])
-        return ({k: v.asnumpy() for k, v in arg.items()}, {k: v.asnumpy() for k, v in aux.items()})
+        return native.host_params(self._modules[mid])
 
     def init_optimizer(self, mid, optimizer, optimizer_params, force_init) -> None:
         with warnings.catch_warnings():
@@ -262,9 +262,9 @@ class ModuleWorker:
     def _load(self, mid, batch: Batch, is_train) -> tuple[mx.mod.Module, list]:
         """Runs forward on this worker's part of a batch; returns the module and its labels."""
         mod = self._modules[mid]
-        labels = [to_ndarray(a) for a in batch.label]
+        labels = [ndarray_view(a) for a in batch.label]
         mod.forward(
-            DataBatch(data=[to_ndarray(a) for a in batch.data], label=labels or None),
+            DataBatch(data=[ndarray_view(a) for a in batch.data], label=labels or None),
             is_train=is_train,
         )
         return mod, labels

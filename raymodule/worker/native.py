@@ -19,8 +19,8 @@ __all__ = [
     "executor_arrays",
     "exec_group_facts",
     "gradient_arrays",
+    "host_params",
     "param_stypes",
-    "read_params",
     "updater",
 ]
 
@@ -35,11 +35,18 @@ def param_stypes(mod: mx.mod.Module) -> dict[str, tuple[str, str | None]]:
     }
 
 
-def read_params(mod: mx.mod.Module) -> tuple[dict, dict]:
-    """The parameters as the device holds them (a module sharing the arrays may have updated
-    them since MXNet last copied them out): MXNet's own ``get_params`` would not copy again."""
-    mod._sync_params_from_devices()
-    return mod._arg_params, mod._aux_params
+def host_params(mod: mx.mod.Module) -> tuple[dict, dict]:
+    """The parameters and auxiliary states as the device holds them, as numpy arrays by name:
+    one copy each (MXNet's ``get_params`` makes four, averaging over devices a replica does
+    not have), and a row_sparse weight's every row."""
+    group = mod._exec_group
+    return tuple(
+        {name: arrays[0].asnumpy() for name, arrays in zip(names, held)}
+        for names, held in (
+            (group.param_names, group.param_arrays),
+            (group.aux_names, group.aux_arrays),
+        )
+    )
 
 
 def device_params(mod: mx.mod.Module) -> dict[str, mx.nd.NDArray]:
