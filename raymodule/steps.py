@@ -73,22 +73,13 @@ def _batches(data_iter, indexed: bool, passes: int | None = None):
         yield data.index_batch(index, pad, data_iter)
 
 
-_FIRST_CALL = 4  # batches in a loop's first call, and before a step was timed
-
-
-def steps_per_call(workers, sent: int) -> int:
-    """Batches in the next call of a loop that sent ``sent`` calls so far: as many as take the
-    workers about ``RAYMODULE_CALL_S`` (``workers.step_s``: a step's seconds, as last
-    measured), at least 1, at most ``RAYMODULE_STEPS_PER_CALL``; 4 at most before a step was
-    timed.
-
-    A loop's calls start at 4 batches and double up to that size: a loop (an epoch) starts on
-    idle workers, and they start once its first 4 batches are read, not a whole call's (the
-    client reads a batch in a tenth of a step or less, so it reads each next call while the
-    workers run the one before)."""
-    most = min(workers.settings.steps_per_call, _FIRST_CALL << min(sent, 16))
+def steps_per_call(workers) -> int:
+    """Batches in the next call: as many as take the workers about ``RAYMODULE_CALL_S``
+    (``workers.step_s``: a step's seconds, as last measured), at least 1, at most
+    ``RAYMODULE_STEPS_PER_CALL``; 4 at most before a step was timed."""
+    most = workers.settings.steps_per_call
     if not workers.step_s:
-        return min(_FIRST_CALL, most)
+        return min(4, most)
     return max(1, min(most, round(workers.settings.call_s / workers.step_s)))
 
 
@@ -224,16 +215,13 @@ def steps(
     chunk: list[_Step] = []
     finished: list = []  # (step, results, slices) read back, not yielded yet
     serials = itertools.count()
-    calls = 0  # calls that sent a chunk
     checkpoint_due = False  # a worker was shut down: checkpoint at the next batch boundary
 
     def advance(keep: int) -> None:
         """Sends the chunk (if any), then reads finished steps until ``keep`` chunks are in
         flight."""
-        nonlocal calls, checkpoint_due
         spec = None
         if chunk:
-            calls += 1
             if monitor is not None:
                 monitor.tic()
             ids = [next(serials) for _ in chunk]
@@ -258,6 +246,7 @@ def steps(
                 spec["sources"] = [ray.put(list(part)) for part in parts]
             chunk.clear()
         reply = workers.advance(method, spec, keep)
+        nonlocal checkpoint_due
         checkpoint_due = checkpoint_due or bool(workers.leaving)
         for slot, took in reply["seconds"].items():
             tally.step_seconds[slot] = tally.step_seconds.get(slot, 0.0) + took
@@ -306,7 +295,7 @@ def steps(
                 batch = target._batch(data_batch)
                 tally.samples += batch.data[0].shape[batch.data_axes[0]] if batch.data else 0
                 chunk.append(_Step(nbatch, data_batch, batch, target))
-            if len(chunk) >= (1 if monitor is not None else steps_per_call(workers, calls)):
+            if len(chunk) >= (1 if monitor is not None else steps_per_call(workers)):
                 advance(keep=depth)
             yield from ready()
         if given <= first_batch and first_batch > 0:  # nothing was sent: nothing trained or written
