@@ -249,8 +249,8 @@ class TrainingLoops:
                     self.logger.info("Epoch[%d] Train-%s=%f", epoch, name, val)
                 self.logger.info("Epoch[%d] Time cost=%.3f", epoch, toc)
 
-                arg_params, aux_params = self.get_params()
-                if epoch_end_callback is not None:
+                if epoch_end_callback is not None:  # else read when asked: a copy less an epoch
+                    arg_params, aux_params = self.get_params()
                     for callback in _as_list(epoch_end_callback):
                         callback(epoch, self.symbol, arg_params, aux_params)
                 validation = []
