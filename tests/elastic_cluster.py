@@ -102,7 +102,16 @@ def plain_mxnet() -> dict:
     return {**arg, **aux}
 
 
-def train(storage, name, faults=None, min_workers=2, contexts=WORKERS, max_failures=3, every=4):
+def train(
+    storage,
+    name,
+    faults=None,
+    min_workers=2,
+    contexts=WORKERS,
+    max_failures=3,
+    every=4,
+    epoch_end_callback=None,
+):
     """The elastic run under ``faults`` (a :class:`Faults`, or None); returns the module
     (still open) and the exception it raised, if any."""
     mx.random.seed(0)
@@ -120,6 +129,7 @@ def train(storage, name, faults=None, min_workers=2, contexts=WORKERS, max_failu
                 batches(),
                 num_epoch=EPOCHS,
                 optimizer_params=optimizer_params(),
+                epoch_end_callback=epoch_end_callback,
                 run=raymodule.RunConfig(
                     name=name,
                     storage=storage,
@@ -305,8 +315,18 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
         max_failures = 0
     else:
         faults = Faults({}, {})
+    ended = []  # the epochs whose end the callback saw: fit reads the parameters for it
     tic = time.monotonic()
-    mod, error = train(storage, scenario, faults, min_workers, contexts, max_failures, every)
+    mod, error = train(
+        storage,
+        scenario,
+        faults,
+        min_workers,
+        contexts,
+        max_failures,
+        every,
+        lambda epoch, symbol, arg, aux: ended.append(epoch),
+    )
     resume_storage("end")  # a run that failed before S3_BACK_STEP
     result = {
         "scenario": scenario,
@@ -315,6 +335,7 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
         "fired": faults.count(),
         "error": f"{type(error).__name__}: {error}" if error else None,
         "world_size": mod.world_size,
+        "epoch_ends": ended,
     }
     if error is None:
         arg, aux = mod.get_params()

@@ -195,6 +195,7 @@ def test_a_worker_lost_reading_the_parameters_at_an_epochs_end_is_recovered_from
     assert lost["lost"] == ["slot 0"] and lost["during"] == "get_params"
     assert lost["during_epoch"] == 0 and lost["step"] == 16  # every step of epoch 0 applied
     assert [e["epoch"] for e in epochs(result)] == [0, 1]
+    assert result["epoch_ends"] == [0, 1]  # the callback had each epoch's parameters
 
 
 def test_a_survivor_lost_while_a_replacement_joins_leaves_the_replacement_set_up(tmp_path):
