@@ -1,14 +1,17 @@
 """Measure elastic recovery: kill one of three workers mid-run and time the way back.
 
 For each trial, an MLP trains on 3 raymodule workers through an elastic run
-(``RunConfig(min_workers=2)``); at a chosen step the process of one worker is SIGKILLed.
-Reported per trial:
+(``RunConfig(min_workers=2)``); one worker SIGKILLs its own process as it is about to run a
+chosen step (``tests/stepfaults.py``: the kill is keyed to the worker's step, so it lands
+where the workers are, not where the client's trailing callbacks are). The victim rotates
+over the workers that are not rank 0. Reported per trial:
 
 - seconds from the kill to the next completed step (the first step the re-formed group
   finishes, as its ``batch_end_callback`` sees it, so it includes the pipeline's trail);
 - the recovery the library logged (failure detected to group re-formed, state in sync);
-- completed steps lost: steps whose callback had run before the kill (every worker had
-  applied them) that had to be run again; the goal is 0;
+- steps lost: steps every worker had applied before the kill (the victim fires having
+  applied ``--kill-at`` steps, and its peers are in step with it) that were run again; the
+  goal is 0;
 - how far its parameters end from those of the same run without the kill (relative to each
   parameter's largest value).
 
@@ -31,7 +34,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -47,6 +49,11 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 import raymodule  # noqa: E402
+import raymodule.module  # noqa: E402
+
+TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+sys.path.insert(0, TESTS)
+import stepfaults  # noqa: E402  (tests/: workers that fire faults at their own steps)
 
 WORKERS = 3
 OPTIMIZER = {"learning_rate": 0.1, "momentum": 0.9}
@@ -81,50 +88,39 @@ def failure_free(args) -> dict:
     return {**arg, **aux}
 
 
-class Killer:
-    """A ``batch_end_callback``: kills worker ``victim`` (every worker if None) at batch
-    ``at``, notes how many batches had been reported then, and when each batch's callback
-    last ran."""
+class Seen:
+    """A ``batch_end_callback`` that notes when (wall clock, as the kill's time is) each
+    batch's callback last ran."""
 
-    def __init__(self, at: int, victim: int | None):
-        self.at, self.victim = at, victim
-        self.killed_at: float | None = None
-        self.reported_before_kill = 0
-        self.seen: dict[int, float] = {}
+    def __init__(self):
+        self.at: dict[int, float] = {}
 
     def __call__(self, param) -> None:
-        self.seen[param.nbatch] = time.monotonic()
-        if param.nbatch == self.at and self.killed_at is None:
-            nodes = param.locals["self"].workers.nodes
-            victims = nodes if self.victim is None else [nodes[self.victim]]
-            self.killed_at = time.monotonic()
-            self.reported_before_kill = param.nbatch + 1
-            for node in victims:
-                os.kill(node["pid"], signal.SIGKILL)
+        self.at[param.nbatch] = time.time()
 
 
 def trial(args, storage: str, number: int, reference: dict, restart: bool) -> dict:
-    """One run with one kill. ``restart``: every worker is killed, so the run goes on from its
-    latest checkpoint (as a framework that restarts the whole group does) instead of on the
-    survivors."""
-    killer = Killer(at=args.kill_at, victim=None if restart else 1 + number % (WORKERS - 1))
+    """One run with one kill. ``restart``: every worker kills itself at that step, so the run
+    goes on from its latest checkpoint (as a framework that restarts the whole group does)
+    instead of on the survivors."""
+    victim = None if restart else 1 + number % (WORKERS - 1)
     name = f"{'restart' if restart else 'elastic'}-{number}"
+    marks = tempfile.mkdtemp(prefix="marks-", dir=storage)
+    # the worker fires as it is about to run batch kill_at, having applied kill_at steps
+    killers = stepfaults.worker_class({(args.kill_at, victim): "die"}, marks)
+    seen = Seen()
     mx.random.seed(0)
-    with raymodule.Module(mlp(), context=[mx.cpu(i) for i in range(WORKERS)]) as mod:
-        mod.fit(
-            batches(args.batches, args.batch_size),
-            num_epoch=1,
-            optimizer_params=OPTIMIZER,
-            batch_end_callback=killer,
-            run=raymodule.RunConfig(
-                name=name,
-                storage=storage,
-                checkpoint_every=args.checkpoint_every,
-                min_workers=2,
-            ),
-        )
-        arg, aux = mod.get_params()
-        got = {**arg, **aux}
+    # the module's workers (those a restart starts again too) are killers
+    handle = raymodule.module.ControllerHandle
+    raymodule.module.ControllerHandle = stepfaults.with_workers(killers)
+    try:
+        got = _fit(args, storage, name, seen)
+    finally:
+        raymodule.module.ControllerHandle = handle
+    fired = [os.path.join(marks, f) for f in os.listdir(marks) if f.startswith("fired-")]
+    if not fired:
+        raise RuntimeError(f"no worker reached step {args.kill_at}: nothing was killed")
+    killed_at = min(os.stat(path).st_mtime for path in fired)  # made just before the kill
     with open(os.path.join(storage, name, "metrics.jsonl")) as f:
         events = [e for e in map(json.loads, f) if e.get("event") == "membership"]
     change = events[0]
@@ -141,17 +137,36 @@ def trial(args, storage: str, number: int, reference: dict, restart: bool) -> di
         for k in reference
     )
     return {
-        "kill_to_next_step_s": killer.seen[went_on_from] - killer.killed_at,
+        "kill_to_next_step_s": seen.at[went_on_from] - killed_at,
         "recovery_logged_s": change.get("recovery_s"),
-        "completed_steps_lost": max(0, killer.reported_before_kill - went_on_from),
+        "steps_lost": max(0, args.kill_at - went_on_from),
         "world_size_after": change["world_size"],
         "max_relative_diff": diff,
     }
 
 
+def _fit(args, storage: str, name: str, seen: Seen) -> dict:
+    """The run of one trial: its parameters at the end."""
+    with raymodule.Module(mlp(), context=[mx.cpu(i) for i in range(WORKERS)]) as mod:
+        mod.fit(
+            batches(args.batches, args.batch_size),
+            num_epoch=1,
+            optimizer_params=OPTIMIZER,
+            batch_end_callback=seen,
+            run=raymodule.RunConfig(
+                name=name,
+                storage=storage,
+                checkpoint_every=args.checkpoint_every,
+                min_workers=2,
+            ),
+        )
+        arg, aux = mod.get_params()
+    return {**arg, **aux}
+
+
 def summary(label: str, results: list[dict]) -> str:
     seconds = [r["kill_to_next_step_s"] for r in results]
-    lost = [r["completed_steps_lost"] for r in results]
+    lost = [r["steps_lost"] for r in results]
     p90 = (
         statistics.quantiles(seconds, n=10, method="inclusive")[-1]
         if len(seconds) > 1
@@ -160,7 +175,7 @@ def summary(label: str, results: list[dict]) -> str:
     return (
         f"{label}: kill -> next completed step {statistics.median(seconds):.2f} s median, "
         f"{p90:.2f} s p90, {max(seconds):.2f} s max over {len(seconds)} trials; "
-        f"completed steps lost {statistics.median(lost):g} median "
+        f"steps lost {statistics.median(lost):g} median "
         f"(max {max(lost)}); largest difference from the failure-free run "
         f"{max(r['max_relative_diff'] for r in results):.1e}"
     )
@@ -171,7 +186,9 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=3, help="kills to time, one run each")
     parser.add_argument("--batches", type=int, default=120, help="batches in the run")
     parser.add_argument("--batch-size", type=int, default=96, help="global batch size")
-    parser.add_argument("--kill-at", type=int, default=45, help="batch whose callback kills")
+    parser.add_argument(
+        "--kill-at", type=int, default=45, help="the step (batch) a worker kills itself before"
+    )
     parser.add_argument(
         "--checkpoint-every", type=int, default=10, help="batches between run checkpoints"
     )
