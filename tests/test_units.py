@@ -73,3 +73,55 @@ def test_counter_metrics_run_on_workers_others_on_the_client():
     metrics.add_counters(total, metrics.counters(part))
     metrics.add_counters(total, metrics.counters(part))
     assert total.get() == ("accuracy", 0.5) and total.num_inst == 4
+
+
+@pytest.mark.parametrize(
+    "arrays",
+    [
+        {
+            "arg:w": mx.nd.array(np.arange(12).reshape(3, 4)),
+            "aux:m": mx.nd.ones(5, dtype="float16"),
+        },
+        {"ids": mx.nd.array([1, 2], dtype="int64"), "é": mx.nd.ones((1,))},
+        {
+            "rows": mx.nd.sparse.row_sparse_array((np.ones((1, 3)), [1]), shape=(4, 3)),
+            "csr": mx.nd.sparse.csr_matrix(np.eye(3)),
+        },
+        [mx.nd.ones((2, 2)), mx.nd.zeros((3,))],
+        mx.nd.ones((7,)),
+        {},
+    ],
+    ids=["dense", "int64-unicode", "sparse", "list", "one", "empty"],
+)
+def test_nd_bytes_are_the_bytes_mx_nd_save_writes(arrays, tmp_path):
+    path = str(tmp_path / "saved")
+    mx.nd.save(path, arrays)
+    with open(path, "rb") as source:
+        assert data.nd_bytes(arrays) == source.read()
+
+
+def test_nd_bytes_refuses_what_mx_nd_save_refuses():
+    for bad in ({"w": np.ones(2)}, {1: mx.nd.ones(2)}, (mx.nd.ones(2),), None):
+        with pytest.raises(TypeError, match="what mx.nd.save takes"):
+            data.nd_bytes(bad)
+
+
+def test_ndarray_view_shares_memory_and_copies_what_it_cannot_view():
+    rows = np.arange(12, dtype=np.float32).reshape(3, 4)
+    view = data.ndarray_view(rows)
+    assert not rows.flags.writeable  # nothing may write under MXNet's feet
+    np.testing.assert_array_equal(view.asnumpy(), rows)
+    assert view.dtype == np.float32 and view.shape == (3, 4)
+    # an array it cannot view is copied, in its own dtype
+    for other in (rows.T, np.zeros((0, 4), np.float32), np.arange(4, dtype=np.int8)):
+        copied = data.ndarray_view(other)
+        assert copied.dtype == other.dtype
+        np.testing.assert_array_equal(copied.asnumpy(), other)
+
+
+def test_copy_into_writes_the_target_in_place():
+    target = mx.nd.zeros((2, 3))
+    data.copy_into(target, np.arange(6, dtype=np.float32).reshape(2, 3))
+    np.testing.assert_array_equal(target.asnumpy(), np.arange(6).reshape(2, 3))
+    data.copy_into(target, np.ones((2, 3), dtype=np.float64))  # another dtype: assigned
+    np.testing.assert_array_equal(target.asnumpy(), np.ones((2, 3)))
