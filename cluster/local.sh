@@ -175,6 +175,9 @@ cmd_start() {
         RAY_USAGE_STATS_ENABLED=0 GLOO_SOCKET_IFNAME=lo
 
     TEMP_DIR="$(mktemp -d /tmp/rmc-XXXX)"
+    # the nodes' own temp files go there too, and leave with it: the dashboard starts its
+    # modules through a multiprocessing forkserver, whose /tmp/pymp-* folder a stop left behind
+    export TMPDIR="$TEMP_DIR"
     NODES=0 SESSIONS="" PIDS=""
     local ports
     read -r -a ports <<<"$(free_ports 2)"
