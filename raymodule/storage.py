@@ -388,7 +388,7 @@ def _with_options(fs: pafs.FileSystem, **changed) -> pafs.FileSystem:
     raymodule sets ``allow_delayed_open`` on the S3 filesystems it resolves (unless the URI
     says otherwise): a file smaller than a multipart part is then written with one PutObject
     instead of three requests (create, part, complete). A checkpoint writes six files, so
-    that is 12 requests less each (``jobs/benchmark.py``'s S3 server counted them). A write
+    that is 12 requests less each (``tests/test_storage.py`` counts them). A write
     that fails still raises from :meth:`Folder.write`, at the close rather than the open."""
     s3 = getattr(pafs, "S3FileSystem", None)  # absent from pyarrow builds without S3
     if s3 is None or not isinstance(fs, s3):
