@@ -59,7 +59,7 @@ def big_model_batches():
     return mlp(hidden=(2048, 1536)), mx.io.NDArrayIter(x, y, batch_size=10)
 
 
-def test_s3_killed_in_the_middle_of_a_checkpoint(own_s3, fast_retries):
+def test_s3_killed_in_the_middle_of_a_checkpoint(own_s3, fast_retries, tmp_path):
     storage_uri = own_s3.uri("killed/runs")
     run = storage.Folder(storage_uri).child("r")
     first = "ckpt-0000000004"
@@ -123,13 +123,13 @@ def test_s3_killed_in_the_middle_of_a_checkpoint(own_s3, fast_retries):
     assert (ckpt.epoch, ckpt.batch, ckpt.global_step) == (2, 0, 32)
     assert run.read("latest").decode() == ckpt.name
     assert first not in run.folders()
-    assert max_relative_diff(final, mx.mod.Module.load(_local(ckpt, "/tmp"), 2)._arg_params) == 0
+    assert max_relative_diff(final, mx.mod.Module.load(_local(ckpt, tmp_path), 2)._arg_params) == 0
 
 
 def _local(ckpt, tmp) -> str:
     """A local copy of the checkpoint's MXNet files; returns their prefix."""
-    folder = Path(tmp) / f"rm-{os.getpid()}-{ckpt.name}"
-    folder.mkdir(exist_ok=True)
+    folder = Path(tmp) / ckpt.name
+    folder.mkdir()
     for name in ("model-symbol.json", f"model-{ckpt.epoch:04d}.params"):
         (folder / name).write_bytes(ckpt.files[name])
     return str(folder / "model")
