@@ -78,14 +78,25 @@ def batches(n_batches: int, batch: int) -> mx.io.NDArrayIter:
     return mx.io.NDArrayIter(x, y, batch_size=batch)
 
 
+def train(args, **fit_args) -> dict:
+    """One epoch of the MLP on 3 workers, ``fit_args`` given to ``fit``: its parameters at the
+    end."""
+    mx.random.seed(0)
+    with raymodule.Module(mlp(), context=[mx.cpu(i) for i in range(WORKERS)]) as mod:
+        mod.fit(
+            batches(args.batches, args.batch_size),
+            num_epoch=1,
+            optimizer_params=OPTIMIZER,
+            **fit_args,
+        )
+        arg, aux = mod.get_params()
+    return {**arg, **aux}
+
+
 def failure_free(args) -> dict:
     """The same run on the same 3 workers, nobody lost: what a run that loses one must end
     with (to float rounding: after the loss, 2 workers sum the gradients in another order)."""
-    mx.random.seed(0)
-    with raymodule.Module(mlp(), context=[mx.cpu(i) for i in range(WORKERS)]) as mod:
-        mod.fit(batches(args.batches, args.batch_size), num_epoch=1, optimizer_params=OPTIMIZER)
-        arg, aux = mod.get_params()
-    return {**arg, **aux}
+    return train(args)
 
 
 class Seen:
@@ -109,12 +120,14 @@ def trial(args, storage: str, number: int, reference: dict, restart: bool) -> di
     # the worker fires as it is about to run batch kill_at, having applied kill_at steps
     killers = stepfaults.worker_class({(args.kill_at, victim): "die"}, marks)
     seen = Seen()
-    mx.random.seed(0)
+    run = raymodule.RunConfig(
+        name=name, storage=storage, checkpoint_every=args.checkpoint_every, min_workers=2
+    )
     # the module's workers (those a restart starts again too) are killers
     handle = raymodule.module.ControllerHandle
     raymodule.module.ControllerHandle = stepfaults.with_workers(killers)
     try:
-        got = _fit(args, storage, name, seen)
+        got = train(args, batch_end_callback=seen, run=run)
     finally:
         raymodule.module.ControllerHandle = handle
     fired = [os.path.join(marks, f) for f in os.listdir(marks) if f.startswith("fired-")]
@@ -143,25 +156,6 @@ def trial(args, storage: str, number: int, reference: dict, restart: bool) -> di
         "world_size_after": change["world_size"],
         "max_relative_diff": diff,
     }
-
-
-def _fit(args, storage: str, name: str, seen: Seen) -> dict:
-    """The run of one trial: its parameters at the end."""
-    with raymodule.Module(mlp(), context=[mx.cpu(i) for i in range(WORKERS)]) as mod:
-        mod.fit(
-            batches(args.batches, args.batch_size),
-            num_epoch=1,
-            optimizer_params=OPTIMIZER,
-            batch_end_callback=seen,
-            run=raymodule.RunConfig(
-                name=name,
-                storage=storage,
-                checkpoint_every=args.checkpoint_every,
-                min_workers=2,
-            ),
-        )
-        arg, aux = mod.get_params()
-    return {**arg, **aux}
 
 
 def summary(label: str, results: list[dict]) -> str:
