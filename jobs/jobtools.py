@@ -152,8 +152,10 @@ class EpochProgress:
     module's ``world_size``, which falls while an elastic run has lost workers). A resumed
     run starts its bar where the epoch was left.
 
-    It stays cheap: the postfix is worked out only when tqdm redraws (every
-    ``mininterval`` seconds) and at the epoch's last batch."""
+    The rate counts from the epoch's start (the loop's ``tic``, as MXNet's fit loop has it):
+    raymodule's callbacks trail the workers and come in bursts of a call's steps, so the time
+    between two of them says nothing. It stays cheap: the postfix is worked out only when tqdm
+    redraws (every ``mininterval`` seconds) and at the epoch's last batch."""
 
     def __init__(self, batches_per_epoch: int, digits: int = 3, mininterval: float = 0.5):
         self.total = batches_per_epoch
@@ -161,13 +163,14 @@ class EpochProgress:
         self.mininterval = mininterval
         self.bar = None
         self.value = float("nan")  # the training metric at the latest batch shown
-        self._start = 0.0  # when the bar's first batch was reported
+        self._start = 0.0  # when the bar's epoch started (time.time())
         self._samples = 0  # samples trained since then
         self._shown = -math.inf  # when the postfix was last set
 
     def __call__(self, param: mx.model.BatchEndParam) -> None:
-        now = time.monotonic()
-        if self.bar is None or param.nbatch == 0:
+        now = time.time()
+        new_bar = self.bar is None or param.nbatch == 0
+        if new_bar:
             self.bar = tqdm(
                 total=self.total,
                 initial=param.nbatch,
@@ -176,10 +179,14 @@ class EpochProgress:
                 leave=True,
                 file=sys.stdout,
                 mininterval=self.mininterval,
+                smoothing=0,  # the mean rate since the start: reports come in bursts
             )
-            # the first report ends a batch whose start is unknown: the rate counts from it
-            self._start, self._samples, self._shown = now, 0, -math.inf
-        else:
+            self._shown, self._samples = -math.inf, 0
+            # without the loop's `tic`, the rate counts from this report, and not its batch,
+            # whose start is unknown
+            self._start = param.locals.get("tic", now)
+            self.bar.start_t = self._start  # tqdm's clock is time.time() too
+        if not new_bar or "tic" in param.locals:
             self._samples += _batch_size(param.locals.get("data_batch"))
         last = param.nbatch + 1 == self.total
         if last or now - self._shown >= self.mininterval:

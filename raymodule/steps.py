@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import time
 from dataclasses import dataclass
 
 import ray
@@ -98,6 +99,7 @@ def run_steps(
     each step's metric updates into ``metric`` and calling ``batch_end_callback`` after it,
     then ``score_end_callback``; ``how``: :func:`steps`'s keywords. Returns an
     :class:`Epoch`."""
+    tic = time.time()  # MXNet's fit loop has the epoch's start in its locals as `tic`
     tally = Epoch([], 0, 0, {})
     on_workers = metrics.runs_on_workers(metric)
     monitor = how.get("monitor")
@@ -117,11 +119,18 @@ def run_steps(
             if monitor is not None:
                 monitor.toc_print()
             _call_back(
-                batch_end_callback, module, data_iter, step.data_batch, epoch, step.nbatch, metric
+                batch_end_callback,
+                module,
+                data_iter,
+                step.data_batch,
+                epoch,
+                step.nbatch,
+                metric,
+                tic,
             )
             done += 1
     tally.name_values = metric.get_global_name_value()
-    _call_back(score_end_callback, module, data_iter, None, epoch, done, metric)
+    _call_back(score_end_callback, module, data_iter, None, epoch, done, metric, tic)
     return tally
 
 
@@ -315,9 +324,11 @@ def steps(
         raise
 
 
-def _call_back(callbacks, module, data_iter, data_batch, epoch, nbatch, metric) -> None:
+def _call_back(callbacks, module, data_iter, data_batch, epoch, nbatch, metric, tic) -> None:
     """Calls MXNet-style callbacks with a ``BatchEndParam`` whose ``locals`` hold what MXNet's
-    loops expose: ``self``, ``data_batch``, the iterator, epoch, batch number and metric."""
+    loops expose: ``self``, ``data_batch``, the iterator, epoch, batch number, metric and
+    ``tic``, the loop's start (``time.time()``). Callbacks trail the workers in bursts of a
+    call's steps, so a rate is true over the time since ``tic``, not between two callbacks."""
     if not callbacks:
         return
     scope = {
@@ -327,6 +338,7 @@ def _call_back(callbacks, module, data_iter, data_batch, epoch, nbatch, metric) 
         "epoch": epoch,
         "nbatch": nbatch,
         "eval_metric": metric,
+        "tic": tic,
     }
     params = BatchEndParam(epoch=epoch, nbatch=nbatch, eval_metric=metric, locals=scope)
     for callback in _as_list(callbacks):

@@ -6,6 +6,7 @@ import gc
 import inspect
 import logging
 import re
+import time
 from pathlib import Path
 
 import mxnet as mx
@@ -166,11 +167,15 @@ def test_callbacks_run_in_the_client_in_order_with_mxnet_arguments():
     train = mx.io.NDArrayIter(x, y, batch_size=16)
     val = mx.io.NDArrayIter(x[:32], y[:32], batch_size=16)
     seen = []
+    starts = {}
 
     def on_batch(param):
         assert isinstance(param, mx.model.BatchEndParam)
         assert param.locals["self"] is mod
         assert isinstance(param.locals["data_batch"], mx.io.DataBatch)
+        # the epoch's start, as in MXNet's fit loop: one per epoch, before its batches end
+        assert starts.setdefault(param.epoch, param.locals["tic"]) == param.locals["tic"]
+        assert param.locals["tic"] <= time.time()
         seen.append(("batch", param.epoch, param.nbatch, param.eval_metric.get()[1]))
 
     def on_epoch(epoch, symbol, arg_params, aux_params):
@@ -203,6 +208,7 @@ def test_callbacks_run_in_the_client_in_order_with_mxnet_arguments():
     # the metric a callback sees already counts its own batch
     accuracies = [s[3] for s in seen if s[0] == "batch" and s[1] == 0]
     assert all(0.0 <= a <= 1.0 for a in accuracies)
+    assert starts[0] < starts[1]
 
 
 def test_checkpoints_are_mxnet_checkpoints(tmp_path):
