@@ -150,8 +150,8 @@ def test_the_latest_pointer_must_name_a_checkpoint_folder(tmp_path, monkeypatch)
     committed(tmp_path, name="other")  # epoch 1, at the epoch's end: what a report waits for
     run = storage.Folder(str(tmp_path / "r"))
     run.write("latest", b"../other/ckpt-0000000012")
-    monkeypatch.setattr(raymodule.tune, "COMMIT_WAIT_S", 0.3)
-    assert raymodule.tune._await_epoch_checkpoint(run, 1) is None
+    monkeypatch.setattr(raymodule.tune.reports, "COMMIT_WAIT_S", 0.3)
+    assert raymodule.tune.reports._await_epoch_checkpoint(run, 1) is None
 
 
 def test_a_tune_restore_from_a_crafted_checkpoint_writes_nothing(tmp_path):
@@ -168,10 +168,10 @@ def test_a_tune_restore_from_a_crafted_checkpoint_writes_nothing(tmp_path):
     with pytest.raises(
         CheckpointError, match="not a raymodule run checkpoint .*'../../../escaped'"
     ):
-        raymodule.tune._adopt(restore, run)
+        raymodule.tune.runs._adopt(restore, run)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "escaped").exists()
     with pytest.raises(CheckpointError, match="not writing '../x' into"):
-        raymodule.tune._write(str(tmp_path / "local"), "../x", b"")
+        raymodule.tune.reports._write(str(tmp_path / "local"), "../x", b"")
     assert not (tmp_path / "x").exists()
 
 

@@ -288,20 +288,20 @@ def test_on_a_cluster_that_may_grow_the_check_asks_for_room_then_gives_up(monkey
     # The session's Ray cannot grow; pretend it could, as a connected cluster with an
     # autoscaler may: the check then waits (bounded) with a placement group the autoscaler
     # would see, and removes it when it gives up.
-    monkeypatch.setattr(raymodule.tune, "_can_grow", lambda: True)
+    monkeypatch.setattr(raymodule.tune.reservation, "_can_grow", lambda: True)
     monkeypatch.setenv("RAYMODULE_PLACEMENT_TIMEOUT_S", "1")
     monkeypatch.setenv("RAYMODULE_PLACEMENT_REPORT_INTERVAL_S", "0.5")
     spec = raymodule.tune.TrialResources(num_workers=6, cpus=1, gpus=0, head_cpus=0)
     before = set(ray.util.placement_group_table())
     with pytest.raises(raymodule.PlacementError, match=r"waited 1 s for the cluster to grow"):
-        raymodule.tune._check_fits(spec)
+        raymodule.tune.reservation._check_fits(spec)
     table = ray.util.placement_group_table()
     probes = [table[pg] for pg in set(table) - before]
     assert probes and all(p["state"] == "REMOVED" for p in probes)
 
 
 def test_trials_sharing_a_name_get_a_run_folder_each():
-    location = raymodule.tune._trial_run_location
+    location = raymodule.tune.runs._trial_run_location
     assert location("s3://b/runs?region=x", "shared", "ab_00001") == (
         "s3://b/runs/shared?region=x",
         "ab_00001",
