@@ -159,7 +159,7 @@ class StandIn:
         self._maybe_fail("get_params")
         return self.count
 
-    def describe(self):
+    def describe(self, grouped=True):
         return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     def rendezvous_address(self):

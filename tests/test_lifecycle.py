@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import sys
 import time
 
 import mxnet as mx
@@ -48,6 +49,20 @@ def test_garbage_collected_modules_release_their_workers():
         del mod
         gc.collect()
     assert wait_for_cpus(total) == total
+
+
+def test_torch_is_loaded_only_by_workers_that_may_have_peers():
+    """torch (gloo) takes seconds of CPU to import: a module of one worker never loads it."""
+
+    def loaded(worker):
+        return "torch" in sys.modules
+
+    x, y = dataset(n=32)
+    with raymodule.Module(mlp(), context=mx.cpu()) as mod:
+        mod.fit(mx.io.NDArrayIter(x, y, batch_size=8), num_epoch=1)
+        assert not ray.get(mod.workers.handles[0].__ray_call__.remote(loaded), timeout=60)
+    with bound_module(2) as mod:
+        assert all(ray.get([h.__ray_call__.remote(loaded) for h in mod.workers.handles]))
 
 
 def worker_pid(mod, rank):

@@ -123,6 +123,7 @@ class WorkerGroup:
         self, bundles: list[dict], devices: list, fail_fast: bool, settings: Settings, worker_class
     ):
         self.bundles = bundles
+        self._grouped = len(bundles) > 1  # one slot: never a collective group
         self.devices = devices
         self.fail_fast = fail_fast
         self.settings = settings
@@ -144,7 +145,7 @@ class WorkerGroup:
         if self._place_together(required=not may_start_smaller):
             for slot in slots:
                 self.members[slot] = self._spawn(slot)
-            probes = [w.describe.remote() for w in self.members.values()]
+            probes = [w.describe.remote(self._grouped) for w in self.members.values()]
             limit = self.settings.placement_timeout_s
             _, late = ray.wait(probes, num_returns=len(probes), timeout=limit)
             if late:
@@ -244,7 +245,7 @@ class WorkerGroup:
 
     def _replace(self, slot: int) -> None:
         self.pending[slot] = self._spawn(slot)
-        self._probes[slot] = self.pending[slot].describe.remote()
+        self._probes[slot] = self.pending[slot].describe.remote(self._grouped)
 
     def ready(self, timeout_s: float = 0.0) -> list[int]:
         """Slots whose replacement is up (waits up to ``timeout_s`` for the first one).

@@ -95,12 +95,14 @@ class ModuleWorker:
         self._shut_down = True
 
     # -- membership -------------------------------------------------------------------------
-    def describe(self) -> dict:
-        """Where this worker runs: its node and process (also: the actor is up, with the
-        collective's modules imported, so that forming a group waits for no imports)."""
+    def describe(self, grouped: bool = True) -> dict:
+        """Where this worker runs: its node and process (also: the actor is up). A worker
+        that may have peers (``grouped``) has the collective's modules imported by then, so
+        that forming a group waits for no imports; one that never will does without torch."""
         import ray
 
-        from . import collective  # noqa: F401 - torch: seconds
+        if grouped:
+            from . import collective  # noqa: F401 - torch: seconds of CPU
 
         return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
