@@ -283,3 +283,15 @@ def test_importing_raymodule_does_not_import_matplotlib():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_the_controller_and_a_lone_workers_modules_import_neither_mxnet_nor_torch():
+    """A module family's workers are placed by its controller's first call, and a worker
+    imports torch only to join a group: MXNet or torch imported before then would hold up
+    every start by seconds of CPU."""
+    code = (
+        "import sys, raymodule.controller.actor, raymodule.worker.actor; "
+        "print(sorted({'mxnet', 'torch'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr[-2000:]

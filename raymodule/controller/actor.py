@@ -16,6 +16,10 @@ Its states, each change logged once::
     any -> FAILED (the run cannot go on: every later call says why) ; any -> CLOSED
 
 The decisions are :mod:`.policy`'s; the controller acts on them.
+
+MXNet (``raymodule.data``) is imported when a call needs it, not with this module: a module
+family's workers are placed by the controller's first call, and importing MXNet first took
+seconds of CPU before any of them started.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ from dataclasses import dataclass
 
 import ray
 
-from .. import data
 from ..constants import Settings
 from ..errors import (
     WorkerLostError,
@@ -577,10 +580,12 @@ class Controller:
             return
         work_load = self._balancer.work_load(self._slot_count)
         work_load = [change["weights"].get(slot, w) for slot, w in enumerate(work_load)]
+        from ..data import split_shapes  # MXNet: see the module's docstring
+
         try:  # every member keeps a sample of every module's batch, or nothing moves
             for replica in self._replicas.values():
                 if replica.shapes is not None:
-                    data.split_shapes(*replica.shapes, [work_load[s] for s in slots])
+                    split_shapes(*replica.shapes, [work_load[s] for s in slots])
         except ValueError as err:
             log.info("raymodule controller: work split kept: %s", err)
             return

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import data
-
 __all__ = ["Replica"]
 
 
@@ -42,4 +40,6 @@ class Replica:
 
     def split(self, slots: list[int]) -> list:
         """Each member's ``(data_shapes, label_shapes)``, the members holding ``slots``."""
-        return data.split_shapes(*self.shapes, [self.work_load[s] for s in slots])[1]
+        from ..data import split_shapes  # MXNet: see actor.py
+
+        return split_shapes(*self.shapes, [self.work_load[s] for s in slots])[1]
