@@ -3,8 +3,8 @@
 Telemetry is off and keys are enforced; the server is stopped by PID. It leaves nothing
 behind: its log files go into its folder, and the Unix sockets it makes in /tmp (SeaweedFS
 names them ``/tmp/seaweedfs-<role>[-grpc]-<port>.sock``, whatever TMPDIR says) are removed with
-that folder. It counts the S3 requests it answers
-(:meth:`SeaweedS3.requests`, from its Prometheus metrics on 127.0.0.1).
+that folder. It counts the S3 requests it answers (:meth:`SeaweedS3.requests`, from its
+Prometheus metrics on 127.0.0.1).
 """
 
 from __future__ import annotations
@@ -167,8 +167,8 @@ class SeaweedS3:
         self._remove_sockets()
 
     def _remove_sockets(self) -> None:
-        """The sockets of this server's ports (each gRPC port is its HTTP port + 10000); the
-        process is gone, so nobody else holds them."""
+        """Removes the sockets of this server's ports (each gRPC port is its HTTP port +
+        10000); the process is gone, so nobody else holds them."""
         for port in self.ports or []:
             for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 sock.unlink(missing_ok=True)
