@@ -14,6 +14,7 @@ timeout is 60 s). Stops every Ray process it started.
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 
 import mxnet as mx
@@ -21,6 +22,7 @@ import numpy as np
 import ray
 
 from raymodule.worker.collective import Collective, free_address
+from raymodule.worker.shm import SameNode
 
 SIZES = (1, 7, 1001)
 BUCKETS = (1 << 20, 64, 1 << 20)  # bucket bytes of the sums on two nodes: one bucket, many
@@ -43,9 +45,13 @@ class Rank:
     def address(self) -> str:
         return free_address()
 
-    def join(self, world_size: int, rank: int, address: str, timeout_s: float = 60) -> None:
-        self.collective = Collective(world_size, rank, address, "gloo", timeout_s)
+    def join(self, world_size: int, rank: int, rendezvous, timeout_s: float = 60) -> None:
+        self.collective = Collective(world_size, rank, rendezvous, "gloo", timeout_s)
         self.calls = 0
+
+    def loaded(self, module: str) -> bool:
+        """Whether this rank's process imported ``module``."""
+        return module in sys.modules
 
     def local_ranks(self) -> int:
         """How many ranks of the group share this rank's node (and its shared memory)."""
@@ -79,9 +85,15 @@ def arrays(world_size: int, seed: int = 0) -> list[list[np.ndarray]]:
     ]
 
 
-def form(ranks: list) -> None:
-    address = ray.get(ranks[0].address.remote(), timeout=60)
-    ray.get([r.join.remote(len(ranks), i, address) for i, r in enumerate(ranks)], timeout=120)
+def form(ranks: list, same_node: bool = False) -> None:
+    """Forms a group of ``ranks``: at rank 0's store, or (``same_node``: they all run on this
+    node) in shared memory, as the controller forms one node's workers."""
+    if same_node:
+        pids = ray.get([r.pid.remote() for r in ranks], timeout=60)
+        rendezvous = SameNode(tuple(pids), secrets.token_hex(4))
+    else:
+        rendezvous = ray.get(ranks[0].address.remote(), timeout=60)
+    ray.get([r.join.remote(len(ranks), i, rendezvous) for i, r in enumerate(ranks)], timeout=120)
 
 
 def check_sums(ranks: list, bucket_bytes: int, seed: int = 0, nodes=None) -> None:

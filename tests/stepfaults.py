@@ -62,7 +62,8 @@ def worker_class(plan: dict, marks) -> type:
 
         def __init__(self, *args):
             super().__init__(*args)
-            from raymodule.worker import collective  # noqa: F401 - up means ready to join
+            # up means ready to join a group across nodes, as describe() makes it there
+            from raymodule.worker import collective, process_group  # noqa: F401
 
             Path(marks, f"up-{os.getpid()}").touch()
 

@@ -295,3 +295,15 @@ def test_the_controller_and_a_lone_workers_modules_import_neither_mxnet_nor_torc
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_raymodules_processes_import_mxnet_without_sklearn_which_stays_importable():
+    """Workers and controllers import MXNet with scikit-learn hidden (MXNet loads it for the
+    deprecated FeedForward only); a user's code there can import it afterwards."""
+    code = (
+        "import sys; from raymodule.mxnet_import import import_mxnet; import_mxnet(); "
+        "import mxnet; print('sklearn' in sys.modules, mxnet.model.BASE_ESTIMATOR is object); "
+        "import sklearn.base; print('sklearn' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["False", "True", "True"], out.stderr[-2000:]

@@ -39,10 +39,11 @@ def ranks(request):
         ray.kill(r)
 
 
+@pytest.mark.parametrize("same_node", [False, True], ids=["store", "same-node"])
 @pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_sums_equal_numpy_and_agree_bit_for_bit_on_one_node(ranks, world_size):
+def test_sums_equal_numpy_and_agree_bit_for_bit_on_one_node(ranks, world_size, same_node):
     group = ranks(world_size)
-    form(group)
+    form(group, same_node)
     assert ray.get([r.local_ranks.remote() for r in group]) == [world_size] * world_size
     # many buckets first, then one bucket larger than any of them: the segment grows
     for step, bucket_bytes in enumerate((64, 1 << 20, 64)):
@@ -50,15 +51,19 @@ def test_sums_equal_numpy_and_agree_bit_for_bit_on_one_node(ranks, world_size):
     # one node: all of the time in shared memory, none on gloo
     tiers = ray.get([r.tier_s.remote() for r in group], timeout=60)
     assert all(t["shared memory"] > 0 and t["gloo"] == 0 for t in tiers), tiers
+    # met in shared memory: no rank imported torch (seconds of CPU each)
+    loaded = ray.get([r.loaded.remote("torch") for r in group], timeout=60)
+    assert loaded == [not same_node] * world_size
     ray.get([r.close.remote() for r in group], timeout=60)
     ray.get([r.close.remote() for r in group], timeout=60)  # idempotent
     assert segments(ray.get([r.pid.remote() for r in group])) == []
 
 
-def test_a_peer_killed_in_a_sum_fails_the_others_at_once_and_leaks_no_segment(ranks):
+@pytest.mark.parametrize("same_node", [False, True], ids=["store", "same-node"])
+def test_a_peer_killed_in_a_sum_fails_the_others_at_once_and_leaks_no_segment(ranks, same_node):
     group = ranks(3)
     pids = ray.get([r.pid.remote() for r in group])
-    form(group)  # timeout 60 s
+    form(group, same_node)  # timeout 60 s
     check_sums(group, 64)
     ray.get(group[2].set_death.remote(2))
     calls = [r.reduce.remote(p, 64) for r, p in zip(group, arrays(3))]
@@ -70,7 +75,7 @@ def test_a_peer_killed_in_a_sum_fails_the_others_at_once_and_leaks_no_segment(ra
     ray.get([r.close.remote() for r in group[:2]], timeout=60)
     assert segments(pids) == []
     # the survivors form a new group in the same processes
-    form(group[:2])
+    form(group[:2], same_node)
     check_sums(group[:2], 1 << 20)
     ray.get([r.close.remote() for r in group[:2]], timeout=60)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import sys
 
 import mxnet as mx
@@ -11,7 +13,9 @@ import ray
 from conftest import Interrupted, interrupt_at, max_relative_diff
 
 import raymodule
-from raymodule.worker.collective import Collective, free_address, sum_rows
+from raymodule.worker.collective import Collective, free_address
+from raymodule.worker.process_group import sum_rows
+from raymodule.worker.shm import SameNode
 
 ROWS, WIDTH, IDS, BATCH = 40, 6, 3, 12
 OPTIMIZERS = [
@@ -124,8 +128,11 @@ class Rank:
     def address(self) -> str:
         return free_address()
 
-    def join(self, world_size: int, rank: int, address: str) -> None:
-        self.collective = Collective(world_size, rank, address, "gloo", 60)
+    def pid(self) -> int:
+        return os.getpid()
+
+    def join(self, world_size: int, rank: int, rendezvous) -> None:
+        self.collective = Collective(world_size, rank, rendezvous, "gloo", 60)
 
     def reduce(self, ids, rows, shape, dense) -> tuple:
         grad = mx.nd.sparse.row_sparse_array((rows, ids), shape=shape)
@@ -137,11 +144,18 @@ class Rank:
         self.collective.close()
 
 
-def test_row_sparse_gradients_are_gathered_as_rows_on_a_real_group():
+@pytest.mark.parametrize("same_node", [False, True], ids=["store", "same-node"])
+def test_row_sparse_gradients_are_gathered_as_rows_on_a_real_group(same_node):
+    """At rank 0's store; or met in shared memory, where the group makes its process group
+    (torch) at its first row-sparse sum, rank 0 handing its port over in shared memory."""
     ranks = [Rank.remote(), Rank.remote()]
     try:
-        address = ray.get(ranks[0].address.remote(), timeout=60)
-        ray.get([r.join.remote(2, i, address) for i, r in enumerate(ranks)], timeout=120)
+        if same_node:
+            pids = ray.get([r.pid.remote() for r in ranks], timeout=60)
+            rendezvous = SameNode(tuple(pids), secrets.token_hex(4))
+        else:
+            rendezvous = ray.get(ranks[0].address.remote(), timeout=60)
+        ray.get([r.join.remote(2, i, rendezvous) for i, r in enumerate(ranks)], timeout=120)
         shape = (1000, 4)
         parts = [  # per step, each rank's (ids, rows): a row both touch; a rank touching none
             [

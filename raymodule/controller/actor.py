@@ -17,15 +17,17 @@ Its states, each change logged once::
 
 The decisions are :mod:`.policy`'s; the controller acts on them.
 
-MXNet (``raymodule.data``) is imported when a call needs it, not with this module: a module
-family's workers are placed by the controller's first call, and importing MXNet first took
-seconds of CPU before any of them started.
+MXNet is not imported with this module: a module family's workers are placed by the
+controller's first call (:meth:`Controller.start`), which imports MXNet while they start, and
+importing it first took seconds of CPU before any of them started. ``raymodule.data`` is
+imported where it is used.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from ..errors import (
     WorkerLostError,
     first_line,
 )
+from ..mxnet_import import import_mxnet
 from ..worker import ModuleWorker  # light: MXNet is imported in the worker process only
 from . import chunks, policy
 from .balance import Balancer
@@ -149,7 +152,13 @@ class Controller:
     def start(self, start_with: int | None = None) -> tuple:
         """Places the workers and forms their group: of every slot, or once ``start_with`` are
         up (the others pending, admitted by an elastic run as they come up)."""
-        self.members = self._group.start(self._backend, start_with)
+        # MXNet, which the next calls' arguments need, loads while the workers start
+        importer = threading.Thread(target=import_mxnet, name="raymodule-import-mxnet")
+        importer.start()
+        try:
+            self.members = self._group.start(self._backend, start_with)
+        finally:
+            importer.join()
         self._synced = set(self.members.slots)
         pending = f", slots {list(self.members.pending)} pending" if self.members.pending else ""
         self._enter(

@@ -12,6 +12,7 @@ resources, join the run as they come up.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 
 import ray
@@ -26,6 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..constants import Settings
 from ..errors import PlacementError, WorkerError, WorkerLostError, first_line
+from ..worker.shm import SameNode
 from .membership import Membership
 
 __all__ = ["WorkerGroup", "draining_nodes"]
@@ -343,11 +345,13 @@ class WorkerGroup:
     def form(self, backend: str) -> tuple[Membership, dict[int, str]]:
         """A new collective group among the members (a fresh rendezvous, the next generation);
         returns the :meth:`membership` and the slots whose member died or stayed silent
-        meanwhile, with why (no group was formed then: remove them and form again).
+        meanwhile, with why (no group was formed then: remove them and form again). Members
+        all on one node summing through shared memory meet there (:class:`SameNode`); others
+        at a store rank 0 serves.
 
         Each phase is bounded: leaving by the collective timeout (a member still in a
-        collective fails within it), the rendezvous by twice that (torch's store, then the
-        group's connections, each bounded by it)."""
+        collective fails within it), the rendezvous by twice that (the store or the shared
+        memory, then the group's connections, each bounded by it)."""
         self.generation += 1
         slots = sorted(self.members)
         workers = [self.members[s] for s in slots]
@@ -355,15 +359,27 @@ class WorkerGroup:
         leaving = [w.leave.remote(self.generation) for w in workers]
         lost = _unresponsive(slots, leaving, timeout_s)
         if not lost and len(workers) > 1:
-            address = workers[0].rendezvous_address.remote()
-            lost = _unresponsive(slots[:1], [address], timeout_s)
+            rendezvous = self._same_node(slots, backend)
+            if rendezvous is None:
+                rendezvous = workers[0].rendezvous_address.remote()
+                lost = _unresponsive(slots[:1], [rendezvous], timeout_s)
             if not lost:
+                generation = self.generation
                 refs = [
-                    w.join.remote(len(workers), rank, address, backend, timeout_s, self.generation)
+                    w.join.remote(len(workers), rank, rendezvous, backend, timeout_s, generation)
                     for rank, w in enumerate(workers)
                 ]
                 lost = _unresponsive(slots, refs, 2 * timeout_s)
         return self.membership(), lost
+
+    def _same_node(self, slots: list[int], backend: str) -> SameNode | None:
+        """The shared-memory rendezvous of members ``slots`` when they all run on one node
+        and sum through shared memory (gloo, not switched off); else None."""
+        where = [self.nodes.get(slot, {}) for slot in slots]
+        nodes = {place.get("node") for place in where}
+        if backend != "gloo" or not self.settings.shm_allreduce or len(nodes) != 1 or None in nodes:
+            return None
+        return SameNode(tuple(place["pid"] for place in where), secrets.token_hex(4))
 
     def stop(self) -> None:
         for worker in [*self.members.values(), *self.pending.values()]:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 from ..checkpoint.snapshot import Snapshot
 from ..errors import GroupBrokenError, first_line
+from ..mxnet_import import import_mxnet
 
 __all__ = ["ModuleWorker"]
 
@@ -44,6 +45,7 @@ def _import_runtime() -> None:
     global ndarray_view
     global IndexedParts, StreamParts, StreamReader
     os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # no backend banner per executor
+    import_mxnet()
     import mxnet as mx
     import numpy as np
     from mxnet.io import DataBatch
@@ -98,11 +100,17 @@ class ModuleWorker:
     def describe(self, grouped: bool = True) -> dict:
         """Where this worker runs: its node and process (also: the actor is up). A worker
         that may have peers (``grouped``) has the collective's modules imported by then, so
-        that forming a group waits for no imports; one that never will does without torch."""
+        that forming a group waits for no imports: torch too when its group may need the
+        network (a cluster of several nodes, or no shared-memory sum). One that never will,
+        or whose group can only be on its node, does without torch."""
         import ray
 
         if grouped:
-            from . import collective  # noqa: F401 - torch: seconds of CPU
+            from . import collective  # noqa: F401 - MXNet's, already imported; numpy
+
+            alive = sum(1 for node in ray.nodes() if node["Alive"])
+            if alive > 1 or not self._shm_allreduce or self.device.device_type != "cpu":
+                from . import process_group  # noqa: F401 - torch: seconds of CPU
 
         return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
@@ -126,12 +134,14 @@ class ModuleWorker:
             gc.collect()
         self._broken = None
 
-    def join(self, world_size, rank, address, backend, timeout_s, generation) -> None:
+    def join(self, world_size, rank, rendezvous, backend, timeout_s, generation) -> None:
+        """Joins generation ``generation`` of the group as ``rank``; ``rendezvous``: rank 0's
+        address, or the shared memory's (:class:`~raymodule.worker.shm.SameNode`)."""
         from .collective import Collective
 
         self.leave()
         self._collective = Collective(
-            world_size, rank, address, backend, timeout_s, shared_memory=self._shm_allreduce
+            world_size, rank, rendezvous, backend, timeout_s, shared_memory=self._shm_allreduce
         )
         self._generation = generation
 

@@ -10,9 +10,12 @@ only: it imports MXNet.
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import mxnet as mx
+import numpy as np
+from mxnet.base import _LIB, check_call
 
 __all__ = [
     "apply_update",
@@ -22,6 +25,7 @@ __all__ = [
     "exec_group_facts",
     "gradient_arrays",
     "host_params",
+    "host_view",
     "param_stypes",
     "update_per_parameter",
     "updater",
@@ -36,6 +40,21 @@ def param_stypes(mod: mx.mod.Module) -> dict[str, tuple[str, str | None]]:
         name: (a[0].stype, g[0].stype if g[0] is not None else None)
         for name, a, g in zip(group.param_names, group.param_arrays, grads)
     }
+
+
+def host_view(array: mx.nd.NDArray) -> np.ndarray:
+    """A writable numpy array over a dense CPU NDArray's own memory, once MXNet's pending
+    reads and writes of it are done (MXNet's public ``asnumpy`` copies; its DLPack export
+    makes numpy arrays read-only). Valid while ``array`` lives; MXNet's engine does not see
+    writes through it, so nothing may be queued on ``array`` meanwhile."""
+    check_call(_LIB.MXNDArrayWaitToWrite(array.handle))
+    if array.size == 0:
+        return np.empty(array.shape, array.dtype)
+    pointer = ctypes.c_void_p()
+    check_call(_LIB.MXNDArrayGetData(array.handle, ctypes.byref(pointer)))
+    dtype = np.dtype(array.dtype)
+    memory = (ctypes.c_byte * (array.size * dtype.itemsize)).from_address(pointer.value)
+    return np.frombuffer(memory, dtype).reshape(array.shape)
 
 
 def host_params(mod: mx.mod.Module) -> tuple[dict, dict]:

@@ -33,20 +33,30 @@ import select
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
-import torch
 
-__all__ = ["LocalGroup", "remove_stale_segments"]
+__all__ = ["LocalGroup", "SameNode", "remove_stale_segments"]
 
 PREFIX = "raymodule-"
 _NAME = re.compile(rf"{PREFIX}(\d+)-[0-9a-f]+-\d+")  # a segment's name; the creator's pid
 ALIGN = 64  # bytes: each data slot starts on a cache line
-_BROKEN, _DATA_NUMBER, _HEADER = 0, 1, 2
+_BROKEN, _DATA_NUMBER, _PORT, _HEADER = 0, 1, 2, 3
 _CHECK_INTERVAL_S = 0.001  # how often a wait looks at the peers and the clock
 _CLOSE_WAIT_S = 1.0  # how long close waits for a sum running in another thread to end
+
+
+@dataclass(frozen=True)
+class SameNode:
+    """The rendezvous of a gradient group whose ranks all run on one node: the ranks'
+    processes (``pids``, in rank order) and ``token``, which names the generation's shared
+    memory (its leader's control segment is ``raymodule-<pids[0]>-<token>-1``)."""
+
+    pids: tuple[int, ...]
+    token: str
 
 
 def remove_stale_segments() -> list[str]:
@@ -104,8 +114,9 @@ class LocalGroup:
     """The co-located ranks of a gradient group, summing buckets through shared memory.
 
     ``index`` is this rank's place among the ``ranks`` (global ranks, ascending) whose
-    processes are ``pids``; index 0 is the leader. ``publish(name)`` and ``lookup()`` pass the
-    control segment's name from the leader to the others (the group's rendezvous store).
+    processes are ``pids``; index 0 is the leader. The others find the leader's control
+    segment through ``publish(name)`` and ``lookup()`` (the group's rendezvous store), or,
+    without them, by its name: the leader's pid and ``token``, which every rank was given.
     """
 
     def __init__(
@@ -114,17 +125,18 @@ class LocalGroup:
         pids: list[int],
         index: int,
         timeout_s: float,
-        publish: Callable[[str], None],
-        lookup: Callable[[], str],
+        publish: Callable[[str], None] | None = None,
+        lookup: Callable[[], str] | None = None,
+        token: str | None = None,
     ):
         self.size, self.index, self.timeout_s = len(ranks), index, timeout_s
         self._rank = ranks[index]
         self._peers = [_Peer(r, p) for i, (r, p) in enumerate(zip(ranks, pids)) if i != index]
-        self._prefix = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}-"
+        self._prefix = f"{PREFIX}{pids[0]}-{token or secrets.token_hex(4)}-"
         self._segments: dict[str, SharedMemory] = {}  # name: mapped, linked or not
         self._linked: set[str] = set()  # of those, the ones this rank created and still links
         self._data: SharedMemory | None = None
-        self._bytes: torch.Tensor | None = None  # the data segment, as bytes
+        self._bytes: np.ndarray | None = None  # the data segment, as bytes
         self._slot_bytes = 0
         self._number = 1  # the leader's: the number of the segment it created last
         self._seq = 0
@@ -135,10 +147,12 @@ class LocalGroup:
             remove_stale_segments()
             name = self._create(1, control_bytes)
             self._control = self._segments[name]
-            publish(name)
+            if publish is not None:
+                publish(name)
+        elif lookup is not None:
+            self._control = self._attach(lookup())
         else:
-            name = lookup()
-            self._control = self._attach(name)
+            self._control = self._attach_when_created(f"{self._prefix}1")
         self._slots = np.ndarray((_HEADER + 2 * self.size,), np.int64, self._control.buf)
         self._seqs = self._slots[_HEADER : _HEADER + self.size]
         self._attached = self._slots[_HEADER + self.size :]
@@ -176,47 +190,60 @@ class LocalGroup:
             name = f"{self._control.name.rsplit('-', 1)[0]}-{number}"
             self._attach(name)
         self._data = self._segments[name]
-        self._bytes = torch.frombuffer(self._data.buf, dtype=torch.uint8)
+        self._bytes = np.frombuffer(self._data.buf, np.uint8)
         self._slot_bytes = slot_bytes
         self._attached[self.index] = number
         if self.leader:
             self._unlink_when_attached(name, number)
 
-    def sum(self, tensors: list[torch.Tensor], dtype: torch.dtype, after_sum=None) -> None:
-        """Sums ``tensors`` (this rank's bucket; together at most :meth:`reserve`'s bytes) over
-        the local group in place, as one flat array of ``dtype``. ``after_sum``, if given, is
-        called by the leader on the local sum (a flat tensor) before anyone copies it out:
-        the sum across nodes."""
+    def sum(self, arrays: list[np.ndarray], dtype: np.dtype, after_sum=None) -> None:
+        """Sums ``arrays`` (this rank's bucket, writable; together at most :meth:`reserve`'s
+        bytes) over the local group in place, as one flat array of ``dtype``. ``after_sum``,
+        if given, is called by the leader on the local sum (a flat array) before anyone copies
+        it out: the sum across nodes."""
         with self._busy:
-            self._sum(tensors, dtype, after_sum)
+            self._sum(arrays, np.dtype(dtype), after_sum)
 
-    def _sum(self, tensors: list[torch.Tensor], dtype: torch.dtype, after_sum) -> None:
+    def _sum(self, arrays: list[np.ndarray], dtype: np.dtype, after_sum) -> None:
         try:
-            count = sum(t.numel() for t in tensors)
-            width = torch.empty((), dtype=dtype).element_size()
-            slots = [self._flat(k, count, dtype, width) for k in range(self.size + 1)]
+            count = sum(a.size for a in arrays)
+            slots = [self._flat(k, count, dtype) for k in range(self.size + 1)]
             offset = 0
-            for t in tensors:
-                slots[self.index][offset : offset + t.numel()].copy_(t.reshape(-1))
-                offset += t.numel()
+            for a in arrays:
+                slots[self.index][offset : offset + a.size] = a.reshape(-1)
+                offset += a.size
             self._barrier()
             lo, hi = (count * self.index // self.size, count * (self.index + 1) // self.size)
             summed = slots[self.size][lo:hi]
-            summed.copy_(slots[0][lo:hi])
+            summed[...] = slots[0][lo:hi]
             for k in range(1, self.size):
-                summed.add_(slots[k][lo:hi])
+                np.add(summed, slots[k][lo:hi], out=summed)
             self._barrier()
             if after_sum is not None:
                 if self.leader:
                     after_sum(slots[self.size])
                 self._barrier()
             offset = 0
-            for t in tensors:
-                t.copy_(slots[self.size][offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
+            for a in arrays:
+                a[...] = slots[self.size][offset : offset + a.size].reshape(a.shape)
+                offset += a.size
         except BaseException:
             self.abort()
             raise
+
+    def share_port(self, port: int | None = None) -> int:
+        """The leader's ``port``, given to every local rank (the others call this without
+        one and wait for it): the rendezvous of a group over the network, made later."""
+        with self._busy:
+            try:
+                if self.leader:
+                    self._slots[_PORT] = port
+                else:
+                    self._wait(lambda: self._slots[_PORT] != 0)
+                return int(self._slots[_PORT])
+            except BaseException:
+                self.abort()
+                raise
 
     def abort(self) -> None:
         """Tells the local peers that the group is broken: their waits raise."""
@@ -246,9 +273,9 @@ class LocalGroup:
         finally:
             self._busy.release()
 
-    def _flat(self, slot: int, count: int, dtype: torch.dtype, width: int) -> torch.Tensor:
+    def _flat(self, slot: int, count: int, dtype: np.dtype) -> np.ndarray:
         start = slot * self._slot_bytes
-        return self._bytes[start : start + count * width].view(dtype)
+        return self._bytes[start : start + count * dtype.itemsize].view(dtype)
 
     def _barrier(self) -> None:
         self._seq += 1
@@ -294,6 +321,26 @@ class LocalGroup:
         self._segments[name] = _segment(name, size)
         self._linked.add(name)
         return name
+
+    def _attach_when_created(self, name: str) -> SharedMemory:
+        """Attaches the segment ``name`` once the leader created it; raises if the leader
+        dies or the collective timeout passes first."""
+        start = time.monotonic()
+        while True:
+            try:
+                return self._attach(name)
+            except FileNotFoundError:
+                pass
+            if self._peers[0].dead():
+                raise RuntimeError(
+                    f"rank {self._peers[0].rank} (pid {self._peers[0].pid}), this node's "
+                    "leader, died before it made the group's shared memory"
+                )
+            if time.monotonic() - start > self.timeout_s:
+                raise TimeoutError(
+                    f"this node's leader made no shared memory {name} in {self.timeout_s:g} s"
+                )
+            time.sleep(_CHECK_INTERVAL_S)
 
     def _attach(self, name: str) -> SharedMemory:
         self._segments[name] = _segment(name)
