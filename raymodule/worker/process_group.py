@@ -65,6 +65,7 @@ class ProcessGroup:
         self._world_size = world_size
         self.store = None
         self._timeout = datetime.timedelta(seconds=timeout_s)
+        self.close()  # one a close overtook (made in the reducing thread as the group broke)
         if backend == "gloo":
             # torch's own process group bounds every collective with `timeout`; Ray's wrapper
             # then adopts it as the default group (Ray's gloo_timeout bounds only rendezvous).
@@ -151,11 +152,16 @@ class ProcessGroup:
         return out
 
     def close(self) -> None:
-        """Leaves Ray's wrapper and torch's WORLD (gone already, or never made: nothing)."""
-        for leave in (lambda: col.destroy_collective_group(GROUP_NAME), dist.destroy_process_group):
+        """Leaves Ray's wrapper and torch's WORLD, those that exist."""
+        if col.is_group_initialized(GROUP_NAME):
             try:
-                leave()
-            except Exception:  # noqa: BLE001 - already gone, or never made
+                col.destroy_collective_group(GROUP_NAME)
+            except Exception:  # noqa: BLE001 - broken by a lost peer: gone with it
+                pass
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - as above
                 pass
 
 
