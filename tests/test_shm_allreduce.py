@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import glob
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import ray
 from shm_ranks import Rank, arrays, check_sums, form
 
-from raymodule.worker.shm import remove_stale_segments
+from raymodule.worker.shm import LocalGroup, remove_stale_segments
 
 HERE = Path(__file__).resolve().parent
 
@@ -109,3 +112,32 @@ def test_segments_of_dead_creators_are_removed_and_others_kept():
     finally:
         for name in (dead, alive):
             Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+def test_a_rank_meeting_by_name_waits_for_the_leaders_segment_to_be_sized():
+    """The leader makes its control segment in two steps (shm_open, then ftruncate); a rank
+    that finds it by name (a SameNode group) in between waits instead of failing on an
+    empty file, which left the leader waiting out the collective timeout."""
+    token = secrets.token_hex(4)
+    path = Path("/dev/shm", f"raymodule-{os.getpid()}-{token}-1")
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)  # created, not sized yet
+    joined: dict = {}
+
+    def join():
+        try:
+            joined["group"] = LocalGroup([0, 1], [os.getpid()] * 2, 1, 10.0, token=token)
+        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            joined["error"] = err
+
+    try:
+        rank = threading.Thread(target=join)
+        rank.start()
+        time.sleep(0.3)
+        assert rank.is_alive() and not joined, joined  # waiting, not failed
+        os.ftruncate(fd, 4096)  # the leader sized it
+        rank.join(timeout=10)
+        assert "group" in joined, joined
+        joined["group"].close()
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)

@@ -323,12 +323,13 @@ class LocalGroup:
         return name
 
     def _attach_when_created(self, name: str) -> SharedMemory:
-        """Attaches the segment ``name`` once the leader created it; raises if the leader
-        dies or the collective timeout passes first."""
+        """Attaches the segment ``name`` once the leader created and sized it; raises if the
+        leader dies or the collective timeout passes first."""
         start = time.monotonic()
         while True:
-            try:
-                return self._attach(name)
+            try:  # empty: created, not yet sized (shm_open, then ftruncate)
+                if os.stat(os.path.join("/dev/shm", name)).st_size > 0:
+                    return self._attach(name)
             except FileNotFoundError:
                 pass
             if self._peers[0].dead():
