@@ -4,8 +4,9 @@ A worker holds one ``mx.mod.Module`` per raymodule module bound on it (modules b
 ``shared_module`` share parameters and memory here exactly as in MXNet), and this process's
 membership in the gradient group. It never imports the facade.
 
-MXNet (and torch, for the collective) are imported in the worker process only, when the actor
-starts: the controller creates workers from this class without paying seconds of imports.
+MXNet is imported in the worker process only, when the actor starts, and torch only when its
+group needs the network (:mod:`.collective` says when): the controller creates workers from
+this class without paying seconds of imports.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class ModuleWorker:
         import ray
 
         if grouped:
-            from . import collective  # noqa: F401 - MXNet's, already imported; numpy
+            from . import collective  # noqa: F401 - light: MXNet is imported already
 
             alive = sum(1 for node in ray.nodes() if node["Alive"])
             if alive > 1 or not self._shm_allreduce or self.device.device_type != "cpu":
