@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -15,6 +16,9 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 _OWN_TMPDIR = None if "RAY_TMPDIR" in os.environ else tempfile.mkdtemp(prefix="rmt-", dir="/tmp")
 if _OWN_TMPDIR:  # short: Ray's socket paths must fit in 107 bytes
     os.environ["RAY_TMPDIR"] = _OWN_TMPDIR
+    # removed when this process exits: after the session's Ray, and also when no test ran
+    # (all deselected) or a script imported these helpers
+    atexit.register(shutil.rmtree, _OWN_TMPDIR, ignore_errors=True)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # the test S3 server's keys, in the usual AWS variables, before Ray starts: every process of
 # the session has them, as every process of a cluster has its storage credentials (checkpoint
@@ -41,8 +45,6 @@ def ray_session():
     )
     yield
     ray.shutdown()
-    if _OWN_TMPDIR:
-        shutil.rmtree(_OWN_TMPDIR, ignore_errors=True)
 
 
 def mlp(hidden=(32, 16), classes=10):
