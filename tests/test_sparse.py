@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 import sys
 
 import mxnet as mx
@@ -11,11 +10,11 @@ import numpy as np
 import pytest
 import ray
 from conftest import Interrupted, interrupt_at, max_relative_diff
+from shm_ranks import form
 
 import raymodule
 from raymodule.worker.collective import Collective, free_address
 from raymodule.worker.process_group import sum_rows
-from raymodule.worker.shm import SameNode
 
 ROWS, WIDTH, IDS, BATCH = 40, 6, 3, 12
 OPTIMIZERS = [
@@ -150,12 +149,7 @@ def test_row_sparse_gradients_are_gathered_as_rows_on_a_real_group(same_node):
     (torch) at its first row-sparse sum, rank 0 handing its port over in shared memory."""
     ranks = [Rank.remote(), Rank.remote()]
     try:
-        if same_node:
-            pids = ray.get([r.pid.remote() for r in ranks], timeout=60)
-            rendezvous = SameNode(tuple(pids), secrets.token_hex(4))
-        else:
-            rendezvous = ray.get(ranks[0].address.remote(), timeout=60)
-        ray.get([r.join.remote(2, i, rendezvous) for i, r in enumerate(ranks)], timeout=120)
+        form(ranks, same_node)
         shape = (1000, 4)
         parts = [  # per step, each rank's (ids, rows): a row both touch; a rank touching none
             [
