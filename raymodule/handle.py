@@ -1,6 +1,7 @@
 """The client's handle on a module family's controller (and, through it, its workers).
 
-Every call goes to the controller (:mod:`raymodule.controller`), which calls the workers; each
+Every call goes to the controller (:mod:`raymodule.controller`), which calls the workers, with
+the MXNet objects among its arguments sealed (:mod:`raymodule.sealed`); each
 reply carries the controller's view of the membership, kept here for the facades (the work
 split, where arrays live) and for the run's record of membership changes. A call the client
 does not read (:meth:`ControllerHandle.post`) fails at the next one that it reads, as MXNet's
@@ -28,7 +29,9 @@ from .controller import policy
 from .controller.actor import EveryWorkerLost, RemoteController
 from .controller.membership import Membership
 from .controller.waits import forming_s, in_words, longest_call_s
+from .data import batch_size_of
 from .errors import RayModuleError, WorkerLostError, first_line
+from .sealed import seal, seal_objects
 
 __all__ = ["ControllerHandle"]
 
@@ -134,6 +137,7 @@ class ControllerHandle:
         """Calls ``method(*args, *per_worker[rank])`` on every worker (or ``ranks``); its
         error surfaces at the next call read."""
         self._usable()
+        args, per_worker = seal_objects(args), seal_objects(per_worker)
         self.controller.post.remote(method, args, per_worker, ranks, self.generation)
         self._posted += 1
         if self._posted > _MAX_UNCHECKED:
@@ -141,6 +145,7 @@ class ControllerHandle:
 
     def call(self, method: str, *args, per_worker=None, ranks=None) -> list:
         """Calls ``method`` on the workers and returns their results, in rank order."""
+        args, per_worker = seal_objects(args), seal_objects(per_worker)
         return self._read("call", method, args, per_worker, ranks, self.generation)
 
     def sync(self) -> None:
@@ -149,20 +154,22 @@ class ControllerHandle:
 
     def create(self, mid: int, args: tuple, per_slot: list) -> None:
         self._usable()
-        self.controller.create.remote(mid, args, per_slot)
+        self.controller.create.remote(mid, seal_objects(args), seal_objects(per_slot))
 
     def bind(
         self, mid: int, args: tuple, shapes: tuple, work_load: list, balance: bool = False
     ) -> dict:
-        return self._read("bind", mid, args, shapes, work_load, balance)
+        """Binds a module's replicas to the global ``(data_shapes, label_shapes)``."""
+        size = batch_size_of(shapes[0])
+        return self._read("bind", mid, seal_objects(args), seal(shapes), size, work_load, balance)
 
     def reshape(self, mid: int, shapes: tuple) -> None:
         self._usable()
-        self.controller.reshape.remote(mid, shapes)
+        self.controller.reshape.remote(mid, seal(shapes), batch_size_of(shapes[0]))
 
     def set_metric(self, metric) -> None:
         self._usable()
-        self.controller.set_metric.remote(metric)
+        self.controller.set_metric.remote(seal_objects(metric))
 
     def advance(self, kind: str, spec: dict | None, keep: int) -> dict:
         """Sends a chunk of steps and reads finished ones (:meth:`Controller.advance`)."""

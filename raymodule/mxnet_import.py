@@ -1,4 +1,4 @@
-"""Importing MXNet in raymodule's own processes (workers, controllers) without scikit-learn.
+"""Importing MXNet in raymodule's workers without scikit-learn.
 
 MXNet 1.9's ``mxnet.model`` imports scikit-learn, when it is installed, only to make the
 deprecated ``FeedForward`` an sklearn estimator. With what scikit-learn pulls in, that is half

@@ -24,6 +24,7 @@ from mxnet.model import BatchEndParam
 
 from . import data, metrics
 from .errors import Preempted, RayModuleError, ResumeMismatch
+from .sealed import seal
 
 __all__ = ["Epoch", "run_steps", "steps"]
 
@@ -192,6 +193,7 @@ def steps(
     if indexed:
         # an ArrayDataset is put in the object store once here; the calls carry its reference
         dataset.key()
+        dataset = seal(dataset)  # the controller only relays it
     # a RayDataIter: each worker streams its own share of every batch from its split
     stream, passes = None, None
     if isinstance(data_iter, data.RayDataIter):

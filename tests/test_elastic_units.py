@@ -121,6 +121,12 @@ def replacements_never_start():
         os.remove(NEVER_UP)
 
 
+def _share(shapes, work_load: list, index: int) -> int:
+    """The samples of the global batch the worker at ``index`` binds to."""
+    share = split_slices(shapes[0][0].shape[0], work_load)[index]
+    return share.stop - share.start
+
+
 class StandIn:
     """A worker with the membership calls of raymodule's, and a step counter instead of a
     model; ``restore`` takes a peer's counter as the real one takes its parameters. It notes
@@ -183,11 +189,11 @@ class StandIn:
         self.calls.append(("create", None))
 
     def bind(self, mid, *args):
-        self.calls.append(("bind", args[-2][0].shape[0]))
+        self.calls.append(("bind", _share(*args[-3:])))
         return ["default"]
 
-    def reshape(self, mid, data_shapes, label_shapes):
-        self.calls.append(("reshape", data_shapes[0].shape[0]))
+    def reshape(self, mid, shapes, work_load, index):
+        self.calls.append(("reshape", _share(shapes, work_load, index)))
 
     def set_params(self, mid, *args):
         pass
@@ -233,7 +239,8 @@ def controller(monkeypatch):
     try:
         ctl.start()
         ctl.create(MID, (), [(None, i) for i in range(3)])
-        ctl.bind(MID, (True, False, None, "write"), ([DataDesc("data", (6, 2))], None), [1] * 3)
+        shapes = ([DataDesc("data", (6, 2))], None)
+        ctl.bind(MID, (True, False, None, "write"), shapes, 6, [1] * 3)
         ctl.post("set_params", (MID,))
         ctl.post("init_optimizer", (MID, "sgd", {}, False))
         ctl.sync()

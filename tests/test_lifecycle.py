@@ -69,6 +69,45 @@ def test_workers_load_torch_only_when_their_group_needs_the_network_and_never_sk
         assert ray.get([h.__ray_call__.remote(loaded) for h in handles], timeout=60) == [[], []]
 
 
+def test_the_controller_never_imports_mxnet():
+    """The controller relays the client's MXNet objects sealed and splits work without MXNet:
+    importing it there took seconds of CPU while the workers started. Through every path a
+    module takes: bind, fit from an NDArrayIter and from a DatasetIter (with a composite
+    metric), score, predict, reshape, the intermediate API, get_params and the read-only
+    views of MXNet's state; the objects still reach the workers and come back whole."""
+
+    def imported(controller):
+        return sorted({"mxnet", "raymodule.data.batches", "raymodule.views"} & set(sys.modules))
+
+    x, y = dataset(n=64)
+    with raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)]) as mod:
+        mod.bind([("data", (16, 20))], [("softmax_label", (16,))])
+        controller = mod.workers.controller
+        mod.fit(
+            mx.io.NDArrayIter(x, y, batch_size=16),
+            num_epoch=1,
+            optimizer_params={"learning_rate": 0.1, "momentum": 0.9},
+        )
+        mod.fit(
+            raymodule.DatasetIter(raymodule.ArrayDataset(x, y), batch_size=16),
+            num_epoch=2,
+            begin_epoch=1,
+            eval_metric=mx.metric.create(["acc", "ce"]),
+        )
+        accuracy = dict(mod.score(mx.io.NDArrayIter(x, y, batch_size=16), "acc"))["accuracy"]
+        assert 0.0 <= accuracy <= 1.0
+        assert mod.predict(mx.io.NDArrayIter(x, y, batch_size=16)).shape == (64, 10)
+        mod.reshape([("data", (8, 20))], [("softmax_label", (8,))])
+        mod.forward(mx.io.DataBatch([mx.nd.array(x[:8])], [mx.nd.array(y[:8])]), is_train=True)
+        mod.backward()
+        mod.update()
+        assert mod.get_outputs()[0].shape == (8, 10)
+        assert set(mod.get_params()[0]) == set(mod._arg_params)
+        assert len(mod._exec_group.grad_arrays) == len(mod._arg_params)
+        assert mod._updater.states  # the optimizer's states, read through the controller
+        assert ray.get(controller.__ray_call__.remote(imported), timeout=60) == []
+
+
 def worker_pid(mod, rank):
     return ray.get(mod.workers.handles[rank].__ray_call__.remote(lambda self: os.getpid()))
 

@@ -7,9 +7,13 @@ from types import SimpleNamespace
 import mxnet as mx
 import numpy as np
 import pytest
+import ray
+from mxnet.executor_manager import _split_input_slice
 
 from raymodule import data, metrics
+from raymodule import sealed as sealed_module
 from raymodule.constants import Settings
+from raymodule.sealed import Sealed, seal_objects
 from raymodule.steps import steps_per_call
 from raymodule.worker.collective import plan_buckets
 
@@ -26,6 +30,40 @@ def test_split_is_mxnets_and_weighted():
     assert data.split_slices(8, [1, 1, 2]) == [slice(0, 2), slice(2, 4), slice(4, 8)]
     with pytest.raises(ValueError, match="a batch of 2 samples cannot be split over 3"):
         data.split_slices(2, [1, 1, 1])
+    # the controller's copy of MXNet's rule gives what MXNet's own gives, or fails as it does
+    rng = np.random.default_rng(0)
+    for batch_size in (1, 2, 3, 7, 8, 64, 127, 128, 1000):
+        for n in (1, 2, 3, 4, 7):
+            for weights in ([1] * n, list(rng.uniform(0.1, 3, n)), list(range(1, n + 1))):
+                try:
+                    expected = _split_input_slice(batch_size, weights)
+                except ValueError:
+                    with pytest.raises(ValueError, match="cannot be split"):
+                        data.split_slices(batch_size, weights)
+                    continue
+                assert data.split_slices(batch_size, weights) == expected
+
+
+def test_sealed_objects_are_opened_where_they_are_used_and_plain_data_travels_as_it_is(
+    monkeypatch,
+):
+    metric, symbol, ref = mx.metric.create("acc"), mx.sym.Variable("x"), ray.put(1)
+    args = (3, "name", [symbol], {"a": np.ones(2), "m": metric}, ref, np.float32, (None, 1.5))
+    sealed = seal_objects(args)
+    assert sealed[:2] == (3, "name") and sealed[4] is ref and sealed[5] is np.float32
+    assert isinstance(sealed[2][0], Sealed) and isinstance(sealed[3]["m"], Sealed)
+    assert sealed[3]["a"] is args[3]["a"] and sealed[6] == (None, 1.5)
+    # a process that opens them (a worker; the client, reading a reply) gets the objects
+    opened = ray.get(ray.put(sealed))
+    assert opened[2][0].name == "x" and opened[3]["m"].name == "accuracy"
+    assert ray.get(opened[4]) == 1
+    # the controller's process keeps them sealed, and relays them as they came
+    monkeypatch.setattr(sealed_module, "_keep", True)
+    kept = ray.get(ray.put(sealed))
+    monkeypatch.setattr(sealed_module, "_keep", False)
+    assert isinstance(kept[2][0], Sealed) and isinstance(kept[3]["m"], Sealed)
+    relayed = ray.get(ray.put(kept))
+    assert relayed[2][0].name == "x" and relayed[3]["m"].name == "accuracy"
 
 
 def test_batch_slices_follow_each_inputs_batch_axis():

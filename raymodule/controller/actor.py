@@ -17,17 +17,16 @@ Its states, each change logged once::
 
 The decisions are :mod:`.policy`'s; the controller acts on them.
 
-MXNet is not imported with this module: a module family's workers are placed by the
-controller's first call (:meth:`Controller.start`), which imports MXNet while they start, and
-importing it first took seconds of CPU before any of them started. ``raymodule.data`` is
-imported where it is used.
+The controller never imports MXNet: that took seconds of CPU, on the cores its workers start
+on. It reads plain arguments only (module ids, sizes, weights, object references); the
+MXNet objects it relays and journals (a symbol, shapes, a metric, an optimizer, a dataset)
+arrive sealed (:mod:`raymodule.sealed`) and stay so in its process.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -35,11 +34,12 @@ from dataclasses import dataclass
 import ray
 
 from ..constants import Settings
+from ..data.parts import split_slices
 from ..errors import (
     WorkerLostError,
     first_line,
 )
-from ..mxnet_import import import_mxnet
+from ..sealed import keep_sealed
 from ..worker import ModuleWorker  # light: MXNet is imported in the worker process only
 from . import chunks, policy
 from .balance import Balancer
@@ -119,6 +119,8 @@ class Controller:
         settings: Settings,
         worker_class=ModuleWorker,
     ):
+        if ray.get_runtime_context().get_actor_id() is not None:
+            keep_sealed()  # in the actor's own process (a test may drive one in its own)
         self.settings = settings
         self._group = WorkerGroup(bundles, devices, fail_fast, settings, worker_class)
         self._backend = backend
@@ -152,13 +154,7 @@ class Controller:
     def start(self, start_with: int | None = None) -> tuple:
         """Places the workers and forms their group: of every slot, or once ``start_with`` are
         up (the others pending, admitted by an elastic run as they come up)."""
-        # MXNet, which the next calls' arguments need, loads while the workers start
-        importer = threading.Thread(target=import_mxnet, name="raymodule-import-mxnet")
-        importer.start()
-        try:
-            self.members = self._group.start(self._backend, start_with)
-        finally:
-            importer.join()
+        self.members = self._group.start(self._backend, start_with)
         self._synced = set(self.members.slots)
         pending = f", slots {list(self.members.pending)} pending" if self.members.pending else ""
         self._enter(
@@ -215,26 +211,32 @@ class Controller:
         self._create(mid, range(self.members.world_size))
 
     def bind(
-        self, mid: int, args: tuple, shapes: tuple, work_load: list, balance: bool = False
+        self,
+        mid: int,
+        args: tuple,
+        shapes,
+        batch_size: int,
+        work_load: list,
+        balance: bool = False,
     ) -> tuple:
-        """Binds a module's replicas to the global ``shapes`` ((data, label) shapes) split by
-        ``work_load`` (by slot), or with ``balance`` by the weights the controller keeps
-        adjusting (``work_load_list="auto"``); returns the storage types of worker 0's
-        parameters and their gradients."""
+        """Binds a module's replicas to the global ``shapes`` ((data, label) shapes, sealed;
+        ``batch_size`` samples) split by ``work_load`` (by slot), or with ``balance`` by the
+        weights the controller keeps adjusting (``work_load_list="auto"``); returns the storage
+        types of worker 0's parameters and their gradients."""
         replica = self._replicas[mid]
         if balance:
             if self._balancer is None:
                 self._balancer = Balancer(self.settings.balance_every_steps)
             work_load = self._balancer.work_load(self._slot_count)
-        replica.shapes, replica.work_load = shapes, work_load
+        replica.shapes, replica.batch_size, replica.work_load = shapes, batch_size, work_load
         self._sync()
         stypes = self._call("bind", mid, *args, per_worker=replica.split(self.members.slots))[0]
         replica.bind = args
         return stypes, self.view()
 
-    def reshape(self, mid: int, shapes: tuple) -> None:
+    def reshape(self, mid: int, shapes, batch_size: int) -> None:
         replica = self._replicas[mid]
-        replica.shapes = shapes
+        replica.shapes, replica.batch_size = shapes, batch_size
         self._post("reshape", mid, per_worker=replica.split(self.members.slots))
 
     def set_metric(self, metric) -> None:
@@ -589,12 +591,10 @@ class Controller:
             return
         work_load = self._balancer.work_load(self._slot_count)
         work_load = [change["weights"].get(slot, w) for slot, w in enumerate(work_load)]
-        from ..data import split_shapes  # MXNet: see the module's docstring
-
         try:  # every member keeps a sample of every module's batch, or nothing moves
             for replica in self._replicas.values():
                 if replica.shapes is not None:
-                    split_shapes(*replica.shapes, [work_load[s] for s in slots])
+                    split_slices(replica.batch_size, [work_load[s] for s in slots])
         except ValueError as err:
             log.info("raymodule controller: work split kept: %s", err)
             return

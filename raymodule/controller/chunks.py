@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..data.parts import IndexedParts, PartPlan, StreamParts, split_slices
+
 __all__ = ["Piece", "Step", "Chunk", "steps_of", "worker_args", "reads", "rehome"]
 
 
@@ -97,8 +99,6 @@ def worker_args(
     Dataset's steps, ``split`` is ``(key, shares)``: member ``rank`` streams from
     ``shares[rank]`` (:class:`raymodule.data.StreamParts`). Waits for rows are bounded by
     ``data_timeout_s``."""
-    from ..data import IndexedParts, PartPlan, StreamParts, split_slices  # MXNet: see actor.py
-
     for step, step_weights in zip(steps, weights):
         step.slices = split_slices(step.size, step_weights)
     members = len(weights[0])
@@ -164,8 +164,6 @@ def worker_args(
 def reads(members: list, args: list[tuple]) -> dict:
     """The part objects each of ``members`` reads, given :func:`worker_args`' result (none
     for a dataset's steps: the dataset is the client's object, not a part to copy)."""
-    from ..data import IndexedParts, StreamParts
-
     return {
         member: [] if isinstance(batches, (IndexedParts, StreamParts)) else [batches]
         if plan is None

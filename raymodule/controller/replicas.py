@@ -23,8 +23,10 @@ class Replica:
     #: ModuleWorker.bind's arguments but for the shapes:
     #: (for_training, inputs_need_grad, shared module id, grad_req)
     bind: tuple | None = None
-    #: the global (data_shapes, label_shapes) bound or reshaped to
-    shapes: tuple | None = None
+    #: the global (data_shapes, label_shapes) bound or reshaped to, sealed (:mod:`raymodule.sealed`)
+    shapes: object = None
+    #: the global batch's size in those shapes
+    batch_size: int = 0
     #: work_load_list, by slot
     work_load: list | None = None
     #: the call that installs the optimizer, as (method, args...)
@@ -39,7 +41,8 @@ class Replica:
         return self.bind is not None and self.params and self.bind[2] is None
 
     def split(self, slots: list[int]) -> list:
-        """Each member's ``(data_shapes, label_shapes)``, the members holding ``slots``."""
-        from ..data import split_shapes  # MXNet: see actor.py
-
-        return split_shapes(*self.shapes, [self.work_load[s] for s in slots])[1]
+        """What each member, of those holding ``slots``, binds or reshapes to: the global
+        shapes, the members' weights and its place among them (the worker splits the shapes,
+        in MXNet's terms: :func:`raymodule.data.split_shapes`)."""
+        weights = [self.work_load[s] for s in slots]
+        return [(self.shapes, weights, index) for index in range(len(slots))]

@@ -1,24 +1,22 @@
-"""How a global batch becomes per-worker slices, and per-worker outputs become one again.
+"""How a global batch becomes per-worker slices, and per-worker outputs become one again,
+in MXNet's terms: shapes as ``DataDesc``, arrays as NDArrays.
 
-The split is MXNet's own (``executor_manager._split_input_slice``) along each input's batch
+The split is :func:`raymodule.data.parts.split_slices` (MXNet's rule) along each input's batch
 axis (from its layout), so N workers see exactly what N devices of one MXNet process would.
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 import mxnet as mx
 import numpy as np
-from mxnet.executor_manager import _split_input_slice
 from mxnet.io import DataDesc
 
+from .parts import Batch, split_slices
+
 __all__ = [
-    "Batch",
-    "PartPlan",
-    "split_slices",
-    "checked_batch_size",
+    "batch_size_of",
     "split_shapes",
     "batch_axes",
     "to_batch",
@@ -32,27 +30,6 @@ __all__ = [
 ]
 
 
-def split_slices(batch_size: int, work_load_list: list[float]) -> list[slice]:
-    """One slice of the global batch per worker, weighted by ``work_load_list``."""
-    try:
-        return _split_input_slice(batch_size, work_load_list)
-    except ValueError:
-        raise ValueError(
-            f"a batch of {batch_size} samples cannot be split over {len(work_load_list)} workers "
-            f"with work_load_list={list(work_load_list)}: some workers would get no samples; "
-            f"use a batch of at least {len(work_load_list)} samples (more for uneven weights)"
-        ) from None
-
-
-def checked_batch_size(batch_size, who: str) -> int:
-    """``batch_size`` as an int, or a ValueError naming ``who`` took it."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise ValueError(f"{who}: batch_size={batch_size!r} must be an int >= 1")
-    if batch_size < 1:
-        raise ValueError(f"{who}: batch_size={batch_size} must be >= 1")
-    return int(batch_size)
-
-
 def with_batch(desc: DataDesc, size: int) -> DataDesc:
     """``desc`` with ``size`` samples on its batch axis."""
     axis = DataDesc.get_batch_axis(desc.layout)
@@ -61,13 +38,18 @@ def with_batch(desc: DataDesc, size: int) -> DataDesc:
     return DataDesc(desc.name, tuple(shape), desc.dtype, desc.layout)
 
 
-def split_shapes(data_shapes, label_shapes, work_load_list: list[float]):
-    """The work split of a global batch of these shapes: each worker's slice of it, and each
-    worker's ``(data_shapes, label_shapes)``."""
+def batch_size_of(data_shapes) -> int:
+    """The global batch's size in ``data_shapes`` (``DataDesc``s)."""
     sizes = {d.shape[DataDesc.get_batch_axis(d.layout)] for d in data_shapes}
     if len(sizes) != 1:
         raise ValueError(f"data_shapes={data_shapes}: every input needs the same batch size")
-    slices = split_slices(sizes.pop(), work_load_list)
+    return sizes.pop()
+
+
+def split_shapes(data_shapes, label_shapes, work_load_list: list[float]):
+    """The work split of a global batch of these shapes: each worker's slice of it, and each
+    worker's ``(data_shapes, label_shapes)``."""
+    slices = split_slices(batch_size_of(data_shapes), work_load_list)
     per_worker = []
     for part in slices:
         n = part.stop - part.start
@@ -82,68 +64,6 @@ def split_shapes(data_shapes, label_shapes, work_load_list: list[float]):
 
 def batch_axes(descs: list[DataDesc] | None) -> list[int]:
     return [DataDesc.get_batch_axis(d.layout) for d in descs or []]
-
-
-@dataclass
-class Batch:
-    """A batch as numpy arrays: a global one, or a worker's part of one (:meth:`parts`), which
-    is what a worker receives through the object store."""
-
-    data: list[np.ndarray]
-    label: list[np.ndarray]
-    data_axes: list[int]
-    label_axes: list[int]
-
-    def worker_slice(self, part: slice) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        return (
-            [_take(a, axis, part) for a, axis in zip(self.data, self.data_axes)],
-            [_take(a, axis, part) for a, axis in zip(self.label, self.label_axes)],
-        )
-
-    def parts(self, slices: list[slice]) -> list[Batch]:
-        """One batch per worker holding only its slice: what is sent to that worker."""
-        return [Batch(*self.worker_slice(s), self.data_axes, self.label_axes) for s in slices]
-
-    @staticmethod
-    def join(pieces: list[Batch]) -> Batch:
-        """Consecutive pieces of a batch as one (an input without a batch axis is whole in
-        every piece)."""
-        first = pieces[0]
-        if len(pieces) == 1:
-            return first
-
-        def joined(arrays, axes) -> list[np.ndarray]:
-            return [
-                np.concatenate([p[i] for p in arrays], axis=axis) if axis >= 0 else arrays[0][i]
-                for i, axis in enumerate(axes)
-            ]
-
-        return Batch(
-            joined([p.data for p in pieces], first.data_axes),
-            joined([p.label for p in pieces], first.label_axes),
-            first.data_axes,
-            first.label_axes,
-        )
-
-
-@dataclass
-class PartPlan:
-    """A worker's rows of steps sent again to a group that re-formed, as pieces of the parts
-    put for the split before: ``pieces[i]`` names step ``i``'s rows, in order, as
-    ``(source, item, start, stop)``: rows ``start:stop`` of item ``item`` of source object
-    ``source`` (see :func:`raymodule.controller.chunks.worker_args`). ``timeout_s``: how long
-    the worker waits for those objects (``RAYMODULE_DATA_TIMEOUT_S``)."""
-
-    pieces: list[list[tuple[int, int, int, int]]]
-    timeout_s: float
-
-
-def _take(array: np.ndarray, axis: int, part: slice) -> np.ndarray:
-    if axis < 0:
-        return array
-    index = [slice(None)] * array.ndim
-    index[axis] = part
-    return array[tuple(index)]
 
 
 def to_numpy(array) -> np.ndarray:

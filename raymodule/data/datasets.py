@@ -24,22 +24,19 @@ float32 NDArrays, NDArrays keep their dtype.
 
 from __future__ import annotations
 
-import concurrent.futures
-from collections.abc import Hashable, Iterator
-from dataclasses import dataclass
+from collections.abc import Hashable
 
 import mxnet as mx
 import numpy as np
 from mxnet.io import DataBatch, DataDesc, DataIter
 
 from ..constants import Settings
-from .batches import Batch, checked_batch_size
+from .parts import Batch, checked_batch_size
 
 __all__ = [
     "Dataset",
     "ArrayDataset",
     "DatasetIter",
-    "IndexedParts",
     "index_batch",
     "pass_order",
     "LAST_BATCH_HANDLES",
@@ -386,45 +383,3 @@ def index_batch(index: np.ndarray, pad: int, data_iter: DatasetIter) -> DataBatc
         provide_data=data_iter.provide_data,
         provide_label=data_iter.provide_label,
     )
-
-
-@dataclass
-class IndexedParts:
-    """A worker's rows of consecutive steps as dataset indices: what a worker receives in
-    place of sample bytes when the data is a :class:`DatasetIter` (``dataset`` travels small:
-    an :class:`ArrayDataset` as its object-store reference). ``labels[i]``: whether step
-    ``i``'s module takes labels; ``timeout_s``: how long the worker waits for one step's rows
-    (``RAYMODULE_DATA_TIMEOUT_S``)."""
-
-    dataset: Dataset
-    indices: list[np.ndarray]
-    labels: list[bool]
-    timeout_s: float
-
-    def batches(self) -> Iterator[Batch]:
-        """The worker's part of each step, read from the dataset in one background thread
-        that reads a step ahead: step ``i + 1``'s rows are read while the caller computes
-        step ``i``. Each wait for a step's rows is bounded by ``timeout_s``; past it,
-        TimeoutError names the step and the dataset (a read that hangs is left to its
-        thread)."""
-        reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="raymodule-read")
-        try:
-            ahead = [reader.submit(self._read, 0)] if self.indices else []
-            for i in range(len(self.indices)):
-                if i + 1 < len(self.indices):
-                    ahead.append(reader.submit(self._read, i + 1))
-                yield self._wait(ahead.pop(0), i)
-        finally:
-            reader.shutdown(wait=False, cancel_futures=True)
-
-    def _read(self, i: int) -> Batch:
-        return self.dataset.batch(self.indices[i], self.labels[i])
-
-    def _wait(self, read: concurrent.futures.Future, i: int) -> Batch:
-        try:
-            return read.result(timeout=self.timeout_s)
-        except concurrent.futures.TimeoutError:
-            raise TimeoutError(
-                f"the {len(self.indices[i])} rows of step {i} of this call were not read from "
-                f"{self.dataset!r} within {self.timeout_s:g} s (RAYMODULE_DATA_TIMEOUT_S)"
-            ) from None

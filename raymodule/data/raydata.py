@@ -27,15 +27,14 @@ from __future__ import annotations
 import concurrent.futures
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import mxnet as mx
 import numpy as np
 from mxnet.io import DataBatch, DataDesc, DataIter
 
-from .batches import Batch, checked_batch_size
+from .parts import Batch, StreamParts, checked_batch_size
 
-__all__ = ["RayDataIter", "StreamParts", "StreamReader"]
+__all__ = ["RayDataIter", "StreamReader"]
 
 
 def _names(value, what: str) -> list[str]:
@@ -134,24 +133,6 @@ def to_batch(columns: dict, data_names: list[str], label_names: list[str]) -> Ba
 
     return Batch(arrays(data_names), arrays(label_names), [0] * len(data_names),
                  [0] * len(label_names))  # fmt: skip
-
-
-@dataclass
-class StreamParts:
-    """A worker's rows of consecutive steps of a :class:`RayDataIter`'s pass: what it
-    receives in place of sample bytes. ``split`` is its share of the dataset (a
-    ``ray.data.DataIterator`` from ``streaming_split``), ``key`` names the split, ``pass_``
-    the pass, ``sizes[i]`` its rows of step ``i`` and ``labels[i]`` whether that step's module
-    takes labels; ``timeout_s`` bounds each wait for rows (``RAYMODULE_DATA_TIMEOUT_S``)."""
-
-    key: str
-    split: object
-    pass_: int
-    sizes: list[int]
-    labels: list[bool]
-    data_names: list[str]
-    label_names: list[str]
-    timeout_s: float
 
 
 class StreamReader:

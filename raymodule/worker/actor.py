@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 from ..checkpoint.snapshot import Snapshot
 from ..errors import GroupBrokenError, first_line
 from ..mxnet_import import import_mxnet
+from ..sealed import seal
 
 __all__ = ["ModuleWorker"]
 
@@ -43,7 +44,7 @@ _DATASETS_KEPT = 4  # datasets a worker keeps read (each one a zero-copy view of
 def _import_runtime() -> None:
     """Binds this module's MXNet-dependent names; runs once, in the worker process."""
     global mx, np, DataBatch, metrics, native, nd_bytes, optimizer_state, to_ndarray, Placed
-    global ndarray_view
+    global ndarray_view, split_shapes
     global IndexedParts, StreamParts, StreamReader
     os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # no backend banner per executor
     import_mxnet()
@@ -53,7 +54,15 @@ def _import_runtime() -> None:
 
     from .. import metrics
     from ..checkpoint import optimizer_state
-    from ..data import IndexedParts, StreamParts, StreamReader, nd_bytes, ndarray_view, to_ndarray
+    from ..data import (
+        IndexedParts,
+        StreamParts,
+        StreamReader,
+        nd_bytes,
+        ndarray_view,
+        split_shapes,
+        to_ndarray,
+    )
     from ..views import Placed
     from . import native
 
@@ -189,12 +198,14 @@ class ModuleWorker:
         self._modules.pop(mid, None)
 
     def bind(
-        self, mid, for_training, inputs_need_grad, shared_mid, grad_req, data_shapes, label_shapes
+        self, mid, for_training, inputs_need_grad, shared_mid, grad_req, shapes, work_load, index
     ) -> dict[str, tuple[str, str | None]]:
-        """Binds the replica; returns the storage types of each parameter and of its gradient
-        (None without one)."""
+        """Binds the replica to its share of the global ``shapes`` (``(data_shapes,
+        label_shapes)``): share ``index`` of the split by ``work_load``. Returns the storage
+        types of each parameter and of its gradient (None without one)."""
         mod = self._modules[mid]
         shared = self._modules[shared_mid] if shared_mid is not None else None
+        data_shapes, label_shapes = split_shapes(*shapes, work_load)[1][index]
         mod.bind(
             data_shapes,
             label_shapes,
@@ -206,8 +217,9 @@ class ModuleWorker:
         )
         return native.param_stypes(mod)
 
-    def reshape(self, mid, data_shapes, label_shapes) -> None:
-        self._modules[mid].reshape(data_shapes, label_shapes)
+    def reshape(self, mid, shapes, work_load, index) -> None:
+        """Reshapes the replica to its share of the global ``shapes`` (see :meth:`bind`)."""
+        self._modules[mid].reshape(*split_shapes(*shapes, work_load)[1][index])
 
     def set_params(self, mid, arg_params, aux_params, allow_missing, allow_extra) -> None:
         self._modules[mid].set_params(
@@ -416,9 +428,10 @@ class ModuleWorker:
         or its ``outputs`` (a list), each array :class:`Placed` (None where MXNet holds none:
         an argument without a gradient)."""
         arrays = native.executor_arrays(self._modules[mid], which)
+        # sealed: the controller relays them to the client unopened (views.py imports MXNet)
         if which == "outputs":
-            return [Placed.of(a) for a in arrays]
-        return {name: Placed.of(a) for name, a in arrays.items()}
+            return seal([Placed.of(a) for a in arrays])
+        return seal({name: Placed.of(a) for name, a in arrays.items()})
 
     def exec_group(self, mid) -> dict:
         """What MXNet's executor group says of itself beyond its arrays."""
@@ -433,8 +446,8 @@ class ModuleWorker:
                 return type(state)(placed(s) for s in state)
             return Placed.of(state) if isinstance(state, mx.nd.NDArray) else state
 
-        states = native.updater(self._modules[mid]).states
-        return {index: placed(s) for index, s in states.items()}
+        states = native.updater(self._modules[mid]).states  # sealed: see executor()
+        return seal({index: placed(s) for index, s in states.items()})
 
     def get_states(self, mid) -> list[np.ndarray]:
         # one device here: MXNet's per-device list holds one array per state
