@@ -26,10 +26,11 @@ if TYPE_CHECKING:
     import mxnet as mx
     import numpy as np
 
-    from ..data import Batch, IndexedParts, PartPlan, StreamParts, StreamReader
+    from ..data import StreamReader
     from .collective import Collective
 
 from ..checkpoint.snapshot import Snapshot
+from ..data.parts import Batch, IndexedParts, PartPlan, StreamParts
 from ..errors import GroupBrokenError, first_line
 from ..mxnet_import import import_mxnet
 from ..sealed import seal
@@ -45,7 +46,7 @@ def _import_runtime() -> None:
     """Binds this module's MXNet-dependent names; runs once, in the worker process."""
     global mx, np, DataBatch, metrics, native, nd_bytes, optimizer_state, to_ndarray, Placed
     global ndarray_view, split_shapes
-    global IndexedParts, StreamParts, StreamReader
+    global StreamReader
     os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # no backend banner per executor
     import_mxnet()
     import mxnet as mx
@@ -54,15 +55,7 @@ def _import_runtime() -> None:
 
     from .. import metrics
     from ..checkpoint import optimizer_state
-    from ..data import (
-        IndexedParts,
-        StreamParts,
-        StreamReader,
-        nd_bytes,
-        ndarray_view,
-        split_shapes,
-        to_ndarray,
-    )
+    from ..data import StreamReader, nd_bytes, ndarray_view, split_shapes, to_ndarray
     from ..views import Placed
     from . import native
 
@@ -484,8 +477,6 @@ def assemble(sources: list, plan: PartPlan) -> list[Batch]:
     """The batches ``plan`` names (see :func:`raymodule.controller.chunks.worker_args`),
     fetching only the sources it reads, within ``plan.timeout_s``."""
     import ray
-
-    from ..data import Batch
 
     needed = sorted({source for pieces in plan.pieces for source, _, _, _ in pieces})
     try:
