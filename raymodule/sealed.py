@@ -4,7 +4,7 @@ The controller relays the client's calls to the workers and keeps a journal of t
 replacements, but reads few of their arguments. The others (a symbol, a metric, an optimizer,
 shapes, parameters) are MXNet objects, and unpickling one imports MXNet: seconds of CPU in a
 process that never computes with them, spent while the workers start on the same cores. The
-client seals such an argument (:func:`seal`): pickled once, on its side. The controller's
+client seals such an argument (:func:`seal`): pickled on its side, as Ray sends it. The controller's
 process unpickles it as a :class:`Sealed` (:func:`keep_sealed`), relays it and journals it as
 such; every other process (a worker, the client reading a reply) unpickles the object itself,
 so a worker's methods receive what the client passed.
