@@ -40,7 +40,7 @@ class Step:
     number: int = 0  # a training step: the steps applied once it is
     slices: list[slice] | None = None  # its split over the members it was last sent to
     indices: object = None  # a dataset's step: its global batch's dataset indices (no pieces)
-    dataset: object = None  # ... that dataset (a raymodule.data.Dataset)
+    dataset: object = None  # ... that dataset (a raymodule.data.Dataset, sealed)
     labels: bool = True  # ... whether its module takes labels
     stream: dict | None = None  # a Ray Dataset's step: its pass (see steps_of; no pieces)
     position: int = 0  # ... its batch number in the pass
