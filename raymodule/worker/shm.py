@@ -42,6 +42,7 @@ import numpy as np
 __all__ = ["LocalGroup", "SameNode", "remove_stale_segments"]
 
 PREFIX = "raymodule-"
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared-memory segments
 _NAME = re.compile(rf"{PREFIX}(\d+)-[0-9a-f]+-\d+")  # a segment's name; the creator's pid
 ALIGN = 64  # bytes: each data slot starts on a cache line
 _BROKEN, _DATA_NUMBER, _PORT, _HEADER = 0, 1, 2, 3
@@ -63,11 +64,11 @@ def remove_stale_segments() -> list[str]:
     """Unlinks the segments in ``/dev/shm`` whose creator (the pid in their name) is gone;
     returns their names."""
     removed = []
-    for name in os.listdir("/dev/shm"):
+    for name in os.listdir(SHM_DIR):
         match = _NAME.fullmatch(name)
         if match and not _alive(int(match[1])):
             try:
-                os.unlink(os.path.join("/dev/shm", name))
+                os.unlink(_path(name))
                 removed.append(name)
             except FileNotFoundError:
                 pass
@@ -99,6 +100,11 @@ class _Peer:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+def _path(name: str) -> str:
+    """Where the segment ``name`` is on this Linux node (``SharedMemory`` hides the path)."""
+    return os.path.join(SHM_DIR, name)
 
 
 def _segment(name: str, size: int = 0) -> SharedMemory:
@@ -328,7 +334,7 @@ class LocalGroup:
         start = time.monotonic()
         while True:
             try:  # empty: created, not yet sized (shm_open, then ftruncate)
-                if os.stat(os.path.join("/dev/shm", name)).st_size > 0:
+                if os.stat(_path(name)).st_size > 0:
                     return self._attach(name)
             except FileNotFoundError:
                 pass
@@ -357,7 +363,7 @@ class LocalGroup:
         if name in self._linked:
             self._linked.discard(name)
             try:  # not SharedMemory.unlink: it unregisters from the tracker a second time
-                os.unlink(os.path.join("/dev/shm", name))
+                os.unlink(_path(name))
             except FileNotFoundError:
                 pass
 
