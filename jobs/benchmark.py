@@ -59,14 +59,15 @@ same order in each), three configurations instead (no gloo floor, no checkpointi
                   their rows
 
 Its table gives each one's samples/s, its ratio to ray2 and the bytes each worker received
-per step. How the bytes are counted: in the client process, ray.put and
-ControllerHandle.advance are wrapped; a put's bytes are the nbytes of the numpy arrays in
-what is put (a Batch's data and label arrays: no pickle framing), an advance's the nbytes of
-the index arrays its step spec carries. Per worker per step = the bytes the training loop
-(raymodule.steps) put plus the index bytes, both within the timed window, / timed steps / 2
-workers (each worker gets its own half). Not counted, in either path: the per-call control
-data both carry (object refs, row slices, step ids, and for a DatasetIter the dataset's
-reference and shapes, once per call of several steps). The "dataset, once" column is what
+per step. How the bytes are counted: in the client process, ray.put and ControllerHandle.run
+are wrapped; a put's bytes are the nbytes of the numpy arrays in what is put (a Batch's data
+and label arrays: no pickle framing), a plan's the nbytes of the index arrays it carries (a
+plan holds up to 256 steps' indices, sent as the controller starts it: counted per step, as
+the plans' bytes over their steps). Per worker per step = the bytes the training loop
+(raymodule.steps) put within the timed window / timed steps, plus the index bytes of a step,
+/ 2 workers (each worker gets its own half). Not counted, in either path: the control data
+both carry (object refs, row slices, step ids, and for a DatasetIter the dataset's reference
+and shapes, once per call or plan of several steps). The "dataset, once" column is what
 raymodule.data put once, before the timed window: the ArrayDataset's arrays, which each
 worker reads whole (zero-copy on the client's node; a worker on another node pulls them
 once). The dataset is --warmup global batches (every epoch trains on them again), so that
@@ -405,26 +406,25 @@ def array_bytes(value):
 class DataBytes:
     """Counts, in the client process, the data raymodule's fit sends its workers: wraps
     ray.put (noting the bytes of the arrays put and which module put them) and
-    ControllerHandle.advance (noting the bytes of a DatasetIter's index arrays, which travel
-    in the call, not through ray.put)."""
+    ControllerHandle.run (noting the bytes of a DatasetIter's index arrays, which travel in
+    the plans the controller runs, not through ray.put)."""
 
     def __init__(self, ray, raymodule):
         self.puts = []  # (perf_counter, module that called ray.put, array bytes)
-        self.indices = []  # (perf_counter, index array bytes: all workers' slices)
-        put, advance = ray.put, raymodule.handle.ControllerHandle.advance
+        self.plans = []  # (index array bytes: all workers' slices, steps)
+        put, run = ray.put, raymodule.handle.ControllerHandle.run
 
         def counted_put(value, *args, **kwargs):
             caller = sys._getframe(1).f_globals.get("__name__", "?")
             self.puts.append((time.perf_counter(), caller, array_bytes(value)))
             return put(value, *args, **kwargs)
 
-        def counted_advance(handle, kind, spec, keep):
-            if spec and "indices" in spec:
-                self.indices.append((time.perf_counter(), array_bytes(spec["indices"])))
-            return advance(handle, kind, spec, keep)
+        def counted_run(handle, kind, plan):
+            self.plans.append((array_bytes(plan["indices"]), len(plan["indices"])))
+            return run(handle, kind, plan)
 
         ray.put = counted_put
-        raymodule.handle.ControllerHandle.advance = counted_advance
+        raymodule.handle.ControllerHandle.run = counted_run
 
     def summary(self, marks, steps, workers):
         """Bytes per worker per timed step (the samples put by raymodule.steps, or a
@@ -432,7 +432,8 @@ class DataBytes:
         start, end = marks[0], marks[-1]
         timed = [(who, n) for t, who, n in self.puts if start <= t <= end]
         samples = sum(n for who, n in timed if who == "raymodule.steps")
-        indices = sum(n for t, n in self.indices if start <= t <= end)
+        planned = sum(steps for _, steps in self.plans)
+        indices = sum(n for n, _ in self.plans) / planned * steps if planned else 0
         return {
             "per_worker_step": (samples + indices) / steps / workers,
             "samples_per_worker_step": samples / steps / workers,

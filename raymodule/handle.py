@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import uuid
 import weakref
 
 import mxnet as mx
@@ -26,7 +27,7 @@ from . import runtime
 from .constants import Settings
 from .context import local_device, resources_of
 from .controller import policy
-from .controller.actor import EveryWorkerLost, RemoteController
+from .controller.actor import EveryWorkerLost, RemoteController, plan_ended, stop_plan
 from .controller.membership import Membership
 from .controller.waits import forming_s, in_words, longest_call_s
 from .data import batch_size_of
@@ -87,7 +88,7 @@ class ControllerHandle:
         self.steps_sent = 0  # training steps sent to the workers (the controller counts them)
         self.failures = 0  # failure events of the elastic run
         self.leaving: list[int] = []  # slots shut down (SIGTERM), leaving at the next boundary
-        self.step_s: float | None = None  # a step's seconds on the workers, as last measured
+        self.steps_per_call = 1  # batches the next chunk should carry (the controller says)
         self.work_load: list[float] | None = None  # work_load_list="auto": the weights, by slot
         self.limits = policy.Limits(len(contexts), elastic=False)
         self.on_membership = None  # set by an elastic run: called with each change, as a dict
@@ -175,6 +176,14 @@ class ControllerHandle:
         """Sends a chunk of steps and reads finished ones (:meth:`Controller.advance`)."""
         return self._read("advance", kind, spec, keep)
 
+    def run(self, kind: str, plan: dict) -> PlanProgress:
+        """Starts a plan of a dataset's steps on the controller (:meth:`Controller.run`);
+        its progress is read from the returned stream."""
+        self._usable()
+        self._posted = 0
+        key = uuid.uuid4().hex
+        return PlanProgress(self, self.controller.run.remote(kind, dict(plan, stop_key=key)), key)
+
     def snapshot(self, mid: int, steps: int) -> ray.ObjectRef:
         """Worker 0's copy of a module's state after ``steps`` training steps (a reference)."""
         return self._read("snapshot", mid, steps)
@@ -210,9 +219,18 @@ class ControllerHandle:
         run's workers too (they share its fate), so an elastic run goes on from its latest
         checkpoint, as one more failure; a controller that does not answer is treated the
         same way."""
+        ref = getattr(self.controller, method).remote(*args)
+        value, view = self._answer(method, lambda bound: ray.get(ref, timeout=bound), waits_s)
+        self._apply(view)
+        return value
+
+    def _answer(self, method: str, get, waits_s: float):
+        """``get(bound)``: the controller's answer to ``method``, read within ``bound``
+        seconds; a failure it reports is raised in words, and a lost or silent controller
+        as :meth:`_control` says."""
         bound = self.settings.control_timeout_s + waits_s
         try:
-            value, view = ray.get(getattr(self.controller, method).remote(*args), timeout=bound)
+            return get(bound)
         except ray.exceptions.RayTaskError as err:
             cause = getattr(err, "cause", None)
             if getattr(cause, "fatal", False):
@@ -233,8 +251,6 @@ class ControllerHandle:
                 + (f"; {decision.reason}" if decision.reason else "")
             )
             raise self.lost from None
-        self._apply(view)
-        return value
 
     def _apply(self, view: dict) -> None:
         membership = view["membership"]
@@ -242,6 +258,7 @@ class ControllerHandle:
             self._held["placement_groups"] = membership.placement_groups
             self.membership = membership
         self.steps_sent = view["steps_sent"]
+        self.steps_per_call = view["steps_per_call"]
         self.failures = view["failures"]
         self.leaving = view["leaving"]
         self.work_load = view["work_load"]
@@ -268,6 +285,50 @@ class ControllerHandle:
             )
             if self.on_membership is not None:
                 self.on_membership(event)
+
+
+class PlanProgress:
+    """The progress of a plan the controller runs (:meth:`ControllerHandle.run`): its
+    replies, in order, each read within the longest a controller call may take."""
+
+    def __init__(self, handle: ControllerHandle, stream: ray.ObjectRefGenerator, key: str):
+        self._handle, self._stream, self._key = handle, stream, key
+        self._stopping = False
+
+    def __iter__(self) -> PlanProgress:
+        return self
+
+    def __next__(self) -> dict:
+        handle = self._handle
+        waits = longest_call_s(handle.settings, len(handle.contexts))
+        try:
+            progress, view = handle._answer("run", self._next, waits)
+        except BaseException:  # its end (StopIteration), or the plan failed
+            self._end()
+            raise
+        if "stopped_at" in progress:  # the last
+            self._end()
+        handle._apply(view)
+        return progress
+
+    def _end(self) -> None:
+        if self._stopping:
+            self._stopping = False
+            plan_ended(self._key)
+
+    def _next(self, bound: float):
+        ready, _ = ray.wait([self._stream], timeout=bound)
+        if not ready:
+            raise ray.exceptions.GetTimeoutError(f"no progress of the plan in {bound:g} s")
+        return ray.get(next(self._stream), timeout=bound)
+
+    def stop(self) -> None:
+        """Asks the controller to stop the plan at its next chunk boundary: the replies go on
+        to the last, whose ``stopped_at`` says where it stopped (the steps in flight are
+        finished)."""
+        if not self._stopping:
+            self._stopping = True
+            stop_plan(self._key)
 
 
 def _beside_client():

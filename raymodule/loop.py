@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from functools import partial
 
 import mxnet as mx
 from mxnet.base import _as_list
@@ -206,10 +207,12 @@ class TrainingLoops:
         # the workers count steps from 0 on their own; the run's steps go on from global_step
         offset = global_step - workers.steps_sent
 
-        def checkpoint(epoch: int, batch: int, steps: int) -> None:
-            # worker 0's copy, taken after the steps sent so far: every replica is at this step
-            # (None if a step before failed: it is run again and the checkpoint skipped)
-            snapshot = self._workers.snapshot(self._snapshot_id, steps)
+        def checkpoint(epoch: int, batch: int, steps: int, snapshot=None) -> None:
+            # worker 0's copy, taken after the steps sent so far (or by the controller, running
+            # a plan): every replica is at this step (None if a step before failed: it is run
+            # again and the checkpoint skipped)
+            if snapshot is None:
+                snapshot = self._workers.snapshot(self._snapshot_id, steps)
             run_folder.checkpoint(
                 snapshot,
                 self._checkpoint_files(),
@@ -235,7 +238,7 @@ class TrainingLoops:
                     sparse_row_id_fn=sparse_row_id_fn,
                     first_batch=first_batch,
                     checkpoint_every=every,
-                    on_checkpoint=lambda n, steps, e=epoch: checkpoint(e, n, steps),
+                    on_checkpoint=partial(checkpoint, epoch),
                     stop=(lambda: run_folder.preempted) if run_folder is not None else None,
                 )
                 if resume is not None and epoch == begin_epoch:  # its length known only now

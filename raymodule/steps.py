@@ -28,6 +28,10 @@ from .sealed import seal
 
 __all__ = ["Epoch", "run_steps", "steps"]
 
+# the most steps of a dataset in one plan: the controller runs a plan at the workers' pace,
+# its replies wait in the object store until read, and callbacks trail by up to a plan
+_PLAN_STEPS = 256
+
 
 @dataclass
 class Epoch:
@@ -73,16 +77,6 @@ def _batches(data_iter, indexed: bool, passes: int | None = None):
         except StopIteration:
             return
         yield data.index_batch(index, pad, data_iter)
-
-
-def steps_per_call(workers) -> int:
-    """Batches in the next call: as many as take the workers about ``RAYMODULE_CALL_S``
-    (``workers.step_s``: a step's seconds, as last measured), at least 1, at most
-    ``RAYMODULE_STEPS_PER_CALL``; 4 at most before a step was timed."""
-    most = workers.settings.steps_per_call
-    if not workers.step_s:
-        return min(4, most)
-    return max(1, min(most, round(workers.settings.call_s / workers.step_s)))
 
 
 def run_steps(
@@ -220,6 +214,13 @@ def steps(
             "data_names": data_iter.data_names,
             "label_names": data_iter.label_names,
         }
+    if indexed and monitor is None:  # the controller runs them, from a plan of the batches
+        yield from _planned(
+            module, data_iter, method, epoch, tally, dataset, num_batch=num_batch,
+            sparse_row_id_fn=sparse_row_id_fn, first_batch=first_batch,
+            checkpoint_every=checkpoint_every, on_checkpoint=on_checkpoint, stop=stop,
+        )  # fmt: skip
+        return
     # with a monitor, statistics are collected step by step, as MXNet does: one a call
     depth = 0 if monitor is not None else workers.settings.pipeline_depth
     sent: dict[int, _Step] = {}  # by serial, until finished
@@ -259,10 +260,7 @@ def steps(
         reply = workers.advance(method, spec, keep)
         nonlocal checkpoint_due
         checkpoint_due = checkpoint_due or bool(workers.leaving)
-        for slot, took in reply["seconds"].items():
-            tally.step_seconds[slot] = tally.step_seconds.get(slot, 0.0) + took
-        if reply["steps"] and reply["seconds"]:
-            workers.step_s = max(reply["seconds"].values()) / len(reply["steps"])
+        _add_seconds(tally, reply)
         for serial, results, slices in reply["steps"]:
             finished.append((sent.pop(serial), results, slices))
 
@@ -283,10 +281,7 @@ def steps(
                 yield from ready()
                 if nbatch > first_batch:  # else the checkpoint it resumed from, or the epoch's end
                     on_checkpoint(nbatch, workers.steps_sent)
-                raise Preempted(
-                    f"fit stopped at epoch {epoch}, batch {nbatch}: the process received SIGTERM; "
-                    "run it again with the same RunConfig.name to go on from there"
-                )
+                raise _preempted(epoch, nbatch)
             every = checkpoint_every and nbatch % checkpoint_every == 0
             if (every or checkpoint_due) and on_checkpoint is not None and nbatch > first_batch:
                 advance(keep=depth)
@@ -306,15 +301,11 @@ def steps(
                 batch = target._batch(data_batch)
                 tally.samples += batch.data[0].shape[batch.data_axes[0]] if batch.data else 0
                 chunk.append(_Step(nbatch, data_batch, batch, target))
-            if len(chunk) >= (1 if monitor is not None else steps_per_call(workers)):
+            if len(chunk) >= (1 if monitor is not None else workers.steps_per_call):
                 advance(keep=depth)
             yield from ready()
         if given <= first_batch and first_batch > 0:  # nothing was sent: nothing trained or written
-            raise ResumeMismatch(
-                f"the run resumes epoch {epoch} after batch {first_batch}, but train_data gives "
-                f"only {given} batches in it: it is not the data the run was trained on. Resume "
-                "with that data, or start a new run: another RunConfig(name=...)"
-            )
+            raise _short_data(epoch, first_batch, given)
         advance(keep=0)
         yield from ready()
     except GeneratorExit:
@@ -324,6 +315,117 @@ def steps(
             with contextlib.suppress(RayModuleError):  # a loss shows at the next call
                 workers.advance(method, None, 0)
         raise
+
+
+def _planned(
+    module, data_iter, method, epoch, tally: Epoch, dataset, *, num_batch, sparse_row_id_fn,
+    first_batch, checkpoint_every, on_checkpoint, stop,
+):  # fmt: skip
+    """:func:`steps` of a :class:`raymodule.data.DatasetIter`: the controller runs them. The
+    batches' indices are read here into plans of up to ``_PLAN_STEPS`` steps, one controller
+    call each (:meth:`raymodule.controller.Controller.run`), whose progress is read as the
+    controller sends the chunks, places the checkpoints (every ``checkpoint_every`` batches,
+    and where a member leaves) and finishes the steps. A checkpoint the controller took is
+    handed to ``on_checkpoint(nbatch, steps, snapshot)`` as it is read. When ``stop()``
+    becomes true the plan is stopped at the controller's next chunk boundary, checkpointed
+    there and :class:`raymodule.errors.Preempted` raised; when the caller stops reading, it is
+    stopped and the steps in flight finish unread."""
+    workers = module._workers
+    serials = itertools.count()
+    plan: list[_Step] = []
+    early: list = []  # (step, results, slices) of a plan run before a reshape, not yielded yet
+
+    def run_plan():
+        """Runs the plan; yields its steps as they finish."""
+        if not plan:
+            return
+        sent = {next(serials): step for step in plan}
+        spec = {
+            "serials": list(sent),
+            "mids": [step.target._id for step in plan],
+            "sizes": [step.target._slices[-1].stop for step in plan],
+            "labels": [bool(step.target._label_shapes) for step in plan],
+            "dataset": dataset,
+            "indices": [step.index for step in plan],
+            "positions": [step.nbatch for step in plan],
+            "depth": workers.settings.pipeline_depth,
+        }
+        if on_checkpoint is not None:
+            spec.update(
+                snapshot=module._snapshot_id,
+                checkpoint_every=checkpoint_every or 0,
+                first_batch=first_batch,
+            )
+        plan.clear()
+        progress = workers.run(method, spec)
+        try:
+            for reply in progress:
+                if reply.get("checkpoint") is not None:
+                    on_checkpoint(*reply["checkpoint"])
+                _add_seconds(tally, reply)
+                for serial, results, slices in reply["steps"]:
+                    yield sent.pop(serial), results, slices
+                stopped_at = reply.get("stopped_at")
+                if stopped_at is not None:  # stopped below: the steps before it are done
+                    if stopped_at > first_batch:
+                        on_checkpoint(stopped_at, workers.steps_sent)
+                    raise _preempted(epoch, stopped_at)
+                if stop is not None and stop():
+                    progress.stop()
+        except GeneratorExit:  # the caller stopped reading: the steps in flight finish unread
+            progress.stop()
+            with contextlib.suppress(RayModuleError):  # a loss shows at the next call
+                for _ in progress:
+                    pass
+            raise
+
+    def run_early():
+        early.extend(run_plan())
+
+    tally.batches, given = first_batch, 0
+    for nbatch, data_batch in enumerate(_batches(data_iter, True)):
+        if num_batch is not None and nbatch == num_batch:
+            break
+        given = nbatch + 1
+        if nbatch < first_batch:
+            continue
+        if stop is not None and stop():
+            yield from run_plan()
+            if nbatch > first_batch:  # else the checkpoint it resumed from, or the epoch's end
+                on_checkpoint(nbatch, workers.steps_sent)
+            raise _preempted(epoch, nbatch)
+        tally.batches = nbatch + 1
+        target = module._step_module(data_batch, flush=run_early)
+        target.prepare(data_batch, sparse_row_id_fn=sparse_row_id_fn)
+        tally.samples += len(data_batch.index)
+        plan.append(_Step(nbatch, data_batch, None, target, data_batch.index))
+        yield from early
+        early.clear()
+        if len(plan) >= _PLAN_STEPS:
+            yield from run_plan()
+    if given <= first_batch and first_batch > 0:
+        raise _short_data(epoch, first_batch, given)
+    yield from run_plan()
+
+
+def _add_seconds(tally: Epoch, reply: dict) -> None:
+    for slot, took in reply["seconds"].items():
+        tally.step_seconds[slot] = tally.step_seconds.get(slot, 0.0) + took
+
+
+def _preempted(epoch: int, nbatch: int) -> Preempted:
+    return Preempted(
+        f"fit stopped at epoch {epoch}, batch {nbatch}: the process received SIGTERM; "
+        "run it again with the same RunConfig.name to go on from there"
+    )
+
+
+def _short_data(epoch: int, first_batch: int, given: int) -> ResumeMismatch:
+    return ResumeMismatch(
+        f"the run resumes epoch {epoch} after batch {first_batch}, but train_data gives "
+        f"only {given} batches in it: it is not the data the run was trained on. Resume "
+        "with that data, or start a new run: another RunConfig(name=...)"
+    )
 
 
 def _call_back(callbacks, module, data_iter, data_batch, epoch, nbatch, metric, tic) -> None:

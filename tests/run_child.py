@@ -1,12 +1,15 @@
 """A training process for the kill tests: trains a run on 2 workers of the Ray at RAY_ADDRESS.
 
     python tests/run_child.py STORAGE NAME OUT [--kill-mid-epoch E] [--sigterm-mid-epoch E]
+                              [--dataset]
 
 Writes the final parameters to OUT (MXNet's ``.params``). With ``--kill-mid-epoch E`` it
 SIGKILLs itself in epoch E, while the workers wait at its batch 8, once a checkpoint from
 inside that epoch is committed; with ``--sigterm-mid-epoch E`` worker 0 sends it SIGTERM at
 batch 1 of epoch E (as ``ray job stop`` or a preemption would), and nothing else. Faults are
 keyed to the workers' steps (:mod:`stepfaults`), not to the client's trailing callbacks.
+With ``--dataset`` the data is a shuffled :class:`raymodule.data.DatasetIter` (the controller
+runs each epoch's plan) instead of an ``mx.io.NDArrayIter``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from functools import partial
 
@@ -27,6 +31,7 @@ import stepfaults  # noqa: E402
 from conftest import dataset, mlp  # noqa: E402
 
 import raymodule  # noqa: E402
+import raymodule.handle  # noqa: E402
 import raymodule.module  # noqa: E402
 
 parser = argparse.ArgumentParser()
@@ -35,6 +40,7 @@ parser.add_argument("name")
 parser.add_argument("out")
 parser.add_argument("--kill-mid-epoch", type=int, default=None)
 parser.add_argument("--sigterm-mid-epoch", type=int, default=None)
+parser.add_argument("--dataset", action="store_true")
 args = parser.parse_args()
 logging.basicConfig(level=logging.INFO, stream=sys.stdout)
 run_folder = os.path.join(args.storage, args.name)
@@ -64,12 +70,27 @@ if args.kill_mid_epoch is not None:  # the workers wait at batch 8 while this pr
 elif args.sigterm_mid_epoch is not None:  # worker 0 at batch 1 sends this process SIGTERM
     plan[(16 * args.sigterm_mid_epoch + 1, 0)] = ("signal", os.getpid(), signal.SIGTERM)
     print("sending myself SIGTERM (from worker 0, at batch 1)", flush=True)
+    if args.dataset:  # the controller runs ahead of this process: it waits at batch 4 until
+        # this process asked it to stop the epoch's plan, so the stop lands inside the epoch
+        cancelled = threading.Event()
+        cancel = raymodule.handle.PlanProgress.stop
+
+        def noted(progress):
+            cancelled.set()
+            return cancel(progress)
+
+        raymodule.handle.PlanProgress.stop = noted
+        plan[(16 * args.sigterm_mid_epoch + 4, None)] = ("gate", "cancelled")
+        actions["cancelled"] = lambda mod: cancelled.wait(120) or sys.exit("never cancelled")
 marks = os.path.join(args.storage, f"{args.name}-faults")  # the test's folder: it is removed
 os.makedirs(marks, exist_ok=True)
 raymodule.module.ControllerHandle = stepfaults.with_workers(stepfaults.worker_class(plan, marks))
 x, y = dataset(n=160)
 np.random.seed(5)
-train = mx.io.NDArrayIter(x, y, batch_size=10, shuffle=True)
+if args.dataset:
+    train = raymodule.data.DatasetIter(raymodule.data.ArrayDataset(x, y), 10, shuffle=True, seed=5)
+else:
+    train = mx.io.NDArrayIter(x, y, batch_size=10, shuffle=True)
 mx.random.seed(0)
 with (
     raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)]) as mod,

@@ -189,3 +189,32 @@ def test_a_stopped_training_process_resumes_and_ends_as_if_never_stopped(tmp_pat
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert f"resumes from {ckpt.name}: epoch 1, batch {ckpt.batch}" in proc.stdout
         assert max_relative_diff(load(reference), load(resumed)) <= 1e-5
+
+
+def test_a_dataset_run_told_to_stop_mid_epoch_resumes_as_if_never_stopped(tmp_path):
+    """SIGTERM to the training process while the controller runs an epoch's plan of a
+    DatasetIter: the plan is cancelled at a chunk boundary, checkpointed there, and the run
+    started again with the same name ends as the run never stopped."""
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+
+    def child(name, *extra):
+        out = tmp_path / f"{name}.params"
+        proc = subprocess.run(
+            [sys.executable, str(HERE / "run_child.py"), str(tmp_path), name, str(out),
+             "--dataset", *extra],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == (signal.SIGTERM if extra else 0), (
+            proc.stdout[-3000:] + proc.stderr[-3000:]
+        )
+        return proc, {k[4:]: v for k, v in mx.nd.load(str(out)).items()} if not extra else None
+
+    _, reference = child("reference")
+    proc, _ = child("stopped", "--sigterm-mid-epoch", "1")
+    stopped = re.search(r"fit stopped at epoch 1, batch (\d+)", proc.stdout + proc.stderr)
+    assert stopped, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = latest_checkpoint(str(tmp_path / "stopped"))
+    assert (ckpt.epoch, ckpt.batch) == (1, int(stopped.group(1))) and ckpt.batch < 16
+    proc, resumed = child("stopped")
+    assert f"resumes from {ckpt.name}: epoch 1, batch {ckpt.batch}" in proc.stdout
+    assert max_relative_diff(reference, resumed) <= 1e-5

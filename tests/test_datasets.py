@@ -3,6 +3,7 @@ and fit over them equal to one native MXNet device."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pickle
@@ -258,6 +259,59 @@ class PutCounter:
             return original(value, *args, **kwargs)
 
         monkeypatch.setattr(ray, "put", counted)
+
+
+class ActorCalls:
+    """Every actor-method call the test process makes, counted by (actor class, method) as
+    Ray submits it."""
+
+    def __init__(self, monkeypatch):
+        self.counts: collections.Counter = collections.Counter()
+        submit = ray.actor.ActorMethod._remote
+
+        def counted(method, *args, **kwargs):
+            actor = method._actor._ray_actor_creation_function_descriptor.class_name
+            self.counts[(actor, method._method_name)] += 1
+            return submit(method, *args, **kwargs)
+
+        monkeypatch.setattr(ray.actor.ActorMethod, "_remote", counted)
+
+    def take(self) -> collections.Counter:
+        counts, self.counts = self.counts, collections.Counter()
+        return counts
+
+
+@pytest.mark.filterwarnings("ignore:Parameters already initialized")
+def test_a_dataset_epoch_is_one_controller_call_and_none_to_a_worker(monkeypatch):
+    """The controller runs a DatasetIter's steps from one plan an epoch: the client calls no
+    worker during fit, and the controller as often for 200 steps an epoch as for 50."""
+    symbol = mlp()
+    calls = ActorCalls(monkeypatch)
+    made = {}
+    with raymodule.Module(symbol, context=[mx.cpu(0), mx.cpu(1)]) as mod:
+        for n in (160, 400, 1600):  # bound by the first fit; then 50 and 200 steps an epoch
+            train = DatasetIter(ArrayDataset(*dataset(n=n)), 8, shuffle=True)
+            train.dataset.ref()  # its one transfer
+            calls.take()
+            mod.fit(train, num_epoch=2, optimizer_params=SGD, initializer=mx.init.Xavier())
+            made[n] = calls.take()
+    assert made[400] == made[1600], made
+    assert not [call for call in made[400] if call[0] != "Controller"], made[400]
+    assert made[400][("Controller", "run")] == 2, made[400]  # one plan an epoch
+    assert sum(made[400].values()) <= 12, made[400]
+
+
+def test_breaking_out_of_iter_predict_stops_the_plan_and_the_module_goes_on():
+    x, y = dataset(n=400)
+    ds = ArrayDataset(x, y)
+    with raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)]) as mod:
+        mod.bind(DatasetIter(ds, 8).provide_data, DatasetIter(ds, 8).provide_label)
+        mod.init_params(mx.init.Xavier())
+        outputs, nbatch, _ = next(iter(mod.iter_predict(DatasetIter(ds, 8))))
+        first = outputs[0].asnumpy()  # the other 49 batches are never read
+        predicted = mod.predict(DatasetIter(ds, 8)).asnumpy()
+    assert nbatch == 0 and predicted.shape == (400, 10)
+    np.testing.assert_allclose(first, predicted[:8], rtol=1e-6)
 
 
 def test_fit_score_and_predict_send_indices_not_samples(monkeypatch):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import mxnet as mx
 import numpy as np
 import pytest
@@ -13,8 +11,8 @@ from mxnet.executor_manager import _split_input_slice
 from raymodule import data, metrics
 from raymodule import sealed as sealed_module
 from raymodule.constants import Settings
+from raymodule.controller.chunks import steps_per_call
 from raymodule.sealed import Sealed, seal_objects
-from raymodule.steps import steps_per_call
 from raymodule.worker.collective import plan_buckets
 
 
@@ -89,17 +87,11 @@ def test_settings_come_from_the_environment_and_are_checked(monkeypatch):
 
 def test_a_call_carries_about_call_s_of_steps_within_its_bounds():
     settings = Settings(steps_per_call=32, call_s=0.2)
-    handle = SimpleNamespace(settings=settings, step_s=None)
-    assert steps_per_call(handle) == 4  # no step timed yet
-    handle.step_s = 0.01
-    assert steps_per_call(handle) == 20
-    handle.step_s = 0.001  # fast steps: at most RAYMODULE_STEPS_PER_CALL
-    assert steps_per_call(handle) == 32
-    handle.step_s = 3.0  # a step longer than a call: one a call
-    assert steps_per_call(handle) == 1
-    handle.settings = Settings(steps_per_call=2, call_s=0.2)
-    handle.step_s = None
-    assert steps_per_call(handle) == 2
+    assert steps_per_call(settings, None) == 4  # no step timed yet
+    assert steps_per_call(settings, 0.01) == 20
+    assert steps_per_call(settings, 0.001) == 32  # fast steps: at most RAYMODULE_STEPS_PER_CALL
+    assert steps_per_call(settings, 3.0) == 1  # a step longer than a call: one a call
+    assert steps_per_call(Settings(steps_per_call=2, call_s=0.2), None) == 2
 
 
 def test_counter_metrics_run_on_workers_others_on_the_client():

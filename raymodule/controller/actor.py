@@ -4,9 +4,11 @@ It owns the family's run on the workers: their membership (placing them, their s
 group's generation), the step counter, the work split, the steps in flight and recovery. The
 client (:class:`raymodule.handle.ControllerHandle`) calls the controller only; the controller
 calls the workers, one Ray call per worker, and returns each reply with its :meth:`view` of
-the membership. A training loop hands it chunks of steps (:meth:`Controller.advance`) and
-reads back the finished ones, in order; a worker lost meanwhile is recovered from here, and
-the steps it voided are sent again to the re-formed group.
+the membership. A training loop hands it a plan of a dataset's steps (:meth:`Controller.run`:
+the controller sizes the chunks and places the checkpoints, and the loop reads the progress
+as a stream) or chunks of a client iterator's steps (:meth:`Controller.advance`), and reads
+back the finished ones, in order; a worker lost meanwhile is recovered from here, and the
+steps it voided are sent again to the re-formed group.
 
 Its states, each change logged once::
 
@@ -32,6 +34,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import ray
+from ray.experimental import internal_kv
 
 from ..constants import Settings
 from ..data.parts import split_slices
@@ -48,11 +51,15 @@ from .membership import Membership
 from .replicas import Replica
 from .waits import await_calls, in_words, silence_s, why_lost
 
-__all__ = ["Controller", "RemoteController", "State", "EveryWorkerLost", "StepsFailed"]
+__all__ = [
+    "Controller", "RemoteController", "State", "EveryWorkerLost", "StepsFailed", "stop_plan",
+    "plan_ended",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 _STREAMS_KEPT = 2  # Ray Datasets whose split is kept (training's and validation's)
+_PLANS = "raymodule-plans"  # the namespace of the plans' stop flags in Ray's key-value store
 
 
 @dataclass
@@ -149,6 +156,7 @@ class Controller:
         self._next_poll = 0.0
         self._streams: dict[str, _Stream] = {}  # the Ray Datasets streamed, by iterator key
         self._in_pass = False  # a Ray Dataset's pass is being streamed: its splits are fixed
+        self._step_s: float | None = None  # a step's seconds on the workers, as last measured
 
     # -- the client's calls: those it reads return (value, view), the others nothing ---------------
     def start(self, start_with: int | None = None) -> tuple:
@@ -179,6 +187,7 @@ class Controller:
                 self._balancer.work_load(self._slot_count) if self._balancer is not None else None
             ),
             "events": events,
+            "steps_per_call": self._steps_per_call(),
         }
 
     def configure(self, limits: policy.Limits, failures: int) -> tuple:
@@ -250,21 +259,50 @@ class Controller:
         at this step boundary. Returns the steps finished, in order, each as ``(serial,
         results per member or None, the slices they ran on)``: None for a step the survivors
         of a loss had applied already; and the seconds each slot spent in them."""
-        done: list = []
-        seconds: dict[int, float] = {}
-        if self.limits.elastic:
-            self._note_drains()
-        if self._leaving:
-            self._leave(done, seconds)
-        if spec is not None:
-            if self.members.pending and self.limits.elastic and not self._in_pass:
-                self._grow(done, seconds)
-            if self._balancer is not None and kind == "train_step" and "stream" not in spec:
-                self._rebalance()
-            self._send(kind, chunks.steps_of(spec))
-        while len(self._chunks) > keep:
-            self._finish(done, seconds)
-        return {"steps": done, "seconds": seconds}, self.view()
+        steps = chunks.steps_of(spec) if spec is not None else []
+        return self._advance(kind, steps, keep, {"steps": [], "seconds": {}}), self.view()
+
+    def run(self, kind: str, plan: dict):
+        """Runs a plan of a dataset's steps back to back, the chunks sized and the
+        checkpoints placed here, and yields ``(progress, view)`` as chunks finish (a Ray
+        streaming generator: the client makes this one call, then reads). ``plan``: the
+        steps as :func:`.chunks.steps_of` takes a dataset's, each step's batch number
+        (``positions``), ``depth`` (chunks in flight), ``stop_key`` (see below), and for a
+        checkpointed run ``snapshot`` (the module whose state a checkpoint holds),
+        ``checkpoint_every`` (0: none but those a leaving member asks for) and
+        ``first_batch`` (no checkpoint before a batch after it). ``progress`` is
+        :meth:`advance`'s reply, with ``checkpoint``: ``(batch, training steps, worker 0's
+        snapshot)`` taken at a batch boundary before the reply's chunk was sent (or None),
+        and in the last one ``stopped_at``: the first batch not sent because the client asked
+        the plan to stop (:func:`stop_plan` with ``stop_key``, seen at chunk boundaries; the
+        steps in flight are finished), else None."""
+        steps = chunks.steps_of(plan)
+        positions, every = plan["positions"], plan.get("checkpoint_every")
+        start = 0
+        while start < len(steps) and not _stop_asked(plan["stop_key"]):
+            progress = {"steps": [], "seconds": {}, "checkpoint": None}
+            if self.limits.elastic:
+                self._note_drains()
+            due = bool(self._leaving)
+            if due:  # they leave first, then the run's state is saved without them
+                self._leave(progress["steps"], progress["seconds"])
+            batch = positions[start]
+            due = due or bool(every) and batch % every == 0
+            if every is not None and due and batch > plan["first_batch"]:
+                mid, steps_done = plan["snapshot"], self.steps_sent
+                snapshot = self._submit("snapshot", mid, steps_done, ranks=[0])[0]
+                progress["checkpoint"] = (batch, steps_done, snapshot)
+            stop = start + 1
+            while stop < len(steps) and stop - start < self._steps_per_call():
+                if every and positions[stop] % every == 0:
+                    break  # a checkpoint's boundary
+                stop += 1
+            self._advance(kind, steps[start:stop], plan["depth"], progress)
+            start = stop
+            yield progress, self.view()
+        last = {"steps": [], "seconds": {}}
+        last["stopped_at"] = positions[start] if start < len(positions) else None
+        yield self._advance(kind, [], 0, last), self.view()
 
     def snapshot(self, mid: int, steps: int) -> tuple:
         """Worker 0's copy of a module's state once it has applied ``steps`` (None then if a
@@ -278,6 +316,28 @@ class Controller:
     def shutdown(self) -> None:
         self._group.stop()
         self._enter(State.CLOSED, "shut down")
+
+    def _advance(self, kind: str, steps: list[chunks.Step], keep: int, reply: dict) -> dict:
+        """:meth:`advance`'s work, its finished steps and seconds added to ``reply``."""
+        done, seconds = reply["steps"], reply["seconds"]
+        if self.limits.elastic:
+            self._note_drains()
+        if self._leaving:
+            self._leave(done, seconds)
+        if steps:
+            if self.members.pending and self.limits.elastic and not self._in_pass:
+                self._grow(done, seconds)
+            if self._balancer is not None and kind == "train_step" and steps[0].stream is None:
+                self._rebalance()
+            self._send(kind, steps)
+        while len(self._chunks) > keep:
+            self._finish(done, seconds)
+        if done and seconds:
+            self._step_s = max(seconds.values()) / len(done)
+        return reply
+
+    def _steps_per_call(self) -> int:
+        return chunks.steps_per_call(self.settings, self._step_s)
 
     # -- state -------------------------------------------------------------------------------------
     def _enter(self, state: State, why: str) -> None:
@@ -870,6 +930,21 @@ class Controller:
                 **extra,
             }
         )
+
+
+def stop_plan(key: str) -> None:
+    """Asks the controller running the plan of ``stop_key`` ``key`` to stop it at its next
+    chunk boundary (a flag in Ray's key-value store: the controller's calls to its workers go on
+    undisturbed, which ``ray.cancel`` would interrupt); :func:`plan_ended` removes it."""
+    internal_kv._internal_kv_put(key, b"stop", namespace=_PLANS)
+
+
+def plan_ended(key: str) -> None:
+    internal_kv._internal_kv_del(key, namespace=_PLANS)
+
+
+def _stop_asked(key: str) -> bool:
+    return internal_kv._internal_kv_exists(key, namespace=_PLANS)
 
 
 RemoteController = ray.remote(num_cpus=0, max_restarts=0)(Controller)

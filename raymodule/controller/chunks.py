@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 from ..data.parts import IndexedParts, PartPlan, StreamParts, split_slices
 
-__all__ = ["Piece", "Step", "Chunk", "steps_of", "worker_args", "reads", "rehome"]
+__all__ = [
+    "Piece", "Step", "Chunk", "steps_per_call", "steps_of", "worker_args", "reads", "rehome"
+]  # fmt: skip
 
 
 @dataclass
@@ -56,6 +58,16 @@ class Chunk:
     slots: list[int]
     generation: int
     reads: dict  # member (actor handle) -> the part objects it was given
+
+
+def steps_per_call(settings, step_s: float | None) -> int:
+    """Batches in the next call: as many as take the workers about ``RAYMODULE_CALL_S``
+    (``step_s``: a step's seconds, as last measured), at least 1, at most
+    ``RAYMODULE_STEPS_PER_CALL``; 4 at most before a step was timed."""
+    most = settings.steps_per_call
+    if not step_s:
+        return min(4, most)
+    return max(1, min(most, round(settings.call_s / step_s)))
 
 
 def steps_of(spec: dict) -> list[Step]:
