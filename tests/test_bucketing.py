@@ -11,7 +11,7 @@ import warnings
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import max_relative_diff
+from conftest import Interrupted, interrupt_at, max_relative_diff
 
 import raymodule
 from raymodule import storage
@@ -267,13 +267,9 @@ def test_a_bucketing_run_resumes_mid_epoch_as_if_never_interrupted(tmp_path):
             mod.fit(ListIter(train), num_epoch=2, optimizer_params=SGD, run=run, **extra)
             return mod.get_params()[0]
 
-    def interrupt(param):
-        if (param.epoch, param.nbatch) == (1, 5):
-            raise KeyboardInterrupt
-
     expected = fit()
-    with pytest.raises(KeyboardInterrupt):
-        fit(config, batch_end_callback=interrupt)
+    with pytest.raises(Interrupted):  # once a checkpoint inside epoch 1 is committed
+        fit(config, batch_end_callback=interrupt_at(1, 5, config.location))
     ckpt = raymodule.latest_checkpoint(config.location)
     assert ckpt.epoch == 1 and ckpt.batch > 0
     assert {"model-8-symbol.json", "model.buckets", "model.buckets.json"} <= set(ckpt.files)
