@@ -79,6 +79,26 @@ def _batches(data_iter, indexed: bool, passes: int | None = None):
         yield data.index_batch(index, pad, data_iter)
 
 
+def _from_first(batches, epoch: int, num_batch: int | None, first_batch: int):
+    """``(nbatch, batch)`` of ``batches`` from batch ``first_batch`` on, the ones before it
+    read and skipped (they were trained before the run resumed), up to ``num_batch``. Batches
+    that end before batch ``first_batch`` are not the data the run was trained on:
+    :class:`raymodule.ResumeMismatch`."""
+    given = 0
+    for nbatch, batch in enumerate(batches):
+        if num_batch is not None and nbatch == num_batch:
+            break
+        given = nbatch + 1
+        if nbatch >= first_batch:
+            yield nbatch, batch
+    if given <= first_batch and first_batch > 0:
+        raise ResumeMismatch(
+            f"the run resumes epoch {epoch} after batch {first_batch}, but train_data gives "
+            f"only {given} batches in it: it is not the data the run was trained on. Resume "
+            "with that data, or start a new run: another RunConfig(name=...)"
+        )
+
+
 def run_steps(
     module,
     data_iter,
@@ -268,20 +288,14 @@ def steps(
         yield from finished
         finished.clear()
 
+    batches = _from_first(_batches(data_iter, indexed, passes), epoch, num_batch, first_batch)
     try:
-        tally.batches, given = first_batch, 0
-        for nbatch, data_batch in enumerate(_batches(data_iter, indexed, passes)):
-            if num_batch is not None and nbatch == num_batch:
-                break
-            given = nbatch + 1
-            if nbatch < first_batch:
-                continue
+        tally.batches = first_batch
+        for nbatch, data_batch in batches:
             if stop is not None and stop():
                 advance(keep=0)  # first: a loss meanwhile would void the checkpoint's copy
                 yield from ready()
-                if nbatch > first_batch:  # else the checkpoint it resumed from, or the epoch's end
-                    on_checkpoint(nbatch, workers.steps_sent)
-                raise _preempted(epoch, nbatch)
+                raise _preempt(epoch, nbatch, first_batch, on_checkpoint, workers.steps_sent)
             every = checkpoint_every and nbatch % checkpoint_every == 0
             if (every or checkpoint_due) and on_checkpoint is not None and nbatch > first_batch:
                 advance(keep=depth)
@@ -304,8 +318,6 @@ def steps(
             if len(chunk) >= (1 if monitor is not None else workers.steps_per_call):
                 advance(keep=depth)
             yield from ready()
-        if given <= first_batch and first_batch > 0:  # nothing was sent: nothing trained or written
-            raise _short_data(epoch, first_batch, given)
         advance(keep=0)
         yield from ready()
     except GeneratorExit:
@@ -367,9 +379,8 @@ def _planned(
                     yield sent.pop(serial), results, slices
                 stopped_at = reply.get("stopped_at")
                 if stopped_at is not None:  # stopped below: the steps before it are done
-                    if stopped_at > first_batch:
-                        on_checkpoint(stopped_at, workers.steps_sent)
-                    raise _preempted(epoch, stopped_at)
+                    steps = workers.steps_sent
+                    raise _preempt(epoch, stopped_at, first_batch, on_checkpoint, steps)
                 if stop is not None and stop():
                     progress.stop()
         except GeneratorExit:  # the caller stopped reading: the steps in flight finish unread
@@ -382,18 +393,11 @@ def _planned(
     def run_early():
         early.extend(run_plan())
 
-    tally.batches, given = first_batch, 0
-    for nbatch, data_batch in enumerate(_batches(data_iter, True)):
-        if num_batch is not None and nbatch == num_batch:
-            break
-        given = nbatch + 1
-        if nbatch < first_batch:
-            continue
+    tally.batches = first_batch
+    for nbatch, data_batch in _from_first(_batches(data_iter, True), epoch, num_batch, first_batch):
         if stop is not None and stop():
             yield from run_plan()
-            if nbatch > first_batch:  # else the checkpoint it resumed from, or the epoch's end
-                on_checkpoint(nbatch, workers.steps_sent)
-            raise _preempted(epoch, nbatch)
+            raise _preempt(epoch, nbatch, first_batch, on_checkpoint, workers.steps_sent)
         tally.batches = nbatch + 1
         target = module._step_module(data_batch, flush=run_early)
         target.prepare(data_batch, sparse_row_id_fn=sparse_row_id_fn)
@@ -403,8 +407,6 @@ def _planned(
         early.clear()
         if len(plan) >= _PLAN_STEPS:
             yield from run_plan()
-    if given <= first_batch and first_batch > 0:
-        raise _short_data(epoch, first_batch, given)
     yield from run_plan()
 
 
@@ -413,18 +415,15 @@ def _add_seconds(tally: Epoch, reply: dict) -> None:
         tally.step_seconds[slot] = tally.step_seconds.get(slot, 0.0) + took
 
 
-def _preempted(epoch: int, nbatch: int) -> Preempted:
+def _preempt(epoch: int, nbatch: int, first_batch: int, on_checkpoint, steps: int) -> Preempted:
+    """Checkpoints the run stopped before batch ``nbatch`` (``steps`` training steps applied)
+    and says so. At its first batch the run has a checkpoint there already: the one it
+    resumed from, or the epoch's end."""
+    if nbatch > first_batch:
+        on_checkpoint(nbatch, steps)
     return Preempted(
         f"fit stopped at epoch {epoch}, batch {nbatch}: the process received SIGTERM; "
         "run it again with the same RunConfig.name to go on from there"
-    )
-
-
-def _short_data(epoch: int, first_batch: int, given: int) -> ResumeMismatch:
-    return ResumeMismatch(
-        f"the run resumes epoch {epoch} after batch {first_batch}, but train_data gives "
-        f"only {given} batches in it: it is not the data the run was trained on. Resume "
-        "with that data, or start a new run: another RunConfig(name=...)"
     )
 
 
