@@ -288,6 +288,39 @@ def test_parameters_that_are_not_finite_are_not_committed(tmp_path, monkeypatch)
     assert writer.failures_in_row == 1 and not (tmp_path / "r").exists()
 
 
+def test_checkpoints_skipped_while_one_is_written_are_warned_of_once_then_counted(tmp_path, caplog):
+    """A run checkpointing faster than its storage commits skips checkpoints: the first skip
+    is a warning saying what to change, the others are logged at INFO, and closing the writer
+    says how many there were (one line each time would bury a progress bar)."""
+    gate = tmp_path / "gate"
+
+    def when_the_gate_opens(gate: str, copy: Snapshot) -> Snapshot:  # nested: Ray ships it
+        while not os.path.exists(gate):  # by value (tests/ is not on the workers' path)
+            time.sleep(0.01)
+        return copy
+
+    writer = checkpoint.CheckpointWriter(
+        storage.Folder(str(tmp_path / "r")), 2, Settings.from_env()
+    )
+    with caplog.at_level(logging.INFO, logger="raymodule.checkpoint.writer"):
+        late = ray.remote(when_the_gate_opens).remote(str(gate), snapshot(tmp_path))
+        writer.submit(late, info(10))  # the writer waits for it
+        for step in (20, 30, 40, 50):  # the first is still being written: all but one wait
+            writer.submit(ray.put(snapshot(tmp_path)), info(step))
+        gate.touch()
+        writer.close()
+    skips = [r for r in caplog.records if " skipped: the one before" in r.getMessage()]
+    assert len(skips) == writer.skipped
+    assert [r.levelno for r in skips] == [logging.WARNING] + [logging.INFO] * (len(skips) - 1)
+    assert "a larger checkpoint_every takes fewer" in skips[0].getMessage()
+    summary = [r for r in caplog.records if "skipped in all" in r.getMessage()]
+    assert len(summary) == 1 and summary[0].levelno == logging.WARNING
+    assert summary[0].getMessage().startswith(f"{len(skips)} checkpoints of ")
+    run = storage.Folder(str(tmp_path / "r"))
+    steps = [checkpoint.read(run, name).global_step for name in checkpoint.checkpoint_names(run)]
+    assert steps in ([10, 50], [50]) and len(skips) == 5 - len(steps)  # 10: if taken up at once
+
+
 def test_files_and_folders_are_synced_before_the_manifest_and_the_manifest_before_latest(
     tmp_path, monkeypatch
 ):

@@ -23,6 +23,11 @@ __all__ = ["CheckpointWriter"]
 
 log = logging.getLogger(__name__)
 
+_SKIPS_COUNTED = (
+    " (checkpoints are due faster than the storage commits them; later skips are logged at "
+    "INFO and counted when the run ends; a larger checkpoint_every takes fewer)"
+)
+
 _stage_task = ray.remote(num_cpus=0, max_retries=0)(stage_files)
 """stage_files as a Ray task: it is given the snapshot's reference, and only the manifest
 comes back."""
@@ -59,6 +64,7 @@ class CheckpointWriter:
         self.close_timeout_s = settings.checkpoint_close_timeout_s
         self._committed: list[dict] = []
         self.failures_in_row = 0
+        self.skipped = 0  # checkpoints due while the one before was still being written
         self._error: CheckpointError | None = None
         self._waiting: tuple | None = None
         self._busy = False
@@ -77,9 +83,13 @@ class CheckpointWriter:
         with self._cond:
             self._raise_if_failed()
             if self._waiting is not None:
-                log.warning(
-                    "checkpoint at step %d skipped: the one before is still being written",
+                # said once, then counted: at every skip it would fill a progress bar's screen
+                self.skipped += 1
+                log.log(
+                    logging.WARNING if self.skipped == 1 else logging.INFO,
+                    "checkpoint at step %d skipped: the one before is still being written%s",
                     self._waiting[1]["global_step"],
+                    _SKIPS_COUNTED if self.skipped == 1 else "",
                 )
             self._waiting = (snapshot, info)
             self._cond.notify_all()
@@ -100,6 +110,13 @@ class CheckpointWriter:
             self._abandon = abandon
             self._cond.notify_all()
         self._thread.join(timeout=self.close_timeout_s)
+        if self.skipped > 1:
+            log.warning(
+                "%d checkpoints of %s were skipped in all, each due while the one before was "
+                "still being written",
+                self.skipped,
+                self.run,
+            )
         with self._cond:
             if self._thread.is_alive():
                 raise CheckpointError(
