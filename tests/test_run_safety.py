@@ -295,8 +295,9 @@ def test_checkpoints_skipped_while_one_is_written_are_warned_of_once_then_counte
     gate = tmp_path / "gate"
 
     def when_the_gate_opens(gate: str, copy: Snapshot) -> Snapshot:  # nested: Ray ships it
-        while not os.path.exists(gate):  # by value (tests/ is not on the workers' path)
-            time.sleep(0.01)
+        deadline = time.monotonic() + 60  # by value (tests/ is not on the workers' path)
+        while not os.path.exists(gate) and time.monotonic() < deadline:  # a failed test
+            time.sleep(0.01)  # before the gate opens leaves no task spinning
         return copy
 
     writer = checkpoint.CheckpointWriter(
