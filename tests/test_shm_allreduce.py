@@ -1,6 +1,7 @@
 """Dense gradients of co-located workers summed through shared memory, on real Ray actors:
 the numpy sum on every rank, the same bits everywhere, on one node and on two; a peer killed in
-a sum fails the others at once and leaves no segment behind."""
+a sum fails the others at once and leaves no segment behind; a node's workers, as many as its
+cores, each run on a core of its own."""
 
 from __future__ import annotations
 
@@ -15,10 +16,16 @@ import threading
 import time
 from pathlib import Path
 
+import mxnet as mx
 import pytest
 import ray
+import stepfaults
+from conftest import dataset, mlp
 from shm_ranks import Rank, arrays, check_sums, form
 
+import raymodule
+import raymodule.module
+from raymodule.worker.cores import share
 from raymodule.worker.shm import LocalGroup, remove_stale_segments
 
 HERE = Path(__file__).resolve().parent
@@ -141,3 +148,61 @@ def test_a_rank_meeting_by_name_waits_for_the_leaders_segment_to_be_sized():
     finally:
         os.close(fd)
         path.unlink(missing_ok=True)
+
+
+def cores_of(pid: int) -> set[frozenset[int]]:
+    """The core sets the threads of process ``pid`` may run on (one per distinct set)."""
+    found = set()
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            line = next(
+                x for x in status.read_text().splitlines() if x.startswith("Cpus_allowed_list")
+            )
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended meanwhile
+        cores = set()
+        for part in line.split(":", 1)[1].strip().split(","):
+            first, _, last = part.partition("-")
+            cores.update(range(int(first), int(last or first) + 1))
+        found.add(frozenset(cores))
+    return found
+
+
+def test_a_nodes_workers_each_run_on_a_core_of_their_own_and_a_lone_survivor_on_all(
+    tmp_path, monkeypatch
+):
+    """Two workers of one group on this node, as many as the cores they may run on (this
+    2-core machine's; on a larger one, share() says they share them all): every thread of
+    each on its own core while both train; after worker 1 dies, the survivor, a group of one,
+    runs on all of them again."""
+    allowed = set(os.sched_getaffinity(0))
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    seen: dict = {}
+
+    def look():
+        for up in marks.glob("up-*"):
+            pid = int(up.name.split("-")[1])
+            seen[pid] = cores_of(pid)
+
+    plan = {(3, None): ("gate", "look"), (5, 1): "die"}
+    cls = stepfaults.worker_class(plan, marks=marks)
+    monkeypatch.setattr(raymodule.module, "ControllerHandle", stepfaults.with_workers(cls))
+    x, y = dataset(n=256)
+    run = raymodule.RunConfig(name="pin", storage=str(tmp_path), min_workers=1)
+    with stepfaults.Gates(marks, {"look": look}) as gates:
+        with raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)]) as mod:
+            mod.fit(
+                mx.io.NDArrayIter(x, y, 16),
+                num_epoch=1,
+                optimizer_params={"learning_rate": 0.1},
+                run=run,
+            )
+            survivor = mod.workers.nodes[0]["pid"]
+            assert mod.world_size == 1
+            after = cores_of(survivor)
+    assert gates.errors == [] and gates.fired == {"look": 1}
+    assert len(seen) == 2 and all(len(c) == 1 for c in seen.values()), seen  # all threads alike
+    expected = sorted(sorted(share(i, 2, allowed)) for i in range(2))
+    assert sorted(sorted(next(iter(c))) for c in seen.values()) == expected, seen
+    assert after == {frozenset(allowed)}, after

@@ -1,4 +1,4 @@
-"""Pure pieces: bucket planning, batch splitting, settings, metric routing."""
+"""Pure pieces: bucket planning, batch splitting, settings, metric routing, core shares."""
 
 from __future__ import annotations
 
@@ -14,6 +14,24 @@ from raymodule.constants import Settings
 from raymodule.controller.chunks import steps_per_call
 from raymodule.sealed import Sealed, seal_objects
 from raymodule.worker.collective import plan_buckets
+from raymodule.worker.cores import share
+
+
+@pytest.mark.parametrize(
+    "index, count, cores, expected",
+    [
+        (0, 2, {0, 1}, {0}),
+        (1, 2, {0, 1}, {1}),
+        (2, 3, {4, 5, 7}, {7}),  # the cores it may use, in order, whatever their numbers
+        (0, 1, {0, 1}, {0, 1}),  # a group of one: all of them
+        (0, 2, {0, 1, 2, 3}, {0, 1, 2, 3}),  # fewer workers than cores: the kernel places them
+        (1, 4, {0, 1}, {0, 1}),  # more workers than cores: they share them anyway
+    ],
+)
+def test_a_nodes_workers_get_a_core_each_only_when_they_are_as_many_as_the_cores(
+    index, count, cores, expected
+):
+    assert share(index, count, cores) == expected
 
 
 def test_buckets_fill_up_to_the_limit_and_keep_order():

@@ -222,6 +222,7 @@ class WorkerGroup:
             self.devices[slot],
             self.settings.allreduce_bucket_bytes,
             bool(self.settings.shm_allreduce),
+            bool(self.settings.pin_cores),
         )
 
     def membership(self) -> Membership:

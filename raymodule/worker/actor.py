@@ -34,6 +34,7 @@ from ..data.parts import Batch, IndexedParts, PartPlan, StreamParts
 from ..errors import GroupBrokenError, first_line
 from ..mxnet_import import import_mxnet
 from ..sealed import seal
+from .cores import Pinning
 
 __all__ = ["ModuleWorker"]
 
@@ -71,13 +72,16 @@ def _nd_dict(arrays: dict) -> dict:
 class ModuleWorker:
     """One data-parallel replica. Methods take the id of the module they act on."""
 
-    def __init__(self, device_type: str, allreduce_bucket_bytes: int, shm_allreduce: bool):
+    def __init__(
+        self, device_type: str, allreduce_bucket_bytes: int, shm_allreduce: bool, pin_cores: bool
+    ):
         _import_runtime()
         self.device = mx.Context(device_type, 0)
         self._modules: dict[int, mx.mod.Module] = {}
         self._collective: Collective | None = None
         self._bucket_bytes = allreduce_bucket_bytes
         self._shm_allreduce = shm_allreduce
+        self._pinning = Pinning(pin_cores)  # the cores: the node's share while in a group
         self._metric: mx.metric.EvalMetric | None = None
         self._metric_here = False  # the metric's counters are updated on this worker
         self._applied = 0
@@ -135,6 +139,7 @@ class ModuleWorker:
             # call's traceback does): until then a peer blocked on this worker waits out the
             # whole collective timeout instead of failing at once.
             gc.collect()
+        self._pinning.pin(0, 1)
         self._broken = None
 
     def join(self, world_size, rank, rendezvous, backend, timeout_s, generation) -> None:
@@ -146,6 +151,7 @@ class ModuleWorker:
         self._collective = Collective(
             world_size, rank, rendezvous, backend, timeout_s, shared_memory=self._shm_allreduce
         )
+        self._pinning.pin(*self._collective.node_place)
         self._generation = generation
 
     def applied(self) -> int:
