@@ -3,12 +3,11 @@
 Workers that sum through shared memory run in lock step: a rank the kernel moves onto its
 peer's core, or puts behind it there, holds up every rank at the next barrier. When a node's
 workers of one group are exactly as many as the cores they may run on, each rank pins every
-thread of its process to one core: ``RAYMODULE_PIN_CORES``, on by default. Measured with
-``python jobs/benchmark.py --models mlp,lenet --configs native2,ray2`` on a 2-core machine,
-four alternating pairs of runs: 2 workers trained 0.4-11 % faster pinned than not in each of
-the 8 comparisons (5 % on average). Fewer workers than cores (other runs, Tune trials or
-tasks may share the node) or more (they must share cores anyway) leave the kernel to place
-them, as does a group of one.
+thread of its process to one core: ``RAYMODULE_PIN_CORES``, on by default. On a 2-core
+machine (``python jobs/benchmark.py --models mlp,lenet --configs native2,ray2``, pinned and
+not, alternating; README, Benchmark), 2 workers trained the MLP 4-9 % faster pinned and
+LeNet -2 to +17 %. Fewer workers than cores (other runs, Tune trials or tasks may share the
+node) or more (they must share cores anyway) are left to the kernel, as is a group of one.
 """
 
 from __future__ import annotations
