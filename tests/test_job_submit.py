@@ -127,11 +127,14 @@ def test_submitted_job_succeeds_and_its_logs_hold_the_test_accuracy(head, tmp_pa
     assert size < 5 * 1024**2, f"the working dir upload is {size / 1024**2:.1f} MiB"
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_stopped_job_submitted_again_with_its_name_resumes_its_run(head, tmp_path):
     storage = tmp_path / "runs"
     run = storage / "long"
-    epochs, batch = 10, 8
+    # Epochs enough that the job still trains when the stop lands: its first commit waits for
+    # the writer's process to import MXNet (9 s on a slow 2-core machine, while training goes
+    # on), and with 10 epochs a job ran its last steps before `ray job stop` reached it.
+    epochs, batch = 30, 8
     steps = epochs * (TRAIN_IMAGES // batch)
     args = ["jobs/train.py", "--name", "long", "--storage", str(storage)]
     args += ["--epochs", str(epochs), "--batch-size", str(batch), "--lr", "0.02"]

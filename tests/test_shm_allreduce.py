@@ -186,6 +186,8 @@ def test_a_nodes_workers_each_run_on_a_core_of_their_own_and_a_lone_survivor_on_
             seen[pid] = cores_of(pid)
 
     plan = {(3, None): ("gate", "look"), (5, 1): "die"}
+    # the first look for replacements sets the next an hour later: none joins the survivor
+    monkeypatch.setenv("RAYMODULE_ADMIT_INTERVAL_S", "3600")
     cls = stepfaults.worker_class(plan, marks=marks)
     monkeypatch.setattr(raymodule.module, "ControllerHandle", stepfaults.with_workers(cls))
     x, y = dataset(n=256)
