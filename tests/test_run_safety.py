@@ -294,10 +294,12 @@ def test_checkpoints_skipped_while_one_is_written_are_warned_of_once_then_counte
     says how many there were (one line each time would bury a progress bar)."""
     gate = tmp_path / "gate"
 
-    def when_the_gate_opens(gate: str, copy: Snapshot) -> Snapshot:  # nested: Ray ships it
-        deadline = time.monotonic() + 60  # by value (tests/ is not on the workers' path)
-        while not os.path.exists(gate) and time.monotonic() < deadline:  # a failed test
-            time.sleep(0.01)  # before the gate opens leaves no task spinning
+    # nested: Ray ships it by value (tests/ is not on the workers' path); bounded, so that a
+    # test failing before the gate opens leaves no task spinning
+    def when_the_gate_opens(gate: str, copy: Snapshot) -> Snapshot:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
         return copy
 
     writer = checkpoint.CheckpointWriter(
