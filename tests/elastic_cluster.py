@@ -1,13 +1,16 @@
 """Elastic training on a real multi-node Ray on one machine, under real faults.
 
     python tests/elastic_cluster.py SCENARIO OUT_JSON
+    python tests/elastic_cluster.py --serve     (then "SCENARIO OUT_JSON" lines on stdin)
 
 Starts a ``ray.cluster_utils.Cluster`` (a head without CPUs and three nodes of 1 CPU, fast
 health checks, on 127.0.0.1), trains an MLP on three workers (one per node) through an elastic
 run, injects SCENARIO's fault keyed to the workers' own step (never to the clock, nor to the
 client's trailing callbacks: :mod:`stepfaults`), trains the same batches with plain
 ``mx.mod.Module`` on one device, and writes what happened to OUT_JSON.
-Stops every Ray process it started, even when training fails.
+Stops every Ray process it started, even when training fails. With ``--serve``, one cluster
+runs the scenarios named on stdin one after another (:func:`serve`): for those that add or
+remove no node, which leave it as they found it.
 
 Scenarios: kill (SIGKILL one worker process), node (remove a worker's node for real),
 hang (SIGSTOP one worker: alive, silent), grow (remove a node, add one back later),
@@ -32,6 +35,7 @@ answering with max_failures=0: fit fails in words, bounded, instead of hanging).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -405,50 +409,99 @@ def child(storage: str, mode: str) -> None:
     mod.close()
 
 
+@contextlib.contextmanager
+def loopback_cluster(worker_nodes: int, driver: bool):
+    """A head without CPUs and ``worker_nodes`` nodes of 1 CPU; with ``driver``, this process
+    connected to it. Stops every Ray process it started, whatever happens."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": HEALTH},
+    )
+    try:
+        if driver:
+            # before the other nodes exist: the driver then uses the head's raylet, and the
+            # nodes the faults remove are never the driver's own
+            ray.init(address=cluster.address, log_to_driver=False)
+        for _ in range(worker_nodes):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def wait_until_whole(timeout_s: float = 60) -> None:
+    """Returns once the cluster is as a scenario found it: its worker nodes alive and every
+    CPU free (the run's workers and controller gone); raises after ``timeout_s``."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+        free = ray.available_resources().get("CPU", 0)
+        if len(nodes) == WORKERS and free >= WORKERS:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the cluster is not whole {timeout_s:g} s after a scenario: {len(nodes)} of "
+                f"{WORKERS} worker nodes alive, {free:g} of {WORKERS} CPUs free"
+            )
+        time.sleep(0.1)
+
+
+def serve(cluster) -> None:
+    """Runs the scenarios stdin names ("SCENARIO OUT_JSON", a line each) one after another on
+    ``cluster``, each in a storage folder of its own; each result is written once the cluster
+    is whole again, so the next scenario finds it as the first did. Ends at stdin's end."""
+    for line in sys.stdin:
+        scenario, out = line.split()
+        storage = tempfile.mkdtemp(prefix="elastic-")
+        try:
+            result = run_scenario(scenario, cluster, storage)
+        finally:
+            shutil.rmtree(storage, ignore_errors=True)
+        wait_until_whole()
+        write(out, result)
+
+
+def write(out: str, result: dict) -> None:
+    """``result`` as JSON at ``out``, whole or not at all (a reader waits for the file)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(out + ".part", "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    os.replace(out + ".part", out)
+
+
 def main() -> None:
     if sys.argv[1] == "--child":
         child(sys.argv[2], sys.argv[3])
         return
+    if sys.argv[1] == "--serve":
+        with loopback_cluster(WORKERS, driver=True) as cluster:
+            serve(cluster)
+        return
     scenario, out = sys.argv[1], sys.argv[2]
-    from ray.cluster_utils import Cluster
-
     s3 = SeaweedS3().start() if scenario == "s3stop" else None
     storage = s3.uri("elastic") if s3 is not None else tempfile.mkdtemp(prefix="elastic-")
+    nodes = 1 if scenario == "start_small" else WORKERS
     try:
-        cluster = Cluster(
-            initialize_head=True,
-            head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": HEALTH},
-        )
-    except BaseException:
-        if s3 is not None:
-            s3.stop()
-        raise
-    try:
-        if scenario != "process":
-            import ray
-
-            # before the other nodes exist: the driver then uses the head's raylet, and the
-            # nodes the faults remove are never the driver's own
-            ray.init(address=cluster.address, log_to_driver=False)
-        for _ in range(1 if scenario == "start_small" else WORKERS):
-            cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        if scenario == "process":
-            result = process_scenario(cluster, storage)
-        else:
-            result = run_scenario(scenario, cluster, storage, s3)
+        with loopback_cluster(nodes, driver=scenario != "process") as cluster:
+            if scenario == "process":
+                result = process_scenario(cluster, storage)
+            else:
+                result = run_scenario(scenario, cluster, storage, s3)
     finally:
-        import ray
-
-        ray.shutdown()
-        cluster.shutdown()
         if s3 is not None:
             os.killpg(s3.proc.pid, signal.SIGCONT)  # a stopped server ignores SIGTERM
             s3.stop()
         else:
             shutil.rmtree(storage, ignore_errors=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1, default=str)
+    write(out, result)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Elastic runs on a real multi-node Ray (three 1-CPU nodes on 127.0.0.1) under real faults,
 keyed to a step: each ends with the parameters plain MXNet trains on the same batches.
 
-Each scenario runs in a process of its own (tests/elastic_cluster.py), which starts and stops
-its own cluster: a process holds one Ray, and the session's is not a multi-node one.
+Scenarios run in processes of their own (tests/elastic_cluster.py), which start and stop their
+own clusters: a process holds one Ray, and the session's is not a multi-node one. Those that
+add or remove no node run one after another on one cluster, in one process (starting a cluster
+costs 15-20 s here); the others each start their own, and run alone.
 """
 
 from __future__ import annotations
@@ -10,33 +12,130 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 HERE = Path(__file__).resolve().parent
+SCRIPT = str(HERE / "elastic_cluster.py")
+# the scenarios that leave the cluster as they found it (every node, every CPU free after)
+ON_ONE_CLUSTER = {
+    "kill",
+    "hang",
+    "all",
+    "controller",
+    "epoch_end",
+    "reform_kill",
+    "reform_stop",
+    "sigterm",
+    "frozen",
+}
+SCENARIO_S = 600  # the most one scenario may take
 
 
-def scenario(name: str, tmp_path) -> dict:
-    out = tmp_path / f"{name}.json"
-    ray_tmp = tempfile.mkdtemp(prefix="rel-", dir="/tmp")  # short: Ray's socket paths
+class Scenarios:
+    """Runs scenarios: those of :data:`ON_ONE_CLUSTER` through one ``--serve`` process (started
+    at the first, started again if one ended it), each other one in a process of its own,
+    with the shared cluster stopped first. Each ``run`` returns the scenario's result, with
+    what its process printed meanwhile as ``log``."""
+
+    def __init__(self, folder: Path):
+        self._folder = folder
+        self._server: subprocess.Popen | None = None
+        self._ray_tmp: str | None = None
+
+    def run(self, name: str, tmp_path: Path) -> dict:
+        out = tmp_path / f"{name}.json"
+        if name in ON_ONE_CLUSTER:
+            log = self._served(name, out)
+        else:
+            self.close()
+            log = self._alone(name, out)
+        result = json.loads(out.read_text())
+        result["log"] = log
+        return result
+
+    def _alone(self, name: str, out: Path) -> str:
+        ray_tmp = tempfile.mkdtemp(prefix="rel-", dir="/tmp")  # short: Ray's socket paths
+        try:
+            proc = subprocess.run(
+                [sys.executable, SCRIPT, name, str(out)],
+                env=dict(os.environ, RAY_TMPDIR=ray_tmp),
+                capture_output=True,
+                text=True,
+                timeout=SCENARIO_S,
+            )
+        finally:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        return proc.stdout + proc.stderr
+
+    def _served(self, name: str, out: Path) -> str:
+        log_path = self._folder / "serve.log"
+        if self._server is None:
+            self._ray_tmp = tempfile.mkdtemp(prefix="rel-", dir="/tmp")
+            with open(log_path, "ab") as log:
+                self._server = subprocess.Popen(
+                    [sys.executable, SCRIPT, "--serve"],
+                    env=dict(os.environ, RAY_TMPDIR=self._ray_tmp),
+                    stdin=subprocess.PIPE,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    start_new_session=True,  # its Ray processes are stopped with it
+                )
+        start = log_path.stat().st_size
+        self._server.stdin.write(f"{name} {out}\n")
+        self._server.stdin.flush()
+        deadline = time.monotonic() + SCENARIO_S
+        while not out.exists():
+            ended = self._server.poll() is not None
+            if ended or time.monotonic() > deadline:
+                self.close()  # the next scenario starts a new cluster
+                log = _read_from(log_path, start)
+                pytest.fail(
+                    f"the scenario {'ended its process' if ended else 'timed out'}:\n" + log[-8000:]
+                )
+            time.sleep(0.2)
+        return _read_from(log_path, start)
+
+    def close(self) -> None:
+        """Stops the shared cluster (stdin's end), or kills its process group after 120 s."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        try:
+            server.stdin.close()
+            server.wait(timeout=120)
+        except (OSError, subprocess.TimeoutExpired):
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        finally:
+            shutil.rmtree(self._ray_tmp, ignore_errors=True)
+
+
+def _read_from(path: Path, start: int) -> str:
+    return path.read_bytes()[start:].decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory):
+    runner = Scenarios(tmp_path_factory.mktemp("elastic"))
     try:
-        proc = subprocess.run(
-            [sys.executable, str(HERE / "elastic_cluster.py"), name, str(out)],
-            env=dict(os.environ, RAY_TMPDIR=ray_tmp),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        yield runner
     finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    result = json.loads(out.read_text())
-    result["log"] = proc.stdout + proc.stderr
-    return result
+        runner.close()
+
+
+@pytest.fixture
+def scenario(scenarios, tmp_path):
+    """``scenario(name)``: the result of scenario ``name`` of tests/elastic_cluster.py."""
+    return lambda name: scenarios.run(name, tmp_path)
 
 
 def changes(result: dict) -> list[dict]:
@@ -64,11 +163,98 @@ def assert_same_model(result: dict) -> None:
     assert result["diff"] <= 1e-4, f"differs from plain MXNet by {result['diff']:.2e}"
 
 
-@pytest.mark.parametrize("fault", ["kill", "node"])
-def test_a_lost_worker_costs_no_completed_step(fault, tmp_path):
+def test_the_group_grows_back_when_a_node_returns(scenario):
+    """A node removed, then one added: the run goes on with the two survivors (min_workers=2),
+    and the lost member's replacement comes up on the new node and joins."""
+    result = scenario("grow")
+    assert_fired(result, [1, 1])
+    assert_same_model(result)
+    lost, grown = changes(result)
+    assert lost["world_size"] == 2 and lost["lost"] == ["slot 1"]
+    assert grown["change"] == "grown" and grown["world_size"] == 3
+    assert grown["step"] > lost["step"]
+    assert result["world_size"] == 3
+    assert epochs(result)[-1]["world_size"] == 3
+
+
+def test_a_worker_on_a_drained_node_leaves_at_a_step_boundary_with_no_failure(scenario):
+    """Ray's drain API (what an autoscaler's preemption drain calls) on one worker's node: the
+    worker leaves at the next step boundary, no step fails, nothing is restored, no failure is
+    counted, and the model is the one plain MXNet trains."""
+    result = scenario("drain")
+    assert_fired(result, [1])
+    assert_same_model(result)
+    drained = changes(result)[0]
+    assert drained["change"] == "drained" and drained["left"] == ["slot 1"], drained
+    assert drained["world_size"] == 2 and drained["failures"] == 0
+    assert "slot 1 its node is being drained" in drained["why"]
+    assert not any(m["change"] == "lost" for m in changes(result))
+    assert epochs(result)[-1]["global_step"] == 32
+
+
+def test_a_run_starts_with_the_workers_there_and_admits_the_others_as_nodes_come(scenario):
+    """``raymodule.workers(1, max_workers=3)`` on a cluster with one worker node: training
+    starts with one worker (not waiting for three), two nodes are added, and the workers that
+    were asking for them join at step boundaries; the model is the one plain MXNet trains."""
+    result = scenario("start_small")
+    assert_fired(result, [1])
+    assert_same_model(result)
+    grown = changes(result)
+    assert grown and all(m["change"] == "grown" for m in grown), grown
+    assert grown[0]["previous_world_size"] == 1
+    assert grown[-1]["world_size"] == 3 and result["world_size"] == 3
+    assert "started with 1 of 3 workers; the workers of slots [1, 2] are waiting" in result["log"]
+    assert epochs(result)[-1]["world_size"] == 3
+
+
+def test_with_its_storage_stopped_a_run_goes_on_through_a_lost_worker(scenario):
+    """The S3 server SIGSTOPped, then a worker SIGKILLed: the survivors go on, reading no
+    storage (the server is resumed by a later step, which a run waiting on it never reaches),
+    and the checkpoints written once the server is back are the run's."""
+    result = scenario("s3stop")
+    assert_fired(result, [1, 1])
+    assert result["storage_back"] == ["step"], result["storage_back"]
+    assert_same_model(result)
+    lost = changes(result)[0]  # then its replacement may join, when it is up in time
+    assert lost["world_size"] == 2 and lost["lost"] == ["slot 1"]
+    assert epochs(result)[-1]["global_step"] == 32
+    assert "ckpt-0000000032" in result["checkpoints"]
+
+
+def test_below_min_workers_with_no_node_coming_fails_in_words(scenario):
+    result = scenario("floor")
+    assert_fired(result, [1])
+    error = result["error"]
+    assert error.startswith("WorkerLostError"), error
+    assert "was lost" in error and "min_workers=3" in error and "waiting" in error
+
+
+def test_a_killed_training_process_resumes_from_storage(scenario):
+    """The training process itself SIGKILLed mid-epoch, then run again with the same name."""
+    result = scenario("process")
+    assert result["first_rc"] == -9
+    assert_fired(result, [1])
+    assert result["second_rc"] == 0, result["second_log"]
+    assert result["diff"] <= 1e-4
+    assert [e["epoch"] for e in epochs(result)] == [0, 1]
+    assert epochs(result)[-1]["resumed_at_batch"] > 0
+
+
+def test_a_survivor_lost_while_a_replacement_joins_leaves_the_replacement_set_up(scenario):
+    result = scenario("admit")
+    assert_fired(result, [1, 1, 1])  # armed in the survivor; the node removed; one added
+    assert_same_model(result)
+    first, second = changes(result)[:2]
+    assert first["lost"] == ["slot 1"]
+    assert second["lost"] == ["slot 2"] and second["during"] == "applied"
+
+
+# the scenarios of one cluster from here on (the node first: it starts its own)
+@pytest.mark.parametrize("fault", ["node", "kill"])
+def test_a_lost_worker_costs_no_completed_step(fault, scenario):
     """A worker process SIGKILLed, or its node removed for real, at step k: the survivors run
     the failed step again on the same global batch and the run ends as if nothing happened."""
-    result = scenario(fault, tmp_path)
+    result = scenario(fault)
     assert_fired(result, [1])
     assert_same_model(result)
     (lost,) = changes(result)  # one member lost, no other: not even the removed node's peers
@@ -80,75 +266,17 @@ def test_a_lost_worker_costs_no_completed_step(fault, tmp_path):
     assert epochs(result)[-1]["global_step"] == 32
 
 
-def test_a_silent_worker_is_removed_after_the_timeout(tmp_path):
+def test_a_silent_worker_is_removed_after_the_timeout(scenario):
     """A worker SIGSTOPped (alive, not answering) is removed after the collective timeout."""
-    result = scenario("hang", tmp_path)
+    result = scenario("hang")
     assert_fired(result, [1])
     assert_same_model(result)
     (lost,) = changes(result)
     assert "silent" in lost["why"] and lost["world_size"] == 2
 
 
-def test_the_group_grows_back_when_a_node_returns(tmp_path):
-    """A node removed, then one added: the run goes on with the two survivors (min_workers=2),
-    and the lost member's replacement comes up on the new node and joins."""
-    result = scenario("grow", tmp_path)
-    assert_fired(result, [1, 1])
-    assert_same_model(result)
-    lost, grown = changes(result)
-    assert lost["world_size"] == 2 and lost["lost"] == ["slot 1"]
-    assert grown["change"] == "grown" and grown["world_size"] == 3
-    assert grown["step"] > lost["step"]
-    assert result["world_size"] == 3
-    assert epochs(result)[-1]["world_size"] == 3
-
-
-def test_a_worker_on_a_drained_node_leaves_at_a_step_boundary_with_no_failure(tmp_path):
-    """Ray's drain API (what an autoscaler's preemption drain calls) on one worker's node: the
-    worker leaves at the next step boundary, no step fails, nothing is restored, no failure is
-    counted, and the model is the one plain MXNet trains."""
-    result = scenario("drain", tmp_path)
-    assert_fired(result, [1])
-    assert_same_model(result)
-    drained = changes(result)[0]
-    assert drained["change"] == "drained" and drained["left"] == ["slot 1"], drained
-    assert drained["world_size"] == 2 and drained["failures"] == 0
-    assert "slot 1 its node is being drained" in drained["why"]
-    assert not any(m["change"] == "lost" for m in changes(result))
-    assert epochs(result)[-1]["global_step"] == 32
-
-
-def test_a_run_starts_with_the_workers_there_and_admits_the_others_as_nodes_come(tmp_path):
-    """``raymodule.workers(1, max_workers=3)`` on a cluster with one worker node: training
-    starts with one worker (not waiting for three), two nodes are added, and the workers that
-    were asking for them join at step boundaries; the model is the one plain MXNet trains."""
-    result = scenario("start_small", tmp_path)
-    assert_fired(result, [1])
-    assert_same_model(result)
-    grown = changes(result)
-    assert grown and all(m["change"] == "grown" for m in grown), grown
-    assert grown[0]["previous_world_size"] == 1
-    assert grown[-1]["world_size"] == 3 and result["world_size"] == 3
-    assert "started with 1 of 3 workers; the workers of slots [1, 2] are waiting" in result["log"]
-    assert epochs(result)[-1]["world_size"] == 3
-
-
-def test_with_its_storage_stopped_a_run_goes_on_through_a_lost_worker(tmp_path):
-    """The S3 server SIGSTOPped, then a worker SIGKILLed: the survivors go on, reading no
-    storage (the server is resumed by a later step, which a run waiting on it never reaches),
-    and the checkpoints written once the server is back are the run's."""
-    result = scenario("s3stop", tmp_path)
-    assert_fired(result, [1, 1])
-    assert result["storage_back"] == ["step"], result["storage_back"]
-    assert_same_model(result)
-    lost = changes(result)[0]  # then its replacement may join, when it is up in time
-    assert lost["world_size"] == 2 and lost["lost"] == ["slot 1"]
-    assert epochs(result)[-1]["global_step"] == 32
-    assert "ckpt-0000000032" in result["checkpoints"]
-
-
-def test_with_every_worker_lost_the_run_goes_on_from_its_latest_checkpoint(tmp_path):
-    result = scenario("all", tmp_path)
+def test_with_every_worker_lost_the_run_goes_on_from_its_latest_checkpoint(scenario):
+    result = scenario("all")
     assert_fired(result, [1])
     assert_same_model(result)
     assert "restarting them from ckpt-" in result["log"]
@@ -158,27 +286,8 @@ def test_with_every_worker_lost_the_run_goes_on_from_its_latest_checkpoint(tmp_p
     assert [e["epoch"] for e in epochs(result)] == [0, 1]
 
 
-def test_below_min_workers_with_no_node_coming_fails_in_words(tmp_path):
-    result = scenario("floor", tmp_path)
-    assert_fired(result, [1])
-    error = result["error"]
-    assert error.startswith("WorkerLostError"), error
-    assert "was lost" in error and "min_workers=3" in error and "waiting" in error
-
-
-def test_a_killed_training_process_resumes_from_storage(tmp_path):
-    """The training process itself SIGKILLed mid-epoch, then run again with the same name."""
-    result = scenario("process", tmp_path)
-    assert result["first_rc"] == -9
-    assert_fired(result, [1])
-    assert result["second_rc"] == 0, result["second_log"]
-    assert result["diff"] <= 1e-4
-    assert [e["epoch"] for e in epochs(result)] == [0, 1]
-    assert epochs(result)[-1]["resumed_at_batch"] > 0
-
-
-def test_a_killed_controller_takes_its_workers_and_the_run_goes_on_from_its_checkpoint(tmp_path):
-    result = scenario("controller", tmp_path)
+def test_a_killed_controller_takes_its_workers_and_the_run_goes_on_from_its_checkpoint(scenario):
+    result = scenario("controller")
     assert_fired(result, [1])
     assert_same_model(result)
     (restart,) = changes(result)
@@ -186,10 +295,10 @@ def test_a_killed_controller_takes_its_workers_and_the_run_goes_on_from_its_chec
     assert [e["epoch"] for e in epochs(result)] == [0, 1]
 
 
-def test_a_worker_lost_reading_the_parameters_at_an_epochs_end_is_recovered_from(tmp_path):
+def test_a_worker_lost_reading_the_parameters_at_an_epochs_end_is_recovered_from(scenario):
     """Worker 0 dies in the epoch-end get_params (outside the step loop): the read is asked
     again of the new group, and the run ends as the run without the fault."""
-    result = scenario("epoch_end", tmp_path)
+    result = scenario("epoch_end")
     assert_same_model(result)
     (lost,) = changes(result)
     assert lost["lost"] == ["slot 0"] and lost["during"] == "get_params"
@@ -198,21 +307,12 @@ def test_a_worker_lost_reading_the_parameters_at_an_epochs_end_is_recovered_from
     assert result["epoch_ends"] == [0, 1]  # the callback had each epoch's parameters
 
 
-def test_a_survivor_lost_while_a_replacement_joins_leaves_the_replacement_set_up(tmp_path):
-    result = scenario("admit", tmp_path)
-    assert_fired(result, [1, 1, 1])  # armed in the survivor; the node removed; one added
-    assert_same_model(result)
-    first, second = changes(result)[:2]
-    assert first["lost"] == ["slot 1"]
-    assert second["lost"] == ["slot 2"] and second["during"] == "applied"
-
-
 @pytest.mark.parametrize("fault", ["reform_kill", "reform_stop"])
-def test_a_worker_lost_while_the_group_re_forms_is_recovered_from(fault, tmp_path):
+def test_a_worker_lost_while_the_group_re_forms_is_recovered_from(fault, scenario):
     """One worker killed at step k; while the group re-forms without it, another dies or stops
     answering (SIGSTOP, bounded by the collective timeout): the recovery starts again without
     both, and the run ends as the run without faults."""
-    result = scenario(fault, tmp_path)
+    result = scenario(fault)
     assert_fired(result, [1, 1])  # armed in the one; the other killed
     assert_same_model(result)
     lost = changes(result)[0]  # one change, with both
@@ -222,11 +322,11 @@ def test_a_worker_lost_while_the_group_re_forms_is_recovered_from(fault, tmp_pat
         assert "silent: no answer within 4 s while the group re-formed" in lost["why"]
 
 
-def test_a_worker_sent_sigterm_leaves_at_a_step_boundary_with_a_checkpoint_there(tmp_path):
+def test_a_worker_sent_sigterm_leaves_at_a_step_boundary_with_a_checkpoint_there(scenario):
     """A preemption notice to one worker mid-epoch, with no failure allowed: it leaves the
     group gracefully at a step boundary (no step fails, nothing is restored, no failure is
     counted), a checkpoint is committed there, and the run ends as the uninterrupted one."""
-    result = scenario("sigterm", tmp_path)
+    result = scenario("sigterm")
     assert_fired(result, [1])
     assert_same_model(result)
     assert result["diff"] <= 1e-5
@@ -241,8 +341,8 @@ def test_a_worker_sent_sigterm_leaves_at_a_step_boundary_with_a_checkpoint_there
     assert any(left["step"] <= step <= left["step"] + 4 for step in steps), steps
 
 
-def test_a_frozen_worker_with_no_failures_allowed_ends_fit_in_words_not_a_hang(tmp_path):
-    result = scenario("frozen", tmp_path)
+def test_a_frozen_worker_with_no_failures_allowed_ends_fit_in_words_not_a_hang(scenario):
+    result = scenario("frozen")
     assert_fired(result, [1])
     error = result["error"]
     assert error.startswith("WorkerLostError") and "max_failures=0" in error, error
