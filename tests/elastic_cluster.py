@@ -79,6 +79,7 @@ EPOCHS = 2
 FAULT_STEP = 6  # the workers fire the fault as they are about to run this step (epoch 0)
 GROW_STEP = 16 + 2  # the grow scenario adds a node back here (batch 2 of epoch 1)
 S3_BACK_STEP = 10  # the s3stop scenario resumes the storage server here
+WHOLE_S = 60  # the most a cluster may take to be whole again after a scenario (--serve)
 # A removed node is declared dead after ~5 s (the default is ~30 s); tighter bounds make a
 # node on a busy 2-core machine miss its checks and die on its own.
 HEALTH = {
@@ -317,8 +318,10 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
     elif scenario == "frozen":
         faults = Faults({(FAULT_STEP, 0): "stop"}, {})
         max_failures = 0
-    else:
+    elif scenario == "none":
         faults = Faults({}, {})
+    else:
+        raise ValueError(f"no scenario {scenario!r} (see this file's docstring)")
     ended = []  # the epochs whose end the callback saw: fit reads the parameters for it
     tic = time.monotonic()
     mod, error = train(
@@ -434,9 +437,9 @@ def loopback_cluster(worker_nodes: int, driver: bool):
         cluster.shutdown()
 
 
-def wait_until_whole(timeout_s: float = 60) -> None:
+def wait_until_whole(timeout_s: float = WHOLE_S) -> None:
     """Returns once the cluster is as a scenario found it: its worker nodes alive and every
-    CPU free (the run's workers and controller gone); raises after ``timeout_s``."""
+    CPU free (the run's workers gone); raises after ``timeout_s``."""
     import ray
 
     deadline = time.monotonic() + timeout_s
@@ -458,17 +461,20 @@ def serve(cluster) -> None:
     ``cluster``, each in a storage folder of its own; each result is written once the cluster
     is whole again, so the next scenario finds it as the first did. Ends at stdin's end."""
     for line in sys.stdin:
-        scenario, out = line.split()
+        if not line.strip():
+            continue
+        scenario, out = line.rstrip("\n").split(" ", 1)
         storage = tempfile.mkdtemp(prefix="elastic-")
         try:
-            result = run_scenario(scenario, cluster, storage)
+            with mock.patch.dict(os.environ):  # what a scenario sets is its own
+                result = run_scenario(scenario, cluster, storage)
         finally:
             shutil.rmtree(storage, ignore_errors=True)
         wait_until_whole()
-        write(out, result)
+        write_result(out, result)
 
 
-def write(out: str, result: dict) -> None:
+def write_result(out: str, result: dict) -> None:
     """``result`` as JSON at ``out``, whole or not at all (a reader waits for the file)."""
     sys.stdout.flush()
     sys.stderr.flush()
@@ -501,7 +507,7 @@ def main() -> None:
             s3.stop()
         else:
             shutil.rmtree(storage, ignore_errors=True)
-    write(out, result)
+    write_result(out, result)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ costs 15-20 s here); the others each start their own, and run alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -35,7 +36,8 @@ ON_ONE_CLUSTER = {
     "sigterm",
     "frozen",
 }
-SCENARIO_S = 600  # the most one scenario may take
+SCENARIO_S = 270  # the most one scenario may take: less than pytest's 300 s for a test
+CLOSE_S = 120  # the most the shared cluster may take to stop once told
 
 
 class Scenarios:
@@ -77,8 +79,29 @@ class Scenarios:
 
     def _served(self, name: str, out: Path) -> str:
         log_path = self._folder / "serve.log"
+        if self._server is not None and self._server.poll() is not None:
+            self.close()  # it ended between scenarios: a new one
         if self._server is None:
-            self._ray_tmp = tempfile.mkdtemp(prefix="rel-", dir="/tmp")
+            self._start(log_path)
+        start = log_path.stat().st_size
+        try:
+            self._server.stdin.write(f"{name} {out}\n")
+            self._server.stdin.flush()
+            deadline = time.monotonic() + SCENARIO_S
+            while not out.exists():
+                ended = self._server.poll() is not None
+                if ended or time.monotonic() > deadline:
+                    why = "ended its process" if ended else f"took over {SCENARIO_S} s"
+                    pytest.fail(f"the scenario {why}:\n" + _read_from(log_path, start)[-8000:])
+                time.sleep(0.2)
+        except BaseException:  # failed, timed out, interrupted: the next starts a new cluster
+            self.close(kill=True)
+            raise
+        return _read_from(log_path, start)
+
+    def _start(self, log_path: Path) -> None:
+        self._ray_tmp = tempfile.mkdtemp(prefix="rel-", dir="/tmp")
+        try:
             with open(log_path, "ab") as log:
                 self._server = subprocess.Popen(
                     [sys.executable, SCRIPT, "--serve"],
@@ -89,37 +112,33 @@ class Scenarios:
                     text=True,
                     start_new_session=True,  # its Ray processes are stopped with it
                 )
-        start = log_path.stat().st_size
-        self._server.stdin.write(f"{name} {out}\n")
-        self._server.stdin.flush()
-        deadline = time.monotonic() + SCENARIO_S
-        while not out.exists():
-            ended = self._server.poll() is not None
-            if ended or time.monotonic() > deadline:
-                self.close()  # the next scenario starts a new cluster
-                log = _read_from(log_path, start)
-                pytest.fail(
-                    f"the scenario {'ended its process' if ended else 'timed out'}:\n" + log[-8000:]
-                )
-            time.sleep(0.2)
-        return _read_from(log_path, start)
+        except BaseException:
+            shutil.rmtree(self._ray_tmp, ignore_errors=True)
+            raise
 
-    def close(self) -> None:
-        """Stops the shared cluster (stdin's end), or kills its process group after 120 s."""
+    def close(self, kill: bool = False) -> None:
+        """Stops the shared cluster: at stdin's end, waiting up to ``CLOSE_S``, or at once
+        with ``kill``; then kills whatever is left of its process group."""
         if self._server is None:
             return
         server, self._server = self._server, None
         try:
-            server.stdin.close()
-            server.wait(timeout=120)
+            if not kill:
+                server.stdin.close()
+                server.wait(timeout=CLOSE_S)
         except (OSError, subprocess.TimeoutExpired):
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+            pass
         finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+            with contextlib.suppress(OSError):
+                server.stdin.close()
             shutil.rmtree(self._ray_tmp, ignore_errors=True)
 
 
 def _read_from(path: Path, start: int) -> str:
+    """What ``path`` holds from byte ``start`` on."""
     return path.read_bytes()[start:].decode(errors="replace")
 
 
