@@ -123,17 +123,14 @@ class Scenarios:
             return
         server, self._server = self._server, None
         try:
-            if not kill:
-                server.stdin.close()
-                server.wait(timeout=CLOSE_S)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                server.stdin.close()  # a server that reads on stops its cluster
+                if not kill:
+                    server.wait(timeout=CLOSE_S)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server.pid, signal.SIGKILL)
             server.wait()
-            with contextlib.suppress(OSError):
-                server.stdin.close()
             shutil.rmtree(self._ray_tmp, ignore_errors=True)
 
 
