@@ -67,9 +67,9 @@ class Settings:
     memory (and only the nodes' sums over gloo, between one worker per node); 0 sends them all
     over gloo."""
     pin_cores: int = 1
-    """RAYMODULE_PIN_CORES: 1 runs each CPU worker of a shared-memory group on a core of its
-    own when the node's workers are as many as the cores (:mod:`raymodule.worker.cores`); 0
-    leaves it to the kernel."""
+    """RAYMODULE_PIN_CORES: 1 runs each CPU worker of a group on a core of its own when the
+    group's workers on a machine are as many as its cores, whichever Ray nodes they are on
+    (:mod:`raymodule.worker.cores`); 0 leaves it to the kernel."""
     data_timeout_s: float = 300.0
     """RAYMODULE_DATA_TIMEOUT_S: bound on a worker's wait for its rows of one step: a
     dataset's samples (an ArrayDataset's arrays from the object store, RecordIO records from

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 # Ray reads these when it is imported: keep every test on loopback, without auth or telemetry.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -101,6 +102,24 @@ def interrupt_at(epoch: int, nbatch: int, run_location: str, pace_s: float = 0.3
         raise Interrupted()
 
     return callback
+
+
+def cores_of(pid: int) -> set[frozenset[int]]:
+    """The core sets the threads of process ``pid`` may run on (one per distinct set)."""
+    found = set()
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            line = next(
+                x for x in status.read_text().splitlines() if x.startswith("Cpus_allowed_list")
+            )
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended meanwhile
+        cores = set()
+        for part in line.split(":", 1)[1].strip().split(","):
+            first, _, last = part.partition("-")
+            cores.update(range(int(first), int(last or first) + 1))
+        found.add(frozenset(cores))
+    return found
 
 
 def max_relative_diff(expected: dict, actual: dict) -> float:

@@ -66,7 +66,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import stepfaults  # noqa: E402
-from conftest import dataset, max_relative_diff, mlp  # noqa: E402
+from conftest import cores_of, dataset, max_relative_diff, mlp  # noqa: E402
 from s3server import SeaweedS3  # noqa: E402
 
 import raymodule  # noqa: E402
@@ -348,6 +348,9 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
         arg, aux = mod.get_params()
         result["diff"] = max_relative_diff(plain_mxnet(), {**arg, **aux})
         result["replicas_equal"] = replicas_equal(mod)
+        # the cores each worker's threads may run on, in rank order, and this machine's
+        result["cores"] = [sorted(map(sorted, cores_of(n["pid"]))) for n in mod.workers.nodes]
+        result["allowed"] = sorted(os.sched_getaffinity(0))
     mod.close()
     run_folder = Folder(storage).child(scenario)
     result["metrics"] = read_metrics(run_folder)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from raymodule.worker.cores import share
+
 HERE = Path(__file__).resolve().parent
 SCRIPT = str(HERE / "elastic_cluster.py")
 # the scenarios that leave the cluster as they found it (every node, every CPU free after)
@@ -179,6 +181,17 @@ def assert_same_model(result: dict) -> None:
     assert result["diff"] <= 1e-4, f"differs from plain MXNet by {result['diff']:.2e}"
 
 
+def assert_pinned_as_one_machine(result: dict) -> None:
+    """The workers, all on this machine's cores though on different Ray nodes, each run on
+    the cores share() gives it among them all: a core of its own when they are as many as
+    the cores, else all of them (not a core each per Ray node, which would put ranks of two
+    nodes on one core)."""
+    workers, allowed = len(result["cores"]), set(result["allowed"])
+    assert all(len(sets) == 1 for sets in result["cores"]), result["cores"]  # threads alike
+    expected = sorted(sorted(share(i, workers, allowed)) for i in range(workers))
+    assert sorted(sets[0] for sets in result["cores"]) == expected, result["cores"]
+
+
 def test_the_group_grows_back_when_a_node_returns(scenario):
     """A node removed, then one added: the run goes on with the two survivors (min_workers=2),
     and the lost member's replacement comes up on the new node and joins."""
@@ -191,6 +204,7 @@ def test_the_group_grows_back_when_a_node_returns(scenario):
     assert grown["step"] > lost["step"]
     assert result["world_size"] == 3
     assert epochs(result)[-1]["world_size"] == 3
+    assert_pinned_as_one_machine(result)  # 3 on this machine's 2 cores: all on both
 
 
 def test_a_worker_on_a_drained_node_leaves_at_a_step_boundary_with_no_failure(scenario):
@@ -280,6 +294,7 @@ def test_a_lost_worker_costs_no_completed_step(fault, scenario):
     assert "world size 3 -> 2" in result["log"]  # the line a user sees
     assert [e["epoch"] for e in epochs(result)] == [0, 1]
     assert epochs(result)[-1]["global_step"] == 32
+    assert_pinned_as_one_machine(result)  # 2 survivors on 2 nodes, 2 cores: a core each
 
 
 def test_a_silent_worker_is_removed_after_the_timeout(scenario):

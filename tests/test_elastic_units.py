@@ -175,7 +175,7 @@ class StandIn:
         self._maybe_fail("leave")
         self.group = None
 
-    def join(self, world, rank, address, backend, timeout_s, generation):
+    def join(self, world, rank, address, backend, timeout_s, generation, cores):
         self.group = (world, rank, generation)
 
     def applied(self):

@@ -20,12 +20,12 @@ import mxnet as mx
 import pytest
 import ray
 import stepfaults
-from conftest import dataset, mlp
+from conftest import cores_of, dataset, mlp
 from shm_ranks import Rank, arrays, check_sums, form
 
 import raymodule
 import raymodule.module
-from raymodule.worker.cores import share
+from raymodule.worker.cores import cores_name, places, share
 from raymodule.worker.shm import LocalGroup, remove_stale_segments
 
 HERE = Path(__file__).resolve().parent
@@ -150,24 +150,6 @@ def test_a_rank_meeting_by_name_waits_for_the_leaders_segment_to_be_sized():
         path.unlink(missing_ok=True)
 
 
-def cores_of(pid: int) -> set[frozenset[int]]:
-    """The core sets the threads of process ``pid`` may run on (one per distinct set)."""
-    found = set()
-    for status in Path(f"/proc/{pid}/task").glob("*/status"):
-        try:
-            line = next(
-                x for x in status.read_text().splitlines() if x.startswith("Cpus_allowed_list")
-            )
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # the thread ended meanwhile
-        cores = set()
-        for part in line.split(":", 1)[1].strip().split(","):
-            first, _, last = part.partition("-")
-            cores.update(range(int(first), int(last or first) + 1))
-        found.add(frozenset(cores))
-    return found
-
-
 def test_a_nodes_workers_each_run_on_a_core_of_their_own_and_a_lone_survivor_on_all(
     tmp_path, monkeypatch
 ):
@@ -208,3 +190,16 @@ def test_a_nodes_workers_each_run_on_a_core_of_their_own_and_a_lone_survivor_on_
     expected = sorted(sorted(share(i, 2, allowed)) for i in range(2))
     assert sorted(sorted(next(iter(c))) for c in seen.values()) == expected, seen
     assert after == {frozenset(allowed)}, after
+
+
+def test_workers_are_placed_among_those_on_the_same_cores_whatever_their_ray_node():
+    """Pinning counts a group's workers by the cores they may run on, named machine-wide (two
+    Ray nodes on one machine share its cores); a worker whose cores are unknown is alone."""
+    here = cores_name()
+    assert here == f"{Path('/proc/sys/kernel/random/boot_id').read_text().strip()}:" + ",".join(
+        map(str, sorted(os.sched_getaffinity(0)))
+    )
+    other = "another-machine:0,1"
+    assert places([here, here, other, here, None, other]) == [
+        (0, 3), (1, 3), (0, 2), (2, 3), (0, 1), (1, 2),
+    ]  # fmt: skip

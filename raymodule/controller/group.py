@@ -27,6 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..constants import Settings
 from ..errors import PlacementError, WorkerError, WorkerLostError, first_line
+from ..worker.cores import places
 from ..worker.shm import SameNode
 from .membership import Membership
 
@@ -348,7 +349,8 @@ class WorkerGroup:
         returns the :meth:`membership` and the slots whose member died or stayed silent
         meanwhile, with why (no group was formed then: remove them and form again). Members
         all on one node summing through shared memory meet there (:class:`SameNode`); others
-        at a store rank 0 serves.
+        at a store rank 0 serves. CPU workers learn their place among the members that share
+        their cores (:func:`places`: one machine's, whichever Ray node), which pins them.
 
         Each phase is bounded: leaving by the collective timeout (a member still in a
         collective fails within it), the rendezvous by twice that (the store or the shared
@@ -366,8 +368,12 @@ class WorkerGroup:
                 lost = _unresponsive(slots[:1], [rendezvous], timeout_s)
             if not lost:
                 generation = self.generation
+                names = [self.nodes.get(s, {}).get("cores") for s in slots]
+                cores = places(names if backend == "gloo" else [None] * len(slots))
                 refs = [
-                    w.join.remote(len(workers), rank, rendezvous, backend, timeout_s, generation)
+                    w.join.remote(
+                        len(workers), rank, rendezvous, backend, timeout_s, generation, cores[rank]
+                    )
                     for rank, w in enumerate(workers)
                 ]
                 lost = _unresponsive(slots, refs, 2 * timeout_s)

@@ -34,7 +34,7 @@ from ..data.parts import Batch, IndexedParts, PartPlan, StreamParts
 from ..errors import GroupBrokenError, first_line
 from ..mxnet_import import import_mxnet
 from ..sealed import seal
-from .cores import Pinning
+from .cores import Pinning, cores_name
 
 __all__ = ["ModuleWorker"]
 
@@ -81,7 +81,7 @@ class ModuleWorker:
         self._collective: Collective | None = None
         self._bucket_bytes = allreduce_bucket_bytes
         self._shm_allreduce = shm_allreduce
-        self._pinning = Pinning(pin_cores)  # the cores: the node's share while in a group
+        self._pinning = Pinning(pin_cores)  # the cores: its share of them while in a group
         self._metric: mx.metric.EvalMetric | None = None
         self._metric_here = False  # the metric's counters are updated on this worker
         self._applied = 0
@@ -105,7 +105,8 @@ class ModuleWorker:
 
     # -- membership -------------------------------------------------------------------------
     def describe(self, grouped: bool = True) -> dict:
-        """Where this worker runs: its node and process (also: the actor is up). A worker
+        """Where this worker runs: its node, process and cores (:func:`~.cores.cores_name`;
+        also: the actor is up). A worker
         that may have peers (``grouped``) has the collective's modules imported by then, so
         that forming a group waits for no imports: torch too when its group may need the
         network (a cluster of several nodes, or no shared-memory sum). One that never will,
@@ -119,7 +120,8 @@ class ModuleWorker:
             if alive > 1 or not self._shm_allreduce or self.device.device_type != "cpu":
                 from . import process_group  # noqa: F401 - torch: seconds of CPU
 
-        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        node = ray.get_runtime_context().get_node_id()
+        return {"node": node, "pid": os.getpid(), "cores": cores_name()}
 
     def rendezvous_address(self) -> str:
         from .collective import free_address
@@ -142,16 +144,18 @@ class ModuleWorker:
         self._pinning.pin(0, 1)
         self._broken = None
 
-    def join(self, world_size, rank, rendezvous, backend, timeout_s, generation) -> None:
+    def join(self, world_size, rank, rendezvous, backend, timeout_s, generation, cores) -> None:
         """Joins generation ``generation`` of the group as ``rank``; ``rendezvous``: rank 0's
-        address, or the shared memory's (:class:`~raymodule.worker.shm.SameNode`)."""
+        address, or the shared memory's (:class:`~raymodule.worker.shm.SameNode`); ``cores``:
+        its place among the group's workers on its cores, and how many they are
+        (:func:`~.cores.places`), which decide the core it runs on."""
         from .collective import Collective
 
         self.leave()
         self._collective = Collective(
             world_size, rank, rendezvous, backend, timeout_s, shared_memory=self._shm_allreduce
         )
-        self._pinning.pin(*self._collective.node_place)
+        self._pinning.pin(*cores)
         self._generation = generation
 
     def applied(self) -> int:

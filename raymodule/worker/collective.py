@@ -133,14 +133,6 @@ class Collective:
             lookup=lambda: store.get(key).decode(),
         )
 
-    @property
-    def node_place(self) -> tuple[int, int]:
-        """This rank's place among the group's ranks on its node, and how many they are:
-        ``(index, count)`` of the shared-memory group, ``(0, 1)`` without one."""
-        if self._local is None:
-            return 0, 1
-        return self._local.index, self._local.size
-
     def close(self) -> None:
         """Leaves the group (the shared memory, the process group), so that a new one can be
         formed in this process; works on a group broken by a lost peer too."""

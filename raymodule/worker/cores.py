@@ -1,13 +1,18 @@
-"""The cores a CPU worker runs on: each of a node's workers on a core of its own.
+"""The cores a CPU worker runs on: each of a machine's workers on a core of its own.
 
-Workers that sum through shared memory run in lock step: a rank the kernel moves onto its
-peer's core, or puts behind it there, holds up every rank at the next barrier. When a node's
-workers of one group are exactly as many as the cores they may run on, each rank pins every
-thread of its process to one core: ``RAYMODULE_PIN_CORES``, on by default. On a 2-core
-machine (``python jobs/benchmark.py --models mlp,lenet --configs native2,ray2``, pinned and
-not, alternating; README, Benchmark), 2 workers trained the MLP 4-9 % faster pinned and
+Workers that sum through shared memory or gloo run in lock step: a rank the kernel moves onto
+its peer's core, or puts behind it there, holds up every rank at the next barrier. When a
+group's workers that share a machine's cores are exactly as many as those cores, each rank
+pins every thread of its process to one core: ``RAYMODULE_PIN_CORES``, on by default. On a
+2-core machine (``python jobs/benchmark.py --models mlp,lenet --configs native2,ray2``, pinned
+and not, alternating; README, Benchmark), 2 workers trained the MLP 4-9 % faster pinned and
 LeNet -2 to +17 %. Fewer workers than cores (other runs, Tune trials or tasks may share the
-node) or more (they must share cores anyway) are left to the kernel, as is a group of one.
+machine) or more (they must share cores anyway) are left to the kernel, as is a group of one.
+
+The workers counted are those on the same cores (:func:`cores_name`), not those of one Ray
+node: several Ray nodes on one machine (``ray.cluster_utils.Cluster``, a cluster simulated on
+one host) share its cores, and pinning each node's workers to a core each would put ranks of
+different nodes on the same core while the machine's other cores idle.
 """
 
 from __future__ import annotations
@@ -15,15 +20,38 @@ from __future__ import annotations
 import logging
 import os
 
-__all__ = ["Pinning", "share"]
+__all__ = ["Pinning", "cores_name", "places", "share"]
 
 log = logging.getLogger(__name__)
 
 _TASKS = "/proc/self/task"  # one entry per thread of this process (Linux)
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"  # the running kernel's: one machine (Linux)
+
+
+def cores_name() -> str | None:
+    """The cores this process may run on, named machine-wide: the kernel's boot id and the
+    cores' numbers. Processes of the same name compete for the same cores; None where it
+    cannot be known (no Linux ``/proc``)."""
+    try:
+        with open(_BOOT_ID) as source:
+            machine = source.read().strip()
+    except OSError:
+        return None
+    return f"{machine}:{','.join(map(str, sorted(os.sched_getaffinity(0))))}"
+
+
+def places(names: list[str | None]) -> list[tuple[int, int]]:
+    """Each of a group's workers (in rank order, by :func:`cores_name`) as ``(index, count)``:
+    its place among the workers of the same name, and how many they are. A worker whose
+    cores are not known is alone: ``(0, 1)``."""
+    return [
+        (names[:rank].count(name), names.count(name)) if name is not None else (0, 1)
+        for rank, name in enumerate(names)
+    ]
 
 
 def share(index: int, count: int, cores: set[int]) -> set[int]:
-    """The cores for the ``index``-th of a node's ``count`` workers that may run on ``cores``:
+    """The cores for the ``index``-th of ``count`` workers that may run on ``cores``:
     one of its own when ``count`` is as many as the cores, else all of them."""
     if count < 2 or count != len(cores):
         return set(cores)
@@ -32,7 +60,7 @@ def share(index: int, count: int, cores: set[int]) -> set[int]:
 
 class Pinning:
     """This process's threads' cores: the cores it was allowed when it started, and its share
-    of them while it is one of a node's workers."""
+    of them while it is one of a group's workers on those cores."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled and hasattr(os, "sched_setaffinity") and os.path.isdir(_TASKS)
@@ -41,7 +69,8 @@ class Pinning:
 
     def pin(self, index: int, count: int) -> None:
         """Runs every thread of this process on its share of the cores as the ``index``-th of
-        the node's ``count`` workers (``count`` 1: all the cores it was allowed)."""
+        the ``count`` workers of its group on them (``count`` 1: all the cores it was
+        allowed)."""
         if not self.enabled:
             return
         cores = share(index, count, self.allowed)
@@ -56,5 +85,5 @@ class Pinning:
                     except ProcessLookupError:
                         pass  # the thread ended meanwhile
                 moved |= new
-            log.debug("worker %d of %d on this node runs on cores %s", index, count, sorted(cores))
+            log.debug("worker %d of %d on these cores runs on %s", index, count, sorted(cores))
             self.cores = cores
