@@ -8,7 +8,10 @@ the node leaders are ranks 0 and 1), sums arrays of odd sizes through ``Collecti
 in one bucket and in many, and fails unless every rank got the numpy sum, all the same bits.
 Then SIGKILLs the other node's leader (rank 1) in a sum: rank 0 fails in gloo and breaks its
 node's group, so rank 2 fails too, and rank 3 sees its leader die; each within seconds (the
-timeout is 60 s). Stops every Ray process it started.
+timeout is 60 s). Last, ``raymodule.Module`` trains on the same two nodes with two workers
+each, and fails unless each worker runs on the cores its place among all four gives it: the
+two nodes share this machine's cores (on 2 cores: both, for every worker; pinned per node,
+each node's first worker would be on core 0). Stops every Ray process it started.
 """
 
 from __future__ import annotations
@@ -151,12 +154,33 @@ def two_nodes() -> None:
             else:
                 raise AssertionError(f"rank {rank} summed without rank 1")
         ray.get([ranks[r].close.remote() for r in (0, 2, 3)], timeout=60)
+        workers_by_machine()
     finally:
         ray.shutdown()
         cluster.shutdown()
 
 
+def workers_by_machine() -> None:
+    """A fit on the cluster's two nodes, two workers each: all four on this machine's cores,
+    each runs on those :func:`~raymodule.worker.cores.share` gives it among the four."""
+    from conftest import cores_of, dataset, mlp
+
+    import raymodule
+    from raymodule.worker.cores import share
+
+    x, y = dataset(n=64)
+    with raymodule.Module(mlp(), context=[mx.cpu(i) for i in range(4)]) as mod:
+        mod.fit(mx.io.NDArrayIter(x, y, 16), num_epoch=1, optimizer_params={"learning_rate": 0.1})
+        where = mod.workers.nodes
+        seen = [cores_of(place["pid"]) for place in where]
+    assert len({place["node"] for place in where}) == 2, where
+    assert all(len(sets) == 1 for sets in seen), seen  # every thread of a worker alike
+    allowed = set(os.sched_getaffinity(0))
+    expected = sorted(sorted(share(i, 4, allowed)) for i in range(4))
+    assert sorted(sorted(next(iter(sets))) for sets in seen) == expected, seen
+
+
 if __name__ == "__main__":
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     two_nodes()
-    print("sums agree on two nodes; a lost leader fails every rank")
+    print("sums agree on two nodes; a lost leader fails every rank; workers pinned by machine")

@@ -67,9 +67,9 @@ def worker_class(plan: dict, marks) -> type:
 
             Path(marks, f"up-{os.getpid()}").touch()
 
-        def join(self, world_size, rank, address, backend, timeout_s, generation, cores):
+        def join(self, world_size, rank, address, backend, timeout_s, generation, place):
             self._rank = rank
-            super().join(world_size, rank, address, backend, timeout_s, generation, cores)
+            super().join(world_size, rank, address, backend, timeout_s, generation, place)
 
         def train_step(self, mid, batch):
             step = self._applied

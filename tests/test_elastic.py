@@ -204,7 +204,8 @@ def test_the_group_grows_back_when_a_node_returns(scenario):
     assert grown["step"] > lost["step"]
     assert result["world_size"] == 3
     assert epochs(result)[-1]["world_size"] == 3
-    assert_pinned_as_one_machine(result)  # 3 on this machine's 2 cores: all on both
+    # 3 on this machine's 2 cores: all on both (the 2 survivors ran on a core each until then)
+    assert_pinned_as_one_machine(result)
 
 
 def test_a_worker_on_a_drained_node_leaves_at_a_step_boundary_with_no_failure(scenario):

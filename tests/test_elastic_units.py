@@ -24,6 +24,7 @@ from raymodule.controller.policy import Action, Limits, Loss
 from raymodule.data import Batch, split_slices
 from raymodule.errors import WorkerLostError
 from raymodule.worker.actor import assemble
+from raymodule.worker.cores import cores_name
 
 
 # -- policies ----------------------------------------------------------------------------------
@@ -166,7 +167,8 @@ class StandIn:
         return self.count
 
     def describe(self, grouped=True):
-        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        node = ray.get_runtime_context().get_node_id()
+        return {"node": node, "pid": os.getpid(), "cores_name": cores_name()}
 
     def rendezvous_address(self):
         return "127.0.0.1:0"
@@ -175,8 +177,8 @@ class StandIn:
         self._maybe_fail("leave")
         self.group = None
 
-    def join(self, world, rank, address, backend, timeout_s, generation, cores):
-        self.group = (world, rank, generation)
+    def join(self, world, rank, address, backend, timeout_s, generation, place):
+        self.group = (world, rank, generation, place)
 
     def applied(self):
         self._maybe_fail("applied")
@@ -319,7 +321,8 @@ def test_a_lost_worker_is_removed_and_survivors_agree_on_the_last_step(controlle
         ctl.members.slots == (0, 2) and ctl.members.generation == 2 and ctl.state is State.RUNNING
     )
     states = call(ctl, "state")
-    assert [s["group"] for s in states] == [(2, 0, 2), (2, 1, 2)]
+    # both on this machine's cores: each its place among the two (what pins real workers)
+    assert [s["group"] for s in states] == [(2, 0, 2, (0, 2)), (2, 1, 2, (1, 2))]
     assert [s["count"] for s in states] == [7, 7]
     assert [s["restored"] for s in states] == [1, 0]  # only the one behind was restored
     # the survivors' share of the batch of 6 was split anew: 3 each, no module made again
@@ -334,7 +337,7 @@ def test_a_lost_worker_is_removed_and_survivors_agree_on_the_last_step(controlle
     step(ctl)
     assert ctl.members.slots == (0, 1, 2) and ctl.members.generation == 3
     states = call(ctl, "state")
-    assert [s["group"] for s in states] == [(3, r, 3) for r in range(3)]
+    assert [s["group"] for s in states] == [(3, r, 3, (r, 3)) for r in range(3)]
     assert [s["count"] for s in states] == [8, 8, 8]
     # the replacement was set up from the journal: made, bound to its share, optimizer
     assert [c for c, _ in states[1]["calls"]] == ["create", "bind", "init_optimizer"]

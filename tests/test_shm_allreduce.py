@@ -1,7 +1,7 @@
 """Dense gradients of co-located workers summed through shared memory, on real Ray actors:
 the numpy sum on every rank, the same bits everywhere, on one node and on two; a peer killed in
-a sum fails the others at once and leaves no segment behind; a node's workers, as many as its
-cores, each run on a core of its own."""
+a sum fails the others at once and leaves no segment behind; a machine's workers, as many as
+its cores, each run on a core of its own, whichever Ray nodes they are on."""
 
 from __future__ import annotations
 
@@ -90,7 +90,10 @@ def test_a_peer_killed_in_a_sum_fails_the_others_at_once_and_leaks_no_segment(ra
     ray.get([r.close.remote() for r in group[:2]], timeout=60)
 
 
-def test_sums_across_two_nodes_go_through_each_nodes_leader(tmp_path):
+def test_sums_across_two_nodes_go_through_each_nodes_leader_and_workers_pin_by_machine(tmp_path):
+    """tests/shm_ranks.py on a two-node cluster on this machine: the sums of four ranks, two a
+    node, a leader lost in a sum, then raymodule workers, two a node, pinned as four on this
+    machine's cores (not as two a node)."""
     ray_tmp = tempfile.mkdtemp(prefix="rshm-", dir="/tmp")  # short: Ray's socket paths
     env = dict(os.environ, RAY_TMPDIR=ray_tmp)
     env.pop("RAY_ADDRESS", None)

@@ -132,7 +132,7 @@ class WorkerGroup:
         self.settings = settings
         self.members: dict[int, ray.actor.ActorHandle] = {}  # slot -> worker, in the group
         self.pending: dict[int, ray.actor.ActorHandle] = {}  # slot -> replacement, starting
-        self.nodes: dict[int, dict] = {}  # slot -> the member's node id and pid
+        self.nodes: dict[int, dict] = {}  # slot -> the member's describe(): node, pid, cores
         self.generation = 0
         self._probes: dict[int, ray.ObjectRef] = {}
         self._placed_in: dict[int, tuple[PlacementGroup, int]] = {}  # slot -> (group, bundle)
@@ -368,11 +368,11 @@ class WorkerGroup:
                 lost = _unresponsive(slots[:1], [rendezvous], timeout_s)
             if not lost:
                 generation = self.generation
-                names = [self.nodes.get(s, {}).get("cores") for s in slots]
-                cores = places(names if backend == "gloo" else [None] * len(slots))
+                names = [self.nodes.get(s, {}).get("cores_name") for s in slots]
+                place = places(names if backend == "gloo" else [None] * len(slots))
                 refs = [
                     w.join.remote(
-                        len(workers), rank, rendezvous, backend, timeout_s, generation, cores[rank]
+                        len(workers), rank, rendezvous, backend, timeout_s, generation, place[rank]
                     )
                     for rank, w in enumerate(workers)
                 ]

@@ -15,9 +15,10 @@ __all__ = ["Membership"]
 @dataclass(frozen=True)
 class Membership:
     """The members in rank order: ``handles[rank]`` is the worker actor holding slot
-    ``slots[rank]`` (a slot is one of the module's contexts) on ``nodes[rank]`` (its node id
-    and pid); ``generation`` counts the group's formings; ``pending`` are the slots whose
-    worker (a replacement, or one the run started without) is still starting;
+    ``slots[rank]`` (a slot is one of the module's contexts) on ``nodes[rank]`` (its
+    ``describe()``: node id, pid and cores' name); ``generation`` counts the group's
+    formings; ``pending`` are the slots whose worker (a replacement, or one the run started
+    without) is still starting;
     ``placement_groups`` are those the controller made for them (none in a Tune trial, which
     brings its own), which the client removes if the controller dies."""
 

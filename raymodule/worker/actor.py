@@ -105,12 +105,12 @@ class ModuleWorker:
 
     # -- membership -------------------------------------------------------------------------
     def describe(self, grouped: bool = True) -> dict:
-        """Where this worker runs: its node, process and cores (:func:`~.cores.cores_name`;
-        also: the actor is up). A worker
-        that may have peers (``grouped``) has the collective's modules imported by then, so
-        that forming a group waits for no imports: torch too when its group may need the
-        network (a cluster of several nodes, or no shared-memory sum). One that never will,
-        or whose group can only be on its node, does without torch."""
+        """Where this worker runs (also: the actor is up): its node, process, and the name
+        of the cores it may run on (:func:`~.cores.cores_name`). A worker that may have
+        peers (``grouped``) has the collective's modules imported by then, so that forming a
+        group waits for no imports: torch too when its group may need the network (a cluster
+        of several nodes, or no shared-memory sum). One that never will, or whose group can
+        only be on its node, does without torch."""
         import ray
 
         if grouped:
@@ -121,7 +121,7 @@ class ModuleWorker:
                 from . import process_group  # noqa: F401 - torch: seconds of CPU
 
         node = ray.get_runtime_context().get_node_id()
-        return {"node": node, "pid": os.getpid(), "cores": cores_name()}
+        return {"node": node, "pid": os.getpid(), "cores_name": cores_name()}
 
     def rendezvous_address(self) -> str:
         from .collective import free_address
@@ -144,18 +144,18 @@ class ModuleWorker:
         self._pinning.pin(0, 1)
         self._broken = None
 
-    def join(self, world_size, rank, rendezvous, backend, timeout_s, generation, cores) -> None:
+    def join(self, world_size, rank, rendezvous, backend, timeout_s, generation, place) -> None:
         """Joins generation ``generation`` of the group as ``rank``; ``rendezvous``: rank 0's
-        address, or the shared memory's (:class:`~raymodule.worker.shm.SameNode`); ``cores``:
-        its place among the group's workers on its cores, and how many they are
-        (:func:`~.cores.places`), which decide the core it runs on."""
+        address, or the shared memory's (:class:`~raymodule.worker.shm.SameNode`); ``place``:
+        its index among the group's workers on its cores, and how many they are
+        (:func:`~.cores.places`), which decide the cores it runs on."""
         from .collective import Collective
 
         self.leave()
         self._collective = Collective(
             world_size, rank, rendezvous, backend, timeout_s, shared_memory=self._shm_allreduce
         )
-        self._pinning.pin(*cores)
+        self._pinning.pin(*place)
         self._generation = generation
 
     def applied(self) -> int:
