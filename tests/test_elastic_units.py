@@ -168,7 +168,7 @@ class StandIn:
 
     def describe(self, grouped=True):
         node = ray.get_runtime_context().get_node_id()
-        return {"node": node, "pid": os.getpid(), "cores_name": cores_name()}
+        return {"node": node, "pid": os.getpid(), "cores_name": cores_name(os.sched_getaffinity(0))}
 
     def rendezvous_address(self):
         return "127.0.0.1:0"

@@ -198,10 +198,11 @@ def test_a_nodes_workers_each_run_on_a_core_of_their_own_and_a_lone_survivor_on_
 def test_workers_are_placed_among_those_on_the_same_cores_whatever_their_ray_node():
     """Pinning counts a group's workers by the cores they may run on, named machine-wide (two
     Ray nodes on one machine share its cores); a worker whose cores are unknown is alone."""
-    here = cores_name()
+    here = cores_name(os.sched_getaffinity(0))
     assert here == f"{Path('/proc/sys/kernel/random/boot_id').read_text().strip()}:" + ",".join(
         map(str, sorted(os.sched_getaffinity(0)))
     )
+    assert cores_name(set()) is None
     other = "another-machine:0,1"
     assert places([here, here, other, here, None, other]) == [
         (0, 3), (1, 3), (0, 2), (2, 3), (0, 1), (1, 2),

@@ -121,7 +121,8 @@ class ModuleWorker:
                 from . import process_group  # noqa: F401 - torch: seconds of CPU
 
         node = ray.get_runtime_context().get_node_id()
-        return {"node": node, "pid": os.getpid(), "cores_name": cores_name()}
+        # the cores it was allowed at its start: the same name pinned or not
+        return {"node": node, "pid": os.getpid(), "cores_name": cores_name(self._pinning.allowed)}
 
     def rendezvous_address(self) -> str:
         from .collective import free_address

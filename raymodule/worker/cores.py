@@ -28,16 +28,16 @@ _TASKS = "/proc/self/task"  # one entry per thread of this process (Linux)
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"  # the running kernel's: one machine (Linux)
 
 
-def cores_name() -> str | None:
-    """The cores this process may run on, named machine-wide: the kernel's boot id and the
-    cores' numbers. Processes of the same name compete for the same cores; None where it
-    cannot be known (no Linux ``/proc``)."""
+def cores_name(cores: set[int]) -> str | None:
+    """``cores`` of this machine, named machine-wide: the kernel's boot id and the cores'
+    numbers. Processes that may run on cores of the same name compete for them; None where
+    it cannot be known (no Linux ``/proc``, no cores given)."""
     try:
         with open(_BOOT_ID) as source:
             machine = source.read().strip()
     except OSError:
         return None
-    return f"{machine}:{','.join(map(str, sorted(os.sched_getaffinity(0))))}"
+    return f"{machine}:{','.join(map(str, sorted(cores)))}" if cores else None
 
 
 def places(names: list[str | None]) -> list[tuple[int, int]]:
@@ -63,8 +63,9 @@ class Pinning:
     of them while it is one of a group's workers on those cores."""
 
     def __init__(self, enabled: bool):
-        self.enabled = enabled and hasattr(os, "sched_setaffinity") and os.path.isdir(_TASKS)
-        self.allowed = set(os.sched_getaffinity(0)) if self.enabled else set()
+        known = hasattr(os, "sched_getaffinity")
+        self.enabled = enabled and known and os.path.isdir(_TASKS)
+        self.allowed = set(os.sched_getaffinity(0)) if known else set()
         self.cores = self.allowed
 
     def pin(self, index: int, count: int) -> None:
