@@ -122,6 +122,17 @@ def cores_of(pid: int) -> set[frozenset[int]]:
     return found
 
 
+def assert_on_their_share(cores: list, allowed: set[int]) -> None:
+    """``cores``, each worker's distinct core sets (as :func:`cores_of` gives them, or lists
+    of lists): every thread of a worker alike, and the workers on the cores
+    :func:`raymodule.worker.cores.share` gives as many workers on ``allowed``."""
+    from raymodule.worker.cores import share
+
+    assert all(len(sets) == 1 for sets in cores), cores
+    expected = sorted(sorted(share(i, len(cores), allowed)) for i in range(len(cores)))
+    assert sorted(sorted(next(iter(sets))) for sets in cores) == expected, cores
+
+
 def max_relative_diff(expected: dict, actual: dict) -> float:
     """Largest difference over all parameters, relative to each one's largest magnitude."""
     assert sorted(expected) == sorted(actual)

@@ -163,10 +163,9 @@ def two_nodes() -> None:
 def workers_by_machine() -> None:
     """A fit on the cluster's two nodes, two workers each: all four on this machine's cores,
     each runs on those :func:`~raymodule.worker.cores.share` gives it among the four."""
-    from conftest import cores_of, dataset, mlp
+    from conftest import assert_on_their_share, cores_of, dataset, mlp
 
     import raymodule
-    from raymodule.worker.cores import share
 
     x, y = dataset(n=64)
     with raymodule.Module(mlp(), context=[mx.cpu(i) for i in range(4)]) as mod:
@@ -174,10 +173,7 @@ def workers_by_machine() -> None:
         where = mod.workers.nodes
         seen = [cores_of(place["pid"]) for place in where]
     assert len({place["node"] for place in where}) == 2, where
-    assert all(len(sets) == 1 for sets in seen), seen  # every thread of a worker alike
-    allowed = set(os.sched_getaffinity(0))
-    expected = sorted(sorted(share(i, 4, allowed)) for i in range(4))
-    assert sorted(sorted(next(iter(sets))) for sets in seen) == expected, seen
+    assert_on_their_share(seen, set(os.sched_getaffinity(0)))
 
 
 if __name__ == "__main__":

@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from raymodule.worker.cores import share
+from conftest import assert_on_their_share
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = str(HERE / "elastic_cluster.py")
@@ -186,10 +185,7 @@ def assert_pinned_as_one_machine(result: dict) -> None:
     the cores share() gives it among them all: a core of its own when they are as many as
     the cores, else all of them (not a core each per Ray node, which would put ranks of two
     nodes on one core)."""
-    workers, allowed = len(result["cores"]), set(result["allowed"])
-    assert all(len(sets) == 1 for sets in result["cores"]), result["cores"]  # threads alike
-    expected = sorted(sorted(share(i, workers, allowed)) for i in range(workers))
-    assert sorted(sets[0] for sets in result["cores"]) == expected, result["cores"]
+    assert_on_their_share(result["cores"], set(result["allowed"]))
 
 
 def test_the_group_grows_back_when_a_node_returns(scenario):

@@ -20,12 +20,12 @@ import mxnet as mx
 import pytest
 import ray
 import stepfaults
-from conftest import cores_of, dataset, mlp
+from conftest import assert_on_their_share, cores_of, dataset, mlp
 from shm_ranks import Rank, arrays, check_sums, form
 
 import raymodule
 import raymodule.module
-from raymodule.worker.cores import cores_name, places, share
+from raymodule.worker.cores import cores_name, places
 from raymodule.worker.shm import LocalGroup, remove_stale_segments
 
 HERE = Path(__file__).resolve().parent
@@ -189,9 +189,8 @@ def test_a_nodes_workers_each_run_on_a_core_of_their_own_and_a_lone_survivor_on_
             assert mod.world_size == 1
             after = cores_of(survivor)
     assert gates.errors == [] and gates.fired == {"look": 1}
-    assert len(seen) == 2 and all(len(c) == 1 for c in seen.values()), seen  # all threads alike
-    expected = sorted(sorted(share(i, 2, allowed)) for i in range(2))
-    assert sorted(sorted(next(iter(c))) for c in seen.values()) == expected, seen
+    assert len(seen) == 2, seen
+    assert_on_their_share(list(seen.values()), allowed)
     assert after == {frozenset(allowed)}, after
 
 
