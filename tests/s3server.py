@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -28,21 +29,33 @@ SECRET_KEY = "raymodule-test-secret-0123456789"
 BUCKET = "raymodule-test"
 
 
-def _free_port() -> int:
-    """A free port below 55535 whose +10000 (SeaweedFS's gRPC port) is free too."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 55535:
+def _ephemeral_start() -> int:
+    """The first port the kernel hands out for outgoing connections and ``bind(0)``."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as source:
+            return int(source.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _free_port(taken: set[int]) -> int:
+    """A free port whose +10000 (SeaweedFS's gRPC port) is free too, both below the
+    ephemeral range and above Ray's worker ports (10002-19999): a port the kernel may give
+    any outgoing connection can be taken between this check and the server's bind (a CI
+    run lost its gRPC port that way)."""
+    candidates = list(range(20000, _ephemeral_start() - 10000))
+    random.shuffle(candidates)
+    for port in candidates[:500]:
+        if port in taken:
             continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
+        try:
+            for each in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", each))
+        except OSError:
+            continue
         return port
-    raise RuntimeError("no free port pair for SeaweedFS")
+    raise RuntimeError("no free port pair for SeaweedFS below the ephemeral range")
 
 
 class SeaweedS3:
@@ -93,7 +106,9 @@ class SeaweedS3:
                 },
                 out,
             )
-        ports = self.ports = self.ports or [_free_port() for _ in range(5)]
+        ports = self.ports
+        while len(ports) < 5:
+            ports.append(_free_port(set(ports)))
         args = [
             weed,
             f"-logdir={self.dir}",  # its log files, else in /tmp (or TMPDIR), kept forever
