@@ -1,6 +1,7 @@
 """Training throughput: native MXNet vs MXNet dist_sync vs raymodule on 1 and 2 Ray workers,
 and what checkpointing to S3 costs raymodule on 2; with --data, how the data reaches 2
-raymodule workers: an mx.io.NDArrayIter vs a raymodule.data.DatasetIter.
+raymodule workers: a DataIter the client reads vs an mx.io.NDArrayIter vs a
+raymodule.data.DatasetIter.
 
 Measures samples/s of forward + backward + SGD-momentum update (lr 0.01, momentum 0.9,
 rescale_grad = 1/global batch) for these models:
@@ -47,12 +48,17 @@ process), x2/native2 (2 workers against MXNet's 2 contexts in one process), x2/d
 workers each: raymodule against MXNet's parameter server).
 
 --data compares, on mlp and cnn (synthetic data held in memory, the same samples in the
-same order in each), three configurations instead (no gloo floor, no checkpointing):
+same order in each), these configurations instead (no gloo floor, no checkpointing):
 
     native        as above, fed by an mx.io.NDArrayIter
     native2       as above (2 contexts in one process), fed by an mx.io.NDArrayIter
-    ray2          raymodule on 2 workers fed by an mx.io.NDArrayIter: the drop-in path, where
-                  the client puts each worker's slice of every batch in Ray's object store
+    ray2_client   raymodule on 2 workers fed by a DataIter it cannot read by index (a subclass
+                  of mx.io.NDArrayIter): the client puts each worker's slice of every batch
+                  in Ray's object store
+    ray2          raymodule on 2 workers fed by an mx.io.NDArrayIter: the drop-in path, which
+                  fit reads as a DatasetIter in the iterator's order
+                  (raymodule.data.ndarrayiter): its arrays are put once, the workers read
+                  their rows
     ray2_dataset  raymodule on 2 workers fed by raymodule.data.DatasetIter(ArrayDataset(x, y),
                   global batch): the dataset is put in the object store once and each step
                   sends every worker its slice of the batch's indices; the workers read
@@ -116,16 +122,18 @@ LSTM = {"vocab_size": 2000, "num_embed": 64, "num_hidden": 128, "num_layers": 1}
 LSTM_SEED = 0  # of the corpus split and of the batch order
 CONFIGS = ["native", "native2", "dist_sync", "ray1", "ray2", "ray2_ckpt"]
 LABELS = ["native", "native 2 ctx", "dist_sync", "raymodule x1", "raymodule x2", "x2 + ckpt"]
-DATA_CONFIGS = ["native", "native2", "ray2", "ray2_dataset"]  # --data's
+DATA_CONFIGS = ["native", "native2", "ray2_client", "ray2", "ray2_dataset"]  # --data's
 DATA_LABELS = [
     "native",
     "native, 2 contexts",
+    "raymodule x2, client DataIter",
     "raymodule x2, NDArrayIter",
     "raymodule x2, DatasetIter",
 ]
 NATIVE_CONTEXTS = {"native": 1, "native2": 2}  # single-process MXNet -> its cpu contexts
 DATASET_CONFIGS = {"ray2_dataset"}  # fed by a DatasetIter, not an NDArrayIter
-RAY_CONFIGS = {"ray1": 1, "ray2": 2, "ray2_ckpt": 2, "ray2_dataset": 2}  # -> Ray workers
+CLIENT_CONFIGS = {"ray2_client"}  # fed by a DataIter raymodule cannot read by index
+RAY_CONFIGS = {"ray1": 1, "ray2": 2, "ray2_ckpt": 2, "ray2_client": 2, "ray2_dataset": 2}
 CKPT_CONFIGS = {"ray2_ckpt"}  # these need the S3 server
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MXNET_CPU_WORKER_NTHREADS": "1"}
 RAY_ENV = {
@@ -140,10 +148,11 @@ HELP = {
     "scaling": "first option only: run jobs/scaling.py instead (the scaling model: fitted, "
     "checked against measured runs of 1, 2 and 4 workers on 1 and 2 nodes, and its "
     "predictions); the options after it are scaling.py's (see python jobs/scaling.py --help)",
-    "data": "compare how the data reaches 2 raymodule workers instead: ray2 fed by an "
-    "mx.io.NDArrayIter (the client puts each worker's slice of every batch in the object "
-    "store) against ray2_dataset fed by a raymodule.data.DatasetIter over an ArrayDataset "
-    "(the workers read their own rows; the client sends indices), native for reference; "
+    "data": "compare how the data reaches 2 raymodule workers instead: ray2_client fed by a "
+    "DataIter the client reads (it puts each worker's slice of every batch in the object "
+    "store), ray2 fed by an mx.io.NDArrayIter (read as a DatasetIter in its order) and "
+    "ray2_dataset fed by a raymodule.data.DatasetIter over an ArrayDataset (the workers "
+    "read their own rows; the client sends indices), native for reference; "
     "reports samples/s, the ratio to ray2 and the bytes each worker received per step "
     "(models mlp,cnn unless --models says otherwise)",
     "models": "comma-separated models: mlp (784-512-512-10, global batch 128), "
@@ -154,8 +163,8 @@ HELP = {
     "configs": "comma-separated configurations: native, native2 (MXNet, 2 contexts in one "
     "process), dist_sync, ray1 (raymodule, 1 worker), ray2 (raymodule, 2 workers), ray2_ckpt "
     "(ray2 checkpointing to S3 on a local SeaweedFS); leave out ray1,ray2,ray2_ckpt to skip "
-    "raymodule. Default: all six. With --data: native, native2, ray2 (NDArrayIter), "
-    "ray2_dataset (DatasetIter); default: all four",
+    "raymodule. Default: all six. With --data: native, native2, ray2_client (a client "
+    "DataIter), ray2 (NDArrayIter), ray2_dataset (DatasetIter); default: all five",
     "batches": "timed global batches per configuration, rounded up to a multiple of --warmup "
     f"(default: mlp {DEFAULT_BATCHES['mlp']}, lenet {DEFAULT_BATCHES['lenet']}, "
     f"cnn {DEFAULT_BATCHES['cnn']}, lstm {DEFAULT_BATCHES['lstm']}: ~5-15 s each)",
@@ -246,12 +255,12 @@ def gradient_size(mx, model):
     return sum(int(np.prod(s)) for n, s in zip(names, arg_shapes, strict=True) if n not in inputs)
 
 
-def make_iter(mx, model, n_batches, n_epochs, rank=0, parts=1, dataset=False):
+def make_iter(mx, model, n_batches, n_epochs, rank=0, parts=1, dataset=False, client=False):
     """n_epochs of n_batches global batches, of which this worker gets part `rank`: for mlp,
     lenet and cnn, the same synthetic batches every epoch, held in memory, from an
-    mx.io.NDArrayIter, or with `dataset` from a raymodule.data.DatasetIter over an
-    ArrayDataset of the same samples in the same order (no shuffle: like for like); for lstm,
-    see make_lstm_iter."""
+    mx.io.NDArrayIter (with `client`, a subclass of it), or with `dataset` from a
+    raymodule.data.DatasetIter over an ArrayDataset of the same samples in the same order
+    (no shuffle: like for like); for lstm, see make_lstm_iter."""
     if model == "lstm":
         return make_lstm_iter(mx, n_batches, n_epochs, rank, parts)
     batch, shape = MODELS[model], SHAPES[model]
@@ -265,7 +274,15 @@ def make_iter(mx, model, n_batches, n_epochs, rank=0, parts=1, dataset=False):
         return DatasetIter(samples, batch, label_name="softmax_label")
     part = batch // parts
     rows = slice(rank * part, (rank + 1) * part)
-    return mx.io.NDArrayIter(
+    kind = mx.io.NDArrayIter
+    if client:
+
+        class ClientIter(mx.io.NDArrayIter):
+            """raymodule reads a subclass in the client, as any DataIter: only a plain
+            NDArrayIter is read as rows."""
+
+        kind = ClientIter
+    return kind(
         data[:, rows].reshape((-1,) + shape),
         label[:, rows].reshape(-1),
         batch_size=part,
@@ -341,7 +358,16 @@ def timed_fit(mx, mod, model, spec, kv=None, rank=0, parts=1, **fit_args):
     sgd = {"learning_rate": 0.01, "momentum": 0.9, "rescale_grad": 1.0 / MODELS[model]}
     kvstore = {} if kv is None else {"kvstore": kv}  # else fit's default, "local"
     mod.fit(
-        make_iter(mx, model, spec["warmup"], 1 + epochs, rank, parts, spec.get("dataset")),
+        make_iter(
+            mx,
+            model,
+            spec["warmup"],
+            1 + epochs,
+            rank,
+            parts,
+            spec.get("dataset"),
+            spec.get("client"),
+        ),
         num_epoch=1 + epochs,
         optimizer="sgd",
         optimizer_params=sgd,
@@ -482,6 +508,7 @@ def child(spec):
     if config in RAY_CONFIGS:
         os.environ.update(RAY_ENV)  # before ray is imported
     spec["dataset"] = config in DATASET_CONFIGS
+    spec["client"] = config in CLIENT_CONFIGS
     import mxnet as mx
 
     extra = {}
@@ -749,7 +776,7 @@ def data_benchmark(args, models, configs, command):
     for model, by_config in results.items():
         for config, r in by_config.items():
             counted = r["bytes"] or {}
-            once = counted.get("dataset_once") if config in DATASET_CONFIGS else None
+            once = counted.get("dataset_once") if config not in CLIENT_CONFIGS else None
             rows.append(
                 [model, labels[config], fmt(r["samples_per_s"]), fmt(r["x/ray2"], 2)]
                 + [fmt(counted.get("per_worker_step")), fmt(once)]
@@ -762,17 +789,19 @@ def data_benchmark(args, models, configs, command):
         cells += [cell.rjust(w) for cell, w in zip(row[2:], widths[2:], strict=True)]
         print("  ".join(cells))
     for model, by_config in results.items():
-        plain = (by_config.get("ray2", {}).get("bytes") or {}).get("per_worker_step")
-        indexed = by_config.get("ray2_dataset", {}).get("bytes") or {}
-        if plain is not None and indexed:
+        plain = (by_config.get("ray2_client", {}).get("bytes") or {}).get("per_worker_step")
+        for config, fed in (("ray2", "an NDArrayIter"), ("ray2_dataset", "a DatasetIter")):
+            indexed = by_config.get(config, {}).get("bytes") or {}
+            if plain is None or not indexed:
+                continue
             less = f" ({plain / indexed['per_worker_step']:,.0f}x less)" if plain else ""
             print(
                 f"{model}: per step each worker receives {plain:,.0f} B of samples through the "
-                f"object store from an NDArrayIter, {indexed['per_worker_step']:,.0f} B of "
-                f"indices from a DatasetIter{less}, which puts its dataset "
+                f"object store from a client DataIter, {indexed['per_worker_step']:,.0f} B of "
+                f"indices from {fed}{less}, which puts its arrays "
                 f"({indexed['dataset_once'] / 1e6:.1f} MB) in the object store once: each "
-                "worker reads it whole (zero-copy on the client's node; a worker on another "
-                "node pulls it once)"
+                "worker reads them whole (zero-copy on the client's node; a worker on another "
+                "node pulls them once)"
             )
         for config, r in by_config.items():
             other = (r["bytes"] or {}).get("other_puts_timed")

@@ -79,6 +79,12 @@ class TrainingLoops:
         and the schedule's settings are this call's (a Tune trial's new config takes effect):
         only the optimizer's state and update count come from the checkpoint.
 
+        A plain ``mx.io.NDArrayIter`` (dense arrays) is read as a
+        :class:`raymodule.data.DatasetIter` would be: its arrays are put in the object store
+        once, the workers read the rows of each batch, and its order is its own
+        (:mod:`raymodule.data.ndarrayiter`). The callbacks' ``data_batch`` reads its arrays
+        only when asked for them.
+
         A run is also elastic: it goes on through lost workers within ``run.min_workers`` and
         ``run.max_failures`` (the survivors run the failed step again; replacements join when
         they can), and from its latest checkpoint when every worker is lost. Without ``run``, a
@@ -102,6 +108,11 @@ class TrainingLoops:
         fresh_data = True  # train_data is where the caller left it (not reset by a restart)
         # a DatasetIter's pass at begin_epoch: a restart goes back to the pass of its epoch
         first_pass = train_data.epoch if isinstance(train_data, data.DatasetIter) else None
+        reads_datasets = getattr(self, "_reads_datasets", False)
+        if monitor is None and eval_data is not train_data and reads_datasets:
+            # a plain NDArrayIter: the workers read its rows, in its order (score resets
+            # eval_data: the same iterator would be shuffled where these do not see it)
+            train_data = data.rows_of(train_data) or train_data
         failures_before = 0
         with run_folder if run_folder is not None else contextlib.nullcontext():
             while True:

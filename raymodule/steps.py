@@ -76,7 +76,7 @@ def _batches(data_iter, indexed: bool, passes: int | None = None):
             index, pad = data_iter.next_indices()
         except StopIteration:
             return
-        yield data.index_batch(index, pad, data_iter)
+        yield data_iter.batch_of(index, pad)
 
 
 def _from_first(batches, epoch: int, num_batch: int | None, first_batch: int):

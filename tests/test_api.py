@@ -173,6 +173,9 @@ def test_callbacks_run_in_the_client_in_order_with_mxnet_arguments():
         assert isinstance(param, mx.model.BatchEndParam)
         assert param.locals["self"] is mod
         assert isinstance(param.locals["data_batch"], mx.io.DataBatch)
+        rows = slice(16 * param.nbatch, 16 * (param.nbatch + 1))  # read when asked for
+        np.testing.assert_array_equal(param.locals["data_batch"].data[0].asnumpy(), x[rows])
+        np.testing.assert_array_equal(param.locals["data_batch"].label[0].asnumpy(), y[rows])
         # the epoch's start, as in MXNet's fit loop: one per epoch, before its batches end
         assert starts.setdefault(param.epoch, param.locals["tic"]) == param.locals["tic"]
         assert param.locals["tic"] <= time.time()

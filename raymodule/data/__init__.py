@@ -4,6 +4,8 @@ batch becomes per-worker slices.
 - :mod:`.datasets`: :class:`ArrayDataset` (arrays put in Ray's object store once) and
   :class:`DatasetIter`, an ``mx.io.DataIter`` whose sample order is a function of its seed and
   pass number only.
+- :mod:`.ndarrayiter`: :class:`NDArrayIterRows`, an ``mx.io.NDArrayIter`` given to ``fit`` read
+  as a :class:`DatasetIter` in the same order (:func:`rows_of`).
 - :mod:`.recordio`: :class:`RecordIODataset`, MXNet indexed RecordIO (``.rec`` + ``.idx``) read
   by byte ranges from a local path or a URI.
 - :mod:`.raydata`: :class:`RayDataIter`, a ``ray.data.Dataset`` each worker streams its own
@@ -45,6 +47,8 @@ _AT = {  # each name's module
     "index_batch": ".datasets",
     "pass_order": ".datasets",
     "LAST_BATCH_HANDLES": ".datasets",
+    "NDArrayIterRows": ".ndarrayiter",
+    "rows_of": ".ndarrayiter",
     "RayDataIter": ".raydata",
     "StreamReader": ".raydata",
     "RecordIODataset": ".recordio",

@@ -366,6 +366,11 @@ class DatasetIter(DataIter):
     def getindex(self) -> np.ndarray | None:
         return self._index
 
+    def batch_of(self, index: np.ndarray, pad: int) -> DataBatch:
+        """What ``fit``/``score`` give the callbacks for the batch at ``index``, whose
+        samples the workers read: :func:`index_batch`."""
+        return index_batch(index, pad, self)
+
     def getpad(self) -> int:
         return self._pad
 
