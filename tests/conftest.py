@@ -78,6 +78,12 @@ def dataset(n=192, shape=(20,), classes=10, seed=0):
     return x, y
 
 
+class ClientIter(mx.io.NDArrayIter):
+    """An NDArrayIter raymodule reads in the client, as any DataIter (fit reads only a plain
+    NDArrayIter as rows): for the tests of that path, whose faults are placed on the steps
+    of the chunks the client sends."""
+
+
 class Interrupted(Exception):
     """Raised by a callback to interrupt ``fit`` (as a killed training process would)."""
 

@@ -66,7 +66,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import stepfaults  # noqa: E402
-from conftest import cores_of, dataset, max_relative_diff, mlp  # noqa: E402
+from conftest import ClientIter, cores_of, dataset, max_relative_diff, mlp  # noqa: E402
 from s3server import SeaweedS3  # noqa: E402
 
 import raymodule  # noqa: E402
@@ -91,7 +91,7 @@ HEALTH = {
 
 def batches():
     x, y = dataset(n=BATCH * 16, shape=(20,), seed=3)
-    return mx.io.NDArrayIter(x, y, batch_size=BATCH, shuffle=False)
+    return ClientIter(x, y, batch_size=BATCH, shuffle=False)
 
 
 def optimizer_params():

@@ -1,15 +1,17 @@
 """A training process for the kill tests: trains a run on 2 workers of the Ray at RAY_ADDRESS.
 
     python tests/run_child.py STORAGE NAME OUT [--kill-mid-epoch E] [--sigterm-mid-epoch E]
-                              [--dataset]
+                              [--data {client,ndarrayiter,dataset}]
 
 Writes the final parameters to OUT (MXNet's ``.params``). With ``--kill-mid-epoch E`` it
 SIGKILLs itself in epoch E, while the workers wait at its batch 8, once a checkpoint from
 inside that epoch is committed; with ``--sigterm-mid-epoch E`` worker 0 sends it SIGTERM at
 batch 1 of epoch E (as ``ray job stop`` or a preemption would), and nothing else. Faults are
 keyed to the workers' steps (:mod:`stepfaults`), not to the client's trailing callbacks.
-With ``--dataset`` the data is a shuffled :class:`raymodule.data.DatasetIter` (the controller
-runs each epoch's plan) instead of an ``mx.io.NDArrayIter``.
+The data is shuffled, from a DataIter the client reads (``--data client``, the default: a
+subclass of ``mx.io.NDArrayIter``), a plain ``mx.io.NDArrayIter`` (``ndarrayiter``: fit reads
+it as rows) or a :class:`raymodule.data.DatasetIter` (``dataset``); with the last two the
+controller runs each epoch's plan.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import stepfaults  # noqa: E402
-from conftest import dataset, mlp  # noqa: E402
+from conftest import ClientIter, dataset, mlp  # noqa: E402
 
 import raymodule  # noqa: E402
 import raymodule.handle  # noqa: E402
@@ -40,7 +42,7 @@ parser.add_argument("name")
 parser.add_argument("out")
 parser.add_argument("--kill-mid-epoch", type=int, default=None)
 parser.add_argument("--sigterm-mid-epoch", type=int, default=None)
-parser.add_argument("--dataset", action="store_true")
+parser.add_argument("--data", choices=["client", "ndarrayiter", "dataset"], default="client")
 args = parser.parse_args()
 logging.basicConfig(level=logging.INFO, stream=sys.stdout)
 run_folder = os.path.join(args.storage, args.name)
@@ -70,8 +72,9 @@ if args.kill_mid_epoch is not None:  # the workers wait at batch 8 while this pr
 elif args.sigterm_mid_epoch is not None:  # worker 0 at batch 1 sends this process SIGTERM
     plan[(16 * args.sigterm_mid_epoch + 1, 0)] = ("signal", os.getpid(), signal.SIGTERM)
     print("sending myself SIGTERM (from worker 0, at batch 1)", flush=True)
-    if args.dataset:  # the controller runs ahead of this process: it waits at batch 4 until
-        # this process asked it to stop the epoch's plan, so the stop lands inside the epoch
+    if args.data != "client":  # the controller runs ahead of this process: it waits at
+        # batch 4 until this process asked it to stop the epoch's plan, so the stop lands
+        # inside the epoch
         cancelled = threading.Event()
         cancel = raymodule.handle.PlanProgress.stop
 
@@ -87,10 +90,11 @@ os.makedirs(marks, exist_ok=True)
 raymodule.module.ControllerHandle = stepfaults.with_workers(stepfaults.worker_class(plan, marks))
 x, y = dataset(n=160)
 np.random.seed(5)
-if args.dataset:
+if args.data == "dataset":
     train = raymodule.data.DatasetIter(raymodule.data.ArrayDataset(x, y), 10, shuffle=True, seed=5)
 else:
-    train = mx.io.NDArrayIter(x, y, batch_size=10, shuffle=True)
+    kind = ClientIter if args.data == "client" else mx.io.NDArrayIter
+    train = kind(x, y, batch_size=10, shuffle=True)
 mx.random.seed(0)
 with (
     raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)]) as mod,

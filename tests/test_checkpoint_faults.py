@@ -156,7 +156,8 @@ def test_checkpoints_failing_in_a_row_stop_training_in_words(own_s3, fast_retrie
 def test_a_stopped_training_process_resumes_and_ends_as_if_never_stopped(tmp_path):
     """Killed (SIGKILL) once a mid-epoch checkpoint committed, or told to stop (SIGTERM, as by
     `ray job stop` or a preemption) mid-epoch, which checkpoints at the next batch before the
-    process ends: each run, started again with the same name, ends as the run never stopped."""
+    process ends: each run, started again with the same name, ends as the run never stopped.
+    The data is a DataIter the client reads (run_child.py's default)."""
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
 
     def child(name, *extra):
@@ -191,17 +192,19 @@ def test_a_stopped_training_process_resumes_and_ends_as_if_never_stopped(tmp_pat
         assert max_relative_diff(load(reference), load(resumed)) <= 1e-5
 
 
-def test_a_dataset_run_told_to_stop_mid_epoch_resumes_as_if_never_stopped(tmp_path):
+@pytest.mark.parametrize("data", ["dataset", "ndarrayiter"])
+def test_a_dataset_run_told_to_stop_mid_epoch_resumes_as_if_never_stopped(data, tmp_path):
     """SIGTERM to the training process while the controller runs an epoch's plan of a
-    DatasetIter: the plan is cancelled at a chunk boundary, checkpointed there, and the run
-    started again with the same name ends as the run never stopped."""
+    DatasetIter (or of a plain NDArrayIter, read as rows in its order): the plan is cancelled
+    at a chunk boundary, checkpointed there, and the run started again with the same name
+    ends as the run never stopped."""
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
 
     def child(name, *extra):
         out = tmp_path / f"{name}.params"
         proc = subprocess.run(
             [sys.executable, str(HERE / "run_child.py"), str(tmp_path), name, str(out),
-             "--dataset", *extra],
+             "--data", data, *extra],
             env=env, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert proc.returncode == (signal.SIGTERM if extra else 0), (
