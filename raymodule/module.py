@@ -53,8 +53,9 @@ def _load_ndarrays(location: str) -> dict:
 
 def _batch_shapes(data_batch) -> tuple[list[tuple], list[tuple]]:
     """The shapes of a batch's data and label arrays; of its ``provide_data`` and
-    ``provide_label`` when it carries none (a dataset's batch, read on the workers)."""
-    if data_batch.data is None:
+    ``provide_label`` when it carries none (a dataset's batch, read on the workers) or reads
+    them only when asked (an NDArrayIter's, read as rows: asking would read them)."""
+    if getattr(data_batch, "reads_on_demand", False) or data_batch.data is None:
         return (
             [tuple(d.shape) for d in data_batch.provide_data],
             [tuple(d.shape) for d in data_batch.provide_label or []],

@@ -154,7 +154,7 @@ def test_an_ndarrayiter_as_rows_gives_its_batches_and_draws_as_it(handle, shuffl
         assert isinstance(rows, NDArrayIterRows) and rows.provide_data == it.provide_data
         assert rows.provide_label == it.provide_label
         passes = []
-        for _ in range(4):
+        for _ in range(6):  # roll_over: 37 rows in 5s keep none after the fifth pass
             one = read_pass(it) if read_pass else rows_read(rows)
             passes.append([(d, lab, pad) for d, lab, pad, *_ in one])
             (it if read_pass else rows).reset()
@@ -188,9 +188,17 @@ def test_only_a_plain_dense_ndarrayiter_is_read_as_rows():
     assert rows_of(mx.io.NDArrayIter(sparse, y, 4, last_batch_handle="discard")) is None
     assert rows_of(mx.io.NDArrayIter(x.reshape(4, 5, 3), None, 2, layout="TNC")) is None
     assert rows_of(DatasetIter(ArrayDataset(x, y), 4)) is None
+    assert rows_of(mx.io.NDArrayIter(x, np.zeros(25), 4)) is None  # MXNet takes longer labels
     kept = mx.io.NDArrayIter(x, y, 8, last_batch_handle="roll_over")
     read(kept)  # keeps its last 4 samples for the next pass
     assert rows_of(kept) is None
+    kept.reset()
+    assert rows_of(kept) is None
+    read(kept)  # 4 kept + 20 = 3 batches: none kept
+    assert rows_of(kept) is not None
+    read_through = mx.io.NDArrayIter(x, y, 8, last_batch_handle="discard")
+    read(read_through)  # keeps its last 4 samples, which discard never uses
+    assert rows_of(read_through) is not None
 
 
 def test_rows_whose_ndarrayiter_was_shuffled_elsewhere_refuse_to_guess_its_order():
@@ -467,10 +475,15 @@ def test_fit_score_and_predict_send_indices_not_samples(monkeypatch):
 
     # the drop-in path: an NDArrayIter's arrays are put once, for every pass; another
     # DataIter's samples, with every pass
+    reads = []  # batches whose arrays the client read: none, with no callback asking
+    read_rows = raymodule.data.ndarrayiter._RowsBatch._read
+    monkeypatch.setattr(
+        raymodule.data.ndarrayiter._RowsBatch, "_read", lambda b: reads.append(1) or read_rows(b)
+    )
     with raymodule.Module(symbol, context=[mx.cpu(0), mx.cpu(1)]) as mod:
         puts = PutCounter(monkeypatch)
         fit(mod, mx.io.NDArrayIter(x, y, 30))
-        assert puts.bytes < 1.5 * samples
+        assert puts.bytes < 1.5 * samples and not reads
         puts = PutCounter(monkeypatch)
         fit(mod, mx.io.ResizeIter(mx.io.NDArrayIter(x, y, 30), 20))  # 20 batches: a pass
         assert puts.bytes > 2 * samples

@@ -22,16 +22,21 @@ __all__ = ["NDArrayIterRows", "rows_of"]
 
 def rows_of(data_iter):
     """``data_iter`` as an :class:`NDArrayIterRows` when it is an ``mx.io.NDArrayIter``
-    whose rows can be read by index (dense NDArrays, batch axis first, no batch cached by
-    ``roll_over``), else None. A subclass is not: it may give other batches."""
+    whose rows can be read by index (dense NDArrays of as many rows, batch axis first, no
+    rows kept by ``roll_over`` for its next pass), else None. A subclass is not: it
+    may give other batches."""
     if type(data_iter) is not mx.io.NDArrayIter:
         return None
     arrays = [a for _, a in data_iter.data + data_iter.label]
     dense = all(type(a) is mx.nd.NDArray for a in arrays)
-    if not dense or data_iter.layout.find("N") != 0 or data_iter._cache_data is not None:
+    # NDArrayIter counts the first array's rows and takes longer arrays as they are
+    if not dense or any(a.shape[0] != data_iter.num_data for a in arrays):
         return None
-    if data_iter.last_batch_handle not in LAST_BATCH_HANDLES:
+    if data_iter.layout.find("N") != 0 or data_iter.last_batch_handle not in LAST_BATCH_HANDLES:
         return None
+    kept = data_iter._cache_data is not None or data_iter._cache_label is not None
+    if data_iter.last_batch_handle == "roll_over" and kept:
+        return None  # a pass of it opens with the rows it kept, which are no indices
     return NDArrayIterRows(data_iter)
 
 
@@ -98,13 +103,16 @@ class NDArrayIterRows(DatasetIter):
 
     def next_indices(self) -> tuple[np.ndarray, int]:
         try:
-            return super().next_indices()
+            index, pad = super().next_indices()
         except StopIteration:
             if self._cache is not None:  # roll_over: the source keeps the rest, as its next()
                 self.source.cursor = self.cursor
                 self.source._cache_data = self.source.getdata()
                 self.source._cache_label = self.source.getlabel()
             raise
+        if self.last_batch_handle == "roll_over" and -self.batch_size < self.cursor < 0:
+            self.source._cache_data = self.source._cache_label = None  # used, as its next()
+        return index, pad
 
     def batch_of(self, index: np.ndarray, pad: int) -> DataBatch:
         """The batch at ``index`` for the callbacks: its arrays are read from the dataset
@@ -115,7 +123,9 @@ class NDArrayIterRows(DatasetIter):
 class _RowsBatch(DataBatch):
     """A ``DataBatch`` of an :class:`NDArrayIterRows` whose ``data`` and ``label`` are read
     from the dataset when first asked for (the workers read the rows; most callbacks never
-    look)."""
+    look). raymodule itself never asks: it takes the shapes from ``provide_data``."""
+
+    reads_on_demand = True
 
     def __init__(self, rows: NDArrayIterRows, index: np.ndarray, pad: int):
         self._rows, self._data, self._label = rows, None, None
