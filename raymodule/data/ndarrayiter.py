@@ -139,9 +139,10 @@ class _RowsBatch(DataBatch):
         )
 
     def _read(self) -> None:
-        data, label = self._rows.dataset.take(self.index)
-        self._data = [mx.nd.array(a, dtype=a.dtype) for a in data]
-        self._label = [mx.nd.array(a, dtype=a.dtype) for a in label]
+        dataset = self._rows.dataset
+        data, label = dataset.take(self.index)
+        self._data = DatasetIter._arrays(data, dataset.data_descs)
+        self._label = DatasetIter._arrays(label, dataset.label_descs)
 
     @property
     def data(self):
