@@ -6,9 +6,11 @@ models, with every worker timing each phase of its training steps:
     read       waiting for the step's rows (the object store, or a dataset's read-ahead)
     forward    copying the rows into the executor and running forward
     backward   backward
-    reduce     summing the gradients across the workers (Collective.reduce)
+    reduce     summing the gradients across the workers (Collective.reduce); with the
+               update split among a node's workers (Collective.reduce_and_update), the
+               sum and the sharing of the updated parts
     update     the rest of the worker's update: the optimizer's update of the summed
-               gradients
+               gradients (of its part of them, when split)
     metric     the metric's counters (or the outputs, for a metric the client computes)
     between    no step running: the worker waits for the controller's next call
 
@@ -97,6 +99,29 @@ def install_timers() -> None:
         timed_reduce.timed = True
         return timed_reduce
 
+    def timed_split(reduce_and_update):
+        """``reduce_and_update`` (a Collective's, for an update split among a node's
+        workers): its seconds summed under "reduce" but for its update of this worker's part,
+        which counts as "update"."""
+
+        def timed_reduce_and_update(grads, update, groups):
+            mx.nd.waitall()
+            updating = {"s": 0.0}
+
+            def timed_update(lo, hi):
+                tic = time.perf_counter()
+                update(lo, hi)
+                updating["s"] += time.perf_counter() - tic
+
+            tic = time.perf_counter()
+            try:
+                return reduce_and_update(grads, timed_update, groups)
+            finally:
+                seconds["reduce"] += time.perf_counter() - tic - updating["s"]
+
+        timed_reduce_and_update.timed = True
+        return timed_reduce_and_update
+
     def timed_train_step(self, mid, batch):
         began = time.perf_counter()
         seconds["read"] += began - clock["step_end"]
@@ -111,6 +136,7 @@ def install_timers() -> None:
         group = self._collective
         if group is not None and not hasattr(group.reduce, "timed"):
             group.reduce = timed(group.reduce)  # this group's; a re-formed one is new
+            group.reduce_and_update = timed_split(group.reduce_and_update)
         before_reduce = seconds["reduce"]
         self.update(mid)
         mx.nd.waitall()

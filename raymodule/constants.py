@@ -19,6 +19,7 @@ _ZERO_ALLOWED = {
     "max_reforms",
     "shm_allreduce",
     "pin_cores",
+    "split_update",
 }
 
 
@@ -66,6 +67,11 @@ class Settings:
     """RAYMODULE_SHM_ALLREDUCE: 1 sums dense gradients of CPU workers on one node through shared
     memory (and only the nodes' sums over gloo, between one worker per node); 0 sends them all
     over gloo."""
+    split_update: int = 1
+    """RAYMODULE_SPLIT_UPDATE: 1 splits plain SGD's update among a group's CPU workers on one
+    node that sum through shared memory: each updates its part of the parameters and of the
+    momentum, and they share the parts there (the same bits as each updating all); 0 has
+    every worker update all of them."""
     pin_cores: int = 1
     """RAYMODULE_PIN_CORES: 1 runs each CPU worker of a group on a core of its own when the
     group's workers on a machine are as many as its cores, whichever Ray nodes they are on

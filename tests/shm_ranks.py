@@ -75,6 +75,32 @@ class Rank:
         self.collective.reduce(grads, bucket_bytes)
         return [g.asnumpy() for g in grads]
 
+    def reduce_and_update(self, arrays, weights, die: bool = False):
+        """Sums ``arrays`` and updates ``weights`` (shaped as them) in parts: each rank takes
+        its part of the sum from its part of the weights, and the ranks share the parts;
+        ``die`` SIGKILLs this process once its part is updated, before it shares it. Returns
+        ``(lost, weights, sums)``: ``lost``, if a peer was lost after every rank's arrays were
+        in, is this rank's part ``(lo, hi)``, its only part updated; else None."""
+        from raymodule.worker.native import host_view
+        from raymodule.worker.shm import PartlyUpdated, _pieces
+
+        grads = [mx.nd.array(a, dtype=a.dtype) for a in arrays]
+        sums = [host_view(g) for g in grads]
+        weights = [w.copy() for w in weights]
+
+        def update(lo: int, hi: int) -> None:
+            for (w, _), (g, _) in zip(_pieces(weights, lo, hi), _pieces(sums, lo, hi)):
+                w -= g
+            if die:
+                os.kill(os.getpid(), 9)
+
+        lost = None
+        try:
+            self.collective.reduce_and_update(grads, update, [weights])
+        except PartlyUpdated as err:
+            lost = (err.lo, err.hi)
+        return lost, weights, [g.asnumpy() for g in grads]
+
     def close(self) -> None:
         self.collective.close()
 

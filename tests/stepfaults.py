@@ -17,6 +17,8 @@ so a step run again after a loss does not fire again):
 - ``("signal", pid, signum)``: send another process (the training process) a signal;
 - ``("arm", method, how)``: its next call of ``method`` (``get_params``; ``applied``;
   ``leave``, the controller's in a re-form) does ``how`` ("die" or "stop") at its start;
+  ``("arm", "share", how)`` does it in its next split update (sum and update in parts),
+  once it updated its part, before it shares it;
 - ``("gate", name)``: hand the step to the test and wait: the worker marks the gate reached and
   goes on once the test acted and opened it (:class:`Gates`), at most :data:`GATE_WAIT_S`.
   Put a gate on every rank (None) and the whole group stands still at the start of the step,
@@ -59,6 +61,7 @@ def worker_class(plan: dict, marks) -> type:
     class StepFaultWorker(ModuleWorker):
         _rank = 0
         _armed: dict = {}
+        _shared = False
 
         def __init__(self, *args):
             super().__init__(*args)
@@ -70,6 +73,20 @@ def worker_class(plan: dict, marks) -> type:
         def join(self, world_size, rank, address, backend, timeout_s, generation, place):
             self._rank = rank
             super().join(world_size, rank, address, backend, timeout_s, generation, place)
+            reduce_and_update = self._collective.reduce_and_update
+
+            def armed(grads, update, groups):
+                if not self._shared:  # noted once: the update was split in this process
+                    Path(marks, f"shared-{os.getpid()}").touch()
+                    self._shared = True
+
+                def update_then_fault(lo, hi):
+                    update(lo, hi)
+                    self._armed_fault("share")
+
+                reduce_and_update(grads, update_then_fault, groups)
+
+            self._collective.reduce_and_update = armed
 
         def train_step(self, mid, batch):
             step = self._applied
@@ -125,6 +142,11 @@ def with_workers(cls: type):
 def workers_up(marks) -> int:
     """How many workers of :func:`worker_class` ever came up (their imports done)."""
     return len(list(Path(marks).glob("up-*")))
+
+
+def split_updates(marks) -> int:
+    """How many worker processes of :func:`worker_class` shared the parts of a split update."""
+    return len(list(Path(marks).glob("shared-*")))
 
 
 def fired(marks, step: int, rank: int) -> bool:

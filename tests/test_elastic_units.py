@@ -133,7 +133,7 @@ class StandIn:
     model; ``restore`` takes a peer's counter as the real one takes its parameters. It notes
     the module calls the controller's journal replays."""
 
-    def __init__(self, device, bucket_bytes, shm_allreduce, pin_cores):
+    def __init__(self, device, bucket_bytes, shm_allreduce, pin_cores, split_update):
         if os.path.exists(NEVER_UP):  # a replacement that never comes up
             time.sleep(3600)
         self.count, self.group, self.restored, self.generation = 0, None, 0, 0

@@ -5,9 +5,11 @@ from __future__ import annotations
 import mxnet as mx
 import numpy as np
 import pytest
+import stepfaults
 from conftest import dataset, lenet, max_relative_diff, mlp
 
 import raymodule
+import raymodule.module
 
 SGD = {"learning_rate": 0.1, "momentum": 0.9, "wd": 1e-4}
 
@@ -159,3 +161,46 @@ def test_one_worker_trains_bit_for_bit_as_native_mxnet(options):
         ours = train(mod)
     for name, array in native.items():
         np.testing.assert_array_equal(ours[name].asnumpy(), array.asnumpy(), err_msg=name)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_an_update_split_among_a_nodes_workers_gives_the_bits_of_each_updating_all(
+    workers, tmp_path, monkeypatch
+):
+    """The workers of one node each update their part of the parameters and momentum and
+    share the parts (RAYMODULE_SPLIT_UPDATE, on by default): the parameters and the momentum
+    equal to the bit those of every worker updating all, through a learning-rate schedule,
+    weight decay (not on biases) and clipping; and MXNet's to 1e-5."""
+    x, y = dataset(n=240)
+    symbol, batch = mlp(), 24
+    params = initial_params(symbol, x.shape[1:], batch)
+
+    def fit(mod, states):
+        schedule = mx.lr_scheduler.FactorScheduler(step=3, factor=0.7)  # stateful: one a fit
+        mod.fit(
+            mx.io.NDArrayIter(x, y, batch),
+            num_epoch=2,
+            arg_params=params[0],
+            aux_params=params[1],
+            optimizer="sgd",
+            optimizer_params=dict(SGD, clip_gradient=0.05, lr_scheduler=schedule),
+        )
+        mod.save_optimizer_states(str(states))
+        return {k: v.copy() for k, v in mod.get_params()[0].items()}
+
+    native = fit(mx.mod.Module(symbol), tmp_path / "native.states")
+    results = {}
+    for split in ("1", "0"):
+        marks = tmp_path / f"marks-{split}"
+        marks.mkdir()
+        cls = stepfaults.worker_class({}, marks=marks)
+        monkeypatch.setattr(raymodule.module, "ControllerHandle", stepfaults.with_workers(cls))
+        monkeypatch.setenv("RAYMODULE_SPLIT_UPDATE", split)
+        with raymodule.Module(symbol, context=[mx.cpu(i) for i in range(workers)]) as mod:
+            results[split] = fit(mod, tmp_path / f"{split}.states")
+        assert stepfaults.split_updates(marks) == (workers if split == "1" else 0)
+    for name, value in results["0"].items():
+        assert results["1"][name].asnumpy().tobytes() == value.asnumpy().tobytes(), name
+    split_states, whole_states = ((tmp_path / f"{s}.states").read_bytes() for s in ("1", "0"))
+    assert split_states == whole_states
+    assert max_relative_diff(native, results["1"]) < 1e-5

@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 import mxnet as mx
+import numpy as np
 import pytest
 import ray
 import stepfaults
-from conftest import assert_on_their_share, cores_of, dataset, mlp
+from conftest import assert_on_their_share, cores_of, dataset, max_relative_diff, mlp
 from shm_ranks import Rank, arrays, check_sums, form
 
 import raymodule
@@ -88,6 +89,53 @@ def test_a_peer_killed_in_a_sum_fails_the_others_at_once_and_leaks_no_segment(ra
     form(group[:2], same_node)
     check_sums(group[:2], 1 << 20)
     ray.get([r.close.remote() for r in group[:2]], timeout=60)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_an_update_split_in_parts_is_shared_and_a_lost_peers_part_left_to_the_others(
+    ranks, world_size
+):
+    """Each rank updates its part of arrays laid out as the gradients (odd sizes) from its
+    part of the sum, and every rank ends with the whole update, the same bits as numpy's.
+    Then the last rank dies once its part is updated, before it shares it: the others raise
+    PartlyUpdated within seconds, each with only its own part updated and the whole sum
+    (added from the ranks' slots) to update the rest with; no segment is left."""
+    group = ranks(world_size)
+    pids = ray.get([r.pid.remote() for r in group])
+    form(group, same_node=True)
+    parts = arrays(world_size)
+    weights = arrays(1, seed=5)[0]
+    expected = [parts[0][k].copy() for k in range(len(weights))]
+    for k in range(len(weights)):
+        for p in parts[1:]:  # added in rank order, as the ranks add
+            expected[k] += p[k]
+    results = ray.get(
+        [r.reduce_and_update.remote(p, weights) for r, p in zip(group, parts)], timeout=120
+    )
+    for lost, updated, _ in results:  # the sum itself: only a rank's own part is kept
+        assert lost is None
+        for k, w in enumerate(weights):
+            assert updated[k].tobytes() == (w - expected[k]).tobytes()
+    calls = [
+        r.reduce_and_update.remote(p, weights, die=i == world_size - 1)
+        for i, (r, p) in enumerate(zip(group, parts))
+    ]
+    count = sum(w.size for w in weights)
+    for i, call in enumerate(calls[:-1]):
+        lost, updated, sums = ray.get(call, timeout=15)
+        assert lost == (count * i // world_size, count * (i + 1) // world_size)
+        flat = np.concatenate([u.reshape(-1) for u in updated])
+        start = np.concatenate([w.reshape(-1) for w in weights])
+        summed = np.concatenate([e.reshape(-1) for e in expected])
+        lo, hi = lost
+        assert flat[lo:hi].tobytes() == (start - summed)[lo:hi].tobytes()
+        assert np.array_equal(np.delete(flat, np.s_[lo:hi]), np.delete(start, np.s_[lo:hi]))
+        for k in range(len(weights)):
+            assert sums[k].tobytes() == expected[k].tobytes()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(calls[-1], timeout=15)
+    ray.get([r.close.remote() for r in group[:-1]], timeout=60)
+    assert segments(pids) == []
 
 
 def test_sums_across_two_nodes_go_through_each_nodes_leader_and_workers_pin_by_machine(tmp_path):
@@ -206,3 +254,44 @@ def test_workers_are_placed_among_those_on_the_same_cores_whatever_their_ray_nod
     assert places([here, here, other, here, None, other]) == [
         (0, 3), (1, 3), (0, 2), (2, 3), (0, 1), (1, 2),
     ]  # fmt: skip
+
+
+def test_a_worker_lost_before_it_shares_its_part_of_the_update_costs_no_step(tmp_path, monkeypatch):
+    """Three workers of one node split the update; worker 1 dies once it updated its part of
+    the weights and momentum, before it shared it. The survivors update that part themselves
+    from the sum they hold, so the step is applied, and the run ends with the model of the run
+    without the kill (to 1e-5: two workers add in another order from then on), with nothing
+    left in shared memory. Were the survivors to go on from their torn state (their own part
+    a step ahead of the rest), the model would differ by a learning-rate step."""
+    x, y = dataset(n=240)
+    symbol = mlp()
+    mx.random.seed(11)
+    native = mx.mod.Module(symbol)
+    native.bind([("data", (24, 20))], [("softmax_label", (24,))])
+    native.init_params(mx.init.Xavier())
+    start = native.get_params()
+    monkeypatch.setenv("RAYMODULE_ADMIT_INTERVAL_S", "3600")  # no replacement joins
+    models, pids = {}, []
+    for plan in ({}, {(6, 1): ("arm", "share", "die")}):
+        marks = tmp_path / f"marks-{len(plan)}"
+        marks.mkdir()
+        cls = stepfaults.worker_class(plan, marks=marks)
+        monkeypatch.setattr(raymodule.module, "ControllerHandle", stepfaults.with_workers(cls))
+        run = raymodule.RunConfig(storage=str(tmp_path / f"run-{len(plan)}"), min_workers=2)
+        with raymodule.Module(symbol, context=[mx.cpu(i) for i in range(3)]) as mod:
+            mod.fit(
+                mx.io.NDArrayIter(x, y, 24),
+                num_epoch=2,
+                arg_params=start[0],
+                aux_params=start[1],
+                optimizer_params={"learning_rate": 0.1, "momentum": 0.9, "wd": 1e-4},
+                run=run,
+            )
+            models[len(plan)] = {k: v.copy() for k, v in mod.get_params()[0].items()}
+            world_size = mod.world_size
+        assert stepfaults.split_updates(marks) == 3
+        pids += [int(up.name.split("-")[1]) for up in marks.glob("up-*")]
+    assert stepfaults.fired(marks, 6, 1)
+    assert world_size == 2
+    assert max_relative_diff(models[0], models[1]) < 1e-5
+    assert segments(pids) == []

@@ -224,6 +224,7 @@ class WorkerGroup:
             self.settings.allreduce_bucket_bytes,
             bool(self.settings.shm_allreduce),
             bool(self.settings.pin_cores),
+            bool(self.settings.split_update),
         )
 
     def membership(self) -> Membership:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from ..data import StreamReader
     from .collective import Collective
+    from .shm import PartlyUpdated
 
 from ..checkpoint.snapshot import Snapshot
 from ..data.parts import Batch, IndexedParts, PartPlan, StreamParts
@@ -47,7 +48,7 @@ def _import_runtime() -> None:
     """Binds this module's MXNet-dependent names; runs once, in the worker process."""
     global mx, np, DataBatch, metrics, native, nd_bytes, optimizer_state, to_ndarray, Placed
     global ndarray_view, split_shapes
-    global StreamReader
+    global StreamReader, PartlyUpdated
     os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # no backend banner per executor
     import_mxnet()
     import mxnet as mx
@@ -59,6 +60,7 @@ def _import_runtime() -> None:
     from ..data import StreamReader, nd_bytes, ndarray_view, split_shapes, to_ndarray
     from ..views import Placed
     from . import native
+    from .shm import PartlyUpdated
 
 
 def _numpy_list(arrays) -> list[np.ndarray]:
@@ -73,7 +75,12 @@ class ModuleWorker:
     """One data-parallel replica. Methods take the id of the module they act on."""
 
     def __init__(
-        self, device_type: str, allreduce_bucket_bytes: int, shm_allreduce: bool, pin_cores: bool
+        self,
+        device_type: str,
+        allreduce_bucket_bytes: int,
+        shm_allreduce: bool,
+        pin_cores: bool,
+        split_update: bool,
     ):
         _import_runtime()
         self.device = mx.Context(device_type, 0)
@@ -81,6 +88,7 @@ class ModuleWorker:
         self._collective: Collective | None = None
         self._bucket_bytes = allreduce_bucket_bytes
         self._shm_allreduce = shm_allreduce
+        self._split_update = split_update
         self._pinning = Pinning(pin_cores)  # the cores: its share of them while in a group
         self._metric: mx.metric.EvalMetric | None = None
         self._metric_here = False  # the metric's counters are updated on this worker
@@ -308,21 +316,29 @@ class ModuleWorker:
 
     def update(self, mid) -> None:
         mod = self._modules[mid]
+        self._check_group()  # broken in a step before, in this call: this one is not applied
         if self._collective is None:
-            mod.update()
+            native.apply_update(mod, native.gradient_arrays(mod)[0])
             self._applied += 1
             return
-        self._check_group()
         grad_arrays, accumulating = native.gradient_arrays(mod)
         if accumulating:
             # 'add' keeps accumulating this worker's own gradients; the sum goes to copies
             grad_arrays = [[g[0].copy()] if g[0] is not None else g for g in grad_arrays]
         # Reverse parameter order: the last layers' gradients are ready first.
-        why = None
+        grads = [g[0] for g in reversed(grad_arrays) if g[0] is not None]
+        split = (
+            self._split_update and self._collective.splits_update and native.updates_by_element(mod)
+        )
+        counts = native.update_counts(mod) if split else None
+        why, rest = None, None
         try:
-            self._collective.reduce(
-                [g[0] for g in reversed(grad_arrays) if g[0] is not None], self._bucket_bytes
-            )
+            if split:
+                self._reduce_and_update_in_parts(mod, grad_arrays, grads)
+            else:
+                self._collective.reduce(grads, self._bucket_bytes)
+        except PartlyUpdated as err:  # this worker's part updated, the others' maybe not
+            why, rest = first_line(err)[:200], [(0, err.lo), (err.hi, err.count)]
         except Exception as err:  # noqa: BLE001 - a peer lost or silent: the step is not applied
             why = f"{type(err).__name__}: {first_line(err)[:200]}"
         if why is not None:
@@ -331,9 +347,33 @@ class ModuleWorker:
             # in the ring the lost worker was, instead of after the collective timeout.
             self.leave()
             self._broken = why
-            self._check_group()
-        native.apply_update(mod, grad_arrays)
+            if rest is None:
+                self._check_group()
+            # Every rank's gradients were in: the rest updated here from the sum, as every
+            # survivor does, so they stay alike and the step is applied.
+            native.apply_update_parts(mod, grad_arrays, rest, counts)
+        elif not split:
+            native.apply_update(mod, grad_arrays)
         self._applied += 1
+
+    def _reduce_and_update_in_parts(self, mod, grad_arrays: list, grads: list) -> None:
+        """Sums ``grads`` and splits the update among this node's ranks: this worker updates
+        its part of the weights and their momentum, and takes the others' parts through the
+        shared memory (:meth:`Collective.reduce_and_update`)."""
+        weights, states = native.updated_arrays(mod)
+        touched = [a for a in weights + states if a is not None]
+        groups = [  # laid out as the gradients; SGD without momentum has no state
+            [native.host_view(a) for a in reversed(arrays)]
+            for arrays in (weights, states)
+            if all(a is not None for a in arrays)
+        ]
+
+        def update(lo: int, hi: int) -> None:
+            native.apply_update_parts(mod, grad_arrays, [(lo, hi)])
+            for a in touched:  # MXNet's engine done with them before they are shared
+                a.wait_to_read()
+
+        self._collective.reduce_and_update(grads, update, groups)
 
     def set_metric(self, metric: mx.metric.EvalMetric | None) -> None:
         self._metric = metric

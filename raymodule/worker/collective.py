@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import mxnet as mx
@@ -33,9 +34,9 @@ import numpy as np
 import ray
 
 from . import native
-from .shm import LocalGroup, SameNode
+from .shm import LocalGroup, PartlyUpdated, SameNode
 
-__all__ = ["Collective", "SameNode", "plan_buckets", "free_address"]
+__all__ = ["Collective", "PartlyUpdated", "SameNode", "plan_buckets", "free_address"]
 
 
 def plan_buckets(sizes_bytes: list[int], bucket_bytes: int) -> list[list[int]]:
@@ -132,6 +133,45 @@ class Collective:
             publish=lambda name: store.set(key, name),
             lookup=lambda: store.get(key).decode(),
         )
+
+    @property
+    def splits_update(self) -> bool:
+        """Whether this group's ranks meet in one node's shared memory, two or more: their
+        update may be split among them (:meth:`reduce_and_update`)."""
+        return self._local is not None and self._local.size > 1 and self._leaders is None
+
+    def reduce_and_update(
+        self,
+        grads: list[mx.nd.NDArray],
+        update: Callable[[int, int], None],
+        groups: list[list[np.ndarray]],
+    ) -> None:
+        """Sums dense ``grads`` (in reduction order, one bucket) across the group, which
+        :attr:`splits_update`, and splits the update among its ranks: ``update(lo, hi)``
+        updates this rank's part (a range of the gradients' flat concatenation) of
+        ``groups``, arrays laid out as the gradients (the weights, their state), and the
+        ranks share their parts (see :meth:`LocalGroup.sum_and_update`, which also says what
+        a lost peer raises). The sum here, the update's time aside, counts as waiting."""
+        views = [native.host_view(g) for g in grads]
+        dtype = np.result_type(*[a.dtype for a in views])
+        count = sum(a.size for a in views)
+        updating = 0.0
+
+        def timed_update(lo: int, hi: int) -> None:
+            nonlocal updating
+            tic = time.perf_counter()
+            update(lo, hi)
+            updating += time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        try:
+            shared = sum(a.size for arrays in groups for a in arrays) * dtype.itemsize
+            self._local.reserve(count * dtype.itemsize, shared)
+            self._local.sum_and_update(views, dtype, timed_update, groups)
+        finally:
+            took = time.perf_counter() - tic - updating
+            self.waited_s += took
+            self.tier_s["shared memory"] += took
 
     def close(self) -> None:
         """Leaves the group (the shared memory, the process group), so that a new one can be

@@ -19,6 +19,10 @@ from mxnet.base import _LIB, check_call
 
 __all__ = [
     "apply_update",
+    "apply_update_parts",
+    "update_counts",
+    "updated_arrays",
+    "updates_by_element",
     "device_id",
     "device_params",
     "executor_arrays",
@@ -91,14 +95,17 @@ def updater(mod: mx.mod.Module):
 
 
 def update_per_parameter(mod: mx.mod.Module) -> None:
-    """Makes a CPU replica's plain SGD update each parameter with its own ``sgd_mom_update``
-    rather than MXNet's multi-tensor ``multi_sgd_mom_update`` over groups of
-    ``MXNET_OPTIMIZER_AGGREGATION_SIZE`` (4 by default): the results are the same to the bit
-    (``tests/test_numerics.py``), and on CPU the update is faster. Measured on the MLP of
-    ``jobs/benchmark.py``: 1.1 ms a step against 1.5-1.7 ms, and native MXNet trained 12 %
-    faster with the variable set to 1. A ``MXNET_OPTIMIZER_AGGREGATION_SIZE`` the user set is
-    left as it is, as are other optimizers (LARS and LAMB aggregate with other kernels) and
-    other devices (on GPU, fewer kernel launches win)."""
+    """Makes a CPU replica's plain SGD update each parameter apart rather than in groups of
+    ``MXNET_OPTIMIZER_AGGREGATION_SIZE`` (4 by default) through MXNet's multi-tensor
+    ``multi_sgd_mom_update``; :func:`apply_update` then gives each parameter SGD's one-array
+    kernel, ``sgd_mom_update``. The results are the same to the bit (``tests/test_numerics.py``)
+    and on CPU the update is faster. Measured on the MLP of ``jobs/benchmark.py``: 1.1 ms a step
+    a parameter at a time (with the multi-tensor kernel) against 1.5-1.7 ms grouped, and native
+    MXNet trained 12 % faster with the variable set to 1; the one-array kernel takes about 60 %
+    of the multi-tensor kernel's time on the same array (:func:`apply_update_parts`). A
+    ``MXNET_OPTIMIZER_AGGREGATION_SIZE`` the user set is left as it is (MXNet's own update
+    runs), as are other optimizers (LARS and LAMB aggregate with other kernels) and other
+    devices (on GPU, fewer kernel launches win)."""
     optimizer = mod._optimizer
     if (
         "MXNET_OPTIMIZER_AGGREGATION_SIZE" in os.environ
@@ -119,7 +126,11 @@ def gradient_arrays(mod: mx.mod.Module) -> tuple[list, bool]:
 
 def apply_update(mod: mx.mod.Module, grad_arrays: list) -> None:
     """Applies the optimizer to ``grad_arrays`` (summed over the workers), as ``update()``
-    does with a kvstore of none, and marks the parameters changed on the device."""
+    does with a kvstore of none, and marks the parameters changed on the device: plain SGD
+    through :func:`apply_update_parts`, whole."""
+    if updates_by_element(mod):
+        apply_update_parts(mod, grad_arrays, [(0, sum(w.size for w in updated_arrays(mod)[0]))])
+        return
     group = mod._exec_group
     mod._params_dirty = True
     mx.model._update_params(
@@ -130,6 +141,119 @@ def apply_update(mod: mx.mod.Module, grad_arrays: list) -> None:
         kvstore=None,
         param_names=group.param_names,
     )
+
+
+def updates_by_element(mod: mx.mod.Module) -> bool:
+    """Whether the update is plain SGD's on CPU with a kernel per parameter
+    (:func:`update_per_parameter`), over dense weights and gradients of one dtype, neither
+    float16 (its multi-precision state is not shaped like the weight) nor accumulated
+    (``grad_req`` ``add``): an elementwise update, which :func:`apply_update_parts` may apply
+    to parts of the parameters apart."""
+    group = mod._exec_group
+    if (
+        type(mod._optimizer) is not mx.optimizer.SGD
+        or mod._updater.aggregate_updates
+        or mod._context[0].device_type != "cpu"
+        or "add" in group.grad_req.values()
+    ):
+        return False
+    pairs = [
+        (w[0], g[0]) for w, g in zip(group.param_arrays, group.grad_arrays) if g[0] is not None
+    ]
+    dtypes = {np.dtype(a.dtype) for pair in pairs for a in pair}
+    return (
+        bool(pairs)
+        and all(w.stype == g.stype == "default" for w, g in pairs)
+        and len(dtypes) == 1
+        and np.dtype(np.float16) not in dtypes
+    )
+
+
+def updated_arrays(mod: mx.mod.Module) -> tuple[list, list]:
+    """The weights the update changes (those with a gradient, in parameter order) and the
+    optimizer's state of each (None without one: SGD without momentum), made now where the
+    updater has none yet, as its first update would."""
+    group, updater = mod._exec_group, mod._updater
+    weights, states = [], []
+    for index, (w, g) in enumerate(zip(group.param_arrays, group.grad_arrays)):
+        if g[0] is None:
+            continue
+        if index not in updater.states:
+            updater.states[index] = mod._optimizer.create_state_multi_precision(index, w[0])
+            updater.states_synced[index] = True
+        elif not updater.states_synced[index]:
+            updater.states[index] = updater.sync_state_context(updater.states[index], w[0].context)
+            updater.states_synced[index] = True
+        weights.append(w[0])
+        states.append(updater.states[index])
+    return weights, states
+
+
+def update_counts(mod: mx.mod.Module) -> tuple[dict, int]:
+    """The optimizer's update counters (per parameter, and ``num_update``), as they are."""
+    optimizer = mod._optimizer
+    optimizer._set_current_context(device_id(mod))
+    return dict(optimizer._index_update_count), optimizer.num_update
+
+
+def apply_update_parts(
+    mod: mx.mod.Module, grad_arrays: list, parts: list[tuple[int, int]], counts=None
+) -> None:
+    """Applies SGD to the elements in ``parts`` of the weights and their momentum, from
+    ``grad_arrays`` (summed over the workers). A part is a range ``[lo, hi)`` of the flat
+    concatenation of the gradients in reduction order (the last parameter's first, as
+    :meth:`Collective.reduce` takes them). The counters count one update of every parameter,
+    in parameter order, and each parameter gets the learning rate and weight decay the whole
+    update gives it; with ``counts`` (:func:`update_counts` before the step) they are first set
+    back to those: the same step's update of other parts. Needs :func:`updates_by_element`.
+    MXNet's engine runs the kernels: wait for the arrays before reading them.
+
+    Each part goes through the kernel MXNet's SGD gives one array alone (``sgd_mom_update``,
+    ``sgd_update``): the same bits as the multi-tensor kernel it takes for dense arrays, even
+    one at a time (``multi_sgd_mom_update``; ``tests/test_numerics.py`` compares a worker with
+    MXNet to the bit)."""
+    optimizer = mod._optimizer
+    optimizer._set_current_context(device_id(mod))
+    if counts is not None:
+        optimizer._index_update_count.clear()
+        optimizer._index_update_count.update(counts[0])
+        optimizer.num_update = counts[1]
+    weights, states = updated_arrays(mod)
+    indices = [i for i, g in enumerate(grad_arrays) if g[0] is not None]
+    rates = {}
+    for index in indices:  # as SGD._update_impl counts and rates each in its turn
+        optimizer._update_count(index)
+        rates[index] = optimizer._get_lrs([index])[0], optimizer._get_wds([index])[0]
+    offset = 0
+    for index, weight, state in reversed(list(zip(indices, weights, states))):
+        grad = grad_arrays[index][0]
+        for lo, hi in parts:
+            start, stop = max(lo, offset) - offset, min(hi, offset + weight.size) - offset
+            if start >= stop:
+                continue
+            whole = start == 0 and stop == weight.size
+            arrays = [
+                a if a is None or whole else a.reshape((-1,))[start:stop]
+                for a in (weight, grad, state)
+            ]
+            _sgd_update(optimizer, *arrays, *rates[index])
+        offset += weight.size
+    mod._params_dirty = True
+
+
+def _sgd_update(optimizer, weight, grad, state, lr: float, wd: float) -> None:
+    """``SGD._update_impl``'s update of one array (MXNet 1.9.1), through the kernel it gives
+    an array it does not group."""
+    kwargs = {"rescale_grad": optimizer.rescale_grad, "lr": lr, "wd": wd}
+    if optimizer.momentum > 0:
+        kwargs["momentum"] = optimizer.momentum
+    if optimizer.clip_gradient:
+        kwargs["clip_gradient"] = optimizer.clip_gradient
+    lazy = optimizer.lazy_update
+    if state is not None:
+        mx.nd.sgd_mom_update(weight, grad, state, out=weight, lazy_update=lazy, **kwargs)
+    else:
+        mx.nd.sgd_update(weight, grad, out=weight, lazy_update=lazy, **kwargs)
 
 
 def executor_arrays(mod: mx.mod.Module, which: str):

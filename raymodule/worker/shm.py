@@ -12,12 +12,17 @@ Two segments:
 - control: int64 slots, each written by one rank only (no atomics needed): a ``broken`` flag
   any rank may raise, the data segment's number (written by the leader), and per rank a
   barrier sequence number and the number of the last segment it attached;
-- data: one slot per rank for its copy of a bucket, and one for the sum. A bucket is summed in
-  two barriers: every rank copies its bucket into its slot; barrier; rank ``i`` sums the
-  ``i``-th part of all slots in rank order into the sum slot; barrier; every rank copies the
-  sum out (the next bucket's first barrier keeps the sum until everyone has it). The data
-  segment is sized by the largest bucket seen; a larger one makes the leader create a bigger
-  segment, at the same call on every rank, since all ranks plan the same buckets.
+- data: one slot per rank for its copy of a bucket, one for the sum, and a shared area. A
+  bucket is summed in two barriers: every rank copies its bucket into its slot; barrier; rank
+  ``i`` sums the ``i``-th part of all slots in rank order into the sum slot; barrier; every
+  rank copies the sum out (the next bucket's first barrier keeps the sum until everyone has
+  it). With an update split among the ranks (:meth:`LocalGroup.sum_and_update`), the second
+  barrier also shares it: between the two, rank ``i`` updates its part of the weights and
+  their state from its part of the sum and writes it into the shared area; after the second,
+  every rank copies the others' parts out (the next call's first barrier keeps them until
+  everyone has them). The data segment is sized by the largest bucket and the largest shared
+  arrays seen; a larger one makes the leader create a bigger segment, at the same call on
+  every rank, since all ranks plan the same.
 
 Every wait is bounded by the collective timeout and watches the local peers: a dead peer
 raises at once, naming it. Slots are written and read through plain aligned int64 stores and
@@ -39,7 +44,7 @@ from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 
-__all__ = ["LocalGroup", "SameNode", "remove_stale_segments"]
+__all__ = ["LocalGroup", "PartlyUpdated", "SameNode", "remove_stale_segments"]
 
 PREFIX = "raymodule-"
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared-memory segments
@@ -102,6 +107,39 @@ class _Peer:
         os.close(self._fd)
 
 
+class PartlyUpdated(RuntimeError):
+    """A peer was lost in a split update after every rank's gradients were in: this rank's
+    part ``[lo, hi)`` of ``count`` elements is updated, the rest may not be anywhere."""
+
+    def __init__(self, lo: int, hi: int, count: int, cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.lo, self.hi, self.count = lo, hi, count
+
+
+def _add(slots: list[np.ndarray], lo: int, hi: int, out: np.ndarray) -> None:
+    """Elements ``[lo, hi)`` of the ranks' slots (all but the last, the sum's) added in rank
+    order into ``out``: the same bits wherever it runs."""
+    ranks = slots[:-1]
+    if len(ranks) == 1:
+        out[...] = ranks[0][lo:hi]
+        return
+    np.add(ranks[0][lo:hi], ranks[1][lo:hi], out=out)
+    for slot in ranks[2:]:
+        np.add(out, slot[lo:hi], out=out)
+
+
+def _pieces(arrays: list[np.ndarray], lo: int, hi: int) -> list[tuple[np.ndarray, int]]:
+    """The elements ``[lo, hi)`` of the flat concatenation of ``arrays``: flat views of the
+    arrays' pieces in that range, each with its offset in the concatenation."""
+    pieces, offset = [], 0
+    for a in arrays:
+        start, stop = max(lo, offset), min(hi, offset + a.size)
+        if start < stop:
+            pieces.append((a.reshape(-1)[start - offset : stop - offset], start))
+        offset += a.size
+    return pieces
+
+
 def _path(name: str) -> str:
     """Where the segment ``name`` is on this Linux node (``SharedMemory`` hides the path)."""
     return os.path.join(SHM_DIR, name)
@@ -144,6 +182,7 @@ class LocalGroup:
         self._data: SharedMemory | None = None
         self._bytes: np.ndarray | None = None  # the data segment, as bytes
         self._slot_bytes = 0
+        self._shared_bytes = 0  # the shared area's, after the slots
         self._number = 1  # the leader's: the number of the segment it created last
         self._seq = 0
         self._closed = False
@@ -170,25 +209,26 @@ class LocalGroup:
     def leader(self) -> bool:
         return self.index == 0
 
-    def reserve(self, nbytes: int) -> None:
-        """Makes each rank's data slot hold at least ``nbytes``; all local ranks must call it
-        with the same value."""
-        if nbytes <= self._slot_bytes:
+    def reserve(self, nbytes: int, shared_bytes: int = 0) -> None:
+        """Makes each rank's data slot hold at least ``nbytes``, and the shared area at least
+        ``shared_bytes``; all local ranks must call it with the same values."""
+        if nbytes <= self._slot_bytes and shared_bytes <= self._shared_bytes:
             return
         with self._busy:
             try:
-                self._reserve(nbytes)
+                self._reserve(max(nbytes, self._slot_bytes), max(shared_bytes, self._shared_bytes))
             except BaseException:
                 self.abort()
                 raise
 
-    def _reserve(self, nbytes: int) -> None:
+    def _reserve(self, nbytes: int, shared_bytes: int) -> None:
         slot_bytes = -(-nbytes // ALIGN) * ALIGN
+        shared_bytes = -(-shared_bytes // ALIGN) * ALIGN
         self._release_data()
         if self.leader:
             self._number += 1
             number = self._number
-            name = self._create(number, slot_bytes * (self.size + 1))
+            name = self._create(number, slot_bytes * (self.size + 1) + shared_bytes)
             self._slots[_DATA_NUMBER] = number
         else:
             self._wait(lambda: self._slots[_DATA_NUMBER] > int(self._attached[self.index]))
@@ -197,10 +237,15 @@ class LocalGroup:
             self._attach(name)
         self._data = self._segments[name]
         self._bytes = np.frombuffer(self._data.buf, np.uint8)
-        self._slot_bytes = slot_bytes
+        self._slot_bytes, self._shared_bytes = slot_bytes, shared_bytes
         self._attached[self.index] = number
         if self.leader:
             self._unlink_when_attached(name, number)
+
+    def part(self, count: int) -> tuple[int, int]:
+        """This rank's part, ``[lo, hi)``, of ``count`` elements split over the local ranks in
+        order: the part of a bucket it sums, of the arrays it shares."""
+        return count * self.index // self.size, count * (self.index + 1) // self.size
 
     def sum(self, arrays: list[np.ndarray], dtype: np.dtype, after_sum=None) -> None:
         """Sums ``arrays`` (this rank's bucket, writable; together at most :meth:`reserve`'s
@@ -219,11 +264,8 @@ class LocalGroup:
                 slots[self.index][offset : offset + a.size] = a.reshape(-1)
                 offset += a.size
             self._barrier()
-            lo, hi = (count * self.index // self.size, count * (self.index + 1) // self.size)
-            summed = slots[self.size][lo:hi]
-            summed[...] = slots[0][lo:hi]
-            for k in range(1, self.size):
-                np.add(summed, slots[k][lo:hi], out=summed)
+            lo, hi = self.part(count)
+            _add(slots, lo, hi, slots[self.size][lo:hi])
             self._barrier()
             if after_sum is not None:
                 if self.leader:
@@ -236,6 +278,59 @@ class LocalGroup:
         except BaseException:
             self.abort()
             raise
+
+    def sum_and_update(
+        self,
+        arrays: list[np.ndarray],
+        dtype: np.dtype,
+        update: Callable[[int, int], None],
+        groups: list[list[np.ndarray]],
+    ) -> None:
+        """Sums ``arrays`` (this rank's gradients, one bucket, as :meth:`sum`) and splits the
+        update of the sum: this rank copies its :meth:`part` ``[lo, hi)`` of the sum into its
+        ``arrays``, calls ``update(lo, hi)``, which updates that part of ``groups`` (each group
+        the flat concatenation of its arrays, laid out as the bucket: the weights, their
+        state), and shares it; then it takes the others' parts of ``groups`` (its ``arrays``
+        keep its own gradient outside its part). A peer lost once every bucket was in (before
+        its part may have been shared): raises :class:`PartlyUpdated`, with the whole sum in
+        ``arrays`` (the rest added here from the slots, in rank order as ever), for the caller
+        to update the rest; lost before, it raises as :meth:`sum` does."""
+        with self._busy:
+            try:
+                self._sum_and_update(arrays, np.dtype(dtype), update, groups)
+            except BaseException:
+                self.abort()
+                raise
+
+    def _sum_and_update(self, arrays, dtype: np.dtype, update, groups) -> None:
+        count = sum(a.size for a in arrays)
+        slots = [self._flat(k, count, dtype) for k in range(self.size + 1)]
+        for a, at in _pieces(arrays, 0, count):
+            slots[self.index][at : at + a.size] = a
+        self._barrier()
+        lo, hi = self.part(count)
+        offset = (self.size + 1) * self._slot_bytes
+        shared = []
+        for group in groups:
+            size = sum(a.size for a in group)
+            shared.append(self._bytes[offset : offset + size * dtype.itemsize].view(dtype))
+            offset += size * dtype.itemsize
+        try:
+            _add(slots, lo, hi, slots[self.size][lo:hi])
+            for a, at in _pieces(arrays, lo, hi):
+                a[...] = slots[self.size][at : at + a.size]
+            update(lo, hi)
+            for group, flat in zip(groups, shared):
+                for a, at in _pieces(group, lo, hi):
+                    flat[at : at + a.size] = a
+            self._barrier()
+        except Exception as err:
+            for a, at in _pieces(arrays, 0, lo) + _pieces(arrays, hi, count):
+                _add(slots, at, at + a.size, a)
+            raise PartlyUpdated(lo, hi, count, err) from err
+        for group, flat in zip(groups, shared):
+            for a, at in _pieces(group, 0, lo) + _pieces(group, hi, count):
+                a[...] = flat[at : at + a.size]
 
     def share_port(self, port: int | None = None) -> int:
         """The leader's ``port``, given to every local rank (the others call this without
@@ -372,7 +467,7 @@ class LocalGroup:
             self._bytes = None
             self._release(self._data.name)
             self._data = None
-            self._slot_bytes = 0
+            self._slot_bytes = self._shared_bytes = 0
 
     def _release(self, name: str) -> None:
         self._unlink(name)
