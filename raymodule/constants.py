@@ -69,7 +69,8 @@ class Settings:
     over gloo."""
     split_update: int = 1
     """RAYMODULE_SPLIT_UPDATE: 1 splits plain SGD's update among a group's CPU workers on one
-    node that sum through shared memory: each updates its part of the parameters and of the
+    node that sum through shared memory, when the gradient fits in one bucket
+    (RAYMODULE_ALLREDUCE_BUCKET_BYTES): each updates its part of the parameters and of the
     momentum, and they share the parts there (the same bits as each updating all); 0 has
     every worker update all of them."""
     pin_cores: int = 1

@@ -134,8 +134,8 @@ def test_fixed_params_stay_fixed_and_are_not_reduced():
 
 @pytest.mark.parametrize(
     "options",
-    [SGD, dict(SGD, clip_gradient=0.5), {"learning_rate": 0.1}],
-    ids=["momentum-wd", "clipped", "plain"],
+    [SGD, dict(SGD, clip_gradient=0.5), {"learning_rate": 0.1}, {"learning_rate": 0.1, "wd": 0.01}],
+    ids=["momentum-wd", "clipped", "plain", "decay-only"],
 )
 def test_one_worker_trains_bit_for_bit_as_native_mxnet(options):
     """One worker takes the steps of one MXNet device: the same parameters to the bit. The

@@ -95,17 +95,14 @@ def updater(mod: mx.mod.Module):
 
 
 def update_per_parameter(mod: mx.mod.Module) -> None:
-    """Makes a CPU replica's plain SGD update each parameter apart rather than in groups of
-    ``MXNET_OPTIMIZER_AGGREGATION_SIZE`` (4 by default) through MXNet's multi-tensor
-    ``multi_sgd_mom_update``; :func:`apply_update` then gives each parameter SGD's one-array
-    kernel, ``sgd_mom_update``. The results are the same to the bit (``tests/test_numerics.py``)
-    and on CPU the update is faster. Measured on the MLP of ``jobs/benchmark.py``: 1.1 ms a step
-    a parameter at a time (with the multi-tensor kernel) against 1.5-1.7 ms grouped, and native
-    MXNet trained 12 % faster with the variable set to 1; the one-array kernel takes about 60 %
-    of the multi-tensor kernel's time on the same array (:func:`apply_update_parts`). A
-    ``MXNET_OPTIMIZER_AGGREGATION_SIZE`` the user set is left as it is (MXNet's own update
-    runs), as are other optimizers (LARS and LAMB aggregate with other kernels) and other
-    devices (on GPU, fewer kernel launches win)."""
+    """Makes a CPU replica's plain SGD update each parameter with its own kernel call rather
+    than in groups of ``MXNET_OPTIMIZER_AGGREGATION_SIZE`` (4 by default) through one call of
+    MXNet's multi-tensor ``multi_sgd_mom_update``: the results are the same to the bit
+    (``tests/test_numerics.py``), and on CPU the update is faster. Measured on the MLP of
+    ``jobs/benchmark.py``: 1.1 ms a step against 1.5-1.7 ms, and native MXNet trained 12 %
+    faster with the variable set to 1. A ``MXNET_OPTIMIZER_AGGREGATION_SIZE`` the user set is
+    left as it is (MXNet's own update runs), as are other optimizers (LARS and LAMB aggregate
+    with other kernels) and other devices (on GPU, fewer kernel launches win)."""
     optimizer = mod._optimizer
     if (
         "MXNET_OPTIMIZER_AGGREGATION_SIZE" in os.environ
@@ -208,10 +205,9 @@ def apply_update_parts(
     back to those: the same step's update of other parts. Needs :func:`updates_by_element`.
     MXNet's engine runs the kernels: wait for the arrays before reading them.
 
-    Each part goes through the kernel MXNet's SGD gives one array alone (``sgd_mom_update``,
-    ``sgd_update``): the same bits as the multi-tensor kernel it takes for dense arrays, even
-    one at a time (``multi_sgd_mom_update``; ``tests/test_numerics.py`` compares a worker with
-    MXNet to the bit)."""
+    Each part goes through the kernel MXNet's SGD runs for a dense array, multi-tensor with
+    one array (``multi_sgd_mom_update``, ``multi_sgd_update``): elementwise, so a part's
+    elements get the bits the whole array's would (``tests/test_numerics.py``)."""
     optimizer = mod._optimizer
     optimizer._set_current_context(device_id(mod))
     if counts is not None:
@@ -242,18 +238,17 @@ def apply_update_parts(
 
 
 def _sgd_update(optimizer, weight, grad, state, lr: float, wd: float) -> None:
-    """``SGD._update_impl``'s update of one array (MXNet 1.9.1), through the kernel it gives
-    an array it does not group."""
-    kwargs = {"rescale_grad": optimizer.rescale_grad, "lr": lr, "wd": wd}
-    if optimizer.momentum > 0:
-        kwargs["momentum"] = optimizer.momentum
+    """``SGD._update_impl``'s update of one dense array (MXNet 1.9.1): its multi-tensor kernel,
+    with one array, as it runs even for an array it does not group."""
+    kwargs = {"rescale_grad": optimizer.rescale_grad, "lrs": (lr,), "wds": (wd,), "num_weights": 1}
     if optimizer.clip_gradient:
         kwargs["clip_gradient"] = optimizer.clip_gradient
-    lazy = optimizer.lazy_update
     if state is not None:
-        mx.nd.sgd_mom_update(weight, grad, state, out=weight, lazy_update=lazy, **kwargs)
+        mx.nd.multi_sgd_mom_update(
+            weight, grad, state, out=[weight], momentum=optimizer.momentum, **kwargs
+        )
     else:
-        mx.nd.sgd_update(weight, grad, out=weight, lazy_update=lazy, **kwargs)
+        mx.nd.multi_sgd_update(weight, grad, out=[weight], **kwargs)
 
 
 def executor_arrays(mod: mx.mod.Module, which: str):

@@ -108,8 +108,8 @@ class _Peer:
 
 
 class PartlyUpdated(RuntimeError):
-    """A peer was lost in a split update after every rank's gradients were in: this rank's
-    part ``[lo, hi)`` of ``count`` elements is updated, the rest may not be anywhere."""
+    """The group broke in a split update after every rank's gradients were in: the part
+    ``[lo, hi)`` of ``count`` elements is updated on this rank, the rest (if any) not."""
 
     def __init__(self, lo: int, hi: int, count: int, cause: BaseException):
         super().__init__(f"{type(cause).__name__}: {cause}")
@@ -290,11 +290,18 @@ class LocalGroup:
         update of the sum: this rank copies its :meth:`part` ``[lo, hi)`` of the sum into its
         ``arrays``, calls ``update(lo, hi)``, which updates that part of ``groups`` (each group
         the flat concatenation of its arrays, laid out as the bucket: the weights, their
-        state), and shares it; then it takes the others' parts of ``groups`` (its ``arrays``
-        keep its own gradient outside its part). A peer lost once every bucket was in (before
-        its part may have been shared): raises :class:`PartlyUpdated`, with the whole sum in
-        ``arrays`` (the rest added here from the slots, in rank order as ever), for the caller
-        to update the rest; lost before, it raises as :meth:`sum` does."""
+        state), and shares it; then it takes the others' parts of ``groups`` and of the sum.
+
+        A peer lost (or the group broken) at the second barrier raises :class:`PartlyUpdated`:
+        if a rank never came, with the whole sum in ``arrays`` (the rest added here from the
+        slots, in rank order as ever) for the caller to update the rest; if every rank came,
+        after taking their parts (nothing is left to update). Lost before, or ``update``
+        failing, it raises as :meth:`sum` does: the step is not applied on this rank.
+
+        Slots are plain memory, not atomics: a rank that saw the last peer come just before
+        this one broke the group passes while this one adds from the slots, and in its next
+        step may write its slot as this one reads it. The window is the few instructions
+        between a rank's arrival and another's look after it raised the broken flag."""
         with self._busy:
             try:
                 self._sum_and_update(arrays, np.dtype(dtype), update, groups)
@@ -315,19 +322,33 @@ class LocalGroup:
             size = sum(a.size for a in group)
             shared.append(self._bytes[offset : offset + size * dtype.itemsize].view(dtype))
             offset += size * dtype.itemsize
+        _add(slots, lo, hi, slots[self.size][lo:hi])
+        for a, at in _pieces(arrays, lo, hi):
+            a[...] = slots[self.size][at : at + a.size]
+        update(lo, hi)  # failing here, this part may be half done: the step is not applied
+        for group, flat in zip(groups, shared):
+            for a, at in _pieces(group, lo, hi):
+                flat[at : at + a.size] = a
         try:
-            _add(slots, lo, hi, slots[self.size][lo:hi])
-            for a, at in _pieces(arrays, lo, hi):
-                a[...] = slots[self.size][at : at + a.size]
-            update(lo, hi)
-            for group, flat in zip(groups, shared):
-                for a, at in _pieces(group, lo, hi):
-                    flat[at : at + a.size] = a
             self._barrier()
         except Exception as err:
-            for a, at in _pieces(arrays, 0, lo) + _pieces(arrays, hi, count):
-                _add(slots, at, at + a.size, a)
-            raise PartlyUpdated(lo, hi, count, err) from err
+            self.abort()  # no rank passes the barrier from here on but one that saw all in
+            if self._seqs.min() < self._seq:
+                # Somebody never came: nobody passed, nobody writes a slot again. The rest of
+                # the sum added here from the slots, for the caller to update the rest.
+                for a, at in _pieces(arrays, 0, lo) + _pieces(arrays, hi, count):
+                    _add(slots, at, at + a.size, a)
+                raise PartlyUpdated(lo, hi, count, err) from err
+            # every rank came (and shared its part): the step is whole, the group broken
+            self._take(arrays, groups, shared, slots[self.size], lo, hi, count)
+            raise PartlyUpdated(0, count, count, err) from err
+        self._take(arrays, groups, shared, slots[self.size], lo, hi, count)
+
+    @staticmethod
+    def _take(arrays, groups, shared, summed, lo: int, hi: int, count: int) -> None:
+        """The others' parts of ``groups`` and of the sum, out of the shared memory."""
+        for a, at in _pieces(arrays, 0, lo) + _pieces(arrays, hi, count):
+            a[...] = summed[at : at + a.size]
         for group, flat in zip(groups, shared):
             for a, at in _pieces(group, 0, lo) + _pieces(group, hi, count):
                 a[...] = flat[at : at + a.size]
