@@ -126,7 +126,7 @@ def apply_update(mod: mx.mod.Module, grad_arrays: list) -> None:
     does with a kvstore of none, and marks the parameters changed on the device: plain SGD
     through :func:`apply_update_parts`, whole."""
     if updates_by_element(mod):
-        apply_update_parts(mod, grad_arrays, [(0, sum(w.size for w in updated_arrays(mod)[0]))])
+        apply_update_parts(mod, grad_arrays)
         return
     group = mod._exec_group
     mod._params_dirty = True
@@ -194,16 +194,17 @@ def update_counts(mod: mx.mod.Module) -> tuple[dict, int]:
 
 
 def apply_update_parts(
-    mod: mx.mod.Module, grad_arrays: list, parts: list[tuple[int, int]], counts=None
+    mod: mx.mod.Module, grad_arrays: list, parts: list[tuple[int, int]] | None = None, counts=None
 ) -> None:
-    """Applies SGD to the elements in ``parts`` of the weights and their momentum, from
-    ``grad_arrays`` (summed over the workers). A part is a range ``[lo, hi)`` of the flat
-    concatenation of the gradients in reduction order (the last parameter's first, as
-    :meth:`Collective.reduce` takes them). The counters count one update of every parameter,
-    in parameter order, and each parameter gets the learning rate and weight decay the whole
-    update gives it; with ``counts`` (:func:`update_counts` before the step) they are first set
-    back to those: the same step's update of other parts. Needs :func:`updates_by_element`.
-    MXNet's engine runs the kernels: wait for the arrays before reading them.
+    """Applies SGD to the elements in ``parts`` of the weights and their momentum (all of
+    them without ``parts``), from ``grad_arrays`` (summed over the workers). A part is a range
+    ``[lo, hi)`` of the flat concatenation of the gradients in reduction order (the last
+    parameter's first, as :meth:`Collective.reduce` takes them). The counters count one
+    update of every parameter, in parameter order, and each parameter gets the learning rate
+    and weight decay the whole update gives it; with ``counts`` (:func:`update_counts` before
+    the step) they are first set back to those: the same step's update of other parts. Needs
+    :func:`updates_by_element`. MXNet's engine runs the kernels: wait for the arrays before
+    reading them.
 
     Each part goes through the kernel MXNet's SGD runs for a dense array, multi-tensor with
     one array (``multi_sgd_mom_update``, ``multi_sgd_update``): elementwise, so a part's
@@ -223,7 +224,7 @@ def apply_update_parts(
     offset = 0
     for index, weight, state in reversed(list(zip(indices, weights, states))):
         grad = grad_arrays[index][0]
-        for lo, hi in parts:
+        for lo, hi in [(offset, offset + weight.size)] if parts is None else parts:
             start, stop = max(lo, offset) - offset, min(hi, offset + weight.size) - offset
             if start >= stop:
                 continue

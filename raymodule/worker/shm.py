@@ -26,7 +26,9 @@ Two segments:
 
 Every wait is bounded by the collective timeout and watches the local peers: a dead peer
 raises at once, naming it. Slots are written and read through plain aligned int64 stores and
-loads, ordered as x86-64's memory model orders them (stores seen in program order).
+loads, ordered as x86-64's memory model orders them (stores seen in program order); raising
+the broken flag is followed by a fence, so a rank's later look at the peers' slots cannot
+come before its flag is seen.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ ALIGN = 64  # bytes: each data slot starts on a cache line
 _BROKEN, _DATA_NUMBER, _PORT, _HEADER = 0, 1, 2, 3
 _CHECK_INTERVAL_S = 0.001  # how often a wait looks at the peers and the clock
 _CLOSE_WAIT_S = 1.0  # how long close waits for a sum running in another thread to end
+_FENCE_LOCK = threading.Lock()  # taken only by _fence
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,14 @@ def _pieces(arrays: list[np.ndarray], lo: int, hi: int) -> list[tuple[np.ndarray
             pieces.append((a.reshape(-1)[start - offset : stop - offset], start))
         offset += a.size
     return pieces
+
+
+def _fence() -> None:
+    """A full memory barrier: this thread's stores are seen by other cores before its later
+    loads happen. Taking an uncontended lock is an atomic read-modify-write (x86-64's
+    ``lock cmpxchg``, glibc's semaphores under CPython's locks), which is one."""
+    _FENCE_LOCK.acquire()
+    _FENCE_LOCK.release()
 
 
 def _path(name: str) -> str:
@@ -259,10 +270,8 @@ class LocalGroup:
         try:
             count = sum(a.size for a in arrays)
             slots = [self._flat(k, count, dtype) for k in range(self.size + 1)]
-            offset = 0
-            for a in arrays:
-                slots[self.index][offset : offset + a.size] = a.reshape(-1)
-                offset += a.size
+            for a, at in _pieces(arrays, 0, count):
+                slots[self.index][at : at + a.size] = a
             self._barrier()
             lo, hi = self.part(count)
             _add(slots, lo, hi, slots[self.size][lo:hi])
@@ -271,10 +280,8 @@ class LocalGroup:
                 if self.leader:
                     after_sum(slots[self.size])
                 self._barrier()
-            offset = 0
-            for a in arrays:
-                a[...] = slots[self.size][offset : offset + a.size].reshape(a.shape)
-                offset += a.size
+            for a, at in _pieces(arrays, 0, count):
+                a[...] = slots[self.size][at : at + a.size]
         except BaseException:
             self.abort()
             raise
@@ -298,10 +305,10 @@ class LocalGroup:
         after taking their parts (nothing is left to update). Lost before, or ``update``
         failing, it raises as :meth:`sum` does: the step is not applied on this rank.
 
-        Slots are plain memory, not atomics: a rank that saw the last peer come just before
-        this one broke the group passes while this one adds from the slots, and in its next
-        step may write its slot as this one reads it. The window is the few instructions
-        between a rank's arrival and another's look after it raised the broken flag."""
+        A rank that finds a peer missing has raised the broken flag first (with a fence), and
+        a barrier passes only if the flag is still down after every rank was seen in: so no
+        rank passes the second barrier once one has found a peer missing, and nobody writes a
+        slot while it adds from them."""
         with self._busy:
             try:
                 self._sum_and_update(arrays, np.dtype(dtype), update, groups)
@@ -371,6 +378,7 @@ class LocalGroup:
         """Tells the local peers that the group is broken: their waits raise."""
         if not self._closed and not self._slots[_BROKEN]:
             self._slots[_BROKEN] = self._rank + 1
+            _fence()
 
     def close(self) -> None:
         """Aborts, unlinks what this rank still links, and unmaps every segment; idempotent.
@@ -412,7 +420,9 @@ class LocalGroup:
         checked = start
         while True:
             broken = int(self._slots[_BROKEN])
-            if not broken and done():
+            # the flag read again after done(): a rank that raised it and then found a peer
+            # missing (abort's fence orders the two) sees no rank pass, even one that came late
+            if not broken and done() and not self._slots[_BROKEN]:
                 return
             now = time.monotonic()
             if broken or now - checked >= _CHECK_INTERVAL_S:
