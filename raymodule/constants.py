@@ -67,12 +67,13 @@ class Settings:
     """RAYMODULE_SHM_ALLREDUCE: 1 sums dense gradients of CPU workers on one node through shared
     memory (and only the nodes' sums over gloo, between one worker per node); 0 sends them all
     over gloo."""
-    split_update: int = 1
+    split_update: int = 0
     """RAYMODULE_SPLIT_UPDATE: 1 splits plain SGD's update among a group's CPU workers on one
     node that sum through shared memory, when the gradient fits in one bucket
     (RAYMODULE_ALLREDUCE_BUCKET_BYTES): each updates its part of the parameters and of the
     momentum, and they share the parts there (the same bits as each updating all); 0 has
-    every worker update all of them."""
+    every worker update all of them. Off by default: on 2 workers it was no faster (README,
+    Benchmark), since copying the others' parts out costs about what updating them does."""
     pin_cores: int = 1
     """RAYMODULE_PIN_CORES: 1 runs each CPU worker of a group on a core of its own when the
     group's workers on a machine are as many as its cores, whichever Ray nodes they are on

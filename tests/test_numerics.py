@@ -163,12 +163,49 @@ def test_one_worker_trains_bit_for_bit_as_native_mxnet(options):
         np.testing.assert_array_equal(ours[name].asnumpy(), array.asnumpy(), err_msg=name)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_workers_sgd_kernel_gives_the_bits_of_mxnets_own_update(dtype):
+    """The kernel a worker runs for one array (sgd_mom_update with momentum, faster on CPU)
+    against MXNet's SGD.update (its multi-tensor kernel), over random arrays, rates, decays,
+    momenta, scales and clips: the same weights and momentum to the bit, step after step."""
+    from raymodule.worker import native
+
+    rng = np.random.default_rng(3)
+    for trial in range(24):
+        options = {
+            "learning_rate": float(rng.choice([0.1, 0.0123, 1.7e-3])),
+            "wd": float(rng.choice([0.0, 1e-4, 0.01])),
+            "momentum": float(rng.choice([0.0, 0.5, 0.9, 0.99])),
+            "rescale_grad": float(rng.choice([1 / 128, 1 / 3, 1.0])),
+        }
+        if trial % 3 == 0:
+            options["clip_gradient"] = float(rng.choice([0.01, 1.0]))
+        size = int(rng.integers(1, 50_000))
+        start = [rng.standard_normal(size).astype(dtype) * scale for scale in (1.0, 10.0, 0.1)]
+        results = []
+        for ours in (False, True):
+            optimizer = mx.optimizer.SGD(**options)
+            weight, grad, mom = (mx.nd.array(a, dtype=dtype) for a in start)
+            state = optimizer.create_state(0, weight)
+            if state is not None:
+                state[:] = mom
+            for _ in range(3):
+                if ours:
+                    lr, wd = optimizer._get_lrs([0])[0], optimizer._get_wds([0])[0]
+                    native._sgd_update(optimizer, weight, grad, state, lr, wd)
+                else:
+                    optimizer.update(0, weight, grad, state)
+            results.append([a.asnumpy() for a in (weight, state) if a is not None])
+        for mxnets, workers in zip(*results):
+            np.testing.assert_array_equal(workers, mxnets, err_msg=str(options))
+
+
 @pytest.mark.parametrize("workers", [2, 3])
 def test_an_update_split_among_a_nodes_workers_gives_the_bits_of_each_updating_all(
     workers, tmp_path, monkeypatch
 ):
     """The workers of one node each update their part of the parameters and momentum and
-    share the parts (RAYMODULE_SPLIT_UPDATE, on by default): the parameters and the momentum
+    share the parts (RAYMODULE_SPLIT_UPDATE=1; off by default): the parameters and the momentum
     equal to the bit those of every worker updating all, through a learning-rate schedule,
     weight decay (not on biases) and clipping; and MXNet's to 1e-5."""
     x, y = dataset(n=240)

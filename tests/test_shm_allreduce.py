@@ -271,6 +271,7 @@ def test_a_worker_lost_before_it_shares_its_part_of_the_update_costs_no_step(tmp
     native.init_params(mx.init.Xavier())
     start = native.get_params()
     monkeypatch.setenv("RAYMODULE_ADMIT_INTERVAL_S", "3600")  # no replacement joins
+    monkeypatch.setenv("RAYMODULE_SPLIT_UPDATE", "1")
     models, pids = {}, []
     for plan in ({}, {(6, 1): ("arm", "share", "die")}):
         marks = tmp_path / f"marks-{len(plan)}"

@@ -98,11 +98,13 @@ def update_per_parameter(mod: mx.mod.Module) -> None:
     """Makes a CPU replica's plain SGD update each parameter with its own kernel call rather
     than in groups of ``MXNET_OPTIMIZER_AGGREGATION_SIZE`` (4 by default) through one call of
     MXNet's multi-tensor ``multi_sgd_mom_update``: the results are the same to the bit
-    (``tests/test_numerics.py``), and on CPU the update is faster. Measured on the MLP of
-    ``jobs/benchmark.py``: 1.1 ms a step against 1.5-1.7 ms, and native MXNet trained 12 %
-    faster with the variable set to 1. A ``MXNET_OPTIMIZER_AGGREGATION_SIZE`` the user set is
-    left as it is (MXNet's own update runs), as are other optimizers (LARS and LAMB aggregate
-    with other kernels) and other devices (on GPU, fewer kernel launches win)."""
+    (``tests/test_numerics.py``), and on CPU the update is faster (:func:`apply_update`, whose
+    kernel with momentum is ``sgd_mom_update``: 1.05 ms an update of the MLP of
+    ``jobs/benchmark.py`` against 1.97 ms grouped by 4, ``jobs/update_kernels.py``; native
+    MXNet trained 12 % faster with the variable set to 1). A
+    ``MXNET_OPTIMIZER_AGGREGATION_SIZE`` the user set is left as it is (MXNet's own update
+    runs), as are other optimizers (LARS and LAMB aggregate with other kernels) and other
+    devices (on GPU, fewer kernel launches win)."""
     optimizer = mod._optimizer
     if (
         "MXNET_OPTIMIZER_AGGREGATION_SIZE" in os.environ
@@ -206,9 +208,9 @@ def apply_update_parts(
     :func:`updates_by_element`. MXNet's engine runs the kernels: wait for the arrays before
     reading them.
 
-    Each part goes through the kernel MXNet's SGD runs for a dense array, multi-tensor with
-    one array (``multi_sgd_mom_update``, ``multi_sgd_update``): elementwise, so a part's
-    elements get the bits the whole array's would (``tests/test_numerics.py``)."""
+    Each part goes through an elementwise kernel with the bits of the one MXNet's SGD runs
+    for a dense array (:func:`_sgd_update`), so a part's elements get the bits the whole
+    array's would (``tests/test_numerics.py``)."""
     optimizer = mod._optimizer
     optimizer._set_current_context(device_id(mod))
     if counts is not None:
@@ -239,17 +241,23 @@ def apply_update_parts(
 
 
 def _sgd_update(optimizer, weight, grad, state, lr: float, wd: float) -> None:
-    """``SGD._update_impl``'s update of one dense array (MXNet 1.9.1): its multi-tensor kernel,
-    with one array, as it runs even for an array it does not group."""
-    kwargs = {"rescale_grad": optimizer.rescale_grad, "lrs": (lr,), "wds": (wd,), "num_weights": 1}
+    """``SGD._update_impl``'s update of one dense array (MXNet 1.9.1), to its bits. MXNet runs
+    its multi-tensor kernel even for one array. With momentum, ``sgd_mom_update`` gives the
+    same bits (``tests/test_numerics.py``) in about two thirds of the time on CPU (the MLP of
+    ``jobs/benchmark.py``, ``jobs/update_kernels.py``: 1.05 ms an update against 1.62);
+    without, ``sgd_update`` rounds the weight decay differently, so MXNet's own
+    ``multi_sgd_update`` runs."""
+    kwargs = {"rescale_grad": optimizer.rescale_grad}
     if optimizer.clip_gradient:
         kwargs["clip_gradient"] = optimizer.clip_gradient
     if state is not None:
-        mx.nd.multi_sgd_mom_update(
-            weight, grad, state, out=[weight], momentum=optimizer.momentum, **kwargs
+        mx.nd.sgd_mom_update(
+            weight, grad, state, out=weight, lr=lr, wd=wd, momentum=optimizer.momentum, **kwargs
         )
     else:
-        mx.nd.multi_sgd_update(weight, grad, out=[weight], **kwargs)
+        mx.nd.multi_sgd_update(
+            weight, grad, out=[weight], lrs=(lr,), wds=(wd,), num_weights=1, **kwargs
+        )
 
 
 def executor_arrays(mod: mx.mod.Module, which: str):
