@@ -6,7 +6,8 @@ its multi-tensor kernel ``multi_sgd_mom_update`` over groups of
 ``MXNET_OPTIMIZER_AGGREGATION_SIZE`` parameters (4 by default), and the same kernel one
 parameter at a time. One of jobs/benchmark.py's models is bound three times on one CPU
 context (OMP_NUM_THREADS=1, MXNET_CPU_WORKER_NTHREADS=1) from the same parameters, with the
-same gradients (one forward and backward on the same batch); each way then updates its
+same gradients (one forward and backward on the same batch, copied to all three); each way
+then updates its
 module ``--updates`` times after ``--warmup`` untimed updates, waiting for MXNet's engine
 after each, the ways taking turns for ``--rounds`` rounds. Printed: each way's median
 milliseconds an update over all rounds, and whether its weights and momentum end equal to
@@ -31,8 +32,7 @@ import time
 
 import benchmark  # its models, their batches and thread settings (it imports no MXNet)
 
-for _name, _value in benchmark.THREAD_ENV.items():  # before MXNet starts its engine
-    os.environ.setdefault(_name, _value)
+os.environ.update(benchmark.THREAD_ENV)  # before MXNet starts its engine
 
 import jobtools  # noqa: E402
 import mxnet as mx  # noqa: E402
@@ -76,6 +76,11 @@ def updaters(model: str) -> dict:
     per_parameter._updater.aggregate_updates = False
     ours = bound_module(model, params, batch)
     native.update_per_parameter(ours)
+    for mod in (per_parameter, ours):  # the same gradients, whatever the kernels' threads
+        for mine, reference in zip(mod._exec_group.grad_arrays, grouped._exec_group.grad_arrays):
+            if mine[0] is not None:
+                reference[0].copyto(mine[0])
+    mx.nd.waitall()
     grads = native.gradient_arrays(ours)[0]
     return {
         "mxnet, grouped": (grouped, grouped.update),
@@ -107,12 +112,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=jobtools.HelpFormatter
     )
     parser.add_argument(
-        "--model", choices=["mlp", "lenet", "cnn"], default="mlp", help="jobs/benchmark.py's"
+        "--model",
+        choices=["mlp", "lenet", "cnn"],
+        default="mlp",
+        help="one of jobs/benchmark.py's models",
     )
     parser.add_argument("--updates", type=int, default=100, help="timed updates a round per way")
     parser.add_argument("--warmup", type=int, default=10, help="untimed updates before them")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, the ways taking turns")
     args = parser.parse_args(argv)
+    if "MXNET_OPTIMIZER_AGGREGATION_SIZE" in os.environ:  # the grouping this job compares
+        parser.error("unset MXNET_OPTIMIZER_AGGREGATION_SIZE: it changes the ways compared")
     if args.updates < 1 or args.rounds < 1 or args.warmup < 0:
         parser.error("--updates and --rounds must be >= 1, --warmup >= 0")
     return args

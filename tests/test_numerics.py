@@ -167,7 +167,8 @@ def test_one_worker_trains_bit_for_bit_as_native_mxnet(options):
 def test_the_workers_sgd_kernel_gives_the_bits_of_mxnets_own_update(dtype):
     """The kernel a worker runs for one array (sgd_mom_update with momentum, faster on CPU)
     against MXNet's SGD.update (its multi-tensor kernel), over random arrays, rates, decays,
-    momenta, scales and clips: the same weights and momentum to the bit, step after step."""
+    momenta (a negative one too, whose state MXNet makes and leaves alone), scales and clips:
+    the same weights and momentum to the bit, step after step."""
     from raymodule.worker import native
 
     rng = np.random.default_rng(3)
@@ -175,7 +176,7 @@ def test_the_workers_sgd_kernel_gives_the_bits_of_mxnets_own_update(dtype):
         options = {
             "learning_rate": float(rng.choice([0.1, 0.0123, 1.7e-3])),
             "wd": float(rng.choice([0.0, 1e-4, 0.01])),
-            "momentum": float(rng.choice([0.0, 0.5, 0.9, 0.99])),
+            "momentum": float(rng.choice([0.0, 0.5, 0.9, 0.99, -0.5])),  # < 0: a state unused
             "rescale_grad": float(rng.choice([1 / 128, 1 / 3, 1.0])),
         }
         if trial % 3 == 0:

@@ -246,11 +246,12 @@ def _sgd_update(optimizer, weight, grad, state, lr: float, wd: float) -> None:
     same bits (``tests/test_numerics.py``) in about two thirds of the time on CPU (the MLP of
     ``jobs/benchmark.py``, ``jobs/update_kernels.py``: 1.05 ms an update against 1.62);
     without, ``sgd_update`` rounds the weight decay differently, so MXNet's own
-    ``multi_sgd_update`` runs."""
+    ``multi_sgd_update`` runs. A negative momentum has a state, which MXNet leaves alone: it
+    updates as without momentum."""
     kwargs = {"rescale_grad": optimizer.rescale_grad}
     if optimizer.clip_gradient:
         kwargs["clip_gradient"] = optimizer.clip_gradient
-    if state is not None:
+    if state is not None and optimizer.momentum > 0:
         mx.nd.sgd_mom_update(
             weight, grad, state, out=weight, lr=lr, wd=wd, momentum=optimizer.momentum, **kwargs
         )

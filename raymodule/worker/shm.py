@@ -27,8 +27,8 @@ Two segments:
 Every wait is bounded by the collective timeout and watches the local peers: a dead peer
 raises at once, naming it. Slots are written and read through plain aligned int64 stores and
 loads, ordered as x86-64's memory model orders them (stores seen in program order); raising
-the broken flag is followed by a fence, so a rank's later look at the peers' slots cannot
-come before its flag is seen.
+the broken flag and arriving at a barrier are each followed by a fence, so a rank's later
+look at the others' slots cannot come before its own store is seen.
 """
 
 from __future__ import annotations
@@ -305,10 +305,10 @@ class LocalGroup:
         after taking their parts (nothing is left to update). Lost before, or ``update``
         failing, it raises as :meth:`sum` does: the step is not applied on this rank.
 
-        A rank that finds a peer missing has raised the broken flag first (with a fence), and
-        a barrier passes only if the flag is still down after every rank was seen in: so no
-        rank passes the second barrier once one has found a peer missing, and nobody writes a
-        slot while it adds from them."""
+        A rank that finds a peer missing has raised the broken flag first, and a barrier
+        passes only if the flag is still down after every rank was seen in (each store
+        followed by a fence before the loads after it): so no rank passes the second barrier
+        once one has found a peer missing, and nobody writes a slot while it adds from them."""
         with self._busy:
             try:
                 self._sum_and_update(arrays, np.dtype(dtype), update, groups)
@@ -410,6 +410,7 @@ class LocalGroup:
     def _barrier(self) -> None:
         self._seq += 1
         self._seqs[self.index] = self._seq
+        _fence()  # seen before this rank looks at the broken flag (see _wait)
         self._wait(lambda: self._seqs.min() >= self._seq)
 
     def _wait(self, done: Callable[[], bool]) -> None:
