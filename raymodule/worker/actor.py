@@ -327,11 +327,10 @@ class ModuleWorker:
             grad_arrays = [[g[0].copy()] if g[0] is not None else g for g in grad_arrays]
         # Reverse parameter order: the last layers' gradients are ready first.
         grads = [g[0] for g in reversed(grad_arrays) if g[0] is not None]
-        split = (  # one bucket: the shared memory stays as small as the buckets' would be
+        split = (
             self._split_update
-            and self._collective.splits_update
-            and native.updates_by_element(mod)
-            and sum(g.size * np.dtype(g.dtype).itemsize for g in grads) <= self._bucket_bytes
+            and native.updates_by_element(mod)  # some dense gradients, of one dtype
+            and self._collective.splits_update(grads, self._bucket_bytes)
         )
         counts = native.update_counts(mod) if split else None
         why, rest = None, None

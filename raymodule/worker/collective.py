@@ -134,11 +134,17 @@ class Collective:
             lookup=lambda: store.get(key).decode(),
         )
 
-    @property
-    def splits_update(self) -> bool:
-        """Whether this group's ranks meet in one node's shared memory, two or more: their
-        update may be split among them (:meth:`reduce_and_update`)."""
-        return self._local is not None and self._local.size > 1 and self._leaders is None
+    def splits_update(self, grads: list[mx.nd.NDArray], bucket_bytes: int) -> bool:
+        """Whether the update of ``grads`` may be split among this group's ranks
+        (:meth:`reduce_and_update`): they meet in one node's shared memory, two or more, and
+        ``grads`` fit in one bucket of ``bucket_bytes`` (the shared memory then stays as
+        small as the buckets' would be)."""
+        return (
+            self._local is not None
+            and self._local.size > 1
+            and self._leaders is None
+            and _packed_bytes(grads) <= bucket_bytes
+        )
 
     def reduce_and_update(
         self,
@@ -146,8 +152,8 @@ class Collective:
         update: Callable[[int, int], None],
         groups: list[list[np.ndarray]],
     ) -> None:
-        """Sums dense ``grads`` (in reduction order, one bucket) across the group, which
-        :attr:`splits_update`, and splits the update among its ranks: ``update(lo, hi)``
+        """Sums dense ``grads`` (in reduction order, one bucket) across the group, for which
+        :meth:`splits_update` holds, and splits the update among its ranks: ``update(lo, hi)``
         updates this rank's part (a range of the gradients' flat concatenation) of
         ``groups``, arrays laid out as the gradients (the weights, their state), and the
         ranks share their parts (see :meth:`LocalGroup.sum_and_update`, which also says what
