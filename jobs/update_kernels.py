@@ -6,10 +6,9 @@ its multi-tensor kernel ``multi_sgd_mom_update`` over groups of
 ``MXNET_OPTIMIZER_AGGREGATION_SIZE`` parameters (4 by default), and the same kernel one
 parameter at a time. One of jobs/benchmark.py's models is bound three times on one CPU
 context (OMP_NUM_THREADS=1, MXNET_CPU_WORKER_NTHREADS=1) from the same parameters, with the
-same gradients (one forward and backward on the same batch, copied to all three); each way
-then updates its
-module ``--updates`` times after ``--warmup`` untimed updates, waiting for MXNet's engine
-after each, the ways taking turns for ``--rounds`` rounds. Printed: each way's median
+same gradients (one forward and backward of a batch, copied to the other two); each way
+then updates its module ``--updates`` times after ``--warmup`` untimed updates, waiting for
+MXNet's engine after each, the ways taking turns for ``--rounds`` rounds. Printed: each way's median
 milliseconds an update over all rounds, and whether its weights and momentum end equal to
 the bit to those of MXNet's grouped update (they start alike and take as many updates).
 
@@ -48,8 +47,8 @@ WAYS = {
 
 
 def bound_module(model: str, params: tuple | None, batch) -> mx.mod.Module:
-    """``model`` bound on one CPU context, SGD with momentum as jobs/benchmark.py trains it,
-    after one forward and backward of ``batch``."""
+    """``model`` bound on one CPU context to ``batch``'s shapes, SGD with momentum as
+    jobs/benchmark.py trains it."""
     mod = mx.mod.Module(benchmark.build_symbol(mx, model), context=mx.cpu())
     mod.bind(batch.provide_data, batch.provide_label)
     if params is None:
@@ -58,8 +57,6 @@ def bound_module(model: str, params: tuple | None, batch) -> mx.mod.Module:
         mod.init_params(arg_params=params[0], aux_params=params[1])
     sgd = {"learning_rate": 0.01, "momentum": 0.9, "rescale_grad": 1.0 / benchmark.MODELS[model]}
     mod.init_optimizer(kvstore=None, optimizer="sgd", optimizer_params=sgd)
-    mod.forward_backward(batch)
-    mx.nd.waitall()
     return mod
 
 
@@ -69,6 +66,7 @@ def updaters(model: str) -> dict:
     batch = next(iter(data))
     batch.provide_data, batch.provide_label = data.provide_data, data.provide_label
     grouped = bound_module(model, None, batch)
+    grouped.forward_backward(batch)
     arg, aux = grouped.get_params()
     params = ({k: v.copy() for k, v in arg.items()}, {k: v.copy() for k, v in aux.items()})
     per_parameter = bound_module(model, params, batch)
@@ -76,7 +74,7 @@ def updaters(model: str) -> dict:
     per_parameter._updater.aggregate_updates = False
     ours = bound_module(model, params, batch)
     native.update_per_parameter(ours)
-    for mod in (per_parameter, ours):  # the same gradients, whatever the kernels' threads
+    for mod in (per_parameter, ours):  # the gradients of the one forward and backward
         for mine, reference in zip(mod._exec_group.grad_arrays, grouped._exec_group.grad_arrays):
             if mine[0] is not None:
                 reference[0].copyto(mine[0])
