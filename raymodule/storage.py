@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import functools
 import os
 import re
 import stat
@@ -50,6 +51,8 @@ _SECRET_KEYS = re.compile(r"(secret|token|password|key|credential)", re.I)
 CHECK_ATTEMPTS = 2
 # files are read this many bytes at a time, so a bound on a file's size bounds the memory used
 READ_CHUNK = 8 * 1024**2
+# a filesystem made from a URI may read its credentials and settings from these variables
+_STORAGE_ENV = ("AWS_", "GOOGLE_", "GCE_", "STORAGE_EMULATOR_HOST", "HADOOP_", "ARROW_")
 
 
 def is_uri(location: str) -> bool:
@@ -121,13 +124,27 @@ def _resolve(location: str, shown: str) -> tuple[pafs.FileSystem, str]:
     try:
         if not is_uri(location):
             return pafs.LocalFileSystem(), os.path.abspath(location)
-        fs, path = pafs.FileSystem.from_uri(location)
+        return _resolve_uri(location, _storage_environment())
     except (pyarrow.ArrowInvalid, ValueError) as err:
         raise ValueError(
             f"{redact(shown)!r} is not a storage location raymodule can use: "
             f"{_scrub(str(err), location)} "
             "(use a local path or a URI such as file://, s3://, gs:// or hdfs://)"
         ) from None
+
+
+def _storage_environment() -> tuple[tuple[str, str], ...]:
+    """The environment variables a filesystem may take its credentials and settings from."""
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_STORAGE_ENV)))
+
+
+@functools.lru_cache(maxsize=16)
+def _resolve_uri(location: str, environment: tuple) -> tuple[pafs.FileSystem, str]:
+    """:func:`_resolve` of a URI, made once per process for the URI and the storage
+    ``environment`` it is made in (pyarrow's filesystems may be used from several threads).
+    Making an S3 filesystem costs about 11 ms of CPU (the AWS SDK reads the system's CA
+    certificates), and every checkpoint's writer task gets the run's folder anew."""
+    fs, path = pafs.FileSystem.from_uri(location)
     if "allow_delayed_open" not in urlsplit(location).query:
         fs = _with_options(fs, allow_delayed_open=True)
     return fs, path
@@ -176,6 +193,10 @@ class Folder:
 
     def __repr__(self) -> str:
         return f"Folder({redact(self.location)!r})"
+
+    def __reduce__(self):
+        # its location, resolved again where it is loaded (through that process's cache)
+        return Folder, (self.location,)
 
     def __str__(self) -> str:
         return redact(self.location)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import mxnet as mx
 import numpy as np
 import pytest
@@ -85,6 +87,24 @@ def test_wrong_keys_and_missing_files_on_s3_fail_in_words(s3, monkeypatch):
     with pytest.raises(OSError, match=f"cannot write 's3://{BUCKET}/denied") as err:
         storage.write_bytes(s3.uri("denied.bin"), b"x")
     assert "wrong-secret" not in str(err.value)
+
+
+def test_a_folder_travels_as_its_location_and_a_process_resolves_it_once(monkeypatch):
+    """A checkpoint's writer task gets the run's folder anew each time: it is pickled as its
+    location, and a process makes the filesystem of a URI once (the AWS SDK spends about
+    11 ms of CPU making an S3 one), and again when the storage settings in its environment
+    change (other keys are not answered with the old ones)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "travels-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "travels-secret")
+    uri = "s3://bucket/runs?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
+    folder = storage.Folder(uri)
+    data = pickle.dumps(folder)
+    assert b"S3FileSystem" not in data and b"travels-secret" not in data
+    copy = pickle.loads(data)
+    assert copy.location == folder.location and copy._fs is folder._fs
+    assert storage.Folder(uri)._fs is folder._fs
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "other-secret")
+    assert storage.Folder(uri)._fs is not folder._fs
 
 
 def test_a_checkpoint_on_s3_writes_each_file_in_one_request(s3, tmp_path):
