@@ -145,7 +145,31 @@ def test_nd_bytes_are_the_bytes_mx_nd_save_writes(arrays, tmp_path):
     path = str(tmp_path / "saved")
     mx.nd.save(path, arrays)
     with open(path, "rb") as source:
-        assert data.nd_bytes(arrays) == source.read()
+        saved = source.read()
+    assert data.nd_bytes(arrays) == saved
+    buffer = data.nd_buffer(arrays)
+    assert buffer.dtype == np.uint8 and buffer.tobytes() == saved
+
+
+def test_nd_buffer_copies_each_arrays_data_anew_after_a_header_made_once(tmp_path):
+    """The header MXNet makes for an array's shape, dtype and device is made once; the data
+    is copied at every call. Arrays of one shape on two devices, a float64 after an odd count
+    of float32 (its data not 8-byte aligned in the buffer) and an int8 one (pickled by
+    MXNet)."""
+    arrays = {
+        "a": mx.nd.array(np.arange(3), dtype="float32"),
+        "b": mx.nd.array([0.1, 0.2], dtype="float64"),
+        "c": mx.nd.ones((2, 3), ctx=mx.cpu(0)),
+        "d": mx.nd.ones((2, 3), ctx=mx.cpu(1)),
+        "f": mx.nd.array([1, -2], dtype="int8"),
+    }
+    path = str(tmp_path / "saved")
+    for step in range(3):
+        mx.nd.save(path, arrays)
+        with open(path, "rb") as source:
+            assert data.nd_buffer(arrays).tobytes() == source.read(), step
+        for name in "abcd":
+            arrays[name] += 1.5
 
 
 def test_nd_bytes_refuses_what_mx_nd_save_refuses():

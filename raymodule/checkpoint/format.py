@@ -209,11 +209,12 @@ def stage_files(run: Folder, snapshot: Snapshot | None, info: dict) -> dict | No
     return manifests.make(files, info, snapshot.optimizer or {}, params, _versions())
 
 
-def _load(params: bytes) -> dict:
-    """The arrays of MXNet's ``.params`` bytes, by name (``arg:w``, ``aux:m``)."""
+def _load(params) -> dict:
+    """The arrays of MXNet's ``.params`` bytes (or a numpy array of them), by name
+    (``arg:w``, ``aux:m``)."""
     import mxnet as mx
 
-    return mx.nd.load_frombuffer(params)
+    return mx.nd.load_frombuffer(bytes(params))
 
 
 def _not_finite(arrays: dict) -> list[str]:

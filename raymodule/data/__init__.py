@@ -39,6 +39,7 @@ _AT = {  # each name's module
     "ndarray_view": ".batches",
     "copy_into": ".batches",
     "nd_bytes": ".batches",
+    "nd_buffer": ".batches",
     "split_params": ".batches",
     "merge_outputs": ".batches",
     "Dataset": ".datasets",

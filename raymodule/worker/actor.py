@@ -46,7 +46,7 @@ _DATASETS_KEPT = 4  # datasets a worker keeps read (each one a zero-copy view of
 
 def _import_runtime() -> None:
     """Binds this module's MXNet-dependent names; runs once, in the worker process."""
-    global mx, np, DataBatch, metrics, native, nd_bytes, optimizer_state, to_ndarray, Placed
+    global mx, np, DataBatch, metrics, native, nd_buffer, optimizer_state, to_ndarray, Placed
     global ndarray_view, split_shapes
     global StreamReader, PartlyUpdated
     os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # no backend banner per executor
@@ -57,7 +57,7 @@ def _import_runtime() -> None:
 
     from .. import metrics
     from ..checkpoint import optimizer_state
-    from ..data import StreamReader, nd_bytes, ndarray_view, split_shapes, to_ndarray
+    from ..data import StreamReader, nd_buffer, ndarray_view, split_shapes, to_ndarray
     from ..views import Placed
     from . import native
     from .shm import PartlyUpdated
@@ -276,19 +276,19 @@ class ModuleWorker:
         arrays, description = {}, None
         if mod.optimizer_initialized:
             arrays, description = optimizer_state.capture(native.updater(mod))
-        params = nd_bytes(native.device_params(mod))
-        return Snapshot(params, nd_bytes(arrays), description, self._applied)
+        params = nd_buffer(native.device_params(mod))
+        return Snapshot(params, nd_buffer(arrays), description, self._applied)
 
-    def restore_optimizer(self, mid, arrays: bytes, description: dict) -> None:
+    def restore_optimizer(self, mid, arrays, description: dict) -> None:
         mod = self._modules[mid]
-        loaded = mx.nd.load_frombuffer(arrays)
+        loaded = mx.nd.load_frombuffer(bytes(arrays))
         device_id = native.device_id(mod)  # where this replica's weights are
         optimizer_state.restore(native.updater(mod), loaded or {}, description, device_id)
 
     def restore(self, mid, snapshot: Snapshot) -> None:
         """Takes a peer's :meth:`snapshot`: parameters, optimizer state, steps applied."""
         mod = self._modules[mid]
-        loaded = mx.nd.load_frombuffer(snapshot.params)
+        loaded = mx.nd.load_frombuffer(bytes(snapshot.params))
         arg = {k[4:]: v for k, v in loaded.items() if k.startswith("arg:")}
         aux = {k[4:]: v for k, v in loaded.items() if k.startswith("aux:")}
         mod.set_params(arg, aux, allow_missing=False, force_init=True, allow_extra=False)
