@@ -14,6 +14,7 @@ are printed, in pyarrow's messages too.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import errno
@@ -119,18 +120,25 @@ def _scrub(text: str, location: str) -> str:
     return text
 
 
-def _resolve(location: str, shown: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and path of ``location``; errors name ``shown`` (what the user gave)."""
+def _resolve(location: str, shown: str, region: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of ``location``; errors name ``shown`` (what the user gave).
+    ``region``: an S3 URI's region when the URI does not name one (else pyarrow asks the
+    bucket, over the network)."""
     try:
         if not is_uri(location):
             return pafs.LocalFileSystem(), os.path.abspath(location)
-        return _resolve_uri(location, _storage_environment())
+        parts = urlsplit(location)
+        if parts.scheme != "s3" or any(key == "region" for key, _ in parse_qsl(parts.query)):
+            region = None  # one key for the URI in the cache
+        return _resolve_uri(location, _storage_environment(), region)
     except (pyarrow.ArrowInvalid, ValueError) as err:
         raise ValueError(
             f"{redact(shown)!r} is not a storage location raymodule can use: "
             f"{_scrub(str(err), location)} "
             "(use a local path or a URI such as file://, s3://, gs:// or hdfs://)"
         ) from None
+    except OSError as err:  # S3 asked for a bucket's region, GCS or HDFS for credentials
+        raise _failure("resolve", location, err) from None
 
 
 def _storage_environment() -> tuple[tuple[str, str], ...]:
@@ -139,15 +147,27 @@ def _storage_environment() -> tuple[tuple[str, str], ...]:
 
 
 @functools.lru_cache(maxsize=16)
-def _resolve_uri(location: str, environment: tuple) -> tuple[pafs.FileSystem, str]:
-    """:func:`_resolve` of a URI, made once per process for the URI and the storage
-    ``environment`` it is made in (pyarrow's filesystems may be used from several threads).
-    Making an S3 filesystem costs about 11 ms of CPU (the AWS SDK reads the system's CA
-    certificates), and every checkpoint's writer task gets the run's folder anew."""
+def _resolve_uri(
+    location: str, environment: tuple, region: str | None
+) -> tuple[pafs.FileSystem, str]:
+    """:func:`_resolve` of a URI, made once per process for the URI, the storage
+    ``environment`` it is made in and ``region`` (pyarrow's filesystems may be used from
+    several threads). Making an S3 filesystem costs about 11 ms of CPU (the AWS SDK reads the
+    system's CA certificates), and every checkpoint's writer task gets the run's folder anew.
+    The cache is emptied at exit, before pyarrow finalizes S3 (apache/arrow#50188: a
+    filesystem alive then can hang the exit)."""
+    parts = urlsplit(location)
+    query = parse_qsl(parts.query)
+    if region:  # added to the query as it is, which stays as the user wrote it
+        added = urlencode({"region": region})
+        location = urlunsplit(parts._replace(query=f"{parts.query}&{added}".lstrip("&")))
     fs, path = pafs.FileSystem.from_uri(location)
-    if "allow_delayed_open" not in urlsplit(location).query:
+    if not any(key == "allow_delayed_open" for key, _ in query):
         fs = _with_options(fs, allow_delayed_open=True)
     return fs, path
+
+
+atexit.register(_resolve_uri.cache_clear)
 
 
 def _failure(action: str, location: str, err: Exception) -> OSError:
@@ -185,18 +205,19 @@ class Folder:
     names the redacted location it was about.
     """
 
-    def __init__(self, location: str, *, shown: str | None = None):
+    def __init__(self, location: str, *, shown: str | None = None, region: str | None = None):
         location = str(location)
         self.location = location if is_uri(location) else os.path.abspath(location)
-        self._fs, self._path = _resolve(self.location, shown or location)
+        self._fs, self._path = _resolve(self.location, shown or location, region)
         self._path = self._path.rstrip("/")
 
     def __repr__(self) -> str:
         return f"Folder({redact(self.location)!r})"
 
     def __reduce__(self):
-        # its location, resolved again where it is loaded (through that process's cache)
-        return Folder, (self.location,)
+        # its location, resolved again where it is loaded (through that process's cache), and
+        # for S3 the region it resolved to: it is not asked again there
+        return _loaded_folder, (self.location, getattr(self._fs, "region", None))
 
     def __str__(self) -> str:
         return redact(self.location)
@@ -370,6 +391,11 @@ class Folder:
             raise _failure("create", self.location, err) from None
         quick.write(probe, b"")
         quick.delete(probe)
+
+
+def _loaded_folder(location: str, region: str | None) -> Folder:
+    """A pickled :class:`Folder`, loaded."""
+    return Folder(location, region=region)
 
 
 def _read_chunks(read, name: str, limit: int | None, folder: Folder) -> bytes:

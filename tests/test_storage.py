@@ -107,6 +107,21 @@ def test_a_folder_travels_as_its_location_and_a_process_resolves_it_once(monkeyp
     assert storage.Folder(uri)._fs is not folder._fs
 
 
+def test_a_folder_loaded_elsewhere_keeps_the_s3_region_it_resolved(monkeypatch):
+    """An S3 URI that names no region gets one where the Folder is made (pyarrow asks the
+    bucket, or takes the environment's); where it is loaded, that region is used, not asked
+    for again."""
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
+    folder = storage.Folder("s3://bucket/runs?endpoint_override=127.0.0.1:9&scheme=http")
+    assert folder._fs.region == "eu-west-3"
+    data = pickle.dumps(folder)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-south-1")  # another process's environment
+    loaded = pickle.loads(data)
+    assert loaded._fs.region == "eu-west-3" and loaded.location == folder.location
+    assert storage.Folder(folder.location)._fs.region == "ap-south-1"
+
+
 def test_a_checkpoint_on_s3_writes_each_file_in_one_request(s3, tmp_path):
     """Each file a checkpoint writes is one PutObject, not a multipart upload's three
     requests (raymodule opens S3 with ``allow_delayed_open``); counted by the server."""

@@ -11,7 +11,7 @@ import numpy as np
 __all__ = ["Snapshot"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # numpy fields: compared as objects
 class Snapshot:
     """Every replica holds the same state, so one replica's snapshot is the run's. A worker's
     holds its arrays' bytes in numpy arrays (:func:`raymodule.data.nd_buffer`: Ray moves them

@@ -169,7 +169,7 @@ def _saved_piece(array: mx.nd.NDArray) -> tuple[bytes, mx.nd.NDArray | None]:
     data follows the header (a dense CPU array of a dtype DLPack carries), or else all of it
     and None."""
     if (
-        array.stype != "default"
+        type(array) is not mx.nd.NDArray  # sparse, or mx.np's (which MXNet refuses to save)
         or array.context.device_type != "cpu"
         or array.size == 0
         or np.dtype(array.dtype) not in _VIEWABLE
