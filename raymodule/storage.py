@@ -202,7 +202,9 @@ class Folder:
     """A folder at a local path or URI, its filesystem resolved once.
 
     Names inside it are plain relative names (``ckpt-0000000050/manifest.json``); every error
-    names the redacted location it was about.
+    names the redacted location it was about. A process makes a URI's filesystem once (for the
+    same storage variables in its environment); a Folder pickles as its location, and for S3
+    the region it resolved to (``region``: used when the URI names none).
     """
 
     def __init__(self, location: str, *, shown: str | None = None, region: str | None = None):
