@@ -224,6 +224,12 @@ class Folder:
     def __str__(self) -> str:
         return redact(self.location)
 
+    @property
+    def on_this_machine(self) -> bool:
+        """Whether the folder is on this machine's filesystem (a path or ``file://``), not
+        in an object store or a distributed filesystem every node reaches."""
+        return isinstance(self._fs, pafs.LocalFileSystem)
+
     def uri(self, name: str = "") -> str:
         """The location of ``name`` in this folder (its query options kept)."""
         return with_suffix(self.location, "/" + name) if name else self.location

@@ -21,7 +21,8 @@ preemption drain calls it, on one worker's node: that worker leaves at a step bo
 controller (kill the controller actor: its workers go with it, and the run goes on from its
 latest checkpoint), s3stop (the run's storage is an
 S3 server, SIGSTOPped; then a worker is SIGKILLed: the survivors go on without reading storage,
-and the server is resumed steps later), start_small (one worker node for
+and the server is resumed steps later; a wider MLP, whose checkpoints' files are written from
+the node holding worker 0's snapshot), start_small (one worker node for
 ``raymodule.workers(1, max_workers=3)``: training starts with one worker, two nodes are added,
 and their workers join), none (no fault).
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -76,6 +78,9 @@ from raymodule.storage import Folder  # noqa: E402
 WORKERS = 3
 BATCH = 24  # splits evenly over 3 and over 2 workers
 EPOCHS = 2
+HIDDEN = (32, 16)  # the MLP's hidden layers
+WIDE = (256, 128)  # s3stop's: 40k parameters, so that a snapshot (with the momentum, 310 KB) is
+# above the 100 KB that Ray keeps in its owner's memory, and lives in its maker's node's store
 FAULT_STEP = 6  # the workers fire the fault as they are about to run this step (epoch 0)
 GROW_STEP = 16 + 2  # the grow scenario adds a node back here (batch 2 of epoch 1)
 S3_BACK_STEP = 10  # the s3stop scenario resumes the storage server here
@@ -98,10 +103,10 @@ def optimizer_params():
     return {"learning_rate": 0.1, "momentum": 0.9}
 
 
-def plain_mxnet() -> dict:
+def plain_mxnet(hidden=HIDDEN) -> dict:
     """The same training by plain MXNet on one device: what every run must end with."""
     mx.random.seed(0)
-    mod = mx.mod.Module(mlp(), context=mx.cpu())
+    mod = mx.mod.Module(mlp(hidden), context=mx.cpu())
     mod.fit(batches(), num_epoch=EPOCHS, optimizer_params=optimizer_params())
     arg, aux = mod.get_params()
     return {**arg, **aux}
@@ -116,6 +121,7 @@ def train(
     max_failures=3,
     every=4,
     epoch_end_callback=None,
+    hidden=HIDDEN,
 ):
     """The elastic run under ``faults`` (a :class:`Faults`, or None); returns the module
     (still open) and the exception it raised, if any."""
@@ -126,7 +132,7 @@ def train(
     raymodule.module.ControllerHandle = stepfaults.with_workers(
         stepfaults.worker_class(faults.plan, faults.marks)
     )
-    mod = raymodule.Module(mlp(), context=contexts)
+    mod = raymodule.Module(mlp(hidden), context=contexts)
     gates = stepfaults.Gates(faults.marks, {n: partial(a, mod) for n, a in faults.actions.items()})
     try:
         with gates:
@@ -186,6 +192,18 @@ def replicas_equal(mod) -> bool:
         for other in per_worker[1:]
         for i in (0, 1)
     )
+
+
+class CommitLog(logging.Handler):
+    """The nodes the checkpoint writer says each committed checkpoint's files came from."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.nodes: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("checkpoint %s committed"):
+            self.nodes.append(record.args[-1])
 
 
 def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = None) -> dict:
@@ -265,7 +283,7 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
         """Every worker waits at the start of ``step`` while this process acts."""
         return {(step, None): ("gate", name)}
 
-    min_workers, max_failures, every, contexts = 2, 3, 4, WORKERS
+    min_workers, max_failures, every, contexts, hidden = 2, 3, 4, WORKERS, HIDDEN
     if scenario == "kill":
         faults = Faults({(FAULT_STEP, victim): "die"}, {})
     elif scenario == "hang":
@@ -300,6 +318,7 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
         faults = Faults({(2, victim): "term"}, {})
         max_failures, every = 0, 0
     elif scenario == "s3stop":
+        hidden = WIDE  # its snapshots are in the worker's node's object store, as a model's
         faults = Faults(
             {**gate("stop and kill"), **gate("resume", S3_BACK_STEP)},
             {
@@ -323,6 +342,10 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
     else:
         raise ValueError(f"no scenario {scenario!r} (see this file's docstring)")
     ended = []  # the epochs whose end the callback saw: fit reads the parameters for it
+    commits = CommitLog()
+    writer_log = logging.getLogger("raymodule.checkpoint.writer")
+    writer_log.addHandler(commits)
+    writer_log.setLevel(logging.INFO)
     tic = time.monotonic()
     mod, error = train(
         storage,
@@ -333,7 +356,9 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
         max_failures,
         every,
         lambda epoch, symbol, arg, aux: ended.append(epoch),
+        hidden,
     )
+    writer_log.removeHandler(commits)
     resume_storage("end")  # a run that failed before S3_BACK_STEP
     result = {
         "scenario": scenario,
@@ -343,14 +368,17 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
         "error": f"{type(error).__name__}: {error}" if error else None,
         "world_size": mod.world_size,
         "epoch_ends": ended,
+        "driver_node": ray.get_runtime_context().get_node_id(),
+        "written_from": commits.nodes,  # of each committed checkpoint, in order
     }
     if error is None:
         arg, aux = mod.get_params()
-        result["diff"] = max_relative_diff(plain_mxnet(), {**arg, **aux})
+        result["diff"] = max_relative_diff(plain_mxnet(hidden), {**arg, **aux})
         result["replicas_equal"] = replicas_equal(mod)
         # the cores each worker's threads may run on, in rank order, and this machine's
         result["cores"] = [sorted(map(sorted, cores_of(n["pid"]))) for n in mod.workers.nodes]
         result["allowed"] = sorted(os.sched_getaffinity(0))
+        result["worker_nodes"] = [n["node"] for n in mod.workers.nodes]  # in rank order
     mod.close()
     run_folder = Folder(storage).child(scenario)
     result["metrics"] = read_metrics(run_folder)

@@ -246,6 +246,9 @@ def test_with_its_storage_stopped_a_run_goes_on_through_a_lost_worker(scenario):
     assert lost["world_size"] == 2 and lost["lost"] == ["slot 1"]
     assert epochs(result)[-1]["global_step"] == 32
     assert "ckpt-0000000032" in result["checkpoints"]
+    # from the node of worker 0, which made the snapshots (a survivor), not the driver's
+    written, workers = result["written_from"], result["worker_nodes"]
+    assert set(written) == {workers[0]} != {result["driver_node"]}, (written, workers)
 
 
 def test_below_min_workers_with_no_node_coming_fails_in_words(scenario):
@@ -292,6 +295,8 @@ def test_a_lost_worker_costs_no_completed_step(fault, scenario):
     assert [e["epoch"] for e in epochs(result)] == [0, 1]
     assert epochs(result)[-1]["global_step"] == 32
     assert_pinned_as_one_machine(result)  # 2 survivors on 2 nodes, 2 cores: a core each
+    # a local folder is the driver's machine's: written from its node, not worker 0's
+    assert set(result["written_from"]) == {result["driver_node"]} != {result["worker_nodes"][0]}
 
 
 def test_a_silent_worker_is_removed_after_the_timeout(scenario):

@@ -1,8 +1,10 @@
 """The background checkpoint writer: checkpoints are written while training goes on.
 
-The files are written by a Ray task on the training process's node, given the worker's
-snapshot by reference (its bytes never pass through the training process), and committed
-here, by the run that owns the folder.
+The files are written by a Ray task given the worker's snapshot by reference (its bytes never
+pass through the training process), and committed here, by the run that owns the folder. For
+object storage the task runs on the node that holds the snapshot, the worker's: the bytes go
+from there to storage, not across the cluster first; a folder on this machine is written
+from this node, as the commit is.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import threading
 import time
 
 import ray
+from ray.experimental import get_object_locations
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..errors import CheckpointError
@@ -23,14 +26,19 @@ __all__ = ["CheckpointWriter"]
 
 log = logging.getLogger(__name__)
 
+_LOOKUP_MS = 10_000  # bound on asking a snapshot's owner where it is
+
 _SKIPS_COUNTED = (
     " (checkpoints are due faster than the storage commits them; later skips are logged at "
     "INFO and counted when the run ends; a larger checkpoint_every takes fewer)"
 )
 
-_stage_task = ray.remote(num_cpus=0, max_retries=0)(stage_files)
-"""stage_files as a Ray task: it is given the snapshot's reference, and only the manifest
-comes back."""
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _stage_task(run: Folder, snapshot, info: dict) -> tuple[dict | None, str]:
+    """:func:`stage_files` as a Ray task, given the snapshot's reference: the manifest comes
+    back, and the node the files were written from."""
+    return stage_files(run, snapshot, info), ray.get_runtime_context().get_node_id()
 
 
 @ray.remote(num_cpus=0)
@@ -63,6 +71,7 @@ class CheckpointWriter:
         self.snapshot_timeout_s = settings.checkpoint_snapshot_timeout_s
         self.close_timeout_s = settings.checkpoint_close_timeout_s
         self._committed: list[dict] = []
+        self._staged_on: str | None = None  # the node the last files were written from
         self.failures_in_row = 0
         self.skipped = 0  # checkpoints due while the one before was still being written
         self._error: CheckpointError | None = None
@@ -210,24 +219,29 @@ class CheckpointWriter:
                 log.warning("checkpoint at step %d skipped: workers were lost before it", step)
                 return
             seconds = time.monotonic() - tic
-            log.info("checkpoint %s committed in %.2f s", f"{self.run}/{name}", seconds)
+            log.info(
+                "checkpoint %s committed in %.2f s (its files written from node %s)",
+                f"{self.run}/{name}", seconds, self._staged_on,
+            )  # fmt: skip
             with self._cond:
                 self.failures_in_row = 0
                 self._committed.append({"name": name, "seconds": round(seconds, 3)})
             return
 
     def _stage_beside(self, run: Folder, snapshot: ray.ObjectRef, info: dict):
-        """:func:`stage_files` as a Ray task on this node: the bytes go from the worker to
-        storage through the object store, not through this process's memory; a local path
-        is this node's, as for the commit. The task sees the environment Ray started with
-        (storage credentials come from there). Bounded by
-        RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S; its errors are raised as stage_files' own."""
+        """:func:`stage_files` as a Ray task beside the snapshot (:func:`_stage_node`): the
+        bytes go from the worker to storage through the object store, not through this
+        process's memory. The task sees the environment Ray started with (storage
+        credentials come from there). Bounded by RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S; its
+        errors are raised as stage_files' own."""
         if self._warm is not None:  # the first write waits for it rather than start another
             ray.wait([self._warm], timeout=self.close_timeout_s)
             self._warm = None
-        task = _stage_task.options(scheduling_strategy=_this_node()).remote(run, snapshot, info)
+        where = _stage_node(run, snapshot)
+        task = _stage_task.options(scheduling_strategy=where).remote(run, snapshot, info)
         try:
-            return ray.get(task, timeout=self.close_timeout_s)
+            made, self._staged_on = ray.get(task, timeout=self.close_timeout_s)
+            return made
         except ray.exceptions.RayActorError:
             return None  # the worker that made the snapshot was lost
         except ray.exceptions.GetTimeoutError:
@@ -264,3 +278,21 @@ class CheckpointWriter:
 
 def _this_node() -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def _stage_node(run: Folder, snapshot: ray.ObjectRef) -> NodeAffinitySchedulingStrategy:
+    """Where a checkpoint's files are written from: a folder on this machine from this node
+    (another node's disk is not the run's); object storage from the node that holds the
+    snapshot (the worker's, which made it), so that its bytes are not pulled across the
+    cluster first: preferred, not required, should that node be gone. A snapshot small enough
+    to live in its owner's memory rather than a node's object store is written from here."""
+    if run.on_this_machine:
+        return _this_node()
+    try:  # the snapshot is there (the writer waited for it): the owner answers at once
+        found = get_object_locations([snapshot], timeout_ms=_LOOKUP_MS)
+    except ray.exceptions.GetTimeoutError:
+        found = {}
+    nodes = found.get(snapshot, {}).get("node_ids") or []
+    if not nodes:
+        return _this_node()
+    return NodeAffinitySchedulingStrategy(nodes[0], soft=True)
