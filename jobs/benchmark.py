@@ -650,8 +650,15 @@ def given_storage(parser, location):
     """--checkpoint-storage's dict for run_config, once it has been written to: a location
     that cannot be written ends the benchmark here, saying why, before any configuration."""
     sys.path.insert(0, str(REPO))
-    from raymodule.storage import Folder, redact
+    from raymodule.storage import Folder, credentials_in, redact
 
+    held = credentials_in(location)
+    if held:  # the location travels to each configuration's process in its command line
+        parser.error(
+            f"--checkpoint-storage {redact(location)!r} holds credentials ({', '.join(held)}), "
+            "which a process list would show; give the keys in AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY instead"
+        )
     try:
         Folder(location).check_writable()
     except (OSError, ValueError) as err:
@@ -660,10 +667,14 @@ def given_storage(parser, location):
 
 
 def delete_run(location, run_name):
-    """Deletes a measured run's folder from --checkpoint-storage."""
+    """Deletes a measured run's folder from --checkpoint-storage; says so if it cannot (the
+    measurement stands)."""
     from raymodule.storage import Folder
 
-    Folder(location).delete_folder(run_name)
+    try:
+        Folder(location).delete_folder(run_name)
+    except OSError as err:
+        print(f"note: the run folder {run_name} was not deleted: {err}", file=sys.stderr)
 
 
 def cpu_seconds(pid):
