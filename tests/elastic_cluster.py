@@ -22,9 +22,10 @@ controller (kill the controller actor: its workers go with it, and the run goes 
 latest checkpoint), s3stop (the run's storage is an
 S3 server, SIGSTOPped; then a worker is SIGKILLed: the survivors go on without reading storage,
 and the server is resumed steps later; a wider MLP, whose checkpoints' files are written from
-the node holding worker 0's snapshot), start_small (one worker node for
-``raymodule.workers(1, max_workers=3)``: training starts with one worker, two nodes are added,
-and their workers join), none (no fault).
+the node holding worker 0's snapshot), s3keys (the run's storage an S3 server whose keys the
+worker nodes have wrong: the files are written from the driver's node instead),
+start_small (one worker node for ``raymodule.workers(1, max_workers=3)``: training starts with
+one worker, two nodes are added, and their workers join), none (no fault).
 
 Faults that the workers fire at a call of their own, armed at a step (:mod:`stepfaults`):
 epoch_end (worker 0 dies reading the parameters at the epoch's end), admit (a survivor dies
@@ -195,15 +196,19 @@ def replicas_equal(mod) -> bool:
 
 
 class CommitLog(logging.Handler):
-    """The nodes the checkpoint writer says each committed checkpoint's files came from."""
+    """What the checkpoint writer says: the node each committed checkpoint's files came from,
+    and its warnings."""
 
     def __init__(self):
         super().__init__(logging.INFO)
         self.nodes: list[str] = []
+        self.warnings: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.msg.startswith("checkpoint %s committed"):
             self.nodes.append(record.args[-1])
+        if record.levelno >= logging.WARNING:
+            self.warnings.append(record.getMessage())
 
 
 def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = None) -> dict:
@@ -326,6 +331,9 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
                 "resume": lambda mod: resume_storage("step"),
             },
         )
+    elif scenario == "s3keys":  # the worker nodes' keys are refused (loopback_cluster)
+        hidden = WIDE
+        faults = Faults({}, {})
     elif scenario == "drain":  # drains are looked for every admit interval: this run is short
         os.environ["RAYMODULE_ADMIT_INTERVAL_S"] = "0.05"
         faults = Faults(gate("drain"), {"drain": drain_node})
@@ -344,6 +352,7 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
     ended = []  # the epochs whose end the callback saw: fit reads the parameters for it
     commits = CommitLog()
     writer_log = logging.getLogger("raymodule.checkpoint.writer")
+    level = writer_log.level
     writer_log.addHandler(commits)
     writer_log.setLevel(logging.INFO)
     tic = time.monotonic()
@@ -359,6 +368,7 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
         hidden,
     )
     writer_log.removeHandler(commits)
+    writer_log.setLevel(level)
     resume_storage("end")  # a run that failed before S3_BACK_STEP
     result = {
         "scenario": scenario,
@@ -370,6 +380,7 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
         "epoch_ends": ended,
         "driver_node": ray.get_runtime_context().get_node_id(),
         "written_from": commits.nodes,  # of each committed checkpoint, in order
+        "writer_warnings": commits.warnings,
     }
     if error is None:
         arg, aux = mod.get_params()
@@ -444,9 +455,10 @@ def child(storage: str, mode: str) -> None:
 
 
 @contextlib.contextmanager
-def loopback_cluster(worker_nodes: int, driver: bool):
-    """A head without CPUs and ``worker_nodes`` nodes of 1 CPU; with ``driver``, this process
-    connected to it. Stops every Ray process it started, whatever happens."""
+def loopback_cluster(worker_nodes: int, driver: bool, node_env: dict | None = None):
+    """A head without CPUs and ``worker_nodes`` nodes of 1 CPU (whose processes see
+    ``node_env`` over this process's environment); with ``driver``, this process connected
+    to it. Stops every Ray process it started, whatever happens."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -459,8 +471,9 @@ def loopback_cluster(worker_nodes: int, driver: bool):
             # before the other nodes exist: the driver then uses the head's raylet, and the
             # nodes the faults remove are never the driver's own
             ray.init(address=cluster.address, log_to_driver=False)
-        for _ in range(worker_nodes):
-            cluster.add_node(num_cpus=1)
+        with mock.patch.dict(os.environ, node_env or {}):  # a node's processes inherit it
+            for _ in range(worker_nodes):
+                cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         yield cluster
     finally:
@@ -523,11 +536,12 @@ def main() -> None:
             serve(cluster)
         return
     scenario, out = sys.argv[1], sys.argv[2]
-    s3 = SeaweedS3().start() if scenario == "s3stop" else None
+    s3 = SeaweedS3().start() if scenario in ("s3stop", "s3keys") else None
     storage = s3.uri("elastic") if s3 is not None else tempfile.mkdtemp(prefix="elastic-")
     nodes = 1 if scenario == "start_small" else WORKERS
     try:
-        with loopback_cluster(nodes, driver=scenario != "process") as cluster:
+        wrong_keys = {"AWS_SECRET_ACCESS_KEY": "not-the-servers"} if scenario == "s3keys" else None
+        with loopback_cluster(nodes, scenario != "process", wrong_keys) as cluster:
             if scenario == "process":
                 result = process_scenario(cluster, storage)
             else:

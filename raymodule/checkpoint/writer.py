@@ -3,8 +3,8 @@
 The files are written by a Ray task given the worker's snapshot by reference (its bytes never
 pass through the training process), and committed here, by the run that owns the folder. For
 object storage the task runs on the node that holds the snapshot, the worker's: the bytes go
-from there to storage, not across the cluster first; a folder on this machine is written
-from this node, as the commit is.
+from there to storage, not across the cluster first (and from this node when that node cannot
+write them); a folder on this machine is written from this node, as the commit is.
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ __all__ = ["CheckpointWriter"]
 
 log = logging.getLogger(__name__)
 
-_LOOKUP_MS = 10_000  # bound on asking a snapshot's owner where it is
+_LOOKUP_S = 2.0  # bound on asking a snapshot's owner where it is
+_INLINE_BYTES = 100 * 1024  # Ray keeps smaller objects in their owner's memory, on no node
+_WRITER_LOST = (  # the task's process or node, not necessarily the snapshot
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.OutOfMemoryError,
+)
 
 _SKIPS_COUNTED = (
     " (checkpoints are due faster than the storage commits them; later skips are logged at "
@@ -72,6 +78,7 @@ class CheckpointWriter:
         self.close_timeout_s = settings.checkpoint_close_timeout_s
         self._committed: list[dict] = []
         self._staged_on: str | None = None  # the node the last files were written from
+        self._failed_nodes: set[str] = set()  # nodes that could not write files, warned of
         self.failures_in_row = 0
         self.skipped = 0  # checkpoints due while the one before was still being written
         self._error: CheckpointError | None = None
@@ -229,15 +236,39 @@ class CheckpointWriter:
             return
 
     def _stage_beside(self, run: Folder, snapshot: ray.ObjectRef, info: dict):
-        """:func:`stage_files` as a Ray task beside the snapshot (:func:`_stage_node`): the
-        bytes go from the worker to storage through the object store, not through this
-        process's memory. The task sees the environment Ray started with (storage
-        credentials come from there). Bounded by RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S; its
-        errors are raised as stage_files' own."""
+        """:func:`stage_files` as a Ray task beside the snapshot: the bytes go from the
+        worker to storage through the object store, not through this process's memory.
+        Object storage is written from the node that holds the snapshot
+        (:func:`_snapshot_node`); should that fail, from this node at once (the storage was
+        checked from here; another node's keys or endpoint may differ). A local folder is
+        written from this node. The task sees the environment Ray started with on its node
+        (storage credentials come from there). Bounded by
+        RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S a try; its errors are raised as stage_files'
+        own."""
         if self._warm is not None:  # the first write waits for it rather than start another
             ray.wait([self._warm], timeout=self.close_timeout_s)
             self._warm = None
-        where = _stage_node(run, snapshot)
+        here = ray.get_runtime_context().get_node_id()
+        there = None if run.on_this_machine else _snapshot_node(snapshot)
+        if there is None or there == here:
+            return self._stage_on(here, False, run, snapshot, info)
+        try:
+            return self._stage_on(there, True, run, snapshot, info)
+        except OSError as err:
+            log.log(
+                logging.INFO if there in self._failed_nodes else logging.WARNING,
+                "checkpoint at step %d: its files could not be written to %s from node %s, "
+                "which holds the worker's copy (%s); writing them from the training "
+                "process's node",
+                info["global_step"], self.run, there, err,
+            )  # fmt: skip
+            self._failed_nodes.add(there)
+            return self._stage_on(here, False, run, snapshot, info)
+
+    def _stage_on(self, node: str, soft: bool, run: Folder, snapshot, info: dict):
+        """:func:`stage_files` as a Ray task on ``node`` (with ``soft``, anywhere should it be
+        gone); the manifest, or None when the worker that made the snapshot was lost."""
+        where = NodeAffinitySchedulingStrategy(node, soft=soft)
         task = _stage_task.options(scheduling_strategy=where).remote(run, snapshot, info)
         try:
             made, self._staged_on = ray.get(task, timeout=self.close_timeout_s)
@@ -255,6 +286,8 @@ class CheckpointWriter:
                 raise cause from None
             why = f"writing the files failed: {type(cause).__name__}: {cause}"
             raise CheckpointError(why) from None
+        except _WRITER_LOST as err:  # the snapshot may still be there: tried again
+            raise OSError(f"the process writing the files was lost: {type(err).__name__}") from None
         except ray.exceptions.RayError as err:
             raise CheckpointError(f"the snapshot was lost: {type(err).__name__}") from None
 
@@ -280,19 +313,22 @@ def _this_node() -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
-def _stage_node(run: Folder, snapshot: ray.ObjectRef) -> NodeAffinitySchedulingStrategy:
-    """Where a checkpoint's files are written from: a folder on this machine from this node
-    (another node's disk is not the run's); object storage from the node that holds the
-    snapshot (the worker's, which made it), so that its bytes are not pulled across the
-    cluster first: preferred, not required, should that node be gone. A snapshot small enough
-    to live in its owner's memory rather than a node's object store is written from here."""
-    if run.on_this_machine:
-        return _this_node()
-    try:  # the snapshot is there (the writer waited for it): the owner answers at once
-        found = get_object_locations([snapshot], timeout_ms=_LOOKUP_MS)
-    except ray.exceptions.GetTimeoutError:
-        found = {}
-    nodes = found.get(snapshot, {}).get("node_ids") or []
-    if not nodes:
-        return _this_node()
-    return NodeAffinitySchedulingStrategy(nodes[0], soft=True)
+def _snapshot_node(snapshot: ray.ObjectRef) -> str | None:
+    """The node whose object store holds ``snapshot`` (the node of the worker that made it),
+    or None: a snapshot under Ray's 100 KB lives in its owner's memory, on no node, and one
+    whose owner does not answer within :data:`_LOOKUP_S` is written from here. A large one
+    may be listed on its node a moment after it is ready: asked again until then."""
+    deadline = time.monotonic() + _LOOKUP_S
+    while True:
+        try:
+            found = get_object_locations([snapshot], timeout_ms=int(_LOOKUP_S * 1000))
+        except Exception as err:  # noqa: BLE001 - where to write from is only a preference
+            log.debug("where the snapshot is could not be asked (%s): written from here", err)
+            return None
+        place = found.get(snapshot) or {}
+        nodes, size = place.get("node_ids") or [], place.get("object_size")
+        if nodes or (size is not None and size < _INLINE_BYTES):
+            return nodes[0] if nodes else None
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.02)
