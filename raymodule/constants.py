@@ -104,6 +104,10 @@ class Settings:
     """RAYMODULE_CHECKPOINT_SNAPSHOT_TIMEOUT_S: how long the checkpoint writer waits for a
     worker's copy of its state; a copy that does not come is skipped, like one from a lost
     worker."""
+    checkpoint_lookup_timeout_s: float = 2.0
+    """RAYMODULE_CHECKPOINT_LOOKUP_TIMEOUT_S: how long the checkpoint writer asks where a
+    worker's copy of its state is (its files are written to object storage from that node);
+    unanswered, they are written from the training process's node."""
     checkpoint_close_timeout_s: float = 900.0
     """RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S: how long the end of ``fit`` waits for the
     checkpoints still being written; past it, fit fails saying which did not commit."""

@@ -26,7 +26,6 @@ __all__ = ["CheckpointWriter"]
 
 log = logging.getLogger(__name__)
 
-_LOOKUP_S = 2.0  # bound on asking a snapshot's owner where it is
 _INLINE_BYTES = 100 * 1024  # Ray keeps smaller objects in their owner's memory, on no node
 _WRITER_LOST = (  # the task's process or node, not necessarily the snapshot
     ray.exceptions.WorkerCrashedError,
@@ -75,6 +74,7 @@ class CheckpointWriter:
         self.backoff_s = settings.checkpoint_backoff_s
         self.failures_tolerated = settings.checkpoint_failures_tolerated
         self.snapshot_timeout_s = settings.checkpoint_snapshot_timeout_s
+        self.lookup_timeout_s = settings.checkpoint_lookup_timeout_s
         self.close_timeout_s = settings.checkpoint_close_timeout_s
         self._committed: list[dict] = []
         self._staged_on: str | None = None  # the node the last files were written from
@@ -249,7 +249,7 @@ class CheckpointWriter:
             ray.wait([self._warm], timeout=self.close_timeout_s)
             self._warm = None
         here = ray.get_runtime_context().get_node_id()
-        there = None if run.on_this_machine else _snapshot_node(snapshot)
+        there = None if run.on_this_machine else _snapshot_node(snapshot, self.lookup_timeout_s)
         if there is None or there == here:
             return self._stage_on(here, False, run, snapshot, info)
         try:
@@ -313,15 +313,16 @@ def _this_node() -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
-def _snapshot_node(snapshot: ray.ObjectRef) -> str | None:
+def _snapshot_node(snapshot: ray.ObjectRef, timeout_s: float) -> str | None:
     """The node whose object store holds ``snapshot`` (the node of the worker that made it),
     or None: a snapshot under Ray's 100 KB lives in its owner's memory, on no node, and one
-    whose owner does not answer within :data:`_LOOKUP_S` is written from here. A large one
-    may be listed on its node a moment after it is ready: asked again until then."""
-    deadline = time.monotonic() + _LOOKUP_S
+    whose owner does not answer within ``timeout_s`` (RAYMODULE_CHECKPOINT_LOOKUP_TIMEOUT_S)
+    is written from here. A large one may be listed on its node a moment after it is ready:
+    asked again until then, within the same bound."""
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
-            found = get_object_locations([snapshot], timeout_ms=int(_LOOKUP_S * 1000))
+            found = get_object_locations([snapshot], timeout_ms=max(1, int(timeout_s * 1000)))
         except Exception as err:  # noqa: BLE001 - where to write from is only a preference
             log.debug("where the snapshot is could not be asked (%s): written from here", err)
             return None
