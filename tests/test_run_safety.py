@@ -288,6 +288,43 @@ def test_parameters_that_are_not_finite_are_not_committed(tmp_path, monkeypatch)
     assert writer.failures_in_row == 1 and not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize(
+    "weights",
+    [
+        mx.nd.sparse.row_sparse_array(([[1.0, float("nan")]], [1]), shape=(3, 2)),
+        mx.nd.array([[1.0, float("inf")]], dtype="float16"),
+    ],
+    ids=["row_sparse", "float16"],
+)
+def test_a_parameter_not_finite_is_refused_whatever_its_storage_and_dtype(weights, tmp_path):
+    """Dense parameters are read without MXNet, sparse ones by MXNet: both are checked."""
+    path = tmp_path / "other.params"
+    mx.nd.save(str(path), {"arg:w": weights, "aux:m": mx.nd.zeros((3,))})
+    run = storage.Folder(str(tmp_path / "r"))
+    with pytest.raises(CheckpointError, match="step 12 not committed: parameters arg:w are not"):
+        checkpoint.write(run, Snapshot(path.read_bytes(), b"", {"type": "SGD"}), info(12), keep=2)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_process_that_writes_checkpoints_does_not_import_mxnet(tmp_path):
+    """The task that writes a checkpoint's files reads the parameters without MXNet (seconds
+    to import, and memory, on the worker's node), and records the same shapes."""
+    snapshot(tmp_path)  # tmp_path / "snapshot.params"
+    script = f"""
+import pathlib, sys
+from raymodule.checkpoint import Snapshot
+from raymodule.checkpoint.format import stage_files
+from raymodule.storage import Folder
+params = pathlib.Path({str(tmp_path / "snapshot.params")!r}).read_bytes()
+made = stage_files(Folder({str(tmp_path / "r")!r}), Snapshot(params, b"", None), {info(12)!r})
+print(sorted(made["params"].items()), "mxnet" in sys.modules)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.split() == "[('arg:w', [2, 3]), ('aux:m', [3])] False".split()
+
+
 def test_checkpoints_skipped_while_one_is_written_are_warned_of_once_then_counted(tmp_path, caplog):
     """A run checkpointing faster than its storage commits skips checkpoints: the first skip
     is a warning saying what to change, the others are logged at INFO, and closing the writer

@@ -8,7 +8,7 @@ import pytest
 import ray
 from mxnet.executor_manager import _split_input_slice
 
-from raymodule import data, metrics
+from raymodule import data, metrics, ndfile
 from raymodule import sealed as sealed_module
 from raymodule.constants import Settings
 from raymodule.controller.chunks import steps_per_call
@@ -149,6 +149,83 @@ def test_nd_bytes_are_the_bytes_mx_nd_save_writes(arrays, tmp_path):
     assert data.nd_bytes(arrays) == saved
     buffer = data.nd_buffer(arrays)
     assert buffer.dtype == np.uint8 and buffer.tobytes() == saved
+
+
+def _saved(arrays, tmp_path) -> bytes:
+    path = str(tmp_path / "saved")
+    mx.nd.save(path, arrays)
+    with open(path, "rb") as source:
+        return source.read()
+
+
+def test_ndfile_reads_dense_arrays_as_mxnet_does(tmp_path):
+    """What ``mx.nd.load_frombuffer`` gives (names, shapes, dtypes, values), from ``bytes`` and
+    from a numpy buffer, with a float64 after an odd count of float32 (not 8-byte aligned in
+    the file) and an array with a 0 dimension."""
+    arrays = {
+        "arg:w": mx.nd.array(np.arange(12).reshape(3, 4)),
+        "a": mx.nd.array([1.5, 2, 3]),
+        "b": mx.nd.array([0.1, float("nan")], dtype="float64"),
+        "aux:m": mx.nd.array([1, float("inf")], dtype="float16"),
+        "ids": mx.nd.array([1, 2], dtype="int64"),
+        "n": mx.nd.array([-7], dtype="int32"),
+        "é": mx.nd.array([[[-1]]], dtype="int8"),
+        "u": mx.nd.array([255], dtype="uint8"),
+        "t": mx.nd.array([1, 0], dtype="bool"),
+        "e": mx.nd.array(np.zeros((2, 0, 3))),
+    }
+    saved = _saved(arrays, tmp_path)
+    expected = mx.nd.load_frombuffer(saved)
+    for buffer in (saved, data.nd_buffer(arrays)):
+        read = ndfile.dense_arrays(buffer)
+        assert list(read) == list(expected)
+        for name, array in expected.items():
+            array = array.asnumpy()
+            assert read[name].dtype == array.dtype and read[name].shape == array.shape, name
+            np.testing.assert_array_equal(read[name], array)
+    assert ndfile.dense_arrays(_saved({}, tmp_path)) == {}  # MXNet gives [] (no names)
+
+
+def test_ndfile_leaves_to_mxnet_what_it_does_not_read(tmp_path):
+    """Sparse arrays, a list, arrays saved under NumPy shape semantics (MXNet loads them only
+    there), a NUL in a name (MXNet's names end there), a dtype MXNet cannot load, and broken
+    or hostile bytes: None, never an exception."""
+    dense = _saved({"w": mx.nd.ones((2, 2))}, tmp_path)
+    assert ndfile.dense_arrays(dense) is not None
+    for what in (
+        {"rows": mx.nd.sparse.row_sparse_array((np.ones((1, 3)), [1]), shape=(4, 3))},
+        {"csr": mx.nd.sparse.csr_matrix(np.eye(3))},
+        [mx.nd.ones((2, 2))],
+    ):
+        assert ndfile.dense_arrays(_saved(what, tmp_path)) is None, what
+    assert ndfile.dense_arrays(data.nd_bytes({"a\0b": mx.nd.ones(1)})) is None  # as written
+    with mx.util.np_shape(True):
+        assert ndfile.dense_arrays(_saved({"w": mx.nd.ones((2, 2))}, tmp_path)) is None
+    header = 24 + 12  # the list's head, then the array's magic, storage type and dimensions
+    dims, flag = slice(header, header + 16), slice(header + 16 + 8, header + 16 + 12)
+
+    def changed(where: slice, value: bytes) -> bytes:
+        return dense[: where.start] + value + dense[where.stop :]
+
+    for broken in (
+        dense[:-1],
+        dense + b"\0",
+        dense[:20],
+        b"",
+        b"\0" * 24,
+        changed(flag, (8).to_bytes(4, "little")),  # int16: MXNet 1.9.1 refuses it
+        changed(dims, np.array([0, 2**62], "<i8").tobytes()),  # empty, too big for numpy
+        changed(dims, np.array([-1, 4], "<i8").tobytes()),
+        changed(dims, np.array([2**31, 2**31], "<i8").tobytes()),
+        changed(slice(16, 24), (2**64 - 1).to_bytes(8, "little")),  # the count of arrays
+    ):
+        assert ndfile.dense_arrays(broken) is None, broken
+    rng = np.random.default_rng(0)
+    for _ in range(2000):  # any byte changed, any length cut: a dict or None
+        mutated = bytearray(dense[: rng.integers(len(dense) + 1)])
+        if mutated:
+            mutated[rng.integers(len(mutated))] = rng.integers(256)
+        ndfile.dense_arrays(bytes(mutated))
 
 
 def test_nd_buffer_copies_each_arrays_data_anew_after_a_header_made_once(tmp_path):

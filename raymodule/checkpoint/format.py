@@ -25,7 +25,9 @@ may be another process's write in progress. The run's ownership of the folder is
 before a checkpoint's first write, before its commit and before each delete
 (:mod:`raymodule.lease`).
 
-MXNet is imported only to read the parameters (are they finite, what shapes they have).
+The parameters are read (are they finite, what shapes they have) as numpy views of the
+snapshot's bytes (:mod:`raymodule.ndfile`); MXNet is imported only for what that does not read
+(sparse arrays).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
+from .. import ndfile
 from ..errors import CheckpointError
 from ..storage import Folder, redact
 from . import manifest as manifests
@@ -195,8 +200,8 @@ def stage_files(run: Folder, snapshot: Snapshot | None, info: dict) -> dict | No
     if snapshot is None:
         return None
     name = folder_name(info["global_step"])
-    arrays = _load(snapshot.params)
-    bad = _not_finite(arrays)
+    arrays = _arrays(snapshot.params)
+    bad = [key for key, array in arrays.items() if not _finite(array)]
     if bad:
         raise CheckpointError(
             f"checkpoint at step {info['global_step']} not committed: parameters "
@@ -209,19 +214,21 @@ def stage_files(run: Folder, snapshot: Snapshot | None, info: dict) -> dict | No
     return manifests.make(files, info, snapshot.optimizer or {}, params, _versions())
 
 
-def _load(params) -> dict:
+def _arrays(params) -> dict:
     """The arrays of MXNet's ``.params`` bytes (or a numpy array of them), by name
-    (``arg:w``, ``aux:m``)."""
-    import mxnet as mx
+    (``arg:w``, ``aux:m``): numpy views of the bytes when :mod:`raymodule.ndfile` reads them
+    (dense arrays), else MXNet's NDArrays."""
+    arrays = ndfile.dense_arrays(params)
+    if arrays is None:
+        import mxnet as mx
 
-    return mx.nd.load_frombuffer(bytes(params))
+        arrays = mx.nd.load_frombuffer(bytes(params))
+    return arrays
 
 
-def _not_finite(arrays: dict) -> list[str]:
-    """The names of the ``arrays`` that hold a NaN or infinity."""
-    import numpy as np
-
-    return [name for name, array in arrays.items() if not np.isfinite(array.asnumpy()).all()]
+def _finite(array) -> bool:
+    """Whether a numpy array or an NDArray (copied to numpy alone) holds no NaN or infinity."""
+    return bool(np.isfinite(array if isinstance(array, np.ndarray) else array.asnumpy()).all())
 
 
 def _tidy(

@@ -48,10 +48,9 @@ def _stage_task(run: Folder, snapshot, info: dict) -> tuple[dict | None, str]:
 
 @ray.remote(num_cpus=0)
 def _ready_to_stage() -> None:
-    """Imports what :func:`stage_files` needs (MXNet: seconds) in a worker process of this
-    node, which Ray then keeps for the tasks that write: the first checkpoint does not pay
-    for the imports while training goes on."""
-    import mxnet  # noqa: F401
+    """Starts a worker process on this node that has imported this module, and with it what
+    :func:`stage_files` needs (not MXNet: :mod:`raymodule.ndfile` reads the parameters); Ray
+    keeps it for the tasks that write, so the first checkpoint does not wait for a process."""
 
 
 class CheckpointWriter:

@@ -13,6 +13,7 @@ import mxnet as mx
 import numpy as np
 from mxnet.io import DataDesc
 
+from ..ndfile import LIST_MAGIC
 from .parts import Batch, split_slices
 
 __all__ = [
@@ -103,9 +104,6 @@ def copy_into(target: mx.nd.NDArray, array: np.ndarray) -> None:
         target[:] = array
 
 
-_ND_LIST_MAGIC = 0x112  # MXNet's kMXAPINDArrayListMagic: an NDArray file's first 8 bytes
-
-
 def nd_bytes(arrays) -> bytes:
     """``arrays`` (what ``mx.nd.save`` takes: a dict of NDArrays by name, a list, or one
     NDArray) in MXNet's NDArray file format, in memory: the bytes ``mx.nd.save`` writes
@@ -137,7 +135,7 @@ def nd_buffer(arrays) -> np.ndarray:
             "expected what mx.nd.save takes: a dict of str -> NDArray, a list of NDArrays or "
             f"an NDArray, not {type(arrays).__name__}"
         )
-    head = struct.pack("<QQQ", _ND_LIST_MAGIC, 0, len(values))
+    head = struct.pack("<QQQ", LIST_MAGIC, 0, len(values))
     tail = [struct.pack("<Q", len(names))]
     for name in names:
         encoded = name.encode()
