@@ -10,6 +10,7 @@ asynchronous engine reports an error at the next read.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import uuid
@@ -94,6 +95,9 @@ class ControllerHandle:
         self.on_membership = None  # set by an elastic run: called with each change, as a dict
         self.lost: WorkerLostError | None = None
         self.params_dirty = False  # the workers' parameters are newer than the client's copy
+        self._steps_seen = 0  # the most steps_sent a reply said: more are newer parameters
+        self._params_at_end = None  # (module, steps, reference): a plan's last reply's
+        self._changes = 0  # calls that may have changed the workers' parameters without a step
         self._posted = 0  # posts since the last call read
         self._held = {"placement_groups": ()}  # what the controller made, for _shutdown
         self._finalizer = weakref.finalize(self, _shutdown, self.controller, self._held)
@@ -138,6 +142,7 @@ class ControllerHandle:
         """Calls ``method(*args, *per_worker[rank])`` on every worker (or ``ranks``); its
         error surfaces at the next call read."""
         self._usable()
+        self._may_change_params()  # set_params, a restore, ...
         args, per_worker = seal_objects(args), seal_objects(per_worker)
         self.controller.post.remote(method, args, per_worker, ranks, self.generation)
         self._posted += 1
@@ -146,6 +151,7 @@ class ControllerHandle:
 
     def call(self, method: str, *args, per_worker=None, ranks=None) -> list:
         """Calls ``method`` on the workers and returns their results, in rank order."""
+        self._may_change_params()
         args, per_worker = seal_objects(args), seal_objects(per_worker)
         return self._read("call", method, args, per_worker, ranks, self.generation)
 
@@ -155,17 +161,20 @@ class ControllerHandle:
 
     def create(self, mid: int, args: tuple, per_slot: list) -> None:
         self._usable()
+        self._may_change_params()
         self.controller.create.remote(mid, seal_objects(args), seal_objects(per_slot))
 
     def bind(
         self, mid: int, args: tuple, shapes: tuple, work_load: list, balance: bool = False
     ) -> dict:
         """Binds a module's replicas to the global ``(data_shapes, label_shapes)``."""
+        self._may_change_params()
         size = batch_size_of(shapes[0])
         return self._read("bind", mid, seal_objects(args), seal(shapes), size, work_load, balance)
 
     def reshape(self, mid: int, shapes: tuple) -> None:
         self._usable()
+        self._may_change_params()
         self.controller.reshape.remote(mid, seal(shapes), batch_size_of(shapes[0]))
 
     def set_metric(self, metric) -> None:
@@ -182,7 +191,33 @@ class ControllerHandle:
         self._usable()
         self._posted = 0
         key = uuid.uuid4().hex
-        return PlanProgress(self, self.controller.run.remote(kind, dict(plan, stop_key=key)), key)
+        stream = self.controller.run.remote(kind, dict(plan, stop_key=key))
+        return PlanProgress(self, stream, key, plan.get("params_at_end"), self._changes)
+
+    def params(self, mid: int) -> tuple[dict, dict]:
+        """Worker 0's parameters and auxiliary states of module ``mid`` (numpy arrays by
+        name): those the last plan brought at its end when no step and no call that may
+        change them was sent since (and its worker 0 answered within
+        RAYMODULE_CONTROL_TIMEOUT_S), else asked for now."""
+        self._usable()
+        held, self._params_at_end = self._params_at_end, None
+        if held is not None and held[:2] == (mid, self.steps_sent):
+            with contextlib.suppress(ray.exceptions.RayError):  # lost: asked of the group now
+                value = ray.get(held[2], timeout=self.settings.control_timeout_s)
+                if value is not None:
+                    return value
+        return self._read("call", "get_params", (mid,), None, [0], self.generation)[0]
+
+    def _brought(self, mid: int, steps: int, params: ray.ObjectRef, changes: int) -> None:
+        """A plan's last reply brought worker 0's parameters of ``mid`` after ``steps``: kept
+        for :meth:`params` unless a call that may change them was made since the plan began
+        (a callback's set_params: it reached the workers after the plan's steps)."""
+        self._params_at_end = (mid, steps, params) if changes == self._changes else None
+
+    def _may_change_params(self) -> None:
+        """A call that may change the workers' parameters without a step is being sent."""
+        self._changes += 1
+        self._params_at_end = None
 
     def snapshot(self, mid: int, steps: int) -> ray.ObjectRef:
         """Worker 0's copy of a module's state after ``steps`` training steps (a reference)."""
@@ -194,7 +229,9 @@ class ControllerHandle:
         self._read("configure", limits, failures)
 
     def end_run(self) -> None:
-        """An elastic run ended (``fit`` returned or failed): a lost worker fails again."""
+        """A run ended (``fit`` returned or failed): a lost worker fails again, and parameters
+        a plan brought and nobody read are let go."""
+        self._params_at_end = None
         self.on_membership = None
         self.limits = policy.Limits(len(self.contexts), elastic=False)
         if self.lost is None and not self.closed:
@@ -257,6 +294,10 @@ class ControllerHandle:
         if membership is not None:  # changed
             self._held["placement_groups"] = membership.placement_groups
             self.membership = membership
+            self._steps_seen = -1  # steps a lost worker voided are counted again
+        if view["steps_sent"] > self._steps_seen:  # trained since: newer than the client's
+            self.params_dirty = True  # (a plan's replies read after a call's may say fewer)
+            self._steps_seen = view["steps_sent"]
         self.steps_sent = view["steps_sent"]
         self.steps_per_call = view["steps_per_call"]
         self.failures = view["failures"]
@@ -291,8 +332,17 @@ class PlanProgress:
     """The progress of a plan the controller runs (:meth:`ControllerHandle.run`): its
     replies, in order, each read within the longest a controller call may take."""
 
-    def __init__(self, handle: ControllerHandle, stream: ray.ObjectRefGenerator, key: str):
+    def __init__(
+        self,
+        handle: ControllerHandle,
+        stream: ray.ObjectRefGenerator,
+        key: str,
+        params_of: int | None,
+        changes: int,
+    ):
         self._handle, self._stream, self._key = handle, stream, key
+        # the module whose parameters the last reply brings; the handle's changes at the start
+        self._params_of, self._changes = params_of, changes
         self._stopping = False
 
     def __iter__(self) -> PlanProgress:
@@ -307,6 +357,9 @@ class PlanProgress:
             self._end()
             raise
         if "stopped_at" in progress:  # the last
+            params = progress.pop("params", None)
+            if params is not None and not self._stopping:
+                handle._brought(self._params_of, *params, self._changes)
             self._end()
         handle._apply(view)
         return progress

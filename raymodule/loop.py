@@ -251,13 +251,13 @@ class TrainingLoops:
                     checkpoint_every=every,
                     on_checkpoint=partial(checkpoint, epoch),
                     stop=(lambda: run_folder.preempted) if run_folder is not None else None,
+                    params_at_end=epoch_end_callback is not None,
                 )
                 if resume is not None and epoch == begin_epoch:  # its length known only now
                     continuity.check_epoch_length(resume, run_folder.config.name, done.batches)
                 per_epoch = done.batches
                 if run_folder is not None:
                     checkpoint(epoch + 1, 0, self._workers.steps_sent)
-                self._params_dirty = True
                 toc = time.time() - tic
                 for name, val in done.name_values:
                     self.logger.info("Epoch[%d] Train-%s=%f", epoch, name, val)

@@ -532,7 +532,7 @@ class Module(loop.TrainingLoops, BaseModule):
 
     def _sync_params_from_devices(self):
         """Copies the parameters of worker 0 (all replicas are identical) into the host copy."""
-        arg, aux = self._workers.call("get_params", self._id, ranks=[0])[0]
+        arg, aux = self._workers.params(self._id)
         for held, fresh in ((self._arg_params, arg), (self._aux_params, aux)):
             for name, value in fresh.items():
                 if name in held and held[name].stype == "default":

@@ -164,6 +164,7 @@ def steps(
     checkpoint_every=0,
     on_checkpoint=None,
     stop=None,
+    params_at_end=False,
 ):
     """Runs ``method`` ("train_step" or "eval_step") on every batch of ``data_iter`` and
     yields each step once it finished, in order: ``(step, results, slices)``, where
@@ -187,6 +188,9 @@ def steps(
     next batch boundary the same way, finishes the steps sent and raises
     :class:`raymodule.errors.Preempted`; when a worker received it, the loop checkpoints at
     the next batch boundary too, and the controller removes that worker there, gracefully.
+    With ``params_at_end`` (the caller reads the parameters next, as fit does for an
+    ``epoch_end_callback``), worker 0's parameters after the last step come with the last
+    step's progress when the controller runs the steps (:meth:`ControllerHandle.params`).
 
     The controller runs the steps (:meth:`raymodule.controller.Controller.advance`): this
     loop puts each worker's part of every chunk of batches in the object store, hands the
@@ -239,6 +243,7 @@ def steps(
             module, data_iter, method, epoch, tally, dataset, num_batch=num_batch,
             sparse_row_id_fn=sparse_row_id_fn, first_batch=first_batch,
             checkpoint_every=checkpoint_every, on_checkpoint=on_checkpoint, stop=stop,
+            params_at_end=params_at_end,
         )  # fmt: skip
         return
     # with a monitor, statistics are collected step by step, as MXNet does: one a call
@@ -331,7 +336,7 @@ def steps(
 
 def _planned(
     module, data_iter, method, epoch, tally: Epoch, dataset, *, num_batch, sparse_row_id_fn,
-    first_batch, checkpoint_every, on_checkpoint, stop,
+    first_batch, checkpoint_every, on_checkpoint, stop, params_at_end,
 ):  # fmt: skip
     """:func:`steps` of a :class:`raymodule.data.DatasetIter`: the controller runs them. The
     batches' indices are read here into plans of up to ``_PLAN_STEPS`` steps, one controller
@@ -341,14 +346,16 @@ def _planned(
     handed to ``on_checkpoint(nbatch, steps, snapshot)`` as it is read. When ``stop()``
     becomes true the plan is stopped at the controller's next chunk boundary, checkpointed
     there and :class:`raymodule.errors.Preempted` raised; when the caller stops reading, it is
-    stopped and the steps in flight finish unread."""
+    stopped and the steps in flight finish unread. With ``params_at_end``, the last plan asks
+    for worker 0's parameters after its steps (:meth:`ControllerHandle.params` reads them)."""
     workers = module._workers
     serials = itertools.count()
     plan: list[_Step] = []
     early: list = []  # (step, results, slices) of a plan run before a reshape, not yielded yet
 
-    def run_plan():
-        """Runs the plan; yields its steps as they finish."""
+    def run_plan(last: bool = False):
+        """Runs the plan; yields its steps as they finish. The ``last`` of an epoch brings
+        the parameters after it when the caller asked for them."""
         if not plan:
             return
         sent = {next(serials): step for step in plan}
@@ -362,6 +369,8 @@ def _planned(
             "positions": [step.nbatch for step in plan],
             "depth": workers.settings.pipeline_depth,
         }
+        if last and params_at_end:
+            spec["params_at_end"] = module._snapshot_id
         if on_checkpoint is not None:
             spec.update(
                 snapshot=module._snapshot_id,
@@ -398,6 +407,8 @@ def _planned(
         if stop is not None and stop():
             yield from run_plan()
             raise _preempt(epoch, nbatch, first_batch, on_checkpoint, workers.steps_sent)
+        if len(plan) >= _PLAN_STEPS:  # run once another batch follows: the last is never empty
+            yield from run_plan()
         tally.batches = nbatch + 1
         target = module._step_module(data_batch, flush=run_early)
         target.prepare(data_batch, sparse_row_id_fn=sparse_row_id_fn)
@@ -405,9 +416,7 @@ def _planned(
         plan.append(_Step(nbatch, data_batch, None, target, data_batch.index))
         yield from early
         early.clear()
-        if len(plan) >= _PLAN_STEPS:
-            yield from run_plan()
-    yield from run_plan()
+    yield from run_plan(last=True)
 
 
 def _add_seconds(tally: Epoch, reply: dict) -> None:

@@ -214,6 +214,78 @@ def test_callbacks_run_in_the_client_in_order_with_mxnet_arguments():
     assert starts[0] < starts[1]
 
 
+def test_an_epoch_end_callback_reads_the_epochs_parameters_as_mxnet_gives_them():
+    """The parameters after an epoch's last step come with its last progress (no call at the
+    epoch's end): the callback gets MXNet's values, every epoch. Parameters a batch callback
+    sets after the last step, with or without reading them first, are those the epoch's
+    callback reads, as in MXNet."""
+    x, y = dataset(n=96)
+    seen = {}
+    for cls, ctxs in ((mx.mod.Module, mx.cpu()), (raymodule.Module, [mx.cpu(0), mx.cpu(1)])):
+        mx.random.seed(3)
+        train = mx.io.NDArrayIter(x, y, batch_size=16)
+        mod = cls(mlp(), context=ctxs)
+        mod.bind(train.provide_data, train.provide_label)
+        mod.init_params(mx.init.Xavier())
+        start = [{k: v.copy() for k, v in held.items()} for held in mod.get_params()]
+        read, brought = [], []
+
+        def on_batch(param, mod=mod, start=start, brought=brought):
+            if param.nbatch < 5:
+                return
+            brought.append(getattr(getattr(mod, "_workers", None), "_params_at_end", None))
+            if param.epoch == 0:  # after the epoch's last step: back to the start
+                mod.set_params(*start)
+            elif param.epoch == 1:
+                arg, aux = mod.get_params()
+                mod.set_params({k: v * 0.5 for k, v in arg.items()}, aux)
+
+        def on_epoch(epoch, symbol, arg, aux, read=read):
+            read.append({k: v.copy() for k, v in arg.items()})
+
+        mod.fit(
+            train,
+            num_epoch=3,
+            optimizer_params=SGD,
+            batch_end_callback=on_batch,
+            epoch_end_callback=on_epoch,
+        )
+        seen[cls] = read
+        if cls is raymodule.Module:
+            mod.close()
+            assert all(held is not None for held in brought), brought
+    native, ours = seen[mx.mod.Module], seen[raymodule.Module]
+    assert max_relative_diff(start[0], ours[0]) == 0.0
+    for epoch in range(3):
+        assert max_relative_diff(native[epoch], ours[epoch]) <= 1e-5, epoch
+
+
+def test_parameters_a_callback_sets_while_steps_run_ahead_are_those_the_epochs_end_reads(
+    monkeypatch,
+):
+    """A batch callback trails the workers: parameters it sets early in an epoch reach them
+    after the epoch's plan of steps, and the epoch's end reads those it set, not the
+    parameters the plan brought (calls of 2 steps: the callback runs while the plan's later
+    steps are still being sent)."""
+    monkeypatch.setenv("RAYMODULE_STEPS_PER_CALL", "2")
+    x, y = dataset(n=16 * 30)
+    train = mx.io.NDArrayIter(x, y, batch_size=16)
+    with raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)]) as mod:
+        mod.bind(train.provide_data, train.provide_label)
+        mod.init_params(mx.init.Xavier())
+        start = [{k: v.copy() for k, v in held.items()} for held in mod.get_params()]
+        read = []
+        mod.fit(
+            train,
+            num_epoch=1,
+            optimizer_params=SGD,
+            batch_end_callback=lambda param: param.nbatch == 5 and mod.set_params(*start),
+            epoch_end_callback=lambda epoch, symbol, arg, aux: read.append(arg),
+        )
+        assert max_relative_diff(start[0], read[0]) == 0.0
+        assert max_relative_diff(start[0], mod.get_params()[0]) == 0.0
+
+
 def test_checkpoints_are_mxnet_checkpoints(tmp_path):
     x, y = dataset(n=48)
     it = mx.io.NDArrayIter(x, y, batch_size=24)

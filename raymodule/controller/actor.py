@@ -275,7 +275,11 @@ class Controller:
         snapshot)`` taken at a batch boundary before the reply's chunk was sent (or None),
         and in the last one ``stopped_at``: the first batch not sent because the client asked
         the plan to stop (:func:`stop_plan` with ``stop_key``, seen at chunk boundaries; the
-        steps in flight are finished), else None."""
+        steps in flight are finished), else None. A plan with ``params_at_end`` (a module)
+        that ran to its end has in the last reply ``params``: ``(training steps, a reference
+        to worker 0's parameters of that module after them)``, asked for as its last steps
+        were sent, so that the client's read of them at an epoch's end waits for no more calls
+        (the reference holds None if a step before failed)."""
         steps = chunks.steps_of(plan)
         positions, every = plan["positions"], plan.get("checkpoint_every")
         start = 0
@@ -302,6 +306,10 @@ class Controller:
             yield progress, self.view()
         last = {"steps": [], "seconds": {}}
         last["stopped_at"] = positions[start] if start < len(positions) else None
+        wanted = plan.get("params_at_end")
+        if wanted is not None and last["stopped_at"] is None and steps:
+            params = self._submit("params_after", wanted, self.steps_sent, ranks=[0])[0]
+            last["params"] = (self.steps_sent, params)
         yield self._advance(kind, [], 0, last), self.view()
 
     def snapshot(self, mid: int, steps: int) -> tuple:

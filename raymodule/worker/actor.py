@@ -245,6 +245,13 @@ class ModuleWorker:
     def get_params(self, mid) -> tuple[dict, dict]:
         return native.host_params(self._modules[mid])
 
+    def params_after(self, mid, expected: int) -> tuple[dict, dict] | None:
+        """:meth:`get_params` if this replica has applied ``expected`` steps, else None (a
+        step before failed: it is run again after the group is formed anew)."""
+        if self._broken is not None or expected != self._applied:
+            return None
+        return native.host_params(self._modules[mid])
+
     def init_optimizer(self, mid, optimizer, optimizer_params, force_init) -> None:
         with warnings.catch_warnings():
             # rescale_grad is set by the client for the global batch, which MXNet cannot know.
