@@ -203,10 +203,12 @@ def steps(
     with None as results.
     """
     workers = module._workers
-    workers.sync()
-    workers.set_metric(metric)
     # a DatasetIter: the workers read their rows; the client sends indices only
     indexed = isinstance(data_iter, data.DatasetIter) and getattr(module, "_reads_datasets", False)
+    planned = indexed and monitor is None  # the controller runs them, from a plan
+    if not planned:  # a plan waits for the calls posted before it on the controller
+        workers.sync()
+    workers.set_metric(metric)
     dataset = data_iter.dataset if indexed else None
     if indexed:
         # an ArrayDataset is put in the object store once here; the calls carry its reference
@@ -238,7 +240,7 @@ def steps(
             "data_names": data_iter.data_names,
             "label_names": data_iter.label_names,
         }
-    if indexed and monitor is None:  # the controller runs them, from a plan of the batches
+    if planned:
         yield from _planned(
             module, data_iter, method, epoch, tally, dataset, num_batch=num_batch,
             sparse_row_id_fn=sparse_row_id_fn, first_batch=first_batch,

@@ -401,7 +401,26 @@ def test_a_dataset_epoch_is_one_controller_call_and_none_to_a_worker(monkeypatch
     assert made[400] == made[1600], made
     assert not [call for call in made[400] if call[0] != "Controller"], made[400]
     assert made[400][("Controller", "run")] == 2, made[400]  # one plan an epoch
-    assert sum(made[400].values()) <= 12, made[400]
+    # the only call waited for: the plan waits for the calls posted before it itself
+    assert ("Controller", "sync") not in made[400], made[400]
+    assert sum(made[400].values()) <= 6, made[400]
+
+
+@pytest.mark.filterwarnings("ignore:Parameters already initialized")
+def test_a_call_posted_before_a_plan_that_failed_fails_the_plan_before_any_step():
+    """A plan waits for the calls posted before it (set_params, set_metric, ...) and raises
+    the first error among them, as a sync would, before it sends a step."""
+    train = DatasetIter(ArrayDataset(*dataset(n=160)), 8)
+    with raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)]) as mod:
+        mod.bind(train.provide_data, train.provide_label)
+        mod.init_params(mx.init.Xavier())
+        mod.init_optimizer(optimizer_params=SGD)
+        workers = mod._workers
+        wrong = {"fc1_weight": np.zeros((3, 3), np.float32)}  # past Module's own checks
+        workers.post("set_params", mod._id, wrong, {}, True, False)
+        with pytest.raises(raymodule.RayModuleError, match="set_params") as failed:
+            mod.fit(train, num_epoch=1)
+        assert workers.steps_sent == 0, failed.value
 
 
 def test_breaking_out_of_iter_predict_stops_the_plan_and_the_module_goes_on():

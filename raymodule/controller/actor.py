@@ -279,7 +279,10 @@ class Controller:
         that ran to its end has in the last reply ``params``: ``(training steps, a reference
         to worker 0's parameters of that module after them)``, asked for as its last steps
         were sent, so that the client's read of them at an epoch's end waits for no more calls
-        (the reference holds None if a step before failed)."""
+        (the reference holds None if a step before failed). The calls posted before the plan
+        are waited for first, and the first error among them raised (:meth:`sync`: the client
+        need not ask)."""
+        self._sync()
         steps = chunks.steps_of(plan)
         positions, every = plan["positions"], plan.get("checkpoint_every")
         start = 0
