@@ -349,17 +349,22 @@ def _planned(
     becomes true the plan is stopped at the controller's next chunk boundary, checkpointed
     there and :class:`raymodule.errors.Preempted` raised; when the caller stops reading, it is
     stopped and the steps in flight finish unread. With ``params_at_end``, the last plan asks
-    for worker 0's parameters after its steps (:meth:`ControllerHandle.params` reads them)."""
+    for worker 0's parameters after its steps (:meth:`ControllerHandle.params` reads them).
+    The first plan waits for the calls posted before it (and raises the first error among
+    them, after its batches were read); with no plan at all, the client asks for that wait."""
     workers = module._workers
     serials = itertools.count()
     plan: list[_Step] = []
     early: list = []  # (step, results, slices) of a plan run before a reshape, not yielded yet
+    plans = 0
 
     def run_plan(last: bool = False):
         """Runs the plan; yields its steps as they finish. The ``last`` of an epoch brings
         the parameters after it when the caller asked for them."""
+        nonlocal plans
         if not plan:
             return
+        plans += 1
         sent = {next(serials): step for step in plan}
         spec = {
             "serials": list(sent),
@@ -419,6 +424,8 @@ def _planned(
         yield from early
         early.clear()
     yield from run_plan(last=True)
+    if not plans:  # no batch: the calls posted before are checked all the same
+        workers.sync()
 
 
 def _add_seconds(tally: Epoch, reply: dict) -> None:

@@ -409,7 +409,8 @@ def test_a_dataset_epoch_is_one_controller_call_and_none_to_a_worker(monkeypatch
 @pytest.mark.filterwarnings("ignore:Parameters already initialized")
 def test_a_call_posted_before_a_plan_that_failed_fails_the_plan_before_any_step():
     """A plan waits for the calls posted before it (set_params, set_metric, ...) and raises
-    the first error among them, as a sync would, before it sends a step."""
+    the first error among them, as a sync would, before it sends a step; a loop with no
+    batch to plan waits for them all the same."""
     train = DatasetIter(ArrayDataset(*dataset(n=160)), 8)
     with raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)]) as mod:
         mod.bind(train.provide_data, train.provide_label)
@@ -418,9 +419,15 @@ def test_a_call_posted_before_a_plan_that_failed_fails_the_plan_before_any_step(
         workers = mod._workers
         wrong = {"fc1_weight": np.zeros((3, 3), np.float32)}  # past Module's own checks
         workers.post("set_params", mod._id, wrong, {}, True, False)
-        with pytest.raises(raymodule.RayModuleError, match="set_params") as failed:
+        with pytest.raises(raymodule.RayModuleError, match="set_params"):
             mod.fit(train, num_epoch=1)
-        assert workers.steps_sent == 0, failed.value
+        workers.sync()  # the error was raised once: nothing is left to wait for
+        assert workers.steps_sent == 0 and workers.call("applied") == [0, 0]
+        assert workers.lost is None
+        # with no batch to run, no plan waits: the client does
+        workers.post("set_params", mod._id, wrong, {}, True, False)
+        with pytest.raises(raymodule.RayModuleError, match="set_params"):
+            mod.score(DatasetIter(ArrayDataset(*dataset(n=160)), 8), "acc", num_batch=0)
 
 
 def test_breaking_out_of_iter_predict_stops_the_plan_and_the_module_goes_on():
