@@ -96,7 +96,7 @@ class ControllerHandle:
         self.lost: WorkerLostError | None = None
         self.params_dirty = False  # the workers' parameters are newer than the client's copy
         self._steps_seen = 0  # the most steps_sent a reply said: more are newer parameters
-        self._params_at_end = None  # (module, steps, reference): a plan's last reply's
+        self._params_at_end = None  # (module, steps): what a plan's last reply brought
         self._changes = 0  # calls that may have changed the workers' parameters without a step
         self._posted = 0  # posts since the last call read
         self._held = {"placement_groups": ()}  # what the controller made, for _shutdown
@@ -201,18 +201,28 @@ class ControllerHandle:
         RAYMODULE_CONTROL_TIMEOUT_S), else asked for now."""
         self._usable()
         held, self._params_at_end = self._params_at_end, None
-        if held is not None and held[:2] == (mid, self.steps_sent):
+        if held == (mid, self.steps_sent):
             with contextlib.suppress(ray.exceptions.RayError):  # lost: asked of the group now
-                value = ray.get(held[2], timeout=self.settings.control_timeout_s)
+                params = self.hand_over("params", self.steps_sent)
+                bound = self.settings.control_timeout_s
+                value = None if params is None else ray.get(params, timeout=bound)
                 if value is not None:
                     return value
         return self._read("call", "get_params", (mid,), None, [0], self.generation)[0]
 
-    def _brought(self, mid: int, steps: int, params: ray.ObjectRef, changes: int) -> None:
-        """A plan's last reply brought worker 0's parameters of ``mid`` after ``steps``: kept
-        for :meth:`params` unless a call that may change them was made since the plan began
-        (a callback's set_params: it reached the workers after the plan's steps)."""
-        self._params_at_end = (mid, steps, params) if changes == self._changes else None
+    def hand_over(self, what: str, steps: int) -> ray.ObjectRef | None:
+        """The reference the running or last plan made for the client after ``steps``
+        (:meth:`Controller.hand_over`), or None."""
+        ref = self.controller.hand_over.remote(what, steps)
+        (value,) = self._answer("hand_over", lambda bound: ray.get(ref, timeout=bound), 0.0)
+        return value
+
+    def _brought(self, mid: int, steps: int, changes: int) -> None:
+        """A plan's last reply says worker 0's parameters of ``mid`` after ``steps`` were
+        asked for: taken by :meth:`params` unless a call that may change them was made since
+        the plan began (a callback's set_params: it reached the workers after the plan's
+        steps)."""
+        self._params_at_end = (mid, steps) if changes == self._changes else None
 
     def _may_change_params(self) -> None:
         """A call that may change the workers' parameters without a step is being sent."""
@@ -356,10 +366,13 @@ class PlanProgress:
         except BaseException:  # its end (StopIteration), or the plan failed
             self._end()
             raise
+        if progress.get("checkpoint") is not None:  # taken beside the plan, as it runs
+            batch, steps = progress["checkpoint"]
+            progress["checkpoint"] = (batch, steps, handle.hand_over("snapshot", steps))
         if "stopped_at" in progress:  # the last
-            params = progress.pop("params", None)
-            if params is not None and not self._stopping:
-                handle._brought(self._params_of, *params, self._changes)
+            steps = progress.pop("params", None)
+            if steps is not None and not self._stopping:
+                handle._brought(self._params_of, steps, self._changes)
             self._end()
         handle._apply(view)
         return progress

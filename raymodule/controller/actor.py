@@ -157,6 +157,8 @@ class Controller:
         self._streams: dict[str, _Stream] = {}  # the Ray Datasets streamed, by iterator key
         self._in_pass = False  # a Ray Dataset's pass is being streamed: its splits are fixed
         self._step_s: float | None = None  # a step's seconds on the workers, as last measured
+        # references a plan made for the client, until it takes them (:meth:`hand_over`)
+        self._handed: dict[tuple, ray.ObjectRef] = {}
 
     # -- the client's calls: those it reads return (value, view), the others nothing ---------------
     def start(self, start_with: int | None = None) -> tuple:
@@ -271,17 +273,18 @@ class Controller:
         checkpointed run ``snapshot`` (the module whose state a checkpoint holds),
         ``checkpoint_every`` (0: none but those a leaving member asks for) and
         ``first_batch`` (no checkpoint before a batch after it). ``progress`` is
-        :meth:`advance`'s reply, with ``checkpoint``: ``(batch, training steps, worker 0's
-        snapshot)`` taken at a batch boundary before the reply's chunk was sent (or None),
-        and in the last one ``stopped_at``: the first batch not sent because the client asked
-        the plan to stop (:func:`stop_plan` with ``stop_key``, seen at chunk boundaries; the
-        steps in flight are finished), else None. A plan with ``params_at_end`` (a module)
-        that ran to its end has in the last reply ``params``: ``(training steps, a reference
-        to worker 0's parameters of that module after them)``, asked for as its last steps
-        were sent, so that the client's read of them at an epoch's end waits for no more calls
-        (the reference holds None if a step before failed). The calls posted before the plan
-        are waited for first, and the first error among them raised (:meth:`sync`: the client
-        need not ask)."""
+        :meth:`advance`'s reply, with ``checkpoint``: ``(batch, training steps)`` of a
+        snapshot of worker 0 taken at a batch boundary before the reply's chunk was sent (or
+        None; :meth:`hand_over` gives the snapshot), and in the last one ``stopped_at``: the
+        first batch not sent because the client asked the plan to stop (:func:`stop_plan`
+        with ``stop_key``, seen at chunk boundaries; the steps in flight are finished), else
+        None. A plan with ``params_at_end`` (a module) that ran to its end has in the last
+        reply ``params``: the training steps after which worker 0's parameters of that module
+        were asked for, as its last steps were sent, so that the client's read of them at an
+        epoch's end waits for no step (:meth:`hand_over` gives the reference, which holds
+        None if a step before failed). The calls posted before the plan are waited for first,
+        and the first error among them raised (:meth:`sync`: the client need not ask)."""
+        self._handed.clear()  # the last plan's: the client took what it wanted
         self._sync()
         steps = chunks.steps_of(plan)
         positions, every = plan["positions"], plan.get("checkpoint_every")
@@ -298,7 +301,8 @@ class Controller:
             if every is not None and due and batch > plan["first_batch"]:
                 mid, steps_done = plan["snapshot"], self.steps_sent
                 snapshot = self._submit("snapshot", mid, steps_done, ranks=[0])[0]
-                progress["checkpoint"] = (batch, steps_done, snapshot)
+                self._handed["snapshot", steps_done] = snapshot
+                progress["checkpoint"] = (batch, steps_done)
             stop = start + 1
             while stop < len(steps) and stop - start < self._steps_per_call():
                 if every and positions[stop] % every == 0:
@@ -312,8 +316,20 @@ class Controller:
         wanted = plan.get("params_at_end")
         if wanted is not None and last["stopped_at"] is None and steps:
             params = self._submit("params_after", wanted, self.steps_sent, ranks=[0])[0]
-            last["params"] = (self.steps_sent, params)
+            self._handed["params", self.steps_sent] = params
+            last["params"] = self.steps_sent
         yield self._advance(kind, [], 0, last), self.view()
+
+    @ray.method(concurrency_group="hand_over")
+    def hand_over(self, what: str, steps: int) -> tuple:
+        """``(reference,)``: what the plan running or last run made for the client after
+        ``steps`` training steps (``what``: "snapshot", a checkpoint's; "params", worker 0's
+        parameters at its end), or ``(None,)`` if it has none. The client takes them here,
+        in a call of their own group that runs beside the plan, not from the plan's replies:
+        a reference the controller made, read from a streaming generator's reply, can be
+        freed by Ray while the client still holds it (ray-project/ray#58080), and one read
+        from an ordinary call's reply is counted as the client's."""
+        return (self._handed.pop((what, steps), None),)
 
     def snapshot(self, mid: int, steps: int) -> tuple:
         """Worker 0's copy of a module's state once it has applied ``steps`` (None then if a
@@ -958,4 +974,6 @@ def _stop_asked(key: str) -> bool:
     return internal_kv._internal_kv_exists(key, namespace=_PLANS)
 
 
-RemoteController = ray.remote(num_cpus=0, max_restarts=0)(Controller)
+RemoteController = ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={"hand_over": 1})(
+    Controller
+)
