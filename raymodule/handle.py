@@ -96,7 +96,7 @@ class ControllerHandle:
         self.lost: WorkerLostError | None = None
         self.params_dirty = False  # the workers' parameters are newer than the client's copy
         self._steps_seen = 0  # the most steps_sent a reply said: more are newer parameters
-        self._params_at_end = None  # (module, steps): what a plan's last reply brought
+        self._params_at_end = None  # (module, steps, plan): what a plan's last reply brought
         self._changes = 0  # calls that may have changed the workers' parameters without a step
         self._posted = 0  # posts since the last call read
         self._held = {"placement_groups": ()}  # what the controller made, for _shutdown
@@ -201,28 +201,28 @@ class ControllerHandle:
         RAYMODULE_CONTROL_TIMEOUT_S), else asked for now."""
         self._usable()
         held, self._params_at_end = self._params_at_end, None
-        if held == (mid, self.steps_sent):
+        if held is not None and held[:2] == (mid, self.steps_sent):
             with contextlib.suppress(ray.exceptions.RayError):  # lost: asked of the group now
-                params = self.hand_over("params", self.steps_sent)
+                params = self.hand_over(held[2], "params", self.steps_sent)
                 bound = self.settings.control_timeout_s
                 value = None if params is None else ray.get(params, timeout=bound)
                 if value is not None:
                     return value
         return self._read("call", "get_params", (mid,), None, [0], self.generation)[0]
 
-    def hand_over(self, what: str, steps: int) -> ray.ObjectRef | None:
-        """The reference the running or last plan made for the client after ``steps``
+    def hand_over(self, plan: str, what: str, steps: int) -> ray.ObjectRef | None:
+        """The reference plan ``plan`` (its stop key) made for the client after ``steps``
         (:meth:`Controller.hand_over`), or None."""
-        ref = self.controller.hand_over.remote(what, steps)
+        ref = self.controller.hand_over.remote(plan, what, steps)
         (value,) = self._answer("hand_over", lambda bound: ray.get(ref, timeout=bound), 0.0)
         return value
 
-    def _brought(self, mid: int, steps: int, changes: int) -> None:
+    def _brought(self, mid: int, steps: int, plan: str, changes: int) -> None:
         """A plan's last reply says worker 0's parameters of ``mid`` after ``steps`` were
         asked for: taken by :meth:`params` unless a call that may change them was made since
         the plan began (a callback's set_params: it reached the workers after the plan's
         steps)."""
-        self._params_at_end = (mid, steps) if changes == self._changes else None
+        self._params_at_end = (mid, steps, plan) if changes == self._changes else None
 
     def _may_change_params(self) -> None:
         """A call that may change the workers' parameters without a step is being sent."""
@@ -366,13 +366,18 @@ class PlanProgress:
         except BaseException:  # its end (StopIteration), or the plan failed
             self._end()
             raise
-        if progress.get("checkpoint") is not None:  # taken beside the plan, as it runs
-            batch, steps = progress["checkpoint"]
-            progress["checkpoint"] = (batch, steps, handle.hand_over("snapshot", steps))
+        try:
+            if progress.get("checkpoint") is not None:  # taken beside the plan, as it runs
+                batch, steps = progress["checkpoint"]
+                snapshot = handle.hand_over(self._key, "snapshot", steps)
+                progress["checkpoint"] = (batch, steps, snapshot)
+        except BaseException:  # the controller is lost
+            self._end()
+            raise
         if "stopped_at" in progress:  # the last
             steps = progress.pop("params", None)
             if steps is not None and not self._stopping:
-                handle._brought(self._params_of, steps, self._changes)
+                handle._brought(self._params_of, steps, self._key, self._changes)
             self._end()
         handle._apply(view)
         return progress

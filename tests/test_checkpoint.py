@@ -96,9 +96,10 @@ def test_resumed_mid_epoch_the_run_ends_as_if_never_interrupted(storage_uri, uni
 
 def test_every_snapshot_a_plan_takes_is_there_when_its_reply_is_read_late():
     """The controller runs a plan of 60 steps with a checkpoint at every batch while the
-    client reads nothing; then every snapshot its replies hand over can be read. Taken from
-    the plan's streamed replies, about 1 in 20 such references (each above Ray's 100 KB) was
-    freed by Ray while the client held it (ray-project/ray#58080), and a checkpoint failed."""
+    client reads nothing, then a plan of `score` (as a batch_end_callback may); then every
+    snapshot the first plan's replies hand over can be read. Taken from the plan's streamed
+    replies, about 1 in 20 such references (each above Ray's 100 KB) was freed by Ray while
+    the client held it (ray-project/ray#58080), and a checkpoint failed."""
     ds = ArrayDataset(*dataset(n=480))
     train = DatasetIter(ds, 8)
     with raymodule.Module(mlp(hidden=(256, 256)), context=CONTEXTS) as mod:
@@ -123,10 +124,13 @@ def test_every_snapshot_a_plan_takes_is_there_when_its_reply_is_read_late():
                 "first_batch": 0,
             },
         )
-        time.sleep(3)  # the controller runs ahead: past each snapshot, it holds none of them
+        # the plan runs to its end: the controller holds none of its snapshots in its steps
+        ray.get(progress._stream.completed(), timeout=120)
+        mod.score(DatasetIter(ds, 8), "acc")  # a plan of its own, run after the first
         taken = [reply["checkpoint"] for reply in progress if reply.get("checkpoint")]
         assert [steps for _, steps, _ in taken] == list(range(1, 60))
         for _, steps, snapshot in taken:
+            assert snapshot is not None, f"the snapshot after {steps} steps was let go"
             assert ray.get(snapshot, timeout=60).applied == steps
 
 

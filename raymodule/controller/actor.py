@@ -157,8 +157,8 @@ class Controller:
         self._streams: dict[str, _Stream] = {}  # the Ray Datasets streamed, by iterator key
         self._in_pass = False  # a Ray Dataset's pass is being streamed: its splits are fixed
         self._step_s: float | None = None  # a step's seconds on the workers, as last measured
-        # references a plan made for the client, until it takes them (:meth:`hand_over`)
-        self._handed: dict[tuple, ray.ObjectRef] = {}
+        # references the latest plans made for the client, by plan, until it takes them
+        self._handed: dict[str, dict[tuple, ray.ObjectRef]] = {}
 
     # -- the client's calls: those it reads return (value, view), the others nothing ---------------
     def start(self, start_with: int | None = None) -> tuple:
@@ -284,7 +284,9 @@ class Controller:
         epoch's end waits for no step (:meth:`hand_over` gives the reference, which holds
         None if a step before failed). The calls posted before the plan are waited for first,
         and the first error among them raised (:meth:`sync`: the client need not ask)."""
-        self._handed.clear()  # the last plan's: the client took what it wanted
+        handed = self._handed.setdefault(plan["stop_key"], {})
+        while len(self._handed) > _HANDED_PLANS:  # the oldest's replies were read long since
+            self._handed.pop(next(iter(self._handed)))
         self._sync()
         steps = chunks.steps_of(plan)
         positions, every = plan["positions"], plan.get("checkpoint_every")
@@ -301,7 +303,7 @@ class Controller:
             if every is not None and due and batch > plan["first_batch"]:
                 mid, steps_done = plan["snapshot"], self.steps_sent
                 snapshot = self._submit("snapshot", mid, steps_done, ranks=[0])[0]
-                self._handed["snapshot", steps_done] = snapshot
+                handed["snapshot", steps_done] = snapshot
                 progress["checkpoint"] = (batch, steps_done)
             stop = start + 1
             while stop < len(steps) and stop - start < self._steps_per_call():
@@ -316,20 +318,21 @@ class Controller:
         wanted = plan.get("params_at_end")
         if wanted is not None and last["stopped_at"] is None and steps:
             params = self._submit("params_after", wanted, self.steps_sent, ranks=[0])[0]
-            self._handed["params", self.steps_sent] = params
+            handed["params", self.steps_sent] = params
             last["params"] = self.steps_sent
         yield self._advance(kind, [], 0, last), self.view()
 
     @ray.method(concurrency_group="hand_over")
-    def hand_over(self, what: str, steps: int) -> tuple:
-        """``(reference,)``: what the plan running or last run made for the client after
+    def hand_over(self, plan: str, what: str, steps: int) -> tuple:
+        """``(reference,)``: what the plan of ``stop_key`` ``plan`` made for the client after
         ``steps`` training steps (``what``: "snapshot", a checkpoint's; "params", worker 0's
-        parameters at its end), or ``(None,)`` if it has none. The client takes them here,
+        parameters at its end), or ``(None,)`` if it has none (any more: the references of
+        all but the latest ``_HANDED_PLANS`` plans are let go). The client takes them here,
         in a call of their own group that runs beside the plan, not from the plan's replies:
         a reference the controller made, read from a streaming generator's reply, can be
         freed by Ray while the client still holds it (ray-project/ray#58080), and one read
         from an ordinary call's reply is counted as the client's."""
-        return (self._handed.pop((what, steps), None),)
+        return (self._handed.get(plan, {}).pop((what, steps), None),)
 
     def snapshot(self, mid: int, steps: int) -> tuple:
         """Worker 0's copy of a module's state once it has applied ``steps`` (None then if a
@@ -957,6 +960,11 @@ class Controller:
                 **extra,
             }
         )
+
+
+# plans whose references the controller keeps for the client: a callback may run plans (score,
+# predict) while the client has not read all of a training plan's replies yet
+_HANDED_PLANS = 3
 
 
 def stop_plan(key: str) -> None:
