@@ -67,11 +67,12 @@ def test_s3_killed_in_the_middle_of_a_checkpoint(own_s3, fast_retries, tmp_path)
     seen_at_kill, verified_during_outage = {}, []
     records = Records("checkpoint at step 4 failed")
     restarted = threading.Event()
+    finished = threading.Event()  # the test is over: the server is not started again
 
     def kill_during_first_checkpoint():
         prefix = f"{BUCKET}/killed/runs/r/{first}"
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not finished.is_set():
             infos = fs.get_file_info(pafs.FileSelector(prefix, allow_not_found=True))
             names = {i.path.rsplit("/", 1)[-1] for i in infos}
             if "model-symbol.json" in names:
@@ -79,7 +80,11 @@ def test_s3_killed_in_the_middle_of_a_checkpoint(own_s3, fast_retries, tmp_path)
                 seen_at_kill.update(names=names)
                 break
             time.sleep(0.005)
-        records.seen.wait(120)
+        else:
+            return  # never killed: the test fails on it
+        while time.monotonic() < deadline + 120 and not records.seen.wait(0.5):
+            if finished.is_set():
+                return  # fit ended first: a server started now would outlive the fixture
         own_s3.start()
         ckpt = latest_checkpoint(run.location)  # whatever the pointer names must verify
         verified_during_outage.append(ckpt)
@@ -109,7 +114,8 @@ def test_s3_killed_in_the_middle_of_a_checkpoint(own_s3, fast_retries, tmp_path)
     finally:
         logger.removeHandler(records)
         logger.setLevel(level)
-        killer.join(30)
+        finished.set()
+        killer.join(60)
 
     assert "model-symbol.json" in seen_at_kill["names"]
     assert "manifest.json" not in seen_at_kill["names"], "the kill came after the commit"
