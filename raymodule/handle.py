@@ -363,15 +363,11 @@ class PlanProgress:
         waits = longest_call_s(handle.settings, len(handle.contexts))
         try:
             progress, view = handle._answer("run", self._next, waits)
-        except BaseException:  # its end (StopIteration), or the plan failed
-            self._end()
-            raise
-        try:
             if progress.get("checkpoint") is not None:  # taken beside the plan, as it runs
                 batch, steps = progress["checkpoint"]
                 snapshot = handle.hand_over(self._key, "snapshot", steps)
                 progress["checkpoint"] = (batch, steps, snapshot)
-        except BaseException:  # the controller is lost
+        except BaseException:  # its end (StopIteration), the plan failed, the controller lost
             self._end()
             raise
         if "stopped_at" in progress:  # the last
