@@ -20,11 +20,17 @@ slower than an untimed one, and the table gives the untimed run's samples/s besi
 timed run's for that reason. The timing is added by a Ray worker setup hook that wraps the
 worker's methods in its process; raymodule itself is not changed.
 
+With ``--clock cpu`` each phase is instead the CPU time of the worker's main thread (the one
+that drives the step: Python, and the C calls it makes), nothing waited for: MXNet's engine
+thread, which computes the operators, and the thread that sums the gradients (its copies and
+additions) are not counted; "between" is then Ray's own work between calls.
+
 Run locally (starts a Ray on 127.0.0.1 with 4 logical CPUs, in a temporary folder, and stops
 it at the end):
 
     python jobs/step_phases.py
     python jobs/step_phases.py --model lenet --data dataset
+    python jobs/step_phases.py --clock cpu   # the main thread's CPU time a phase
     RAYMODULE_SHM_ALLREDUCE=0 python jobs/step_phases.py   # gradients summed over gloo only
 
 Run on a Ray cluster (the workers may be on any of its nodes; each sends its record to the
@@ -51,6 +57,7 @@ import benchmark  # noqa: E402 - jobs/ is not a package: its models and thread s
 PHASES = ["read", "forward", "backward", "reduce", "update", "metric", "between"]
 RECORDER_ENV = "RAYMODULE_STEP_PHASES_RECORDER"
 STEPS_ENV = "RAYMODULE_STEP_PHASES_STEPS"
+CLOCK_ENV = "RAYMODULE_STEP_PHASES_CLOCK"
 
 
 class Recorder:
@@ -80,6 +87,10 @@ def install_timers() -> None:
     from raymodule.worker import actor
 
     actor._import_runtime()  # the methods wrapped here read the names it binds
+    if os.environ.get(CLOCK_ENV) == "cpu":  # the main thread's CPU time, nothing waited for
+        clock_s, settle = time.thread_time, lambda: None
+    else:
+        clock_s, settle = time.perf_counter, mx.nd.waitall
     seconds = dict.fromkeys(PHASES, 0.0)
     counts = {"steps": 0}
     clock = {"returned": None}
@@ -89,12 +100,12 @@ def install_timers() -> None:
         """``reduce`` (a Collective's), its seconds summed under "reduce"."""
 
         def timed_reduce(grads, bucket_bytes):
-            mx.nd.waitall()
-            tic = time.perf_counter()
+            settle()
+            tic = clock_s()
             try:
                 return reduce(grads, bucket_bytes)
             finally:
-                seconds["reduce"] += time.perf_counter() - tic
+                seconds["reduce"] += clock_s() - tic
 
         timed_reduce.timed = True
         return timed_reduce
@@ -105,33 +116,33 @@ def install_timers() -> None:
         which counts as "update"."""
 
         def timed_reduce_and_update(grads, update, groups):
-            mx.nd.waitall()
+            settle()
             updating = {"s": 0.0}
 
             def timed_update(lo, hi):
-                tic = time.perf_counter()
+                tic = clock_s()
                 update(lo, hi)
-                updating["s"] += time.perf_counter() - tic
+                updating["s"] += clock_s() - tic
 
-            tic = time.perf_counter()
+            tic = clock_s()
             try:
                 return reduce_and_update(grads, timed_update, groups)
             finally:
-                seconds["reduce"] += time.perf_counter() - tic - updating["s"]
+                seconds["reduce"] += clock_s() - tic - updating["s"]
 
         timed_reduce_and_update.timed = True
         return timed_reduce_and_update
 
     def timed_train_step(self, mid, batch):
-        began = time.perf_counter()
+        began = clock_s()
         seconds["read"] += began - clock["step_end"]
         mod, labels = self._load(mid, batch, True)
-        mx.nd.waitall()
-        loaded = time.perf_counter()
+        settle()
+        loaded = clock_s()
         seconds["forward"] += loaded - began
         mod.backward()
-        mx.nd.waitall()
-        backed = time.perf_counter()
+        settle()
+        backed = clock_s()
         seconds["backward"] += backed - loaded
         group = self._collective
         if group is not None and not hasattr(group.reduce, "timed"):
@@ -139,24 +150,24 @@ def install_timers() -> None:
             group.reduce_and_update = timed_split(group.reduce_and_update)
         before_reduce = seconds["reduce"]
         self.update(mid)
-        mx.nd.waitall()
-        updated = time.perf_counter()
+        settle()
+        updated = clock_s()
         seconds["update"] += updated - backed - (seconds["reduce"] - before_reduce)
         result = self._step_metric(mod, labels) if self._metric is not None else None
-        clock["step_end"] = time.perf_counter()
+        clock["step_end"] = clock_s()
         seconds["metric"] += clock["step_end"] - updated
         counts["steps"] += 1
         return result
 
     def timed_steps(self, kind, *args, **kwargs):
-        called = time.perf_counter()
+        called = clock_s()
         if clock["returned"] is not None:
             seconds["between"] += called - clock["returned"]
         clock["step_end"] = called
         try:
             return steps(self, kind, *args, **kwargs)
         finally:
-            clock["returned"] = time.perf_counter()
+            clock["returned"] = clock_s()
             if kind == "train_step" and counts["steps"] == total:
                 ray.get_actor(recorder).put.remote({"seconds": seconds, **counts})
 
@@ -173,7 +184,8 @@ def run(args, timed: bool) -> tuple[float, list[dict]]:
     import raymodule
 
     name = f"step-phases-{os.getpid()}-{time.time_ns()}"
-    env = {RECORDER_ENV: name, STEPS_ENV: str(args.batches * args.epochs)} if timed else {}
+    env = {RECORDER_ENV: name, STEPS_ENV: str(args.batches * args.epochs), CLOCK_ENV: args.clock}
+    env = env if timed else {}
     runtime_env = {"worker_process_setup_hook": install_timers, "env_vars": env}
     own_tmp = None if os.environ.get("RAY_ADDRESS") else tempfile.mkdtemp(prefix="rs-")
     try:
@@ -243,6 +255,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--epochs", type=int, default=6, help="epochs; the first is warm-up (default 6)"
     )
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall: each phase's seconds, MXNet's engine waited for at its end; cpu: the CPU "
+        "time of the worker's main thread in it, nothing waited for (default wall)",
+    )
     args = parser.parse_args(argv)
     if args.workers < 1 or args.batches < 1 or args.epochs < 2:
         parser.error("--workers and --batches must be >= 1, --epochs >= 2")
@@ -254,9 +273,10 @@ def main(argv=None) -> int:
     print(
         f"{args.model}, {args.workers} workers, {args.data}, global batch "
         f"{benchmark.MODELS[args.model]}: {untimed:,.0f} samples/s untimed, {timed:,.0f} "
-        "timed (phases waited for)"
+        + ("timed (phases waited for)" if args.clock == "wall" else "with the CPU clocks read")
     )
-    print("ms per step, per worker (all steps of the run, warm-up included):")
+    what = "ms" if args.clock == "wall" else "ms of the worker's main thread's CPU"
+    print(f"{what} per step, per worker (all steps of the run, warm-up included):")
     header = ["worker"] + PHASES + ["total"]
     rows = []
     for k, record in enumerate(sorted(records, key=lambda r: -r["steps"])):
