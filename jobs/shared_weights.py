@@ -1,0 +1,282 @@
+"""What two workers on one node would gain by keeping their weights in shared memory.
+
+A measurement of a design raymodule does not have, to weigh it: two processes, each pinned to
+a core of its own, train one of jobs/benchmark.py's models on half of its global batch each,
+their training steps as bare as they can be (an executor's forward and backward on a batch
+bound once, no metric, no Ray), in two ways:
+
+    today    as raymodule's workers do: each copies its gradients into its slot of shared
+             memory; barrier; each adds its half of the two slots into a third; barrier;
+             each copies the whole sum back into its gradients and updates all of its own
+             weights and momentum (sgd_mom_update, a parameter at a time)
+    shared   the weights, the momentum and each process's gradients live in shared memory
+             (MXNet arrays over it, no copy): each process's executor writes its gradients
+             into its slot; barrier; each adds its half of the two slots and updates that
+             half of the one copy of the weights and momentum in place; barrier
+
+Both start from the same weights and momentum and take the same steps: the job checks that
+they end with the same weights, to the bit, in both processes. Printed: the median
+milliseconds a step over ``--steps`` steps (after 50 untimed), each way taking turns for
+``--rounds`` rounds, and the samples a second that makes for the global batch.
+
+The barriers are Python's ``multiprocessing.Barrier``, not raymodule's; the threads are
+MXNet's defaults for the benchmark (OMP_NUM_THREADS=1, MXNET_CPU_WORKER_NTHREADS=1). The
+shared memory is named as raymodule's (``raymodule-<pid>-...``): it is removed when the job
+ends, and a run killed before that has it removed by the next one (or by any raymodule worker
+group on the node).
+
+Run locally:
+
+    python jobs/shared_weights.py
+    python jobs/shared_weights.py --model lenet --rounds 3
+
+Run on a Ray cluster (it runs in the job's driver process, on the head node; no Ray workers):
+
+    ray job submit --working-dir . -- python jobs/shared_weights.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import multiprocessing as mp
+import os
+import secrets
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchmark  # noqa: E402 - jobs/ is not a package: its models and thread settings
+
+os.environ.update(benchmark.THREAD_ENV)  # before MXNet starts its engine, here and in children
+
+import numpy as np  # noqa: E402
+
+from raymodule.worker.shm import PREFIX, remove_stale_segments  # noqa: E402
+
+WAYS = ["today", "shared"]
+WARMUP = 50  # untimed steps a run
+REGIONS = ["weights", "momentum", "sum", "grads0", "grads1"]
+SGD = {"lr": 0.01, "momentum": 0.9, "wd": 0.0}
+TIMEOUT_S = 600  # for a run's two processes to report
+
+
+def shapes_of(mx, model: str) -> tuple[list[str], dict[str, tuple], int]:
+    """The model's parameters (names in order, shapes) and its per-process batch."""
+    batch = benchmark.MODELS[model] // 2
+    sym = benchmark.build_symbol(mx, model)
+    arg_shapes, _, _ = sym.infer_shape(
+        data=(batch, *benchmark.SHAPES[model]), softmax_label=(batch,)
+    )
+    shapes = dict(zip(sym.list_arguments(), arg_shapes))
+    names = [n for n in sym.list_arguments() if n not in ("data", "softmax_label")]
+    return names, shapes, batch
+
+
+def train(rank: int, way: str, model: str, segments: dict, steps: int, barrier, report) -> None:
+    """One process's run: ``steps`` training steps after WARMUP, reported as (rank, median
+    step seconds, SHA-256 of the weights it ends with) or (rank, None, the error)."""
+    try:
+        report.put((rank, *_train(rank, way, model, segments, steps, barrier)))
+    except BaseException as err:  # the parent reports it; the peer's barrier breaks
+        barrier.abort()
+        report.put((rank, None, f"{type(err).__name__}: {err}"))
+
+
+def _train(rank: int, way: str, model: str, segments: dict, steps: int, barrier):
+    from multiprocessing.shared_memory import SharedMemory
+
+    import mxnet as mx
+
+    from raymodule.worker import native
+
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[rank % len(cores)]})
+    names, shapes, batch = shapes_of(mx, model)
+    sizes = [int(np.prod(shapes[n])) for n in names]
+    offsets = np.cumsum([0, *sizes])
+    count = int(offsets[-1])
+    mapped = {}
+    for region, name in segments.items():
+        mapped[region] = SharedMemory(name)  # the parent's: it unlinks it
+    flat = {k: np.ndarray((count,), np.float32, m.buf) for k, m in mapped.items()}
+    lo, hi = count * rank // 2, count * (rank + 1) // 2  # this process's half
+
+    def per_parameter(region):
+        return [
+            flat[region][offsets[i] : offsets[i + 1]].reshape(shapes[n])
+            for i, n in enumerate(names)
+        ]
+
+    rng = np.random.RandomState(rank)
+    args = {
+        "data": mx.nd.array(rng.uniform(-1, 1, (batch, *benchmark.SHAPES[model]))),
+        "softmax_label": mx.nd.array(rng.randint(0, 10, batch)),
+    }
+    kwargs = dict(SGD, rescale_grad=1.0 / benchmark.MODELS[model])
+    if way == "today":
+        args.update((n, mx.nd.array(v)) for n, v in zip(names, per_parameter("weights")))
+        grads = {n: mx.nd.zeros(shapes[n]) for n in names}
+        momentum = [mx.nd.zeros(shapes[n]) for n in names]
+    else:
+        zero_copy = mx.nd.from_numpy
+        args.update((n, zero_copy(v)) for n, v in zip(names, per_parameter("weights")))
+        grads = {n: zero_copy(v) for n, v in zip(names, per_parameter(f"grads{rank}"))}
+        halves = []  # (weight, sum, momentum) over this half's part of each parameter
+        for i in range(len(names)):
+            start, stop = max(lo, offsets[i]), min(hi, offsets[i + 1])
+            if start < stop:
+                halves.append(
+                    tuple(zero_copy(flat[k][start:stop]) for k in ("weights", "sum", "momentum"))
+                )
+    requests = {n: "write" for n in names} | {"data": "null", "softmax_label": "null"}
+    executor = benchmark.build_symbol(mx, model).bind(
+        mx.cpu(), args, args_grad=grads, grad_req=requests
+    )
+    slots, total = [flat["grads0"], flat["grads1"]], flat["sum"]
+    took, views, halves = [], [], halves if way == "shared" else None
+    for step in range(WARMUP + steps):
+        tic = time.perf_counter()
+        executor.forward(is_train=True)
+        executor.backward()
+        if way == "today":  # the gradients read and written in place, as the workers do
+            views = [native.host_view(grads[n]).reshape(-1) for n in names]  # after backward
+            for i, v in enumerate(views):
+                slots[rank][offsets[i] : offsets[i + 1]] = v
+            barrier.wait(TIMEOUT_S)
+            np.add(slots[0][lo:hi], slots[1][lo:hi], out=total[lo:hi])
+            barrier.wait(TIMEOUT_S)
+            for i, v in enumerate(views):
+                v[...] = total[offsets[i] : offsets[i + 1]]
+            for n, state in zip(names, momentum):
+                mx.nd.sgd_mom_update(args[n], grads[n], state, out=args[n], **kwargs)
+            for n in names:
+                args[n].wait_to_read()
+        else:
+            for n in names:
+                grads[n].wait_to_read()
+            barrier.wait(TIMEOUT_S)
+            np.add(slots[0][lo:hi], slots[1][lo:hi], out=total[lo:hi])
+            for weight, summed, state in halves:
+                mx.nd.sgd_mom_update(weight, summed, state, out=weight, **kwargs)
+            for weight, _, _ in halves:
+                weight.wait_to_read()
+            barrier.wait(TIMEOUT_S)
+        if step >= WARMUP:
+            took.append(time.perf_counter() - tic)
+    if way == "today":
+        weights = np.concatenate([args[n].asnumpy().reshape(-1) for n in names])
+    else:
+        weights = flat["weights"].copy()
+    digest = hashlib.sha256(weights.tobytes()).hexdigest()
+    # the MXNet arrays over the shared memory are freed (by MXNet's engine) before it is closed
+    executor = args = grads = views = slots = total = halves = None
+    gc.collect()
+    mx.nd.waitall()
+    flat = None
+    for m in mapped.values():
+        m.close()
+    return statistics.median(took), digest
+
+
+def run(way: str, model: str, steps: int, start: np.ndarray) -> tuple[list[float], list[str]]:
+    """One run of ``way``: each process's median step seconds and weights' digest."""
+    from multiprocessing.shared_memory import SharedMemory
+
+    token = secrets.token_hex(4)
+    made = {}
+    try:
+        for number, region in enumerate(REGIONS, 1):
+            name = f"{PREFIX}{os.getpid()}-{token}-{number}"
+            # registered with Python's resource tracker (the children's too, as they attach):
+            # should this process die first, the tracker unlinks it
+            made[region] = SharedMemory(name, create=True, size=start.nbytes)
+            np.ndarray(start.shape, start.dtype, made[region].buf)[:] = (
+                start if region == "weights" else 0
+            )
+        context = mp.get_context("spawn")
+        barrier, report = context.Barrier(2), context.Queue()
+        segments = {region: m.name for region, m in made.items()}
+        procs = [
+            context.Process(target=train, args=(r, way, model, segments, steps, barrier, report))
+            for r in range(2)
+        ]
+        for p in procs:
+            p.start()
+        try:
+            results = sorted(report.get(timeout=TIMEOUT_S) for _ in procs)
+        finally:
+            for p in procs:
+                p.join(60)
+                if p.is_alive():
+                    p.kill()
+                    p.join(10)
+        failed = [why for _, seconds, why in results if seconds is None]
+        if failed:
+            raise RuntimeError(f"{way}: {'; '.join(failed)}")
+        return [seconds for _, seconds, _ in results], [digest for _, _, digest in results]
+    finally:
+        for m in made.values():
+            m.close()
+            m.unlink()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        default="mlp",
+        choices=["mlp", "lenet", "cnn"],
+        help="one of jobs/benchmark.py's models (default mlp)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=600, help="timed steps a run, after 50 untimed (default 600)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="runs of each way, taking turns (default 2)"
+    )
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1:
+        parser.error("--steps and --rounds must be >= 1")
+    import mxnet as mx
+
+    remove_stale_segments()  # a run killed before it removed its shared memory
+    names, shapes, _ = shapes_of(mx, args.model)
+    count = sum(int(np.prod(shapes[n])) for n in names)
+    start = np.random.RandomState(0).uniform(-0.05, 0.05, count).astype(np.float32)
+    batch = benchmark.MODELS[args.model]
+    print(
+        f"{args.model}: {count:,} parameters ({count * 4 / 1e6:.2f} MB), global batch {batch}, "
+        f"2 processes on {min(2, len(os.sched_getaffinity(0)))} core(s)"
+    )
+    seconds = {way: [] for way in WAYS}
+    digests = set()
+    for round_ in range(args.rounds):
+        for way in WAYS:
+            took, ends = run(way, args.model, args.steps, start)
+            seconds[way].append(max(took))
+            digests.update(ends)
+            print(
+                f"round {round_ + 1} {way:6s}: {1e3 * took[0]:.2f} and {1e3 * took[1]:.2f} ms a "
+                f"step (median), {batch / max(took):,.0f} samples/s"
+            )
+    for way in WAYS:
+        best = statistics.median(seconds[way])
+        print(f"{way:6s}: {1e3 * best:.2f} ms a step (median of the rounds)")
+    ratio = statistics.median(seconds["shared"]) / statistics.median(seconds["today"])
+    print(f"shared / today: {ratio:.2f} of the step time")
+    same = len(digests) == 1
+    print(
+        f"weights at the end: {'the same bits' if same else 'DIFFERENT'} in every run and process"
+    )
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
