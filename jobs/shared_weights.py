@@ -42,7 +42,9 @@ import gc
 import hashlib
 import multiprocessing as mp
 import os
+import queue
 import secrets
+import signal
 import statistics
 import sys
 import time
@@ -88,14 +90,14 @@ def train(rank: int, way: str, model: str, segments: dict, steps: int, barrier, 
 
 
 def _train(rank: int, way: str, model: str, segments: dict, steps: int, barrier):
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[rank % len(cores)]})  # before MXNet starts its threads
     from multiprocessing.shared_memory import SharedMemory
 
     import mxnet as mx
 
     from raymodule.worker import native
 
-    cores = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cores[rank % len(cores)]})
     names, shapes, batch = shapes_of(mx, model)
     sizes = [int(np.prod(shapes[n])) for n in names]
     offsets = np.cumsum([0, *sizes])
@@ -157,8 +159,7 @@ def _train(rank: int, way: str, model: str, segments: dict, steps: int, barrier)
             for n in names:
                 args[n].wait_to_read()
         else:
-            for n in names:
-                grads[n].wait_to_read()
+            mx.nd.waitall()  # no kernel reads the weights once the peer may update its half
             barrier.wait(TIMEOUT_S)
             np.add(slots[0][lo:hi], slots[1][lo:hi], out=total[lo:hi])
             for weight, summed, state in halves:
@@ -175,6 +176,7 @@ def _train(rank: int, way: str, model: str, segments: dict, steps: int, barrier)
     digest = hashlib.sha256(weights.tobytes()).hexdigest()
     # the MXNet arrays over the shared memory are freed (by MXNet's engine) before it is closed
     executor = args = grads = views = slots = total = halves = None
+    weight = summed = state = _ = None  # the loops' last arrays, some over the shared memory
     gc.collect()
     mx.nd.waitall()
     flat = None
@@ -202,16 +204,19 @@ def run(way: str, model: str, steps: int, start: np.ndarray) -> tuple[list[float
         barrier, report = context.Barrier(2), context.Queue()
         segments = {region: m.name for region, m in made.items()}
         procs = [
-            context.Process(target=train, args=(r, way, model, segments, steps, barrier, report))
+            context.Process(
+                target=train, args=(r, way, model, segments, steps, barrier, report), daemon=True
+            )
             for r in range(2)
         ]
         for p in procs:
             p.start()
+        results = None
         try:
-            results = sorted(report.get(timeout=TIMEOUT_S) for _ in procs)
+            results = sorted(_reports(way, procs, report))
         finally:
-            for p in procs:
-                p.join(60)
+            for p in procs:  # a failed run's survivors may wait at a barrier: not waited for
+                p.join(60 if results is not None else 0)
                 if p.is_alive():
                     p.kill()
                     p.join(10)
@@ -223,6 +228,33 @@ def run(way: str, model: str, steps: int, start: np.ndarray) -> tuple[list[float
         for m in made.values():
             m.close()
             m.unlink()
+
+
+def _reports(way: str, procs: list, report) -> list:
+    """Each process's report, read as they come; a process that exits without one (killed,
+    crashed) ends the run at once, as does TIMEOUT_S without every report (the caller then
+    kills the others: one lost inside the barrier may hold its lock for good)."""
+    results, deadline = [], time.monotonic() + TIMEOUT_S
+    while len(results) < len(procs):
+        try:
+            results.append(report.get(timeout=1))
+            continue
+        except queue.Empty:
+            pass
+        reported = {rank for rank, *_ in results}
+        gone = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode is not None]
+        gone = [(r, code) for r, code in gone if r not in reported]
+        if gone:  # its report may still be on its way: one more look
+            try:
+                results.append(report.get(timeout=2))
+                continue
+            except queue.Empty:
+                pass
+        if gone or time.monotonic() > deadline:
+            why = "; ".join(f"process {r} exited ({code}) without a report" for r, code in gone)
+            why = why or f"no report from every process in {TIMEOUT_S} s"
+            raise RuntimeError(f"{way}: {why} (reports: {results})")
+    return results
 
 
 def main(argv=None) -> int:
@@ -246,6 +278,9 @@ def main(argv=None) -> int:
         parser.error("--steps and --rounds must be >= 1")
     import mxnet as mx
 
+    # SIGTERM ends the job as an exception would: the shared memory is unlinked and the
+    # processes (daemonic) are stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     remove_stale_segments()  # a run killed before it removed its shared memory
     names, shapes, _ = shapes_of(mx, args.model)
     count = sum(int(np.prod(shapes[n])) for n in names)
@@ -259,7 +294,11 @@ def main(argv=None) -> int:
     digests = set()
     for round_ in range(args.rounds):
         for way in WAYS:
-            took, ends = run(way, args.model, args.steps, start)
+            try:
+                took, ends = run(way, args.model, args.steps, start)
+            except RuntimeError as err:  # a process failed or was lost: said, not a traceback
+                print(f"{parser.prog}: error: {err}", file=sys.stderr)
+                return 1
             seconds[way].append(max(took))
             digests.update(ends)
             print(
@@ -272,9 +311,8 @@ def main(argv=None) -> int:
     ratio = statistics.median(seconds["shared"]) / statistics.median(seconds["today"])
     print(f"shared / today: {ratio:.2f} of the step time")
     same = len(digests) == 1
-    print(
-        f"weights at the end: {'the same bits' if same else 'DIFFERENT'} in every run and process"
-    )
+    ends = "the same bits" if same else "DIFFERENT"
+    print(f"weights at the end: {ends} in both ways, every round (and both processes of today's)")
     return 0 if same else 1
 
 
