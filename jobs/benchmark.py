@@ -97,9 +97,9 @@ Run on an existing Ray cluster (ray1, ray2, ray2_ckpt then join it through RAY_A
 
 There too, ray2_ckpt's S3 server runs on 127.0.0.1 beside the benchmark. A checkpoint's files
 are written from the node of the worker whose copy it is (worker 0); when that is another
-machine, which cannot reach this server, each checkpoint tries there first and, after a
-logged warning, is written from the benchmark's node: to measure what a cluster pays, give
---checkpoint-storage a bucket every node reaches.
+machine, which cannot reach this server, each checkpoint tries there first and, that failing
+(logged as a warning the first time), is written from the benchmark's node: to measure what
+a cluster pays, give --checkpoint-storage a bucket every node reaches.
 """
 
 import argparse

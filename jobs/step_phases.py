@@ -23,7 +23,9 @@ worker's methods in its process; raymodule itself is not changed.
 With ``--clock cpu`` each phase is instead the CPU time of the worker's main thread (the one
 that drives the step: Python, and the C calls it makes), nothing waited for: MXNet's engine
 thread, which computes the operators, and the thread that sums the gradients (its copies and
-additions) are not counted; "between" is then Ray's own work between calls.
+additions) are not counted, except with the update split (RAYMODULE_SPLIT_UPDATE=1), whose
+sum runs on the main thread and counts under "reduce"; "between" is then Ray's own work
+between calls.
 
 Run locally (starts a Ray on 127.0.0.1 with 4 logical CPUs, in a temporary folder, and stops
 it at the end):
