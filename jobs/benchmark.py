@@ -190,6 +190,17 @@ HELP = {
 
 
 # ----------------------------------------------------------------------------- child side
+def add_model_option(parser) -> None:
+    """``--model``, one of the models above with a sample shape (all but lstm): for the jobs
+    that time one of them (step_phases, update_kernels, shared_weights)."""
+    parser.add_argument(
+        "--model",
+        default="mlp",
+        choices=list(SHAPES),
+        help="one of jobs/benchmark.py's models (default %(default)s)",
+    )
+
+
 def build_symbol(mx, model):
     x = mx.sym.Variable("data")
     if model == "mlp":

@@ -261,12 +261,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--model",
-        default="mlp",
-        choices=["mlp", "lenet", "cnn"],
-        help="one of jobs/benchmark.py's models (default mlp)",
-    )
+    benchmark.add_model_option(parser)
     parser.add_argument(
         "--steps", type=int, default=600, help="timed steps a run, after 50 untimed (default 600)"
     )

@@ -237,12 +237,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--model",
-        default="mlp",
-        choices=["mlp", "lenet", "cnn"],
-        help="one of jobs/benchmark.py's models (default mlp)",
-    )
+    benchmark.add_model_option(parser)
     parser.add_argument("--workers", type=int, default=2, help="raymodule workers (default 2)")
     parser.add_argument(
         "--data",

@@ -109,12 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=jobtools.HelpFormatter
     )
-    parser.add_argument(
-        "--model",
-        choices=["mlp", "lenet", "cnn"],
-        default="mlp",
-        help="one of jobs/benchmark.py's models",
-    )
+    benchmark.add_model_option(parser)
     parser.add_argument("--updates", type=int, default=100, help="timed updates a round per way")
     parser.add_argument("--warmup", type=int, default=10, help="untimed updates before them")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, the ways taking turns")
