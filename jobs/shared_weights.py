@@ -120,6 +120,7 @@ def _train(rank: int, way: str, model: str, segments: dict, steps: int, barrier)
         "softmax_label": mx.nd.array(rng.randint(0, 10, batch)),
     }
     kwargs = dict(SGD, rescale_grad=1.0 / benchmark.MODELS[model])
+    halves = None  # the shared way's: (weight, sum, momentum) over its half of each parameter
     if way == "today":
         args.update((n, mx.nd.array(v)) for n, v in zip(names, per_parameter("weights")))
         grads = {n: mx.nd.zeros(shapes[n]) for n in names}
@@ -128,7 +129,7 @@ def _train(rank: int, way: str, model: str, segments: dict, steps: int, barrier)
         zero_copy = mx.nd.from_numpy
         args.update((n, zero_copy(v)) for n, v in zip(names, per_parameter("weights")))
         grads = {n: zero_copy(v) for n, v in zip(names, per_parameter(f"grads{rank}"))}
-        halves = []  # (weight, sum, momentum) over this half's part of each parameter
+        halves = []
         for i in range(len(names)):
             start, stop = max(lo, offsets[i]), min(hi, offsets[i + 1])
             if start < stop:
@@ -140,7 +141,7 @@ def _train(rank: int, way: str, model: str, segments: dict, steps: int, barrier)
         mx.cpu(), args, args_grad=grads, grad_req=requests
     )
     slots, total = [flat["grads0"], flat["grads1"]], flat["sum"]
-    took, views, halves = [], [], halves if way == "shared" else None
+    took, views = [], []
     for step in range(WARMUP + steps):
         tic = time.perf_counter()
         executor.forward(is_train=True)
