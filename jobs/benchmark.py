@@ -189,7 +189,6 @@ HELP = {
 }
 
 
-# ----------------------------------------------------------------------------- child side
 def add_model_option(parser) -> None:
     """``--model``, one of the models above with a sample shape (all but lstm): for the jobs
     that time one of them (step_phases, update_kernels, shared_weights)."""
@@ -201,6 +200,7 @@ def add_model_option(parser) -> None:
     )
 
 
+# ----------------------------------------------------------------------------- child side
 def build_symbol(mx, model):
     x = mx.sym.Variable("data")
     if model == "mlp":
