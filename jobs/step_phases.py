@@ -6,9 +6,10 @@ models, with every worker timing each phase of its training steps:
     read       waiting for the step's rows (the object store, or a dataset's read-ahead)
     forward    copying the rows into the executor and running forward
     backward   backward
-    reduce     summing the gradients across the workers (Collective.reduce); with the
-               update split among a node's workers (Collective.reduce_and_update), the
-               sum and the sharing of the updated parts
+    reduce     summing the gradients across the workers (Collective.reduce, or
+               Collective.reduce_shared where the update reads the sums in the node's
+               shared memory); with the update split among a node's workers
+               (Collective.reduce_and_update), the sum and the sharing of the updated parts
     update     the rest of the worker's update: the optimizer's update of the summed
                gradients (of its part of them, when split)
     metric     the metric's counters (or the outputs, for a metric the client computes)
@@ -99,13 +100,14 @@ def install_timers() -> None:
     steps = actor.ModuleWorker.steps
 
     def timed(reduce):
-        """``reduce`` (a Collective's), its seconds summed under "reduce"."""
+        """``reduce`` (a Collective's ``reduce`` or ``reduce_shared``), its seconds summed
+        under "reduce"."""
 
-        def timed_reduce(grads, bucket_bytes):
+        def timed_reduce(*args):
             settle()
             tic = clock_s()
             try:
-                return reduce(grads, bucket_bytes)
+                return reduce(*args)
             finally:
                 seconds["reduce"] += clock_s() - tic
 
@@ -149,6 +151,7 @@ def install_timers() -> None:
         group = self._collective
         if group is not None and not hasattr(group.reduce, "timed"):
             group.reduce = timed(group.reduce)  # this group's; a re-formed one is new
+            group.reduce_shared = timed(group.reduce_shared)
             group.reduce_and_update = timed_split(group.reduce_and_update)
         before_reduce = seconds["reduce"]
         self.update(mid)

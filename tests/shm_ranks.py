@@ -67,13 +67,22 @@ class Rank:
     def set_death(self, call: int) -> None:
         self.die_at = call
 
-    def reduce(self, arrays: list[np.ndarray], bucket_bytes: int) -> list[np.ndarray]:
+    def reduce(self, arrays: list[np.ndarray], bucket_bytes: int, shared: bool = False) -> list:
+        """The sums of ``arrays``: summed in place (``Collective.reduce``), or with ``shared``
+        read where they were summed (``Collective.reduce_shared``, after checking that it
+        may, and that it left the arrays as they were)."""
         self.calls += 1
         if self.calls == self.die_at:
             os.kill(os.getpid(), 9)
         grads = [mx.nd.array(a, dtype=a.dtype) for a in arrays]
-        self.collective.reduce(grads, bucket_bytes)
-        return [g.asnumpy() for g in grads]
+        if not shared:
+            self.collective.reduce(grads, bucket_bytes)
+            return [g.asnumpy() for g in grads]
+        assert self.collective.shares_sums(grads, bucket_bytes)
+        sums = [s.asnumpy() for s in self.collective.reduce_shared(grads)]
+        for grad, before in zip(grads, arrays):
+            np.testing.assert_array_equal(grad.asnumpy(), before)
+        return sums
 
     def reduce_and_update(self, arrays, weights, die: bool = False):
         """Sums ``arrays`` and updates ``weights`` (shaped as them) in parts: each rank takes
@@ -125,13 +134,16 @@ def form(ranks: list, same_node: bool = False) -> None:
     ray.get([r.join.remote(len(ranks), i, rendezvous) for i, r in enumerate(ranks)], timeout=120)
 
 
-def check_sums(ranks: list, bucket_bytes: int, seed: int = 0, nodes=None) -> None:
-    """Reduces each rank's arrays; asserts every rank got bit for bit the same sum, and that
-    it is the numpy sum added in the group's order: each node's ranks in rank order, then the
-    nodes' sums (``nodes``: the ranks of each node; one node if not given). Two node sums add
-    the same in either order, so with up to two nodes the bits are known."""
+def check_sums(ranks: list, bucket_bytes: int, seed: int = 0, nodes=None, shared=False) -> None:
+    """Reduces each rank's arrays (``shared``: see :meth:`Rank.reduce`); asserts every rank got
+    bit for bit the same sum, and that it is the numpy sum added in the group's order: each
+    node's ranks in rank order, then the nodes' sums (``nodes``: the ranks of each node; one
+    node if not given). Two node sums add the same in either order, so with up to two nodes
+    the bits are known."""
     parts = arrays(len(ranks), seed)
-    results = ray.get([r.reduce.remote(p, bucket_bytes) for r, p in zip(ranks, parts)], timeout=120)
+    results = ray.get(
+        [r.reduce.remote(p, bucket_bytes, shared) for r, p in zip(ranks, parts)], timeout=120
+    )
     for k in range(len(parts[0])):
         node_sums = []
         for node in nodes or [range(len(ranks))]:
@@ -166,11 +178,13 @@ def two_nodes() -> None:
         assert ray.get([r.local_ranks.remote() for r in ranks]) == [2] * 4
         for step, bucket_bytes in enumerate(BUCKETS):
             check_sums(ranks, bucket_bytes, seed=step, nodes=[[0, 2], [1, 3]])
+        # the sums read where the nodes' ranks summed them, the leaders' across nodes included
+        check_sums(ranks, 1 << 20, seed=7, nodes=[[0, 2], [1, 3]], shared=True)
         # every rank spent time in its node's sum; only the leaders (0, 1) spent any on gloo
         tiers = ray.get([r.tier_s.remote() for r in ranks], timeout=60)
         assert all(t["shared memory"] > 0 for t in tiers), tiers
         assert [t["gloo"] > 0 for t in tiers] == [True, True, False, False], tiers
-        ray.get(ranks[1].set_death.remote(len(BUCKETS) + 1))
+        ray.get(ranks[1].set_death.remote(len(BUCKETS) + 2))  # its next call
         calls = [r.reduce.remote(p, 64) for r, p in zip(ranks, arrays(4))]
         for rank in (0, 2, 3):
             try:

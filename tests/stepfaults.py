@@ -87,6 +87,13 @@ def worker_class(plan: dict, marks) -> type:
                 reduce_and_update(grads, update_then_fault, groups)
 
             self._collective.reduce_and_update = armed
+            reduce_shared = self._collective.reduce_shared
+
+            def noted(grads):
+                Path(marks, f"sums-{os.getpid()}").touch()  # the update read the shared sums
+                return reduce_shared(grads)
+
+            self._collective.reduce_shared = noted
 
         def train_step(self, mid, batch):
             step = self._applied
@@ -147,6 +154,12 @@ def workers_up(marks) -> int:
 def split_updates(marks) -> int:
     """How many worker processes of :func:`worker_class` shared the parts of a split update."""
     return len(list(Path(marks).glob("shared-*")))
+
+
+def shared_sums(marks) -> int:
+    """How many worker processes of :func:`worker_class` updated from sums read in the shared
+    memory (``Collective.reduce_shared``)."""
+    return len(list(Path(marks).glob("sums-*")))
 
 
 def fired(marks, step: int, rank: int) -> bool:

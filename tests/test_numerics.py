@@ -202,13 +202,16 @@ def test_the_workers_sgd_kernel_gives_the_bits_of_mxnets_own_update(dtype):
 
 
 @pytest.mark.parametrize("workers", [2, 3])
-def test_an_update_split_among_a_nodes_workers_gives_the_bits_of_each_updating_all(
+def test_an_update_split_or_reading_shared_sums_gives_the_bits_of_each_updating_its_own(
     workers, tmp_path, monkeypatch
 ):
     """The workers of one node each update their part of the parameters and momentum and
-    share the parts (RAYMODULE_SPLIT_UPDATE=1; off by default): the parameters and the momentum
-    equal to the bit those of every worker updating all, through a learning-rate schedule,
-    weight decay (not on biases) and clipping; and MXNet's to 1e-5."""
+    share the parts (RAYMODULE_SPLIT_UPDATE=1; off by default); or each updates all of them
+    from the gradient sums where they were summed, in the node's shared memory (the default);
+    or, with buckets too small to hold the gradients in one (RAYMODULE_ALLREDUCE_BUCKET_BYTES),
+    from its own copy of the sums: the parameters and the momentum equal to the bit in all
+    three, through a learning-rate schedule, weight decay (not on biases) and clipping; and
+    MXNet's to 1e-5."""
     x, y = dataset(n=240)
     symbol, batch = mlp(), 24
     params = initial_params(symbol, x.shape[1:], batch)
@@ -228,17 +231,21 @@ def test_an_update_split_among_a_nodes_workers_gives_the_bits_of_each_updating_a
 
     native = fit(mx.mod.Module(symbol), tmp_path / "native.states")
     results = {}
-    for split in ("1", "0"):
-        marks = tmp_path / f"marks-{split}"
+    ways = {"split": ("1", str(4 << 20)), "shared sums": ("0", str(4 << 20)), "own": ("0", "600")}
+    for way, (split, bucket_bytes) in ways.items():
+        marks = tmp_path / f"marks-{way}"
         marks.mkdir()
         cls = stepfaults.worker_class({}, marks=marks)
         monkeypatch.setattr(raymodule.module, "ControllerHandle", stepfaults.with_workers(cls))
         monkeypatch.setenv("RAYMODULE_SPLIT_UPDATE", split)
+        monkeypatch.setenv("RAYMODULE_ALLREDUCE_BUCKET_BYTES", bucket_bytes)
         with raymodule.Module(symbol, context=[mx.cpu(i) for i in range(workers)]) as mod:
-            results[split] = fit(mod, tmp_path / f"{split}.states")
-        assert stepfaults.split_updates(marks) == (workers if split == "1" else 0)
-    for name, value in results["0"].items():
-        assert results["1"][name].asnumpy().tobytes() == value.asnumpy().tobytes(), name
-    split_states, whole_states = ((tmp_path / f"{s}.states").read_bytes() for s in ("1", "0"))
-    assert split_states == whole_states
-    assert max_relative_diff(native, results["1"]) < 1e-5
+            results[way] = fit(mod, tmp_path / f"{way}.states")
+        assert stepfaults.split_updates(marks) == (workers if way == "split" else 0)
+        assert stepfaults.shared_sums(marks) == (workers if way == "shared sums" else 0)
+    for way in ("split", "shared sums"):
+        for name, value in results["own"].items():
+            assert results[way][name].asnumpy().tobytes() == value.asnumpy().tobytes(), name
+        states = (tmp_path / f"{way}.states").read_bytes()
+        assert states == (tmp_path / "own.states").read_bytes(), way
+    assert max_relative_diff(native, results["split"]) < 1e-5

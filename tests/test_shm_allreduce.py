@@ -59,6 +59,11 @@ def test_sums_equal_numpy_and_agree_bit_for_bit_on_one_node(ranks, world_size, s
     # many buckets first, then one bucket larger than any of them: the segment grows
     for step, bucket_bytes in enumerate((64, 1 << 20, 64)):
         check_sums(group, bucket_bytes, seed=step)
+    # read where they were summed, twice (the second sums through the same arrays), then
+    # summed in place again, in many buckets, where the first were read
+    for seed in (3, 4):
+        check_sums(group, 1 << 20, seed=seed, shared=True)
+    check_sums(group, 64, seed=5)
     # one node: all of the time in shared memory, none on gloo
     tiers = ray.get([r.tier_s.remote() for r in group], timeout=60)
     assert all(t["shared memory"] > 0 and t["gloo"] == 0 for t in tiers), tiers

@@ -334,16 +334,24 @@ class ModuleWorker:
             grad_arrays = [[g[0].copy()] if g[0] is not None else g for g in grad_arrays]
         # Reverse parameter order: the last layers' gradients are ready first.
         grads = [g[0] for g in reversed(grad_arrays) if g[0] is not None]
+        by_element = native.updates_by_element(mod)  # some dense gradients, of one dtype
         split = (
             self._split_update
-            and native.updates_by_element(mod)  # some dense gradients, of one dtype
+            and by_element
             and self._collective.splits_update(grads, self._bucket_bytes)
+        )
+        # SGD's kernels only read the gradients: they may read the sums where they were summed
+        shared = (
+            by_element and not split and self._collective.shares_sums(grads, self._bucket_bytes)
         )
         counts = native.update_counts(mod) if split else None
         why, rest = None, None
         try:
             if split:
                 self._reduce_and_update_in_parts(mod, grad_arrays, grads)
+            elif shared:
+                sums = reversed(self._collective.reduce_shared(grads))  # in parameter order
+                grad_arrays = [g if g[0] is None else [next(sums)] for g in grad_arrays]
             else:
                 self._collective.reduce(grads, self._bucket_bytes)
         except PartlyUpdated as err:  # this worker's part updated, the others' maybe not
@@ -361,6 +369,8 @@ class ModuleWorker:
             # Every rank's gradients were in: the rest updated here from the sum, as every
             # survivor does, so they stay alike and the step is applied.
             native.apply_update_parts(mod, grad_arrays, rest, counts)
+        elif shared:
+            native.apply_update_parts(mod, grad_arrays)
         elif not split:
             native.apply_update(mod, grad_arrays)
         self._applied += 1

@@ -4,16 +4,18 @@ Gradients are reduced last layer first, the order in which backward finishes the
 MXNet engine still computes earlier layers, finished buckets are already summed. ``reduce``
 returns only when every bucket is summed, so the optimizer never sees a partial step.
 
-On CPU (gloo), dense buckets do not go over the network between workers of one node: each
-node's ranks sum a bucket through shared memory (:class:`~raymodule.worker.shm.LocalGroup`:
-the sum is added in rank order and copied out of one buffer, so every rank gets the same bits),
-and when the group spans nodes, one rank per node (the lowest) sums the nodes' sums over gloo
-in a group of these leaders (:class:`~raymodule.worker.process_group.ProcessGroup`). A group
-on one node (:class:`~raymodule.worker.shm.SameNode`) meets in shared memory alone and never
-imports torch, which costs each worker seconds of CPU; it makes a process group only if it
-sums ``row_sparse`` gradients. Without the shared-memory sum, or on GPUs (NCCL), every bucket
-is one collective call on the NDArrays' own memory (a bucket of one array in place, several
-packed into one buffer and copied back).
+On CPU (gloo), dense buckets do not go over the network between workers of one node: each node's
+ranks sum a bucket through shared memory (:class:`~raymodule.worker.shm.LocalGroup`: the sum is
+added in rank order and copied out of one buffer, so every rank gets the same bits; or, for an
+update that only reads it, such as plain SGD's, read where it is:
+:meth:`Collective.reduce_shared`), and when the group spans nodes, one rank per node (the
+lowest) sums the nodes' sums over gloo in a group of these leaders
+(:class:`~raymodule.worker.process_group.ProcessGroup`). A group on one node
+(:class:`~raymodule.worker.shm.SameNode`) meets in shared memory alone and never imports torch,
+which costs each worker seconds of CPU; it makes a process group only if it sums ``row_sparse``
+gradients. Without the shared-memory sum, or on GPUs (NCCL), every bucket is one collective call
+on the NDArrays' own memory (a bucket of one array in place, several packed into one buffer and
+copied back).
 
 ``row_sparse`` gradients stay sparse: every rank gathers every rank's row ids and rows and
 sums rows of the same id (:func:`~raymodule.worker.process_group.sum_rows`), so the bytes sent
@@ -91,6 +93,9 @@ class Collective:
         self._local: LocalGroup | None = None
         self._network = None  # the ProcessGroup: across nodes, without shm, or for rows
         self._leaders = None  # the node leaders' gloo group, when the group spans nodes
+        # reduce_shared's arrays over the sums in the shared memory, MXNet's kernels maybe
+        # still reading them, and where they are: (address, dtype, shapes), arrays
+        self._sums: tuple[tuple, list[mx.nd.NDArray]] | None = None
         if isinstance(rendezvous, SameNode):
             self._local = LocalGroup(
                 list(range(world_size)),
@@ -146,6 +151,51 @@ class Collective:
             and _packed_bytes(grads) <= bucket_bytes
         )
 
+    def shares_sums(self, grads: list[mx.nd.NDArray], bucket_bytes: int) -> bool:
+        """Whether :meth:`reduce_shared` may sum ``grads``: dense, of one dtype, in one bucket
+        of ``bucket_bytes``, with two or more of the group's ranks on this node (and other
+        nodes or not)."""
+        return (
+            self._local is not None
+            and self._local.size > 1
+            and all(g.stype == "default" for g in grads)
+            and len({np.dtype(g.dtype) for g in grads}) == 1
+            and _packed_bytes(grads) <= bucket_bytes
+        )
+
+    def reduce_shared(self, grads: list[mx.nd.NDArray]) -> list[mx.nd.NDArray]:
+        """Sums ``grads`` (in reduction order; :meth:`shares_sums` holds) across the group and
+        leaves them as they are: returns MXNet arrays over the sums, shaped as ``grads``, in
+        this node's shared memory, where they were summed. Saves copying the sums out. The
+        other local ranks read them too: nothing may write them. They hold until this rank's
+        next call on the group, which first waits for MXNet to finish reading them."""
+        self._wait_for_sum_readers()
+        views = [native.host_view(g) for g in grads]
+        count = sum(a.size for a in views)
+        reserved = self._comm.submit(self._local.reserve, count * views[0].dtype.itemsize)
+        summed = self._comm.submit(self._sum_on_node, views, False)
+        tic = time.perf_counter()
+        try:
+            reserved.result()
+            flat = summed.result()
+        finally:
+            self.waited_s += time.perf_counter() - tic
+        key = (flat.ctypes.data, flat.dtype, tuple(a.shape for a in views))
+        if self._sums is None or self._sums[0] != key:  # made once per segment and layout
+            arrays, at = [], 0
+            for a in views:
+                arrays.append(mx.nd.from_numpy(flat[at : at + a.size].reshape(a.shape)))
+                at += a.size
+            self._sums = key, arrays
+        return self._sums[1]
+
+    def _wait_for_sum_readers(self) -> None:
+        """Waits until MXNet's kernels no longer read :meth:`reduce_shared`'s last sums: the
+        other ranks may write them again once this rank comes to its next sum."""
+        if self._sums is not None:
+            for a in self._sums[1]:
+                native.wait_to_write(a)
+
     def reduce_and_update(
         self,
         grads: list[mx.nd.NDArray],
@@ -169,6 +219,7 @@ class Collective:
             update(lo, hi)
             updating += time.perf_counter() - tic
 
+        self._wait_for_sum_readers()
         tic = time.perf_counter()
         try:
             shared = sum(a.size for arrays in groups for a in arrays) * dtype.itemsize
@@ -183,6 +234,7 @@ class Collective:
         """Leaves the group (the shared memory, the process group), so that a new one can be
         formed in this process; works on a group broken by a lost peer too."""
         self._comm.shutdown(wait=False, cancel_futures=True)
+        self._sums = None  # MXNet frees them once read: the memory stays mapped until then
         if self._local is not None:
             self._local.close()
         if self._network is not None:
@@ -192,6 +244,7 @@ class Collective:
         """Sum ``grads`` (in reduction order) across the group, in place: dense ones by
         allreduce, ``row_sparse`` ones as rows. Returns the bytes this rank handed to the
         collective calls (its payload, before the algorithm's own traffic)."""
+        self._wait_for_sum_readers()
         dense = [g for g in grads if g.stype == "default"]
         sparse = [g for g in grads if g.stype == "row_sparse"]
         sizes = [g.size * np.dtype(g.dtype).itemsize for g in dense]
@@ -235,16 +288,18 @@ class Collective:
         self._network.allreduce(flat)
         self.tier_s["gloo"] += time.perf_counter() - tic
 
-    def _sum_on_node(self, arrays: list[np.ndarray]) -> None:
-        """One bucket summed in place through this node's shared memory (packed in one flat
-        array of the arrays' common dtype) and, when the group spans nodes, across the
-        leaders."""
+    def _sum_on_node(self, arrays: list[np.ndarray], copy_out: bool = True) -> np.ndarray:
+        """One bucket summed through this node's shared memory (packed in one flat array of
+        the arrays' common dtype) and, when the group spans nodes, across the leaders: in
+        place, or with ``copy_out`` False left in the shared memory (see
+        :meth:`LocalGroup.sum`). Returns the sum there."""
         dtype = np.result_type(*[a.dtype for a in arrays])
         after_sum = self._sum_across_nodes if self._leaders is not None else None
         tic, across = time.perf_counter(), self.tier_s["gloo"]
-        self._local.sum(arrays, dtype, after_sum)
+        flat = self._local.sum(arrays, dtype, after_sum, copy_out)
         across = self.tier_s["gloo"] - across
         self.tier_s["shared memory"] += time.perf_counter() - tic - across
+        return flat
 
     def _sum_across_nodes(self, flat: np.ndarray) -> None:
         """The leader's part across nodes: its node's sum, summed with the other leaders'."""

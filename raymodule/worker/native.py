@@ -51,7 +51,7 @@ def host_view(array: mx.nd.NDArray) -> np.ndarray:
     reads and writes of it are done (MXNet's public ``asnumpy`` copies; its DLPack export
     makes numpy arrays read-only). Valid while ``array`` lives; MXNet's engine does not see
     writes through it, so nothing may be queued on ``array`` meanwhile."""
-    check_call(_LIB.MXNDArrayWaitToWrite(array.handle))
+    wait_to_write(array)
     if array.size == 0:
         return np.empty(array.shape, array.dtype)
     pointer = ctypes.c_void_p()
@@ -59,6 +59,12 @@ def host_view(array: mx.nd.NDArray) -> np.ndarray:
     dtype = np.dtype(array.dtype)
     memory = (ctypes.c_byte * (array.size * dtype.itemsize)).from_address(pointer.value)
     return np.frombuffer(memory, dtype).reshape(array.shape)
+
+
+def wait_to_write(array: mx.nd.NDArray) -> None:
+    """Waits until MXNet's engine has no read or write of ``array`` pending (MXNet's public
+    ``wait_to_read`` waits for its writes only)."""
+    check_call(_LIB.MXNDArrayWaitToWrite(array.handle))
 
 
 def host_params(mod: mx.mod.Module) -> tuple[dict, dict]:
@@ -225,18 +231,18 @@ def apply_update_parts(
         rates[index] = optimizer._get_lrs([index])[0], optimizer._get_wds([index])[0]
     offset = 0
     for index, weight, state in reversed(list(zip(indices, weights, states))):
-        grad = grad_arrays[index][0]
-        for lo, hi in [(offset, offset + weight.size)] if parts is None else parts:
-            start, stop = max(lo, offset) - offset, min(hi, offset + weight.size) - offset
+        grad, size = grad_arrays[index][0], weight.size  # size: a call into MXNet each time
+        for lo, hi in [(offset, offset + size)] if parts is None else parts:
+            start, stop = max(lo, offset) - offset, min(hi, offset + size) - offset
             if start >= stop:
                 continue
-            whole = start == 0 and stop == weight.size
+            whole = start == 0 and stop == size
             arrays = [
                 a if a is None or whole else a.reshape((-1,))[start:stop]
                 for a in (weight, grad, state)
             ]
             _sgd_update(optimizer, *arrays, *rates[index])
-        offset += weight.size
+        offset += size
     mod._params_dirty = True
 
 

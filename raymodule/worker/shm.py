@@ -12,17 +12,17 @@ Two segments:
 - control: int64 slots, each written by one rank only (no atomics needed): a ``broken`` flag
   any rank may raise, the data segment's number (written by the leader), and per rank a
   barrier sequence number and the number of the last segment it attached;
-- data: one slot per rank for its copy of a bucket, one for the sum, and a shared area. A
-  bucket is summed in two barriers: every rank copies its bucket into its slot; barrier; rank
-  ``i`` sums the ``i``-th part of all slots in rank order into the sum slot; barrier; every
-  rank copies the sum out (the next bucket's first barrier keeps the sum until everyone has
-  it). With an update split among the ranks (:meth:`LocalGroup.sum_and_update`), the second
-  barrier also shares it: between the two, rank ``i`` updates its part of the weights and
-  their state from its part of the sum and writes it into the shared area; after the second,
-  every rank copies the others' parts out (the next call's first barrier keeps them until
-  everyone has them). The data segment is sized by the largest bucket and the largest shared
-  arrays seen; a larger one makes the leader create a bigger segment, at the same call on
-  every rank, since all ranks plan the same.
+- data: one slot per rank for its copy of a bucket, one for the sum, and a shared area. A bucket
+  is summed in two barriers: every rank copies its bucket into its slot; barrier; rank ``i``
+  sums the ``i``-th part of all slots in rank order into the sum slot; barrier; every rank
+  copies the sum out, or reads it where it is until its next call (the next bucket's first
+  barrier keeps the sum until everyone has it, or is done reading it). With an update split
+  among the ranks (:meth:`LocalGroup.sum_and_update`), the second barrier also shares it:
+  between the two, rank ``i`` updates its part of the weights and their state from its part of
+  the sum and writes it into the shared area; after the second, every rank copies the others'
+  parts out (the next call's first barrier keeps them until everyone has them). The data segment
+  is sized by the largest bucket and the largest shared arrays seen; a larger one makes the
+  leader create a bigger segment, at the same call on every rank, since all ranks plan the same.
 
 Every wait is bounded by the collective timeout and watches the local peers: a dead peer
 raises at once, naming it. Slots are written and read through plain aligned int64 stores and
@@ -258,15 +258,20 @@ class LocalGroup:
         order: the part of a bucket it sums, of the arrays it shares."""
         return count * self.index // self.size, count * (self.index + 1) // self.size
 
-    def sum(self, arrays: list[np.ndarray], dtype: np.dtype, after_sum=None) -> None:
+    def sum(
+        self, arrays: list[np.ndarray], dtype: np.dtype, after_sum=None, copy_out: bool = True
+    ) -> np.ndarray:
         """Sums ``arrays`` (this rank's bucket, writable; together at most :meth:`reserve`'s
         bytes) over the local group in place, as one flat array of ``dtype``. ``after_sum``,
         if given, is called by the leader on the local sum (a flat array) before anyone copies
-        it out: the sum across nodes."""
+        it out: the sum across nodes. Returns the sum's slot in the shared memory (a flat
+        array); with ``copy_out`` False, ``arrays`` are left as they were and the caller reads
+        the sum there, without writing it, until its next call on this group, at which every
+        read of it must be over: the other ranks write the slot again once all are in."""
         with self._busy:
-            self._sum(arrays, np.dtype(dtype), after_sum)
+            return self._sum(arrays, np.dtype(dtype), after_sum, copy_out)
 
-    def _sum(self, arrays: list[np.ndarray], dtype: np.dtype, after_sum) -> None:
+    def _sum(self, arrays: list[np.ndarray], dtype: np.dtype, after_sum, copy_out) -> np.ndarray:
         try:
             count = sum(a.size for a in arrays)
             slots = [self._flat(k, count, dtype) for k in range(self.size + 1)]
@@ -280,8 +285,10 @@ class LocalGroup:
                 if self.leader:
                     after_sum(slots[self.size])
                 self._barrier()
-            for a, at in _pieces(arrays, 0, count):
-                a[...] = slots[self.size][at : at + a.size]
+            if copy_out:
+                for a, at in _pieces(arrays, 0, count):
+                    a[...] = slots[self.size][at : at + a.size]
+            return slots[self.size]
         except BaseException:
             self.abort()
             raise
