@@ -1,7 +1,9 @@
 """Read-only views of the private state MXNet's ``Module`` keeps and user code reaches into:
 ``_exec_group`` (one executor per worker), ``_updater`` and ``_kvstore``.
 
-They mirror MXNet's shapes: ``mod._exec_group.execs[i].grad_dict`` is worker *i*'s gradients,
+They mirror MXNet's shapes: ``mod._exec_group.execs[i].grad_dict`` is worker *i*'s gradients
+(after ``update``, its own where its plain-SGD update read the sums in the node's shared
+memory, as MXNet's multi-device module, updating on its kvstore, leaves them; else the sums),
 ``mod._exec_group.param_arrays[j][i]`` its copy of parameter *j*, ``mod._updater.states`` the
 optimizer's states keyed as MXNet's ``Module`` keys them. Every access asks the workers (after
 the calls already sent) and returns copies; the state lives on the workers, so writing through

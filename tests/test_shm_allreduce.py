@@ -5,6 +5,7 @@ its cores, each run on a core of its own, whichever Ray nodes they are on."""
 
 from __future__ import annotations
 
+import gc
 import glob
 import os
 import secrets
@@ -161,6 +162,41 @@ def test_sums_across_two_nodes_go_through_each_nodes_leader_and_workers_pin_by_m
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def shm_descriptors() -> int:
+    """This process's open descriptors of raymodule's shared-memory segments."""
+    fds = [os.path.join("/proc/self/fd", fd) for fd in os.listdir("/proc/self/fd")]
+    return sum("/dev/shm/raymodule-" in os.path.realpath(fd) for fd in fds)
+
+
+def test_a_segment_outgrown_while_an_array_reads_its_sum_stays_mapped_until_the_array_goes(
+    monkeypatch,
+):
+    """MXNet arrays over a sum left in the shared memory (``copy_out=False``, as
+    ``Collective.reduce_shared`` reads it) keep the segment mapped when the group moves to a
+    bigger one, or closes: they still read the sum, no descriptor is left open once they
+    go, and nothing complains when the segment is let go."""
+    complaints = []
+    monkeypatch.setattr(sys, "unraisablehook", complaints.append)
+    base = shm_descriptors()
+    group = LocalGroup([0], [os.getpid()], 0, timeout_s=10)  # a node group of one rank
+    group.reserve(64)
+    flat = group.sum([np.arange(16, dtype="f")], np.float32, copy_out=False)
+    held = mx.nd.from_numpy(flat[:16].reshape(4, 4))
+    del flat
+    group.reserve(1 << 16)  # the first data segment released while `held` reads it
+    np.testing.assert_array_equal(held.asnumpy().ravel(), np.arange(16, dtype="f"))
+    flat = group.sum([np.ones(16, dtype="f")], np.float32, copy_out=False)
+    held = mx.nd.from_numpy(flat[:16].reshape(4, 4))
+    del flat
+    group.close()
+    assert held.sum().asscalar() == 16
+    del held
+    gc.collect()
+    assert shm_descriptors() == base  # each mapping's own descriptor closed with it
+    assert complaints == []
+    assert segments([os.getpid()]) == []
 
 
 def test_segments_of_dead_creators_are_removed_and_others_kept():

@@ -184,7 +184,8 @@ class Collective:
         if self._sums is None or self._sums[0] != key:  # made once per segment and layout
             arrays, at = [], 0
             for a in views:
-                arrays.append(mx.nd.from_numpy(flat[at : at + a.size].reshape(a.shape)))
+                over = flat[at : at + a.size].reshape(a.shape)
+                arrays.append(mx.nd.from_numpy(over) if a.size else mx.nd.array(over))
                 at += a.size
             self._sums = key, arrays
         return self._sums[1]
@@ -234,7 +235,7 @@ class Collective:
         """Leaves the group (the shared memory, the process group), so that a new one can be
         formed in this process; works on a group broken by a lost peer too."""
         self._comm.shutdown(wait=False, cancel_futures=True)
-        self._sums = None  # MXNet frees them once read: the memory stays mapped until then
+        self._sums = None  # MXNet frees them once read: the memory stays mapped till then
         if self._local is not None:
             self._local.close()
         if self._network is not None:

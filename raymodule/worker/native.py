@@ -216,7 +216,9 @@ def apply_update_parts(
 
     Each part goes through an elementwise kernel with the bits of the one MXNet's SGD runs
     for a dense array (:func:`_sgd_update`), so a part's elements get the bits the whole
-    array's would (``tests/test_numerics.py``)."""
+    array's would (``tests/test_numerics.py``). The kernels only read ``grad_arrays``, which
+    may be the sums in a node's shared memory that other workers read too
+    (``Collective.reduce_shared``): nothing here may write them."""
     optimizer = mod._optimizer
     optimizer._set_current_context(device_id(mod))
     if counts is not None:

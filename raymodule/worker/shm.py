@@ -262,7 +262,8 @@ class LocalGroup:
         self, arrays: list[np.ndarray], dtype: np.dtype, after_sum=None, copy_out: bool = True
     ) -> np.ndarray:
         """Sums ``arrays`` (this rank's bucket, writable; together at most :meth:`reserve`'s
-        bytes) over the local group in place, as one flat array of ``dtype``. ``after_sum``,
+        bytes) over the local group in place (unless ``copy_out`` is False), as one flat
+        array of ``dtype``. ``after_sum``,
         if given, is called by the leader on the local sum (a flat array) before anyone copies
         it out: the sum across nodes. Returns the sum's slot in the shared memory (a flat
         array); with ``copy_out`` False, ``arrays`` are left as they were and the caller reads
@@ -391,7 +392,8 @@ class LocalGroup:
         """Aborts, unlinks what this rank still links, and unmaps every segment; idempotent.
         A sum still running in another thread sees the broken flag within a millisecond and
         ends; one still in its sum across nodes (gloo, bounded by the collective timeout)
-        keeps the memory mapped until it ends, and the garbage collector unmaps it."""
+        keeps the memory mapped until it ends, and the garbage collector unmaps it; so do
+        arrays over a sum (``sum``'s ``copy_out`` False) that MXNet still reads."""
         if self._closed:
             return
         self.abort()
@@ -510,7 +512,12 @@ class LocalGroup:
 
     def _release(self, name: str) -> None:
         self._unlink(name)
+        segment = self._segments.pop(name)
         try:
-            self._segments.pop(name).close()
-        except BufferError:  # a view still exported (an exception's frame): unmapped when freed
-            pass
+            segment.close()
+        except BufferError:
+            # Views of it still live (an exception's frame, or MXNet arrays over the sums
+            # that kernels still read): the mapping goes with the last of them. Its descriptor
+            # is closed now, and the segment let go, so that nothing tries to close it again.
+            os.close(segment._fd)
+            segment._fd, segment._mmap = -1, None
