@@ -181,16 +181,18 @@ def test_a_segment_outgrown_while_an_array_reads_its_sum_stays_mapped_until_the_
     monkeypatch.setattr(sys, "unraisablehook", complaints.append)
     base = shm_descriptors()
     group = LocalGroup([0], [os.getpid()], 0, timeout_s=10)  # a node group of one rank
-    group.reserve(64)
-    flat = group.sum([np.arange(16, dtype="f")], np.float32, copy_out=False)
-    held = mx.nd.from_numpy(flat[:16].reshape(4, 4))
-    del flat
-    group.reserve(1 << 16)  # the first data segment released while `held` reads it
-    np.testing.assert_array_equal(held.asnumpy().ravel(), np.arange(16, dtype="f"))
-    flat = group.sum([np.ones(16, dtype="f")], np.float32, copy_out=False)
-    held = mx.nd.from_numpy(flat[:16].reshape(4, 4))
-    del flat
-    group.close()
+    try:
+        group.reserve(64)
+        flat = group.sum([np.arange(16, dtype="f")], np.float32, copy_out=False)
+        held = mx.nd.from_numpy(flat[:16].reshape(4, 4))
+        del flat
+        group.reserve(1 << 16)  # the first data segment released while `held` reads it
+        np.testing.assert_array_equal(held.asnumpy().ravel(), np.arange(16, dtype="f"))
+        flat = group.sum([np.ones(16, dtype="f")], np.float32, copy_out=False)
+        held = mx.nd.from_numpy(flat[:16].reshape(4, 4))
+        del flat
+    finally:
+        group.close()
     assert held.sum().asscalar() == 16
     del held
     gc.collect()

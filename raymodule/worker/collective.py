@@ -141,15 +141,10 @@ class Collective:
 
     def splits_update(self, grads: list[mx.nd.NDArray], bucket_bytes: int) -> bool:
         """Whether the update of ``grads`` may be split among this group's ranks
-        (:meth:`reduce_and_update`): they meet in one node's shared memory, two or more, and
-        ``grads`` fit in one bucket of ``bucket_bytes`` (the shared memory then stays as
-        small as the buckets' would be)."""
-        return (
-            self._local is not None
-            and self._local.size > 1
-            and self._leaders is None
-            and _packed_bytes(grads) <= bucket_bytes
-        )
+        (:meth:`reduce_and_update`): :meth:`shares_sums` holds (``grads`` fit in one bucket of
+        ``bucket_bytes``, so the shared memory stays as small as the buckets' would be) and
+        the group has no other node."""
+        return self._leaders is None and self.shares_sums(grads, bucket_bytes)
 
     def shares_sums(self, grads: list[mx.nd.NDArray], bucket_bytes: int) -> bool:
         """Whether :meth:`reduce_shared` may sum ``grads``: dense, of one dtype, in one bucket

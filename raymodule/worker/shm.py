@@ -263,12 +263,12 @@ class LocalGroup:
     ) -> np.ndarray:
         """Sums ``arrays`` (this rank's bucket, writable; together at most :meth:`reserve`'s
         bytes) over the local group in place (unless ``copy_out`` is False), as one flat
-        array of ``dtype``. ``after_sum``,
-        if given, is called by the leader on the local sum (a flat array) before anyone copies
-        it out: the sum across nodes. Returns the sum's slot in the shared memory (a flat
-        array); with ``copy_out`` False, ``arrays`` are left as they were and the caller reads
-        the sum there, without writing it, until its next call on this group, at which every
-        read of it must be over: the other ranks write the slot again once all are in."""
+        array of ``dtype``. ``after_sum``, if given, is called by the leader on the local sum
+        (a flat array) before anyone copies it out: the sum across nodes. Returns the sum's
+        slot in the shared memory (a flat array); with ``copy_out`` False, ``arrays`` are left
+        as they were and the caller reads the sum there, without writing it, until its next
+        call on this group, at which every read of it must be over: the other ranks write the
+        slot again once all are in."""
         with self._busy:
             return self._sum(arrays, np.dtype(dtype), after_sum, copy_out)
 
