@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+import threading
 
 import mxnet as mx
 import numpy as np
@@ -84,6 +85,25 @@ class Rank:
             np.testing.assert_array_equal(grad.asnumpy(), before)
         return sums
 
+    def read_sums_late(self, arrays: list[np.ndarray], bucket_bytes: int, after_s: float) -> None:
+        """Sums ``arrays`` as :meth:`reduce` with ``shared`` does, and has MXNet read the sums,
+        where they were summed, through kernels held back ``after_s`` seconds (a custom
+        operator waiting for a timer), as an update's kernels still queued would; what they
+        read comes from :meth:`late_reading`."""
+        _register_held()
+        grads = [mx.nd.array(a, dtype=a.dtype) for a in arrays]
+        assert self.collective.shares_sums(grads, bucket_bytes)
+        key = secrets.token_hex(4)
+        _RELEASES[key] = threading.Event()
+        self.late = [
+            mx.nd.Custom(s, op_type="raymodule_test_held", release=key)
+            for s in self.collective.reduce_shared(grads)
+        ]
+        threading.Timer(after_s, _RELEASES[key].set).start()
+
+    def late_reading(self) -> list[np.ndarray]:
+        return [a.asnumpy() for a in self.late]
+
     def reduce_and_update(self, arrays, weights, die: bool = False):
         """Sums ``arrays`` and updates ``weights`` (shaped as them) in parts: each rank takes
         its part of the sum from its part of the weights, and the ranks share the parts;
@@ -112,6 +132,46 @@ class Rank:
 
     def close(self) -> None:
         self.collective.close()
+
+
+_RELEASES: dict[str, threading.Event] = {}  # a held kernel's release, by the key it is given
+
+
+class _Held(mx.operator.CustomOp):
+    """Copies its input once its release is set: an MXNet kernel reading an array, held back."""
+
+    def __init__(self, release: str):
+        self.release = release
+
+    def forward(self, is_train, req, in_data, out_data, aux):
+        _RELEASES[self.release].wait(60)
+        self.assign(out_data[0], req[0], in_data[0].copy())
+
+    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
+        raise NotImplementedError
+
+
+def _register_held() -> None:
+    """Registers ``raymodule_test_held`` in this process (custom operators are per process)."""
+    if getattr(_register_held, "done", False):
+        return
+
+    @mx.operator.register("raymodule_test_held")
+    class HeldProp(mx.operator.CustomOpProp):
+        def __init__(self, release):  # MXNet gives a custom operator's arguments as strings
+            super().__init__(need_top_grad=False)
+            self.release = release
+
+        def infer_shape(self, in_shape):
+            return in_shape, [in_shape[0]], []
+
+        def infer_type(self, in_type):
+            return in_type, [in_type[0]], []
+
+        def create_operator(self, ctx, shapes, dtypes):
+            return _Held(self.release)
+
+    _register_held.done = True
 
 
 def arrays(world_size: int, seed: int = 0) -> list[list[np.ndarray]]:

@@ -164,6 +164,29 @@ def test_sums_across_two_nodes_go_through_each_nodes_leader_and_workers_pin_by_m
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
+def test_a_rank_lets_mxnet_finish_reading_the_shared_sums_before_they_are_summed_again(ranks):
+    """The sums ``Collective.reduce_shared`` leaves in the shared memory are read there by
+    MXNet's kernels, which may still be queued when the rank returns: its next call on the
+    group waits for them (``MXNDArrayWaitToWrite``) before the ranks overwrite the sums. Rank
+    0's kernels here are held back a second; they must read the first sums, not the second.
+    (Should the second sum take longer than that second, they would read the first sums even
+    without the wait: the test cannot fail wrongly, only miss.)"""
+    group = ranks(2)
+    form(group, same_node=True)
+    first = arrays(2, seed=0)
+    ray.get(
+        [
+            group[0].read_sums_late.remote(first[0], 1 << 20, 1.0),
+            group[1].reduce.remote(first[1], 1 << 20, True),
+        ],
+        timeout=120,
+    )
+    check_sums(group, 1 << 20, seed=1, shared=True)  # the next sum, into the same memory
+    late = ray.get(group[0].late_reading.remote(), timeout=120)
+    for read, mine, theirs in zip(late, *first):
+        np.testing.assert_array_equal(read, mine + theirs)
+
+
 def shm_descriptors() -> int:
     """This process's open descriptors of raymodule's shared-memory segments."""
     fds = [os.path.join("/proc/self/fd", fd) for fd in os.listdir("/proc/self/fd")]
