@@ -224,6 +224,44 @@ def test_a_segment_outgrown_while_an_array_reads_its_sum_stays_mapped_until_the_
     assert segments([os.getpid()]) == []
 
 
+def pidfds() -> int:
+    """This process's open pidfds (a node group watches its peers through them)."""
+    fds = [os.path.join("/proc/self/fd", fd) for fd in os.listdir("/proc/self/fd")]
+    return sum(os.path.realpath(fd).endswith("[pidfd]") for fd in fds)
+
+
+def test_a_node_group_that_fails_to_form_keeps_no_descriptor_or_segment():
+    """A rank whose group does not form (its leader made no shared memory; its peer never
+    attached) raises within the timeout, and lets go of its peers' pidfds and its segments."""
+    peer = subprocess.Popen(["sleep", "60"])  # a live process that never joins
+    try:
+        base = pidfds()
+        with pytest.raises(TimeoutError, match="made no shared memory"):
+            LocalGroup([0, 1], [peer.pid, os.getpid()], 1, timeout_s=0.3, token="nope")
+        assert pidfds() == base
+        with pytest.raises(TimeoutError, match="no shared-memory barrier"):
+            LocalGroup([0, 1], [os.getpid(), peer.pid], 0, timeout_s=0.3)
+        assert pidfds() == base
+        assert segments([os.getpid()]) == []
+    finally:
+        peer.kill()
+        peer.wait()
+
+
+def test_shared_memory_beyond_what_dev_shm_holds_fails_the_sum_with_a_clear_error():
+    """A segment ``/dev/shm`` cannot hold is refused when it is made (Linux backs a tmpfs
+    file's pages only when they are first written, and would kill the process with SIGBUS
+    there): the error says what to change, and no segment is left."""
+    fs = os.statvfs("/dev/shm")
+    group = LocalGroup([0], [os.getpid()], 0, timeout_s=10)
+    try:
+        with pytest.raises(OSError, match="/dev/shm has no room .* --shm-size"):
+            group.reserve(fs.f_blocks * fs.f_frsize + (1 << 30))
+        assert segments([os.getpid()]) == []
+    finally:
+        group.close()
+
+
 def test_segments_of_dead_creators_are_removed_and_others_kept():
     gone = subprocess.Popen(["true"])
     gone.wait()

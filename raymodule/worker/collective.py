@@ -180,7 +180,10 @@ class Collective:
             arrays, at = [], 0
             for a in views:
                 over = flat[at : at + a.size].reshape(a.shape)
-                arrays.append(mx.nd.from_numpy(over) if a.size else mx.nd.array(over))
+                if a.size:
+                    arrays.append(mx.nd.from_numpy(over))
+                else:  # nothing to read in place; of the gradient's dtype all the same
+                    arrays.append(mx.nd.array(over, dtype=over.dtype))
                 at += a.size
             self._sums = key, arrays
         return self._sums[1]

@@ -98,16 +98,20 @@ class _Peer:
     zombie or not, and which a reused pid cannot fool)."""
 
     def __init__(self, rank: int, pid: int):
-        self.rank, self.pid = rank, pid
-        self._poll = select.poll()
+        self.rank, self.pid, self._fd = rank, pid, -1
         self._fd = os.pidfd_open(pid)
+        self._poll = select.poll()
         self._poll.register(self._fd, select.POLLIN)
 
     def dead(self) -> bool:
         return bool(self._poll.poll(0))
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    __del__ = close  # a group whose close() left a sum running closes them when it goes
 
 
 class PartlyUpdated(RuntimeError):
@@ -159,9 +163,23 @@ def _path(name: str) -> str:
 def _segment(name: str, size: int = 0) -> SharedMemory:
     """Creates (``size`` > 0) or attaches the segment ``name``, kept out of Python's resource
     tracker: this group unlinks it, and the tracker would unlink it as soon as a process that
-    attached it exits."""
+    attached it exits. A created segment has its memory now: a ``/dev/shm`` without room for
+    it raises here, instead of a SIGBUS at the first write to a page it cannot back."""
     shm = SharedMemory(name, create=size > 0, size=size)
     resource_tracker.unregister(shm._name, "shared_memory")
+    if size > 0:
+        try:
+            os.posix_fallocate(shm._fd, 0, size)
+        except OSError as err:
+            shm.close()
+            os.unlink(_path(name))
+            free = os.statvfs(SHM_DIR)
+            raise OSError(  # short: a broken group's reason is cut at 200 characters
+                err.errno,
+                f"{SHM_DIR} has no room for {size:,} bytes of the gradient sums "
+                f"({free.f_bavail * free.f_frsize:,} free): give it more (docker --shm-size) "
+                "or lower RAYMODULE_ALLREDUCE_BUCKET_BYTES",
+            ) from None
     return shm
 
 
@@ -186,7 +204,7 @@ class LocalGroup:
     ):
         self.size, self.index, self.timeout_s = len(ranks), index, timeout_s
         self._rank = ranks[index]
-        self._peers = [_Peer(r, p) for i, (r, p) in enumerate(zip(ranks, pids)) if i != index]
+        self._peers: list[_Peer] = []
         self._prefix = f"{PREFIX}{pids[0]}-{token or secrets.token_hex(4)}-"
         self._segments: dict[str, SharedMemory] = {}  # name: mapped, linked or not
         self._linked: set[str] = set()  # of those, the ones this rank created and still links
@@ -198,6 +216,17 @@ class LocalGroup:
         self._seq = 0
         self._closed = False
         self._busy = threading.Lock()  # held while a thread uses the mapped memory
+        self._slots = self._seqs = self._attached = None  # the control segment's, once mapped
+        try:
+            self._form(ranks, pids, publish, lookup)
+        except BaseException:
+            self.close()  # the peers' descriptors, and the segments it made or mapped
+            raise
+
+    def _form(self, ranks: list[int], pids: list[int], publish, lookup) -> None:
+        for i, (rank, pid) in enumerate(zip(ranks, pids)):
+            if i != self.index:
+                self._peers.append(_Peer(rank, pid))
         control_bytes = 8 * (_HEADER + 2 * self.size)
         if self.leader:
             remove_stale_segments()
@@ -212,7 +241,7 @@ class LocalGroup:
         self._slots = np.ndarray((_HEADER + 2 * self.size,), np.int64, self._control.buf)
         self._seqs = self._slots[_HEADER : _HEADER + self.size]
         self._attached = self._slots[_HEADER + self.size :]
-        self._attached[index] = 1
+        self._attached[self.index] = 1
         if self.leader:
             self._unlink_when_attached(name, 1)
 
@@ -384,7 +413,7 @@ class LocalGroup:
 
     def abort(self) -> None:
         """Tells the local peers that the group is broken: their waits raise."""
-        if not self._closed and not self._slots[_BROKEN]:
+        if not self._closed and self._slots is not None and not self._slots[_BROKEN]:
             self._slots[_BROKEN] = self._rank + 1
             _fence()
 
@@ -392,8 +421,9 @@ class LocalGroup:
         """Aborts, unlinks what this rank still links, and unmaps every segment; idempotent.
         A sum still running in another thread sees the broken flag within a millisecond and
         ends; one still in its sum across nodes (gloo, bounded by the collective timeout)
-        keeps the memory mapped until it ends, and the garbage collector unmaps it; so do
-        arrays over a sum (``sum``'s ``copy_out`` False) that MXNet still reads."""
+        keeps the memory mapped until it ends, and the garbage collector unmaps it (and closes
+        the peers' descriptors); so do arrays over a sum (``sum``'s ``copy_out`` False) that
+        MXNet still reads."""
         if self._closed:
             return
         self.abort()
