@@ -177,13 +177,21 @@ class ControllerHandle:
         self._may_change_params()
         self.controller.reshape.remote(mid, seal(shapes), batch_size_of(shapes[0]))
 
-    def set_metric(self, metric) -> None:
+    def set_metric(self, metric, loop: str | None = None) -> None:
+        """The metric the steps of step loop ``loop`` update (:meth:`Controller.set_metric`)."""
         self._usable()
-        self.controller.set_metric.remote(seal_objects(metric))
+        self.controller.set_metric.remote(seal_objects(metric), loop)
 
-    def advance(self, kind: str, spec: dict | None, keep: int) -> dict:
-        """Sends a chunk of steps and reads finished ones (:meth:`Controller.advance`)."""
-        return self._read("advance", kind, spec, keep)
+    def end_loop(self, loop: str) -> None:
+        """Step loop ``loop`` ended (:meth:`Controller.end_loop`); nothing if the module is
+        closed or lost."""
+        if self.lost is None and not self.closed:
+            self.controller.end_loop.remote(loop)
+
+    def advance(self, kind: str, spec: dict | None, keep: int, loop: str | None = None) -> dict:
+        """Sends a chunk of steps of step loop ``loop`` and reads its finished ones
+        (:meth:`Controller.advance`)."""
+        return self._read("advance", kind, spec, keep, loop)
 
     def run(self, kind: str, plan: dict) -> PlanProgress:
         """Starts a plan of a dataset's steps on the controller (:meth:`Controller.run`);

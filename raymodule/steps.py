@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
+import uuid
 from dataclasses import dataclass
 
 import ray
@@ -149,13 +150,24 @@ def run_steps(
     return tally
 
 
-def steps(
+def steps(module, data_iter, method, metric, epoch, tally: Epoch, **how):
+    """:func:`_steps`, as a loop of its own on the controller (an id that its calls carry),
+    which it ends however it ends."""
+    loop = uuid.uuid4().hex
+    try:
+        yield from _steps(module, data_iter, method, metric, epoch, tally, loop, **how)
+    finally:
+        module._workers.end_loop(loop)
+
+
+def _steps(
     module,
     data_iter,
     method,
     metric,
     epoch,
     tally: Epoch,
+    loop: str,
     *,
     monitor=None,
     num_batch=None,
@@ -200,7 +212,9 @@ def steps(
     indices only; the workers read their rows. In an elastic
     run, steps that a lost worker voided are run again on the re-formed group; steps the
     survivors had applied are not: their metric updates are missing, and they are yielded
-    with None as results.
+    with None as results. Each loop has an id of its own, ``loop``: a loop a callback runs
+    inside this one (``score``, ``predict``) is given its own steps only, and the workers'
+    metric is set back to this loop's before its next steps.
     """
     workers = module._workers
     # a DatasetIter: the workers read their rows; the client sends indices only
@@ -208,7 +222,7 @@ def steps(
     planned = indexed and monitor is None  # the controller runs them, from a plan
     if not planned:  # a plan waits for the calls posted before it on the controller
         workers.sync()
-    workers.set_metric(metric)
+    workers.set_metric(metric, loop)
     dataset = data_iter.dataset if indexed else None
     if indexed:
         # an ArrayDataset is put in the object store once here; the calls carry its reference
@@ -242,7 +256,7 @@ def steps(
         }
     if planned:
         yield from _planned(
-            module, data_iter, method, epoch, tally, dataset, num_batch=num_batch,
+            module, data_iter, method, epoch, tally, dataset, loop, num_batch=num_batch,
             sparse_row_id_fn=sparse_row_id_fn, first_batch=first_batch,
             checkpoint_every=checkpoint_every, on_checkpoint=on_checkpoint, stop=stop,
             params_at_end=params_at_end,
@@ -284,7 +298,7 @@ def steps(
                 parts = zip(*(step.batch.parts(cut) for step, cut in zip(chunk, slices)))
                 spec["sources"] = [ray.put(list(part)) for part in parts]
             chunk.clear()
-        reply = workers.advance(method, spec, keep)
+        reply = workers.advance(method, spec, keep, loop)
         nonlocal checkpoint_due
         checkpoint_due = checkpoint_due or bool(workers.leaving)
         _add_seconds(tally, reply)
@@ -332,12 +346,12 @@ def steps(
         # the steps in flight finish unread, so that the next loop starts on an empty pipeline
         if sent:
             with contextlib.suppress(RayModuleError):  # a loss shows at the next call
-                workers.advance(method, None, 0)
+                workers.advance(method, None, 0, loop)
         raise
 
 
 def _planned(
-    module, data_iter, method, epoch, tally: Epoch, dataset, *, num_batch, sparse_row_id_fn,
+    module, data_iter, method, epoch, tally: Epoch, dataset, loop, *, num_batch, sparse_row_id_fn,
     first_batch, checkpoint_every, on_checkpoint, stop, params_at_end,
 ):  # fmt: skip
     """:func:`steps` of a :class:`raymodule.data.DatasetIter`: the controller runs them. The
@@ -375,6 +389,7 @@ def _planned(
             "indices": [step.index for step in plan],
             "positions": [step.nbatch for step in plan],
             "depth": workers.settings.pipeline_depth,
+            "loop": loop,
         }
         if last and params_at_end:
             spec["params_at_end"] = module._snapshot_id

@@ -13,7 +13,8 @@ every rank) once it applied ``step`` training steps (as restored from a peer or 
 so a step run again after a loss does not fire again):
 
 - ``"die"``: SIGKILL its own process; ``"stop"``: SIGSTOP it; ``"term"``: SIGTERM it (Ray's
-  graceful shutdown, a preemption notice);
+  graceful shutdown, a preemption notice); ``"raise"``: raise an error of its own in the step
+  (a bad batch);
 - ``("signal", pid, signum)``: send another process (the training process) a signal;
 - ``("arm", method, how)``: its next call of ``method`` (``get_params``; ``applied``;
   ``leave``, the controller's in a re-form) does ``how`` ("die" or "stop") at its start;
@@ -104,6 +105,8 @@ def worker_class(plan: dict, marks) -> type:
             return super().train_step(mid, batch)
 
         def _fire(self, fault) -> None:
+            if fault == "raise":
+                raise ValueError(f"a bad batch at step {self._applied}")
             if isinstance(fault, str):
                 os.kill(os.getpid(), _SIGNALS[fault])
             elif fault[0] == "signal":

@@ -13,7 +13,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 import ray
-from conftest import dataset, max_relative_diff, mlp
+from conftest import ClientIter, dataset, max_relative_diff, mlp
 
 import raymodule
 
@@ -284,6 +284,46 @@ def test_parameters_a_callback_sets_while_steps_run_ahead_are_those_the_epochs_e
         )
         assert max_relative_diff(start[0], read[0]) == 0.0
         assert max_relative_diff(start[0], mod.get_params()[0]) == 0.0
+
+
+@pytest.mark.parametrize("iterator", [mx.io.NDArrayIter, ClientIter], ids=["plan", "client"])
+def test_a_callbacks_score_and_predict_leave_fits_steps_and_metric_as_they_were(
+    monkeypatch, iterator
+):
+    """A batch callback that scores with another metric and predicts while fit's steps are in
+    flight (chunks of 2 steps; an epoch of two plans when fit reads the rows itself): fit's
+    metric is the one it is without them, over every batch once. The callback's steps once
+    read fit's steps in flight as their own (a KeyError), and fit's later plans updated the
+    callback's metric on the workers."""
+    monkeypatch.setenv("RAYMODULE_STEPS_PER_CALL", "2")
+    x, y = dataset(n=4 * 300)
+    small = mx.io.NDArrayIter(x[:16], y[:16], batch_size=4)
+    native = mx.mod.Module(mlp(), context=mx.cpu())
+    native.bind([("data", (4, 20))], [("softmax_label", (4,))])
+    native.init_params(mx.init.Xavier())
+    start = native.get_params()
+    counted = []
+    for scoring in (False, True):
+        metric = mx.metric.create("acc")
+        with raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)]) as mod:
+
+            def callback(param, mod=mod, scoring=scoring):
+                if scoring and param.nbatch in (5, 260):
+                    assert mod.score(small, "mse")[0][0] == "mse"
+                    assert mod.predict(small).shape == (16, 10)
+
+            mod.fit(
+                iterator(x, y, batch_size=4),
+                num_epoch=1,
+                eval_metric=metric,
+                arg_params=start[0],
+                aux_params=start[1],
+                optimizer_params=SGD,
+                batch_end_callback=callback,
+            )
+        counted.append((metric.num_inst, metric.sum_metric))
+    assert counted[0][0] == 4 * 300
+    assert counted[1] == counted[0]
 
 
 def test_checkpoints_are_mxnet_checkpoints(tmp_path):

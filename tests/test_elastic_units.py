@@ -140,7 +140,9 @@ class StandIn:
         self.calls = []  # the module calls it received: (method, batch rows)
         self.reads = []  # the parts it read steps sent again from (their object ids)
         self.down = False  # told to shut down (as SIGTERM tells a real one)
-        self.fault = None  # (method, "die" | "hang"): what this worker does when next called
+        # (method, "die" | "hang" | "raise"): what this worker does when next called ("raise":
+        # an error of its own, once)
+        self.fault = None
 
     def set_fault(self, method, how):
         self.fault = (method, how)
@@ -149,6 +151,9 @@ class StandIn:
         if self.fault is not None and self.fault[0] == method:
             if self.fault[1] == "die":
                 os._exit(1)
+            if self.fault[1] == "raise":
+                self.fault = None
+                raise ValueError("a bad batch")
             time.sleep(3600)
 
     def steps(self, kind, mids, batches, generation, plan=None):
@@ -429,7 +434,7 @@ def test_a_silent_worker_is_lost_after_the_collective_timeout(controller):
     ctl.limits = Limits(3, min_workers=1)
     # the group broke; ranks 0 and 2 answer, rank 1 stays busy in its steps (alive, silent)
     call(ctl, "set_fault", "steps", "hang", ranks=[1])
-    ctl._send("train_step", chunks.steps_of(spec(ctl)))
+    ctl._send("train_step", chunks.steps_of(spec(ctl)), None)
     with replacements_never_start():
         ctl._recover(StepsFailed("steps", {}, "GroupBrokenError: timed out"))
     assert ctl.members.slots == (0, 2)
@@ -484,6 +489,37 @@ def test_a_worker_lost_in_a_read_outside_the_step_loop_is_recovered_from(control
     with replacements_never_start():
         assert call(ctl, "get_params", MID, ranks=[0]) == [9]
     assert ctl.members.slots == (1, 2) and events_of(ctl)[-1]["lost"] == ["slot 0"]
+
+
+def test_steps_in_flight_when_a_call_meets_a_loss_are_sent_again_before_any_later_one(controller):
+    """A loss seen by a call between two chunks (a callback reading the parameters, a bucket
+    bound mid-epoch) re-forms the group there: the chunk in flight is sent again at once, so
+    the next chunk follows it and no step is applied twice (the later chunk was once sent
+    first, and then again with the older one)."""
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1)
+    ray.get(ctl.members.handles[0].set_fault.remote("steps", "die"))
+    first = read(ctl, ctl.advance("train_step", dict(spec(ctl), serials=[1]), 1))
+    with replacements_never_start():
+        call(ctl, "get_params", MID, ranks=[0])  # the loss is seen here, and it is asked again
+        assert ctl.members.slots == (1, 2)
+        later = read(ctl, ctl.advance("train_step", dict(spec(ctl), serials=[2]), 1))
+        last = read(ctl, ctl.advance("train_step", None, 0))
+    finished = [serial for reply in (first, later, last) for serial, _, _ in reply["steps"]]
+    assert finished == [1, 2]
+    assert [state["count"] for state in call(ctl, "state")] == [2, 2]
+    assert ctl.steps_sent == 2
+
+
+def test_a_workers_error_in_a_step_is_raised_once_not_again_by_the_next_call(controller):
+    """Not a loss: the error is the caller's (the worker named); the next steps run (these
+    workers have no group for a failed training step to break)."""
+    ctl = controller
+    ray.get(ctl.members.handles[1].set_fault.remote("steps", "raise"))
+    with pytest.raises(Exception, match="worker 1 failed in train_step.*a bad batch"):
+        step(ctl)
+    assert [serial for serial, _, _ in step(ctl)] == [0]
+    assert ctl.members.slots == (0, 1, 2)
 
 
 def test_a_group_that_keeps_breaking_with_nobody_lost_evicts_its_slowest_member(controller):

@@ -346,6 +346,25 @@ def test_a_nodes_workers_each_run_on_a_core_of_their_own_and_a_lone_survivor_on_
     assert after == {frozenset(allowed)}, after
 
 
+def test_a_workers_own_error_in_a_step_breaks_its_group_at_once(tmp_path, monkeypatch):
+    """A worker whose training step raises (its data, say) leaves the group: its peer, waiting
+    at that step's sum, fails at once rather than after the collective timeout, and never sums
+    a later step of that worker's with the step it waits in. The error is the caller's; the
+    group stays broken (outside an elastic run the module cannot go on, and says why)."""
+    monkeypatch.setenv("RAYMODULE_COLLECTIVE_TIMEOUT_S", "120")
+    cls = stepfaults.worker_class({(3, 1): "raise"}, marks=tmp_path)
+    monkeypatch.setattr(raymodule.module, "ControllerHandle", stepfaults.with_workers(cls))
+    x, y = dataset(n=256)
+    with raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)]) as mod:
+        for error, words in [
+            (raymodule.WorkerError, "worker 1 failed in train_step.*a bad batch at step 3"),
+            (raymodule.WorkerLostError, "group broke during train_step.*rank 1 broke this node"),
+        ]:
+            with pytest.raises(error, match=words):
+                train = mx.io.NDArrayIter(x, y, 16)
+                mod.fit(train, num_epoch=1, optimizer_params={"learning_rate": 0.1})
+
+
 def test_workers_are_placed_among_those_on_the_same_cores_whatever_their_ray_node():
     """Pinning counts a group's workers by the cores they may run on, named machine-wide (two
     Ray nodes on one machine share its cores); a worker whose cores are unknown is alone."""

@@ -59,6 +59,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _STREAMS_KEPT = 2  # Ray Datasets whose split is kept (training's and validation's)
+_LOOPS_KEPT = 64  # step loops of the client's kept at most: each ends with end_loop (a loop
+# whose client process died never does)
 _PLANS = "raymodule-plans"  # the namespace of the plans' stop flags in Ray's key-value store
 
 
@@ -143,6 +145,11 @@ class Controller:
         self.lost: WorkerLostError | None = None  # why the run cannot go on (FAILED)
         self._replicas: dict[int, Replica] = {}  # by module id
         self._metric = None  # the metric the steps update on the workers
+        self._metric_of: object = _NO_LOOP  # the step loop whose metric that is
+        # the client's step loops under way (fit's epoch, a callback's score inside it): the
+        # metric of each, and its steps finished and their seconds until it reads them
+        self._metrics: dict = {}
+        self._finished: dict = {}
         self._events: list[dict] = []  # membership changes the client has not read yet
         self._seen: Membership | None = None  # the membership the client last saw (see view)
         self._unchecked: list[tuple[int, ray.ObjectRef, str]] = []
@@ -250,19 +257,34 @@ class Controller:
         replica.shapes, replica.batch_size = shapes, batch_size
         self._post("reshape", mid, per_worker=replica.split(self.members.slots))
 
-    def set_metric(self, metric) -> None:
-        """The metric the steps update on the workers (None: they return outputs)."""
-        self._metric = metric
-        self._post("set_metric", metric)
+    def set_metric(self, metric, loop: str | None = None) -> None:
+        """The metric the steps of the client's step loop ``loop`` update on the workers
+        (None: they return outputs); set on the workers again before that loop's next steps
+        if another loop's steps (a callback's ``score``) ran meanwhile."""
+        self._metrics.pop(loop, None)
+        self._metrics[loop] = metric
+        while len(self._metrics) > _LOOPS_KEPT:
+            del self._metrics[next(iter(self._metrics))]
+        self._metric_of = _NO_LOOP
+        self._use_metric(loop)
 
-    def advance(self, kind: str, spec: dict | None, keep: int) -> tuple:
-        """Sends a chunk of steps (``spec``: see :func:`.chunks.steps_of`), then reads
-        the chunks in flight until at most ``keep`` are. Replacements that are up join first,
-        at this step boundary. Returns the steps finished, in order, each as ``(serial,
-        results per member or None, the slices they ran on)``: None for a step the survivors
-        of a loss had applied already; and the seconds each slot spent in them."""
+    def end_loop(self, loop: str) -> None:
+        """Forgets the client's step loop ``loop``, which ended: its metric, and its steps
+        finished or still in flight (read, then dropped)."""
+        self._metrics.pop(loop, None)
+        self._finished.pop(loop, None)
+
+    def advance(self, kind: str, spec: dict | None, keep: int, loop: str | None = None) -> tuple:
+        """Sends a chunk of steps (``spec``: see :func:`.chunks.steps_of`) of the client's
+        step loop ``loop``, then reads the chunks in flight until at most ``keep`` are.
+        Replacements that are up join first, at this step boundary. Returns the steps of
+        ``loop`` finished, in order, each as ``(serial, results per member or None, the
+        slices they ran on)``: None for a step the survivors of a loss had applied already;
+        and the seconds each slot spent in them. The steps of another loop finished here (a
+        callback's loop reads past fit's steps in flight) are kept for that loop's next call."""
         steps = chunks.steps_of(spec) if spec is not None else []
-        return self._advance(kind, steps, keep, {"steps": [], "seconds": {}}), self.view()
+        self._advance(kind, steps, keep, loop)
+        return self._reply(loop, {}), self.view()
 
     def run(self, kind: str, plan: dict):
         """Runs a plan of a dataset's steps back to back, the chunks sized and the
@@ -272,7 +294,8 @@ class Controller:
         (``positions``), ``depth`` (chunks in flight), ``stop_key`` (see below), and for a
         checkpointed run ``snapshot`` (the module whose state a checkpoint holds),
         ``checkpoint_every`` (0: none but those a leaving member asks for) and
-        ``first_batch`` (no checkpoint before a batch after it). ``progress`` is
+        ``first_batch`` (no checkpoint before a batch after it), and ``loop``: the client's
+        step loop it belongs to (see :meth:`advance`). ``progress`` is
         :meth:`advance`'s reply, with ``checkpoint``: ``(batch, training steps)`` of a
         snapshot of worker 0 taken at a batch boundary before the reply's chunk was sent (or
         None; :meth:`hand_over` gives the snapshot), and in the last one ``stopped_at``: the
@@ -285,6 +308,7 @@ class Controller:
         None if a step before failed). The calls posted before the plan are waited for first,
         and the first error among them raised (:meth:`sync`: the client need not ask)."""
         handed = self._handed.setdefault(plan["stop_key"], {})
+        loop = plan.get("loop")
         while len(self._handed) > _HANDED_PLANS:  # the oldest's replies were read long since
             self._handed.pop(next(iter(self._handed)))
         self._sync()
@@ -292,12 +316,12 @@ class Controller:
         positions, every = plan["positions"], plan.get("checkpoint_every")
         start = 0
         while start < len(steps) and not _stop_asked(plan["stop_key"]):
-            progress = {"steps": [], "seconds": {}, "checkpoint": None}
+            progress = {"checkpoint": None}
             if self.limits.elastic:
                 self._note_drains()
             due = bool(self._leaving)
             if due:  # they leave first, then the run's state is saved without them
-                self._leave(progress["steps"], progress["seconds"])
+                self._leave()
             batch = positions[start]
             due = due or bool(every) and batch % every == 0
             if every is not None and due and batch > plan["first_batch"]:
@@ -310,17 +334,18 @@ class Controller:
                 if every and positions[stop] % every == 0:
                     break  # a checkpoint's boundary
                 stop += 1
-            self._advance(kind, steps[start:stop], plan["depth"], progress)
+            self._advance(kind, steps[start:stop], plan["depth"], loop)
             start = stop
-            yield progress, self.view()
-        last = {"steps": [], "seconds": {}}
+            yield self._reply(loop, progress), self.view()
+        last = {}
         last["stopped_at"] = positions[start] if start < len(positions) else None
         wanted = plan.get("params_at_end")
         if wanted is not None and last["stopped_at"] is None and steps:
             params = self._submit("params_after", wanted, self.steps_sent, ranks=[0])[0]
             handed["params", self.steps_sent] = params
             last["params"] = self.steps_sent
-        yield self._advance(kind, [], 0, last), self.view()
+        self._advance(kind, [], 0, loop)
+        yield self._reply(loop, last), self.view()
 
     @ray.method(concurrency_group="hand_over")
     def hand_over(self, plan: str, what: str, steps: int) -> tuple:
@@ -347,24 +372,40 @@ class Controller:
         self._group.stop()
         self._enter(State.CLOSED, "shut down")
 
-    def _advance(self, kind: str, steps: list[chunks.Step], keep: int, reply: dict) -> dict:
-        """:meth:`advance`'s work, its finished steps and seconds added to ``reply``."""
-        done, seconds = reply["steps"], reply["seconds"]
+    def _advance(self, kind: str, steps: list[chunks.Step], keep: int, loop) -> None:
+        """:meth:`advance`'s work: its finished steps are kept by loop (:meth:`_reply`)."""
         if self.limits.elastic:
             self._note_drains()
         if self._leaving:
-            self._leave(done, seconds)
+            self._leave()
         if steps:
             if self.members.pending and self.limits.elastic and not self._in_pass:
-                self._grow(done, seconds)
+                self._grow()
             if self._balancer is not None and kind == "train_step" and steps[0].stream is None:
                 self._rebalance()
-            self._send(kind, steps)
+            self._send(kind, steps, loop)
         while len(self._chunks) > keep:
-            self._finish(done, seconds)
-        if done and seconds:
-            self._step_s = max(seconds.values()) / len(done)
-        return reply
+            self._finish()
+
+    def _reply(self, loop, reply: dict) -> dict:
+        """``reply`` with the steps of ``loop`` finished since its last reply, and their
+        seconds by slot."""
+        done, seconds = self._finished.pop(loop, ([], {}))
+        return dict(reply, steps=done, seconds=seconds)
+
+    def _finished_of(self, loop) -> tuple[list, dict]:
+        """Where the steps of ``loop`` finished go until it reads them (:meth:`_reply`); of a
+        loop that ended, nowhere (a caller without loops, a test's, is one loop: None)."""
+        if loop is not None and loop not in self._metrics:
+            return [], {}
+        return self._finished.setdefault(loop, ([], {}))
+
+    def _use_metric(self, loop) -> None:
+        """Sets ``loop``'s metric on the workers, unless it is the one there (a loop whose
+        metric was let go keeps the one there)."""
+        if loop in self._metrics and self._metric_of != loop:
+            self._metric, self._metric_of = self._metrics[loop], loop
+            self._post("set_metric", self._metric)
 
     def _steps_per_call(self) -> int:
         return chunks.steps_per_call(self.settings, self._step_s)
@@ -455,11 +496,15 @@ class Controller:
             self._recover_here(failure)
 
     def _recover_here(self, failure: StepsFailed) -> None:
-        """A failure seen outside the steps in flight is recovered from where it is seen;
-        inside a recovery, that starts again."""
+        """A failure seen outside the steps in flight is recovered from where it is seen, and
+        the steps in flight are sent again to the re-formed group at once, before any step
+        sent after them (their training steps are numbered from the step it is at); inside a
+        recovery, that starts again."""
         if self._recovering:
             raise failure
-        self._recover(failure)
+        committed = self._recover(failure)
+        if self._chunks:
+            self._resend(committed)
 
     def _get(self, refs: list, method: str, ranks=None) -> list:
         """``ray.get`` that names the worker, says a lost worker is lost, and never hangs.
@@ -480,8 +525,8 @@ class Controller:
         for rank, (kind, value) in zip(ranks, outcomes):
             if kind == "ok":
                 results.append(value)
-            elif kind == "broken":
-                broken = broken or first_line(value)
+            elif kind == "broken":  # why, not Ray's line naming the task
+                broken = broken or first_line(getattr(value, "cause", None) or value)
             elif kind == "failed":
                 failed = failed or (rank, value)
             elif kind:
@@ -516,8 +561,10 @@ class Controller:
         return ", ".join(described) + (" was lost" if len(lost) == 1 else " were lost")
 
     # -- steps -------------------------------------------------------------------------------------
-    def _send(self, kind: str, steps: list[chunks.Step]) -> None:
-        """Sends ``steps`` to every member in one call each, for this generation."""
+    def _send(self, kind: str, steps: list[chunks.Step], loop) -> None:
+        """Sends ``steps`` of the client's step loop ``loop`` to every member in one call
+        each, for this generation, after that loop's metric if another is on the workers."""
+        self._use_metric(loop)
         if kind == "train_step":
             for step in steps:
                 self.steps_sent += 1
@@ -543,6 +590,7 @@ class Controller:
                 list(self.members.slots),
                 self.members.generation,
                 chunks.reads(self.members.handles, args),
+                loop,
             )
         )
 
@@ -571,19 +619,24 @@ class Controller:
         self._in_pass = True
         return known.key, known.shares
 
-    def _finish(self, done: list, seconds: dict) -> None:
-        """Reads the oldest chunk in flight into ``done``; after a loss, sends the steps in
-        flight again to the re-formed group."""
+    def _finish(self) -> None:
+        """Reads the oldest chunk in flight, its steps finished for the loop that sent it;
+        after a loss, sends the steps in flight again to the re-formed group. A worker's own
+        error (not a loss) is raised, the chunk read: the steps after it are read next."""
         chunk = self._chunks[0]
         try:
             per_worker = self._get(chunk.refs, chunk.kind)
         except StepsFailed as failure:
             if chunk.generation == self.members.generation:
-                self._resend(self._recover(failure), done)
-            else:  # sent before a re-forming that a call in between went through
-                self._resend(self.committed, done)
+                self._resend(self._recover(failure))
+            else:  # sent before a re-forming (every recovery sends the steps in flight again)
+                self._resend(self.committed)
             return
+        except BaseException:
+            self._chunks.popleft()
+            raise
         self._chunks.popleft()
+        done, seconds = self._finished_of(chunk.loop)
         if any(
             step.stream is not None and step.position == step.stream["batches"] - 1
             for step in chunk.steps
@@ -599,12 +652,13 @@ class Controller:
         for index, step in enumerate(chunk.steps):
             results = [per_step[index] for per_step, _, _, _ in per_worker]
             done.append((step.serial, results, step.slices))
+        self._step_s = max(reply[1] for reply in per_worker) / len(chunk.steps)
 
-    def _resend(self, committed: int, done: list) -> None:
-        """Sends the steps in flight again to the re-formed group, but for those applied
-        before it (up to step ``committed``), which are finished without results."""
-        void = [step for chunk in self._chunks for step in chunk.steps]
-        kind = self._chunks[0].kind
+    def _resend(self, committed: int) -> None:
+        """Sends the steps in flight again to the re-formed group, in order, each for the loop
+        that sent it, but for training steps applied before it (up to step ``committed``),
+        which are finished without results."""
+        void = [(chunk.kind, chunk.loop, step) for chunk in self._chunks for step in chunk.steps]
         members = set(self.members.handles)
         read_by_lost = {
             ref
@@ -614,17 +668,19 @@ class Controller:
             for ref in read
         }
         self._chunks.clear()
-        self._rehome(void, read_by_lost)
-        self._post("set_metric", self._metric)
-        again = []
-        for step in void:
-            if kind == "train_step" and step.number <= committed:
-                done.append((step.serial, None, None))  # applied by the survivors
-            else:
-                again.append(step)
+        self._rehome([step for _, _, step in void], read_by_lost)
+        self._metric_of = _NO_LOOP  # set again on every member before the first step
+        again: list[tuple[str, object, list]] = []  # runs of steps of one kind and loop
         per_call = max(1, self.settings.steps_per_call)
-        for start in range(0, len(again), per_call):
-            self._send(kind, again[start : start + per_call])
+        for kind, loop, step in void:
+            if kind == "train_step" and step.number <= committed:
+                self._finished_of(loop)[0].append((step.serial, None, None))  # applied
+            elif again and again[-1][:2] == (kind, loop) and len(again[-1][2]) < per_call:
+                again[-1][2].append(step)
+            else:
+                again.append((kind, loop, [step]))
+        for kind, loop, steps in again:
+            self._send(kind, steps, loop)
 
     def _rehome(self, steps: list[chunks.Step], refs: set) -> None:
         """Copies the parts lost members read into objects of the controller's own, before
@@ -643,7 +699,7 @@ class Controller:
             return
         chunks.rehome(steps, {ref: ray.put(part) for ref, part in zip(refs, parts)})
 
-    def _grow(self, done: list, seconds: dict) -> None:
+    def _grow(self) -> None:
         """At a step boundary: admits replacement workers that are up (asked at most every
         RAYMODULE_ADMIT_INTERVAL_S); the steps in flight are finished first."""
         if time.monotonic() < self._next_poll:
@@ -655,7 +711,7 @@ class Controller:
             return
         tic, before = time.monotonic(), self.members.world_size
         while self._chunks:
-            self._finish(done, seconds)
+            self._finish()
         self._sync()
         admit = [
             slot for slot in admit if slot in self.members.pending
@@ -711,13 +767,13 @@ class Controller:
             if where.get("node") in draining:
                 self._leaving.setdefault(slot, "its node is being drained")
 
-    def _leave(self, done: list, seconds: dict) -> None:
+    def _leave(self) -> None:
         """At a step boundary: removes the members that were shut down (SIGTERM) or whose node
         is drained, once the steps in flight are finished, and re-forms the group without them.
         No step fails and nothing is restored: every member is at the same step. It is no
         failure."""
         while self._chunks:
-            self._finish(done, seconds)
+            self._finish()
         self._sync()
         reasons = {s: why for s, why in self._leaving.items() if s in self.members.slots}
         self._leaving = {}
@@ -960,6 +1016,9 @@ class Controller:
                 **extra,
             }
         )
+
+
+_NO_LOOP = object()  # no loop's metric is known to be on every member
 
 
 # plans whose references the controller keeps for the client: a callback may run plans (score,

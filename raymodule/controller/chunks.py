@@ -58,6 +58,7 @@ class Chunk:
     slots: list[int]
     generation: int
     reads: dict  # member (actor handle) -> the part objects it was given
+    loop: str | None = None  # the client's step loop that sent it (its results are its own)
 
 
 def steps_per_call(settings, step_s: float | None) -> int:

@@ -442,7 +442,17 @@ class ModuleWorker:
         tic = time.perf_counter()  # rows still read meanwhile (a dataset's) count as step time
         group = self._collective
         waited = group.waited_s if group is not None else 0.0
-        results = [step(mid, batch) for mid, batch in zip(mids, batches)]
+        try:
+            results = [step(mid, batch) for mid, batch in zip(mids, batches)]
+        except GroupBrokenError:
+            raise
+        except Exception as err:
+            if kind == "train_step" and self._collective is not None:
+                # its peers wait at this step's sum: they fail now, and never sum a later
+                # step of this worker's with it
+                self.leave()
+                self._broken = f"worker failed in a step: {type(err).__name__}"
+            raise
         took = time.perf_counter() - tic
         computing = took - (group.waited_s - waited) if group is not None else took
         return results, took, computing, self._shut_down
