@@ -19,10 +19,10 @@ from mxnet.io import DataDesc
 
 from raymodule.checkpoint import Snapshot
 from raymodule.constants import Settings
-from raymodule.controller import Controller, State, StepsFailed, chunks, policy
+from raymodule.controller import Controller, EveryWorkerLost, State, StepsFailed, chunks, policy
 from raymodule.controller.policy import Action, Limits, Loss
 from raymodule.data import Batch, split_slices
-from raymodule.errors import WorkerLostError
+from raymodule.errors import GroupBrokenError, WorkerLostError
 from raymodule.worker.actor import assemble
 from raymodule.worker.cores import cores_name
 
@@ -140,9 +140,10 @@ class StandIn:
         self.calls = []  # the module calls it received: (method, batch rows)
         self.reads = []  # the parts it read steps sent again from (their object ids)
         self.down = False  # told to shut down (as SIGTERM tells a real one)
-        # (method, "die" | "hang" | "raise"): what this worker does when next called ("raise":
-        # an error of its own, once)
+        # (method, "die" | "hang" | "raise" | "broken"): what this worker does when next called
+        # ("raise": an error of its own, once; "broken": its group broke, once)
         self.fault = None
+        self.params_at = []  # its step count each time its parameters were set
 
     def set_fault(self, method, how):
         self.fault = (method, how)
@@ -151,8 +152,10 @@ class StandIn:
         if self.fault is not None and self.fault[0] == method:
             if self.fault[1] == "die":
                 os._exit(1)
-            if self.fault[1] == "raise":
-                self.fault = None
+            if self.fault[1] in ("raise", "broken"):
+                how, self.fault = self.fault[1], None
+                if how == "broken":
+                    raise GroupBrokenError("the group broke")
                 raise ValueError("a bad batch")
             time.sleep(3600)
 
@@ -203,7 +206,7 @@ class StandIn:
         self.calls.append(("reshape", _share(shapes, work_load, index)))
 
     def set_params(self, mid, *args):
-        pass
+        self.params_at.append(self.count)
 
     def init_optimizer(self, mid, *args):
         self.calls.append(("init_optimizer", None))
@@ -225,6 +228,7 @@ class StandIn:
             "restored": self.restored,
             "calls": self.calls,
             "reads": self.reads,
+            "params_at": self.params_at,
         }
 
 
@@ -511,6 +515,28 @@ def test_steps_in_flight_when_a_call_meets_a_loss_are_sent_again_before_any_late
     assert ctl.steps_sent == 2
 
 
+def test_a_call_posted_while_steps_are_in_flight_follows_them_though_a_loss_resends_them(
+    controller,
+):
+    """A callback's set_params after the steps sent before it: without a loss the workers set
+    the parameters after those steps; with one, too, once they are sent again (the survivors
+    once set them first, and the voided step then ran on top of the user's parameters)."""
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1)
+    ray.get(ctl.members.handles[0].set_fault.remote("steps", "die"))
+    for survivor in ctl.members.handles[1:]:  # its group broke: the step is not applied
+        ray.get(survivor.set_fault.remote("steps", "broken"))
+    with replacements_never_start():
+        first = read(ctl, ctl.advance("train_step", dict(spec(ctl), serials=[1]), 1))
+        ctl.post("set_params", (MID,))
+        last = read(ctl, ctl.advance("train_step", None, 0))
+    assert ctl.members.slots == (1, 2)
+    assert [serial for reply in (first, last) for serial, _, _ in reply["steps"]] == [1]
+    states = call(ctl, "state")
+    assert [s["params_at"] for s in states] == [[0, 1], [0, 1]]  # the fixture's, then this one
+    assert [s["count"] for s in states] == [1, 1]
+
+
 def test_a_workers_error_in_a_step_is_raised_once_not_again_by_the_next_call(controller):
     """Not a loss: the error is the caller's (the worker named); the next steps run (these
     workers have no group for a failed training step to break)."""
@@ -520,6 +546,38 @@ def test_a_workers_error_in_a_step_is_raised_once_not_again_by_the_next_call(con
         step(ctl)
     assert [serial for serial, _, _ in step(ctl)] == [0]
     assert ctl.members.slots == (0, 1, 2)
+
+
+def test_a_workers_error_in_steps_a_post_finished_is_raised_to_the_loop_that_sent_them(
+    controller,
+):
+    ctl = controller
+    ctl.set_metric(None, "fit")
+    ray.get(ctl.members.handles[2].set_fault.remote("steps", "raise"))
+    read(ctl, ctl.advance("train_step", spec(ctl), 1, "fit"))
+    ctl.post("set_params", (MID,))  # finishes the step first: its error is fit's
+    with pytest.raises(Exception, match="worker 2 failed in train_step.*a bad batch"):
+        ctl.advance("train_step", None, 0, "fit")
+    assert read(ctl, ctl.advance("train_step", spec(ctl), 0, "fit"))["steps"][0][0] == 0
+
+
+def test_a_loss_while_a_callbacks_loop_runs_in_a_ray_datasets_pass_restarts_the_run(controller):
+    """fit's pass of a Ray Dataset stays open while a callback's score sends other steps: a
+    loss then restarts the run, as anywhere in the pass (the streams cannot be re-split). The
+    callback's steps once closed the pass, and the group re-formed mid-pass instead."""
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1)
+    ctl.set_metric(None, "fit")
+    ctl.set_metric(None, "callback")
+    stream = {
+        "dataset": ray.data.range(60), "key": "train", "pass": 0, "batches": 10,
+        "data_names": ["data"], "label_names": [], "positions": [0],
+    }  # fmt: skip
+    streamed = {"serials": [0], "mids": [MID], "sizes": [6], "labels": [False], "stream": stream}
+    read(ctl, ctl.advance("train_step", streamed, 1, "fit"))
+    kill(ctl.members.handles[1])
+    with replacements_never_start(), pytest.raises(EveryWorkerLost, match="cannot be re-split"):
+        ctl.advance("eval_step", spec(ctl), 0, "callback")
 
 
 def test_a_group_that_keeps_breaking_with_nobody_lost_evicts_its_slowest_member(controller):

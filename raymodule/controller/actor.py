@@ -150,6 +150,7 @@ class Controller:
         # metric of each, and its steps finished and their seconds until it reads them
         self._metrics: dict = {}
         self._finished: dict = {}
+        self._errors: dict = {}  # a worker's error in a loop's steps, read by another call
         self._events: list[dict] = []  # membership changes the client has not read yet
         self._seen: Membership | None = None  # the membership the client last saw (see view)
         self._unchecked: list[tuple[int, ray.ObjectRef, str]] = []
@@ -162,7 +163,7 @@ class Controller:
         self._recovering = False
         self._next_poll = 0.0
         self._streams: dict[str, _Stream] = {}  # the Ray Datasets streamed, by iterator key
-        self._in_pass = False  # a Ray Dataset's pass is being streamed: its splits are fixed
+        self._passes: set = set()  # loops streaming a Ray Dataset's pass (see _in_pass)
         self._step_s: float | None = None  # a step's seconds on the workers, as last measured
         # references the latest plans made for the client, by plan, until it takes them
         self._handed: dict[str, dict[tuple, ray.ObjectRef]] = {}
@@ -208,8 +209,10 @@ class Controller:
     def post(self, method: str, args: tuple, per_worker=None, ranks=None, generation=None) -> None:
         """Calls ``method(*args, *per_worker[rank])`` on the workers (or ``ranks``); an error
         surfaces at the next :meth:`sync` or call. ``generation``: the one ``per_worker`` was
-        made for."""
+        made for. The steps in flight are finished first, so the call follows them even when
+        a loss sends them again (a callback's ``set_params`` after the steps sent before it)."""
         self._check_generation(method, per_worker, generation)
+        self._finish_in_flight()
         self._note(method, args)
         self._post(method, *args, per_worker=per_worker, ranks=ranks)
 
@@ -273,6 +276,8 @@ class Controller:
         finished or still in flight (read, then dropped)."""
         self._metrics.pop(loop, None)
         self._finished.pop(loop, None)
+        self._errors.pop(loop, None)
+        self._passes.discard(loop)  # a pass cut short (num_batch, an error) is over
 
     def advance(self, kind: str, spec: dict | None, keep: int, loop: str | None = None) -> tuple:
         """Sends a chunk of steps (``spec``: see :func:`.chunks.steps_of`) of the client's
@@ -389,9 +394,22 @@ class Controller:
 
     def _reply(self, loop, reply: dict) -> dict:
         """``reply`` with the steps of ``loop`` finished since its last reply, and their
-        seconds by slot."""
+        seconds by slot; or the error a worker raised in one of them, read by another call."""
         done, seconds = self._finished.pop(loop, ([], {}))
+        if loop in self._errors:
+            raise self._errors.pop(loop)
         return dict(reply, steps=done, seconds=seconds)
+
+    def _finish_in_flight(self) -> None:
+        """Finishes every step in flight; a worker's error in one is raised at the next reply
+        of the loop that sent it (:meth:`_reply`)."""
+        while self._chunks:
+            loop = self._chunks[0].loop
+            try:
+                self._finish()
+            except Exception as err:  # noqa: BLE001 - its loop's, not this call's
+                if loop is None or loop in self._metrics:
+                    self._errors.setdefault(loop, err)
 
     def _finished_of(self, loop) -> tuple[list, dict]:
         """Where the steps of ``loop`` finished go until it reads them (:meth:`_reply`); of a
@@ -406,6 +424,13 @@ class Controller:
         if loop in self._metrics and self._metric_of != loop:
             self._metric, self._metric_of = self._metrics[loop], loop
             self._post("set_metric", self._metric)
+
+    @property
+    def _in_pass(self) -> bool:
+        """A Ray Dataset's pass is being streamed, by some loop: its splits are fixed (a loss
+        restarts the run, ``Loss.mid_pass``), whatever other loops (a callback's ``score``)
+        send meanwhile."""
+        return bool(self._passes)
 
     def _steps_per_call(self) -> int:
         return chunks.steps_per_call(self.settings, self._step_s)
@@ -573,8 +598,9 @@ class Controller:
         split = None
         if steps[0].stream is not None:
             split = self._split(steps[0].stream)
+            self._passes.add(loop)
         else:
-            self._in_pass = False  # a pass cut short (num_batch) is over when others start
+            self._passes.discard(loop)  # a loop's pass cut short is over when it sends others
         args = chunks.worker_args(steps, weights, self.settings.data_timeout_s, split)
         mids = [step.mid for step in steps]
         refs = [
@@ -597,8 +623,7 @@ class Controller:
     def _split(self, stream: dict) -> tuple[str, list]:
         """The members' shares of a Ray Dataset (``Dataset.streaming_split`` among them, each
         share's blocks preferably on its member's node), made once per dataset and generation:
-        ``(its key, the shares in rank order)``. Marks a pass open until its last step is
-        read: a membership change then restarts the run (``Loss.mid_pass``)."""
+        ``(its key, the shares in rank order)``."""
         known = self._streams.pop(stream["key"], None)
         if known is None:  # the first chunk of a pass brings the dataset
             known = _Stream(stream["dataset"])
@@ -616,7 +641,6 @@ class Controller:
                     locality_hints=nodes if all(nodes) else None,
                 ),
             )
-        self._in_pass = True
         return known.key, known.shares
 
     def _finish(self) -> None:
@@ -641,7 +665,7 @@ class Controller:
             step.stream is not None and step.position == step.stream["batches"] - 1
             for step in chunk.steps
         ):
-            self._in_pass = False  # its last step is done
+            self._passes.discard(chunk.loop)  # its last step is done
         for slot, (_, took, _, shut_down) in zip(chunk.slots, per_worker):
             seconds[slot] = seconds.get(slot, 0.0) + took
             if shut_down and slot in self.members.slots:
