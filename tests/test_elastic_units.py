@@ -9,6 +9,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import threading
 import time
 
 import mxnet as mx
@@ -561,6 +562,15 @@ def test_a_workers_error_in_steps_a_post_finished_is_raised_to_the_loop_that_sen
     assert read(ctl, ctl.advance("train_step", spec(ctl), 0, "fit"))["steps"][0][0] == 0
 
 
+def streamed(ctl) -> dict:
+    """A chunk of the first step of a pass of a Ray Dataset (10 steps)."""
+    stream = {
+        "dataset": ray.data.range(60), "key": "train", "pass": 0, "batches": 10,
+        "data_names": ["data"], "label_names": [], "positions": [0],
+    }  # fmt: skip
+    return {"serials": [0], "mids": [MID], "sizes": [6], "labels": [False], "stream": stream}
+
+
 def test_a_loss_while_a_callbacks_loop_runs_in_a_ray_datasets_pass_restarts_the_run(controller):
     """fit's pass of a Ray Dataset stays open while a callback's score sends other steps: a
     loss then restarts the run, as anywhere in the pass (the streams cannot be re-split). The
@@ -569,15 +579,31 @@ def test_a_loss_while_a_callbacks_loop_runs_in_a_ray_datasets_pass_restarts_the_
     ctl.limits = Limits(3, min_workers=1)
     ctl.set_metric(None, "fit")
     ctl.set_metric(None, "callback")
-    stream = {
-        "dataset": ray.data.range(60), "key": "train", "pass": 0, "batches": 10,
-        "data_names": ["data"], "label_names": [], "positions": [0],
-    }  # fmt: skip
-    streamed = {"serials": [0], "mids": [MID], "sizes": [6], "labels": [False], "stream": stream}
-    read(ctl, ctl.advance("train_step", streamed, 1, "fit"))
+    read(ctl, ctl.advance("train_step", streamed(ctl), 1, "fit"))
     kill(ctl.members.handles[1])
     with replacements_never_start(), pytest.raises(EveryWorkerLost, match="cannot be re-split"):
         ctl.advance("eval_step", spec(ctl), 0, "callback")
+
+
+def test_a_post_that_meets_a_loss_the_run_cannot_go_on_from_returns_and_the_loop_learns_why(
+    controller,
+):
+    """A callback's set_params finishes the steps in flight first; a loss among them that
+    ends the run (mid-pass: it restarts from storage) ends the post too (it once read the
+    same failed step again, forever), and fit's next call raises it."""
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1)
+    ctl.set_metric(None, "fit")
+    read(ctl, ctl.advance("train_step", streamed(ctl), 1, "fit"))
+    kill(ctl.members.handles[1])
+    with replacements_never_start():
+        post = threading.Thread(target=ctl.post, args=("set_params", (MID,)), daemon=True)
+        post.start()
+        post.join(timeout=120)  # returns within seconds; spun forever before
+        assert not post.is_alive()
+    for call_again in (lambda: ctl.advance("train_step", None, 0, "fit"), ctl.sync):
+        with pytest.raises(EveryWorkerLost, match="cannot be re-split"):
+            call_again()
 
 
 def test_a_group_that_keeps_breaking_with_nobody_lost_evicts_its_slowest_member(controller):

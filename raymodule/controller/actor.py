@@ -211,8 +211,8 @@ class Controller:
         surfaces at the next :meth:`sync` or call. ``generation``: the one ``per_worker`` was
         made for. The steps in flight are finished first, so the call follows them even when
         a loss sends them again (a callback's ``set_params`` after the steps sent before it)."""
+        self._finish_in_flight()  # may re-form the group: the generation is checked after
         self._check_generation(method, per_worker, generation)
-        self._finish_in_flight()
         self._note(method, args)
         self._post(method, *args, per_worker=per_worker, ranks=ranks)
 
@@ -222,7 +222,10 @@ class Controller:
         return self._call(method, *args, per_worker=per_worker, ranks=ranks), self.view()
 
     def sync(self) -> tuple:
-        """Waits for every posted call and raises the first error among them."""
+        """Waits for every posted call and raises the first error among them (or why the run
+        cannot go on)."""
+        if self.lost is not None:
+            raise self.lost
         self._sync()
         return None, self.view()
 
@@ -267,7 +270,7 @@ class Controller:
         self._metrics.pop(loop, None)
         self._metrics[loop] = metric
         while len(self._metrics) > _LOOPS_KEPT:
-            del self._metrics[next(iter(self._metrics))]
+            self.end_loop(next(iter(self._metrics)))
         self._metric_of = _NO_LOOP
         self._use_metric(loop)
 
@@ -402,14 +405,17 @@ class Controller:
 
     def _finish_in_flight(self) -> None:
         """Finishes every step in flight; a worker's error in one is raised at the next reply
-        of the loop that sent it (:meth:`_reply`)."""
-        while self._chunks:
-            loop = self._chunks[0].loop
+        of the loop that sent it (:meth:`_reply`). Stops when the run cannot go on (every
+        later call says why) or a chunk could not be read."""
+        while self._chunks and self.lost is None:
+            chunk = self._chunks[0]
             try:
                 self._finish()
             except Exception as err:  # noqa: BLE001 - its loop's, not this call's
-                if loop is None or loop in self._metrics:
-                    self._errors.setdefault(loop, err)
+                if chunk.loop is None or chunk.loop in self._metrics:
+                    self._errors.setdefault(chunk.loop, err)
+                if self._chunks and self._chunks[0] is chunk:
+                    return
 
     def _finished_of(self, loop) -> tuple[list, dict]:
         """Where the steps of ``loop`` finished go until it reads them (:meth:`_reply`); of a
@@ -598,7 +604,8 @@ class Controller:
         split = None
         if steps[0].stream is not None:
             split = self._split(steps[0].stream)
-            self._passes.add(loop)
+            if loop is None or loop in self._metrics:  # not a loop that ended (a resend's)
+                self._passes.add(loop)
         else:
             self._passes.discard(loop)  # a loop's pass cut short is over when it sends others
         args = chunks.worker_args(steps, weights, self.settings.data_timeout_s, split)
