@@ -562,7 +562,7 @@ def test_a_workers_error_in_steps_a_post_finished_is_raised_to_the_loop_that_sen
     assert read(ctl, ctl.advance("train_step", spec(ctl), 0, "fit"))["steps"][0][0] == 0
 
 
-def streamed(ctl) -> dict:
+def streamed() -> dict:
     """A chunk of the first step of a pass of a Ray Dataset (10 steps)."""
     stream = {
         "dataset": ray.data.range(60), "key": "train", "pass": 0, "batches": 10,
@@ -579,7 +579,7 @@ def test_a_loss_while_a_callbacks_loop_runs_in_a_ray_datasets_pass_restarts_the_
     ctl.limits = Limits(3, min_workers=1)
     ctl.set_metric(None, "fit")
     ctl.set_metric(None, "callback")
-    read(ctl, ctl.advance("train_step", streamed(ctl), 1, "fit"))
+    read(ctl, ctl.advance("train_step", streamed(), 1, "fit"))
     kill(ctl.members.handles[1])
     with replacements_never_start(), pytest.raises(EveryWorkerLost, match="cannot be re-split"):
         ctl.advance("eval_step", spec(ctl), 0, "callback")
@@ -594,7 +594,7 @@ def test_a_post_that_meets_a_loss_the_run_cannot_go_on_from_returns_and_the_loop
     ctl = controller
     ctl.limits = Limits(3, min_workers=1)
     ctl.set_metric(None, "fit")
-    read(ctl, ctl.advance("train_step", streamed(ctl), 1, "fit"))
+    read(ctl, ctl.advance("train_step", streamed(), 1, "fit"))
     kill(ctl.members.handles[1])
     with replacements_never_start():
         post = threading.Thread(target=ctl.post, args=("set_params", (MID,)), daemon=True)

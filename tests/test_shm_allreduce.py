@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mxnet as mx
@@ -187,10 +188,15 @@ def test_a_rank_lets_mxnet_finish_reading_the_shared_sums_before_they_are_summed
         np.testing.assert_array_equal(read, mine + theirs)
 
 
+def descriptors(of: Callable[[str], bool]) -> int:
+    """This process's open descriptors whose target ``of`` accepts."""
+    fds = [os.path.join("/proc/self/fd", fd) for fd in os.listdir("/proc/self/fd")]
+    return sum(of(os.path.realpath(fd)) for fd in fds)
+
+
 def shm_descriptors() -> int:
     """This process's open descriptors of raymodule's shared-memory segments."""
-    fds = [os.path.join("/proc/self/fd", fd) for fd in os.listdir("/proc/self/fd")]
-    return sum("/dev/shm/raymodule-" in os.path.realpath(fd) for fd in fds)
+    return descriptors(lambda target: "/dev/shm/raymodule-" in target)
 
 
 def test_a_segment_outgrown_while_an_array_reads_its_sum_stays_mapped_until_the_array_goes(
@@ -226,8 +232,7 @@ def test_a_segment_outgrown_while_an_array_reads_its_sum_stays_mapped_until_the_
 
 def pidfds() -> int:
     """This process's open pidfds (a node group watches its peers through them)."""
-    fds = [os.path.join("/proc/self/fd", fd) for fd in os.listdir("/proc/self/fd")]
-    return sum(os.path.realpath(fd).endswith("[pidfd]") for fd in fds)
+    return descriptors(lambda target: target.endswith("[pidfd]"))
 
 
 def test_a_node_group_that_fails_to_form_keeps_no_descriptor_or_segment():

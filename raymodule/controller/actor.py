@@ -412,7 +412,7 @@ class Controller:
             try:
                 self._finish()
             except Exception as err:  # noqa: BLE001 - its loop's, not this call's
-                if chunk.loop is None or chunk.loop in self._metrics:
+                if self._live(chunk.loop):
                     self._errors.setdefault(chunk.loop, err)
                 if self._chunks and self._chunks[0] is chunk:
                     return
@@ -420,9 +420,14 @@ class Controller:
     def _finished_of(self, loop) -> tuple[list, dict]:
         """Where the steps of ``loop`` finished go until it reads them (:meth:`_reply`); of a
         loop that ended, nowhere (a caller without loops, a test's, is one loop: None)."""
-        if loop is not None and loop not in self._metrics:
+        if not self._live(loop):
             return [], {}
         return self._finished.setdefault(loop, ([], {}))
+
+    def _live(self, loop) -> bool:
+        """Whether the client's step loop ``loop`` is under way (None: a caller without
+        loops, a test's, is one that never ends)."""
+        return loop is None or loop in self._metrics
 
     def _use_metric(self, loop) -> None:
         """Sets ``loop``'s metric on the workers, unless it is the one there (a loop whose
@@ -604,7 +609,7 @@ class Controller:
         split = None
         if steps[0].stream is not None:
             split = self._split(steps[0].stream)
-            if loop is None or loop in self._metrics:  # not a loop that ended (a resend's)
+            if self._live(loop):  # not a loop that ended (a resend's)
                 self._passes.add(loop)
         else:
             self._passes.discard(loop)  # a loop's pass cut short is over when it sends others
