@@ -562,6 +562,23 @@ def test_a_workers_error_in_steps_a_post_finished_is_raised_to_the_loop_that_sen
     assert read(ctl, ctl.advance("train_step", spec(ctl), 0, "fit"))["steps"][0][0] == 0
 
 
+def test_a_workers_error_in_steps_another_loop_read_is_raised_to_the_loop_that_sent_them(
+    controller,
+):
+    """A callback's score reads fit's step in flight before its own: a worker's error in
+    fit's step is fit's, raised at fit's next call; the callback gets its own step (it once
+    got fit's error, and fit never learnt that its step failed)."""
+    ctl = controller
+    ctl.set_metric(None, "fit")
+    ctl.set_metric(None, "callback")
+    ray.get(ctl.members.handles[2].set_fault.remote("steps", "raise"))
+    read(ctl, ctl.advance("train_step", spec(ctl), 1, "fit"))
+    scored = read(ctl, ctl.advance("eval_step", spec(ctl), 0, "callback"))["steps"]
+    assert [serial for serial, _, _ in scored] == [0]
+    with pytest.raises(Exception, match="worker 2 failed in train_step.*a bad batch"):
+        ctl.advance("train_step", None, 0, "fit")
+
+
 def streamed() -> dict:
     """A chunk of the first step of a pass of a Ray Dataset (10 steps)."""
     stream = {

@@ -329,7 +329,7 @@ class Controller:
                 self._note_drains()
             due = bool(self._leaving)
             if due:  # they leave first, then the run's state is saved without them
-                self._leave()
+                self._leave(loop)
             batch = positions[start]
             due = due or bool(every) and batch % every == 0
             if every is not None and due and batch > plan["first_batch"]:
@@ -385,15 +385,15 @@ class Controller:
         if self.limits.elastic:
             self._note_drains()
         if self._leaving:
-            self._leave()
+            self._leave(loop)
         if steps:
             if self.members.pending and self.limits.elastic and not self._in_pass:
-                self._grow()
+                self._grow(loop)
             if self._balancer is not None and kind == "train_step" and steps[0].stream is None:
                 self._rebalance()
             self._send(kind, steps, loop)
         while len(self._chunks) > keep:
-            self._finish()
+            self._finish_for(loop)
 
     def _reply(self, loop, reply: dict) -> dict:
         """``reply`` with the steps of ``loop`` finished since its last reply, and their
@@ -403,19 +403,33 @@ class Controller:
             raise self._errors.pop(loop)
         return dict(reply, steps=done, seconds=seconds)
 
+    def _finish_for(self, loop) -> None:
+        """:meth:`_finish`, in a call of the client's step loop ``loop``: a worker's error in
+        the steps of another loop (fit's, read by a callback's ``score``) is that loop's,
+        raised at its next reply (:meth:`_reply`), and dropped if it ended. Raised here: an
+        error in ``loop``'s own steps, one that ends the run, one the chunk was not read on."""
+        chunk = self._chunks[0]
+        try:
+            self._finish()
+        except Exception as err:
+            unread = bool(self._chunks) and self._chunks[0] is chunk
+            if chunk.loop == loop or self.lost is not None or unread:
+                raise
+            if self._live(chunk.loop):
+                self._errors.setdefault(chunk.loop, err)
+
     def _finish_in_flight(self) -> None:
-        """Finishes every step in flight; a worker's error in one is raised at the next reply
-        of the loop that sent it (:meth:`_reply`). Stops when the run cannot go on (every
-        later call says why) or a chunk could not be read."""
+        """Finishes every step in flight, as no loop's call (:meth:`_finish_for`). Stops when
+        the run cannot go on (every later call says why) or a chunk could not be read: the
+        error is then kept for the chunk's loop."""
         while self._chunks and self.lost is None:
             chunk = self._chunks[0]
             try:
-                self._finish()
+                self._finish_for(_NO_LOOP)
             except Exception as err:  # noqa: BLE001 - its loop's, not this call's
                 if self._live(chunk.loop):
                     self._errors.setdefault(chunk.loop, err)
-                if self._chunks and self._chunks[0] is chunk:
-                    return
+                return
 
     def _finished_of(self, loop) -> tuple[list, dict]:
         """Where the steps of ``loop`` finished go until it reads them (:meth:`_reply`); of a
@@ -735,9 +749,10 @@ class Controller:
             return
         chunks.rehome(steps, {ref: ray.put(part) for ref, part in zip(refs, parts)})
 
-    def _grow(self) -> None:
+    def _grow(self, loop) -> None:
         """At a step boundary: admits replacement workers that are up (asked at most every
-        RAYMODULE_ADMIT_INTERVAL_S); the steps in flight are finished first."""
+        RAYMODULE_ADMIT_INTERVAL_S); the steps in flight are finished first, in a call of
+        ``loop`` (:meth:`_finish_for`)."""
         if time.monotonic() < self._next_poll:
             return
         self._next_poll = time.monotonic() + self.settings.admit_interval_s
@@ -747,7 +762,7 @@ class Controller:
             return
         tic, before = time.monotonic(), self.members.world_size
         while self._chunks:
-            self._finish()
+            self._finish_for(loop)
         self._sync()
         admit = [
             slot for slot in admit if slot in self.members.pending
@@ -803,13 +818,13 @@ class Controller:
             if where.get("node") in draining:
                 self._leaving.setdefault(slot, "its node is being drained")
 
-    def _leave(self) -> None:
+    def _leave(self, loop) -> None:
         """At a step boundary: removes the members that were shut down (SIGTERM) or whose node
-        is drained, once the steps in flight are finished, and re-forms the group without them.
-        No step fails and nothing is restored: every member is at the same step. It is no
-        failure."""
+        is drained, once the steps in flight are finished (in a call of ``loop``:
+        :meth:`_finish_for`), and re-forms the group without them. No step fails and nothing
+        is restored: every member is at the same step. It is no failure."""
         while self._chunks:
-            self._finish()
+            self._finish_for(loop)
         self._sync()
         reasons = {s: why for s, why in self._leaving.items() if s in self.members.slots}
         self._leaving = {}
