@@ -289,7 +289,8 @@ class Controller:
         ``loop`` finished, in order, each as ``(serial, results per member or None, the
         slices they ran on)``: None for a step the survivors of a loss had applied already;
         and the seconds each slot spent in them. The steps of another loop finished here (a
-        callback's loop reads past fit's steps in flight) are kept for that loop's next call."""
+        callback's loop reads past fit's steps in flight), or a worker's error in them, are
+        kept for that loop's next call."""
         steps = chunks.steps_of(spec) if spec is not None else []
         self._advance(kind, steps, keep, loop)
         return self._reply(loop, {}), self.view()
@@ -405,31 +406,34 @@ class Controller:
 
     def _finish_for(self, loop) -> None:
         """:meth:`_finish`, in a call of the client's step loop ``loop``: a worker's error in
-        the steps of another loop (fit's, read by a callback's ``score``) is that loop's,
-        raised at its next reply (:meth:`_reply`), and dropped if it ended. Raised here: an
-        error in ``loop``'s own steps, one that ends the run, one the chunk was not read on."""
-        chunk = self._chunks[0]
-        try:
-            self._finish()
-        except Exception as err:
-            unread = bool(self._chunks) and self._chunks[0] is chunk
-            if chunk.loop == loop or self.lost is not None or unread:
-                raise
-            if self._live(chunk.loop):
-                self._errors.setdefault(chunk.loop, err)
+        the steps of another loop (fit's, read by a callback's ``score``) is that loop's
+        (:meth:`_keep`). Raised here: a worker's error in ``loop``'s own steps, one that
+        ends the run, and what a recovery raised."""
+        sender = self._chunks[0].loop
+        err = self._finish()
+        if err is None:
+            return
+        if sender == loop or self.lost is not None:
+            raise err
+        self._keep(sender, err)
 
     def _finish_in_flight(self) -> None:
-        """Finishes every step in flight, as no loop's call (:meth:`_finish_for`). Stops when
-        the run cannot go on (every later call says why) or a chunk could not be read: the
-        error is then kept for the chunk's loop."""
+        """Finishes every step in flight, in a call of no loop (:meth:`_finish_for`). Stops
+        when the run cannot go on (every later call says why) or a recovery failed: the error
+        is then the loop's whose chunk was read (:meth:`_keep`)."""
         while self._chunks and self.lost is None:
-            chunk = self._chunks[0]
+            sender = self._chunks[0].loop
             try:
                 self._finish_for(_NO_LOOP)
             except Exception as err:  # noqa: BLE001 - its loop's, not this call's
-                if self._live(chunk.loop):
-                    self._errors.setdefault(chunk.loop, err)
+                self._keep(sender, err)
                 return
+
+    def _keep(self, loop, err: Exception) -> None:
+        """Keeps an error in the steps of ``loop`` for its next reply (:meth:`_reply`); one
+        of a loop that ended is dropped with it."""
+        if self._live(loop):
+            self._errors.setdefault(loop, err)
 
     def _finished_of(self, loop) -> tuple[list, dict]:
         """Where the steps of ``loop`` finished go until it reads them (:meth:`_reply`); of a
@@ -669,10 +673,12 @@ class Controller:
             )
         return known.key, known.shares
 
-    def _finish(self) -> None:
+    def _finish(self) -> Exception | None:
         """Reads the oldest chunk in flight, its steps finished for the loop that sent it;
-        after a loss, sends the steps in flight again to the re-formed group. A worker's own
-        error (not a loss) is raised, the chunk read: the steps after it are read next."""
+        after a loss, sends the steps in flight again to the re-formed group (what the
+        recovery raises is raised). Returns the error reading the chunk met (a worker's own,
+        or the run's end outside an elastic run), the chunk read: the steps after it are read
+        next."""
         chunk = self._chunks[0]
         try:
             per_worker = self._get(chunk.refs, chunk.kind)
@@ -681,7 +687,10 @@ class Controller:
                 self._resend(self._recover(failure))
             else:  # sent before a re-forming (every recovery sends the steps in flight again)
                 self._resend(self.committed)
-            return
+            return None
+        except Exception as err:  # noqa: BLE001 - the caller's or its loop's (_finish_for)
+            self._chunks.popleft()
+            return err
         except BaseException:
             self._chunks.popleft()
             raise
@@ -703,6 +712,7 @@ class Controller:
             results = [per_step[index] for per_step, _, _, _ in per_worker]
             done.append((step.serial, results, step.slices))
         self._step_s = max(reply[1] for reply in per_worker) / len(chunk.steps)
+        return None
 
     def _resend(self, committed: int) -> None:
         """Sends the steps in flight again to the re-formed group, in order, each for the loop
@@ -1069,7 +1079,7 @@ class Controller:
         )
 
 
-_NO_LOOP = object()  # no loop's metric is known to be on every member
+_NO_LOOP = object()  # no client step loop: a post's call; no loop's metric known on every member
 
 
 # plans whose references the controller keeps for the client: a callback may run plans (score,
