@@ -89,6 +89,7 @@ class ControllerHandle:
         self.steps_sent = 0  # training steps sent to the workers (the controller counts them)
         self.failures = 0  # failure events of the elastic run
         self.leaving: list[int] = []  # slots shut down (SIGTERM), leaving at the next boundary
+        self.departures = 0  # members that left gracefully (SIGTERM, a drained node), counted
         self.steps_per_call = 1  # batches the next chunk should carry (the controller says)
         self.work_load: list[float] | None = None  # work_load_list="auto": the weights, by slot
         self.limits = policy.Limits(len(contexts), elastic=False)
@@ -342,6 +343,8 @@ class ControllerHandle:
                 event["recovery_s"],
                 f"; replacements pending for slots {event['pending']}" if event["pending"] else "",
             )
+            if event["change"] in ("left", "drained"):
+                self.departures += len(event["left"])
             if self.on_membership is not None:
                 self.on_membership(event)
 

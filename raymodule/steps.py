@@ -199,7 +199,9 @@ def _steps(
     When ``stop()`` becomes true (the process received SIGTERM), the loop checkpoints at the
     next batch boundary the same way, finishes the steps sent and raises
     :class:`raymodule.errors.Preempted`; when a worker received it, the loop checkpoints at
-    the next batch boundary too, and the controller removes that worker there, gracefully.
+    the next batch boundary too, and the controller removes that worker there, gracefully; a
+    worker whose node is drained is removed within a call, and the loop checkpoints at the
+    batch boundary after it.
     With ``params_at_end`` (the caller reads the parameters next, as fit does for an
     ``epoch_end_callback``), worker 0's parameters after the last step come with the last
     step's progress when the controller runs the steps (:meth:`ControllerHandle.params`).
@@ -268,7 +270,8 @@ def _steps(
     chunk: list[_Step] = []
     finished: list = []  # (step, results, slices) read back, not yielded yet
     serials = itertools.count()
-    checkpoint_due = False  # a worker was shut down: checkpoint at the next batch boundary
+    checkpoint_due = False  # a member is leaving or left: checkpoint at the next boundary
+    departures = workers.departures  # members that left (a drained node's leave within a call)
 
     def advance(keep: int) -> None:
         """Sends the chunk (if any), then reads finished steps until ``keep`` chunks are in
@@ -299,8 +302,9 @@ def _steps(
                 spec["sources"] = [ray.put(list(part)) for part in parts]
             chunk.clear()
         reply = workers.advance(method, spec, keep, loop)
-        nonlocal checkpoint_due
-        checkpoint_due = checkpoint_due or bool(workers.leaving)
+        nonlocal checkpoint_due, departures
+        left, departures = workers.departures > departures, workers.departures
+        checkpoint_due = checkpoint_due or bool(workers.leaving) or left
         _add_seconds(tally, reply)
         for serial, results, slices in reply["steps"]:
             finished.append((sent.pop(serial), results, slices))

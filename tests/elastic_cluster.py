@@ -337,6 +337,9 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
     elif scenario == "drain":  # drains are looked for every admit interval: this run is short
         os.environ["RAYMODULE_ADMIT_INTERVAL_S"] = "0.05"
         faults = Faults(gate("drain"), {"drain": drain_node})
+        every = 0  # checkpoints at epoch ends, and where the worker left: mid-epoch, as the
+        os.environ["RAYMODULE_STEPS_PER_CALL"] = "1"  # client sends no step ahead of those run
+        os.environ["RAYMODULE_PIPELINE_DEPTH"] = "0"
     elif scenario == "start_small":  # the floor is the contexts' own: 1
         contexts = raymodule.workers(1, max_workers=WORKERS)
         faults = Faults(gate("add"), {"add": None})

@@ -207,7 +207,10 @@ def test_the_group_grows_back_when_a_node_returns(scenario):
 def test_a_worker_on_a_drained_node_leaves_at_a_step_boundary_with_no_failure(scenario):
     """Ray's drain API (what an autoscaler's preemption drain calls) on one worker's node: the
     worker leaves at the next step boundary, no step fails, nothing is restored, no failure is
-    counted, and the model is the one plain MXNet trains."""
+    counted, a checkpoint is committed there, as when a worker is sent SIGTERM, and the model
+    is the one plain MXNet trains. The batches come from an iterator the client reads: the
+    drain is seen and the worker leaves within one call, whose reply the client reads after
+    (it once took no checkpoint then)."""
     result = scenario("drain")
     assert_fired(result, [1])
     assert_same_model(result)
@@ -217,6 +220,11 @@ def test_a_worker_on_a_drained_node_leaves_at_a_step_boundary_with_no_failure(sc
     assert "slot 1 its node is being drained" in drained["why"]
     assert not any(m["change"] == "lost" for m in changes(result))
     assert epochs(result)[-1]["global_step"] == 32
+    # checkpoint_every=0: checkpoints at epoch ends (16, 32), and at the batch boundary after
+    # the one where the worker left (drained at step 6; the client sends no step ahead)
+    steps = [int(name.split("-")[1]) for name in result["checkpoints"]]
+    left = drained["step"]
+    assert left < 12 and any(left <= step <= left + 4 for step in steps), (left, steps)
 
 
 def test_a_run_starts_with_the_workers_there_and_admits_the_others_as_nodes_come(scenario):
