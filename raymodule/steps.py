@@ -271,7 +271,7 @@ def _steps(
     finished: list = []  # (step, results, slices) read back, not yielded yet
     serials = itertools.count()
     checkpoint_due = False  # a member is leaving or left: checkpoint at the next boundary
-    departures = workers.departures  # members that left (a drained node's leave within a call)
+    departures = workers.departures  # members that left: a drained node's go within one call
 
     def advance(keep: int) -> None:
         """Sends the chunk (if any), then reads finished steps until ``keep`` chunks are in
@@ -303,7 +303,8 @@ def _steps(
             chunk.clear()
         reply = workers.advance(method, spec, keep, loop)
         nonlocal checkpoint_due, departures
-        left, departures = workers.departures > departures, workers.departures
+        left = workers.departures > departures
+        departures = workers.departures
         checkpoint_due = checkpoint_due or bool(workers.leaving) or left
         _add_seconds(tally, reply)
         for serial, results, slices in reply["steps"]:

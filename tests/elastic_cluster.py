@@ -246,6 +246,9 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
             int(time.time() * 1000) + 600_000,  # the deadline: the node is not stopped here
         )
         assert accepted, why
+        # the workers wait at the gate until the controller may look for drains again: it
+        # sees this one in the call after the gate, whatever the machine's speed
+        time.sleep(2 * float(os.environ["RAYMODULE_ADMIT_INTERVAL_S"]))
 
     def add_nodes(count, faults):
         def add(mod):
@@ -337,8 +340,10 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
     elif scenario == "drain":  # drains are looked for every admit interval: this run is short
         os.environ["RAYMODULE_ADMIT_INTERVAL_S"] = "0.05"
         faults = Faults(gate("drain"), {"drain": drain_node})
-        every = 0  # checkpoints at epoch ends, and where the worker left: mid-epoch, as the
-        os.environ["RAYMODULE_STEPS_PER_CALL"] = "1"  # client sends no step ahead of those run
+        # checkpoints at epoch ends, and where the worker leaves: mid-epoch, the client
+        # sending no step ahead of those run (else the epoch's 16 are sent before the drain)
+        every = 0
+        os.environ["RAYMODULE_STEPS_PER_CALL"] = "1"
         os.environ["RAYMODULE_PIPELINE_DEPTH"] = "0"
     elif scenario == "start_small":  # the floor is the contexts' own: 1
         contexts = raymodule.workers(1, max_workers=WORKERS)

@@ -221,7 +221,8 @@ def test_a_worker_on_a_drained_node_leaves_at_a_step_boundary_with_no_failure(sc
     assert not any(m["change"] == "lost" for m in changes(result))
     assert epochs(result)[-1]["global_step"] == 32
     # checkpoint_every=0: checkpoints at epoch ends (16, 32), and at the batch boundary after
-    # the one where the worker left (drained at step 6; the client sends no step ahead)
+    # the one where the worker left (the drain comes as step 6 is about to run; the client
+    # sends no step ahead: it leaves after step 7)
     steps = [int(name.split("-")[1]) for name in result["checkpoints"]]
     left = drained["step"]
     assert left < 12 and any(left <= step <= left + 4 for step in steps), (left, steps)

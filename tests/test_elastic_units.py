@@ -579,6 +579,31 @@ def test_a_workers_error_in_steps_another_loop_read_is_raised_to_the_loop_that_s
         ctl.advance("train_step", None, 0, "fit")
 
 
+def test_steps_in_flight_that_cannot_be_sent_again_after_a_loss_end_the_run_in_words(
+    controller, monkeypatch
+):
+    """The group re-forms after a loss, but the steps in flight cannot be sent to it again
+    (the object store full, say): the run cannot go on, and every later call says why. The
+    error once surfaced as the cause alone, the run left with steps its loops wait for."""
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1)
+    ctl.set_metric(None, "fit")
+    call(ctl, "set_fault", "steps", "broken", ranks=[0, 2])  # none applies the step
+    call(ctl, "set_fault", "steps", "hang", ranks=[1])
+    read(ctl, ctl.advance("train_step", spec(ctl), 1, "fit"))
+    kill(ctl.members.handles[1])  # in the step: it is sent again
+
+    def no_room(*_):
+        raise ray.exceptions.ObjectStoreFullError("no room in the object store")
+
+    monkeypatch.setattr(ctl, "_send", no_room)  # the fault: the resend's, not under test
+    with replacements_never_start():
+        for call_again in (lambda: ctl.advance("train_step", None, 0, "fit"), ctl.sync):
+            with pytest.raises(WorkerLostError, match="could not be sent again.*no room"):
+                call_again()
+    assert ctl.members.slots == (0, 2)  # re-formed first
+
+
 def streamed() -> dict:
     """A chunk of the first step of a pass of a Ray Dataset (10 steps)."""
     stream = {

@@ -409,7 +409,7 @@ class Controller:
         the steps of another loop (fit's, read by a callback's ``score``) is that loop's
         (:meth:`_keep`). Raised here: a worker's error in ``loop``'s own steps, one that
         ends the run, and what a recovery raised."""
-        sender = self._chunks[0].loop
+        sender = self._chunks[0].loop  # the chunk _finish reads
         err = self._finish()
         if err is None:
             return
@@ -419,8 +419,8 @@ class Controller:
 
     def _finish_in_flight(self) -> None:
         """Finishes every step in flight, in a call of no loop (:meth:`_finish_for`). Stops
-        when the run cannot go on (every later call says why) or a recovery failed: the error
-        is then the loop's whose chunk was read (:meth:`_keep`)."""
+        when the run cannot go on (every later call says why) or a recovery raised (its error
+        is then kept for the loop whose chunk it read: :meth:`_keep`)."""
         while self._chunks and self.lost is None:
             sender = self._chunks[0].loop
             try:
@@ -717,7 +717,8 @@ class Controller:
     def _resend(self, committed: int) -> None:
         """Sends the steps in flight again to the re-formed group, in order, each for the loop
         that sent it, but for training steps applied before it (up to step ``committed``),
-        which are finished without results."""
+        which are finished without results. Steps that could not be sent again are lost, and
+        the run with them: its loops would wait for them."""
         void = [(chunk.kind, chunk.loop, step) for chunk in self._chunks for step in chunk.steps]
         members = set(self.members.handles)
         read_by_lost = {
@@ -728,7 +729,6 @@ class Controller:
             for ref in read
         }
         self._chunks.clear()
-        self._rehome([step for _, _, step in void], read_by_lost)
         self._metric_of = _NO_LOOP  # set again on every member before the first step
         again: list[tuple[str, object, list]] = []  # runs of steps of one kind and loop
         per_call = max(1, self.settings.steps_per_call)
@@ -739,8 +739,19 @@ class Controller:
                 again[-1][2].append(step)
             else:
                 again.append((kind, loop, [step]))
-        for kind, loop, steps in again:
-            self._send(kind, steps, loop)
+        try:
+            self._rehome([step for _, _, step in void], read_by_lost)
+            for kind, loop, steps in again:
+                self._send(kind, steps, loop)
+        except Exception as err:
+            if self.lost is not None:  # said already
+                raise
+            raise self._fail(
+                WorkerLostError(
+                    "the steps in flight could not be sent again to the re-formed group "
+                    f"({type(err).__name__}: {err}); the module cannot continue"
+                )
+            ) from err
 
     def _rehome(self, steps: list[chunks.Step], refs: set) -> None:
         """Copies the parts lost members read into objects of the controller's own, before
@@ -1079,7 +1090,9 @@ class Controller:
         )
 
 
-_NO_LOOP = object()  # no client step loop: a post's call; no loop's metric known on every member
+# no client step loop: the caller of a post (_finish_in_flight); as the loop whose metric is on
+# the workers, none is known to be on every member
+_NO_LOOP = object()
 
 
 # plans whose references the controller keeps for the client: a callback may run plans (score,
