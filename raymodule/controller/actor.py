@@ -759,16 +759,22 @@ class Controller:
         fetch it from; a survivor that picks a lost node waits out Ray's pull timeout
         (``object_manager_pull_timeout_ms``, 10 s) before it tries another, and is then
         declared silent. The controller runs beside the client, whose node holds the first
-        copy: reading it here is local. Bounded; on a timeout the parts are sent as they are."""
+        copy: reading it here is local. Bounded; on a timeout, or with no room in the object
+        store for the copies, the parts are sent as they are."""
         if not refs:
             return
         refs = list(refs)
         try:
             parts = ray.get(refs, timeout=self.settings.collective_timeout_s)
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.ObjectLostError) as err:
+            copies = {ref: ray.put(part) for ref, part in zip(refs, parts)}
+        except (
+            ray.exceptions.GetTimeoutError,
+            ray.exceptions.ObjectLostError,
+            ray.exceptions.ObjectStoreFullError,
+        ) as err:
             log.warning("the lost members' parts were not copied (%s); sent as they are", err)
             return
-        chunks.rehome(steps, {ref: ray.put(part) for ref, part in zip(refs, parts)})
+        chunks.rehome(steps, copies)
 
     def _grow(self, loop) -> None:
         """At a step boundary: admits replacement workers that are up (asked at most every
