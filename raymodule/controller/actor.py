@@ -418,16 +418,18 @@ class Controller:
         self._keep(sender, err)
 
     def _finish_in_flight(self) -> None:
-        """Finishes every step in flight, in a call of no loop (:meth:`_finish_for`). Stops
-        when the run cannot go on (every later call says why) or a recovery raised (its error
-        is then kept for the loop whose chunk it read: :meth:`_keep`)."""
+        """Finishes every step in flight, for no loop of its own: an error reading a chunk is
+        kept for the loop that sent it (:meth:`_keep`). Stops when the run cannot go on (every
+        later call says why) or a recovery raised."""
         while self._chunks and self.lost is None:
-            sender = self._chunks[0].loop
+            sender = self._chunks[0].loop  # the chunk _finish reads
             try:
-                self._finish_for(_NO_LOOP)
-            except Exception as err:  # noqa: BLE001 - its loop's, not this call's
+                err = self._finish()
+            except Exception as err:  # noqa: BLE001 - a recovery's: its loop's, not this call's
                 self._keep(sender, err)
                 return
+            if err is not None:
+                self._keep(sender, err)
 
     def _keep(self, loop, err: Exception) -> None:
         """Keeps an error in the steps of ``loop`` for its next reply (:meth:`_reply`); one
@@ -1096,9 +1098,7 @@ class Controller:
         )
 
 
-# no client step loop: the caller of a post (_finish_in_flight); as the loop whose metric is on
-# the workers, none is known to be on every member
-_NO_LOOP = object()
+_NO_LOOP = object()  # no loop's metric is known to be on every member
 
 
 # plans whose references the controller keeps for the client: a callback may run plans (score,
