@@ -28,8 +28,10 @@ from . import runtime
 from .constants import Settings
 from .context import local_device, resources_of
 from .controller import policy
-from .controller.actor import EveryWorkerLost, RemoteController, plan_ended, stop_plan
+from .controller.actor import RemoteController
+from .controller.failures import EveryWorkerLost
 from .controller.membership import Membership
+from .controller.plans import plan_ended, stop_plan
 from .controller.waits import forming_s, in_words, longest_call_s
 from .data import batch_size_of
 from .errors import RayModuleError, WorkerLostError, first_line

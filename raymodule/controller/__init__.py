@@ -2,6 +2,11 @@
 
 - :mod:`.actor`: the controller actor, its state machine, its calls to the workers, the steps
   in flight and recovery;
+- :mod:`.failures`: what it signals when the membership breaks (recovered from here, or by
+  ``fit`` from storage);
+- :mod:`.loops`: the client's step loops under way, and what it keeps for each;
+- :mod:`.plans`: a plan's stop flag, and the references it makes for the client;
+- :mod:`.streams`: the members' shares of the Ray Datasets they stream;
 - :mod:`.policy`: the elastic decisions, as pure functions;
 - :mod:`.group`: placing the workers, their slots and the collective group's generations;
 - :mod:`.membership`: who is in the group at a generation (what the client sees of it too);
@@ -10,6 +15,7 @@
 - :mod:`.waits`: how long it waits for workers, and what a call's outcome says.
 """
 
-from .actor import Controller, EveryWorkerLost, RemoteController, State, StepsFailed
+from .actor import Controller, RemoteController, State
+from .failures import EveryWorkerLost, StepsFailed
 
 __all__ = ["Controller", "EveryWorkerLost", "RemoteController", "State", "StepsFailed"]

@@ -31,48 +31,28 @@ import enum
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import ray
-from ray.experimental import internal_kv
 
 from ..constants import Settings
 from ..data.parts import split_slices
-from ..errors import (
-    WorkerLostError,
-    first_line,
-)
+from ..errors import WorkerLostError, first_line
 from ..sealed import keep_sealed
 from ..worker import ModuleWorker  # light: MXNet is imported in the worker process only
 from . import chunks, policy
 from .balance import Balancer
+from .failures import EveryWorkerLost, StepsFailed
 from .group import WorkerGroup, draining_nodes
+from .loops import StepLoops
 from .membership import Membership
+from .plans import Handed, stop_asked
 from .replicas import Replica
+from .streams import DatasetSplits
 from .waits import await_calls, in_words, silence_s, why_lost
 
-__all__ = [
-    "Controller", "RemoteController", "State", "EveryWorkerLost", "StepsFailed", "stop_plan",
-    "plan_ended",
-]  # fmt: skip
+__all__ = ["Controller", "RemoteController", "State"]
 
 log = logging.getLogger(__name__)
-
-_STREAMS_KEPT = 2  # Ray Datasets whose split is kept (training's and validation's)
-_LOOPS_KEPT = 64  # step loops of the client's kept at most: each ends with end_loop (a loop
-# whose client process died never does)
-_PLANS = "raymodule-plans"  # the namespace of the plans' stop flags in Ray's key-value store
-
-
-@dataclass
-class _Stream:
-    """A Ray Dataset the members stream, and their split of it (``key``: the dataset's and the
-    generation's it was made for)."""
-
-    dataset: object
-    key: str | None = None
-    shares: list | None = None
-
 
 # calls that read what every replica holds alike: asked again of the new group after a loss
 _REPEATABLE = frozenset({"get_params", "optimizer_states"})
@@ -87,32 +67,6 @@ class State(enum.Enum):
     LEAVING = "removing members shut down (SIGTERM) or drained, at a step boundary"
     FAILED = "the run cannot go on on these workers"
     CLOSED = "the workers are stopped"
-
-
-class StepsFailed(Exception):
-    """Internal: a call to the workers failed because the membership broke (workers ``lost``
-    by rank, with why; or none lost, the group broken by a worker that was late). Raised only
-    in an elastic run, which recovers from it."""
-
-    def __init__(
-        self,
-        method: str,
-        lost: dict[int, str],
-        broken: str,
-        seen_at: float = 0.0,
-        slowest: int | None = None,
-    ):
-        super().__init__(f"{method}: lost {lost or 'no worker'} ({broken})")
-        self.method = method
-        self.lost = lost
-        self.broken = broken
-        self.seen_at = seen_at or time.monotonic()  # when the first call failed
-        self.slowest = slowest  # the rank whose failed call came back last
-
-
-class EveryWorkerLost(WorkerLostError):
-    """An elastic run lost every worker that held its state: ``fit`` goes on from its latest
-    checkpoint, on new workers."""
 
 
 class Controller:
@@ -144,13 +98,7 @@ class Controller:
         self.committed = 0  # the step every member was at when the group last re-formed
         self.lost: WorkerLostError | None = None  # why the run cannot go on (FAILED)
         self._replicas: dict[int, Replica] = {}  # by module id
-        self._metric = None  # the metric the steps update on the workers
-        self._metric_of: object = _NO_LOOP  # the step loop whose metric that is
-        # the client's step loops under way (fit's epoch, a callback's score inside it): the
-        # metric of each, and its steps finished and their seconds until it reads them
-        self._metrics: dict = {}
-        self._finished: dict = {}
-        self._errors: dict = {}  # a worker's error in a loop's steps, read by another call
+        self._loops = StepLoops()  # the client's step loops under way
         self._events: list[dict] = []  # membership changes the client has not read yet
         self._seen: Membership | None = None  # the membership the client last saw (see view)
         self._unchecked: list[tuple[int, ray.ObjectRef, str]] = []
@@ -162,11 +110,9 @@ class Controller:
         self._next_drain_poll = 0.0
         self._recovering = False
         self._next_poll = 0.0
-        self._streams: dict[str, _Stream] = {}  # the Ray Datasets streamed, by iterator key
-        self._passes: set = set()  # loops streaming a Ray Dataset's pass (see _in_pass)
+        self._splits = DatasetSplits()  # of the Ray Datasets the members stream
         self._step_s: float | None = None  # a step's seconds on the workers, as last measured
-        # references the latest plans made for the client, by plan, until it takes them
-        self._handed: dict[str, dict[tuple, ray.ObjectRef]] = {}
+        self._handed = Handed()  # references the latest plans made for the client
 
     # -- the client's calls: those it reads return (value, view), the others nothing ---------------
     def start(self, start_with: int | None = None) -> tuple:
@@ -267,20 +213,13 @@ class Controller:
         """The metric the steps of the client's step loop ``loop`` update on the workers
         (None: they return outputs); set on the workers again before that loop's next steps
         if another loop's steps (a callback's ``score``) ran meanwhile."""
-        self._metrics.pop(loop, None)
-        self._metrics[loop] = metric
-        while len(self._metrics) > _LOOPS_KEPT:
-            self.end_loop(next(iter(self._metrics)))
-        self._metric_of = _NO_LOOP
+        self._loops.start(loop, metric)
         self._use_metric(loop)
 
     def end_loop(self, loop: str) -> None:
         """Forgets the client's step loop ``loop``, which ended: its metric, and its steps
         finished or still in flight (read, then dropped)."""
-        self._metrics.pop(loop, None)
-        self._finished.pop(loop, None)
-        self._errors.pop(loop, None)
-        self._passes.discard(loop)  # a pass cut short (num_batch, an error) is over
+        self._loops.end(loop)
 
     def advance(self, kind: str, spec: dict | None, keep: int, loop: str | None = None) -> tuple:
         """Sends a chunk of steps (``spec``: see :func:`.chunks.steps_of`) of the client's
@@ -293,7 +232,7 @@ class Controller:
         kept for that loop's next call."""
         steps = chunks.steps_of(spec) if spec is not None else []
         self._advance(kind, steps, keep, loop)
-        return self._reply(loop, {}), self.view()
+        return self._loops.reply(loop, {}), self.view()
 
     def run(self, kind: str, plan: dict):
         """Runs a plan of a dataset's steps back to back, the chunks sized and the
@@ -308,7 +247,7 @@ class Controller:
         :meth:`advance`'s reply, with ``checkpoint``: ``(batch, training steps)`` of a
         snapshot of worker 0 taken at a batch boundary before the reply's chunk was sent (or
         None; :meth:`hand_over` gives the snapshot), and in the last one ``stopped_at``: the
-        first batch not sent because the client asked the plan to stop (:func:`stop_plan`
+        first batch not sent because the client asked the plan to stop (:func:`.plans.stop_plan`
         with ``stop_key``, seen at chunk boundaries; the steps in flight are finished), else
         None. A plan with ``params_at_end`` (a module) that ran to its end has in the last
         reply ``params``: the training steps after which worker 0's parameters of that module
@@ -316,15 +255,13 @@ class Controller:
         epoch's end waits for no step (:meth:`hand_over` gives the reference, which holds
         None if a step before failed). The calls posted before the plan are waited for first,
         and the first error among them raised (:meth:`sync`: the client need not ask)."""
-        handed = self._handed.setdefault(plan["stop_key"], {})
+        handed = self._handed.of(plan["stop_key"])
         loop = plan.get("loop")
-        while len(self._handed) > _HANDED_PLANS:  # the oldest's replies were read long since
-            self._handed.pop(next(iter(self._handed)))
         self._sync()
         steps = chunks.steps_of(plan)
         positions, every = plan["positions"], plan.get("checkpoint_every")
         start = 0
-        while start < len(steps) and not _stop_asked(plan["stop_key"]):
+        while start < len(steps) and not stop_asked(plan["stop_key"]):
             progress = {"checkpoint": None}
             if self.limits.elastic:
                 self._note_drains()
@@ -345,7 +282,7 @@ class Controller:
                 stop += 1
             self._advance(kind, steps[start:stop], plan["depth"], loop)
             start = stop
-            yield self._reply(loop, progress), self.view()
+            yield self._loops.reply(loop, progress), self.view()
         last = {}
         last["stopped_at"] = positions[start] if start < len(positions) else None
         wanted = plan.get("params_at_end")
@@ -354,19 +291,19 @@ class Controller:
             handed["params", self.steps_sent] = params
             last["params"] = self.steps_sent
         self._advance(kind, [], 0, loop)
-        yield self._reply(loop, last), self.view()
+        yield self._loops.reply(loop, last), self.view()
 
     @ray.method(concurrency_group="hand_over")
     def hand_over(self, plan: str, what: str, steps: int) -> tuple:
         """``(reference,)``: what the plan of ``stop_key`` ``plan`` made for the client after
         ``steps`` training steps (``what``: "snapshot", a checkpoint's; "params", worker 0's
         parameters at its end), or ``(None,)`` if it has none (any more: the references of
-        all but the latest ``_HANDED_PLANS`` plans are let go). The client takes them here,
+        all but the latest few plans are let go: ``plans.Handed``). The client takes them here,
         in a call of their own group that runs beside the plan, not from the plan's replies:
         a reference the controller made, read from a streaming generator's reply, can be
         freed by Ray while the client still holds it (ray-project/ray#58080), and one read
         from an ordinary call's reply is counted as the client's."""
-        return (self._handed.get(plan, {}).pop((what, steps), None),)
+        return (self._handed.take(plan, what, steps),)
 
     def snapshot(self, mid: int, steps: int) -> tuple:
         """Worker 0's copy of a module's state once it has applied ``steps`` (None then if a
@@ -382,13 +319,13 @@ class Controller:
         self._enter(State.CLOSED, "shut down")
 
     def _advance(self, kind: str, steps: list[chunks.Step], keep: int, loop) -> None:
-        """:meth:`advance`'s work: its finished steps are kept by loop (:meth:`_reply`)."""
+        """:meth:`advance`'s work: its finished steps are kept by loop (``StepLoops.reply``)."""
         if self.limits.elastic:
             self._note_drains()
         if self._leaving:
             self._leave(loop)
         if steps:
-            if self.members.pending and self.limits.elastic and not self._in_pass:
+            if self.members.pending and self.limits.elastic and not self._loops.in_pass:
                 self._grow(loop)
             if self._balancer is not None and kind == "train_step" and steps[0].stream is None:
                 self._rebalance()
@@ -396,18 +333,10 @@ class Controller:
         while len(self._chunks) > keep:
             self._finish_for(loop)
 
-    def _reply(self, loop, reply: dict) -> dict:
-        """``reply`` with the steps of ``loop`` finished since its last reply, and their
-        seconds by slot; or the error a worker raised in one of them, read by another call."""
-        done, seconds = self._finished.pop(loop, ([], {}))
-        if loop in self._errors:
-            raise self._errors.pop(loop)
-        return dict(reply, steps=done, seconds=seconds)
-
     def _finish_for(self, loop) -> None:
         """:meth:`_finish`, in a call of the client's step loop ``loop``: a worker's error in
         the steps of another loop (fit's, read by a callback's ``score``) is that loop's
-        (:meth:`_keep`). Raised here: a worker's error in ``loop``'s own steps, one that
+        (``StepLoops.keep``). Raised here: a worker's error in ``loop``'s own steps, one that
         ends the run, and what a recovery raised."""
         sender = self._chunks[0].loop  # the chunk _finish reads
         err = self._finish()
@@ -415,53 +344,26 @@ class Controller:
             return
         if sender == loop or self.lost is not None:
             raise err
-        self._keep(sender, err)
+        self._loops.keep(sender, err)
 
     def _finish_in_flight(self) -> None:
         """Finishes every step in flight, for no loop of its own: an error reading a chunk is
-        kept for the loop that sent it (:meth:`_keep`). Stops when the run cannot go on (every
+        kept for the loop that sent it (``StepLoops.keep``). Stops when the run cannot go on (every
         later call says why) or a recovery raised."""
         while self._chunks and self.lost is None:
             sender = self._chunks[0].loop  # the chunk _finish reads
             try:
                 err = self._finish()
             except Exception as err:  # noqa: BLE001 - a recovery's: its loop's, not this call's
-                self._keep(sender, err)
+                self._loops.keep(sender, err)
                 return
             if err is not None:
-                self._keep(sender, err)
-
-    def _keep(self, loop, err: Exception) -> None:
-        """Keeps an error in the steps of ``loop`` for its next reply (:meth:`_reply`); one
-        of a loop that ended is dropped with it."""
-        if self._live(loop):
-            self._errors.setdefault(loop, err)
-
-    def _finished_of(self, loop) -> tuple[list, dict]:
-        """Where the steps of ``loop`` finished go until it reads them (:meth:`_reply`); of a
-        loop that ended, nowhere (a caller without loops, a test's, is one loop: None)."""
-        if not self._live(loop):
-            return [], {}
-        return self._finished.setdefault(loop, ([], {}))
-
-    def _live(self, loop) -> bool:
-        """Whether the client's step loop ``loop`` is under way (None: a caller without
-        loops, a test's, is one that never ends)."""
-        return loop is None or loop in self._metrics
+                self._loops.keep(sender, err)
 
     def _use_metric(self, loop) -> None:
-        """Sets ``loop``'s metric on the workers, unless it is the one there (a loop whose
-        metric was let go keeps the one there)."""
-        if loop in self._metrics and self._metric_of != loop:
-            self._metric, self._metric_of = self._metrics[loop], loop
-            self._post("set_metric", self._metric)
-
-    @property
-    def _in_pass(self) -> bool:
-        """A Ray Dataset's pass is being streamed, by some loop: its splits are fixed (a loss
-        restarts the run, ``Loss.mid_pass``), whatever other loops (a callback's ``score``)
-        send meanwhile."""
-        return bool(self._passes)
+        """Sets ``loop``'s metric on the workers, unless it is the one there."""
+        if self._loops.switch_metric(loop):
+            self._post("set_metric", self._loops.metric)
 
     def _steps_per_call(self) -> int:
         return chunks.steps_per_call(self.settings, self._step_s)
@@ -575,7 +477,7 @@ class Controller:
         kinds = {self._in_flight.pop(ref, (None, None))[1] for ref in refs}
         # the survivors are not awaited when what they say changes nothing: a loss ends the
         # call outside an elastic run, and restarts every worker in a Ray Dataset's pass
-        dead_ends = self._in_pass or not self.limits.elastic
+        dead_ends = self._loops.in_pass or not self.limits.elastic
         outcomes, seen_at, last = await_calls(refs, self.settings, dead_ends=dead_ends)
         results, lost, broken, failed = [], {}, "", None
         for rank, (kind, value) in zip(ranks, outcomes):
@@ -628,11 +530,10 @@ class Controller:
         weights = [self.members.weights(self._replicas[step.mid].work_load) for step in steps]
         split = None
         if steps[0].stream is not None:
-            split = self._split(steps[0].stream)
-            if self._live(loop):  # not a loop that ended (a resend's)
-                self._passes.add(loop)
+            split = self._splits.shares(steps[0].stream, self.members)
+            self._loops.streaming(loop)
         else:
-            self._passes.discard(loop)  # a loop's pass cut short is over when it sends others
+            self._loops.pass_over(loop)  # a loop's pass cut short is over when it sends others
         args = chunks.worker_args(steps, weights, self.settings.data_timeout_s, split)
         mids = [step.mid for step in steps]
         refs = [
@@ -651,29 +552,6 @@ class Controller:
                 loop,
             )
         )
-
-    def _split(self, stream: dict) -> tuple[str, list]:
-        """The members' shares of a Ray Dataset (``Dataset.streaming_split`` among them, each
-        share's blocks preferably on its member's node), made once per dataset and generation:
-        ``(its key, the shares in rank order)``."""
-        known = self._streams.pop(stream["key"], None)
-        if known is None:  # the first chunk of a pass brings the dataset
-            known = _Stream(stream["dataset"])
-        self._streams[stream["key"]] = known  # the newest last
-        while len(self._streams) > _STREAMS_KEPT:  # its coordinator actor is released
-            del self._streams[next(iter(self._streams))]
-        key = f"{stream['key']}/{self.members.generation}"
-        if known.key != key:  # none yet, or an earlier generation's (released)
-            nodes = [node.get("node") for node in self.members.nodes]
-            known.key, known.shares = (
-                key,
-                known.dataset.streaming_split(
-                    self.members.world_size,
-                    equal=True,
-                    locality_hints=nodes if all(nodes) else None,
-                ),
-            )
-        return known.key, known.shares
 
     def _finish(self) -> Exception | None:
         """Reads the oldest chunk in flight, its steps finished for the loop that sent it;
@@ -697,12 +575,12 @@ class Controller:
             self._chunks.popleft()
             raise
         self._chunks.popleft()
-        done, seconds = self._finished_of(chunk.loop)
+        done, seconds = self._loops.finished_of(chunk.loop)
         if any(
             step.stream is not None and step.position == step.stream["batches"] - 1
             for step in chunk.steps
         ):
-            self._passes.discard(chunk.loop)  # its last step is done
+            self._loops.pass_over(chunk.loop)  # its last step is done
         for slot, (_, took, _, shut_down) in zip(chunk.slots, per_worker):
             seconds[slot] = seconds.get(slot, 0.0) + took
             if shut_down and slot in self.members.slots:
@@ -731,12 +609,12 @@ class Controller:
             for ref in read
         }
         self._chunks.clear()
-        self._metric_of = _NO_LOOP  # set again on every member before the first step
+        self._loops.metric_unknown()  # set again on every member before the first step
         again: list[tuple[str, object, list]] = []  # runs of steps of one kind and loop
         per_call = max(1, self.settings.steps_per_call)
         for kind, loop, step in void:
             if kind == "train_step" and step.number <= committed:
-                self._finished_of(loop)[0].append((step.serial, None, None))  # applied
+                self._loops.finished_of(loop)[0].append((step.serial, None, None))  # applied
             elif again and again[-1][:2] == (kind, loop) and len(again[-1][2]) < per_call:
                 again[-1][2].append(step)
             else:
@@ -863,7 +741,7 @@ class Controller:
         tic, before = time.monotonic(), self.members.world_size
         why = "; ".join(f"slot {s} {reasons[s]}" for s in leaving)
         survivors = self.members.world_size - len(leaving)
-        decision = policy.on_leave(self.limits, survivors, mid_pass=self._in_pass)
+        decision = policy.on_leave(self.limits, survivors, mid_pass=self._loops.in_pass)
         if decision.action is policy.Action.FAIL:
             raise self._fail(WorkerLostError(f"{why}; {decision.reason}"))
         if decision.action is policy.Action.RESTART:
@@ -977,7 +855,7 @@ class Controller:
                 lost=len(lost),
                 failures_before=self.failures,
                 broken_in_a_row=self.broken_in_a_row,
-                mid_pass=self._in_pass,
+                mid_pass=self._loops.in_pass,
             ),
         )
 
@@ -1047,7 +925,7 @@ class Controller:
         for mid, snapshot in snapshots.items():  # the new workers' optimizer states
             self._post("restore", mid, snapshot, ranks=new)
         if new:
-            self._post("set_metric", self._metric, ranks=new)
+            self._post("set_metric", self._loops.metric, ranks=new)
         self._sync()
         self._synced = set(self.members.slots)
         self.steps_sent = self.committed = committed
@@ -1065,7 +943,7 @@ class Controller:
         Ray Dataset's pass nobody is waited for: every worker restarts whatever they say."""
         unchecked, self._unchecked = self._unchecked, []
         in_flight, self._in_flight = self._in_flight, {}
-        if self._in_pass:
+        if self._loops.in_pass:
             return
         waiting = {ref: rank for ref, (rank, _) in in_flight.items() if rank not in lost}
         waiting.update({ref: rank for rank, ref, _ in unchecked if rank not in lost})
@@ -1096,29 +974,6 @@ class Controller:
                 **extra,
             }
         )
-
-
-_NO_LOOP = object()  # no loop's metric is known to be on every member
-
-
-# plans whose references the controller keeps for the client: a callback may run plans (score,
-# predict) while the client has not read all of a training plan's replies yet
-_HANDED_PLANS = 3
-
-
-def stop_plan(key: str) -> None:
-    """Asks the controller running the plan of ``stop_key`` ``key`` to stop it at its next
-    chunk boundary (a flag in Ray's key-value store: the controller's calls to its workers go on
-    undisturbed, which ``ray.cancel`` would interrupt); :func:`plan_ended` removes it."""
-    internal_kv._internal_kv_put(key, b"stop", namespace=_PLANS)
-
-
-def plan_ended(key: str) -> None:
-    internal_kv._internal_kv_del(key, namespace=_PLANS)
-
-
-def _stop_asked(key: str) -> bool:
-    return internal_kv._internal_kv_exists(key, namespace=_PLANS)
 
 
 RemoteController = ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={"hand_over": 1})(
