@@ -256,7 +256,7 @@ class ControllerHandle:
         self.on_membership = None
         self.limits = policy.Limits(len(self.contexts), elastic=False)
         if self.lost is None and not self.closed:
-            self.controller.configure.remote(self.limits, self.failures)
+            self.controller.set_limits.remote(self.limits, self.failures)
 
     # -- the controller ----------------------------------------------------------------------
     def _usable(self) -> None:

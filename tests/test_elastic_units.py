@@ -142,8 +142,11 @@ class StandIn:
         self.reads = []  # the parts it read steps sent again from (their object ids)
         self.down = False  # told to shut down (as SIGTERM tells a real one)
         # (method, "die" | "hang" | "raise" | "broken"): what this worker does when next called
-        # ("raise": an error of its own, once; "broken": its group broke, once)
+        # ("raise": an error of its own, once; "broken": its group broke, once); with "-left"
+        # ("raise-left", "broken-left"), it left its group then: every later step fails on the
+        # broken group until it joins a new one, as a real worker's does
         self.fault = None
+        self.left = False
         self.params_at = []  # its step count each time its parameters were set
 
     def set_fault(self, method, how):
@@ -153,8 +156,10 @@ class StandIn:
         if self.fault is not None and self.fault[0] == method:
             if self.fault[1] == "die":
                 os._exit(1)
-            if self.fault[1] in ("raise", "broken"):
+            if self.fault[1].removesuffix("-left") in ("raise", "broken"):
                 how, self.fault = self.fault[1], None
+                self.left = how.endswith("-left")
+                how = how.removesuffix("-left")
                 if how == "broken":
                     raise GroupBrokenError("the group broke")
                 raise ValueError("a bad batch")
@@ -162,6 +167,8 @@ class StandIn:
 
     def steps(self, kind, mids, batches, generation, plan=None):
         self._maybe_fail("steps")
+        if self.left:
+            raise GroupBrokenError("the group broke")
         if plan is not None:  # the parts are references: Ray resolves only top-level ones
             self.reads.append([part.hex() for part in batches])
         if kind == "train_step":
@@ -188,6 +195,7 @@ class StandIn:
 
     def join(self, world, rank, address, backend, timeout_s, generation, place):
         self.group = (world, rank, generation, place)
+        self.left = False
 
     def applied(self):
         self._maybe_fail("applied")
@@ -577,6 +585,39 @@ def test_a_workers_error_in_steps_another_loop_read_is_raised_to_the_loop_that_s
     assert [serial for serial, _, _ in scored] == [0]
     with pytest.raises(Exception, match="worker 2 failed in train_step.*a bad batch"):
         ctl.advance("train_step", None, 0, "fit")
+
+
+def test_a_workers_own_error_in_a_training_step_re_forms_the_group_and_ends_its_loop_there(
+    controller,
+):
+    """Worker 2's training step raises (its data): it leaves the group, whose other members
+    fail at that step's sum, and every later step fails on the broken group, as real workers'
+    do. fit gets the error, and none of its steps behind it is applied (native MXNet's fit
+    stops at the error); a callback's step in flight behind it is sent again; the group
+    re-forms at once with all three members at the step they applied, as no failure, and
+    training goes on. It once stayed broken: the next step ended the module (outside an
+    elastic run), or was recovered from and fit's steps behind the error applied."""
+    ctl = controller
+    ctl.set_metric(None, "fit")
+    ctl.set_metric(None, "callback")
+    read(ctl, ctl.advance("train_step", spec(ctl), 0, "fit"))
+    call(ctl, "set_fault", "steps", "raise-left", ranks=[2])
+    call(ctl, "set_fault", "steps", "broken-left", ranks=[0, 1])
+    generation = ctl.members.generation
+    read(ctl, ctl.advance("train_step", spec(ctl), 2, "fit"))  # the step that raises
+    read(ctl, ctl.advance("train_step", spec(ctl), 2, "fit"))  # one behind it
+    scored = read(ctl, ctl.advance("eval_step", spec(ctl), 0, "callback"))["steps"]
+    assert [serial for serial, _, _ in scored] == [0]
+    with pytest.raises(Exception, match="worker 2 failed in train_step.*a bad batch"):
+        ctl.advance("train_step", None, 0, "fit")
+    assert (ctl.members.generation, ctl.members.slots) == (generation + 1, (0, 1, 2))
+    assert (ctl.steps_sent, ctl.failures, ctl.state) == (1, 0, State.RUNNING)
+    assert [state["count"] for state in call(ctl, "state")] == [1, 1, 1]
+    changes = [e for e in events_of(ctl) if e["event"] == "membership"]
+    assert [(e["change"], e["step"], e["world_size"]) for e in changes] == [("re-formed", 1, 3)]
+    assert "a worker's error in a training step" in changes[0]["why"]
+    assert read(ctl, ctl.advance("train_step", spec(ctl), 0, "fit"))["steps"][0][0] == 0
+    assert [state["count"] for state in call(ctl, "state")] == [2, 2, 2]
 
 
 def test_steps_in_flight_that_cannot_be_sent_again_after_a_loss_end_the_run_in_words(

@@ -27,6 +27,7 @@ arrive sealed (:mod:`raymodule.sealed`) and stay so in its process.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import time
@@ -148,9 +149,14 @@ class Controller:
 
     def configure(self, limits: policy.Limits, failures: int) -> tuple:
         """Sets the run's limits (an elastic run's, or none) and the failures it had before."""
+        self.set_limits(limits, failures)
+        return None, self.view()
+
+    def set_limits(self, limits: policy.Limits, failures: int) -> None:
+        """:meth:`configure` for a client that does not wait for the reply (a run's end): the
+        view, with the changes the client has not read, stays for its next read."""
         self.limits = limits
         self.failures = failures
-        return None, self.view()
 
     def post(self, method: str, args: tuple, per_worker=None, ranks=None, generation=None) -> None:
         """Calls ``method(*args, *per_worker[rank])`` on the workers (or ``ranks``); an error
@@ -558,7 +564,8 @@ class Controller:
         after a loss, sends the steps in flight again to the re-formed group (what the
         recovery raises is raised). Returns the error reading the chunk met (a worker's own,
         or the run's end outside an elastic run), the chunk read: the steps after it are read
-        next."""
+        next, but for those a worker's own error in a training step voided
+        (:meth:`_re_form_after_error`)."""
         chunk = self._chunks[0]
         try:
             per_worker = self._get(chunk.refs, chunk.kind)
@@ -570,6 +577,13 @@ class Controller:
             return None
         except Exception as err:  # noqa: BLE001 - the caller's or its loop's (_finish_for)
             self._chunks.popleft()
+            if (
+                chunk.kind == "train_step"
+                and self.lost is None  # a worker's own error, not the run's end
+                and self.members.world_size > 1
+                and chunk.generation == self.members.generation
+            ):
+                self._re_form_after_error(chunk, err)
             return err
         except BaseException:
             self._chunks.popleft()
@@ -683,6 +697,49 @@ class Controller:
         self._enter(State.RUNNING, "replacements joined")
         joined = ", ".join(f"slot {s}" for s in admit)
         self._announce("grown", f"the workers of {joined} joined", before, tic, {"step": committed})
+
+    def _re_form_after_error(self, failed: chunks.Chunk, err: Exception) -> None:
+        """A worker's own error in one of ``failed``'s training steps (its data, its metric)
+        broke the group: that worker left it, so that its peers waiting at the step's sum fail
+        at once instead of after the collective timeout. The group re-forms at once with every
+        member, at the step they applied, and the module goes on (fit again, score,
+        get_params). Nobody is lost: it is no failure. As native MXNet's fit stops at an
+        error, none of that loop's steps after it is applied: its steps in flight (which fail
+        on the broken group) are dropped. Another loop's (a callback's ``score``) are sent
+        again to the re-formed group, but for a Ray Dataset's pass, whose split is fixed:
+        that loop gets ``err``. A worker lost meanwhile is recovered from as a loss (outside
+        an elastic run it ends the run, as it would have)."""
+        voided, self._chunks = list(self._chunks), deque()
+        refs = [ref for chunk in voided for ref in chunk.refs]
+        for ref in refs:
+            self._in_flight.pop(ref, None)
+        self._loops.pass_over(failed.loop)
+        for chunk in voided:
+            if chunk.loop == failed.loop:
+                continue
+            if chunk.steps[0].stream is not None:
+                self._loops.keep(chunk.loop, err)
+                self._loops.pass_over(chunk.loop)
+            else:
+                self._chunks.append(chunk)  # sent again once the group re-formed
+        tic, before = time.monotonic(), self.members.world_size
+        why = f"a worker's error in a training step ({first_line(err)[:200]})"
+        self._enter(State.RECOVERING, why)
+        committed = self._re_form_or_recover(lambda: self._reform([]))
+        # done before the members left the group (calls to an actor run in order): read, so
+        # that Ray does not report their errors as unhandled
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in ready:
+            with contextlib.suppress(Exception):
+                ray.get(ref)
+        if committed is not None:  # else a loss meanwhile was recovered from, and announced
+            self._enter(
+                State.RUNNING,
+                f"generation {self.members.generation}, {self.members.world_size} workers",
+            )
+            self._announce("re-formed", why, before, tic, {"step": committed})
+        if self._chunks:
+            self._resend(self.committed)
 
     def _rebalance(self) -> None:
         """``work_load_list="auto"``: every RAYMODULE_BALANCE_EVERY_STEPS training steps, moves
