@@ -291,6 +291,10 @@ class ControllerHandle:
             return get(bound)
         except ray.exceptions.RayTaskError as err:
             cause = getattr(err, "cause", None)
+            view = getattr(cause, "view", None)  # the membership may have changed on the way
+            if view is not None:
+                del cause.view  # the client's, not the caller's
+                self._apply(view)
             if getattr(cause, "fatal", False):
                 self.lost = cause
             raise in_words(err, f"{method} on the workers failed") from None

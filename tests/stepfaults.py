@@ -19,7 +19,8 @@ so a step run again after a loss does not fire again):
 - ``("arm", method, how)``: its next call of ``method`` (``get_params``; ``applied``;
   ``leave``, the controller's in a re-form) does ``how`` ("die" or "stop") at its start;
   ``("arm", "share", how)`` does it in its next split update (sum and update in parts),
-  once it updated its part, before it shares it;
+  once it updated its part, before it shares it; ``("arm", "rows", "raise")``: its next
+  call's rows cannot be read (an error of its own, before any of the call's steps);
 - ``("gate", name)``: hand the step to the test and wait: the worker marks the gate reached and
   goes on once the test acted and opened it (:class:`Gates`), at most :data:`GATE_WAIT_S`.
   Put a gate on every rank (None) and the whole group stands still at the start of the step,
@@ -126,7 +127,13 @@ def worker_class(plan: dict, marks) -> type:
             how = self._armed.get(method)
             if how is not None:
                 self._armed = {m: h for m, h in self._armed.items() if m != method}
+                if how == "raise":
+                    raise ValueError(f"rows unreadable after step {self._applied}")
                 os.kill(os.getpid(), _SIGNALS[how])
+
+        def _batches(self, batches, plan):
+            self._armed_fault("rows")
+            return super()._batches(batches, plan)
 
         def get_params(self, mid):
             self._armed_fault("get_params")

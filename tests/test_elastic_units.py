@@ -620,6 +620,19 @@ def test_a_workers_own_error_in_a_training_step_re_forms_the_group_and_ends_its_
     assert [state["count"] for state in call(ctl, "state")] == [2, 2, 2]
 
 
+def test_a_call_posted_for_an_earlier_generation_is_refused_by_the_next_sync_once(controller):
+    """Nobody reads a posted call's reply: its refusal (per-worker arguments made for a group
+    that re-formed since) is raised by the next sync, once. It was lost, the call not made and
+    nothing said (a forward after the group re-formed under the client)."""
+    ctl = controller
+    generation = ctl.members.generation
+    ctl.post("set_params", (MID,), [()] * 3, None, generation - 1)
+    with pytest.raises(WorkerLostError, match=r"set_params\(\): the workers' membership changed"):
+        ctl.sync()
+    ctl.post("set_params", (MID,), [()] * 3, None, generation)  # the one it is: made
+    ctl.sync()
+
+
 def test_steps_in_flight_that_cannot_be_sent_again_after_a_loss_end_the_run_in_words(
     controller, monkeypatch
 ):

@@ -351,19 +351,27 @@ def test_a_nodes_workers_each_run_on_a_core_of_their_own_and_a_lone_survivor_on_
     assert after == {frozenset(allowed)}, after
 
 
+@pytest.mark.parametrize(
+    "fault, applied, words",
+    [("raise", 3, "a bad batch at step 3"), (("arm", "rows", "raise"), 4, "rows unreadable")],
+    ids=["in-a-step", "reading-rows"],
+)
 def test_a_workers_own_error_in_a_step_breaks_its_group_which_re_forms_with_every_member(
-    tmp_path, monkeypatch
+    fault, applied, words, tmp_path, monkeypatch
 ):
-    """A worker whose training step raises (its data, say) leaves the group: its peer, waiting
-    at that step's sum, fails at once rather than after the collective timeout, and never sums
-    a later step of that worker's with the step it waits in. The error is the caller's, and
-    fit stops at it as native MXNet's does: the steps before it applied, none after. The group
-    re-forms at once with both workers, so the module goes on: it gives its parameters and
-    trains again (the fault fires once), and ends with the model of native MXNet stopped at
-    the same batch and trained on. Before, the next call said the module could not go on, and
-    its parameters were lost."""
+    """A worker whose training step raises (its data, say), or that cannot read the rows of a
+    call's steps, leaves the group: its peer, waiting at that step's sum, fails at once rather
+    than after the collective timeout, and never sums a later step of that worker's with the
+    step it waits in. The error is the caller's, and fit stops at it as native MXNet's does:
+    the steps before it applied, none after. The group re-forms at once with both workers, so
+    the module goes on: it gives its parameters and trains again (the fault fires once), and
+    ends with the model of native MXNet stopped at the same batch and trained on. Before, the
+    next call said the module could not go on, and its parameters were lost; and a worker
+    whose rows could not be read stayed in the group, its next call's step summed with its
+    peer's step before."""
     monkeypatch.setenv("RAYMODULE_COLLECTIVE_TIMEOUT_S", "120")
-    cls = stepfaults.worker_class({(3, 1): "raise"}, marks=tmp_path)
+    monkeypatch.setenv("RAYMODULE_STEPS_PER_CALL", "2")  # rows read at steps 2, 4, ...
+    cls = stepfaults.worker_class({(3, 1): fault}, marks=tmp_path)
     monkeypatch.setattr(raymodule.module, "ControllerHandle", stepfaults.with_workers(cls))
     x, y = dataset(n=256)
     symbol = mlp()
@@ -375,7 +383,7 @@ def test_a_workers_own_error_in_a_step_breaks_its_group_which_re_forms_with_ever
     start = [{k: v.copy() for k, v in params.items()} for params in native.get_params()]
     native.init_optimizer(optimizer_params=sgd)
     expected = []
-    for batches in (3, 16):  # up to the failed step, then an epoch
+    for batches in (applied, 16):  # up to the failed step, then an epoch
         for batch in list(mx.io.NDArrayIter(x, y, 16))[:batches]:
             native.forward_backward(batch)
             native.update()
@@ -384,7 +392,7 @@ def test_a_workers_own_error_in_a_step_breaks_its_group_which_re_forms_with_ever
         train = mx.io.NDArrayIter(x, y, 16)
         mod.bind(train.provide_data, train.provide_label)
         generation = mod.workers.generation
-        with pytest.raises(raymodule.WorkerError, match="worker 1 failed in train_step.*step 3"):
+        with pytest.raises(raymodule.WorkerError, match=f"worker 1 failed in train_step.*{words}"):
             mod.fit(
                 train,
                 num_epoch=1,
@@ -392,8 +400,9 @@ def test_a_workers_own_error_in_a_step_breaks_its_group_which_re_forms_with_ever
                 aux_params=start[1],
                 optimizer_params=sgd,
             )
-        stopped = {k: v.copy() for k, v in mod.get_params()[0].items()}  # updated in place
+        # the error brought the view: per-worker calls (a forward's) are for the new group
         assert (mod.world_size, mod.workers.generation) == (2, generation + 1)
+        stopped = {k: v.copy() for k, v in mod.get_params()[0].items()}  # updated in place
         mod.fit(mx.io.NDArrayIter(x, y, 16), num_epoch=1, optimizer_params=sgd)
         trained = mod.get_params()[0]
     assert max_relative_diff(expected[0], stopped) <= 1e-5

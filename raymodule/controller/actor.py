@@ -98,6 +98,7 @@ class Controller:
         self.steps_sent = 0  # training steps sent; a worker's applied() counts the same
         self.committed = 0  # the step every member was at when the group last re-formed
         self.lost: WorkerLostError | None = None  # why the run cannot go on (FAILED)
+        self._posted_error: Exception | None = None  # see _raise_posted_error
         self._replicas: dict[int, Replica] = {}  # by module id
         self._loops = StepLoops()  # the client's step loops under way
         self._events: list[dict] = []  # membership changes the client has not read yet
@@ -147,6 +148,21 @@ class Controller:
             "steps_per_call": self._steps_per_call(),
         }
 
+    def _attach_view(self, err: Exception) -> None:
+        """Gives ``err``, raised to the client, the :meth:`view` (``err.view``), which the
+        client applies before it raises it: the membership may have changed on the way to the
+        error (a recovery, the group re-formed after a worker's error)."""
+        with contextlib.suppress(AttributeError):  # an exception that takes no attributes
+            err.view = self.view()
+
+    def _raise_posted_error(self) -> None:
+        """Raises, once, the first error of a posted call not raised yet: its check refused
+        it (:meth:`post`), or it failed while the controller waited for it on its own
+        (:meth:`_sync_posted`)."""
+        err, self._posted_error = self._posted_error, None
+        if err is not None:
+            raise err
+
     def configure(self, limits: policy.Limits, failures: int) -> tuple:
         """Sets the run's limits (an elastic run's, or none) and the failures it had before."""
         self.set_limits(limits, failures)
@@ -164,22 +180,36 @@ class Controller:
         made for. The steps in flight are finished first, so the call follows them even when
         a loss sends them again (a callback's ``set_params`` after the steps sent before it)."""
         self._finish_in_flight()  # may re-form the group: the generation is checked after
-        self._check_generation(method, per_worker, generation)
+        try:
+            self._check_generation(method, per_worker, generation)
+        except WorkerLostError as err:  # nobody reads this call's reply
+            self._posted_error = self._posted_error or err
+            return
         self._note(method, args)
         self._post(method, *args, per_worker=per_worker, ranks=ranks)
 
     def call(self, method: str, args: tuple, per_worker=None, ranks=None, generation=None):
         """Calls ``method`` on the workers and returns their results, in rank order."""
-        self._check_generation(method, per_worker, generation)
-        return self._call(method, *args, per_worker=per_worker, ranks=ranks), self.view()
+        try:
+            self._raise_posted_error()
+            self._check_generation(method, per_worker, generation)
+            return self._call(method, *args, per_worker=per_worker, ranks=ranks), self.view()
+        except Exception as err:
+            self._attach_view(err)
+            raise
 
     def sync(self) -> tuple:
         """Waits for every posted call and raises the first error among them (or why the run
         cannot go on)."""
-        if self.lost is not None:
-            raise self.lost
-        self._sync()
-        return None, self.view()
+        try:
+            if self.lost is not None:
+                raise self.lost
+            self._raise_posted_error()
+            self._sync()
+            return None, self.view()
+        except Exception as err:
+            self._attach_view(err)
+            raise
 
     def create(self, mid: int, args: tuple, per_slot: list) -> None:
         """Creates a module's replicas (``per_slot``: the arguments that differ by slot)."""
@@ -237,8 +267,12 @@ class Controller:
         callback's loop reads past fit's steps in flight), or a worker's error in them, are
         kept for that loop's next call."""
         steps = chunks.steps_of(spec) if spec is not None else []
-        self._advance(kind, steps, keep, loop)
-        return self._loops.reply(loop, {}), self.view()
+        try:
+            self._advance(kind, steps, keep, loop)
+            return self._loops.reply(loop, {}), self.view()
+        except Exception as err:
+            self._attach_view(err)
+            raise
 
     def run(self, kind: str, plan: dict):
         """Runs a plan of a dataset's steps back to back, the chunks sized and the
@@ -261,6 +295,14 @@ class Controller:
         epoch's end waits for no step (:meth:`hand_over` gives the reference, which holds
         None if a step before failed). The calls posted before the plan are waited for first,
         and the first error among them raised (:meth:`sync`: the client need not ask)."""
+        try:
+            yield from self._run_plan(kind, plan)
+        except Exception as err:
+            self._attach_view(err)
+            raise
+
+    def _run_plan(self, kind: str, plan: dict):
+        """:meth:`run`'s work."""
         handed = self._handed.of(plan["stop_key"])
         loop = plan.get("loop")
         self._sync()
@@ -458,6 +500,16 @@ class Controller:
             self._get(list(refs), "/".join(dict.fromkeys(methods)), list(ranks))
         except StepsFailed as failure:
             self._recover_here(failure)
+
+    def _sync_posted(self) -> None:
+        """:meth:`_sync` in no call of the client's: a posted call's own error is kept for its
+        next :meth:`sync` or call (what ends the run is raised)."""
+        try:
+            self._sync()
+        except Exception as err:
+            if self.lost is not None:
+                raise
+            self._posted_error = self._posted_error or err
 
     def _recover_here(self, failure: StepsFailed) -> None:
         """A failure seen outside the steps in flight is recovered from where it is seen, and
@@ -710,7 +762,7 @@ class Controller:
         that loop gets ``err``. A worker lost meanwhile is recovered from as a loss (outside
         an elastic run it ends the run, as it would have)."""
         voided, self._chunks = list(self._chunks), deque()
-        refs = [ref for chunk in voided for ref in chunk.refs]
+        refs = [ref for chunk in [failed, *voided] for ref in chunk.refs]
         for ref in refs:
             self._in_flight.pop(ref, None)
         self._loops.pass_over(failed.loop)
@@ -725,7 +777,18 @@ class Controller:
         tic, before = time.monotonic(), self.members.world_size
         why = f"a worker's error in a training step ({first_line(err)[:200]})"
         self._enter(State.RECOVERING, why)
-        committed = self._re_form_or_recover(lambda: self._reform([]))
+        try:
+            self._sync_posted()
+            committed = self._re_form_or_recover(lambda: self._reform([]))
+        except EveryWorkerLost:  # fit goes on from its latest checkpoint
+            raise
+        except Exception as during:
+            raise self._fail(
+                WorkerLostError(
+                    f"{why}; the group could not be formed again ({first_line(during)}). "
+                    "The module cannot continue"
+                )
+            ) from during
         # done before the members left the group (calls to an actor run in order): read, so
         # that Ray does not report their errors as unhandled
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)

@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -432,30 +432,35 @@ class ModuleWorker:
                 f"steps sent to generation {generation} of the group reached generation "
                 f"{self._generation}; they are sent again"
             )
-        if isinstance(batches, IndexedParts):
-            batches = self._read(batches)
-        elif isinstance(batches, StreamParts):
-            reader = _kept(self._streams, batches.key, StreamReader, StreamReader.close)
-            batches = reader.batches(batches)
-        elif plan is not None:
-            batches = assemble(batches, plan)
-        tic = time.perf_counter()  # rows still read meanwhile (a dataset's) count as step time
         group = self._collective
-        waited = group.waited_s if group is not None else 0.0
         try:
+            batches = self._batches(batches, plan)
+            tic = time.perf_counter()  # rows still read meanwhile (a dataset's): step time
+            waited = group.waited_s if group is not None else 0.0
             results = [step(mid, batch) for mid, batch in zip(mids, batches)]
         except GroupBrokenError:
             raise
         except Exception as err:
             if kind == "train_step" and self._collective is not None:
-                # its peers wait at this step's sum: they fail now, and never sum a later
-                # step of this worker's with it
+                # its peers wait at this step's sum (or the first of these steps', its rows
+                # not read): they fail now, and never sum a later step of this worker's with it
                 self.leave()
                 self._broken = f"worker failed in a step: {type(err).__name__}"
             raise
         took = time.perf_counter() - tic
         computing = took - (group.waited_s - waited) if group is not None else took
         return results, took, computing, self._shut_down
+
+    def _batches(self, batches, plan) -> Iterable[Batch]:
+        """:meth:`steps`' batches, from what it was sent (see there)."""
+        if isinstance(batches, IndexedParts):
+            return self._read(batches)
+        if isinstance(batches, StreamParts):
+            reader = _kept(self._streams, batches.key, StreamReader, StreamReader.close)
+            return reader.batches(batches)
+        if plan is not None:
+            return assemble(batches, plan)
+        return batches
 
     def _read(self, parts: IndexedParts) -> Iterator[Batch]:
         """The batches ``parts`` names, read (a step ahead) from the dataset as this worker
