@@ -291,12 +291,13 @@ class ControllerHandle:
             return get(bound)
         except ray.exceptions.RayTaskError as err:
             cause = getattr(err, "cause", None)
+            if getattr(cause, "fatal", False):
+                self.lost = cause
             view = getattr(cause, "view", None)  # the membership may have changed on the way
             if view is not None:
                 del cause.view  # the client's, not the caller's
-                self._apply(view)
-            if getattr(cause, "fatal", False):
-                self.lost = cause
+                with contextlib.suppress(Exception):  # the error is what the caller gets
+                    self._apply(view)
             raise in_words(err, f"{method} on the workers failed") from None
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
             why = (

@@ -353,7 +353,10 @@ def test_a_nodes_workers_each_run_on_a_core_of_their_own_and_a_lone_survivor_on_
 
 @pytest.mark.parametrize(
     "fault, applied, words",
-    [("raise", 3, "a bad batch at step 3"), (("arm", "rows", "raise"), 4, "rows unreadable")],
+    [
+        ("raise", 3, "a bad batch at step 3"),
+        (("arm", "rows", "raise"), 4, "rows unreadable after step 4"),
+    ],
     ids=["in-a-step", "reading-rows"],
 )
 def test_a_workers_own_error_in_a_step_breaks_its_group_which_re_forms_with_every_member(

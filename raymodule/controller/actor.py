@@ -152,8 +152,9 @@ class Controller:
         """Gives ``err``, raised to the client, the :meth:`view` (``err.view``), which the
         client applies before it raises it: the membership may have changed on the way to the
         error (a recovery, the group re-formed after a worker's error)."""
+        view = self.view()
         with contextlib.suppress(AttributeError):  # an exception that takes no attributes
-            err.view = self.view()
+            err.view = view
 
     def _raise_posted_error(self) -> None:
         """Raises, once, the first error of a posted call not raised yet: its check refused
@@ -182,11 +183,11 @@ class Controller:
         self._finish_in_flight()  # may re-form the group: the generation is checked after
         try:
             self._check_generation(method, per_worker, generation)
-        except WorkerLostError as err:  # nobody reads this call's reply
-            self._posted_error = self._posted_error or err
-            return
-        self._note(method, args)
-        self._post(method, *args, per_worker=per_worker, ranks=ranks)
+            self._note(method, args)
+            self._post(method, *args, per_worker=per_worker, ranks=ranks)
+        except Exception as err:  # nobody reads this call's reply
+            if self.lost is None:  # else every later call raises that
+                self._posted_error = self._posted_error or err
 
     def call(self, method: str, args: tuple, per_worker=None, ranks=None, generation=None):
         """Calls ``method`` on the workers and returns their results, in rank order."""
@@ -235,10 +236,16 @@ class Controller:
                 self._balancer = Balancer(self.settings.balance_every_steps)
             work_load = self._balancer.work_load(self._slot_count)
         replica.shapes, replica.batch_size, replica.work_load = shapes, batch_size, work_load
-        self._sync()
-        stypes = self._call("bind", mid, *args, per_worker=replica.split(self.members.slots))[0]
-        replica.bind = args
-        return stypes, self.view()
+        try:
+            self._raise_posted_error()
+            self._sync()
+            per_worker = replica.split(self.members.slots)
+            stypes = self._call("bind", mid, *args, per_worker=per_worker)[0]
+            replica.bind = args
+            return stypes, self.view()
+        except Exception as err:
+            self._attach_view(err)
+            raise
 
     def reshape(self, mid: int, shapes, batch_size: int) -> None:
         replica = self._replicas[mid]
@@ -305,6 +312,7 @@ class Controller:
         """:meth:`run`'s work."""
         handed = self._handed.of(plan["stop_key"])
         loop = plan.get("loop")
+        self._raise_posted_error()
         self._sync()
         steps = chunks.steps_of(plan)
         positions, every = plan["positions"], plan.get("checkpoint_every")
@@ -751,14 +759,14 @@ class Controller:
         self._announce("grown", f"the workers of {joined} joined", before, tic, {"step": committed})
 
     def _re_form_after_error(self, failed: chunks.Chunk, err: Exception) -> None:
-        """A worker's own error in one of ``failed``'s training steps (its data, its metric)
-        broke the group: that worker left it, so that its peers waiting at the step's sum fail
-        at once instead of after the collective timeout. The group re-forms at once with every
-        member, at the step they applied, and the module goes on (fit again, score,
-        get_params). Nobody is lost: it is no failure. As native MXNet's fit stops at an
-        error, none of that loop's steps after it is applied: its steps in flight (which fail
-        on the broken group) are dropped. Another loop's (a callback's ``score``) are sent
-        again to the re-formed group, but for a Ray Dataset's pass, whose split is fixed:
+        """A worker's own error in one of ``failed``'s training steps (its data, its metric,
+        its rows) broke the group: that worker left it, so that its peers waiting at the
+        step's sum fail at once instead of after the collective timeout. The group re-forms at
+        once with every member, at the step they applied, and the module goes on (fit again,
+        score, get_params). Nobody is lost: it is no failure. As native MXNet's fit stops at
+        an error, none of that loop's steps after it is applied: its steps in flight (which
+        fail on the broken group) are dropped. Another loop's (a callback's ``score``) are
+        sent again to the re-formed group, but for a Ray Dataset's pass, whose split is fixed:
         that loop gets ``err``. A worker lost meanwhile is recovered from as a loss (outside
         an elastic run it ends the run, as it would have)."""
         voided, self._chunks = list(self._chunks), deque()
@@ -766,6 +774,7 @@ class Controller:
         for ref in refs:
             self._in_flight.pop(ref, None)
         self._loops.pass_over(failed.loop)
+        again = []  # sent again once the group re-formed
         for chunk in voided:
             if chunk.loop == failed.loop:
                 continue
@@ -773,13 +782,15 @@ class Controller:
                 self._loops.keep(chunk.loop, err)
                 self._loops.pass_over(chunk.loop)
             else:
-                self._chunks.append(chunk)  # sent again once the group re-formed
+                again.append(chunk)
         tic, before = time.monotonic(), self.members.world_size
         why = f"a worker's error in a training step ({first_line(err)[:200]})"
         self._enter(State.RECOVERING, why)
+        generation, committed = self.members.generation, None
         try:
-            self._sync_posted()
-            committed = self._re_form_or_recover(lambda: self._reform([]))
+            self._sync_posted()  # a loss seen there is recovered from: the group re-forms
+            if self.members.generation == generation:
+                committed = self._re_form_or_recover(lambda: self._reform([]))
         except EveryWorkerLost:  # fit goes on from its latest checkpoint
             raise
         except Exception as during:
@@ -801,7 +812,8 @@ class Controller:
                 f"generation {self.members.generation}, {self.members.world_size} workers",
             )
             self._announce("re-formed", why, before, tic, {"step": committed})
-        if self._chunks:
+        if again:
+            self._chunks.extend(again)
             self._resend(self.committed)
 
     def _rebalance(self) -> None:
