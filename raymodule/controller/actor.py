@@ -148,13 +148,19 @@ class Controller:
             "steps_per_call": self._steps_per_call(),
         }
 
-    def _attach_view(self, err: Exception) -> None:
-        """Gives ``err``, raised to the client, the :meth:`view` (``err.view``), which the
-        client applies before it raises it: the membership may have changed on the way to the
-        error (a recovery, the group re-formed after a worker's error)."""
-        view = self.view()
-        with contextlib.suppress(AttributeError):  # an exception that takes no attributes
-            err.view = view
+    @contextlib.contextmanager
+    def _errors_carry_view(self):
+        """Gives an error raised to the client in this block the :meth:`view`
+        (``err.view``), which the client applies before it raises it: the membership may have
+        changed on the way to the error (a recovery, the group re-formed after a worker's
+        error)."""
+        try:
+            yield
+        except Exception as err:
+            view = self.view()
+            with contextlib.suppress(AttributeError):  # an exception that takes no attributes
+                err.view = view
+            raise
 
     def _raise_posted_error(self) -> None:
         """Raises, once, the first error of a posted call not raised yet: its check refused
@@ -191,26 +197,20 @@ class Controller:
 
     def call(self, method: str, args: tuple, per_worker=None, ranks=None, generation=None):
         """Calls ``method`` on the workers and returns their results, in rank order."""
-        try:
+        with self._errors_carry_view():
             self._raise_posted_error()
             self._check_generation(method, per_worker, generation)
             return self._call(method, *args, per_worker=per_worker, ranks=ranks), self.view()
-        except Exception as err:
-            self._attach_view(err)
-            raise
 
     def sync(self) -> tuple:
         """Waits for every posted call and raises the first error among them (or why the run
         cannot go on)."""
-        try:
+        with self._errors_carry_view():
             if self.lost is not None:
                 raise self.lost
             self._raise_posted_error()
             self._sync()
             return None, self.view()
-        except Exception as err:
-            self._attach_view(err)
-            raise
 
     def create(self, mid: int, args: tuple, per_slot: list) -> None:
         """Creates a module's replicas (``per_slot``: the arguments that differ by slot)."""
@@ -236,16 +236,13 @@ class Controller:
                 self._balancer = Balancer(self.settings.balance_every_steps)
             work_load = self._balancer.work_load(self._slot_count)
         replica.shapes, replica.batch_size, replica.work_load = shapes, batch_size, work_load
-        try:
+        with self._errors_carry_view():
             self._raise_posted_error()
             self._sync()
             per_worker = replica.split(self.members.slots)
             stypes = self._call("bind", mid, *args, per_worker=per_worker)[0]
             replica.bind = args
             return stypes, self.view()
-        except Exception as err:
-            self._attach_view(err)
-            raise
 
     def reshape(self, mid: int, shapes, batch_size: int) -> None:
         replica = self._replicas[mid]
@@ -274,12 +271,9 @@ class Controller:
         callback's loop reads past fit's steps in flight), or a worker's error in them, are
         kept for that loop's next call."""
         steps = chunks.steps_of(spec) if spec is not None else []
-        try:
+        with self._errors_carry_view():
             self._advance(kind, steps, keep, loop)
             return self._loops.reply(loop, {}), self.view()
-        except Exception as err:
-            self._attach_view(err)
-            raise
 
     def run(self, kind: str, plan: dict):
         """Runs a plan of a dataset's steps back to back, the chunks sized and the
@@ -302,11 +296,8 @@ class Controller:
         epoch's end waits for no step (:meth:`hand_over` gives the reference, which holds
         None if a step before failed). The calls posted before the plan are waited for first,
         and the first error among them raised (:meth:`sync`: the client need not ask)."""
-        try:
+        with self._errors_carry_view():
             yield from self._run_plan(kind, plan)
-        except Exception as err:
-            self._attach_view(err)
-            raise
 
     def _run_plan(self, kind: str, plan: dict):
         """:meth:`run`'s work."""
