@@ -372,6 +372,7 @@ class PlanProgress:
         # the module whose parameters the last reply brings; the handle's changes at the start
         self._params_of, self._changes = params_of, changes
         self._stopping = False
+        self.ended = False  # its last reply was read, or it failed, or the controller was lost
 
     def __iter__(self) -> PlanProgress:
         return self
@@ -385,7 +386,7 @@ class PlanProgress:
                 batch, steps = progress["checkpoint"]
                 snapshot = handle.hand_over(self._key, "snapshot", steps)
                 progress["checkpoint"] = (batch, steps, snapshot)
-        except BaseException:  # its end (StopIteration), the plan failed, the controller lost
+        except Exception:  # its end (StopIteration), the plan failed, the controller lost
             self._end()
             raise
         if "stopped_at" in progress:  # the last
@@ -397,6 +398,7 @@ class PlanProgress:
         return progress
 
     def _end(self) -> None:
+        self.ended = True
         if self._stopping:
             self._stopping = False
             plan_ended(self._key)

@@ -301,7 +301,11 @@ def _steps(
                 parts = zip(*(step.batch.parts(cut) for step, cut in zip(chunk, slices)))
                 spec["sources"] = [ray.put(list(part)) for part in parts]
             chunk.clear()
-        reply = workers.advance(method, spec, keep, loop)
+        try:
+            reply = workers.advance(method, spec, keep, loop)
+        except Exception:
+            sent.clear()  # the controller answered with the error: none of them is read here
+            raise
         nonlocal checkpoint_due, departures
         left = workers.departures > departures
         departures = workers.departures
@@ -346,9 +350,10 @@ def _steps(
             yield from ready()
         advance(keep=0)
         yield from ready()
-    except GeneratorExit:
-        # the caller stopped early (it broke out of iter_predict, or its callback raised):
-        # the steps in flight finish unread, so that the next loop starts on an empty pipeline
+    except BaseException:
+        # the caller stopped early (it broke out of iter_predict, or its callback raised), a
+        # batch or a checkpoint failed here, or the process was interrupted: the steps in
+        # flight finish unread, so that the next loop starts on an empty pipeline
         if sent:
             with contextlib.suppress(RayModuleError):  # a loss shows at the next call
                 workers.advance(method, None, 0, loop)
@@ -366,9 +371,10 @@ def _planned(
     and where a member leaves) and finishes the steps. A checkpoint the controller took is
     handed to ``on_checkpoint(nbatch, steps, snapshot)`` as it is read. When ``stop()``
     becomes true the plan is stopped at the controller's next chunk boundary, checkpointed
-    there and :class:`raymodule.errors.Preempted` raised; when the caller stops reading, it is
-    stopped and the steps in flight finish unread. With ``params_at_end``, the last plan asks
-    for worker 0's parameters after its steps (:meth:`ControllerHandle.params` reads them).
+    there and :class:`raymodule.errors.Preempted` raised; when the caller stops reading (or
+    a checkpoint is refused here), it is stopped and the steps in flight finish unread. With
+    ``params_at_end``, the last plan asks for worker 0's parameters after its steps
+    (:meth:`ControllerHandle.params` reads them).
     The first plan waits for the calls posted before it (and raises the first error among
     them, after its batches were read); with no plan at all, the client asks for that wait."""
     workers = module._workers
@@ -419,11 +425,15 @@ def _planned(
                     raise _preempt(epoch, stopped_at, first_batch, on_checkpoint, steps)
                 if stop is not None and stop():
                     progress.stop()
-        except GeneratorExit:  # the caller stopped reading: the steps in flight finish unread
-            progress.stop()
-            with contextlib.suppress(RayModuleError):  # a loss shows at the next call
-                for _ in progress:
-                    pass
+        except BaseException:
+            # the caller stopped reading (see steps), a checkpoint could not be handed to the
+            # writer, or the process was interrupted: unless the plan ended, it is stopped and
+            # its steps in flight finish unread; no step runs after those
+            if not progress.ended:
+                progress.stop()
+                with contextlib.suppress(RayModuleError):  # a loss shows at the next call
+                    for _ in progress:
+                        pass
             raise
 
     def run_early():

@@ -11,9 +11,13 @@ import mxnet as mx
 import numpy as np
 import pytest
 import ray
+import stepfaults
 from conftest import Interrupted, dataset, interrupt_at, max_relative_diff, mlp
+from ray.experimental import internal_kv
 
 import raymodule
+import raymodule.module
+import raymodule.run
 from raymodule import CheckpointError, RunConfig, latest_checkpoint, storage
 from raymodule.checkpoint import optimizer_state
 from raymodule.data import ArrayDataset, DatasetIter
@@ -132,6 +136,46 @@ def test_every_snapshot_a_plan_takes_is_there_when_its_reply_is_read_late():
         for _, steps, snapshot in taken:
             assert snapshot is not None, f"the snapshot after {steps} steps was let go"
             assert ray.get(snapshot, timeout=60).applied == steps
+
+
+def test_a_checkpoint_refused_as_a_plan_is_read_stops_the_plan_where_fit_raised(
+    tmp_path, monkeypatch
+):
+    """fit raises when the checkpoint writer refuses a checkpoint (too many failed in a row)
+    as the client reads a plan's replies: the controller stops the plan there, its steps in
+    flight finished, instead of running the rest of the epoch unseen. Workers that reach
+    step 8 wait there until the client asked the plan to stop (at most 20 s), so the plan
+    cannot have ended before fit raised, however slow the client is."""
+    monkeypatch.setenv("RAYMODULE_STEPS_PER_CALL", "1")  # the epoch's 24 steps in 24 calls
+    monkeypatch.setenv("RAYMODULE_PIPELINE_DEPTH", "1")
+    handed, write = [], raymodule.run.Run.checkpoint
+
+    def refuse_the_second(run, snapshot, files, **position):
+        handed.append(position["batch"])
+        if len(handed) == 2:
+            raise CheckpointError("storage refused it")
+        write(run, snapshot, files, **position)
+
+    def until_stop_asked():
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if internal_kv._internal_kv_list("", namespace="raymodule-plans"):
+                return
+            time.sleep(0.01)
+
+    monkeypatch.setattr(raymodule.run.Run, "checkpoint", refuse_the_second)
+    cls = stepfaults.worker_class({(8, None): ("gate", "hold")}, marks=tmp_path)
+    monkeypatch.setattr(raymodule.module, "ControllerHandle", stepfaults.with_workers(cls))
+    run = RunConfig(name="refused", storage=str(tmp_path / "runs"), checkpoint_every=2)
+    with stepfaults.Gates(tmp_path, {"hold": until_stop_asked}) as gates:
+        with raymodule.Module(mlp(), context=CONTEXTS) as mod:
+            with pytest.raises(CheckpointError, match="storage refused it"):
+                mod.fit(batches(batch_size=4), num_epoch=2, optimizer_params={}, run=run)
+            steps = mod._workers.steps_sent
+            mod.get_params()  # answered after whatever the controller still ran
+            assert mod._workers.steps_sent == steps
+    assert handed == [2, 4] and not gates.errors
+    assert 4 <= steps < 24  # stopped after the steps in flight, short of the epoch's end
 
 
 def test_a_run_checkpoint_is_read_by_plain_mxnet(tmp_path):
