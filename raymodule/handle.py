@@ -372,7 +372,9 @@ class PlanProgress:
         # the module whose parameters the last reply brings; the handle's changes at the start
         self._params_of, self._changes = params_of, changes
         self._stopping = False
-        self.ended = False  # its last reply was read, or it failed, or the controller was lost
+        # its last reply was read, or it failed, or the controller was lost (not: a hand_over
+        # of the controller's failed, or the reading was interrupted)
+        self.ended = False
 
     def __iter__(self) -> PlanProgress:
         return self
@@ -382,13 +384,18 @@ class PlanProgress:
         waits = longest_call_s(handle.settings, len(handle.contexts))
         try:
             progress, view = handle._answer("run", self._next, waits)
-            if progress.get("checkpoint") is not None:  # taken beside the plan, as it runs
-                batch, steps = progress["checkpoint"]
-                snapshot = handle.hand_over(self._key, "snapshot", steps)
-                progress["checkpoint"] = (batch, steps, snapshot)
         except Exception:  # its end (StopIteration), the plan failed, the controller lost
             self._end()
             raise
+        if progress.get("checkpoint") is not None:  # taken beside the plan, as it runs
+            batch, steps = progress["checkpoint"]
+            try:
+                snapshot = handle.hand_over(self._key, "snapshot", steps)
+            except Exception:  # the plan runs on, unless the controller was lost
+                if handle.lost is not None:
+                    self._end()
+                raise
+            progress["checkpoint"] = (batch, steps, snapshot)
         if "stopped_at" in progress:  # the last
             steps = progress.pop("params", None)
             if steps is not None and not self._stopping:

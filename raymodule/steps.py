@@ -24,7 +24,7 @@ from mxnet.base import _as_list
 from mxnet.model import BatchEndParam
 
 from . import data, metrics
-from .errors import Preempted, RayModuleError, ResumeMismatch
+from .errors import Preempted, ResumeMismatch
 from .sealed import seal
 
 __all__ = ["Epoch", "run_steps", "steps"]
@@ -301,11 +301,7 @@ def _steps(
                 parts = zip(*(step.batch.parts(cut) for step, cut in zip(chunk, slices)))
                 spec["sources"] = [ray.put(list(part)) for part in parts]
             chunk.clear()
-        try:
-            reply = workers.advance(method, spec, keep, loop)
-        except Exception:
-            sent.clear()  # the controller answered with the error: none of them is read here
-            raise
+        reply = workers.advance(method, spec, keep, loop)
         nonlocal checkpoint_due, departures
         left = workers.departures > departures
         departures = workers.departures
@@ -352,10 +348,11 @@ def _steps(
         yield from ready()
     except BaseException:
         # the caller stopped early (it broke out of iter_predict, or its callback raised), a
-        # batch or a checkpoint failed here, or the process was interrupted: the steps in
-        # flight finish unread, so that the next loop starts on an empty pipeline
-        if sent:
-            with contextlib.suppress(RayModuleError):  # a loss shows at the next call
+        # batch, a checkpoint or a step failed, or the process was interrupted: the steps in
+        # flight finish unread, so that the next loop starts on an empty pipeline (unless the
+        # controller is lost: nothing is waited for again)
+        if sent and workers.lost is None and not workers.closed:
+            with contextlib.suppress(Exception):  # the error raised is the one that stopped it
                 workers.advance(method, None, 0, loop)
         raise
 
@@ -372,7 +369,8 @@ def _planned(
     handed to ``on_checkpoint(nbatch, steps, snapshot)`` as it is read. When ``stop()``
     becomes true the plan is stopped at the controller's next chunk boundary, checkpointed
     there and :class:`raymodule.errors.Preempted` raised; when the caller stops reading (or
-    a checkpoint is refused here), it is stopped and the steps in flight finish unread. With
+    a checkpoint is refused here, or the process is interrupted), it is stopped and the steps
+    the controller sent finish unread. With
     ``params_at_end``, the last plan asks for worker 0's parameters after its steps
     (:meth:`ControllerHandle.params` reads them).
     The first plan waits for the calls posted before it (and raises the first error among
@@ -427,11 +425,12 @@ def _planned(
                     progress.stop()
         except BaseException:
             # the caller stopped reading (see steps), a checkpoint could not be handed to the
-            # writer, or the process was interrupted: unless the plan ended, it is stopped and
-            # its steps in flight finish unread; no step runs after those
-            if not progress.ended:
-                progress.stop()
-                with contextlib.suppress(RayModuleError):  # a loss shows at the next call
+            # writer, or the process was interrupted: unless the plan ended (or the controller
+            # is lost: nothing is waited for again), it is stopped at the controller's next
+            # chunk boundary and the steps it sent finish unread
+            if not progress.ended and workers.lost is None and not workers.closed:
+                with contextlib.suppress(Exception):  # the error raised is the one that stopped it
+                    progress.stop()
                     for _ in progress:
                         pass
             raise
