@@ -370,9 +370,8 @@ def _planned(
     becomes true the plan is stopped at the controller's next chunk boundary, checkpointed
     there and :class:`raymodule.errors.Preempted` raised; when the caller stops reading (or
     a checkpoint is refused here, or the process is interrupted), it is stopped and the steps
-    the controller sent finish unread. With
-    ``params_at_end``, the last plan asks for worker 0's parameters after its steps
-    (:meth:`ControllerHandle.params` reads them).
+    the controller sent finish unread. With ``params_at_end``, the last plan asks for worker
+    0's parameters after its steps (:meth:`ControllerHandle.params` reads them).
     The first plan waits for the calls posted before it (and raises the first error among
     them, after its batches were read); with no plan at all, the client asks for that wait."""
     workers = module._workers
