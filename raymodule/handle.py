@@ -188,7 +188,7 @@ class ControllerHandle:
     def end_loop(self, loop: str) -> None:
         """Step loop ``loop`` ended (:meth:`Controller.end_loop`); nothing if the module is
         closed or lost."""
-        if self.lost is None and not self.closed:
+        if self.live:
             self.controller.end_loop.remote(loop)
 
     def advance(self, kind: str, spec: dict | None, keep: int, loop: str | None = None) -> dict:
@@ -255,10 +255,16 @@ class ControllerHandle:
         self._params_at_end = None
         self.on_membership = None
         self.limits = policy.Limits(len(self.contexts), elastic=False)
-        if self.lost is None and not self.closed:
+        if self.live:
             self.controller.set_limits.remote(self.limits, self.failures)
 
     # -- the controller ----------------------------------------------------------------------
+    @property
+    def live(self) -> bool:
+        """Whether the controller may still be called: not lost, not closed
+        (:meth:`_usable` raises why not)."""
+        return self.lost is None and not self.closed
+
     def _usable(self) -> None:
         if self.lost is not None:
             raise self.lost

@@ -351,7 +351,7 @@ def _steps(
         # batch, a checkpoint or a step failed, or the process was interrupted: the steps in
         # flight finish unread, so that the next loop starts on an empty pipeline (unless the
         # controller is lost: nothing is waited for again)
-        if sent and workers.lost is None and not workers.closed:
+        if sent and workers.live:
             with contextlib.suppress(Exception):  # the error raised is the one that stopped it
                 workers.advance(method, None, 0, loop)
         raise
@@ -427,7 +427,7 @@ def _planned(
             # writer, or the process was interrupted: unless the plan ended (or the controller
             # is lost: nothing is waited for again), it is stopped at the controller's next
             # chunk boundary and the steps it sent finish unread
-            if not progress.ended and workers.lost is None and not workers.closed:
+            if not progress.ended and workers.live:
                 with contextlib.suppress(Exception):  # the error raised is the one that stopped it
                     progress.stop()
                     for _ in progress:
