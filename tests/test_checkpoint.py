@@ -20,6 +20,7 @@ import raymodule.module
 import raymodule.run
 from raymodule import CheckpointError, RunConfig, latest_checkpoint, storage
 from raymodule.checkpoint import optimizer_state
+from raymodule.controller import plans
 from raymodule.data import ArrayDataset, DatasetIter
 from raymodule.sealed import seal
 
@@ -157,7 +158,7 @@ def test_a_checkpoint_refused_as_a_plan_is_read_stops_the_plan(tmp_path, monkeyp
         write(run, snapshot, files, **position)
 
     def stop_flags():
-        return set(internal_kv._internal_kv_list("", namespace="raymodule-plans"))
+        return set(internal_kv._internal_kv_list("", namespace=plans._NAMESPACE))
 
     flags_before = stop_flags()
 
