@@ -9,8 +9,8 @@ run, injects SCENARIO's fault keyed to the workers' own step (never to the clock
 client's trailing callbacks: :mod:`stepfaults`), trains the same batches with plain
 ``mx.mod.Module`` on one device, and writes what happened to OUT_JSON.
 Stops every Ray process it started, even when training fails. With ``--serve``, one cluster
-runs the scenarios named on stdin one after another (:func:`serve`): for those that add or
-remove no node, which leave it as they found it.
+runs the scenarios named on stdin one after another (:func:`serve`), adding a node back for
+each one a scenario removed: for those that leave no node half-usable (drain does).
 
 Scenarios: kill (SIGKILL one worker process), node (remove a worker's node for real),
 hang (SIGSTOP one worker: alive, silent), grow (remove a node, add one back later),
@@ -511,7 +511,8 @@ def wait_until_whole(timeout_s: float = WHOLE_S) -> None:
 def serve(cluster) -> None:
     """Runs the scenarios stdin names ("SCENARIO OUT_JSON", a line each) one after another on
     ``cluster``, each in a storage folder of its own; each result is written once the cluster
-    is whole again, so the next scenario finds it as the first did. Ends at stdin's end."""
+    is whole again (a node added for each one removed and not added back), so the next
+    scenario finds it as the first did. Ends at stdin's end."""
     for line in sys.stdin:
         if not line.strip():
             continue
@@ -522,6 +523,8 @@ def serve(cluster) -> None:
                 result = run_scenario(scenario, cluster, storage)
         finally:
             shutil.rmtree(storage, ignore_errors=True)
+        for _ in range(WORKERS - len(cluster.worker_nodes)):
+            cluster.add_node(num_cpus=1)
         wait_until_whole()
         write_result(out, result)
 

@@ -2,9 +2,10 @@
 keyed to a step: each ends with the parameters plain MXNet trains on the same batches.
 
 Scenarios run in processes of their own (tests/elastic_cluster.py), which start and stop their
-own clusters: a process holds one Ray, and the session's is not a multi-node one. Those that
-add or remove no node run one after another on one cluster, in one process (starting a cluster
-costs 15-20 s here); the others each start their own, and run alone.
+own clusters: a process holds one Ray, and the session's is not a multi-node one. Most run
+one after another on one cluster, in one process, which adds a node back for each one a
+scenario removed (starting a cluster costs 15-20 s here, adding a node a few); the others
+each start their own, and run alone, before those.
 """
 
 from __future__ import annotations
@@ -25,8 +26,15 @@ from conftest import assert_on_their_share
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = str(HERE / "elastic_cluster.py")
-# the scenarios that leave the cluster as they found it (every node, every CPU free after)
+# the scenarios after which the cluster is as they found it (every node, every CPU free) once
+# the nodes they removed are added back; not drain's (its node is left draining), nor those
+# that need a cluster of their own (start_small's one node, the S3 server's keys, a driver of
+# its own for process)
 ON_ONE_CLUSTER = {
+    "grow",
+    "floor",
+    "admit",
+    "node",
     "kill",
     "hang",
     "all",
@@ -188,22 +196,6 @@ def assert_pinned_as_one_machine(result: dict) -> None:
     assert_on_their_share(result["cores"], set(result["allowed"]))
 
 
-def test_the_group_grows_back_when_a_node_returns(scenario):
-    """A node removed, then one added: the run goes on with the two survivors (min_workers=2),
-    and the lost member's replacement comes up on the new node and joins."""
-    result = scenario("grow")
-    assert_fired(result, [1, 1])
-    assert_same_model(result)
-    lost, grown = changes(result)
-    assert lost["world_size"] == 2 and lost["lost"] == ["slot 1"]
-    assert grown["change"] == "grown" and grown["world_size"] == 3
-    assert grown["step"] > lost["step"]
-    assert result["world_size"] == 3
-    assert epochs(result)[-1]["world_size"] == 3
-    # 3 on this machine's 2 cores: all on both (the 2 survivors ran on a core each until then)
-    assert_pinned_as_one_machine(result)
-
-
 def test_a_worker_on_a_drained_node_leaves_at_a_step_boundary_with_no_failure(scenario):
     """Ray's drain API (what an autoscaler's preemption drain calls) on one worker's node: the
     worker leaves at the next step boundary, no step fails, nothing is restored, no failure is
@@ -274,14 +266,6 @@ def test_checkpoints_a_workers_node_cannot_write_are_written_from_the_drivers(sc
     assert f"from node {result['worker_nodes'][0]}" in said[0], said
 
 
-def test_below_min_workers_with_no_node_coming_fails_in_words(scenario):
-    result = scenario("floor")
-    assert_fired(result, [1])
-    error = result["error"]
-    assert error.startswith("WorkerLostError"), error
-    assert "was lost" in error and "min_workers=3" in error and "waiting" in error
-
-
 def test_a_killed_training_process_resumes_from_storage(scenario):
     """The training process itself SIGKILLed mid-epoch, then run again with the same name."""
     result = scenario("process")
@@ -293,6 +277,31 @@ def test_a_killed_training_process_resumes_from_storage(scenario):
     assert epochs(result)[-1]["resumed_at_batch"] > 0
 
 
+# the scenarios of one cluster from here on
+def test_the_group_grows_back_when_a_node_returns(scenario):
+    """A node removed, then one added: the run goes on with the two survivors (min_workers=2),
+    and the lost member's replacement comes up on the new node and joins."""
+    result = scenario("grow")
+    assert_fired(result, [1, 1])
+    assert_same_model(result)
+    lost, grown = changes(result)
+    assert lost["world_size"] == 2 and lost["lost"] == ["slot 1"]
+    assert grown["change"] == "grown" and grown["world_size"] == 3
+    assert grown["step"] > lost["step"]
+    assert result["world_size"] == 3
+    assert epochs(result)[-1]["world_size"] == 3
+    # 3 on this machine's 2 cores: all on both (the 2 survivors ran on a core each until then)
+    assert_pinned_as_one_machine(result)
+
+
+def test_below_min_workers_with_no_node_coming_fails_in_words(scenario):
+    result = scenario("floor")
+    assert_fired(result, [1])
+    error = result["error"]
+    assert error.startswith("WorkerLostError"), error
+    assert "was lost" in error and "min_workers=3" in error and "waiting" in error
+
+
 def test_a_survivor_lost_while_a_replacement_joins_leaves_the_replacement_set_up(scenario):
     result = scenario("admit")
     assert_fired(result, [1, 1, 1])  # armed in the survivor; the node removed; one added
@@ -302,7 +311,6 @@ def test_a_survivor_lost_while_a_replacement_joins_leaves_the_replacement_set_up
     assert second["lost"] == ["slot 2"] and second["during"] == "applied"
 
 
-# the scenarios of one cluster from here on (the node first: it starts its own)
 @pytest.mark.parametrize("fault", ["node", "kill"])
 def test_a_lost_worker_costs_no_completed_step(fault, scenario):
     """A worker process SIGKILLed, or its node removed for real, at step k: the survivors run
