@@ -11,12 +11,12 @@ import sys
 import tempfile
 import threading
 import time
+from types import SimpleNamespace
 
 import mxnet as mx
 import numpy as np
 import pytest
 import ray
-from mxnet.io import DataDesc
 
 from raymodule.checkpoint import Snapshot
 from raymodule.constants import Settings
@@ -259,7 +259,9 @@ def controller(monkeypatch):
     try:
         ctl.start()
         ctl.create(MID, (), [(None, i) for i in range(3)])
-        shapes = ([DataDesc("data", (6, 2))], None)
+        # a shape of MXNet's (a DataDesc) would have each stand-in import MXNet to read it:
+        # seconds of CPU, in each test
+        shapes = ([SimpleNamespace(name="data", shape=(6, 2))], None)
         ctl.bind(MID, (True, False, None, "write"), shapes, 6, [1] * 3)
         ctl.post("set_params", (MID,))
         ctl.post("init_optimizer", (MID, "sgd", {}, False))
