@@ -8,9 +8,12 @@
 - :mod:`.plans`: a plan's stop flag, and the references it makes for the client;
 - :mod:`.streams`: the members' shares of the Ray Datasets they stream;
 - :mod:`.policy`: the elastic decisions, as pure functions;
-- :mod:`.group`: placing the workers, their slots and the collective group's generations;
-- :mod:`.membership`: who is in the group at a generation (what the client sees of it too);
-- :mod:`.chunks`: the steps it sends, and where their rows are after a re-forming;
+- :mod:`.group`: placing the workers, their slots, the collective group's generations and
+  the members on nodes Ray drains;
+- :mod:`.membership`: who is in the group at a generation (what the client sees of it too),
+  who was lost and the record of a change;
+- :mod:`.chunks`: the steps it sends, and where their rows are after a re-forming (copied
+  from those lost members read);
 - :mod:`.replicas`: its journal of each module's replicas, replayed on workers that join;
 - :mod:`.waits`: how long it waits for workers, and what a call's outcome says.
 """

@@ -36,20 +36,19 @@ from collections import deque
 import ray
 
 from ..constants import Settings
-from ..data.parts import split_slices
 from ..errors import WorkerLostError, first_line
 from ..sealed import keep_sealed
 from ..worker import ModuleWorker  # light: MXNet is imported in the worker process only
 from . import chunks, policy
 from .balance import Balancer
 from .failures import EveryWorkerLost, StepsFailed
-from .group import WorkerGroup, draining_nodes
+from .group import WorkerGroup
 from .loops import StepLoops
 from .membership import Membership
 from .plans import Handed, stop_asked
-from .replicas import Replica
+from .replicas import Replica, record_call, set_up
 from .streams import DatasetSplits
-from .waits import await_calls, in_words, silence_s, why_lost
+from .waits import await_calls, classify_outcomes, in_words, silent_among, why_lost
 
 __all__ = ["Controller", "RemoteController", "State"]
 
@@ -109,7 +108,6 @@ class Controller:
         self._synced: set[int] = set()  # slots whose workers hold every module, in step
         self._leaving: dict[int, str] = {}  # slots to remove gracefully: why (SIGTERM, drain)
         self._balancer: Balancer | None = None  # work_load_list="auto" (a module bound so)
-        self._next_drain_poll = 0.0
         self._recovering = False
         self._next_poll = 0.0
         self._splits = DatasetSplits()  # of the Ray Datasets the members stream
@@ -188,7 +186,8 @@ class Controller:
         a loss sends them again (a callback's ``set_params`` after the steps sent before it)."""
         self._finish_in_flight()  # may re-form the group: the generation is checked after
         try:
-            self._check_generation(method, per_worker, generation)
+            if per_worker is not None:
+                self.members.check_generation(method, generation)
             self._note(method, args)
             self._post(method, *args, per_worker=per_worker, ranks=ranks)
         except Exception as err:  # nobody reads this call's reply
@@ -199,7 +198,8 @@ class Controller:
         """Calls ``method`` on the workers and returns their results, in rank order."""
         with self._errors_carry_view():
             self._raise_posted_error()
-            self._check_generation(method, per_worker, generation)
+            if per_worker is not None:
+                self.members.check_generation(method, generation)
             return self._call(method, *args, per_worker=per_worker, ranks=ranks), self.view()
 
     def sync(self) -> tuple:
@@ -214,8 +214,8 @@ class Controller:
 
     def create(self, mid: int, args: tuple, per_slot: list) -> None:
         """Creates a module's replicas (``per_slot``: the arguments that differ by slot)."""
-        self._replicas[mid] = Replica(args, per_slot)
-        self._create(mid, range(self.members.world_size))
+        self._replicas[mid] = replica = Replica(args, per_slot)
+        self._post("create", mid, *args, per_worker=replica.per_rank(self.members.slots))
 
     def bind(
         self,
@@ -427,26 +427,12 @@ class Controller:
         self._enter(State.FAILED, str(error))
         return error
 
-    def _check_generation(self, method, per_worker, generation) -> None:
-        if per_worker is not None and generation not in (None, self.members.generation):
-            raise WorkerLostError(
-                f"{method}(): the workers' membership changed (generation {generation} -> "
-                f"{self.members.generation}) since its per-worker arguments were made: call it "
-                "again"
-            )
-
     def _note(self, method: str, args: tuple) -> None:
-        """Keeps the journal of what the replicas were set up with."""
-        if method == "drop":
-            self._replicas.pop(args[0], None)
-        elif method == "set_params":
-            self._replicas[args[0]].params = True
-        elif method == "init_optimizer":
-            self._replicas[args[0]].optimizer = ("init_optimizer", args[1], {}, False)
-        elif method == "borrow_optimizer":
-            self._replicas[args[0]].optimizer = ("borrow_optimizer", args[1])
-        elif method == "update":
+        """Keeps the journal of what the replicas were set up with, and counts the updates."""
+        if method == "update":
             self.steps_sent += 1
+        else:
+            record_call(self._replicas, method, args)
 
     # -- calls to the workers --------------------------------------------------------------------
     def _submit(self, method: str, *args, per_worker=None, ranks=None) -> list[ray.ObjectRef]:
@@ -525,7 +511,7 @@ class Controller:
         """``ray.get`` that names the worker, says a lost worker is lost, and never hangs.
 
         A worker is lost when its process or node is gone, or when it is silent: still busy
-        :func:`silence_s` after a peer's call failed (its peers' collective timed out waiting
+        :func:`.waits.silence_s` after a peer's call failed (its peers' collective timed out waiting
         for it), or ``RAYMODULE_CALL_TIMEOUT_S`` after the call. In an
         elastic run that raises :class:`StepsFailed` to recover from; otherwise the module
         cannot go on and says so.
@@ -536,16 +522,7 @@ class Controller:
         # call outside an elastic run, and restarts every worker in a Ray Dataset's pass
         dead_ends = self._loops.in_pass or not self.limits.elastic
         outcomes, seen_at, last = await_calls(refs, self.settings, dead_ends=dead_ends)
-        results, lost, broken, failed = [], {}, "", None
-        for rank, (kind, value) in zip(ranks, outcomes):
-            if kind == "ok":
-                results.append(value)
-            elif kind == "broken":  # why, not Ray's line naming the task
-                broken = broken or first_line(getattr(value, "cause", None) or value)
-            elif kind == "failed":
-                failed = failed or (rank, value)
-            elif kind:
-                lost.setdefault(rank, why_lost(kind, value, self.settings))
+        results, lost, broken, failed = classify_outcomes(outcomes, ranks, self.settings)
         if failed and not lost:
             rank, err = failed
             raise in_words(err, f"worker {rank} failed in {method}()") from None
@@ -553,9 +530,10 @@ class Controller:
             if self.limits.elastic:
                 slowest = ranks[last] if last is not None else None
                 raise StepsFailed(method, lost, broken, seen_at, slowest)
+            who = self.members.describe_lost(lost, self._names) if lost else None
             raise self._fail(
                 WorkerLostError(
-                    f"{self._describe_lost(lost) if lost else 'the collective group broke'} "
+                    f"{who or 'the collective group broke'} "
                     f"during {method}(): {'; '.join(lost.values()) or broken}. The module "
                     "cannot continue; create a new one, or train with "
                     "fit(..., run=raymodule.RunConfig(...)) to go on through lost workers"
@@ -564,16 +542,6 @@ class Controller:
         if kinds == {"train_step"}:  # the group summed gradients: it works again
             self.broken_in_a_row = 0
         return results
-
-    def _describe_lost(self, lost: dict[int, str]) -> str:
-        described = []
-        for rank in sorted(lost):
-            node, slot = self.members.nodes[rank], self.members.slots[rank]
-            described.append(
-                f"worker {rank} ({self._names[slot]}, pid {node.get('pid', '?')}, "
-                f"node {str(node.get('node', '?'))[:8]})"
-            )
-        return ", ".join(described) + (" was lost" if len(lost) == 1 else " were lost")
 
     # -- steps -------------------------------------------------------------------------------------
     def _send(self, kind: str, steps: list[chunks.Step], loop) -> None:
@@ -685,7 +653,9 @@ class Controller:
             else:
                 again.append((kind, loop, [step]))
         try:
-            self._rehome([step for _, _, step in void], read_by_lost)
+            chunks.rehome(
+                [step for _, _, step in void], read_by_lost, self.settings.collective_timeout_s
+            )
             for kind, loop, steps in again:
                 self._send(kind, steps, loop)
         except Exception as err:
@@ -697,29 +667,6 @@ class Controller:
                     f"({type(err).__name__}: {err}); the module cannot continue"
                 )
             ) from err
-
-    def _rehome(self, steps: list[chunks.Step], refs: set) -> None:
-        """Copies the parts lost members read into objects of the controller's own, before
-        ``steps`` are sent again. Ray lists every node that fetched an object as a place to
-        fetch it from; a survivor that picks a lost node waits out Ray's pull timeout
-        (``object_manager_pull_timeout_ms``, 10 s) before it tries another, and is then
-        declared silent. The controller runs beside the client, whose node holds the first
-        copy: reading it here is local. Bounded; on a timeout, or with no room in the object
-        store for the copies, the parts are sent as they are."""
-        if not refs:
-            return
-        refs = list(refs)
-        try:
-            parts = ray.get(refs, timeout=self.settings.collective_timeout_s)
-            copies = {ref: ray.put(part) for ref, part in zip(refs, parts)}
-        except (
-            ray.exceptions.GetTimeoutError,
-            ray.exceptions.ObjectLostError,
-            ray.exceptions.ObjectStoreFullError,
-        ) as err:
-            log.warning("the lost members' parts were not copied (%s); sent as they are", err)
-            return
-        chunks.rehome(steps, copies)
 
     def _grow(self, loop) -> None:
         """At a step boundary: admits replacement workers that are up (asked at most every
@@ -812,20 +759,12 @@ class Controller:
         work from slower members to faster ones (:func:`.policy.rebalanced`). The steps sent
         from here on are split by the new weights (those in flight keep theirs; each worker
         reshapes after them), and the change is logged and recorded in the run's metrics."""
-        slots = list(self.members.slots)
-        change = self._balancer.adjust(slots)
+        bound = [r.batch_size for r in self._replicas.values() if r.shapes is not None]
+        change = self._balancer.adjust(list(self.members.slots), bound)
         if change is None:
             return
-        work_load = self._balancer.work_load(self._slot_count)
-        work_load = [change["weights"].get(slot, w) for slot, w in enumerate(work_load)]
-        try:  # every member keeps a sample of every module's batch, or nothing moves
-            for replica in self._replicas.values():
-                if replica.shapes is not None:
-                    split_slices(replica.batch_size, [work_load[s] for s in slots])
-        except ValueError as err:
-            log.info("raymodule controller: work split kept: %s", err)
-            return
         self._balancer.accept(change)
+        work_load = self._balancer.work_load(self._slot_count)
         for mid, replica in sorted(self._replicas.items()):
             replica.work_load = list(work_load)
             if replica.bind is not None:
@@ -839,14 +778,9 @@ class Controller:
     def _note_drains(self) -> None:
         """Members on a node that Ray is draining (an autoscaler's preemption or idle drain,
         ``ray drain-node``, a node sent SIGTERM) are to leave at this step boundary, as if
-        their worker had been sent SIGTERM. Asked at most every RAYMODULE_ADMIT_INTERVAL_S."""
-        if time.monotonic() < self._next_drain_poll:
-            return
-        self._next_drain_poll = time.monotonic() + self.settings.admit_interval_s
-        draining = draining_nodes()
-        for slot, where in zip(self.members.slots, self.members.nodes, strict=True):
-            if where.get("node") in draining:
-                self._leaving.setdefault(slot, "its node is being drained")
+        their worker had been sent SIGTERM."""
+        for slot in self._group.draining(self.members.slots):
+            self._leaving.setdefault(slot, "its node is being drained")
 
     def _leave(self, loop) -> None:
         """At a step boundary: removes the members that were shut down (SIGTERM) or whose node
@@ -946,21 +880,20 @@ class Controller:
             decision = self._decide(lost)
         if lost:
             self.failures += 1
+        who = self.members.describe_lost(lost, self._names) if lost else None
         if decision.action in (policy.Action.FAIL, policy.Action.RESTART):
             # RESTART needs new workers from storage: fit() does that on EveryWorkerLost
             error = WorkerLostError if decision.action is policy.Action.FAIL else EveryWorkerLost
             raise self._fail(
                 error(
-                    f"{self._describe_lost(lost) if lost else 'the group broke'} during "
+                    f"{who or 'the group broke'} during "
                     f"{failure.method}(): {'; '.join(lost.values()) or failure.broken}"
                     + (f"; {decision.reason}" if decision.reason else "")
                 )
             )
         removed = [self.members.slots[r] for r in sorted(lost)]
         why.append(
-            f"{self._describe_lost(lost)}: {'; '.join(lost.values())}"
-            if lost
-            else f"group broke: {failure.broken}"
+            f"{who}: {'; '.join(lost.values())}" if lost else f"group broke: {failure.broken}"
         )
         if removed:
             gone.extend(removed)
@@ -1025,28 +958,10 @@ class Controller:
         committed = max(applied)
         source = old[applied.index(committed)]
         behind = [r for r, a in zip(old, applied) if a < committed] + new
-        replicas = sorted(self._replicas.items())
-        for mid, replica in replicas:
-            self._create(mid, new)
-            if replica.bind is None:
-                continue
-            per_worker = replica.split(self.members.slots)
-            if old:
-                self._post("reshape", mid, per_worker=per_worker, ranks=old)
-            if new:
-                self._post("bind", mid, *replica.bind, per_worker=per_worker, ranks=new)
-        snapshots = {
-            mid: self._submit("snapshot", mid, committed, ranks=[source])[0]
-            for mid, replica in replicas
-            if behind and replica.holds_state
-        }
-        for mid, snapshot in snapshots.items():  # parameters, and survivors' optimizer states
-            self._post("restore", mid, snapshot, ranks=behind)
-        for mid, replica in replicas:
-            if new and replica.bind is not None and replica.optimizer is not None:
-                self._post(replica.optimizer[0], mid, *replica.optimizer[1:], ranks=new)
-        for mid, snapshot in snapshots.items():  # the new workers' optimizer states
-            self._post("restore", mid, snapshot, ranks=new)
+        set_up(
+            self._replicas, self.members.slots, old=old, new=new, behind=behind, source=source,
+            committed=committed, post=self._post, submit=self._submit,
+        )  # fmt: skip
         if new:
             self._post("set_metric", self._loops.metric, ranks=new)
         self._sync()
@@ -1054,15 +969,9 @@ class Controller:
         self.steps_sent = self.committed = committed
         return committed
 
-    def _create(self, mid: int, ranks) -> None:
-        replica = self._replicas[mid]
-        per_worker = {rank: replica.per_slot[self.members.slots[rank]] for rank in ranks}
-        if per_worker:
-            self._post("create", mid, *replica.create, per_worker=per_worker, ranks=list(ranks))
-
     def _settle(self, lost: dict[int, str]) -> None:
         """Waits for the survivors' calls in flight (they fail at once: their group is
-        broken); a survivor that does not answer within :func:`silence_s` is lost too. In a
+        broken); a survivor that does not answer within :func:`.waits.silence_s` is lost too. In a
         Ray Dataset's pass nobody is waited for: every worker restarts whatever they say."""
         unchecked, self._unchecked = self._unchecked, []
         in_flight, self._in_flight = self._in_flight, {}
@@ -1070,32 +979,17 @@ class Controller:
             return
         waiting = {ref: rank for ref, (rank, _) in in_flight.items() if rank not in lost}
         waiting.update({ref: rank for rank, ref, _ in unchecked if rank not in lost})
-        if not waiting:
-            return
-        _, late = ray.wait(
-            list(waiting), num_returns=len(waiting), timeout=silence_s(self.settings)
-        )
-        for ref in late:
-            lost.setdefault(waiting[ref], why_lost("silent", None, self.settings))
+        for rank in silent_among(waiting, self.settings):
+            lost.setdefault(rank, why_lost("silent", None, self.settings))
 
     def _announce(self, change: str, why: str, before: int, tic: float, extra: dict) -> None:
         """Queues a membership change for the client (:meth:`view`), which logs and records
         it."""
         if self._balancer is not None:  # its tally was of the members before
             self._balancer.reset()
+        recovery_s = time.monotonic() - tic
         self._events.append(
-            {
-                "event": "membership",
-                "change": change,
-                "why": why,
-                "world_size": self.members.world_size,
-                "previous_world_size": before,
-                "generation": self.members.generation,
-                "recovery_s": round(time.monotonic() - tic, 3),
-                "pending": list(self.members.pending),
-                "failures": self.failures,
-                **extra,
-            }
+            self.members.change_event(change, why, before, recovery_s, self.failures, extra)
         )
 
 

@@ -10,9 +10,15 @@ and its sample order stay the same, so the model does not change.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
+from ..data.parts import split_slices
 from . import policy
 
 __all__ = ["Balancer"]
+
+log = logging.getLogger(__name__)
 
 
 class Balancer:
@@ -49,10 +55,11 @@ class Balancer:
         """Forgets the tally (the members changed: their shares were others')."""
         self._seconds, self._samples, self._steps = {}, {}, 0
 
-    def adjust(self, slots: list[int]) -> dict | None:
+    def adjust(self, slots: list[int], batch_sizes: Sequence[int] = ()) -> dict | None:
         """After ``every`` steps tallied: the members' (``slots``) new weights if the policy
-        moves them, as ``{"weights": ..., "seconds_per_sample": ...}`` by slot, else None.
-        Starts a new tally either way; the weights change once :meth:`accept` is called."""
+        moves them and every member keeps a sample of each global batch of ``batch_sizes``,
+        as ``{"weights": ..., "seconds_per_sample": ...}`` by slot, else None. Starts a new
+        tally either way; the weights change once :meth:`accept` is called."""
         if self._steps < self.every:
             return None
         tallied = all(self._samples.get(slot, 0) > 0 for slot in slots)
@@ -63,8 +70,15 @@ class Balancer:
         moved = policy.rebalanced([self.weight(slot) for slot in slots], per_sample)
         if moved is None:
             return None
+        moved = [round(w, 4) for w in moved]
+        try:
+            for size in batch_sizes:
+                split_slices(size, moved)
+        except ValueError as err:
+            log.info("raymodule controller: work split kept: %s", err)
+            return None
         return {
-            "weights": {slot: round(w, 4) for slot, w in zip(slots, moved, strict=True)},
+            "weights": dict(zip(slots, moved, strict=True)),
             "seconds_per_sample": {
                 slot: round(s, 7) for slot, s in zip(slots, per_sample, strict=True)
             },

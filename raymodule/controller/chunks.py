@@ -14,13 +14,18 @@ and reads its rows from the dataset itself. Sent again, they are only re-sliced.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+import ray
 
 from ..data.parts import IndexedParts, PartPlan, StreamParts, split_slices
 
 __all__ = [
     "Piece", "Step", "Chunk", "steps_per_call", "steps_of", "worker_args", "reads", "rehome"
 ]  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -185,8 +190,28 @@ def reads(members: list, args: list[tuple]) -> dict:
     }  # fmt: skip
 
 
-def rehome(steps: list[Step], fresh: dict) -> None:
-    """Makes ``steps`` read their rows from ``fresh[ref]`` where they read from ``ref``."""
+def rehome(steps: list[Step], refs: set, timeout_s: float) -> None:
+    """Copies the parts ``refs`` (those lost members read) into objects of the caller's own
+    (the controller's), and makes ``steps`` read from the copies, before they are sent again.
+    Ray lists every node that fetched an object as a place to fetch it from; a survivor that
+    picks a lost node waits out Ray's pull timeout (``object_manager_pull_timeout_ms``, 10 s)
+    before it tries another, and is then declared silent. The controller runs beside the
+    client, whose node holds the first copy: reading it is local there. Bounded by
+    ``timeout_s``; on a timeout, or with no room in the object store for the copies, the
+    steps are sent with the parts as they are."""
+    if not refs:
+        return
+    refs = list(refs)
+    try:
+        parts = ray.get(refs, timeout=timeout_s)
+        copies = {ref: ray.put(part) for ref, part in zip(refs, parts)}
+    except (
+        ray.exceptions.GetTimeoutError,
+        ray.exceptions.ObjectLostError,
+        ray.exceptions.ObjectStoreFullError,
+    ) as err:
+        log.warning("the lost members' parts were not copied (%s); sent as they are", err)
+        return
     for step in steps:
         for piece in step.pieces:
-            piece.ref = fresh.get(piece.ref, piece.ref)
+            piece.ref = copies.get(piece.ref, piece.ref)

@@ -31,7 +31,7 @@ from ..worker.cores import places
 from ..worker.shm import SameNode
 from .membership import Membership
 
-__all__ = ["WorkerGroup", "draining_nodes"]
+__all__ = ["WorkerGroup"]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _relevant(resources: dict, bundles: list[dict]) -> dict:
     return {k: resources.get(k, 0) for k in sorted(keys)}
 
 
-def draining_nodes() -> set[str]:
+def _draining_nodes() -> set[str]:
     """The ids of the nodes Ray is draining (its drain API: an autoscaler's preemption or idle
     drain, ``ray drain-node``, a node sent SIGTERM). Ray has no public call for it yet: read
     through its state accessor, and an empty set if that is missing."""
@@ -138,6 +138,7 @@ class WorkerGroup:
         self._placed_in: dict[int, tuple[PlacementGroup, int]] = {}  # slot -> (group, bundle)
         self._own_pgs: list[PlacementGroup] = []  # the placement groups made here: removed
         self._actor_class = ray.remote(worker_class)
+        self._next_drain_poll = 0.0
 
     def start(self, backend: str, start_with: int | None = None) -> Membership:
         """Places the workers (bounded wait), then forms their collective group: every worker,
@@ -247,6 +248,16 @@ class WorkerGroup:
                 ray.kill(worker, no_restart=True)
             self.nodes.pop(slot, None)
             self._replace(slot)
+
+    def draining(self, slots: tuple[int, ...]) -> list[int]:
+        """Those of the members' ``slots`` whose worker is on a node Ray is draining
+        (:func:`_draining_nodes`), asked of Ray at most every RAYMODULE_ADMIT_INTERVAL_S
+        (none in between)."""
+        if time.monotonic() < self._next_drain_poll:
+            return []
+        self._next_drain_poll = time.monotonic() + self.settings.admit_interval_s
+        draining = _draining_nodes()
+        return [slot for slot in slots if self.nodes.get(slot, {}).get("node") in draining]
 
     def _replace(self, slot: int) -> None:
         self.pending[slot] = self._spawn(slot)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import WorkerLostError
+
 __all__ = ["Membership"]
 
 
@@ -48,3 +50,42 @@ class Membership:
             other.slots,
             other.pending,
         )
+
+    def check_generation(self, method: str, generation: int | None) -> None:
+        """Raises if ``method``'s per-worker arguments were made for another ``generation``
+        (None: for whichever)."""
+        if generation not in (None, self.generation):
+            raise WorkerLostError(
+                f"{method}(): the workers' membership changed (generation {generation} -> "
+                f"{self.generation}) since its per-worker arguments were made: call it again"
+            )
+
+    def describe_lost(self, lost: dict[int, str], names: list[str]) -> str:
+        """Says which members (``lost``: by rank) were lost: each one's rank, context (its
+        slot's in ``names``), pid and node."""
+        described = []
+        for rank in sorted(lost):
+            node, slot = self.nodes[rank], self.slots[rank]
+            described.append(
+                f"worker {rank} ({names[slot]}, pid {node.get('pid', '?')}, "
+                f"node {str(node.get('node', '?'))[:8]})"
+            )
+        return ", ".join(described) + (" was lost" if len(lost) == 1 else " were lost")
+
+    def change_event(
+        self, change: str, why: str, before: int, recovery_s: float, failures: int, extra: dict
+    ) -> dict:
+        """The record of a change to this membership from one of ``before`` members (the
+        client logs it and writes it to the run's metrics)."""
+        return {
+            "event": "membership",
+            "change": change,
+            "why": why,
+            "world_size": self.world_size,
+            "previous_world_size": before,
+            "generation": self.generation,
+            "recovery_s": round(recovery_s, 3),
+            "pending": list(self.pending),
+            "failures": failures,
+            **extra,
+        }

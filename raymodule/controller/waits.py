@@ -14,7 +14,10 @@ import ray
 from ..constants import Settings
 from ..errors import GroupBrokenError, RayModuleError, WorkerError, first_line
 
-__all__ = ["silence_s", "forming_s", "longest_call_s", "await_calls", "why_lost", "in_words"]
+__all__ = [
+    "silence_s", "forming_s", "longest_call_s", "await_calls", "silent_among", "classify_outcomes",
+    "why_lost", "in_words",
+]  # fmt: skip
 
 
 def silence_s(settings: Settings) -> float:
@@ -85,6 +88,35 @@ def await_calls(
     if None in outcomes:
         seen_at = seen_at or time.monotonic()
     return [o or ("silent", None) for o in outcomes], seen_at, last
+
+
+def silent_among(waiting: dict[ray.ObjectRef, int], settings: Settings) -> list[int]:
+    """The ranks, sorted, of the calls of ``waiting`` (call: rank) still running
+    :func:`silence_s` from now: their members are silent."""
+    if not waiting:
+        return []
+    _, late = ray.wait(list(waiting), num_returns=len(waiting), timeout=silence_s(settings))
+    return sorted({waiting[ref] for ref in late})
+
+
+def classify_outcomes(
+    outcomes: list[tuple[str, object]], ranks: list[int], settings: Settings
+) -> tuple[list, dict[int, str], str, tuple[int, Exception] | None]:
+    """:func:`await_calls`' outcomes of the calls to ``ranks``, by kind: the results of those
+    that succeeded, in order; the members lost (by rank: why); why the group broke, as the
+    first member to say so said it ("" if none did); and the first error of a worker's own,
+    as ``(rank, error)`` (None if none)."""
+    results, lost, broken, failed = [], {}, "", None
+    for rank, (kind, value) in zip(ranks, outcomes, strict=True):
+        if kind == "ok":
+            results.append(value)
+        elif kind == "broken":  # why, not Ray's line naming the task
+            broken = broken or first_line(getattr(value, "cause", None) or value)
+        elif kind == "failed":
+            failed = failed or (rank, value)
+        elif kind:
+            lost.setdefault(rank, why_lost(kind, value, settings))
+    return results, lost, broken, failed
 
 
 def why_lost(kind: str, err, settings: Settings) -> str:
