@@ -9,8 +9,8 @@ run, injects SCENARIO's fault keyed to the workers' own step (never to the clock
 client's trailing callbacks: :mod:`stepfaults`), trains the same batches with plain
 ``mx.mod.Module`` on one device, and writes what happened to OUT_JSON.
 Stops every Ray process it started, even when training fails. With ``--serve``, one cluster
-runs the scenarios named on stdin one after another (:func:`serve`), adding a node back for
-each one a scenario removed: for those that leave no node half-usable (drain does).
+runs the scenarios named on stdin one after another (:func:`serve`), replacing the nodes a
+scenario removed or drained.
 
 Scenarios: kill (SIGKILL one worker process), node (remove a worker's node for real),
 hang (SIGSTOP one worker: alive, silent), grow (remove a node, add one back later),
@@ -508,11 +508,24 @@ def wait_until_whole(timeout_s: float = WHOLE_S) -> None:
         time.sleep(0.1)
 
 
+def replace_lost_nodes(cluster) -> None:
+    """Removes the worker nodes a scenario killed or drained (a drained node stops once it is
+    idle; one still draining takes no work) and adds as many as the cluster then lacks."""
+    import ray
+
+    draining = ray._private.state.state.get_draining_nodes()
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]} - set(draining)
+    for node in [n for n in cluster.worker_nodes if n.node_id not in alive]:
+        cluster.remove_node(node, allow_graceful=False)
+    for _ in range(WORKERS - len(cluster.worker_nodes)):
+        cluster.add_node(num_cpus=1)
+
+
 def serve(cluster) -> None:
     """Runs the scenarios stdin names ("SCENARIO OUT_JSON", a line each) one after another on
     ``cluster``, each in a storage folder of its own; each result is written once the cluster
-    is whole again (a node added for each one removed and not added back), so the next
-    scenario finds it as the first did. Ends at stdin's end."""
+    is whole again (:func:`replace_lost_nodes`), so the next scenario finds it as the first
+    did. Ends at stdin's end."""
     for line in sys.stdin:
         if not line.strip():
             continue
@@ -523,8 +536,7 @@ def serve(cluster) -> None:
                 result = run_scenario(scenario, cluster, storage)
         finally:
             shutil.rmtree(storage, ignore_errors=True)
-        for _ in range(WORKERS - len(cluster.worker_nodes)):
-            cluster.add_node(num_cpus=1)
+        replace_lost_nodes(cluster)
         wait_until_whole()
         write_result(out, result)
 

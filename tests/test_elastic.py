@@ -3,8 +3,8 @@ keyed to a step: each ends with the parameters plain MXNet trains on the same ba
 
 Scenarios run in processes of their own (tests/elastic_cluster.py), which start and stop their
 own clusters: a process holds one Ray, and the session's is not a multi-node one. Most run
-one after another on one cluster, in one process, which adds a node back for each one a
-scenario removed (starting a cluster costs 15-20 s here, adding a node a few); the others
+one after another on one cluster, in one process, which replaces the nodes a scenario
+removed or drained (starting a cluster costs 15-20 s here, adding a node a few); the others
 each start their own, and run alone, before those.
 """
 
@@ -27,10 +27,10 @@ from conftest import assert_on_their_share
 HERE = Path(__file__).resolve().parent
 SCRIPT = str(HERE / "elastic_cluster.py")
 # the scenarios after which the cluster is as they found it (every node, every CPU free) once
-# the nodes they removed are added back; not drain's (its node is left draining), nor those
-# that need a cluster of their own (start_small's one node, the S3 server's keys, a driver of
-# its own for process)
+# the nodes they removed or drained are replaced; not those that need a cluster of their own
+# (start_small's one node, the S3 server's keys, a driver of its own for process)
 ON_ONE_CLUSTER = {
+    "drain",
     "grow",
     "floor",
     "admit",
@@ -196,30 +196,6 @@ def assert_pinned_as_one_machine(result: dict) -> None:
     assert_on_their_share(result["cores"], set(result["allowed"]))
 
 
-def test_a_worker_on_a_drained_node_leaves_at_a_step_boundary_with_no_failure(scenario):
-    """Ray's drain API (what an autoscaler's preemption drain calls) on one worker's node: the
-    worker leaves at the next step boundary, no step fails, nothing is restored, no failure is
-    counted, a checkpoint is committed there, as when a worker is sent SIGTERM, and the model
-    is the one plain MXNet trains. The batches come from an iterator the client reads: the
-    drain is seen and the worker leaves within one call, whose reply the client reads after
-    (it once took no checkpoint then)."""
-    result = scenario("drain")
-    assert_fired(result, [1])
-    assert_same_model(result)
-    drained = changes(result)[0]
-    assert drained["change"] == "drained" and drained["left"] == ["slot 1"], drained
-    assert drained["world_size"] == 2 and drained["failures"] == 0
-    assert "slot 1 its node is being drained" in drained["why"]
-    assert not any(m["change"] == "lost" for m in changes(result))
-    assert epochs(result)[-1]["global_step"] == 32
-    # checkpoint_every=0: checkpoints at epoch ends (16, 32), and at the batch boundary after
-    # the one where the worker left (the drain comes as step 6 is about to run; the client
-    # sends no step ahead: it leaves after step 7)
-    steps = [int(name.split("-")[1]) for name in result["checkpoints"]]
-    left = drained["step"]
-    assert left < 12 and any(left <= step <= left + 4 for step in steps), (left, steps)
-
-
 def test_a_run_starts_with_the_workers_there_and_admits_the_others_as_nodes_come(scenario):
     """``raymodule.workers(1, max_workers=3)`` on a cluster with one worker node: training
     starts with one worker (not waiting for three), two nodes are added, and the workers that
@@ -278,6 +254,30 @@ def test_a_killed_training_process_resumes_from_storage(scenario):
 
 
 # the scenarios of one cluster from here on
+def test_a_worker_on_a_drained_node_leaves_at_a_step_boundary_with_no_failure(scenario):
+    """Ray's drain API (what an autoscaler's preemption drain calls) on one worker's node: the
+    worker leaves at the next step boundary, no step fails, nothing is restored, no failure is
+    counted, a checkpoint is committed there, as when a worker is sent SIGTERM, and the model
+    is the one plain MXNet trains. The batches come from an iterator the client reads: the
+    drain is seen and the worker leaves within one call, whose reply the client reads after
+    (it once took no checkpoint then)."""
+    result = scenario("drain")
+    assert_fired(result, [1])
+    assert_same_model(result)
+    drained = changes(result)[0]
+    assert drained["change"] == "drained" and drained["left"] == ["slot 1"], drained
+    assert drained["world_size"] == 2 and drained["failures"] == 0
+    assert "slot 1 its node is being drained" in drained["why"]
+    assert not any(m["change"] == "lost" for m in changes(result))
+    assert epochs(result)[-1]["global_step"] == 32
+    # checkpoint_every=0: checkpoints at epoch ends (16, 32), and at the batch boundary after
+    # the one where the worker left (the drain comes as step 6 is about to run; the client
+    # sends no step ahead: it leaves after step 7)
+    steps = [int(name.split("-")[1]) for name in result["checkpoints"]]
+    left = drained["step"]
+    assert left < 12 and any(left <= step <= left + 4 for step in steps), (left, steps)
+
+
 def test_the_group_grows_back_when_a_node_returns(scenario):
     """A node removed, then one added: the run goes on with the two survivors (min_workers=2),
     and the lost member's replacement comes up on the new node and joins."""
