@@ -513,8 +513,9 @@ def replace_lost_nodes(cluster) -> None:
     idle; one still draining takes no work) and adds as many as the cluster then lacks."""
     import ray
 
-    draining = ray._private.state.state.get_draining_nodes()
-    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]} - set(draining)
+    from raymodule.controller.group import _draining_nodes
+
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]} - _draining_nodes()
     for node in [n for n in cluster.worker_nodes if n.node_id not in alive]:
         cluster.remove_node(node, allow_graceful=False)
     for _ in range(WORKERS - len(cluster.worker_nodes)):
