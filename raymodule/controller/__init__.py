@@ -1,7 +1,9 @@
 """The controller side: one actor per module family that owns the run on its workers.
 
-- :mod:`.actor`: the controller actor, its state machine, its calls to the workers, the steps
-  in flight and recovery;
+- :mod:`.actor`: the controller actor: the client's calls, its calls to the workers and the
+  steps in flight;
+- :mod:`.changes`: its changes of membership: leaving, growing, re-forming, recovering;
+- :mod:`.states`: the states it moves through;
 - :mod:`.failures`: what it signals when the membership breaks (recovered from here, or by
   ``fit`` from storage);
 - :mod:`.loops`: the client's step loops under way, and what it keeps for each;
@@ -18,7 +20,8 @@
 - :mod:`.waits`: how long it waits for workers, and what a call's outcome says.
 """
 
-from .actor import Controller, RemoteController, State
+from .actor import Controller, RemoteController
 from .failures import EveryWorkerLost, StepsFailed
+from .states import State
 
 __all__ = ["Controller", "EveryWorkerLost", "RemoteController", "State", "StepsFailed"]

@@ -1,0 +1,374 @@
+"""The controller's changes of membership (half of :class:`.actor.Controller`, kept apart to read
+on its own): members that leave at a step boundary (shut down with SIGTERM, or on a node Ray
+drains), replacements admitted as they come up, the group re-formed after a worker's own error
+in a step, the work split re-weighted, and the recovery from lost workers: remove them, wait
+for the floor if below it, re-form the group of the rest and bring everyone to the latest step
+a survivor applied.
+
+:class:`MembershipChanges` is a base of the controller and acts on its state (the membership
+and its group, the replicas' journal, the steps in flight) through the controller's calls to
+the workers; the decisions are :mod:`.policy`'s. Each change is logged once and queued for the
+client as an event (:meth:`MembershipChanges._announce`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+
+import ray
+
+from ..errors import WorkerLostError, first_line
+from . import chunks, policy
+from .failures import EveryWorkerLost, StepsFailed
+from .replicas import set_up
+from .states import State
+from .waits import silent_among, why_lost
+
+__all__ = ["MembershipChanges"]
+
+log = logging.getLogger(__name__)
+
+
+class MembershipChanges:
+    """The controller's membership changes; see the module's docstring. The attributes and
+    the calls to the workers it uses are :class:`.actor.Controller`'s."""
+
+    # -- chosen at a step boundary: leaving, growing, re-weighting ---------------------------------
+    def _note_drains(self) -> None:
+        """Members on a node that Ray is draining (an autoscaler's preemption or idle drain,
+        ``ray drain-node``, a node sent SIGTERM) are to leave at this step boundary, as if
+        their worker had been sent SIGTERM."""
+        for slot in self._group.draining(self.members.slots):
+            self._leaving.setdefault(slot, "its node is being drained")
+
+    def _leave(self, loop) -> None:
+        """At a step boundary: removes the members that were shut down (SIGTERM) or whose node
+        is drained, once the steps in flight are finished (in a call of ``loop``:
+        :meth:`_finish_for`), and re-forms the group without them. No step fails and nothing
+        is restored: every member is at the same step. It is no failure."""
+        while self._chunks:
+            self._finish_for(loop)
+        self._sync()
+        reasons = {s: why for s, why in self._leaving.items() if s in self.members.slots}
+        self._leaving = {}
+        if not reasons:
+            return
+        leaving = sorted(reasons)
+        tic, before = time.monotonic(), self.members.world_size
+        why = "; ".join(f"slot {s} {reasons[s]}" for s in leaving)
+        survivors = self.members.world_size - len(leaving)
+        decision = policy.on_leave(self.limits, survivors, mid_pass=self._loops.in_pass)
+        if decision.action is policy.Action.FAIL:
+            raise self._fail(WorkerLostError(f"{why}; {decision.reason}"))
+        if decision.action is policy.Action.RESTART:
+            raise self._fail(
+                EveryWorkerLost(f"{why}; {decision.reason or 'every worker was shut down'}")
+            )
+        self._enter(State.LEAVING, why)
+        self._synced.difference_update(leaving)
+        self._group.remove(leaving)
+        wait = decision.action is policy.Action.WAIT
+        committed = self._re_form_or_recover(
+            lambda: self._reform(self._wait_for_floor(survivors, wait, why))
+        )
+        if committed is None:
+            return
+        self._enter(
+            State.RUNNING,
+            f"generation {self.members.generation}, {self.members.world_size} workers",
+        )
+        extra = {"left": [f"slot {s}" for s in leaving], "step": committed}
+        drained = all(reasons[s] == "its node is being drained" for s in leaving)
+        self._announce("drained" if drained else "left", why, before, tic, extra)
+
+    def _grow(self, loop) -> None:
+        """At a step boundary: admits replacement workers that are up (asked at most every
+        RAYMODULE_ADMIT_INTERVAL_S); the steps in flight are finished first, in a call of
+        ``loop`` (:meth:`_finish_for`)."""
+        if time.monotonic() < self._next_poll:
+            return
+        self._next_poll = time.monotonic() + self.settings.admit_interval_s
+        ready = self._group.ready(0.0)
+        admit = ready[: policy.to_admit(self._slot_count, self.members.world_size, len(ready))]
+        if not admit:
+            return
+        tic, before = time.monotonic(), self.members.world_size
+        while self._chunks:
+            self._finish_for(loop)
+        self._sync()
+        admit = [
+            slot for slot in admit if slot in self.members.pending
+        ]  # a recovery may have taken it
+        if not admit:
+            return
+        self._enter(State.GROWING, f"admitting slots {admit}")
+        committed = self._re_form_or_recover(lambda: self._reform(admit))
+        if committed is None:
+            return
+        self._enter(State.RUNNING, "replacements joined")
+        joined = ", ".join(f"slot {s}" for s in admit)
+        self._announce("grown", f"the workers of {joined} joined", before, tic, {"step": committed})
+
+    def _rebalance(self) -> None:
+        """``work_load_list="auto"``: every RAYMODULE_BALANCE_EVERY_STEPS training steps, moves
+        work from slower members to faster ones (:func:`.policy.rebalanced`). The steps sent
+        from here on are split by the new weights (those in flight keep theirs; each worker
+        reshapes after them), and the change is logged and recorded in the run's metrics."""
+        bound = [r.batch_size for r in self._replicas.values() if r.shapes is not None]
+        change = self._balancer.adjust(list(self.members.slots), bound)
+        if change is None:
+            return
+        self._balancer.accept(change)
+        work_load = self._balancer.work_load(self._slot_count)
+        for mid, replica in sorted(self._replicas.items()):
+            replica.work_load = list(work_load)
+            if replica.bind is not None:
+                self._post("reshape", mid, per_worker=replica.split(self.members.slots))
+        log.info("raymodule controller: work split re-weighted: %s", change)
+        self._events.append(
+            {"event": "work_load", "step": self.steps_sent, "world_size": self.members.world_size}
+            | change
+        )
+
+    def _re_form_or_recover(self, re_form) -> int | None:
+        """Runs ``re_form()`` (a membership change the controller chose: admitting, leaving)
+        and returns the step it brought everyone to; a worker lost meanwhile is recovered from
+        as a loss, announced as one, and None is returned."""
+        self._recovering = True
+        try:
+            return re_form()
+        except StepsFailed as failure:
+            lost_meanwhile = failure
+        finally:
+            self._recovering = False
+        self._recover(lost_meanwhile)
+        return None
+
+    # -- a worker's own error in a step ------------------------------------------------------------
+    def _re_form_after_error(self, failed: chunks.Chunk, err: Exception) -> None:
+        """A worker's own error in one of ``failed``'s training steps (its data, its metric,
+        its rows) broke the group: that worker left it, so that its peers waiting at the
+        step's sum fail at once instead of after the collective timeout. The group re-forms at
+        once with every member, at the step they applied, and the module goes on (fit again,
+        score, get_params). Nobody is lost: it is no failure. As native MXNet's fit stops at
+        an error, none of that loop's steps after it is applied: its steps in flight (which
+        fail on the broken group) are dropped. Another loop's (a callback's ``score``) are
+        sent again to the re-formed group, but for a Ray Dataset's pass, whose split is fixed:
+        that loop gets ``err``. A worker lost meanwhile is recovered from as a loss (outside
+        an elastic run it ends the run, as it would have)."""
+        voided, self._chunks = list(self._chunks), deque()
+        refs = [ref for chunk in [failed, *voided] for ref in chunk.refs]
+        for ref in refs:
+            self._in_flight.pop(ref, None)
+        self._loops.pass_over(failed.loop)
+        again = []  # sent again once the group re-formed
+        for chunk in voided:
+            if chunk.loop == failed.loop:
+                continue
+            if chunk.steps[0].stream is not None:
+                self._loops.keep(chunk.loop, err)
+                self._loops.pass_over(chunk.loop)
+            else:
+                again.append(chunk)
+        tic, before = time.monotonic(), self.members.world_size
+        why = f"a worker's error in a training step ({first_line(err)[:200]})"
+        self._enter(State.RECOVERING, why)
+        generation, committed = self.members.generation, None
+        try:
+            self._sync_posted()  # a loss seen there is recovered from: the group re-forms
+            if self.members.generation == generation:
+                committed = self._re_form_or_recover(lambda: self._reform([]))
+        except EveryWorkerLost:  # fit goes on from its latest checkpoint
+            raise
+        except Exception as during:
+            raise self._fail(
+                WorkerLostError(
+                    f"{why}; the group could not be formed again ({first_line(during)}). "
+                    "The module cannot continue"
+                )
+            ) from during
+        # done before the members left the group (calls to an actor run in order): read, so
+        # that Ray does not report their errors as unhandled
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in ready:
+            with contextlib.suppress(Exception):
+                ray.get(ref)
+        if committed is not None:  # else a loss meanwhile was recovered from, and announced
+            self._enter(
+                State.RUNNING,
+                f"generation {self.members.generation}, {self.members.world_size} workers",
+            )
+            self._announce("re-formed", why, before, tic, {"step": committed})
+        if again:
+            self._chunks.extend(again)
+            self._resend(self.committed)
+
+    # -- recovery from lost workers ----------------------------------------------------------------
+    def _recover_here(self, failure: StepsFailed) -> None:
+        """A failure seen outside the steps in flight is recovered from where it is seen, and
+        the steps in flight are sent again to the re-formed group at once, before any step
+        sent after them (their training steps are numbered from the step it is at); inside a
+        recovery, that starts again."""
+        if self._recovering:
+            raise failure
+        committed = self._recover(failure)
+        if self._chunks:
+            self._resend(committed)
+
+    def _recover(self, failure: StepsFailed) -> int:
+        """Removes the lost workers (their replacements start), re-forms the group of the
+        survivors and the replacements already up, and brings them all to the latest step a
+        survivor applied. A worker lost meanwhile is removed too, in the same recovery: the
+        change is announced once, with every worker it lost. Returns that step; the steps
+        after it are sent again. Storage is never read here: when nobody survived,
+        :class:`EveryWorkerLost` leaves it to ``fit``."""
+        tic, before, during = failure.seen_at, self.members.world_size, failure.method
+        gone: list[int] = []
+        why: list[str] = []
+        self._enter(State.RECOVERING, str(failure))
+        self._recovering = True
+        try:
+            while True:
+                try:
+                    committed = self._recover_once(failure, gone, why)
+                    break
+                except StepsFailed as again:  # another worker lost while recovering
+                    failure = again
+        finally:
+            self._recovering = False
+        self._enter(
+            State.RUNNING,
+            f"generation {self.members.generation}, {self.members.world_size} workers",
+        )
+        extra = {"lost": [f"slot {s}" for s in gone], "step": committed, "during": during}
+        self._announce("lost" if gone else "re-formed", "; ".join(why), before, tic, extra)
+        return committed
+
+    def _recover_once(self, failure: StepsFailed, gone: list[int], why: list[str]) -> int:
+        """One attempt of :meth:`_recover`; appends the slots it removes to ``gone`` and says
+        why in ``why``."""
+        lost = dict(failure.lost)
+        self._settle(lost)
+        self.broken_in_a_row = 0 if lost else self.broken_in_a_row + 1
+        decision = self._decide(lost)
+        if decision.action is policy.Action.EVICT:
+            rank = failure.slowest if failure.slowest is not None else self.members.world_size - 1
+            lost[rank] = f"evicted: {decision.reason}"
+            self.broken_in_a_row = 0
+            decision = self._decide(lost)
+        if lost:
+            self.failures += 1
+        who = self.members.describe_lost(lost, self._names) if lost else None
+        if decision.action in (policy.Action.FAIL, policy.Action.RESTART):
+            # RESTART needs new workers from storage: fit() does that on EveryWorkerLost
+            error = WorkerLostError if decision.action is policy.Action.FAIL else EveryWorkerLost
+            raise self._fail(
+                error(
+                    f"{who or 'the group broke'} during "
+                    f"{failure.method}(): {'; '.join(lost.values()) or failure.broken}"
+                    + (f"; {decision.reason}" if decision.reason else "")
+                )
+            )
+        removed = [self.members.slots[r] for r in sorted(lost)]
+        why.append(
+            f"{who}: {'; '.join(lost.values())}" if lost else f"group broke: {failure.broken}"
+        )
+        if removed:
+            gone.extend(removed)
+            self._synced.difference_update(removed)
+            self._group.remove(removed)
+        live = self.members.world_size - len(removed)
+        wait = decision.action is policy.Action.WAIT
+        return self._reform(self._wait_for_floor(live, wait, why[-1]))
+
+    def _decide(self, lost: dict) -> policy.Decision:
+        return policy.on_loss(
+            self.limits,
+            policy.Loss(
+                survivors=self.members.world_size - len(lost),
+                lost=len(lost),
+                failures_before=self.failures,
+                broken_in_a_row=self.broken_in_a_row,
+                mid_pass=self._loops.in_pass,
+            ),
+        )
+
+    def _wait_for_floor(self, live: int, wait: bool, loss: str) -> list[int]:
+        """Replacements to admit now: those already up; while below the floor, waits for
+        more (bounded by RAYMODULE_MIN_WORKERS_WAIT_S), then fails as the policy says."""
+        ready = self._group.ready(0.0)
+        start = time.monotonic()
+        limit = self.settings.min_workers_wait_s
+        while wait and live + len(ready) < self.limits.floor:
+            self._enter(State.WAITING_FOR_WORKERS, loss)
+            waited = time.monotonic() - start
+            if waited >= limit:
+                break
+            log.warning(
+                "raymodule: %d of %d workers, below the floor of %d: waiting for replacements "
+                "(%.0f s of %.0f s)",
+                live + len(ready), self._slot_count, self.limits.floor, waited, limit,
+            )  # fmt: skip
+            step = min(limit - waited, self.settings.placement_report_interval_s)
+            ready = sorted(set(ready) | set(self._group.ready(step)))
+        decision = policy.after_wait(self.limits, live + len(ready), time.monotonic() - start)
+        if decision.action is policy.Action.FAIL:
+            raise self._fail(WorkerLostError(f"{loss}; {decision.reason}"))
+        self._enter(State.RECOVERING, f"re-forming with {live + len(ready)} workers")
+        return ready
+
+    def _reform(self, admit: list[int]) -> int:
+        """Forms the next generation's group of the members and the ready replacements of
+        ``admit`` (slots), sets up every module on each worker not yet in step (admitted now,
+        or earlier by a re-forming that a later loss cut short) from the journal, splits every
+        module's batch anew and brings everyone to the latest step a member in step applied.
+        A member lost meanwhile raises :class:`StepsFailed` (for :meth:`_recover`)."""
+        self._group.admit(admit)
+        self.members, lost = self._group.form(self._backend)
+        if lost:
+            rank_of = self.members.rank_of()
+            raise StepsFailed("re-form", {rank_of[slot]: why for slot, why in lost.items()}, "")
+        new = [rank for rank, slot in enumerate(self.members.slots) if slot not in self._synced]
+        old = [rank for rank, slot in enumerate(self.members.slots) if slot in self._synced]
+        if not old:
+            raise self._fail(EveryWorkerLost("every worker holding the run's state was lost"))
+        applied = self._call("applied", ranks=old)
+        committed = max(applied)
+        source = old[applied.index(committed)]
+        behind = [r for r, a in zip(old, applied) if a < committed] + new
+        set_up(
+            self._replicas, self.members.slots, old=old, new=new, behind=behind, source=source,
+            committed=committed, post=self._post, submit=self._submit,
+        )  # fmt: skip
+        if new:
+            self._post("set_metric", self._loops.metric, ranks=new)
+        self._sync()
+        self._synced = set(self.members.slots)
+        self.steps_sent = self.committed = committed
+        return committed
+
+    def _settle(self, lost: dict[int, str]) -> None:
+        """Waits for the survivors' calls in flight (they fail at once: their group is
+        broken); a survivor that does not answer within :func:`.waits.silence_s` is lost too. In a
+        Ray Dataset's pass nobody is waited for: every worker restarts whatever they say."""
+        unchecked, self._unchecked = self._unchecked, []
+        in_flight, self._in_flight = self._in_flight, {}
+        if self._loops.in_pass:
+            return
+        waiting = {ref: rank for ref, (rank, _) in in_flight.items() if rank not in lost}
+        waiting.update({ref: rank for rank, ref, _ in unchecked if rank not in lost})
+        for rank in silent_among(waiting, self.settings):
+            lost.setdefault(rank, why_lost("silent", None, self.settings))
+
+    def _announce(self, change: str, why: str, before: int, tic: float, extra: dict) -> None:
+        """Queues a membership change for the client (:meth:`view`), which logs and records
+        it."""
+        if self._balancer is not None:  # its tally was of the members before
+            self._balancer.reset()
+        recovery_s = time.monotonic() - tic
+        self._events.append(
+            self.members.change_event(change, why, before, recovery_s, self.failures, extra)
+        )
