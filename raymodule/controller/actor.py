@@ -7,12 +7,13 @@ calls the workers, one Ray call per worker, and returns each reply with its :met
 the membership. A training loop hands it a plan of a dataset's steps (:meth:`Controller.run`:
 the controller sizes the chunks and places the checkpoints, and the loop reads the progress
 as a stream) or chunks of a client iterator's steps (:meth:`Controller.advance`), and reads
-back the finished ones, in order; a worker lost meanwhile is recovered from here, and the
-steps it voided are sent again to the re-formed group.
+back the finished ones, in order; a worker lost meanwhile is recovered from in the
+controller, and the steps it voided are sent again to the re-formed group.
 
 This module holds the client's calls, the calls to the workers and the steps in flight;
-:mod:`.changes` the changes of membership (leaving, growing, recovering), :mod:`.states` the
-states it moves through, each change logged once. The decisions are :mod:`.policy`'s; the
+:mod:`.changes` the changes of membership (leaving, growing, re-weighting the work split,
+re-forming after a worker's error, recovering from lost workers), :mod:`.states` the states
+it moves through, each change logged once. The decisions are :mod:`.policy`'s; the
 controller acts on them.
 
 The controller never imports MXNet: that took seconds of CPU, on the cores its workers start

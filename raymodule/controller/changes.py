@@ -1,14 +1,15 @@
-"""The controller's changes of membership (half of :class:`.actor.Controller`, kept apart to read
-on its own): members that leave at a step boundary (shut down with SIGTERM, or on a node Ray
-drains), replacements admitted as they come up, the group re-formed after a worker's own error
-in a step, the work split re-weighted, and the recovery from lost workers: remove them, wait
-for the floor if below it, re-form the group of the rest and bring everyone to the latest step
-a survivor applied.
+"""The controller's changes of membership (a part of :class:`.actor.Controller`, kept apart to
+read on its own): members that leave at a step boundary (shut down with SIGTERM, or on a node
+Ray drains), replacements admitted there as they come up, the work split re-weighted there,
+the group re-formed after a worker's own error in a step, and the recovery from lost workers
+wherever the loss is seen: remove them, wait for the floor if below it, re-form the group of
+the rest and bring everyone to the latest step a survivor applied.
 
 :class:`MembershipChanges` is a base of the controller and acts on its state (the membership
 and its group, the replicas' journal, the steps in flight) through the controller's calls to
-the workers; the decisions are :mod:`.policy`'s. Each change is logged once and queued for the
-client as an event (:meth:`MembershipChanges._announce`).
+the workers; the decisions are :mod:`.policy`'s. Each change is queued for the client as an
+event (the client logs and records it), and the state it moves the controller through is
+logged once (:mod:`.states`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
-"""The controller's states, each change logged once::
+"""The controller's states, each change logged once (``Controller._enter``)::
 
-STARTING -> RUNNING <-> RECOVERING -> WAITING_FOR_WORKERS -> RECOVERING -> RUNNING
-            RUNNING <-> GROWING
-            RUNNING  -> LEAVING -> RECOVERING (members shut down gracefully: SIGTERM, drain)
-any -> FAILED (the run cannot go on: every later call says why) ; any -> CLOSED
+    STARTING -> RUNNING <-> RECOVERING -> WAITING_FOR_WORKERS -> RECOVERING -> RUNNING
+                RUNNING <-> GROWING
+                RUNNING  -> LEAVING -> RECOVERING (members shut down gracefully: SIGTERM, drain)
+    any -> FAILED (the run cannot go on: every later call says why) ; any -> CLOSED
+
+RECOVERING, WAITING_FOR_WORKERS, GROWING and LEAVING, and RUNNING again after them, are
+entered by its changes of membership (:mod:`.changes`).
 """
 
 from __future__ import annotations
