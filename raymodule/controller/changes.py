@@ -45,14 +45,26 @@ class MembershipChanges:
         for slot in self._group.draining(self.members.slots):
             self._leaving.setdefault(slot, "its node is being drained")
 
-    def _leave(self, loop) -> None:
-        """At a step boundary: removes the members that were shut down (SIGTERM) or whose node
-        is drained, once the steps in flight are finished (in a call of ``loop``:
-        :meth:`_finish_for`), and re-forms the group without them. No step fails and nothing
-        is restored: every member is at the same step. It is no failure."""
+    def _finish_all(self, loop) -> None:
+        """Finishes every step in flight (in a call of ``loop``: :meth:`_finish_for`) and waits
+        for every posted call: every member is then at the same step boundary."""
         while self._chunks:
             self._finish_for(loop)
         self._sync()
+
+    def _running_again(self) -> None:
+        """The group is re-formed: the run goes on in its new generation."""
+        self._enter(
+            State.RUNNING,
+            f"generation {self.members.generation}, {self.members.world_size} workers",
+        )
+
+    def _leave(self, loop) -> None:
+        """At a step boundary: removes the members that were shut down (SIGTERM) or whose node
+        is drained, once the steps in flight are finished (:meth:`_finish_all`), and re-forms
+        the group without them. No step fails and nothing is restored: every member is at the
+        same step. It is no failure."""
+        self._finish_all(loop)
         reasons = {s: why for s, why in self._leaving.items() if s in self.members.slots}
         self._leaving = {}
         if not reasons:
@@ -77,18 +89,15 @@ class MembershipChanges:
         )
         if committed is None:
             return
-        self._enter(
-            State.RUNNING,
-            f"generation {self.members.generation}, {self.members.world_size} workers",
-        )
+        self._running_again()
         extra = {"left": [f"slot {s}" for s in leaving], "step": committed}
         drained = all(reasons[s] == "its node is being drained" for s in leaving)
         self._announce("drained" if drained else "left", why, before, tic, extra)
 
     def _grow(self, loop) -> None:
         """At a step boundary: admits replacement workers that are up (asked at most every
-        RAYMODULE_ADMIT_INTERVAL_S); the steps in flight are finished first, in a call of
-        ``loop`` (:meth:`_finish_for`)."""
+        RAYMODULE_ADMIT_INTERVAL_S); the steps in flight are finished first
+        (:meth:`_finish_all`)."""
         if time.monotonic() < self._next_poll:
             return
         self._next_poll = time.monotonic() + self.settings.admit_interval_s
@@ -97,9 +106,7 @@ class MembershipChanges:
         if not admit:
             return
         tic, before = time.monotonic(), self.members.world_size
-        while self._chunks:
-            self._finish_for(loop)
-        self._sync()
+        self._finish_all(loop)
         admit = [
             slot for slot in admit if slot in self.members.pending
         ]  # a recovery may have taken it
@@ -198,10 +205,7 @@ class MembershipChanges:
             with contextlib.suppress(Exception):
                 ray.get(ref)
         if committed is not None:  # else a loss meanwhile was recovered from, and announced
-            self._enter(
-                State.RUNNING,
-                f"generation {self.members.generation}, {self.members.world_size} workers",
-            )
+            self._running_again()
             self._announce("re-formed", why, before, tic, {"step": committed})
         if again:
             self._chunks.extend(again)
@@ -240,10 +244,7 @@ class MembershipChanges:
                     failure = again
         finally:
             self._recovering = False
-        self._enter(
-            State.RUNNING,
-            f"generation {self.members.generation}, {self.members.world_size} workers",
-        )
+        self._running_again()
         extra = {"lost": [f"slot {s}" for s in gone], "step": committed, "during": during}
         self._announce("lost" if gone else "re-formed", "; ".join(why), before, tic, extra)
         return committed
