@@ -4,10 +4,13 @@ against measured runs, and its predictions for larger clusters.
 The model of one step of W workers on K nodes (W/K workers a node), global batch G, a gradient
 of B bytes:
 
-    step(W, K)  = s(W) * (T(G/W) + o1 + og(x) [W > 1])  +  x,   x = node(W/K, B) + net(K, B)
+    step(W, K)  = s(W) * (T(G/W) + o1 + og(x) [W > 1])  +  x
+    x           = s(W) node(W/K, B) + net(K, B) + w [W/K > cores]
 
     T(b)        = c0 + c1 * b        forward, backward and SGD-momentum update of b samples on
-                                     one MXNet context (native, one thread)
+                                     one MXNet context (native, one thread), the update a
+                                     parameter at a time, as raymodule's workers run it
+                                     (raymodule.worker.native.apply_update)
     o1                               raymodule's own cost of a step on one worker (its slice of
                                      the data, the call, the metric): the 1-worker run - T(G)
     og(x)       = g0 + g1 * x        the cost of a step in a group beyond the sums themselves:
@@ -16,28 +19,41 @@ of B bytes:
                                      processes held off its core keeps the others waiting,
                                      the longer the sums take the more. Fitted to the 2-worker
                                      runs on one node (shared memory, x small) and on two (gloo)
-    node(n, B)  = (2 a_s + b_s * B * (2 + (n + 1) / n)) * max(1, n / cores)
+    node(n, B)  = 2 a_s + b_s * B * (c + (n + 1) / n)
                                      the shared-memory sum of a node's n ranks: two barriers,
-                                     a copy in, the sum of 1/n of the bucket over n slots, a
-                                     copy out (0 for n = 1); its ranks share the cores
+                                     a copy in, the sum of 1/n of the bucket over n slots, and
+                                     (c = 2) a copy out; c = 1 when the gradient fits in one of
+                                     the workers' buckets (RAYMODULE_ALLREDUCE_BUCKET_BYTES):
+                                     SGD reads the sums where they were summed
+                                     (Collective.reduce_shared). 0 for n = 1
     net(K, B)   = 2 (K - 1) a_g  +  2 (K - 1) / K * B * b_g
                                      the ring allreduce of the nodes' sums over gloo, one
                                      leader a node (0 for K = 1)
     s(W)        = max(1, W / cores)  the workers share this one machine's cores (every
-                                     simulated node runs on them)
+                                     simulated node runs on them), in their sums as in their
+                                     compute
+    w                                a sum's extra time when a node's ranks outnumber the
+                                     machine's cores: at each barrier of the shared-memory sum
+                                     a rank waits for peers the kernel has not run yet. Fitted
+                                     to the sum of 4 ranks on one node timed alone, less
+                                     s(4) node(4, B); 0 in the predictions, whose workers have
+                                     a core each
 
 a_s, b_s are fitted (least squares on the relative error) to shared-memory sums of 2 ranks on
-one node, a_g, b_g to gloo allreduces of 2 ranks on two nodes, at sizes from 64 KB to 32 MB;
-c0, c1 to native steps of 16 to 128 samples (ResNet-50: 1 and 2). Every sum goes through
-raymodule's own Collective (the gradient group its workers form), on a
-ray.cluster_utils.Cluster on 127.0.0.1, which also times each tier (Collective.tier_s).
+one node (one bucket, read where summed), a_g, b_g to gloo allreduces of 2 ranks on two
+nodes, at sizes from 64 KB to 32 MB; c0, c1 to native steps of 16 to 128 samples (ResNet-50: 1
+and 2). Every sum goes through raymodule's own Collective (the gradient group its workers
+form), on a ray.cluster_utils.Cluster on 127.0.0.1, which also times each tier
+(Collective.tier_s).
 
 The check: raymodule.Module.fit of jobs/benchmark.py's mlp (global batch 128) on 1, 2 and 4
 workers on 1 and 2 simulated nodes (a Cluster whose nodes hold W/K CPUs each): measured
-samples/s against the model's G / step(W, K). Three runs calibrate o1 and og (1 on 1; 2 on 1
-and 2 on 2); the other two (4 on 1, 4 on 2) are predictions. Beside each run, the CPU each of
-its workers, the client and the controller used (cores, from /proc, from 40 % to 90 % of the
-run, when it trains): what a worker does not use, it waits.
+samples/s (the median of --repeats runs of each layout: rates on a small shared machine move
+by 10 % and more between runs) against the model's G / step(W, K). Three layouts calibrate o1
+and og (1 on 1; 2 on 1 and 2 on 2); the other two (4 on 1, 4 on 2) are predictions. Beside
+each, the CPU each of its workers, the client and the controller used (cores, from /proc, from
+40 % to 90 % of the run, when it trains): what a worker does not use, it waits. The sums are
+timed with their ranks pinned as the workers of fit pin (raymodule.worker.cores).
 
 The prediction: efficiency at 8, 64 and 512 workers, weak scaling (each worker keeps its batch
 b), for the mlp (b 64), LeNet (b 32) and a ResNet-50-sized gradient (25.6M float32, b 32,
@@ -51,7 +67,7 @@ with n = --workers-per-node workers on every node, each on its own core, and lin
 at 512 workers (2 (K - 1) latencies a step) matters; og(x) is this machine's, kept as
 measured: on nodes whose workers have cores of their own, peers are late less often.
 
-Run locally (about 5 minutes; starts and stops its own clusters on 127.0.0.1):
+Run locally (about 9 minutes; starts and stops its own clusters on 127.0.0.1):
 
     python jobs/benchmark.py --scaling
     python jobs/scaling.py --json /tmp/scaling.json
@@ -92,6 +108,8 @@ import benchmark  # noqa: E402 - jobs/ is not a package: its models, children an
 import jobtools  # noqa: E402
 import numpy as np  # noqa: E402
 
+from raymodule.constants import Settings  # noqa: E402
+
 SIZES = [1 << 16, 1 << 18, 1 << 20, 1 << 22, 3 << 21, 1 << 23, 1 << 24, 1 << 25]  # bytes
 LAYOUTS = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2)]  # (workers, nodes) of the check
 COMPUTE_BATCHES = [16, 32, 64, 128]  # per-worker batches timed for T(b)
@@ -100,6 +118,8 @@ LINKS_GBPS = [10, 25]
 RESNET50_ELEMENTS = 25_557_032  # parameters of ResNet-50 v1 (float32): 102 MB
 WEAK_BATCH = {"mlp": 64, "lenet": 32, "resnet50": 32}  # per-worker batch of the prediction
 CHECK_MODEL = "mlp"
+BUCKET_BYTES = 64 << 20  # the sums timed: every size one bucket, as the workers sum one
+WORKERS = Settings.from_env()  # the workers' buckets (RAYMODULE_ALLREDUCE_BUCKET_BYTES)
 MARK = "SCALING_RESULT "
 
 
@@ -108,6 +128,8 @@ def compute_child(model: str, batch: int, steps: int) -> None:
     """Prints seconds per forward + backward + SGD-momentum update of ``batch`` samples of
     ``model`` on one MXNet context (one thread), the median of ``steps`` after 3 untimed."""
     import mxnet as mx
+
+    from raymodule.worker import native
 
     if model == "resnet50":
         net = mx.gluon.model_zoo.vision.resnet50_v1(classes=1000)
@@ -119,6 +141,7 @@ def compute_child(model: str, batch: int, steps: int) -> None:
     mod.bind([("data", (batch,) + shape)], [("softmax_label", (batch,))])
     mod.init_params(mx.init.Xavier())
     mod.init_optimizer(optimizer="sgd", optimizer_params={"learning_rate": 0.01, "momentum": 0.9})
+    native.update_per_parameter(mod)  # the update's kernels as raymodule's workers run them
     rng = np.random.RandomState(0)
     data = mx.io.DataBatch(
         [mx.nd.array(rng.uniform(-1, 1, (batch,) + shape))],
@@ -128,7 +151,7 @@ def compute_child(model: str, batch: int, steps: int) -> None:
     for step in range(steps + 3):
         tic = time.perf_counter()
         mod.forward_backward(data)
-        mod.update()
+        native.apply_update(mod, mod._exec_group.grad_arrays)
         mx.nd.waitall()
         if step >= 3:
             seconds.append(time.perf_counter() - tic)
@@ -190,6 +213,7 @@ def tier_sums(cluster: _Cluster, layout: tuple[int, int], sizes: list[int], call
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from raymodule.worker.collective import Collective, free_address
+    from raymodule.worker.cores import Pinning
 
     @ray.remote(num_cpus=0)
     class Member:
@@ -197,6 +221,9 @@ def tier_sums(cluster: _Cluster, layout: tuple[int, int], sizes: list[int], call
             return free_address()
 
         def join(self, world: int, rank: int, address: str) -> None:
+            # on a core of its own where the workers of fit would be (every rank is on this
+            # machine): raymodule.worker.cores
+            Pinning(WORKERS.pin_cores == 1).pin(rank, world)
             self.collective = Collective(world, rank, address, "gloo", 120)
 
         def run(self, nbytes: int, calls: int) -> list[tuple[float, dict]]:
@@ -208,7 +235,10 @@ def tier_sums(cluster: _Cluster, layout: tuple[int, int], sizes: list[int], call
                 grad.wait_to_read()
                 before = dict(self.collective.tier_s)
                 tic = time.perf_counter()
-                self.collective.reduce([grad], 64 << 20)
+                if self.collective.shares_sums([grad], BUCKET_BYTES):  # as the workers sum
+                    self.collective.reduce_shared([grad])
+                else:
+                    self.collective.reduce([grad], BUCKET_BYTES)
                 grad.wait_to_read()
                 took = time.perf_counter() - tic
                 if call >= 5:
@@ -357,7 +387,13 @@ def measure(args) -> dict:
     for workers, nodes in LAYOUTS:
         print(f"fit on {workers} workers, {nodes} nodes ...", file=sys.stderr, flush=True)
         with _Cluster(nodes, workers // nodes) as cluster:
-            out["runs"][f"{workers}x{nodes}"] = fit_rate(args, cluster, workers)
+            runs = sorted(
+                (fit_rate(args, cluster, workers) for _ in range(args.repeats)),
+                key=lambda run: run["samples_per_s"],
+            )
+        # the median run, and every run's rate: this machine's rates move between runs
+        each = [run["samples_per_s"] for run in runs]
+        out["runs"][f"{workers}x{nodes}"] = dict(runs[(len(runs) - 1) // 2], each=each)
     return out
 
 
@@ -370,15 +406,17 @@ class Model:
         self.cores = m["cores"]
         shm, gloo = ({int(n): r["s"] for n, r in m[tier].items()} for tier in ("shm", "gloo"))
         sizes = sorted(shm)
-        a, self.b_s = fit_line([n * 3.5 for n in sizes], [shm[n] for n in sizes])
-        self.a_s = a / 2  # node(2, B) = 2 a_s + b_s * B * 3.5
+        a, self.b_s = fit_line([n * 2.5 for n in sizes], [shm[n] for n in sizes])
+        self.a_s = a / 2  # node(2, B) = 2 a_s + b_s * B * 2.5: one bucket, read in place
         a, self.b_g = fit_line(sizes, [gloo[n] for n in sizes])
         self.a_g = a / 2  # net(2, B) = 2 a_g + B * b_g
         self.compute = {  # model -> (c0, c1)
             model: fit_line([int(b) for b in times], list(times.values()))
             for model, times in m["compute_s"].items()
         }
-        self.o1 = self.g0 = self.g1 = 0.0
+        self.o1 = self.g0 = self.g1 = self.w = 0.0  # each fitted in turn to the model without it
+        if 4 > self.cores:  # the sum of the check's 4 ranks on one node, timed alone
+            self.w = max(0.0, m["tiers"]["4x1"]["s"] - self.exchange(CHECK_MODEL, 4, 1))
         self.o1 = self._measured_step(m, 1, 1) - self.step(CHECK_MODEL, 1, 1)
         # og(x) at the two 2-worker runs: what their steps take beyond the model without og
         (x1, r1), (x2, r2) = (
@@ -399,11 +437,12 @@ class Model:
         c0, c1 = self.compute[model]
         return c0 + c1 * batch
 
-    def node(self, n: int, nbytes: float, own_cores: bool = False) -> float:
+    def node(self, n: int, nbytes: float) -> float:
         if n <= 1:
             return 0.0
-        share = 1.0 if own_cores else max(1.0, n / self.cores)
-        return (2 * self.a_s + self.b_s * nbytes * (2 + (n + 1) / n)) * share
+        # a copy in, and out unless the one bucket's sum is read where it was summed
+        copies = 1 if nbytes <= WORKERS.allreduce_bucket_bytes else 2
+        return 2 * self.a_s + self.b_s * nbytes * (copies + (n + 1) / n)
 
     def net(self, k: int, nbytes: float, b_g: float | None = None) -> float:
         if k <= 1:
@@ -414,18 +453,26 @@ class Model:
         """A group's cost of a step beyond its sums, which take ``exchange`` seconds."""
         return self.g0 + self.g1 * exchange
 
+    def share(self, workers: int) -> float:
+        """s(W): the workers of every simulated node share this machine's cores."""
+        return max(1.0, workers / self.cores)
+
     def exchange(self, model: str, workers: int, nodes: int) -> float:
         """Seconds of the sums of a step of the check's kind: this machine's cores shared."""
         nbytes = gradient_bytes()[model]
-        return self.node(workers // nodes, nbytes) + self.net(nodes, nbytes)
+        waits = self.w if workers // nodes > self.cores else 0.0
+        return (
+            self.share(workers) * self.node(workers // nodes, nbytes)
+            + self.net(nodes, nbytes)
+            + waits
+        )
 
     def step(self, model: str, workers: int, nodes: int) -> float:
         """Seconds of a step of the check's kind: this machine's cores shared."""
         exchange = self.exchange(model, workers, nodes)
         own = self.compute_s(model, benchmark.MODELS[model] / workers) + self.o1
         own += self.og(exchange) if workers > 1 else 0.0
-        share = max(1.0, workers / self.cores)
-        return share * own + exchange
+        return self.share(workers) * own + exchange
 
     def efficiency(self, model: str, batch: int, workers: int, per_node: int, gbps: float):
         """Weak scaling on nodes of ``per_node`` workers with a core each, ``gbps`` links."""
@@ -433,7 +480,7 @@ class Model:
         alone = self.compute_s(model, batch) + self.o1
         n = min(per_node, workers)
         b_g = max(self.b_g, 8 / (gbps * 1e9))
-        exchange = self.node(n, nbytes, own_cores=True) + self.net(workers // n, nbytes, b_g)
+        exchange = self.node(n, nbytes) + self.net(workers // n, nbytes, b_g)
         return alone / (alone + self.og(exchange) + exchange)
 
 
@@ -460,13 +507,14 @@ def report(m: dict, per_node: int, sample_ms: dict) -> str:
         f"  o1 {model.o1 * ms:.2f} ms (raymodule's own cost a step, 1 worker), og(x) "
         f"{model.g0 * ms:.2f} ms + {model.g1:.2f} x (a step in a group beyond its sums, "
         "which take x)",
+        f"  w {model.w * ms:.2f} ms (a sum's extra wait, a node's ranks outnumbering the cores)",
     ]
     for name, (c0, c1) in model.compute.items():
         lines.append(f"  compute {name:<9} T(b) = {c0 * ms:.2f} ms + {c1 * ms:.4f} ms * b")
     rows = []
     for layout, result in m["tiers"].items():
         w, k = (int(x) for x in layout.split("x"))
-        predicted = model.node(w // k, nbytes[CHECK_MODEL]) + model.net(k, nbytes[CHECK_MODEL])
+        predicted = model.exchange(CHECK_MODEL, w, k)
         rows.append(
             [
                 f"{w} on {k}",
@@ -486,6 +534,7 @@ def report(m: dict, per_node: int, sample_ms: dict) -> str:
     for workers, nodes in LAYOUTS:
         run = m["runs"][f"{workers}x{nodes}"]
         measured = run["samples_per_s"]
+        each = run.get("each", [measured])  # measurements saved before --repeats: one run
         predicted = benchmark.MODELS[CHECK_MODEL] / model.step(CHECK_MODEL, workers, nodes)
         role = {(1, 1): "fits o1", (2, 1): "fits og", (2, 2): "fits og"}.get(
             (workers, nodes), "predicted"
@@ -494,6 +543,7 @@ def report(m: dict, per_node: int, sample_ms: dict) -> str:
             [
                 f"{workers} on {nodes}",
                 f"{measured:,.0f}",
+                "-".join(f"{rate:,.0f}" for rate in (min(each), max(each))),
                 f"{predicted:,.0f}",
                 f"{(predicted - measured) / measured:+.0%}",
                 role,
@@ -505,9 +555,13 @@ def report(m: dict, per_node: int, sample_ms: dict) -> str:
     lines += [
         "",
         f"check: {CHECK_MODEL}, global batch {benchmark.MODELS[CHECK_MODEL]}, raymodule fit, "
-        "samples/s, and the cores each worker, the client and the controller used:",
+        "samples/s (the median run, and the range of the runs), and the cores each worker, "
+        "the client and the controller used in the median run:",
         table(
-            ["workers", "measured", "model", "error", "", "worker", "client", "controller"],
+            [
+                *("workers", "measured", "runs", "model", "error", ""),
+                *("worker", "client", "controller"),
+            ],
             rows,
         ),
     ]
@@ -540,6 +594,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--calls", type=int, default=30, help="sums timed per size and layout")
     parser.add_argument("--batches", type=int, default=2000, help="timed batches of each fit")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="fits of each layout; the model takes the median"
+    )
     parser.add_argument("--timeout", type=float, default=600, help="seconds for one fit")
     parser.add_argument(
         "--workers-per-node", type=int, default=8, help="workers on each node, predicted"
@@ -563,8 +620,8 @@ def main(argv=None) -> int:
             parser.error(f"--sample-ms {item!r}: not MODEL=MS")
         if name not in WEAK_BATCH or sample_ms[name] <= 0:
             parser.error(f"--sample-ms {item!r}: MODEL is one of {list(WEAK_BATCH)}, MS > 0")
-    if args.calls < 1 or args.batches < 50 or args.workers_per_node < 1:
-        parser.error("--calls >= 1, --batches >= 50 and --workers-per-node >= 1")
+    if args.calls < 1 or args.batches < 50 or args.repeats < 1 or args.workers_per_node < 1:
+        parser.error("--calls >= 1, --batches >= 50, --repeats >= 1 and --workers-per-node >= 1")
     if args.from_json:
         m = json.loads(Path(args.from_json).read_text())
     else:
