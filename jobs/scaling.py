@@ -19,16 +19,17 @@ of B bytes:
                                      processes held off its core keeps the others waiting,
                                      the longer the sums take the more. Fitted to the 2-worker
                                      runs on one node (shared memory, x small) and on two (gloo)
-    node(n, B)  = 2 a_s + b_s * B * (c + (n + 1) / n)
-                                     the shared-memory sum of a node's n ranks: two barriers,
-                                     a copy in, the sum of 1/n of the bucket over n slots, and
-                                     (c = 2) a copy out; c = 1 when the gradient fits in one of
-                                     the workers' buckets (RAYMODULE_ALLREDUCE_BUCKET_BYTES):
-                                     SGD reads the sums where they were summed
+    node(n, B)  = 2 a_s m(B) + b_s * B * (c + (n + 1) / n)
+                                     the shared-memory sum of a node's n ranks: two barriers a
+                                     bucket, a copy in, the sum of 1/n of each bucket over n
+                                     slots, and (c = 2) a copy out; c = 1 when the gradient is
+                                     one bucket: SGD reads the sum where it was summed
                                      (Collective.reduce_shared). 0 for n = 1
-    net(K, B)   = 2 (K - 1) a_g  +  2 (K - 1) / K * B * b_g
+    net(K, B)   = 2 (K - 1) a_g m(B)  +  2 (K - 1) / K * B * b_g
                                      the ring allreduce of the nodes' sums over gloo, one
-                                     leader a node (0 for K = 1)
+                                     leader a node, a ring a bucket (0 for K = 1)
+    m(B)                             the workers' buckets of a gradient of B bytes
+                                     (RAYMODULE_ALLREDUCE_BUCKET_BYTES, 4 MiB by default)
     s(W)        = max(1, W / cores)  the workers share this one machine's cores (every
                                      simulated node runs on them), in their sums as in their
                                      compute
@@ -85,6 +86,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import shutil
 import statistics
@@ -118,8 +120,10 @@ LINKS_GBPS = [10, 25]
 RESNET50_ELEMENTS = 25_557_032  # parameters of ResNet-50 v1 (float32): 102 MB
 WEAK_BATCH = {"mlp": 64, "lenet": 32, "resnet50": 32}  # per-worker batch of the prediction
 CHECK_MODEL = "mlp"
-BUCKET_BYTES = 64 << 20  # the sums timed: every size one bucket, as the workers sum one
-WORKERS = Settings.from_env()  # the workers' buckets (RAYMODULE_ALLREDUCE_BUCKET_BYTES)
+TIMED_BUCKET_BYTES = 64 << 20  # the sums timed: every size one bucket
+SETTINGS = Settings.from_env()  # the workers' buckets and pinning
+W_LAYOUT = (4, 1)  # (workers, nodes): the check's sum whose ranks outnumber 2 cores, for w
+FORMAT = 2  # of --json's measurements: 2 since the sums are timed as the workers sum
 MARK = "SCALING_RESULT "
 
 
@@ -151,7 +155,7 @@ def compute_child(model: str, batch: int, steps: int) -> None:
     for step in range(steps + 3):
         tic = time.perf_counter()
         mod.forward_backward(data)
-        native.apply_update(mod, mod._exec_group.grad_arrays)
+        native.apply_update(mod, native.gradient_arrays(mod)[0])
         mx.nd.waitall()
         if step >= 3:
             seconds.append(time.perf_counter() - tic)
@@ -223,7 +227,7 @@ def tier_sums(cluster: _Cluster, layout: tuple[int, int], sizes: list[int], call
         def join(self, world: int, rank: int, address: str) -> None:
             # on a core of its own where the workers of fit would be (every rank is on this
             # machine): raymodule.worker.cores
-            Pinning(WORKERS.pin_cores == 1).pin(rank, world)
+            Pinning(bool(SETTINGS.pin_cores)).pin(rank, world)
             self.collective = Collective(world, rank, address, "gloo", 120)
 
         def run(self, nbytes: int, calls: int) -> list[tuple[float, dict]]:
@@ -235,10 +239,11 @@ def tier_sums(cluster: _Cluster, layout: tuple[int, int], sizes: list[int], call
                 grad.wait_to_read()
                 before = dict(self.collective.tier_s)
                 tic = time.perf_counter()
-                if self.collective.shares_sums([grad], BUCKET_BYTES):  # as the workers sum
+                # as a worker's update sums plain SGD's gradients (ModuleWorker.update)
+                if self.collective.shares_sums([grad], TIMED_BUCKET_BYTES):
                     self.collective.reduce_shared([grad])
                 else:
-                    self.collective.reduce([grad], BUCKET_BYTES)
+                    self.collective.reduce([grad], TIMED_BUCKET_BYTES)
                 grad.wait_to_read()
                 took = time.perf_counter() - tic
                 if call >= 5:
@@ -360,7 +365,7 @@ def measure(args) -> dict:
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)  # under `ray job submit`: clusters of its own here
-    out: dict = {"cores": len(os.sched_getaffinity(0))}
+    out: dict = {"format": FORMAT, "cores": len(os.sched_getaffinity(0))}
     print("timing compute (native MXNet, one thread) ...", file=sys.stderr, flush=True)
     out["compute_s"] = {
         model: {
@@ -398,11 +403,18 @@ def measure(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- the model
+def buckets(nbytes: float) -> int:
+    """The workers' buckets of a gradient of ``nbytes``: one sum, with its fixed costs, each."""
+    return max(1, math.ceil(nbytes / SETTINGS.allreduce_bucket_bytes))
+
+
 class Model:
     """The fitted model: the module docstring defines its terms."""
 
     def __init__(self, m: dict):
         """Fitted to :func:`measure`'s data ``m``."""
+        if m.get("format") != FORMAT:
+            raise ValueError(self.refusal(m))
         self.cores = m["cores"]
         shm, gloo = ({int(n): r["s"] for n, r in m[tier].items()} for tier in ("shm", "gloo"))
         sizes = sorted(shm)
@@ -415,19 +427,30 @@ class Model:
             for model, times in m["compute_s"].items()
         }
         self.o1 = self.g0 = self.g1 = self.w = 0.0  # each fitted in turn to the model without it
-        if 4 > self.cores:  # the sum of the check's 4 ranks on one node, timed alone
-            self.w = max(0.0, m["tiers"]["4x1"]["s"] - self.exchange(CHECK_MODEL, 4, 1))
+        workers, nodes = W_LAYOUT
+        if workers // nodes > self.cores:  # their sum, timed alone, against the model's
+            alone = m["tiers"][f"{workers}x{nodes}"]["s"]
+            self.w = max(0.0, alone - self.exchange(CHECK_MODEL, workers, nodes))
         self.o1 = self._measured_step(m, 1, 1) - self.step(CHECK_MODEL, 1, 1)
         # og(x) at the two 2-worker runs: what their steps take beyond the model without og
         (x1, r1), (x2, r2) = (
             (
                 self.exchange(CHECK_MODEL, 2, k),
-                self._measured_step(m, 2, k) - self.step(CHECK_MODEL, 2, k),
+                (self._measured_step(m, 2, k) - self.step(CHECK_MODEL, 2, k)) / self.share(2),
             )
             for k in (1, 2)
         )
         self.g1 = (r2 - r1) / (x2 - x1)
         self.g0 = r1 - self.g1 * x1
+
+    @staticmethod
+    def refusal(m: dict) -> str:
+        """Why measurements ``m`` of another format cannot be fitted."""
+        return (
+            f"measurements of format {m.get('format', 1)}, not {FORMAT}: before format 2 "
+            "(2026-12-05) the sums were timed with a copy out and the compute with MXNet's "
+            "grouped update, which this model does not describe; measure again"
+        )
 
     @staticmethod
     def _measured_step(m: dict, workers: int, nodes: int) -> float:
@@ -441,13 +464,14 @@ class Model:
         if n <= 1:
             return 0.0
         # a copy in, and out unless the one bucket's sum is read where it was summed
-        copies = 1 if nbytes <= WORKERS.allreduce_bucket_bytes else 2
-        return 2 * self.a_s + self.b_s * nbytes * (copies + (n + 1) / n)
+        copies = 1 if buckets(nbytes) == 1 else 2
+        return 2 * self.a_s * buckets(nbytes) + self.b_s * nbytes * (copies + (n + 1) / n)
 
     def net(self, k: int, nbytes: float, b_g: float | None = None) -> float:
         if k <= 1:
             return 0.0
-        return 2 * (k - 1) * self.a_g + 2 * (k - 1) / k * nbytes * (b_g or self.b_g)
+        latency = 2 * (k - 1) * self.a_g * buckets(nbytes)
+        return latency + 2 * (k - 1) / k * nbytes * (b_g or self.b_g)
 
     def og(self, exchange: float) -> float:
         """A group's cost of a step beyond its sums, which take ``exchange`` seconds."""
@@ -624,6 +648,8 @@ def main(argv=None) -> int:
         parser.error("--calls >= 1, --batches >= 50, --repeats >= 1 and --workers-per-node >= 1")
     if args.from_json:
         m = json.loads(Path(args.from_json).read_text())
+        if m.get("format") != FORMAT:
+            parser.error(f"--from-json {args.from_json}: {Model.refusal(m)}")
     else:
         m = measure(args)
         if args.json:
