@@ -413,8 +413,9 @@ class Model:
 
     def __init__(self, m: dict):
         """Fitted to :func:`measure`'s data ``m``."""
-        if m.get("format") != FORMAT:
-            raise ValueError(self.refusal(m))
+        why = self.refusal(m)
+        if why:
+            raise ValueError(why)
         self.cores = m["cores"]
         shm, gloo = ({int(n): r["s"] for n, r in m[tier].items()} for tier in ("shm", "gloo"))
         sizes = sorted(shm)
@@ -444,8 +445,10 @@ class Model:
         self.g0 = r1 - self.g1 * x1
 
     @staticmethod
-    def refusal(m: dict) -> str:
-        """Why measurements ``m`` of another format cannot be fitted."""
+    def refusal(m: dict) -> str | None:
+        """Why measurements ``m`` cannot be fitted (of another format), or None."""
+        if m.get("format") == FORMAT:
+            return None
         return (
             f"measurements of format {m.get('format', 1)}, not {FORMAT}: before format 2 "
             "(2026-12-05) the sums were timed with a copy out and the compute with MXNet's "
@@ -648,8 +651,9 @@ def main(argv=None) -> int:
         parser.error("--calls >= 1, --batches >= 50, --repeats >= 1 and --workers-per-node >= 1")
     if args.from_json:
         m = json.loads(Path(args.from_json).read_text())
-        if m.get("format") != FORMAT:
-            parser.error(f"--from-json {args.from_json}: {Model.refusal(m)}")
+        why = Model.refusal(m)
+        if why:
+            parser.error(f"--from-json {args.from_json}: {why}")
     else:
         m = measure(args)
         if args.json:
