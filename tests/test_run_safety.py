@@ -113,6 +113,69 @@ def test_malformed_manifests_are_rejected_in_words_and_the_one_before_is_used(
     assert [name for name, _ in rejected] == ["ckpt-0000000012"] and problem in rejected[0][1]
 
 
+def test_a_manifest_nested_too_deep_for_json_is_rejected_and_the_one_before_is_used(tmp_path):
+    """Within the size a manifest may have, JSON nested deeper than Python parses: a
+    rejected checkpoint like any other, not a RecursionError out of the reader (which ended
+    the background writer's thread when its tidying met one)."""
+    run = committed(tmp_path, step=6)
+    checkpoint.write(run, snapshot(tmp_path), info(12), keep=5)
+    run.write("ckpt-0000000012/manifest.json", b"[" * 200_000 + b"]" * 200_000)
+    with pytest.raises(CheckpointError, match="ckpt-0000000012/manifest.json is not a valid"):
+        checkpoint.read(run, "ckpt-0000000012")
+    found, rejected = checkpoint.survey(run)
+    assert found.name == "ckpt-0000000006" and [n for n, _ in rejected] == ["ckpt-0000000012"]
+
+
+def _optimizer_json_a_list(run: storage.Folder, name: str) -> None:
+    data = b"[1, 2]"
+    run.write(f"{name}/optimizer.json", data)
+    entry = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    edit_manifest(run, name, lambda m: {**m, "files": {**m["files"], "optimizer.json": entry}})
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (
+            lambda run, name: edit_manifest(
+                run,
+                name,
+                lambda m: {
+                    **m,
+                    "files": {k: v for k, v in m["files"].items() if k != "optimizer.nd"},
+                },
+            ),
+            "manifest.json does not list optimizer.nd",
+        ),
+        (
+            lambda run, name: edit_manifest(
+                run,
+                name,
+                lambda m: {
+                    **m,
+                    "files": {k: v for k, v in m["files"].items() if not k.endswith(".params")},
+                },
+            ),
+            "manifest.json does not list model-0001.params",
+        ),
+        (_optimizer_json_a_list, "optimizer.json holds a list, not an object"),
+    ],
+)
+def test_a_checkpoint_without_what_a_resume_reads_is_rejected_and_the_one_before_is_used(
+    tmp_path, damage, problem
+):
+    """A manifest whose files all verify but that leaves out a file a resume reads, or an
+    ``optimizer.json`` that is no object: rejected when read, not a KeyError or TypeError in
+    the resume that chose it."""
+    run = committed(tmp_path, step=6)
+    checkpoint.write(run, snapshot(tmp_path), info(12), keep=5)
+    damage(run, "ckpt-0000000012")
+    with pytest.raises(CheckpointError, match=problem):
+        checkpoint.read(run, "ckpt-0000000012")
+    found, rejected = checkpoint.survey(run)
+    assert found.name == "ckpt-0000000006" and [n for n, _ in rejected] == ["ckpt-0000000012"]
+
+
 @pytest.mark.timeout(60)  # a FIFO opened for reading waits for a writer: the old hang
 def test_files_that_are_no_regular_files_in_the_folder_are_never_opened(tmp_path):
     run = committed(tmp_path)
@@ -216,6 +279,54 @@ def test_a_checkpoint_of_the_same_step_that_verifies_is_never_replaced(tmp_path)
     checkpoint.write(run, snapshot(tmp_path, 2.0), info(12), keep=5)
     replaced = checkpoint.read(run, "ckpt-0000000012")
     assert replaced.params_file() == snapshot(tmp_path, 2.0).params
+
+
+def test_a_retry_of_a_checkpoint_whose_latest_failed_finishes_its_commit(tmp_path):
+    """The manifest is written, then ``latest`` fails: the checkpoint is committed (a resume
+    finds it by listing), and the attempt after it takes it as its own instead of refusing it
+    as another writer's; only a retry does."""
+    run = committed(tmp_path, step=6)
+    latest = tmp_path / "r" / "latest"
+    latest.unlink()
+    latest.mkdir()  # a file cannot be renamed onto it: writing latest fails
+    with pytest.raises(OSError, match="cannot write"):
+        checkpoint.write(run, snapshot(tmp_path, 2.0), info(12), keep=5)
+    assert checkpoint.read(run, "ckpt-0000000012").params_file() == snapshot(tmp_path, 2.0).params
+    latest.rmdir()
+    with pytest.raises(CheckpointError, match="already holds a committed checkpoint"):
+        checkpoint.write(run, snapshot(tmp_path, 2.0), info(12), keep=5)  # not a retry
+    files = {name: run.read(name) for name in run.sizes() if name.startswith("ckpt-0000000012")}
+    assert checkpoint.write(run, snapshot(tmp_path, 2.0), info(12), keep=1, retry=True) == (
+        "ckpt-0000000012"
+    )
+    assert run.read("latest") == b"ckpt-0000000012"
+    assert checkpoint.checkpoint_names(run) == ["ckpt-0000000012"]  # tidied, keep=1
+    assert {name: run.read(name) for name in run.sizes() if name != "latest"} == files
+
+
+def test_the_writer_retries_a_checkpoint_whose_latest_failed_into_a_commit(
+    tmp_path, monkeypatch, caplog
+):
+    """Through the background writer: its second attempt finishes the commit the first made,
+    so the checkpoint counts as committed, not as failed."""
+    monkeypatch.setenv("RAYMODULE_CHECKPOINT_ATTEMPTS", "2")
+    monkeypatch.setenv("RAYMODULE_CHECKPOINT_BACKOFF_S", "3")  # time to mend latest
+    run = committed(tmp_path, step=6)
+    latest = tmp_path / "r" / "latest"
+    latest.unlink()
+    latest.mkdir()
+    writer = checkpoint.CheckpointWriter(run, 2, Settings.from_env())
+    with caplog.at_level(logging.INFO, logger="raymodule.checkpoint.writer"):
+        writer.submit(ray.put(snapshot(tmp_path, 2.0)), info(12))
+        deadline = time.monotonic() + 60
+        while not any("attempt 1 of 2 failed" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the first attempt did not fail"
+            time.sleep(0.05)
+        latest.rmdir()
+        writer.close()
+    assert [c["name"] for c in writer.take_committed()] == ["ckpt-0000000012"]
+    assert writer.failures_in_row == 0
+    assert run.read("latest") == b"ckpt-0000000012"
 
 
 def test_other_processes_half_written_files_are_left_alone(tmp_path):

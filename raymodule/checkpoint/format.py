@@ -149,6 +149,7 @@ def write(
     drop_newer: bool = False,
     check_owner: Callable[[], None] | None = None,
     stage: Callable[[Folder, object, dict], dict | None] | None = None,
+    retry: bool = False,
 ) -> str | None:
     """Writes a checkpoint from a worker's ``snapshot`` and commits it; returns its name.
 
@@ -156,8 +157,11 @@ def write(
     ``epoch``, ``batch``, ``global_step``, ``world_size``, ``work_load_list`` and, when known,
     ``batch_size`` and ``batches_per_epoch`` (see :mod:`.continuity`). A folder of the
     same name that does not verify (an earlier, interrupted attempt) is replaced; one that
-    verifies raises ``CheckpointError`` and is kept. ``drop_newer`` gives up the run's
-    checkpoints from this step on even when they verify (a Tune trial continuing from
+    verifies raises ``CheckpointError`` and is kept, unless ``retry`` says an earlier attempt
+    of this very checkpoint failed, perhaps after its commit (writing ``latest`` failed, or
+    the manifest's write was answered with an error but done): then it is this checkpoint,
+    committed, and only ``latest`` and the tidying are done again. ``drop_newer`` gives up the
+    run's checkpoints from this step on even when they verify (a Tune trial continuing from
     another's). Raises ``CheckpointError`` without writing anything when the parameters are not
     finite. ``check_owner`` (a :class:`raymodule.lease.Lease`'s ``check``) is called before the
     first write, before the commit and before each delete; what it raises stops the write.
@@ -173,6 +177,9 @@ def write(
     held = run.sizes()  # one listing serves the replace below and the tidying after the commit
     if any(path.startswith(name + "/") for path in held):
         if not drop_newer and _verifies(run, name):
+            if retry:
+                log.info("checkpoint %s: committed by the attempt before", name)
+                return _point_and_tidy(run, name, keep, held, drop_newer, check_owner)
             raise CheckpointError(
                 f"checkpoint at step {info['global_step']} not written: {run}/{name} already "
                 "holds a committed checkpoint of that step that verifies (another run, or an "
@@ -185,6 +192,12 @@ def write(
         return None
     check_owner()
     run.write(f"{name}/{MANIFEST}", json.dumps(made, indent=1).encode())
+    return _point_and_tidy(run, name, keep, held, drop_newer, check_owner)
+
+
+def _point_and_tidy(run: Folder, name: str, keep: int, held, drop_newer, check_owner) -> str:
+    """After the commit of checkpoint ``name``: ``latest`` names it, and the checkpoints the
+    run no longer needs are deleted (see :func:`_tidy`); returns ``name``."""
     run.write(LATEST, name.encode())
     try:
         _tidy(run, name, keep, held, drop_newer, check_owner)
@@ -278,10 +291,24 @@ def read(run: Folder, name: str) -> Checkpoint:
     """Reads checkpoint ``name`` and checks every file against its manifest.
 
     Raises ``CheckpointError`` naming the file that is missing, truncated, altered, or that
-    the manifest should not name (see :mod:`raymodule.checkpoint.manifest`).
+    the manifest should not name (see :mod:`raymodule.checkpoint.manifest`), or the file a
+    resume reads that it does not list or that does not hold what it should.
     """
     manifest = manifests.load(run, name)
-    return Checkpoint(run.uri(name), manifest, manifests.verified_files(run, name, manifest))
+    files = manifests.verified_files(run, name, manifest)
+    needed = (params_file_name(manifest["epoch"]), "optimizer.nd", "optimizer.json")
+    unlisted = [file for file in needed if file not in files]
+    if unlisted:
+        raise CheckpointError(f"{run}/{name}/{MANIFEST} does not list {', '.join(unlisted)}")
+    try:
+        optimizer = json.loads(files["optimizer.json"])
+    except (ValueError, RecursionError) as err:
+        raise CheckpointError(f"{run}/{name}/optimizer.json is not valid JSON: {err}") from None
+    if optimizer is not None and not isinstance(optimizer, dict):
+        raise CheckpointError(
+            f"{run}/{name}/optimizer.json holds a {type(optimizer).__name__}, not an object"
+        )
+    return Checkpoint(run.uri(name), manifest, files)
 
 
 def survey(run: Folder) -> tuple[Checkpoint | None, list[tuple[str, str]]]:

@@ -75,7 +75,7 @@ def load(run: Folder, name: str) -> dict:
         raise Uncommitted(f"{run}/{name} has no {MANIFEST}: it was never committed") from None
     except Refused as err:
         raise CheckpointError(f"{where} is not read: {err}") from None
-    except ValueError as err:  # not JSON, or not UTF-8
+    except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, or nested too deep
         raise CheckpointError(f"{where} is not a valid manifest: {err}") from None
     problem = _problem(manifest)
     if problem is not None:

@@ -181,6 +181,8 @@ class CheckpointWriter:
                 self._busy = True
             try:
                 self._write(snapshot, info)
+            except Exception as err:  # noqa: BLE001 - counted as a failure, never a silent stop
+                self._failed(info["global_step"], f"{type(err).__name__}: {err}")
             finally:
                 with self._cond:
                     self._busy = False
@@ -206,6 +208,7 @@ class CheckpointWriter:
                     self.keep,
                     check_owner=self.check_owner,
                     stage=self._stage_beside,
+                    retry=attempt > 1,
                 )
             except CheckpointError as err:  # not to be committed: trying again changes nothing
                 self._failed(step, str(err), fatal=isinstance(err, LeaseLost))
