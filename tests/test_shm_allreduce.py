@@ -267,6 +267,17 @@ def test_shared_memory_beyond_what_dev_shm_holds_fails_the_sum_with_a_clear_erro
         group.close()
 
 
+def test_a_reserve_that_comes_after_close_makes_no_segment():
+    """A sum's first call, taken up by the group's thread just before the group closed, runs
+    after close(): it raises, and leaves no segment behind (before, the leader made one and
+    then failed before it could unlink it: it stayed until the worker's process ended)."""
+    group = LocalGroup([0], [os.getpid()], 0, timeout_s=10)
+    group.close()
+    with pytest.raises(RuntimeError, match="shared-memory group is closed"):
+        group.reserve(4096)
+    assert segments([os.getpid()]) == []
+
+
 def test_segments_of_dead_creators_are_removed_and_others_kept():
     gone = subprocess.Popen(["true"])
     gone.wait()

@@ -255,6 +255,8 @@ class LocalGroup:
         if nbytes <= self._slot_bytes and shared_bytes <= self._shared_bytes:
             return
         with self._busy:
+            if self._closed:  # a call queued before close() ran after it: it makes nothing
+                raise RuntimeError("this node's shared-memory group is closed")
             try:
                 self._reserve(max(nbytes, self._slot_bytes), max(shared_bytes, self._shared_bytes))
             except BaseException:
