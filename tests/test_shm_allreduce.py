@@ -423,6 +423,39 @@ def test_a_workers_own_error_in_a_step_breaks_its_group_which_re_forms_with_ever
     assert max_relative_diff(expected[1], trained) <= 1e-5
 
 
+def test_a_lone_workers_own_error_in_a_step_applies_none_of_the_steps_sent_after_it(
+    tmp_path, monkeypatch
+):
+    """One worker, no group to break: its calls behind the one whose step raised (two calls
+    of two steps each in flight) apply none of their steps, as with two workers; before,
+    they ran, and the module stood up to four steps past the error."""
+    monkeypatch.setenv("RAYMODULE_STEPS_PER_CALL", "2")
+    cls = stepfaults.worker_class({(3, 0): "raise"}, marks=tmp_path)
+    monkeypatch.setattr(raymodule.module, "ControllerHandle", stepfaults.with_workers(cls))
+    x, y = dataset(n=256)
+    symbol = mlp()
+    sgd = {"learning_rate": 0.1}
+    mx.random.seed(5)
+    native = mx.mod.Module(symbol)
+    native.bind([("data", (16, 20))], [("softmax_label", (16,))])
+    native.init_params(mx.init.Xavier())
+    start = [{k: v.copy() for k, v in params.items()} for params in native.get_params()]
+    native.init_optimizer(optimizer_params=sgd)
+    for batch in list(mx.io.NDArrayIter(x, y, 16))[:3]:  # the steps before the failed one
+        native.forward_backward(batch)
+        native.update()
+    expected = native.get_params()[0]
+    with raymodule.Module(symbol, context=mx.cpu(0)) as mod:
+        train = mx.io.NDArrayIter(x, y, 16)
+        mod.bind(train.provide_data, train.provide_label)
+        with pytest.raises(raymodule.WorkerError, match="a bad batch at step 3"):
+            mod.fit(
+                train, num_epoch=1, arg_params=start[0], aux_params=start[1], optimizer_params=sgd
+            )
+        assert max_relative_diff(expected, mod.get_params()[0]) <= 1e-5
+        mod.fit(mx.io.NDArrayIter(x, y, 16), num_epoch=1, optimizer_params=sgd)  # goes on
+
+
 def test_workers_are_placed_among_those_on_the_same_cores_whatever_their_ray_node():
     """Pinning counts a group's workers by the cores they may run on, named machine-wide (two
     Ray nodes on one machine share its cores); a worker whose cores are unknown is alone."""

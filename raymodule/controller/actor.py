@@ -574,7 +574,6 @@ class Controller(MembershipChanges):
             if (
                 chunk.kind == "train_step"
                 and self.lost is None  # a worker's own error, not the run's end
-                and self.members.world_size > 1
                 and chunk.generation == self.members.generation
             ):
                 self._re_form_after_error(chunk, err)

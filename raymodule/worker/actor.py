@@ -441,9 +441,10 @@ class ModuleWorker:
         except GroupBrokenError:
             raise
         except Exception as err:
-            if kind == "train_step" and self._collective is not None:
+            if kind == "train_step":
                 # its peers wait at this step's sum (or the first of these steps', its rows
-                # not read): they fail now, and never sum a later step of this worker's with it
+                # not read): they fail now, and never sum a later step of this worker's with it;
+                # and its own calls behind this one apply none of their steps, alone or not
                 self.leave()
                 self._broken = f"worker failed in a step: {type(err).__name__}"
             raise
