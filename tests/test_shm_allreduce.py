@@ -363,15 +363,16 @@ def test_a_nodes_workers_each_run_on_a_core_of_their_own_and_a_lone_survivor_on_
 
 
 @pytest.mark.parametrize(
-    "fault, applied, words",
+    "workers, fault, applied, words",
     [
-        ("raise", 3, "a bad batch at step 3"),
-        (("arm", "rows", "raise"), 4, "rows unreadable after step 4"),
+        (2, "raise", 3, "a bad batch at step 3"),
+        (2, ("arm", "rows", "raise"), 4, "rows unreadable after step 4"),
+        (1, "raise", 3, "a bad batch at step 3"),
     ],
-    ids=["in-a-step", "reading-rows"],
+    ids=["in-a-step", "reading-rows", "alone"],
 )
 def test_a_workers_own_error_in_a_step_breaks_its_group_which_re_forms_with_every_member(
-    fault, applied, words, tmp_path, monkeypatch
+    workers, fault, applied, words, tmp_path, monkeypatch
 ):
     """A worker whose training step raises (its data, say), or that cannot read the rows of a
     call's steps, leaves the group: its peer, waiting at that step's sum, fails at once rather
@@ -382,10 +383,12 @@ def test_a_workers_own_error_in_a_step_breaks_its_group_which_re_forms_with_ever
     ends with the model of native MXNet stopped at the same batch and trained on. Before, the
     next call said the module could not go on, and its parameters were lost; and a worker
     whose rows could not be read stayed in the group, its next call's step summed with its
-    peer's step before."""
+    peer's step before. A lone worker, with no group to break, applies none of the steps of
+    its calls behind the one that failed either (two calls of two steps in flight); before,
+    it applied them, and stood up to four steps past the error."""
     monkeypatch.setenv("RAYMODULE_COLLECTIVE_TIMEOUT_S", "120")
     monkeypatch.setenv("RAYMODULE_STEPS_PER_CALL", "2")  # rows read at steps 2, 4, ...
-    cls = stepfaults.worker_class({(3, 1): fault}, marks=tmp_path)
+    cls = stepfaults.worker_class({(3, workers - 1): fault}, marks=tmp_path)
     monkeypatch.setattr(raymodule.module, "ControllerHandle", stepfaults.with_workers(cls))
     x, y = dataset(n=256)
     symbol = mlp()
@@ -402,11 +405,13 @@ def test_a_workers_own_error_in_a_step_breaks_its_group_which_re_forms_with_ever
             native.forward_backward(batch)
             native.update()
         expected.append({k: v.copy() for k, v in native.get_params()[0].items()})
-    with raymodule.Module(symbol, context=[mx.cpu(0), mx.cpu(1)]) as mod:
+    with raymodule.Module(symbol, context=[mx.cpu(i) for i in range(workers)]) as mod:
         train = mx.io.NDArrayIter(x, y, 16)
         mod.bind(train.provide_data, train.provide_label)
         generation = mod.workers.generation
-        with pytest.raises(raymodule.WorkerError, match=f"worker 1 failed in train_step.*{words}"):
+        with pytest.raises(
+            raymodule.WorkerError, match=f"worker {workers - 1} failed in train_step.*{words}"
+        ):
             mod.fit(
                 train,
                 num_epoch=1,
@@ -415,45 +420,12 @@ def test_a_workers_own_error_in_a_step_breaks_its_group_which_re_forms_with_ever
                 optimizer_params=sgd,
             )
         # the error brought the view: per-worker calls (a forward's) are for the new group
-        assert (mod.world_size, mod.workers.generation) == (2, generation + 1)
+        assert (mod.world_size, mod.workers.generation) == (workers, generation + 1)
         stopped = {k: v.copy() for k, v in mod.get_params()[0].items()}  # updated in place
         mod.fit(mx.io.NDArrayIter(x, y, 16), num_epoch=1, optimizer_params=sgd)
         trained = mod.get_params()[0]
     assert max_relative_diff(expected[0], stopped) <= 1e-5
     assert max_relative_diff(expected[1], trained) <= 1e-5
-
-
-def test_a_lone_workers_own_error_in_a_step_applies_none_of_the_steps_sent_after_it(
-    tmp_path, monkeypatch
-):
-    """One worker, no group to break: its calls behind the one whose step raised (two calls
-    of two steps each in flight) apply none of their steps, as with two workers; before,
-    they ran, and the module stood up to four steps past the error."""
-    monkeypatch.setenv("RAYMODULE_STEPS_PER_CALL", "2")
-    cls = stepfaults.worker_class({(3, 0): "raise"}, marks=tmp_path)
-    monkeypatch.setattr(raymodule.module, "ControllerHandle", stepfaults.with_workers(cls))
-    x, y = dataset(n=256)
-    symbol = mlp()
-    sgd = {"learning_rate": 0.1}
-    mx.random.seed(5)
-    native = mx.mod.Module(symbol)
-    native.bind([("data", (16, 20))], [("softmax_label", (16,))])
-    native.init_params(mx.init.Xavier())
-    start = [{k: v.copy() for k, v in params.items()} for params in native.get_params()]
-    native.init_optimizer(optimizer_params=sgd)
-    for batch in list(mx.io.NDArrayIter(x, y, 16))[:3]:  # the steps before the failed one
-        native.forward_backward(batch)
-        native.update()
-    expected = native.get_params()[0]
-    with raymodule.Module(symbol, context=mx.cpu(0)) as mod:
-        train = mx.io.NDArrayIter(x, y, 16)
-        mod.bind(train.provide_data, train.provide_label)
-        with pytest.raises(raymodule.WorkerError, match="a bad batch at step 3"):
-            mod.fit(
-                train, num_epoch=1, arg_params=start[0], aux_params=start[1], optimizer_params=sgd
-            )
-        assert max_relative_diff(expected, mod.get_params()[0]) <= 1e-5
-        mod.fit(mx.io.NDArrayIter(x, y, 16), num_epoch=1, optimizer_params=sgd)  # goes on
 
 
 def test_workers_are_placed_among_those_on_the_same_cores_whatever_their_ray_node():
