@@ -494,6 +494,26 @@ def test_a_worker_lost_while_replacements_join_leaves_them_set_up_as_new(control
     assert events_of(ctl)[-1]["lost"] == ["slot 2"]
 
 
+def test_a_group_that_fails_to_form_anew_with_nobody_lost_fails_the_module_in_words(controller):
+    """A replacement is admitted, and forming the group with it fails with a worker's own
+    error (here a survivor's leave; a join or a set-up alike), nobody lost: the module fails,
+    and says so, instead of going on half in the new generation (before: a WorkerError, the
+    controller left GROWING with the old members, its next steps refused by every worker, and
+    the re-formings that followed evicting healthy survivors)."""
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1, max_failures=-1)
+    kill(ctl.members.handles[1])
+    step(ctl)
+    assert ctl.members.slots == (0, 2) and ctl.ready(60.0) == [1]
+    call(ctl, "set_fault", "leave", "raise", ranks=[0])
+    ctl._next_poll = 0.0  # admit now
+    with pytest.raises(WorkerLostError, match="admitting slots .1.; the group could not be"):
+        step(ctl)
+    assert ctl.state is State.FAILED
+    with pytest.raises(WorkerLostError, match="cannot continue"):  # any call after it
+        call(ctl, "state")
+
+
 def test_a_worker_lost_in_a_read_outside_the_step_loop_is_recovered_from(controller):
     """e.g. the parameters read at an epoch's end: the run goes on, the read is asked again."""
     ctl = controller

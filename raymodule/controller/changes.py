@@ -85,7 +85,7 @@ class MembershipChanges:
         self._group.remove(leaving)
         wait = decision.action is policy.Action.WAIT
         committed = self._re_form_or_recover(
-            lambda: self._reform(self._wait_for_floor(survivors, wait, why))
+            lambda: self._reform(self._wait_for_floor(survivors, wait, why)), why
         )
         if committed is None:
             return
@@ -112,8 +112,9 @@ class MembershipChanges:
         ]  # a recovery may have taken it
         if not admit:
             return
-        self._enter(State.GROWING, f"admitting slots {admit}")
-        committed = self._re_form_or_recover(lambda: self._reform(admit))
+        why = f"admitting slots {admit}"
+        self._enter(State.GROWING, why)
+        committed = self._re_form_or_recover(lambda: self._reform(admit), why)
         if committed is None:
             return
         self._enter(State.RUNNING, "replacements joined")
@@ -141,19 +142,35 @@ class MembershipChanges:
             | change
         )
 
-    def _re_form_or_recover(self, re_form) -> int | None:
-        """Runs ``re_form()`` (a membership change the controller chose: admitting, leaving)
-        and returns the step it brought everyone to; a worker lost meanwhile is recovered from
-        as a loss, announced as one, and None is returned."""
+    def _re_form_or_recover(self, re_form, why: str) -> int | None:
+        """Runs ``re_form()`` (a membership change the controller chose, for ``why``: admitting,
+        leaving) and returns the step it brought everyone to; a worker lost meanwhile is
+        recovered from as a loss, announced as one, and None is returned. Any other error
+        fails the module (:meth:`_cannot_form`)."""
         self._recovering = True
         try:
             return re_form()
         except StepsFailed as failure:
             lost_meanwhile = failure
+        except WorkerLostError:  # the module failed already: every worker lost, or the policy
+            raise
+        except Exception as err:
+            raise self._cannot_form(why, err) from err
         finally:
             self._recovering = False
         self._recover(lost_meanwhile)
         return None
+
+    def _cannot_form(self, why: str, err: Exception) -> WorkerLostError:
+        """Fails the module (FAILED) when forming its group anew for ``why`` raised ``err``,
+        no loss (a worker's join, or a replacement's set-up, failed): its members may be half
+        in the new generation, and going on could apply steps twice or evict healthy workers."""
+        return self._fail(
+            WorkerLostError(
+                f"{why}; the group could not be formed again ({first_line(err)}). "
+                "The module cannot continue"
+            )
+        )
 
     # -- a worker's own error in a step ------------------------------------------------------------
     def _re_form_after_error(self, failed: chunks.Chunk, err: Exception) -> None:
@@ -188,16 +205,11 @@ class MembershipChanges:
         try:
             self._sync_posted()  # a loss seen there is recovered from: the group re-forms
             if self.members.generation == generation:
-                committed = self._re_form_or_recover(lambda: self._reform([]))
-        except EveryWorkerLost:  # fit goes on from its latest checkpoint
-            raise
+                committed = self._re_form_or_recover(lambda: self._reform([]), why)
+        except WorkerLostError:  # failed already (every worker lost: fit goes on from its
+            raise  # latest checkpoint)
         except Exception as during:
-            raise self._fail(
-                WorkerLostError(
-                    f"{why}; the group could not be formed again ({first_line(during)}). "
-                    "The module cannot continue"
-                )
-            ) from during
+            raise self._cannot_form(why, during) from during
         # done before the members left the group (calls to an actor run in order): read, so
         # that Ray does not report their errors as unhandled
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
@@ -242,6 +254,10 @@ class MembershipChanges:
                     break
                 except StepsFailed as again:  # another worker lost while recovering
                     failure = again
+        except WorkerLostError:  # the module failed already: every worker lost, or the policy
+            raise
+        except Exception as err:
+            raise self._cannot_form(str(failure), err) from err
         finally:
             self._recovering = False
         self._running_again()
