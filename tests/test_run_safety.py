@@ -283,20 +283,20 @@ def test_a_checkpoint_of_the_same_step_that_verifies_is_never_replaced(tmp_path)
 
 def test_a_retry_of_a_checkpoint_whose_latest_failed_finishes_its_commit(tmp_path):
     """The manifest is written, then ``latest`` fails: the checkpoint is committed (a resume
-    finds it by listing), and the attempt after it takes it as its own instead of refusing it
-    as another writer's; only a retry does."""
+    finds it by listing), nothing is deleted, and the attempt after it, told so, takes it as
+    its own instead of refusing it as another writer's (which any other write still does)."""
     run = committed(tmp_path, step=6)
     latest = tmp_path / "r" / "latest"
     latest.unlink()
     latest.mkdir()  # a file cannot be renamed onto it: writing latest fails
-    with pytest.raises(OSError, match="cannot write"):
+    with pytest.raises(checkpoint.format.LatestNotWritten, match="cannot write"):
         checkpoint.write(run, snapshot(tmp_path, 2.0), info(12), keep=5)
     assert checkpoint.read(run, "ckpt-0000000012").params_file() == snapshot(tmp_path, 2.0).params
     latest.rmdir()
     with pytest.raises(CheckpointError, match="already holds a committed checkpoint"):
-        checkpoint.write(run, snapshot(tmp_path, 2.0), info(12), keep=5)  # not a retry
+        checkpoint.write(run, snapshot(tmp_path, 2.0), info(12), keep=5)  # not told to finish
     files = {name: run.read(name) for name in run.sizes() if name.startswith("ckpt-0000000012")}
-    assert checkpoint.write(run, snapshot(tmp_path, 2.0), info(12), keep=1, retry=True) == (
+    assert checkpoint.write(run, snapshot(tmp_path, 2.0), info(12), keep=1, finish=True) == (
         "ckpt-0000000012"
     )
     assert run.read("latest") == b"ckpt-0000000012"

@@ -149,7 +149,7 @@ def write(
     drop_newer: bool = False,
     check_owner: Callable[[], None] | None = None,
     stage: Callable[[Folder, object, dict], dict | None] | None = None,
-    retry: bool = False,
+    finish: bool = False,
 ) -> str | None:
     """Writes a checkpoint from a worker's ``snapshot`` and commits it; returns its name.
 
@@ -157,14 +157,14 @@ def write(
     ``epoch``, ``batch``, ``global_step``, ``world_size``, ``work_load_list`` and, when known,
     ``batch_size`` and ``batches_per_epoch`` (see :mod:`.continuity`). A folder of the
     same name that does not verify (an earlier, interrupted attempt) is replaced; one that
-    verifies raises ``CheckpointError`` and is kept, unless ``retry`` says an earlier attempt
-    of this very checkpoint failed, perhaps after its commit (writing ``latest`` failed, or
-    the manifest's write was answered with an error but done): then it is this checkpoint,
-    committed, and only ``latest`` and the tidying are done again. ``drop_newer`` gives up the
-    run's checkpoints from this step on even when they verify (a Tune trial continuing from
-    another's). Raises ``CheckpointError`` without writing anything when the parameters are not
-    finite. ``check_owner`` (a :class:`raymodule.lease.Lease`'s ``check``) is called before the
-    first write, before the commit and before each delete; what it raises stops the write.
+    verifies raises ``CheckpointError`` and is kept, unless ``finish`` says the attempt before
+    committed this very checkpoint and then failed to point ``latest`` at it
+    (:class:`LatestNotWritten`): then only ``latest`` and the tidying are done.
+    ``drop_newer`` gives up the run's checkpoints from this step on even when they verify (a
+    Tune trial continuing from another's). Raises ``CheckpointError`` without writing anything
+    when the parameters are not finite. ``check_owner`` (a :class:`raymodule.lease.Lease`'s
+    ``check``) is called before the first write, before the commit and before each delete;
+    what it raises stops the write.
 
     ``stage(run, snapshot, info)`` writes the files and returns the manifest to commit, or
     None when there is no snapshot (its workers were lost: nothing is committed, and None is
@@ -177,7 +177,7 @@ def write(
     held = run.sizes()  # one listing serves the replace below and the tidying after the commit
     if any(path.startswith(name + "/") for path in held):
         if not drop_newer and _verifies(run, name):
-            if retry:
+            if finish:
                 log.info("checkpoint %s: committed by the attempt before", name)
                 return _point_and_tidy(run, name, keep, held, drop_newer, check_owner)
             raise CheckpointError(
@@ -197,13 +197,22 @@ def write(
 
 def _point_and_tidy(run: Folder, name: str, keep: int, held, drop_newer, check_owner) -> str:
     """After the commit of checkpoint ``name``: ``latest`` names it, and the checkpoints the
-    run no longer needs are deleted (see :func:`_tidy`); returns ``name``."""
-    run.write(LATEST, name.encode())
+    run no longer needs are deleted (see :func:`_tidy`); returns ``name``. Raises
+    :class:`LatestNotWritten` when ``latest`` cannot be written (nothing is deleted then)."""
+    try:
+        run.write(LATEST, name.encode())
+    except OSError as err:
+        raise LatestNotWritten(str(err)) from None
     try:
         _tidy(run, name, keep, held, drop_newer, check_owner)
     except OSError as err:  # the checkpoint is committed; a later commit tidies again
         log.warning("checkpoint %s: could not delete old checkpoints: %s", name, err)
     return name
+
+
+class LatestNotWritten(OSError):
+    """A checkpoint was committed (its manifest written), but ``latest`` could not be pointed
+    at it: a retry finishes it (:func:`write`'s ``finish``)."""
 
 
 def stage_files(run: Folder, snapshot: Snapshot | None, info: dict) -> dict | None:

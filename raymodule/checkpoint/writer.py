@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..errors import CheckpointError
 from ..lease import LeaseLost
 from ..storage import Folder
-from .format import stage_files, write
+from .format import LatestNotWritten, stage_files, write
 
 __all__ = ["CheckpointWriter"]
 
@@ -199,6 +199,7 @@ class CheckpointWriter:
             log.warning("checkpoint at step %d skipped: its snapshot did not come", step)
             return
         tic = time.monotonic()
+        finish = False  # the attempt before committed it, and failed at latest
         for attempt in range(1, self.attempts + 1):
             try:
                 name = write(
@@ -208,12 +209,13 @@ class CheckpointWriter:
                     self.keep,
                     check_owner=self.check_owner,
                     stage=self._stage_beside,
-                    retry=attempt > 1,
+                    finish=finish,
                 )
             except CheckpointError as err:  # not to be committed: trying again changes nothing
                 self._failed(step, str(err), fatal=isinstance(err, LeaseLost))
                 return
             except OSError as err:
+                finish = isinstance(err, LatestNotWritten)
                 if attempt < self.attempts:
                     delay = self.backoff_s * 2 ** (attempt - 1)
                     log.info(
