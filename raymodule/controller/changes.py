@@ -142,11 +142,11 @@ class MembershipChanges:
             | change
         )
 
-    def _re_form_or_recover(self, re_form, why: str) -> int | None:
+    def _re_form_or_recover(self, re_form, why: str | None) -> int | None:
         """Runs ``re_form()`` (a membership change the controller chose, for ``why``: admitting,
         leaving) and returns the step it brought everyone to; a worker lost meanwhile is
         recovered from as a loss, announced as one, and None is returned. Any other error
-        fails the module (:meth:`_cannot_form`)."""
+        fails the module (:meth:`_cannot_form`), unless ``why`` is None: it is the caller's."""
         self._recovering = True
         try:
             return re_form()
@@ -155,6 +155,8 @@ class MembershipChanges:
         except WorkerLostError:  # the module failed already: every worker lost, or the policy
             raise
         except Exception as err:
+            if why is None:
+                raise
             raise self._cannot_form(why, err) from err
         finally:
             self._recovering = False
@@ -205,10 +207,10 @@ class MembershipChanges:
         try:
             self._sync_posted()  # a loss seen there is recovered from: the group re-forms
             if self.members.generation == generation:
-                committed = self._re_form_or_recover(lambda: self._reform([]), why)
-        except WorkerLostError:  # failed already (every worker lost: fit goes on from its
-            raise  # latest checkpoint)
-        except Exception as during:
+                committed = self._re_form_or_recover(lambda: self._reform([]), None)
+        except EveryWorkerLost:  # fit goes on from its latest checkpoint
+            raise
+        except Exception as during:  # the policy's failure too: said with the step's error
             raise self._cannot_form(why, during) from during
         # done before the members left the group (calls to an actor run in order): read, so
         # that Ray does not report their errors as unhandled
@@ -257,7 +259,8 @@ class MembershipChanges:
         except WorkerLostError:  # the module failed already: every worker lost, or the policy
             raise
         except Exception as err:
-            raise self._cannot_form(str(failure), err) from err
+            said = "; ".join(why) or f"the group broke during {failure.method}()"
+            raise self._cannot_form(said, err) from err
         finally:
             self._recovering = False
         self._running_again()
