@@ -157,7 +157,7 @@ def write(
     ``epoch``, ``batch``, ``global_step``, ``world_size``, ``work_load_list`` and, when known,
     ``batch_size`` and ``batches_per_epoch`` (see :mod:`.continuity`). A folder of the
     same name that does not verify (an earlier, interrupted attempt) is replaced; one that
-    verifies raises ``CheckpointError`` and is kept, unless ``finish`` says the attempt before
+    verifies raises ``CheckpointError`` and is kept, unless ``finish`` says an attempt before
     committed this very checkpoint and then failed to point ``latest`` at it
     (:class:`LatestNotWritten`): then only ``latest`` and the tidying are done.
     ``drop_newer`` gives up the run's checkpoints from this step on even when they verify (a

@@ -199,7 +199,7 @@ class CheckpointWriter:
             log.warning("checkpoint at step %d skipped: its snapshot did not come", step)
             return
         tic = time.monotonic()
-        finish = False  # the attempt before committed it, and failed at latest
+        finish = False  # an attempt before committed it, and failed at latest
         for attempt in range(1, self.attempts + 1):
             try:
                 name = write(
@@ -215,7 +215,7 @@ class CheckpointWriter:
                 self._failed(step, str(err), fatal=isinstance(err, LeaseLost))
                 return
             except OSError as err:
-                finish = isinstance(err, LatestNotWritten)
+                finish = finish or isinstance(err, LatestNotWritten)  # committed: ours
                 if attempt < self.attempts:
                     delay = self.backoff_s * 2 ** (attempt - 1)
                     log.info(
