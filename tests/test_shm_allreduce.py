@@ -28,6 +28,7 @@ from shm_ranks import Rank, arrays, check_sums, form
 
 import raymodule
 import raymodule.module
+from raymodule.worker import ModuleWorker
 from raymodule.worker.cores import cores_name, places
 from raymodule.worker.shm import LocalGroup, remove_stale_segments
 
@@ -426,6 +427,46 @@ def test_a_workers_own_error_in_a_step_breaks_its_group_which_re_forms_with_ever
         trained = mod.get_params()[0]
     assert max_relative_diff(expected[0], stopped) <= 1e-5
     assert max_relative_diff(expected[1], trained) <= 1e-5
+
+
+def test_workers_on_a_machine_other_than_x86_64_sum_over_gloo_not_shared_memory(monkeypatch):
+    """The shared memory's barriers rely on x86-64's store order (a rank's bucket seen by its
+    peers before its arrival at the barrier); another machine (aarch64, as ``platform.machine()``
+    says in these workers) may show them out of order. Its workers say so, meet at a gloo store
+    instead of in shared memory, and sum over gloo: fit ends on native MXNet's model, and no
+    segment is made. Before, they summed through shared memory whatever the machine."""
+
+    class OnArm(ModuleWorker):
+        def __init__(self, *args):
+            import platform
+
+            platform.machine = lambda: "aarch64"
+            super().__init__(*args)
+
+        def summed_in(self) -> list[str]:
+            """The tiers this worker's sums took time in."""
+            return sorted(tier for tier, s in self._collective.tier_s.items() if s > 0)
+
+    monkeypatch.setattr(raymodule.module, "ControllerHandle", stepfaults.with_workers(OnArm))
+    x, y = dataset(n=256)
+    sgd = {"learning_rate": 0.1}
+    native = mx.mod.Module(mlp())
+    native.bind([("data", (32, 20))], [("softmax_label", (32,))])
+    native.init_params(mx.init.Xavier())
+    start = [{k: v.copy() for k, v in params.items()} for params in native.get_params()]
+    native.fit(mx.io.NDArrayIter(x, y, 32), num_epoch=1, optimizer_params=sgd)
+    with raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)]) as mod:
+        mod.fit(
+            mx.io.NDArrayIter(x, y, 32),
+            num_epoch=1,
+            arg_params=start[0],
+            aux_params=start[1],
+            optimizer_params=sgd,
+        )
+        assert [n["shared_memory"] for n in mod.workers.nodes] == [False, False]
+        assert mod.workers.call("summed_in") == [["gloo"], ["gloo"]]
+        assert segments([n["pid"] for n in mod.workers.nodes]) == []
+        assert max_relative_diff(native.get_params()[0], mod.get_params()[0]) <= 1e-5
 
 
 def test_workers_are_placed_among_those_on_the_same_cores_whatever_their_ray_node():

@@ -393,10 +393,12 @@ class WorkerGroup:
 
     def _same_node(self, slots: list[int], backend: str) -> SameNode | None:
         """The shared-memory rendezvous of members ``slots`` when they all run on one node
-        and sum through shared memory (gloo, not switched off); else None."""
+        and each sums through shared memory (gloo, and :meth:`.ModuleWorker.describe` says it
+        may); else None."""
         where = [self.nodes.get(slot, {}) for slot in slots]
         nodes = {place.get("node") for place in where}
-        if backend != "gloo" or not self.settings.shm_allreduce or len(nodes) != 1 or None in nodes:
+        shared = all(place.get("shared_memory") for place in where)
+        if backend != "gloo" or not shared or len(nodes) != 1 or None in nodes:
             return None
         return SameNode(tuple(place["pid"] for place in where), secrets.token_hex(4))
 

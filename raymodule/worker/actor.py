@@ -125,12 +125,24 @@ class ModuleWorker:
             from . import collective  # noqa: F401 - light: MXNet is imported already
 
             alive = sum(1 for node in ray.nodes() if node["Alive"])
-            if alive > 1 or not self._shm_allreduce or self.device.device_type != "cpu":
+            if alive > 1 or not self._shares_memory() or self.device.device_type != "cpu":
                 from . import process_group  # noqa: F401 - torch: seconds of CPU
 
         node = ray.get_runtime_context().get_node_id()
-        # the cores it was allowed at its start: the same name pinned or not
-        return {"node": node, "pid": os.getpid(), "cores_name": cores_name(self._pinning.allowed)}
+        return {
+            "node": node,
+            "pid": os.getpid(),
+            # the cores it was allowed at its start: the same name pinned or not
+            "cores_name": cores_name(self._pinning.allowed),
+            "shared_memory": self._shares_memory(),  # may sum with its node's in /dev/shm
+        }
+
+    def _shares_memory(self) -> bool:
+        """Whether this worker sums dense gradients with its node's workers through shared
+        memory: asked to (RAYMODULE_SHM_ALLREDUCE), and on a machine where that is right."""
+        from .shm import usable_here
+
+        return self._shm_allreduce and usable_here()
 
     def rendezvous_address(self) -> str:
         from .collective import free_address

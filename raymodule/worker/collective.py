@@ -13,7 +13,8 @@ lowest) sums the nodes' sums over gloo in a group of these leaders
 (:class:`~raymodule.worker.process_group.ProcessGroup`). A group on one node
 (:class:`~raymodule.worker.shm.SameNode`) meets in shared memory alone and never imports torch,
 which costs each worker seconds of CPU; it makes a process group only if it sums ``row_sparse``
-gradients. Without the shared-memory sum, or on GPUs (NCCL), every bucket is one collective call
+gradients. Without the shared-memory sum (switched off, or on a machine other than x86-64:
+:func:`~raymodule.worker.shm.usable_here`), or on GPUs (NCCL), every bucket is one collective call
 on the NDArrays' own memory (a bucket of one array in place, several packed into one buffer and
 copied back).
 
@@ -36,7 +37,7 @@ import numpy as np
 import ray
 
 from . import native
-from .shm import LocalGroup, PartlyUpdated, SameNode
+from .shm import LocalGroup, PartlyUpdated, SameNode, usable_here
 
 __all__ = ["Collective", "PartlyUpdated", "SameNode", "plan_buckets", "free_address"]
 
@@ -116,9 +117,13 @@ class Collective:
     def _form_local_group(self, store, rank: int, timeout_s: float) -> None:
         """Groups the ranks by node through the rendezvous store: each node's ranks sum
         through shared memory, and when there are several nodes, their leaders (each node's
-        lowest rank) sum the nodes' sums in a gloo group of their own. With one rank on every
-        node there is nothing to share: dense gradients go all over gloo, as without."""
-        store.set(f"shm/member/{rank}", f"{ray.get_runtime_context().get_node_id()} {os.getpid()}")
+        lowest rank) sum the nodes' sums in a gloo group of their own. A rank on a machine
+        whose shared memory is not :func:`usable_here` is a node of its own. With one rank on
+        every node there is nothing to share: dense gradients go all over gloo, as without."""
+        node = ray.get_runtime_context().get_node_id()
+        if not usable_here():
+            node = f"{node}/{rank}"
+        store.set(f"shm/member/{rank}", f"{node} {os.getpid()}")
         members = [store.get(f"shm/member/{r}").decode().split() for r in range(self._world_size)]
         nodes: dict[str, list[int]] = {}
         for r, (node, _) in enumerate(members):

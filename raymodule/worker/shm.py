@@ -28,12 +28,15 @@ Every wait is bounded by the collective timeout and watches the local peers: a d
 raises at once, naming it. Slots are written and read through plain aligned int64 stores and
 loads, ordered as x86-64's memory model orders them (stores seen in program order); raising
 the broken flag and arriving at a barrier are each followed by a fence, so a rank's later
-look at the others' slots cannot come before its own store is seen.
+look at the others' slots cannot come before its own store is seen. Other machines (aarch64,
+POWER) may show a rank's stores to its peers out of order, a barrier's arrival before the bucket
+copied in ahead of it: their workers sum over gloo (:func:`usable_here`).
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import re
 import secrets
 import select
@@ -46,7 +49,7 @@ from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 
-__all__ = ["LocalGroup", "PartlyUpdated", "SameNode", "remove_stale_segments"]
+__all__ = ["LocalGroup", "PartlyUpdated", "SameNode", "remove_stale_segments", "usable_here"]
 
 PREFIX = "raymodule-"
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared-memory segments
@@ -56,6 +59,7 @@ _BROKEN, _DATA_NUMBER, _PORT, _HEADER = 0, 1, 2, 3
 _CHECK_INTERVAL_S = 0.001  # how often a wait looks at the peers and the clock
 _CLOSE_WAIT_S = 1.0  # how long close waits for a sum running in another thread to end
 _FENCE_LOCK = threading.Lock()  # taken only by _fence
+_STORES_IN_ORDER = frozenset({"x86_64", "amd64"})  # platform.machine(), lower case
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,12 @@ class SameNode:
 
     pids: tuple[int, ...]
     token: str
+
+
+def usable_here() -> bool:
+    """Whether sums through shared memory are right on this machine: its cores see each
+    other's stores in the order they were made (x86-64), which the barriers rely on."""
+    return platform.machine().lower() in _STORES_IN_ORDER
 
 
 def remove_stale_segments() -> list[str]:
