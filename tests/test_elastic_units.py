@@ -194,6 +194,7 @@ class StandIn:
         self.group = None
 
     def join(self, world, rank, address, backend, timeout_s, generation, place):
+        self._maybe_fail("join")
         self.group = (world, rank, generation, place)
         self.left = False
 
@@ -512,6 +513,31 @@ def test_a_group_that_fails_to_form_anew_with_nobody_lost_fails_the_module_in_wo
     assert ctl.state is State.FAILED
     with pytest.raises(WorkerLostError, match="cannot continue"):  # any call after it
         call(ctl, "state")
+
+
+def test_a_replacement_that_fails_to_join_is_dropped_as_lost_and_the_next_one_joins(controller):
+    """A replacement's own error as it joins the group (on a node it cannot reach the others
+    from, say) drops that replacement as a lost worker, counted as a failure: the run goes on
+    with the members it had, another replacement starts, and joins once up. Before, the whole
+    module failed ("the group could not be formed again")."""
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1)
+    kill(ctl.members.handles[1])
+    step(ctl)
+    assert ctl.members.slots == (0, 2) and ctl.ready(60.0) == [1]
+    ray.get(ctl._group.pending[1].set_fault.remote("join", "raise"), timeout=60)
+    ctl._next_poll = 0.0  # admit now
+    step(ctl)
+    assert ctl.state is State.RUNNING and ctl.members.slots == (0, 2)
+    dropped = events_of(ctl)[-1]
+    assert dropped["change"] == "lost" and dropped["lost"] == ["slot 1"]
+    assert "ValueError: a bad batch" in dropped["why"] and dropped["failures"] == 2
+    assert ctl.ready(60.0) == [1]  # started again
+    ctl._next_poll = 0.0
+    step(ctl)
+    assert ctl.members.slots == (0, 1, 2) and events_of(ctl)[-1]["change"] == "grown"
+    counts = [state["count"] for state in call(ctl, "state")]
+    assert counts == [3, 3, 3], counts
 
 
 def test_a_worker_lost_in_a_read_outside_the_step_loop_is_recovered_from(controller):

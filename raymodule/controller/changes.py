@@ -24,6 +24,7 @@ import ray
 from ..errors import WorkerLostError, first_line
 from . import chunks, policy
 from .failures import EveryWorkerLost, StepsFailed
+from .group import FormFailed
 from .replicas import set_up
 from .states import State
 from .waits import silent_among, why_lost
@@ -346,9 +347,19 @@ class MembershipChanges:
         ``admit`` (slots), sets up every module on each worker not yet in step (admitted now,
         or earlier by a re-forming that a later loss cut short) from the journal, splits every
         module's batch anew and brings everyone to the latest step a member in step applied.
-        A member lost meanwhile raises :class:`StepsFailed` (for :meth:`_recover`)."""
+        A member lost meanwhile raises :class:`StepsFailed` (for :meth:`_recover`), and so does
+        a worker not yet in step whose own call failed as the group formed (a replacement that
+        cannot reach the others, say): it is dropped as lost, and started again."""
         self._group.admit(admit)
-        self.members, lost = self._group.form(self._backend)
+        try:
+            self.members, lost = self._group.form(self._backend)
+        except FormFailed as err:
+            self.members = self._group.membership()  # of the generation that failed to form
+            rank_of = self.members.rank_of()
+            joining = {rank_of[s]: why for s, why in err.errors.items() if s not in self._synced}
+            if not joining or not self.limits.elastic:
+                raise
+            raise StepsFailed("re-form", joining, "") from err
         if lost:
             rank_of = self.members.rank_of()
             raise StepsFailed("re-form", {rank_of[slot]: why for slot, why in lost.items()}, "")

@@ -31,7 +31,7 @@ from ..worker.cores import places
 from ..worker.shm import SameNode
 from .membership import Membership
 
-__all__ = ["WorkerGroup"]
+__all__ = ["FormFailed", "WorkerGroup"]
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +73,26 @@ def _draining_nodes() -> set[str]:
         return set()
 
 
+class FormFailed(WorkerError):
+    """Workers raised errors of their own while the group re-formed, nobody lost: ``errors``
+    says each one's, by slot (the message names the first)."""
+
+    def __init__(self, errors: dict[int, str]):
+        first = min(errors)
+        super().__init__(
+            f"the worker of slot {first} failed while the group re-formed: {errors[first]}"
+        )
+        self.errors = errors
+
+
 def _unresponsive(slots: list[int], refs: list, timeout_s: float) -> dict[int, str]:
     """The slots whose call failed because their worker is gone, or that did not answer
-    within ``timeout_s`` (alive but silent), each with why. Another error is raised as a
-    WorkerError naming the slot, unless a worker is gone or silent (its peers' calls then fail
-    for that reason)."""
+    within ``timeout_s`` (alive but silent), each with why. Other errors raise
+    :class:`FormFailed`, unless a worker is gone or silent (its peers' calls then fail for
+    that reason)."""
     done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     done = set(done)
-    lost, failed = {}, None
+    lost, failed = {}, {}
     for slot, ref in zip(slots, refs):
         if ref not in done:
             lost[slot] = f"silent: no answer within {timeout_s:g} s while the group re-formed"
@@ -90,14 +102,10 @@ def _unresponsive(slots: list[int], refs: list, timeout_s: float) -> dict[int, s
         except ray.exceptions.RayActorError as err:
             lost[slot] = f"{type(err).__name__}: {first_line(err)}"
         except ray.exceptions.RayTaskError as err:
-            failed = failed or (slot, err)
-    if failed is not None and not lost:
-        slot, err = failed
-        cause = getattr(err, "cause", None) or err
-        raise WorkerError(
-            f"the worker of slot {slot} failed while the group re-formed: "
-            f"{type(cause).__name__}: {first_line(cause)}"
-        )
+            cause = getattr(err, "cause", None) or err
+            failed[slot] = f"{type(cause).__name__}: {first_line(cause)}"
+    if failed and not lost:
+        raise FormFailed(failed)
     return lost
 
 
