@@ -515,26 +515,37 @@ def test_a_group_that_fails_to_form_anew_with_nobody_lost_fails_the_module_in_wo
         call(ctl, "state")
 
 
-def test_a_replacement_that_fails_to_join_is_dropped_as_lost_and_the_next_one_joins(controller):
+@pytest.mark.parametrize("refusals", [1, 2], ids=["once", "again"])
+def test_a_replacement_that_fails_to_join_is_dropped_as_lost_and_started_once_more(
+    controller, refusals
+):
     """A replacement's own error as it joins the group (on a node it cannot reach the others
     from, say) drops that replacement as a lost worker, counted as a failure: the run goes on
-    with the members it had, another replacement starts, and joins once up. Before, the whole
-    module failed ("the group could not be formed again")."""
+    with the members it had, and another replacement starts, which joins once up. Before, the
+    whole module failed ("the group could not be formed again"). If that one fails to join
+    too, the module fails, in words: each try stalls the members (up to the collective
+    timeout), and a node that refuses every replacement would do it for good."""
     ctl = controller
     ctl.limits = Limits(3, min_workers=1)
     kill(ctl.members.handles[1])
     step(ctl)
-    assert ctl.members.slots == (0, 2) and ctl.ready(60.0) == [1]
-    ray.get(ctl._group.pending[1].set_fault.remote("join", "raise"), timeout=60)
-    ctl._next_poll = 0.0  # admit now
-    step(ctl)
-    assert ctl.state is State.RUNNING and ctl.members.slots == (0, 2)
-    dropped = events_of(ctl)[-1]
-    assert dropped["change"] == "lost" and dropped["lost"] == ["slot 1"]
-    assert "ValueError: a bad batch" in dropped["why"] and dropped["failures"] == 2
-    assert ctl.ready(60.0) == [1]  # started again
-    ctl._next_poll = 0.0
-    step(ctl)
+    for tried in range(refusals + 1):
+        assert ctl.members.slots == (0, 2) and ctl.ready(60.0) == [1]
+        refuses = tried < refusals
+        if refuses:
+            ray.get(ctl._group.pending[1].set_fault.remote("join", "raise"), timeout=60)
+        ctl._next_poll = 0.0  # admit now
+        if refuses and tried == 1:
+            with pytest.raises(WorkerLostError, match="slots .1.; the group could not be formed"):
+                step(ctl)
+            assert ctl.state is State.FAILED
+            return
+        step(ctl)
+        if refuses:
+            dropped = events_of(ctl)[-1]
+            assert ctl.state is State.RUNNING and dropped["change"] == "lost"
+            assert dropped["lost"] == ["slot 1"] and dropped["failures"] == 2
+            assert "ValueError: a bad batch" in dropped["why"]
     assert ctl.members.slots == (0, 1, 2) and events_of(ctl)[-1]["change"] == "grown"
     counts = [state["count"] for state in call(ctl, "state")]
     assert counts == [3, 3, 3], counts

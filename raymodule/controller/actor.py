@@ -92,6 +92,8 @@ class Controller(MembershipChanges):
         self._in_flight: dict[ray.ObjectRef, tuple] = {}  # step calls not read: (rank, kind)
         self._chunks: deque[chunks.Chunk] = deque()  # in the order sent
         self._synced: set[int] = set()  # slots whose workers hold every module, in step
+        self._refused_join: set[int] = set()  # slots whose replacement failed to join, and
+        # none of theirs joined since
         self._leaving: dict[int, str] = {}  # slots to remove gracefully: why (SIGTERM, drain)
         self._balancer: Balancer | None = None  # work_load_list="auto" (a module bound so)
         self._recovering = False

@@ -349,17 +349,22 @@ class MembershipChanges:
         module's batch anew and brings everyone to the latest step a member in step applied.
         A member lost meanwhile raises :class:`StepsFailed` (for :meth:`_recover`), and so does
         a worker not yet in step whose own call failed as the group formed (a replacement that
-        cannot reach the others, say): it is dropped as lost, and started again."""
+        cannot reach the others, say): it is dropped as lost, and started again, once per
+        slot until one joins. A second failure of that slot's fails the module: a node that
+        fails every replacement on it would stall the members at each try, up to the
+        collective timeout, for as long as failures are allowed."""
         self._group.admit(admit)
         try:
             self.members, lost = self._group.form(self._backend)
         except FormFailed as err:
             self.members = self._group.membership()  # of the generation that failed to form
-            rank_of = self.members.rank_of()
-            joining = {rank_of[s]: why for s, why in err.errors.items() if s not in self._synced}
-            if not joining or not self.limits.elastic:
+            joining = {s: why for s, why in err.errors.items() if s not in self._synced}
+            if not joining or not self.limits.elastic or joining.keys() & self._refused_join:
                 raise
-            raise StepsFailed("re-form", joining, "") from err
+            self._refused_join.update(joining)
+            rank_of = self.members.rank_of()
+            lost = {rank_of[slot]: why for slot, why in joining.items()}
+            raise StepsFailed("re-form", lost, "") from err
         if lost:
             rank_of = self.members.rank_of()
             raise StepsFailed("re-form", {rank_of[slot]: why for slot, why in lost.items()}, "")
@@ -379,6 +384,7 @@ class MembershipChanges:
             self._post("set_metric", self._loops.metric, ranks=new)
         self._sync()
         self._synced = set(self.members.slots)
+        self._refused_join -= self._synced
         self.steps_sent = self.committed = committed
         return committed
 
