@@ -128,7 +128,9 @@ class Lease:
             raise LeaseLost(self._lost)
 
     def release(self) -> None:
-        """Stops renewing, and deletes the lease if it is still this run's."""
+        """Stops renewing, and deletes the lease if it is still this run's. Every check after
+        it raises :class:`LeaseLost`: a checkpoint still being written when the run closed
+        (its close timed out) writes nothing more, nor takes the lease back."""
         self._stop.set()
         if self._thread is not None:  # a renewal stuck longer than the TTL lost the lease anyway
             self._thread.join(timeout=self.ttl_s)
@@ -137,6 +139,8 @@ class Lease:
             self.folder.delete(LEASE)
         except (LeaseLost, OSError) as err:
             log.warning("run %r: lease not released: %s", self.name, err)
+        if self._lost is None:
+            self._lost = f"run {self.name!r} was closed: it released {self.folder}"
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 4):

@@ -618,6 +618,23 @@ def test_a_run_that_loses_its_folder_while_tidying_deletes_nothing_more(tmp_path
     assert json.loads(run.read("lease.json"))["owner"] == "other"
 
 
+def test_a_check_after_the_lease_is_released_takes_nothing_back(tmp_path):
+    """A checkpoint still being written when its run closed (the close timed out) checks the
+    lease before its commit: it finds the run closed and writes nothing, not even the lease.
+    Before, the check found no lease and wrote it anew, and a restart of the run under that
+    name waited for it to age out (RAYMODULE_LEASE_TTL_S)."""
+    run = storage.Folder(str(tmp_path / "r"))
+    lease = Lease(run, "r", ttl_s=60)
+    lease.acquire()
+    lease.release()
+    with pytest.raises(LeaseLost, match="was closed"):
+        checkpoint.write(run, snapshot(tmp_path), info(4), keep=5, check_owner=lease.check)
+    assert run.folders() == [] and not run.exists("lease.json")
+    again = Lease(run, "r", ttl_s=60)
+    again.acquire()  # at once
+    again.release()
+
+
 def test_a_lease_lost_by_storage_is_taken_again(tmp_path):
     with Run(RunConfig(name="r", storage=str(tmp_path)), Settings.from_env(), STATIC) as owned:
         owned.folder.delete("lease.json")  # an object store restarted without it
