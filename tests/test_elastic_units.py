@@ -209,6 +209,7 @@ class StandIn:
         self.calls.append(("create", None))
 
     def bind(self, mid, *args):
+        self._maybe_fail("bind")
         self.calls.append(("bind", _share(*args[-3:])))
         return ["default"]
 
@@ -516,15 +517,17 @@ def test_a_group_that_fails_to_form_anew_with_nobody_lost_fails_the_module_in_wo
 
 
 @pytest.mark.parametrize("refusals", [1, 2], ids=["once", "again"])
+@pytest.mark.parametrize("method", ["join", "bind"])
 def test_a_replacement_that_fails_to_join_is_dropped_as_lost_and_started_once_more(
-    controller, refusals
+    controller, method, refusals
 ):
     """A replacement's own error as it joins the group (on a node it cannot reach the others
-    from, say) drops that replacement as a lost worker, counted as a failure: the run goes on
-    with the members it had, and another replacement starts, which joins once up. Before, the
-    whole module failed ("the group could not be formed again"). If that one fails to join
-    too, the module fails, in words: each try stalls the members (up to the collective
-    timeout), and a node that refuses every replacement would do it for good."""
+    from, say), or as it is set up (binding the module), drops that replacement as a lost
+    worker, counted as a failure: the run goes on with the members it had, and another
+    replacement starts, which joins once up. Before, the whole module failed ("the group
+    could not be formed again"). If that one fails too, the module fails, in words: each try
+    stalls the members (up to the collective timeout), and a node that refuses every
+    replacement would do it for good."""
     ctl = controller
     ctl.limits = Limits(3, min_workers=1)
     kill(ctl.members.handles[1])
@@ -533,7 +536,7 @@ def test_a_replacement_that_fails_to_join_is_dropped_as_lost_and_started_once_mo
         assert ctl.members.slots == (0, 2) and ctl.ready(60.0) == [1]
         refuses = tried < refusals
         if refuses:
-            ray.get(ctl._group.pending[1].set_fault.remote("join", "raise"), timeout=60)
+            ray.get(ctl._group.pending[1].set_fault.remote(method, "raise"), timeout=60)
         ctl._next_poll = 0.0  # admit now
         if refuses and tried == 1:
             with pytest.raises(WorkerLostError, match="slots .1.; the group could not be formed"):

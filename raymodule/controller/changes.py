@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from typing import NoReturn
 
 import ray
 
@@ -348,23 +349,14 @@ class MembershipChanges:
         or earlier by a re-forming that a later loss cut short) from the journal, splits every
         module's batch anew and brings everyone to the latest step a member in step applied.
         A member lost meanwhile raises :class:`StepsFailed` (for :meth:`_recover`), and so does
-        a worker not yet in step whose own call failed as the group formed (a replacement that
-        cannot reach the others, say): it is dropped as lost, and started again, once per
-        slot until one joins. A second failure of that slot's fails the module: a node that
-        fails every replacement on it would stall the members at each try, up to the
-        collective timeout, for as long as failures are allowed."""
+        a worker not yet in step whose own call failed as the group formed or as it was set up
+        (:meth:`_drop_joining`)."""
         self._group.admit(admit)
         try:
             self.members, lost = self._group.form(self._backend)
         except FormFailed as err:
             self.members = self._group.membership()  # of the generation that failed to form
-            joining = {s: why for s, why in err.errors.items() if s not in self._synced}
-            if not joining or not self.limits.elastic or joining.keys() & self._refused_join:
-                raise
-            self._refused_join.update(joining)
-            rank_of = self.members.rank_of()
-            lost = {rank_of[slot]: why for slot, why in joining.items()}
-            raise StepsFailed("re-form", lost, "") from err
+            self._drop_joining(err.errors, err)
         if lost:
             rank_of = self.members.rank_of()
             raise StepsFailed("re-form", {rank_of[slot]: why for slot, why in lost.items()}, "")
@@ -382,11 +374,42 @@ class MembershipChanges:
         )  # fmt: skip
         if new:
             self._post("set_metric", self._loops.metric, ranks=new)
+            self._check_set_up(new)
         self._sync()
         self._synced = set(self.members.slots)
         self._refused_join -= self._synced
         self.steps_sent = self.committed = committed
         return committed
+
+    def _check_set_up(self, new: list[int]) -> None:
+        """Waits for the calls posted to the ``new`` ranks (their set-up); an error of their
+        own drops them all (:meth:`_drop_joining`: which one failed is not known)."""
+        posted = [entry for entry in self._unchecked if entry[0] in new]
+        self._unchecked = [entry for entry in self._unchecked if entry[0] not in new]
+        ranks, refs, _ = zip(*posted)
+        try:
+            self._get(list(refs), "set-up", list(ranks))
+        except StepsFailed:
+            raise
+        except Exception as err:
+            why = f"its set-up failed: {first_line(err)[:300]}"
+            self._drop_joining({self.members.slots[r]: why for r in new}, err)
+
+    def _drop_joining(self, errors: dict[int, str], err: Exception) -> NoReturn:
+        """Raises :class:`StepsFailed` losing the workers not yet in step among ``errors``
+        (slot: why its call failed as its group formed or it was set up: a replacement on a
+        node it cannot reach the others from, say): they are removed and started again, once
+        per slot until one joins. ``err`` is raised instead when none is, outside an elastic
+        run, or when one of those slots failed so before: a node that fails every replacement
+        on it would stall the members at each try (up to the collective timeout) for as long
+        as failures are allowed, and Ray starts a slot's replacement on its bundle's node."""
+        joining = {s: why for s, why in errors.items() if s not in self._synced}
+        if not joining or not self.limits.elastic or joining.keys() & self._refused_join:
+            raise err
+        self._refused_join.update(joining)
+        rank_of = self.members.rank_of()
+        lost = {rank_of[slot]: why for slot, why in joining.items()}
+        raise StepsFailed("re-form", lost, "") from err
 
     def _settle(self, lost: dict[int, str]) -> None:
         """Waits for the survivors' calls in flight (they fail at once: their group is
