@@ -304,12 +304,16 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
             {**gate("remove"), **gate("add", GROW_STEP)}, {"remove": remove_node, "add": None}
         )
         faults.actions["add"] = add_nodes(1, faults)
-    elif scenario == "all":
-        faults = Faults(gate("kill all"), {"kill all": kill_all})
+    elif scenario in ("all", "controller"):
+        if scenario == "all":
+            faults = Faults(gate("kill all"), {"kill all": kill_all})
+        else:
+            faults = Faults(gate("kill"), {"kill": lambda mod: ray.kill(mod.workers.controller)})
         min_workers = 1
-    elif scenario == "controller":
-        faults = Faults(gate("kill"), {"kill": lambda mod: ray.kill(mod.workers.controller)})
-        min_workers = 1
+        # the new workers start together, as the test expects, though this machine is busy:
+        # not one by one once RAYMODULE_START_WAIT_S (2 s here) passed, the late ones joining
+        # later, or not before the run ends
+        os.environ["RAYMODULE_START_WAIT_S"] = "60"
     elif scenario == "epoch_end":  # armed in epoch 0, fired reading the parameters at its end
         faults = Faults({(FAULT_STEP, 0): ("arm", "get_params", "die")}, {})
     elif scenario == "admit":  # ranks after the loss of slot 1: [slot 0, slot 2]
@@ -346,6 +350,8 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
         os.environ["RAYMODULE_STEPS_PER_CALL"] = "1"
         os.environ["RAYMODULE_PIPELINE_DEPTH"] = "0"
     elif scenario == "start_small":  # the floor is the contexts' own: 1
+        # looked for often: two workers up a poll apart both join before the run ends
+        os.environ["RAYMODULE_ADMIT_INTERVAL_S"] = "0.05"
         contexts = raymodule.workers(1, max_workers=WORKERS)
         faults = Faults(gate("add"), {"add": None})
         faults.actions["add"] = add_nodes(WORKERS - 1, faults)
