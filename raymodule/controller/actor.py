@@ -461,11 +461,15 @@ class Controller(MembershipChanges):
                         "but this call's result is gone: call it again"
                     ) from None
 
-    def _sync(self) -> None:
-        """Waits for every posted call and raises the first error among them (in an elastic
-        run, a worker lost meanwhile is recovered from: the survivors hold what was posted,
-        and replacements take a survivor's state)."""
-        unchecked, self._unchecked = self._unchecked, []
+    def _sync(self, ranks: list[int] | None = None) -> None:
+        """Waits for every posted call (to ``ranks``: those only) and raises the first error
+        among them (in an elastic run, a worker lost meanwhile is recovered from: the
+        survivors hold what was posted, and replacements take a survivor's state)."""
+        if ranks is None:
+            unchecked, self._unchecked = self._unchecked, []
+        else:
+            unchecked = [entry for entry in self._unchecked if entry[0] in ranks]
+            self._unchecked = [entry for entry in self._unchecked if entry[0] not in ranks]
         if not unchecked:
             return
         ranks, refs, methods = zip(*unchecked)

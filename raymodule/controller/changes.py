@@ -167,8 +167,9 @@ class MembershipChanges:
 
     def _cannot_form(self, why: str, err: Exception) -> WorkerLostError:
         """Fails the module (FAILED) when forming its group anew for ``why`` raised ``err``,
-        no loss (a worker's join, or a replacement's set-up, failed): its members may be half
-        in the new generation, and going on could apply steps twice or evict healthy workers."""
+        no loss (the join or set-up of a member in step failed, or of a slot's replacement a
+        second time: :meth:`_drop_joining`): its members may be half in the new generation,
+        and going on could apply steps twice or evict healthy workers."""
         return self._fail(
             WorkerLostError(
                 f"{why}; the group could not be formed again ({first_line(err)}). "
@@ -384,12 +385,9 @@ class MembershipChanges:
     def _check_set_up(self, new: list[int]) -> None:
         """Waits for the calls posted to the ``new`` ranks (their set-up); an error of their
         own drops them all (:meth:`_drop_joining`: which one failed is not known)."""
-        posted = [entry for entry in self._unchecked if entry[0] in new]
-        self._unchecked = [entry for entry in self._unchecked if entry[0] not in new]
-        ranks, refs, _ = zip(*posted)
         try:
-            self._get(list(refs), "set-up", list(ranks))
-        except StepsFailed:
+            self._sync(ranks=new)
+        except StepsFailed:  # a loss: recovered from by the recovery this re-forming is in
             raise
         except Exception as err:
             why = f"its set-up failed: {first_line(err)[:300]}"
