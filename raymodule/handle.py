@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import time
 import uuid
 import weakref
 
@@ -31,7 +32,7 @@ from .controller import policy
 from .controller.actor import RemoteController
 from .controller.failures import EveryWorkerLost
 from .controller.membership import Membership
-from .controller.plans import plan_ended, stop_plan
+from .controller.plans import STOP_POLL_S, plan_ended, stop_plan
 from .controller.waits import forming_s, in_words, longest_call_s
 from .data import batch_size_of
 from .errors import RayModuleError, WorkerLostError, first_line
@@ -191,19 +192,39 @@ class ControllerHandle:
         if self.live:
             self.controller.end_loop.remote(loop)
 
-    def advance(self, kind: str, spec: dict | None, keep: int, loop: str | None = None) -> dict:
+    def advance(
+        self, kind: str, spec: dict | None, keep: int, loop: str | None = None, stop=None
+    ) -> dict:
         """Sends a chunk of steps of step loop ``loop`` and reads its finished ones
-        (:meth:`Controller.advance`)."""
-        return self._read("advance", kind, spec, keep, loop)
+        (:meth:`Controller.advance`). ``stop()``, when given, is asked while the reply is
+        waited for: once it is true the controller is asked to stop waiting for
+        replacements, as a plan is (:meth:`run`)."""
+        if stop is None:
+            return self._read("advance", kind, spec, keep, loop)
+        key, asked = uuid.uuid4().hex, []
 
-    def run(self, kind: str, plan: dict) -> PlanProgress:
+        def ask() -> bool:
+            if stop():
+                stop_plan(key)
+                asked.append(key)
+            return bool(asked)
+
+        try:
+            return self._read("advance", kind, spec, keep, loop, key, asks=ask)
+        finally:
+            if asked:
+                plan_ended(key)
+
+    def run(self, kind: str, plan: dict, stop=None) -> PlanProgress:
         """Starts a plan of a dataset's steps on the controller (:meth:`Controller.run`);
-        its progress is read from the returned stream."""
+        its progress is read from the returned stream. ``stop()``, when given, is asked
+        while a reply is waited for: once it is true the plan is asked to stop
+        (:meth:`PlanProgress.stop`), even while the controller waits for replacements."""
         self._usable()
         self._posted = 0
         key = uuid.uuid4().hex
         stream = self.controller.run.remote(kind, dict(plan, stop_key=key))
-        return PlanProgress(self, stream, key, plan.get("params_at_end"), self._changes)
+        return PlanProgress(self, stream, key, plan.get("params_at_end"), self._changes, stop)
 
     def params(self, mid: int) -> tuple[dict, dict]:
         """Worker 0's parameters and auxiliary states of module ``mid`` (numpy arrays by
@@ -271,20 +292,26 @@ class ControllerHandle:
         if self.closed:
             raise WorkerLostError("this module was closed; its workers are gone")
 
-    def _read(self, method: str, *args):
+    def _read(self, method: str, *args, asks=None):
         self._usable()
         self._posted = 0
         waits = longest_call_s(self.settings, len(self.contexts))
-        return self._control(method, *args, waits_s=waits)
+        return self._control(method, *args, waits_s=waits, asks=asks)
 
-    def _control(self, method: str, *args, waits_s: float):
+    def _control(self, method: str, *args, waits_s: float, asks=None):
         """Calls the controller and applies the view it returns: bounded by what the call
-        may wait (``waits_s``) plus RAYMODULE_CONTROL_TIMEOUT_S. A lost controller loses the
-        run's workers too (they share its fate), so an elastic run goes on from its latest
-        checkpoint, as one more failure; a controller that does not answer is treated the
-        same way."""
+        may wait (``waits_s``) plus RAYMODULE_CONTROL_TIMEOUT_S (``asks``: see
+        :func:`_await`). A lost controller loses the run's workers too (they share its fate),
+        so an elastic run goes on from its latest checkpoint, as one more failure; a
+        controller that does not answer is treated the same way."""
         ref = getattr(self.controller, method).remote(*args)
-        value, view = self._answer(method, lambda bound: ray.get(ref, timeout=bound), waits_s)
+
+        def get(bound: float):
+            if asks is not None:
+                _await(ref, bound, asks, f"no answer to {method}")
+            return ray.get(ref, timeout=bound)
+
+        value, view = self._answer(method, get, waits_s)
         self._apply(view)
         return value
 
@@ -373,8 +400,10 @@ class PlanProgress:
         key: str,
         params_of: int | None,
         changes: int,
+        stop=None,
     ):
         self._handle, self._stream, self._key = handle, stream, key
+        self._stop_when = stop  # asked while a reply is waited for (see ControllerHandle.run)
         # the module whose parameters the last reply brings; the handle's changes at the start
         self._params_of, self._changes = params_of, changes
         self._stopping = False
@@ -417,10 +446,14 @@ class PlanProgress:
             plan_ended(self._key)
 
     def _next(self, bound: float):
-        ready, _ = ray.wait([self._stream], timeout=bound)
-        if not ready:
-            raise ray.exceptions.GetTimeoutError(f"no progress of the plan in {bound:g} s")
+        asks = None if self._stop_when is None or self._stopping else self._ask_to_stop
+        _await(self._stream, bound, asks, "no progress of the plan")
         return ray.get(next(self._stream), timeout=bound)
+
+    def _ask_to_stop(self) -> bool:
+        if self._stop_when():
+            self.stop()
+        return self._stopping
 
     def stop(self) -> None:
         """Asks the controller to stop the plan at its next chunk boundary: the replies go on
@@ -429,6 +462,23 @@ class PlanProgress:
         if not self._stopping:
             self._stopping = True
             stop_plan(self._key)
+
+
+def _await(ref, bound: float, asks, what: str) -> None:
+    """Waits up to ``bound`` seconds for ``ref`` (an object, or a stream's next reply) to be
+    ready, else raises ``GetTimeoutError`` (``what`` says what did not come). ``asks()``, when
+    given, is called every STOP_POLL_S meanwhile, until it returns true: it asks the
+    controller to stop (SIGTERM came), which it sees even while it waits for replacements."""
+    deadline = time.monotonic() + bound
+    while True:
+        left = max(0.0, deadline - time.monotonic())
+        ready, _ = ray.wait([ref], timeout=left if asks is None else min(left, STOP_POLL_S))
+        if ready:
+            return
+        if time.monotonic() >= deadline:
+            raise ray.exceptions.GetTimeoutError(f"{what} in {bound:g} s")
+        if asks is not None and asks():
+            asks = None
 
 
 def _beside_client():

@@ -14,7 +14,9 @@ scenario removed or drained.
 
 Scenarios: kill (SIGKILL one worker process), node (remove a worker's node for real),
 hang (SIGSTOP one worker: alive, silent), grow (remove a node, add one back later),
-floor (remove a node with min_workers=3 and no node coming), all (SIGKILL every worker:
+floor (remove a node with min_workers=3 and no node coming), floor_stop and floor_stop_rows
+(floor, and then SIGTERM to this process, the training process: a preemption notice; batches
+read in this process, or rows the workers read), all (SIGKILL every worker:
 the run goes on from its latest checkpoint), process (SIGKILL the training process itself
 mid-run, run it again with the same name), drain (Ray's drain API, as an autoscaler's
 preemption drain calls it, on one worker's node: that worker leaves at a step boundary),
@@ -100,6 +102,13 @@ def batches():
     return ClientIter(x, y, batch_size=BATCH, shuffle=False)
 
 
+def rows():
+    """:func:`batches`' batches in a plain NDArrayIter: fit reads it as rows, which the
+    workers read (a plan the controller runs)."""
+    x, y = dataset(n=BATCH * 16, shape=(20,), seed=3)
+    return mx.io.NDArrayIter(x, y, batch_size=BATCH, shuffle=False)
+
+
 def optimizer_params():
     return {"learning_rate": 0.1, "momentum": 0.9}
 
@@ -123,9 +132,10 @@ def train(
     every=4,
     epoch_end_callback=None,
     hidden=HIDDEN,
+    data=None,
 ):
-    """The elastic run under ``faults`` (a :class:`Faults`, or None); returns the module
-    (still open) and the exception it raised, if any."""
+    """The elastic run under ``faults`` (a :class:`Faults`, or None) of ``data`` (by default
+    :func:`batches`); returns the module (still open) and the exception it raised, if any."""
     mx.random.seed(0)
     if isinstance(contexts, int):
         contexts = [mx.cpu(i) for i in range(contexts)]
@@ -138,7 +148,7 @@ def train(
     try:
         with gates:
             mod.fit(
-                batches(),
+                data or batches(),
                 num_epoch=EPOCHS,
                 optimizer_params=optimizer_params(),
                 epoch_end_callback=epoch_end_callback,
@@ -280,6 +290,9 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
             storage_back.append(by)
             os.killpg(s3.proc.pid, signal.SIGCONT)
 
+    def sigterm_self(mod):
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs in the main thread, in fit
+
     def then(*actions):
         def both(mod):
             for action in actions:
@@ -292,13 +305,18 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
         return {(step, None): ("gate", name)}
 
     min_workers, max_failures, every, contexts, hidden = 2, 3, 4, WORKERS, HIDDEN
+    data, waits = None, {}  # the batches (None: batches()); settings for this scenario only
     if scenario == "kill":
         faults = Faults({(FAULT_STEP, victim): "die"}, {})
     elif scenario == "hang":
         faults = Faults({(FAULT_STEP, victim): "stop"}, {})
-    elif scenario in ("node", "floor"):
+    elif scenario in ("node", "floor", "floor_stop", "floor_stop_rows"):
         faults = Faults(gate("remove"), {"remove": remove_node})
-        min_workers = 3 if scenario == "floor" else 2
+        min_workers = 2 if scenario == "node" else 3
+        if scenario != "node" and scenario != "floor":  # SIGTERM as the run waits for a node
+            faults.actions["remove"] = then(remove_node, sigterm_self)
+            waits["RAYMODULE_MIN_WORKERS_WAIT_S"] = "120"  # fit would fail after it
+            data = rows() if scenario == "floor_stop_rows" else None
     elif scenario == "grow":
         faults = Faults(
             {**gate("remove"), **gate("add", GROW_STEP)}, {"remove": remove_node, "add": None}
@@ -370,17 +388,27 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
     writer_log.addHandler(commits)
     writer_log.setLevel(logging.INFO)
     tic = time.monotonic()
-    mod, error = train(
-        storage,
-        scenario,
-        faults,
-        min_workers,
-        contexts,
-        max_failures,
-        every,
-        lambda epoch, symbol, arg, aux: ended.append(epoch),
-        hidden,
-    )
+    sigterms = []  # fit hands a SIGTERM on once it stopped: to this handler, not the default
+    previous = None
+    if scenario.startswith("floor_stop"):
+        previous = signal.signal(signal.SIGTERM, lambda *_: sigterms.append(1)) or signal.SIG_DFL
+    try:
+        with mock.patch.dict(os.environ, waits):
+            mod, error = train(
+                storage,
+                scenario,
+                faults,
+                min_workers,
+                contexts,
+                max_failures,
+                every,
+                lambda epoch, symbol, arg, aux: ended.append(epoch),
+                hidden,
+                data,
+            )
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     writer_log.removeHandler(commits)
     writer_log.setLevel(level)
     resume_storage("end")  # a run that failed before S3_BACK_STEP
@@ -391,6 +419,7 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
         "fired": faults.count(),
         "error": f"{type(error).__name__}: {error}" if error else None,
         "world_size": mod.world_size,
+        "sigterms": len(sigterms),
         "epoch_ends": ended,
         "driver_node": ray.get_runtime_context().get_node_id(),
         "written_from": commits.nodes,  # of each committed checkpoint, in order

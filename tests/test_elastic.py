@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,6 +34,8 @@ ON_ONE_CLUSTER = {
     "drain",
     "grow",
     "floor",
+    "floor_stop",
+    "floor_stop_rows",
     "admit",
     "node",
     "kill",
@@ -309,6 +312,29 @@ def test_below_min_workers_with_no_node_coming_fails_in_words(scenario):
     error = result["error"]
     assert error.startswith("WorkerLostError"), error
     assert "was lost" in error and "min_workers=3" in error and "waiting" in error
+
+
+@pytest.mark.parametrize("read", ["client", "rows"])
+def test_a_sigterm_below_min_workers_stops_with_a_checkpoint_instead_of_waiting(read, scenario):
+    """``floor``, then SIGTERM to the training process (a preemption notice) while the run
+    waits for a node that does not come (RAYMODULE_MIN_WORKERS_WAIT_S is 120 s here): the wait
+    ends, the two workers there finish the steps in flight, the run checkpoints there and
+    fit raises Preempted, as it does with every worker there; started again with the same name
+    it would go on from that checkpoint. Batches read in the client (the chunks it sends), or
+    rows the workers read (a plan the controller runs)."""
+    result = scenario("floor_stop" if read == "client" else "floor_stop_rows")
+    assert_fired(result, [1])
+    error = result["error"]
+    assert error is not None and error.startswith("Preempted"), error
+    assert result["sigterms"] == 1  # handed on once the checkpoint was committed
+    (lost,) = changes(result)
+    assert lost["change"] == "lost" and lost["world_size"] == 2, lost
+    # after the steps in flight (those sent ahead, up to the epoch's end here): before the
+    # run's 2 epochs of 16 batches end, after the node's removal at step 6
+    epoch, batch = map(int, re.search(r"epoch (\d+), batch (\d+)", error).groups())
+    stopped = 16 * epoch + batch
+    assert 6 < stopped < 32, error
+    assert result["checkpoints"][-1] == f"ckpt-{stopped:010d}", result["checkpoints"]
 
 
 def test_a_survivor_lost_while_a_replacement_joins_leaves_the_replacement_set_up(scenario):

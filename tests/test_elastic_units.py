@@ -6,11 +6,13 @@ tests/test_elastic.py."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from types import SimpleNamespace
 
 import mxnet as mx
@@ -21,6 +23,7 @@ import ray
 from raymodule.checkpoint import Snapshot
 from raymodule.constants import Settings
 from raymodule.controller import Controller, EveryWorkerLost, State, StepsFailed, chunks, policy
+from raymodule.controller.plans import plan_ended, stop_plan
 from raymodule.controller.policy import Action, Limits, Loss
 from raymodule.data import Batch, split_slices
 from raymodule.errors import GroupBrokenError, WorkerLostError
@@ -445,6 +448,48 @@ def test_below_the_floor_training_waits_then_fails_in_words(controller):
         kill(ctl.members.handles[2])
         with pytest.raises(WorkerLostError, match=r"worker 2 .* was lost.*min_workers=3"):
             step(ctl)
+
+
+def test_a_plan_asked_to_stop_below_the_floor_stops_with_the_workers_there(controller):
+    """A member lost with min_workers=3 and no replacement coming: while the controller waits
+    for one, the client asks the plan to stop (as SIGTERM makes it). The wait ends: the group
+    re-forms with the two workers there are, the step in flight is finished and the plan stops
+    before its next batch, with no failure, however long RAYMODULE_MIN_WORKERS_WAIT_S is."""
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=3, max_failures=-1)
+    ctl.settings = dataclasses.replace(ctl.settings, min_workers_wait_s=120, steps_per_call=1)
+    one = spec(ctl)
+    key = uuid.uuid4().hex
+    plan = {
+        **{k: one[k] * 2 for k in ("mids", "sizes", "slices")},
+        "serials": [0, 1],
+        "sources": [ray.put([None, None]) for _ in one["sources"]],
+        "positions": [0, 1],
+        "depth": 0,
+        "stop_key": key,
+    }
+
+    def stop_once_waiting():
+        deadline = time.monotonic() + 60
+        while ctl.state is not State.WAITING_FOR_WORKERS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stop_plan(key)
+
+    ray.get(ctl.members.handles[2].set_fault.remote("steps", "die"))
+    asking = threading.Thread(target=stop_once_waiting, daemon=True)
+    try:
+        with replacements_never_start():
+            asking.start()
+            replies = [read(ctl, reply) for reply in ctl.run("train_step", plan)]
+    finally:
+        asking.join()
+        plan_ended(key)
+    assert replies[-1]["stopped_at"] == 1
+    assert [serial for reply in replies for serial, *_ in reply["steps"]] == [0]
+    assert ctl.state is State.RUNNING and ctl.members.slots == (0, 1) and ctl.failures == 1
+    assert [m["change"] for m in events_of(ctl)] == ["lost"]
+    counts = [ray.get(h.state.remote())["count"] for h in ctl.members.handles]
+    assert counts == [1, 1]
 
 
 def test_a_silent_worker_is_lost_after_the_collective_timeout(controller):

@@ -101,6 +101,7 @@ class Controller(MembershipChanges):
         self._splits = DatasetSplits()  # of the Ray Datasets the members stream
         self._step_s: float | None = None  # a step's seconds on the workers, as last measured
         self._handed = Handed()  # references the latest plans made for the client
+        self._stop_key: str | None = None  # the stop flag of the client's call under way
 
     # -- the client's calls: those it reads return (value, view), the others nothing ---------------
     def start(self, start_with: int | None = None) -> tuple:
@@ -249,7 +250,9 @@ class Controller(MembershipChanges):
         finished or still in flight (read, then dropped)."""
         self._loops.end(loop)
 
-    def advance(self, kind: str, spec: dict | None, keep: int, loop: str | None = None) -> tuple:
+    def advance(
+        self, kind: str, spec: dict | None, keep: int, loop=None, stop_key: str | None = None
+    ) -> tuple:
         """Sends a chunk of steps (``spec``: see :func:`.chunks.steps_of`) of the client's
         step loop ``loop``, then reads the chunks in flight until at most ``keep`` are.
         Replacements that are up join first, at this step boundary. Returns the steps of
@@ -257,11 +260,17 @@ class Controller(MembershipChanges):
         slices they ran on)``: None for a step the survivors of a loss had applied already;
         and the seconds each slot spent in them. The steps of another loop finished here (a
         callback's loop reads past fit's steps in flight), or a worker's error in them, are
-        kept for that loop's next call."""
+        kept for that loop's next call. ``stop_key``: the flag the client sets
+        (:func:`.plans.stop_plan`) to end a wait for replacements in this call, as a plan's
+        (:meth:`run`)."""
         steps = chunks.steps_of(spec) if spec is not None else []
-        with self._errors_carry_view():
-            self._advance(kind, steps, keep, loop)
-            return self._loops.reply(loop, {}), self.view()
+        self._stop_key = stop_key
+        try:
+            with self._errors_carry_view():
+                self._advance(kind, steps, keep, loop)
+                return self._loops.reply(loop, {}), self.view()
+        finally:
+            self._stop_key = None
 
     def run(self, kind: str, plan: dict):
         """Runs a plan of a dataset's steps back to back, the chunks sized and the
@@ -284,8 +293,13 @@ class Controller(MembershipChanges):
         epoch's end waits for no step (:meth:`hand_over` gives the reference, which holds
         None if a step before failed). The calls posted before the plan are waited for first,
         and the first error among them raised (:meth:`sync`: the client need not ask)."""
-        with self._errors_carry_view():
-            yield from self._run_plan(kind, plan)
+        self._stop_key = plan["stop_key"]
+        try:
+            with self._errors_carry_view():
+                yield from self._run_plan(kind, plan)
+        finally:  # unless a later plan's is set already (this generator closed late)
+            if self._stop_key == plan["stop_key"]:
+                self._stop_key = None
 
     def _run_plan(self, kind: str, plan: dict):
         """:meth:`run`'s work."""
@@ -296,7 +310,7 @@ class Controller(MembershipChanges):
         steps = chunks.steps_of(plan)
         positions, every = plan["positions"], plan.get("checkpoint_every")
         start = 0
-        while start < len(steps) and not stop_asked(plan["stop_key"]):
+        while start < len(steps) and not self._stop_asked():
             progress = {"checkpoint": None}
             if self.limits.elastic:
                 self._note_drains()
@@ -399,6 +413,11 @@ class Controller(MembershipChanges):
         """Sets ``loop``'s metric on the workers, unless it is the one there."""
         if self._loops.switch_metric(loop):
             self._post("set_metric", self._loops.metric)
+
+    def _stop_asked(self) -> bool:
+        """Whether the client asked the plan, or the chunk's call, under way to stop
+        (:func:`.plans.stop_plan`)."""
+        return self._stop_key is not None and stop_asked(self._stop_key)
 
     def _steps_per_call(self) -> int:
         return chunks.steps_per_call(self.settings, self._step_s)

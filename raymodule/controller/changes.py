@@ -26,6 +26,7 @@ from ..errors import WorkerLostError, first_line
 from . import chunks, policy
 from .failures import EveryWorkerLost, StepsFailed
 from .group import FormFailed
+from .plans import STOP_POLL_S
 from .replicas import set_up
 from .states import State
 from .waits import silent_among, why_lost
@@ -322,22 +323,40 @@ class MembershipChanges:
 
     def _wait_for_floor(self, live: int, wait: bool, loss: str) -> list[int]:
         """Replacements to admit now: those already up; while below the floor, waits for
-        more (bounded by RAYMODULE_MIN_WORKERS_WAIT_S), then fails as the policy says."""
+        more (bounded by RAYMODULE_MIN_WORKERS_WAIT_S), then fails as the policy says. The
+        client asking the call under way to stop meanwhile (SIGTERM: a preemption notice)
+        ends the wait: the group re-forms with the workers there are, below the floor, to
+        finish the steps in flight, and the client checkpoints where it stops."""
         ready = self._group.ready(0.0)
         start = time.monotonic()
         limit = self.settings.min_workers_wait_s
+        report = start  # when the wait is next said
         while wait and live + len(ready) < self.limits.floor:
             self._enter(State.WAITING_FOR_WORKERS, loss)
-            waited = time.monotonic() - start
+            now = time.monotonic()
+            waited = now - start
             if waited >= limit:
                 break
-            log.warning(
-                "raymodule: %d of %d workers, below the floor of %d: waiting for replacements "
-                "(%.0f s of %.0f s)",
-                live + len(ready), self._slot_count, self.limits.floor, waited, limit,
-            )  # fmt: skip
-            step = min(limit - waited, self.settings.placement_report_interval_s)
-            ready = sorted(set(ready) | set(self._group.ready(step)))
+            if self._stop_asked():
+                log.warning(
+                    "raymodule: %d of %d workers, below the floor of %d: the run was asked to "
+                    "stop, so it stops with them instead of waiting for replacements",
+                    live + len(ready), self._slot_count, self.limits.floor,
+                )  # fmt: skip
+                self._enter(State.RECOVERING, f"stopping with {live + len(ready)} workers")
+                return ready
+            if now >= report:
+                log.warning(
+                    "raymodule: %d of %d workers, below the floor of %d: waiting for "
+                    "replacements (%.0f s of %.0f s)",
+                    live + len(ready), self._slot_count, self.limits.floor, waited, limit,
+                )  # fmt: skip
+                report = now + self.settings.placement_report_interval_s
+            step = min(limit - waited, report - now, STOP_POLL_S)
+            came = self._group.ready(step)
+            if not came:  # none pending either: ready() returned at once
+                time.sleep(max(0.0, step - (time.monotonic() - now)))
+            ready = sorted(set(ready) | set(came))
         decision = policy.after_wait(self.limits, live + len(ready), time.monotonic() - start)
         if decision.action is policy.Action.FAIL:
             raise self._fail(WorkerLostError(f"{loss}; {decision.reason}"))

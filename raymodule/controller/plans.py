@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from ray.experimental import internal_kv
 
-__all__ = ["Handed", "plan_ended", "stop_asked", "stop_plan"]
+__all__ = ["STOP_POLL_S", "Handed", "plan_ended", "stop_asked", "stop_plan"]
 
 _NAMESPACE = "raymodule-plans"  # the namespace of the plans' stop flags in Ray's key-value store
 # plans whose references the controller keeps for the client: a callback may run plans (score,
 # predict) while the client has not read all of a training plan's replies yet
 _KEPT = 3
+STOP_POLL_S = 1.0
+"""How often a client waiting for a plan's reply asks whether to stop it, and a controller
+waiting for replacements during a plan looks at the plan's stop flag."""
 
 
 def stop_plan(key: str) -> None:
