@@ -225,6 +225,20 @@ def test_corrupt_checkpoints_are_rejected_naming_the_file(storage_uri, caplog):
     assert max_relative_diff(train(num_epoch=1), resumed) <= 1e-5
 
 
+def test_a_checkpoint_in_a_folder_named_for_another_step_is_not_used(tmp_path, caplog):
+    """A committed checkpoint copied by hand into a newer step's folder verifies file by file,
+    but the newest checkpoint is found by the folder's name: it is rejected, saying so, and the
+    run resumes from the newest one whose step is its name's."""
+    config = RunConfig(name="r", storage=str(tmp_path), checkpoint_every=6)
+    train(config, num_epoch=1)
+    run = storage.Folder(str(tmp_path)).child("r")
+    for name in run.sizes("ckpt-0000000006"):
+        run.write(f"ckpt-0000000020/{name}", run.read(f"ckpt-0000000006/{name}"))
+    with caplog.at_level(logging.WARNING, logger="raymodule"):
+        assert latest_checkpoint(run.location).name == "ckpt-0000000012"
+    assert "ckpt-0000000020/manifest.json is of step 6, not the step its folder" in caplog.text
+
+
 def test_leftovers_are_cleaned_up_after_the_next_commit(tmp_path):
     run = storage.Folder(str(tmp_path / "r"))
     run.write("ckpt-0000000001/model-symbol.json", b"{}")  # an interrupted write

@@ -301,9 +301,16 @@ def read(run: Folder, name: str) -> Checkpoint:
 
     Raises ``CheckpointError`` naming the file that is missing, truncated, altered, or that
     the manifest should not name (see :mod:`raymodule.checkpoint.manifest`), or the file a
-    resume reads that it does not list or that does not hold what it should.
+    resume reads that it does not list or that does not hold what it should; or when the
+    folder's name (``ckpt-<global_step>``) and the manifest's step differ: the newest
+    checkpoint is found by its name, and a run resumed from it would go on from another step.
     """
     manifest = manifests.load(run, name)
+    if is_folder_name(name) and int(name[len("ckpt-") :]) != manifest["global_step"]:
+        raise CheckpointError(
+            f"{run}/{name}/{MANIFEST} is of step {manifest['global_step']}, not the step its "
+            "folder is named for (copied or renamed by hand?)"
+        )
     files = manifests.verified_files(run, name, manifest)
     needed = (params_file_name(manifest["epoch"]), "optimizer.nd", "optimizer.json")
     unlisted = [file for file in needed if file not in files]
