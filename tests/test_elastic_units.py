@@ -600,6 +600,30 @@ def test_a_replacement_that_fails_to_join_is_dropped_as_lost_and_started_once_mo
     assert counts == [3, 3, 3], counts
 
 
+def test_of_two_replacements_set_up_together_only_the_one_that_fails_is_dropped(controller):
+    """Two replacements admitted at one step boundary; one fails as it is set up (binding the
+    module): that one is dropped as lost, and the other joins the group."""
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1)
+    ctl._next_poll = float("inf")  # none admitted until both are up
+    kill(ctl.members.handles[1])
+    kill(ctl.members.handles[2])
+    step(ctl)
+    assert ctl.members.slots == (0,)
+    deadline = time.monotonic() + 120
+    while ctl.ready(10.0) != [1, 2]:
+        assert time.monotonic() < deadline, "the replacements did not come up"
+    ray.get(ctl._group.pending[2].set_fault.remote("bind", "raise"), timeout=60)
+    with replacements_never_start():  # slot 2's next one
+        ctl._next_poll = 0.0  # admit now
+        step(ctl)
+    assert ctl.members.slots == (0, 1) and ctl.state is State.RUNNING
+    dropped = events_of(ctl)[-1]
+    assert dropped["change"] == "lost" and dropped["lost"] == ["slot 2"], dropped
+    assert "ValueError: a bad batch" in dropped["why"]
+    assert [state["count"] for state in call(ctl, "state")] == [2, 2]
+
+
 def test_a_worker_lost_in_a_read_outside_the_step_loop_is_recovered_from(controller):
     """e.g. the parameters read at an epoch's end: the run goes on, the read is asked again."""
     ctl = controller

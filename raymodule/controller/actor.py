@@ -525,7 +525,9 @@ class Controller(MembershipChanges):
         results, lost, broken, failed = classify_outcomes(outcomes, ranks, self.settings)
         if failed and not lost:
             rank, err = failed
-            raise in_words(err, f"worker {rank} failed in {method}()") from None
+            error = in_words(err, f"worker {rank} failed in {method}()")
+            error.rank = rank  # whose error: a new worker's failed set-up drops it alone
+            raise error from None
         if lost or broken:
             if self.limits.elastic:
                 slowest = ranks[last] if last is not None else None

@@ -402,15 +402,18 @@ class MembershipChanges:
         return committed
 
     def _check_set_up(self, new: list[int]) -> None:
-        """Waits for the calls posted to the ``new`` ranks (their set-up); an error of their
-        own drops them all (:meth:`_drop_joining`: which one failed is not known)."""
+        """Waits for the calls posted to the ``new`` ranks (their set-up); an error of one of
+        theirs drops the worker that raised it (:meth:`_drop_joining`), or all of them when
+        the error does not say whose it is."""
         try:
             self._sync(ranks=new)
         except StepsFailed:  # a loss: recovered from by the recovery this re-forming is in
             raise
         except Exception as err:
             why = f"its set-up failed: {first_line(err)[:300]}"
-            self._drop_joining({self.members.slots[r]: why for r in new}, err)
+            rank = getattr(err, "rank", None)
+            failed = [rank] if rank in new else new
+            self._drop_joining({self.members.slots[r]: why for r in failed}, err)
 
     def _drop_joining(self, errors: dict[int, str], err: Exception) -> NoReturn:
         """Raises :class:`StepsFailed` losing the workers not yet in step among ``errors``
