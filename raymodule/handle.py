@@ -196,8 +196,8 @@ class ControllerHandle:
         self, kind: str, spec: dict | None, keep: int, loop: str | None = None, stop=None
     ) -> dict:
         """Sends a chunk of steps of step loop ``loop`` and reads its finished ones
-        (:meth:`Controller.advance`). ``stop()``, when given, is asked while the reply is
-        waited for: once it is true the controller is asked to stop waiting for
+        (:meth:`Controller.advance`). ``stop()`` (SIGTERM came), when given, is asked while
+        the reply is waited for: once it is true the controller is asked to stop waiting for
         replacements, as a plan is (:meth:`run`)."""
         if stop is None:
             return self._read("advance", kind, spec, keep, loop)
@@ -205,7 +205,7 @@ class ControllerHandle:
 
         def ask() -> bool:
             if stop():
-                stop_plan(key)
+                stop_plan(key, preempted=True)
                 asked.append(key)
             return bool(asked)
 
@@ -217,8 +217,8 @@ class ControllerHandle:
 
     def run(self, kind: str, plan: dict, stop=None) -> PlanProgress:
         """Starts a plan of a dataset's steps on the controller (:meth:`Controller.run`);
-        its progress is read from the returned stream. ``stop()``, when given, is asked
-        while a reply is waited for: once it is true the plan is asked to stop
+        its progress is read from the returned stream. ``stop()`` (SIGTERM came), when given,
+        is asked while a reply is waited for: once it is true the plan is asked to stop
         (:meth:`PlanProgress.stop`), even while the controller waits for replacements."""
         self._usable()
         self._posted = 0
@@ -406,7 +406,7 @@ class PlanProgress:
         self._stop_when = stop  # asked while a reply is waited for (see ControllerHandle.run)
         # the module whose parameters the last reply brings; the handle's changes at the start
         self._params_of, self._changes = params_of, changes
-        self._stopping = False
+        self._stopping = self._preempted = False  # asked to stop; because of SIGTERM
         # its last reply was read, or it failed, or the controller was lost (not: a hand_over
         # of the controller's failed, or the reading was interrupted)
         self.ended = False
@@ -442,26 +442,27 @@ class PlanProgress:
     def _end(self) -> None:
         self.ended = True
         if self._stopping:
-            self._stopping = False
+            self._stopping = self._preempted = False
             plan_ended(self._key)
 
     def _next(self, bound: float):
-        asks = None if self._stop_when is None or self._stopping else self._ask_to_stop
+        asks = None if self._stop_when is None or self._preempted else self._ask_to_stop
         _await(self._stream, bound, asks, "no progress of the plan")
         return ray.get(next(self._stream), timeout=bound)
 
     def _ask_to_stop(self) -> bool:
         if self._stop_when():
-            self.stop()
-        return self._stopping
+            self.stop(preempted=True)
+        return self._preempted
 
-    def stop(self) -> None:
+    def stop(self, preempted: bool = False) -> None:
         """Asks the controller to stop the plan at its next chunk boundary: the replies go on
         to the last, whose ``stopped_at`` says where it stopped (the steps in flight are
-        finished)."""
-        if not self._stopping:
-            self._stopping = True
-            stop_plan(self._key)
+        finished). ``preempted``: SIGTERM asks it, which also ends a wait for replacements
+        below the floor (:func:`.controller.plans.stop_plan`)."""
+        if not self._stopping or (preempted and not self._preempted):
+            self._stopping, self._preempted = True, self._preempted or preempted
+            stop_plan(self._key, self._preempted)
 
 
 def _await(ref, bound: float, asks, what: str) -> None:

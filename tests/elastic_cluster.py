@@ -148,7 +148,7 @@ def train(
     try:
         with gates:
             mod.fit(
-                data or batches(),
+                batches() if data is None else data,
                 num_epoch=EPOCHS,
                 optimizer_params=optimizer_params(),
                 epoch_end_callback=epoch_end_callback,
@@ -313,7 +313,7 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
     elif scenario in ("node", "floor", "floor_stop", "floor_stop_rows"):
         faults = Faults(gate("remove"), {"remove": remove_node})
         min_workers = 2 if scenario == "node" else 3
-        if scenario != "node" and scenario != "floor":  # SIGTERM as the run waits for a node
+        if scenario.startswith("floor_stop"):  # SIGTERM as the run waits for a node
             faults.actions["remove"] = then(remove_node, sigterm_self)
             waits["RAYMODULE_MIN_WORKERS_WAIT_S"] = "120"  # fit would fail after it
             data = rows() if scenario == "floor_stop_rows" else None

@@ -78,9 +78,9 @@ elif args.sigterm_mid_epoch is not None:  # worker 0 at batch 1 sends this proce
         cancelled = threading.Event()
         cancel = raymodule.handle.PlanProgress.stop
 
-        def noted(progress):
+        def noted(progress, *args, **kwargs):
             cancelled.set()
-            return cancel(progress)
+            return cancel(progress, *args, **kwargs)
 
         raymodule.handle.PlanProgress.stop = noted
         plan[(16 * args.sigterm_mid_epoch + 4, None)] = ("gate", "cancelled")

@@ -450,14 +450,20 @@ def test_below_the_floor_training_waits_then_fails_in_words(controller):
             step(ctl)
 
 
-def test_a_plan_asked_to_stop_below_the_floor_stops_with_the_workers_there(controller):
+@pytest.mark.parametrize("preempted", [True, False], ids=["sigterm", "other"])
+def test_a_plan_stopped_by_sigterm_below_the_floor_stops_with_the_workers_there(
+    controller, preempted
+):
     """A member lost with min_workers=3 and no replacement coming: while the controller waits
-    for one, the client asks the plan to stop (as SIGTERM makes it). The wait ends: the group
-    re-forms with the two workers there are, the step in flight is finished and the plan stops
-    before its next batch, with no failure, however long RAYMODULE_MIN_WORKERS_WAIT_S is."""
+    for one, the client asks the plan to stop. Because of SIGTERM (a preemption notice), the
+    wait ends: the group re-forms with the two workers that are there, the step in flight is
+    finished and the plan stops before its next batch, with no failure, however long
+    RAYMODULE_MIN_WORKERS_WAIT_S is. For any other reason (a callback raised), the floor holds:
+    the wait runs its course and the module fails in words, as before."""
     ctl = controller
     ctl.limits = Limits(3, min_workers=3, max_failures=-1)
-    ctl.settings = dataclasses.replace(ctl.settings, min_workers_wait_s=120, steps_per_call=1)
+    waits = 120 if preempted else 3
+    ctl.settings = dataclasses.replace(ctl.settings, min_workers_wait_s=waits, steps_per_call=1)
     one = spec(ctl)
     key = uuid.uuid4().hex
     plan = {
@@ -473,13 +479,17 @@ def test_a_plan_asked_to_stop_below_the_floor_stops_with_the_workers_there(contr
         deadline = time.monotonic() + 60
         while ctl.state is not State.WAITING_FOR_WORKERS and time.monotonic() < deadline:
             time.sleep(0.01)
-        stop_plan(key)
+        stop_plan(key, preempted)
 
     ray.get(ctl.members.handles[2].set_fault.remote("steps", "die"))
     asking = threading.Thread(target=stop_once_waiting, daemon=True)
     try:
         with replacements_never_start():
             asking.start()
+            if not preempted:
+                with pytest.raises(WorkerLostError, match="after waiting 3 s .*min_workers=3"):
+                    list(ctl.run("train_step", plan))
+                return
             replies = [read(ctl, reply) for reply in ctl.run("train_step", plan)]
     finally:
         asking.join()

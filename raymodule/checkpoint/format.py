@@ -306,7 +306,7 @@ def read(run: Folder, name: str) -> Checkpoint:
     checkpoint is found by its name, and a run resumed from it would go on from another step.
     """
     manifest = manifests.load(run, name)
-    if is_folder_name(name) and int(name[len("ckpt-") :]) != manifest["global_step"]:
+    if is_folder_name(name) and name != folder_name(manifest["global_step"]):
         raise CheckpointError(
             f"{run}/{name}/{MANIFEST} is of step {manifest['global_step']}, not the step its "
             "folder is named for (copied or renamed by hand?)"

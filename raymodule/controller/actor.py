@@ -41,7 +41,7 @@ from .failures import StepsFailed
 from .group import WorkerGroup
 from .loops import StepLoops
 from .membership import Membership
-from .plans import Handed, stop_asked
+from .plans import Handed, preempted, stop_asked
 from .replicas import Replica, record_call
 from .states import State
 from .streams import DatasetSplits
@@ -251,7 +251,12 @@ class Controller(MembershipChanges):
         self._loops.end(loop)
 
     def advance(
-        self, kind: str, spec: dict | None, keep: int, loop=None, stop_key: str | None = None
+        self,
+        kind: str,
+        spec: dict | None,
+        keep: int,
+        loop: str | None = None,
+        stop_key: str | None = None,
     ) -> tuple:
         """Sends a chunk of steps (``spec``: see :func:`.chunks.steps_of`) of the client's
         step loop ``loop``, then reads the chunks in flight until at most ``keep`` are.
@@ -260,9 +265,8 @@ class Controller(MembershipChanges):
         slices they ran on)``: None for a step the survivors of a loss had applied already;
         and the seconds each slot spent in them. The steps of another loop finished here (a
         callback's loop reads past fit's steps in flight), or a worker's error in them, are
-        kept for that loop's next call. ``stop_key``: the flag the client sets
-        (:func:`.plans.stop_plan`) to end a wait for replacements in this call, as a plan's
-        (:meth:`run`)."""
+        kept for that loop's next call. ``stop_key``: the flag the client sets when SIGTERM
+        comes (:func:`.plans.stop_plan`), which ends a wait for replacements in this call."""
         steps = chunks.steps_of(spec) if spec is not None else []
         self._stop_key = stop_key
         try:
@@ -415,9 +419,13 @@ class Controller(MembershipChanges):
             self._post("set_metric", self._loops.metric)
 
     def _stop_asked(self) -> bool:
-        """Whether the client asked the plan, or the chunk's call, under way to stop
-        (:func:`.plans.stop_plan`)."""
+        """Whether the client asked the plan under way to stop (:func:`.plans.stop_plan`)."""
         return self._stop_key is not None and stop_asked(self._stop_key)
+
+    def _preempted(self) -> bool:
+        """Whether SIGTERM made the client ask the plan, or the chunk's call, under way to
+        stop (:func:`.plans.preempted`)."""
+        return self._stop_key is not None and preempted(self._stop_key)
 
     def _steps_per_call(self) -> int:
         return chunks.steps_per_call(self.settings, self._step_s)
@@ -525,9 +533,7 @@ class Controller(MembershipChanges):
         results, lost, broken, failed = classify_outcomes(outcomes, ranks, self.settings)
         if failed and not lost:
             rank, err = failed
-            error = in_words(err, f"worker {rank} failed in {method}()")
-            error.rank = rank  # whose error: a new worker's failed set-up drops it alone
-            raise error from None
+            raise in_words(err, f"worker {rank} failed in {method}()") from None
         if lost or broken:
             if self.limits.elastic:
                 slowest = ranks[last] if last is not None else None

@@ -323,10 +323,11 @@ class MembershipChanges:
 
     def _wait_for_floor(self, live: int, wait: bool, loss: str) -> list[int]:
         """Replacements to admit now: those already up; while below the floor, waits for
-        more (bounded by RAYMODULE_MIN_WORKERS_WAIT_S), then fails as the policy says. The
-        client asking the call under way to stop meanwhile (SIGTERM: a preemption notice)
-        ends the wait: the group re-forms with the workers there are, below the floor, to
-        finish the steps in flight, and the client checkpoints where it stops."""
+        more (bounded by RAYMODULE_MIN_WORKERS_WAIT_S), then fails as the policy says. A
+        SIGTERM to the client meanwhile (a preemption notice: it flags the call under way)
+        ends the wait: the group re-forms with the workers that are there, below the floor,
+        to finish the steps in flight, and the client checkpoints where it stops. The module
+        keeps them: a later fit on it trains with them until replacements join."""
         ready = self._group.ready(0.0)
         start = time.monotonic()
         limit = self.settings.min_workers_wait_s
@@ -337,10 +338,10 @@ class MembershipChanges:
             waited = now - start
             if waited >= limit:
                 break
-            if self._stop_asked():
+            if self._preempted():
                 log.warning(
-                    "raymodule: %d of %d workers, below the floor of %d: the run was asked to "
-                    "stop, so it stops with them instead of waiting for replacements",
+                    "raymodule: %d of %d workers, below the floor of %d: the client received "
+                    "SIGTERM, so the run stops with them instead of waiting for replacements",
                     live + len(ready), self._slot_count, self.limits.floor,
                 )  # fmt: skip
                 self._enter(State.RECOVERING, f"stopping with {live + len(ready)} workers")
@@ -354,7 +355,7 @@ class MembershipChanges:
                 report = now + self.settings.placement_report_interval_s
             step = min(limit - waited, report - now, STOP_POLL_S)
             came = self._group.ready(step)
-            if not came:  # none pending either: ready() returned at once
+            if not came:  # the rest of the step, if ready() returned early (none pending)
                 time.sleep(max(0.0, step - (time.monotonic() - now)))
             ready = sorted(set(ready) | set(came))
         decision = policy.after_wait(self.limits, live + len(ready), time.monotonic() - start)
@@ -402,18 +403,23 @@ class MembershipChanges:
         return committed
 
     def _check_set_up(self, new: list[int]) -> None:
-        """Waits for the calls posted to the ``new`` ranks (their set-up); an error of one of
-        theirs drops the worker that raised it (:meth:`_drop_joining`), or all of them when
-        the error does not say whose it is."""
-        try:
-            self._sync(ranks=new)
-        except StepsFailed:  # a loss: recovered from by the recovery this re-forming is in
-            raise
-        except Exception as err:
-            why = f"its set-up failed: {first_line(err)[:300]}"
-            rank = getattr(err, "rank", None)
-            failed = [rank] if rank in new else new
-            self._drop_joining({self.members.slots[r]: why for r in failed}, err)
+        """Waits for the calls posted to the ``new`` ranks (their set-up), each worker's in
+        turn; those whose own calls failed are dropped (:meth:`_drop_joining`), the others
+        join."""
+        failed: dict[int, Exception] = {}
+        for rank in new:
+            try:
+                self._sync(ranks=[rank])
+            except StepsFailed:  # a loss: recovered from by the recovery this re-forming is in
+                raise
+            except Exception as err:
+                failed[rank] = err
+        if failed:
+            errors = {
+                self.members.slots[rank]: f"its set-up failed: {first_line(err)[:300]}"
+                for rank, err in failed.items()
+            }
+            self._drop_joining(errors, next(iter(failed.values())))
 
     def _drop_joining(self, errors: dict[int, str], err: Exception) -> NoReturn:
         """Raises :class:`StepsFailed` losing the workers not yet in step among ``errors``

@@ -5,22 +5,27 @@ from __future__ import annotations
 
 from ray.experimental import internal_kv
 
-__all__ = ["STOP_POLL_S", "Handed", "plan_ended", "stop_asked", "stop_plan"]
+__all__ = ["STOP_POLL_S", "Handed", "plan_ended", "preempted", "stop_asked", "stop_plan"]
 
 _NAMESPACE = "raymodule-plans"  # the namespace of the plans' stop flags in Ray's key-value store
 # plans whose references the controller keeps for the client: a callback may run plans (score,
 # predict) while the client has not read all of a training plan's replies yet
 _KEPT = 3
 STOP_POLL_S = 1.0
-"""How often a client waiting for a plan's reply asks whether to stop it, and a controller
-waiting for replacements during a plan looks at the plan's stop flag."""
+"""How often a client waiting for the controller's reply (a plan's, or a chunk's call's)
+asks whether SIGTERM came, and a controller waiting for replacements looks at the stop flag
+of the call under way."""
 
 
-def stop_plan(key: str) -> None:
+def stop_plan(key: str, preempted: bool = False) -> None:
     """Asks the controller running the plan of ``stop_key`` ``key`` to stop it at its next
     chunk boundary (a flag in Ray's key-value store: the controller's calls to its workers go on
-    undisturbed, which ``ray.cancel`` would interrupt); :func:`plan_ended` removes it."""
-    internal_kv._internal_kv_put(key, b"stop", namespace=_NAMESPACE)
+    undisturbed, which ``ray.cancel`` would interrupt); :func:`plan_ended` removes it.
+    ``preempted``: SIGTERM asks it, which also ends a wait for replacements below the floor
+    (the run checkpoints and stops; see :func:`preempted`). The key of a chunk's call to the
+    controller is flagged the same way."""
+    flag = b"preempted" if preempted else b"stop"
+    internal_kv._internal_kv_put(key, flag, namespace=_NAMESPACE)
 
 
 def plan_ended(key: str) -> None:
@@ -31,6 +36,11 @@ def plan_ended(key: str) -> None:
 def stop_asked(key: str) -> bool:
     """Whether :func:`stop_plan` asked the plan of ``stop_key`` ``key`` to stop."""
     return internal_kv._internal_kv_exists(key, namespace=_NAMESPACE)
+
+
+def preempted(key: str) -> bool:
+    """Whether :func:`stop_plan` asked it because of SIGTERM (``preempted``)."""
+    return internal_kv._internal_kv_get(key, namespace=_NAMESPACE) == b"preempted"
 
 
 class Handed:
