@@ -459,7 +459,10 @@ class PlanProgress:
         """Asks the controller to stop the plan at its next chunk boundary: the replies go on
         to the last, whose ``stopped_at`` says where it stopped (the steps in flight are
         finished). ``preempted``: SIGTERM asks it, which also ends a wait for replacements
-        below the floor (:func:`.controller.plans.stop_plan`)."""
+        below the floor (:func:`.controller.plans.stop_plan`). A plan that ended has nothing
+        to stop: no flag is left behind for it."""
+        if self.ended:
+            return
         if not self._stopping or (preempted and not self._preempted):
             self._stopping, self._preempted = True, self._preempted or preempted
             stop_plan(self._key, self._preempted)
