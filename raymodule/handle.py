@@ -14,7 +14,6 @@ import contextlib
 import gc
 import logging
 import time
-import uuid
 import weakref
 
 import mxnet as mx
@@ -32,7 +31,7 @@ from .controller import policy
 from .controller.actor import RemoteController
 from .controller.failures import EveryWorkerLost
 from .controller.membership import Membership
-from .controller.plans import STOP_POLL_S, plan_ended, stop_plan
+from .controller.plans import STOP_POLL_S, StopFlag
 from .controller.waits import forming_s, in_words, longest_call_s
 from .data import batch_size_of
 from .errors import RayModuleError, WorkerLostError, first_line
@@ -201,19 +200,11 @@ class ControllerHandle:
         replacements, as a plan is (:meth:`run`)."""
         if stop is None:
             return self._read("advance", kind, spec, keep, loop)
-        key, asked = uuid.uuid4().hex, []
-
-        def ask() -> bool:
-            if stop():
-                stop_plan(key, preempted=True)
-                asked.append(key)
-            return bool(asked)
-
+        flag = StopFlag()
         try:
-            return self._read("advance", kind, spec, keep, loop, key, asks=ask)
+            return self._read("advance", kind, spec, keep, loop, flag.key, asks=flag.asks_on(stop))
         finally:
-            if asked:
-                plan_ended(key)
+            flag.clear()
 
     def run(self, kind: str, plan: dict, stop=None) -> PlanProgress:
         """Starts a plan of a dataset's steps on the controller (:meth:`Controller.run`);
@@ -222,9 +213,9 @@ class ControllerHandle:
         (:meth:`PlanProgress.stop`), even while the controller waits for replacements."""
         self._usable()
         self._posted = 0
-        key = uuid.uuid4().hex
-        stream = self.controller.run.remote(kind, dict(plan, stop_key=key))
-        return PlanProgress(self, stream, key, plan.get("params_at_end"), self._changes, stop)
+        flag = StopFlag()
+        stream = self.controller.run.remote(kind, dict(plan, stop_key=flag.key))
+        return PlanProgress(self, stream, flag, plan.get("params_at_end"), self._changes, stop)
 
     def params(self, mid: int) -> tuple[dict, dict]:
         """Worker 0's parameters and auxiliary states of module ``mid`` (numpy arrays by
@@ -397,16 +388,16 @@ class PlanProgress:
         self,
         handle: ControllerHandle,
         stream: ray.ObjectRefGenerator,
-        key: str,
+        flag: StopFlag,
         params_of: int | None,
         changes: int,
         stop=None,
     ):
-        self._handle, self._stream, self._key = handle, stream, key
-        self._stop_when = stop  # asked while a reply is waited for (see ControllerHandle.run)
+        self._handle, self._stream, self._flag, self._key = handle, stream, flag, flag.key
+        # asked while a reply is waited for (see ControllerHandle.run)
+        self._asks = None if stop is None else flag.asks_on(stop)
         # the module whose parameters the last reply brings; the handle's changes at the start
         self._params_of, self._changes = params_of, changes
-        self._stopping = self._preempted = False  # asked to stop; because of SIGTERM
         # its last reply was read, or it failed, or the controller was lost (not: a hand_over
         # of the controller's failed, or the reading was interrupted)
         self.ended = False
@@ -433,7 +424,7 @@ class PlanProgress:
             progress["checkpoint"] = (batch, steps, snapshot)
         if "stopped_at" in progress:  # the last
             steps = progress.pop("params", None)
-            if steps is not None and not self._stopping:
+            if steps is not None and not self._flag.asked:
                 handle._brought(self._params_of, steps, self._key, self._changes)
             self._end()
         handle._apply(view)
@@ -441,31 +432,21 @@ class PlanProgress:
 
     def _end(self) -> None:
         self.ended = True
-        if self._stopping:
-            self._stopping = self._preempted = False
-            plan_ended(self._key)
+        self._flag.clear()
 
     def _next(self, bound: float):
-        asks = None if self._stop_when is None or self._preempted else self._ask_to_stop
+        asks = None if self._flag.preempted else self._asks
         _await(self._stream, bound, asks, "no progress of the plan")
         return ray.get(next(self._stream), timeout=bound)
-
-    def _ask_to_stop(self) -> bool:
-        if self._stop_when():
-            self.stop(preempted=True)
-        return self._preempted
 
     def stop(self, preempted: bool = False) -> None:
         """Asks the controller to stop the plan at its next chunk boundary: the replies go on
         to the last, whose ``stopped_at`` says where it stopped (the steps in flight are
         finished). ``preempted``: SIGTERM asks it, which also ends a wait for replacements
-        below the floor (:func:`.controller.plans.stop_plan`). A plan that ended has nothing
-        to stop: no flag is left behind for it."""
-        if self.ended:
-            return
-        if not self._stopping or (preempted and not self._preempted):
-            self._stopping, self._preempted = True, self._preempted or preempted
-            stop_plan(self._key, self._preempted)
+        below the floor (:meth:`.controller.plans.StopFlag.ask`). A plan that ended has
+        nothing to stop: no flag is left behind for it."""
+        if not self.ended:
+            self._flag.ask(preempted)
 
 
 def _await(ref, bound: float, asks, what: str) -> None:

@@ -33,7 +33,7 @@ import stepfaults  # noqa: E402
 from conftest import ClientIter, dataset, mlp  # noqa: E402
 
 import raymodule  # noqa: E402
-import raymodule.handle  # noqa: E402
+import raymodule.controller.plans  # noqa: E402
 import raymodule.module  # noqa: E402
 
 parser = argparse.ArgumentParser()
@@ -76,13 +76,13 @@ elif args.sigterm_mid_epoch is not None:  # worker 0 at batch 1 sends this proce
         # batch 4 until this process asked it to stop the epoch's plan, so the stop lands
         # inside the epoch
         cancelled = threading.Event()
-        cancel = raymodule.handle.PlanProgress.stop
+        cancel = raymodule.controller.plans.StopFlag.ask
 
-        def noted(progress, *args, **kwargs):
+        def noted(flag, *args, **kwargs):
             cancelled.set()
-            return cancel(progress, *args, **kwargs)
+            return cancel(flag, *args, **kwargs)
 
-        raymodule.handle.PlanProgress.stop = noted
+        raymodule.controller.plans.StopFlag.ask = noted
         plan[(16 * args.sigterm_mid_epoch + 4, None)] = ("gate", "cancelled")
         actions["cancelled"] = lambda mod: cancelled.wait(120) or sys.exit("never cancelled")
 marks = os.path.join(args.storage, f"{args.name}-faults")  # the test's folder: it is removed

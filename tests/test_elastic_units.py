@@ -12,7 +12,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from types import SimpleNamespace
 
 import mxnet as mx
@@ -23,7 +22,7 @@ import ray
 from raymodule.checkpoint import Snapshot
 from raymodule.constants import Settings
 from raymodule.controller import Controller, EveryWorkerLost, State, StepsFailed, chunks, policy
-from raymodule.controller.plans import plan_ended, stop_plan
+from raymodule.controller.plans import StopFlag
 from raymodule.controller.policy import Action, Limits, Loss
 from raymodule.data import Batch, split_slices
 from raymodule.errors import GroupBrokenError, WorkerLostError
@@ -465,21 +464,21 @@ def test_a_plan_stopped_by_sigterm_below_the_floor_stops_with_the_workers_there(
     waits = 120 if preempted else 3
     ctl.settings = dataclasses.replace(ctl.settings, min_workers_wait_s=waits, steps_per_call=1)
     one = spec(ctl)
-    key = uuid.uuid4().hex
+    flag = StopFlag()
     plan = {
         **{k: one[k] * 2 for k in ("mids", "sizes", "slices")},
         "serials": [0, 1],
         "sources": [ray.put([None, None]) for _ in one["sources"]],
         "positions": [0, 1],
         "depth": 0,
-        "stop_key": key,
+        "stop_key": flag.key,
     }
 
     def stop_once_waiting():
         deadline = time.monotonic() + 60
         while ctl.state is not State.WAITING_FOR_WORKERS and time.monotonic() < deadline:
             time.sleep(0.01)
-        stop_plan(key, preempted)
+        flag.ask(preempted)
 
     ray.get(ctl.members.handles[2].set_fault.remote("steps", "die"))
     asking = threading.Thread(target=stop_once_waiting, daemon=True)
@@ -493,7 +492,7 @@ def test_a_plan_stopped_by_sigterm_below_the_floor_stops_with_the_workers_there(
             replies = [read(ctl, reply) for reply in ctl.run("train_step", plan)]
     finally:
         asking.join()
-        plan_ended(key)
+        flag.clear()
     assert replies[-1]["stopped_at"] == 1
     assert [serial for reply in replies for serial, *_ in reply["steps"]] == [0]
     assert ctl.state is State.RUNNING and ctl.members.slots == (0, 1) and ctl.failures == 1

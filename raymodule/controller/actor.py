@@ -266,7 +266,7 @@ class Controller(MembershipChanges):
         and the seconds each slot spent in them. The steps of another loop finished here (a
         callback's loop reads past fit's steps in flight), or a worker's error in them, are
         kept for that loop's next call. ``stop_key``: the flag the client sets when SIGTERM
-        comes (:func:`.plans.stop_plan`), which ends a wait for replacements in this call."""
+        comes (:class:`.plans.StopFlag`), which ends a wait for replacements in this call."""
         steps = chunks.steps_of(spec) if spec is not None else []
         self._stop_key = stop_key
         try:
@@ -289,7 +289,7 @@ class Controller(MembershipChanges):
         :meth:`advance`'s reply, with ``checkpoint``: ``(batch, training steps)`` of a
         snapshot of worker 0 taken at a batch boundary before the reply's chunk was sent (or
         None; :meth:`hand_over` gives the snapshot), and in the last one ``stopped_at``: the
-        first batch not sent because the client asked the plan to stop (:func:`.plans.stop_plan`
+        first batch not sent because the client asked the plan to stop (:class:`.plans.StopFlag`
         with ``stop_key``, seen at chunk boundaries; the steps in flight are finished), else
         None. A plan with ``params_at_end`` (a module) that ran to its end has in the last
         reply ``params``: the training steps after which worker 0's parameters of that module
@@ -419,7 +419,7 @@ class Controller(MembershipChanges):
             self._post("set_metric", self._loops.metric)
 
     def _stop_asked(self) -> bool:
-        """Whether the client asked the plan under way to stop (:func:`.plans.stop_plan`)."""
+        """Whether the client asked the plan under way to stop (:class:`.plans.StopFlag`)."""
         return self._stop_key is not None and stop_asked(self._stop_key)
 
     def _preempted(self) -> bool:

@@ -3,9 +3,12 @@ replies: the flag that asks it to stop, and the references it made for the clien
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Callable
+
 from ray.experimental import internal_kv
 
-__all__ = ["STOP_POLL_S", "Handed", "plan_ended", "preempted", "stop_asked", "stop_plan"]
+__all__ = ["STOP_POLL_S", "Handed", "StopFlag", "preempted", "stop_asked"]
 
 _NAMESPACE = "raymodule-plans"  # the namespace of the plans' stop flags in Ray's key-value store
 # plans whose references the controller keeps for the client: a callback may run plans (score,
@@ -17,29 +20,53 @@ asks whether SIGTERM came, and a controller waiting for replacements looks at th
 of the call under way."""
 
 
-def stop_plan(key: str, preempted: bool = False) -> None:
-    """Asks the controller running the plan of ``stop_key`` ``key`` to stop it at its next
-    chunk boundary (a flag in Ray's key-value store: the controller's calls to its workers go on
-    undisturbed, which ``ray.cancel`` would interrupt); :func:`plan_ended` removes it.
-    ``preempted``: SIGTERM asks it, which also ends a wait for replacements below the floor
-    (the run checkpoints and stops; see :func:`preempted`). The key of a chunk's call to the
-    controller is flagged the same way."""
-    flag = b"preempted" if preempted else b"stop"
-    internal_kv._internal_kv_put(key, flag, namespace=_NAMESPACE)
+class StopFlag:
+    """The client's flag that asks the controller to stop the plan of ``stop_key`` ``key`` at
+    its next chunk boundary, or a chunk's call of that key to stop waiting for replacements: an
+    entry in Ray's key-value store, so the controller's calls to its workers go on
+    undisturbed (``ray.cancel`` would interrupt them). Once asked it stays asked until
+    :meth:`clear`, when the plan or call ended."""
 
+    def __init__(self):
+        self.key = uuid.uuid4().hex
+        self.asked = self.preempted = False
 
-def plan_ended(key: str) -> None:
-    """Removes the stop flag of the plan of ``stop_key`` ``key`` (asked for or not)."""
-    internal_kv._internal_kv_del(key, namespace=_NAMESPACE)
+    def ask(self, preempted: bool = False) -> None:
+        """Asks it to stop. ``preempted``: SIGTERM asks it, which also ends a wait for
+        replacements below the floor (the run checkpoints and stops; see :func:`preempted`);
+        a plain stop asked before becomes one."""
+        if self.asked and (self.preempted or not preempted):
+            return
+        self.asked, self.preempted = True, preempted
+        flag = b"preempted" if preempted else b"stop"
+        internal_kv._internal_kv_put(self.key, flag, namespace=_NAMESPACE)
+
+    def asks_on(self, sigterm: Callable[[], bool]) -> Callable[[], bool]:
+        """What a client waiting for the controller's reply asks every STOP_POLL_S: once
+        ``sigterm()`` (SIGTERM came) is true, asks to stop as ``preempted``; whether it has."""
+
+        def asks() -> bool:
+            if sigterm():
+                self.ask(preempted=True)
+            return self.preempted
+
+        return asks
+
+    def clear(self) -> None:
+        """Removes the flag, if it was asked: the plan or call ended."""
+        if self.asked:
+            self.asked = self.preempted = False
+            internal_kv._internal_kv_del(self.key, namespace=_NAMESPACE)
 
 
 def stop_asked(key: str) -> bool:
-    """Whether :func:`stop_plan` asked the plan of ``stop_key`` ``key`` to stop."""
+    """Whether the client asked the plan, or the chunk's call, of ``stop_key`` ``key`` to stop
+    (:class:`StopFlag`)."""
     return internal_kv._internal_kv_exists(key, namespace=_NAMESPACE)
 
 
 def preempted(key: str) -> bool:
-    """Whether :func:`stop_plan` asked it because of SIGTERM (``preempted``)."""
+    """Whether it asked because of SIGTERM (:meth:`StopFlag.ask`'s ``preempted``)."""
     return internal_kv._internal_kv_get(key, namespace=_NAMESPACE) == b"preempted"
 
 
