@@ -354,10 +354,7 @@ class MembershipChanges:
                 )  # fmt: skip
                 report = now + self.settings.placement_report_interval_s
             step = min(limit - waited, report - now, STOP_POLL_S)
-            came = self._group.ready(step)
-            if not came:  # the rest of the step, if ready() returned early (none pending)
-                time.sleep(max(0.0, step - (time.monotonic() - now)))
-            ready = sorted(set(ready) | set(came))
+            ready = sorted(set(ready) | set(self._group.ready(step)))
         decision = policy.after_wait(self.limits, live + len(ready), time.monotonic() - start)
         if decision.action is policy.Action.FAIL:
             raise self._fail(WorkerLostError(f"{loss}; {decision.reason}"))

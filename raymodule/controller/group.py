@@ -272,14 +272,17 @@ class WorkerGroup:
         self._probes[slot] = self.pending[slot].describe.remote(self._grouped)
 
     def ready(self, timeout_s: float = 0.0) -> list[int]:
-        """Slots whose replacement is up (waits up to ``timeout_s`` for the first one).
-        A replacement that died while starting (its node lost too) is started again."""
-        if not self._probes:
-            return []
+        """Slots whose replacement is up: waits up to ``timeout_s`` for them all, and with
+        none up (or none pending) returns after ``timeout_s``, so that a caller polling it
+        does not spin. A replacement that died while starting (its node lost too) is started
+        again."""
+        deadline = time.monotonic() + timeout_s
         slot_of = {ref: slot for slot, ref in self._probes.items()}
-        done, _ = ray.wait(list(slot_of), num_returns=len(slot_of), timeout=timeout_s)
-        if not done and timeout_s > 0:
-            done, _ = ray.wait(list(slot_of), num_returns=1, timeout=0)
+        done = (
+            ray.wait(list(slot_of), num_returns=len(slot_of), timeout=timeout_s)[0]
+            if slot_of
+            else []
+        )
         ready = []
         for ref in done:
             slot = slot_of[ref]
@@ -290,6 +293,8 @@ class WorkerGroup:
                 self._replace(slot)
                 continue
             ready.append(slot)
+        if not ready:
+            time.sleep(max(0.0, deadline - time.monotonic()))
         return sorted(ready)
 
     def admit(self, slots: list[int]) -> None:
