@@ -185,8 +185,13 @@ class StandIn:
         return self.count
 
     def describe(self, grouped=True):
-        node = ray.get_runtime_context().get_node_id()
-        return {"node": node, "pid": os.getpid(), "cores_name": cores_name(os.sched_getaffinity(0))}
+        context = ray.get_runtime_context()
+        return {
+            "node": context.get_node_id(),
+            "actor": context.get_actor_id(),
+            "pid": os.getpid(),
+            "cores_name": cores_name(os.sched_getaffinity(0)),
+        }
 
     def rendezvous_address(self):
         return "127.0.0.1:0"
@@ -228,6 +233,7 @@ class StandIn:
         pass
 
     def snapshot(self, mid, expected=None):
+        self._maybe_fail("snapshot")
         return Snapshot(b"", b"", None, self.count) if expected in (None, self.count) else None
 
     def restore(self, mid, snapshot):
@@ -549,6 +555,36 @@ def test_a_worker_lost_while_replacements_join_leaves_them_set_up_as_new(control
     assert states[0]["restored"] == 0 and states[1]["restored"] > 0  # it took slot 0's state
     assert [c for c, _ in states[1]["calls"]][:2] == ["create", "bind"]  # it is new
     assert events_of(ctl)[-1]["lost"] == ["slot 2"]
+
+
+def test_the_survivor_a_replacement_takes_its_state_from_lost_meanwhile_is_the_one_lost(
+    controller,
+):
+    """The survivor whose state a replacement is set up from dies as it hands it over: that
+    survivor is the one lost, and the replacement, whose restore could not read the state,
+    joins from another survivor's. Before, the replacement's failed restore said the dead
+    survivor's ActorDiedError and was taken for its own death: the replacement was dropped
+    and started again, one more failure was counted, and the survivor was found lost only
+    when the group re-formed once more."""
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1, max_failures=-1)
+    call(ctl, "set_count", 4)
+    ctl.steps_sent = 4
+    kill(ctl.members.handles[1])
+    step(ctl)
+    assert ctl.ready(60.0) == [1]
+    failures = ctl.failures
+    call(ctl, "set_fault", "snapshot", "die", ranks=[0])  # slot 0: the source of the state
+    ctl._next_poll = 0.0
+    with replacements_never_start():
+        step(ctl)
+    assert ctl.members.slots == (1, 2)
+    states = call(ctl, "state")
+    assert [s["count"] for s in states] == [6, 6]
+    assert states[0]["restored"] > 0  # it took slot 2's state
+    lost = events_of(ctl)[-1]
+    assert lost["change"] == "lost" and lost["lost"] == ["slot 0"], lost
+    assert ctl.failures == failures + 1
 
 
 def test_a_group_that_fails_to_form_anew_with_nobody_lost_fails_the_module_in_words(controller):

@@ -530,7 +530,9 @@ class Controller(MembershipChanges):
         # call outside an elastic run, and restarts every worker in a Ray Dataset's pass
         dead_ends = self._loops.in_pass or not self.limits.elastic
         outcomes, seen_at, last = await_calls(refs, self.settings, dead_ends=dead_ends)
-        results, lost, broken, failed = classify_outcomes(outcomes, ranks, self.settings)
+        results, lost, broken, failed = classify_outcomes(
+            outcomes, ranks, self.settings, self.members.rank_of_actor()
+        )
         if failed and not lost:
             rank, err = failed
             raise in_words(err, f"worker {rank} failed in {method}()") from None

@@ -18,7 +18,7 @@ __all__ = ["Membership"]
 class Membership:
     """The members in rank order: ``handles[rank]`` is the worker actor holding slot
     ``slots[rank]`` (a slot is one of the module's contexts) on ``nodes[rank]`` (its
-    ``describe()``: node id, pid and cores' name); ``generation`` counts the group's
+    ``describe()``: node and actor ids, pid and cores' name); ``generation`` counts the group's
     formings; ``pending`` are the slots whose worker (a replacement, or one the run started
     without) is still starting;
     ``placement_groups`` are those the controller made for them (none in a Tune trial, which
@@ -42,6 +42,10 @@ class Membership:
     def rank_of(self) -> dict[int, int]:
         """Each member's rank, by slot."""
         return {slot: rank for rank, slot in enumerate(self.slots)}
+
+    def rank_of_actor(self) -> dict[str, int]:
+        """Each member's rank, by its actor's id (as a ``RayActorError`` names it)."""
+        return {node["actor"]: rank for rank, node in enumerate(self.nodes) if node.get("actor")}
 
     def same_as(self, other: Membership | None) -> bool:
         """Whether ``other`` has the same members and pending slots in the same generation."""

@@ -100,12 +100,20 @@ def silent_among(waiting: dict[ray.ObjectRef, int], settings: Settings) -> list[
 
 
 def classify_outcomes(
-    outcomes: list[tuple[str, object]], ranks: list[int], settings: Settings
+    outcomes: list[tuple[str, object]],
+    ranks: list[int],
+    settings: Settings,
+    rank_of_actor: dict[str, int] | None = None,
 ) -> tuple[list, dict[int, str], str, tuple[int, Exception] | None]:
     """:func:`await_calls`' outcomes of the calls to ``ranks``, by kind: the results of those
     that succeeded, in order; the members lost (by rank: why); why the group broke, as the
     first member to say so said it ("" if none did); and the first error of a worker's own,
-    as ``(rank, error)`` (None if none)."""
+    as ``(rank, error)`` (None if none).
+
+    A call that needed what another member was to make (a replacement restoring a
+    survivor's snapshot) fails with that member's death when it dies first: the member that
+    died, found by its actor's id in ``rank_of_actor``, is the one lost, not the caller."""
+    rank_of_actor = rank_of_actor or {}
     results, lost, broken, failed = [], {}, "", None
     for rank, (kind, value) in zip(ranks, outcomes, strict=True):
         if kind == "ok":
@@ -115,7 +123,8 @@ def classify_outcomes(
         elif kind == "failed":
             failed = failed or (rank, value)
         elif kind:
-            lost.setdefault(rank, why_lost(kind, value, settings))
+            whose = rank_of_actor.get(getattr(value, "actor_id", None), rank)
+            lost.setdefault(whose, why_lost(kind, value, settings))
     return results, lost, broken, failed
 
 

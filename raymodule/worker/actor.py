@@ -128,9 +128,10 @@ class ModuleWorker:
             if alive > 1 or not self._shares_memory() or self.device.device_type != "cpu":
                 from . import process_group  # noqa: F401 - torch: seconds of CPU
 
-        node = ray.get_runtime_context().get_node_id()
+        context = ray.get_runtime_context()
         return {
-            "node": node,
+            "node": context.get_node_id(),
+            "actor": context.get_actor_id(),  # what a peer's call that needed it says died
             "pid": os.getpid(),
             # the cores it was allowed at its start: the same name pinned or not
             "cores_name": cores_name(self._pinning.allowed),
