@@ -393,7 +393,7 @@ class PlanProgress:
         changes: int,
         stop=None,
     ):
-        self._handle, self._stream, self._flag, self._key = handle, stream, flag, flag.key
+        self._handle, self._stream, self._flag = handle, stream, flag
         # asked while a reply is waited for (see ControllerHandle.run)
         self._asks = None if stop is None else flag.asks_on(stop)
         # the module whose parameters the last reply brings; the handle's changes at the start
@@ -416,7 +416,7 @@ class PlanProgress:
         if progress.get("checkpoint") is not None:  # taken beside the plan, as it runs
             batch, steps = progress["checkpoint"]
             try:
-                snapshot = handle.hand_over(self._key, "snapshot", steps)
+                snapshot = handle.hand_over(self._flag.key, "snapshot", steps)
             except Exception:  # the plan runs on, unless the controller was lost
                 if handle.lost is not None:
                     self._end()
@@ -425,7 +425,7 @@ class PlanProgress:
         if "stopped_at" in progress:  # the last
             steps = progress.pop("params", None)
             if steps is not None and not self._flag.asked:
-                handle._brought(self._params_of, steps, self._key, self._changes)
+                handle._brought(self._params_of, steps, self._flag.key, self._changes)
             self._end()
         handle._apply(view)
         return progress
@@ -435,7 +435,7 @@ class PlanProgress:
         self._flag.clear()
 
     def _next(self, bound: float):
-        asks = None if self._flag.preempted else self._asks
+        asks = None if self.ended or self._flag.preempted else self._asks
         _await(self._stream, bound, asks, "no progress of the plan")
         return ray.get(next(self._stream), timeout=bound)
 

@@ -530,8 +530,10 @@ class Controller(MembershipChanges):
         # call outside an elastic run, and restarts every worker in a Ray Dataset's pass
         dead_ends = self._loops.in_pass or not self.limits.elastic
         outcomes, seen_at, last = await_calls(refs, self.settings, dead_ends=dead_ends)
+        members = self.members
+        new = {rank for rank, slot in enumerate(members.slots) if slot not in self._synced}
         results, lost, broken, failed = classify_outcomes(
-            outcomes, ranks, self.settings, self.members.rank_of_actor()
+            outcomes, ranks, self.settings, members.rank_of_actor(), new
         )
         if failed and not lost:
             rank, err = failed

@@ -103,17 +103,19 @@ def classify_outcomes(
     outcomes: list[tuple[str, object]],
     ranks: list[int],
     settings: Settings,
-    rank_of_actor: dict[str, int] | None = None,
+    peers: dict[str, int],
+    new: set[int],
 ) -> tuple[list, dict[int, str], str, tuple[int, Exception] | None]:
     """:func:`await_calls`' outcomes of the calls to ``ranks``, by kind: the results of those
     that succeeded, in order; the members lost (by rank: why); why the group broke, as the
     first member to say so said it ("" if none did); and the first error of a worker's own,
     as ``(rank, error)`` (None if none).
 
-    A call that needed what another member was to make (a replacement restoring a
-    survivor's snapshot) fails with that member's death when it dies first: the member that
-    died, found by its actor's id in ``rank_of_actor``, is the one lost, not the caller."""
-    rank_of_actor = rank_of_actor or {}
+    A call that needed what another member was to make (restoring a survivor's snapshot)
+    fails with that member's death when it dies first: that member, found by its actor's id
+    in ``peers`` (rank by actor id), is lost. So is the caller, unless it is among the ``new``
+    ranks (being set up: it is set up again from another member); one already in step may
+    have taken part of that member's state."""
     results, lost, broken, failed = [], {}, "", None
     for rank, (kind, value) in zip(ranks, outcomes, strict=True):
         if kind == "ok":
@@ -123,8 +125,11 @@ def classify_outcomes(
         elif kind == "failed":
             failed = failed or (rank, value)
         elif kind:
-            whose = rank_of_actor.get(getattr(value, "actor_id", None), rank)
-            lost.setdefault(whose, why_lost(kind, value, settings))
+            why = why_lost(kind, value, settings)
+            peer = peers.get(getattr(value, "actor_id", None), rank)
+            lost.setdefault(peer, why)
+            if peer == rank or rank not in new:
+                lost.setdefault(rank, why)
     return results, lost, broken, failed
 
 
