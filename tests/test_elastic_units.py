@@ -535,55 +535,36 @@ def test_a_survivor_silent_while_the_group_re_forms_is_removed_within_the_bound(
     assert ctl.failures == 2  # the kill, then the silent survivor: two events
 
 
-def test_a_worker_lost_while_replacements_join_leaves_them_set_up_as_new(controller):
-    """A survivor dies while a replacement is admitted: the replacement is still treated as
-    a new worker (modules set up, state restored), not as a survivor in step."""
-    ctl = controller
-    ctl.limits = Limits(3, min_workers=1, max_failures=-1)
-    call(ctl, "set_count", 4)
-    ctl.steps_sent = 4
-    kill(ctl.members.handles[1])
-    step(ctl)
-    assert ctl.ready(60.0) == [1]
-    call(ctl, "set_fault", "applied", "die", ranks=[1])  # slot 2 dies at the admission
-    ctl._next_poll = 0.0
-    with replacements_never_start():
-        step(ctl)
-    assert ctl.members.slots == (0, 1)
-    states = call(ctl, "state")
-    assert [s["count"] for s in states] == [6, 6]
-    assert states[0]["restored"] == 0 and states[1]["restored"] > 0  # it took slot 0's state
-    assert [c for c, _ in states[1]["calls"]][:2] == ["create", "bind"]  # it is new
-    assert events_of(ctl)[-1]["lost"] == ["slot 2"]
-
-
-def test_the_survivor_a_replacement_takes_its_state_from_lost_meanwhile_is_the_one_lost(
-    controller,
+@pytest.mark.parametrize("slot, dies_in", [(2, "applied"), (0, "snapshot")], ids=["any", "source"])
+def test_a_survivor_lost_while_a_replacement_joins_is_lost_alone_and_the_replacement_set_up(
+    controller, slot, dies_in
 ):
-    """The survivor whose state a replacement is set up from dies as it hands it over: that
-    survivor is the one lost, and the replacement, whose restore could not read the state,
-    joins from another survivor's. Before, the replacement's failed restore said the dead
-    survivor's ActorDiedError and was taken for its own death: the replacement was dropped
-    and started again, one more failure was counted, and the survivor was found lost only
-    when the group re-formed once more."""
+    """A survivor dies while a replacement is admitted: that survivor alone is lost, and the
+    replacement is treated as a new worker (modules set up, state restored from the survivor
+    left), not as a survivor in step. ``source``: the survivor dies handing its state to the
+    replacement, whose restore then fails with the survivor's ActorDiedError. Before, that
+    was taken for the replacement's own death: it was dropped and started again, one more
+    failure was counted, and the survivor was found lost only at the next re-forming."""
     ctl = controller
     ctl.limits = Limits(3, min_workers=1, max_failures=-1)
     call(ctl, "set_count", 4)
     ctl.steps_sent = 4
     kill(ctl.members.handles[1])
     step(ctl)
-    assert ctl.ready(60.0) == [1]
+    assert ctl.members.slots == (0, 2) and ctl.ready(60.0) == [1]
     failures = ctl.failures
-    call(ctl, "set_fault", "snapshot", "die", ranks=[0])  # slot 0: the source of the state
+    call(ctl, "set_fault", dies_in, "die", ranks=[(0, 2).index(slot)])
     ctl._next_poll = 0.0
     with replacements_never_start():
         step(ctl)
-    assert ctl.members.slots == (1, 2)
-    states = call(ctl, "state")
-    assert [s["count"] for s in states] == [6, 6]
-    assert states[0]["restored"] > 0  # it took slot 2's state
+    assert ctl.members.slots == tuple(sorted({0, 1, 2} - {slot}))
+    states = dict(zip(ctl.members.slots, call(ctl, "state")))
+    assert [s["count"] for s in states.values()] == [6, 6]
+    survivor = ({0, 2} - {slot}).pop()
+    assert states[survivor]["restored"] == 0 and states[1]["restored"] > 0  # it took its state
+    assert [c for c, _ in states[1]["calls"]][:2] == ["create", "bind"]  # it is new
     lost = events_of(ctl)[-1]
-    assert lost["change"] == "lost" and lost["lost"] == ["slot 0"], lost
+    assert lost["change"] == "lost" and lost["lost"] == [f"slot {slot}"], lost
     assert ctl.failures == failures + 1
 
 
