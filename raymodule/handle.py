@@ -209,8 +209,9 @@ class ControllerHandle:
     def run(self, kind: str, plan: dict, stop=None) -> PlanProgress:
         """Starts a plan of a dataset's steps on the controller (:meth:`Controller.run`);
         its progress is read from the returned stream. ``stop()`` (SIGTERM came), when given,
-        is asked while a reply is waited for: once it is true the plan is asked to stop
-        (:meth:`PlanProgress.stop`), even while the controller waits for replacements."""
+        is asked as each reply is waited for: once it is true the plan is asked to stop as
+        preempted (:meth:`.controller.plans.StopFlag.ask`), which also ends a wait for
+        replacements below the floor."""
         self._usable()
         self._posted = 0
         flag = StopFlag()
@@ -439,31 +440,30 @@ class PlanProgress:
         _await(self._stream, bound, asks, "no progress of the plan")
         return ray.get(next(self._stream), timeout=bound)
 
-    def stop(self, preempted: bool = False) -> None:
+    def stop(self) -> None:
         """Asks the controller to stop the plan at its next chunk boundary: the replies go on
         to the last, whose ``stopped_at`` says where it stopped (the steps in flight are
-        finished). ``preempted``: SIGTERM asks it, which also ends a wait for replacements
-        below the floor (:meth:`.controller.plans.StopFlag.ask`). A plan that ended has
-        nothing to stop: no flag is left behind for it."""
+        finished). A plan that ended has nothing to stop: no flag is left behind for it. (A
+        SIGTERM asks it as it reads the next reply: :meth:`ControllerHandle.run`.)"""
         if not self.ended:
-            self._flag.ask(preempted)
+            self._flag.ask()
 
 
 def _await(ref, bound: float, asks, what: str) -> None:
     """Waits up to ``bound`` seconds for ``ref`` (an object, or a stream's next reply) to be
     ready, else raises ``GetTimeoutError`` (``what`` says what did not come). ``asks()``, when
-    given, is called every STOP_POLL_S meanwhile, until it returns true: it asks the
+    given, is called first and then every STOP_POLL_S, until it returns true: it asks the
     controller to stop (SIGTERM came), which it sees even while it waits for replacements."""
     deadline = time.monotonic() + bound
     while True:
+        if asks is not None and asks():
+            asks = None
         left = max(0.0, deadline - time.monotonic())
         ready, _ = ray.wait([ref], timeout=left if asks is None else min(left, STOP_POLL_S))
         if ready:
             return
         if time.monotonic() >= deadline:
             raise ray.exceptions.GetTimeoutError(f"{what} in {bound:g} s")
-        if asks is not None and asks():
-            asks = None
 
 
 def _beside_client():

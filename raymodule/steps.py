@@ -420,8 +420,6 @@ def _planned(
                 if stopped_at is not None:  # stopped below: the steps before it are done
                     steps = workers.steps_sent
                     raise _preempt(epoch, stopped_at, first_batch, on_checkpoint, steps)
-                if stop is not None and stop():
-                    progress.stop(preempted=True)
         except BaseException:
             # the caller stopped reading (see steps), a checkpoint could not be handed to the
             # writer, or the process was interrupted: unless the plan ended (or the controller
