@@ -102,6 +102,9 @@ class ControllerHandle:
         self._params_at_end = None  # (module, steps, plan): what a plan's last reply brought
         self._changes = 0  # calls that may have changed the workers' parameters without a step
         self._posted = 0  # posts since the last call read
+        self._sigterm = None  # set by an elastic run: whether this process received SIGTERM
+        self._preemption: StopFlag | None = None  # the run's flag, asked once SIGTERM came
+        self._training_plan: StopFlag | None = None  # the flag of fit's plan under way
         self._held = {"placement_groups": ()}  # what the controller made, for _shutdown
         self._finalizer = weakref.finalize(self, _shutdown, self.controller, self._held)
         settings = self.settings
@@ -191,32 +194,24 @@ class ControllerHandle:
         if self.live:
             self.controller.end_loop.remote(loop)
 
-    def advance(
-        self, kind: str, spec: dict | None, keep: int, loop: str | None = None, stop=None
-    ) -> dict:
+    def advance(self, kind: str, spec: dict | None, keep: int, loop: str | None = None) -> dict:
         """Sends a chunk of steps of step loop ``loop`` and reads its finished ones
-        (:meth:`Controller.advance`). ``stop()`` (SIGTERM came), when given, is asked while
-        the reply is waited for: once it is true the controller is asked to stop waiting for
-        replacements, as a plan is (:meth:`run`)."""
-        if stop is None:
-            return self._read("advance", kind, spec, keep, loop)
-        flag = StopFlag()
-        try:
-            return self._read("advance", kind, spec, keep, loop, flag.key, asks=flag.asks_on(stop))
-        finally:
-            flag.clear()
+        (:meth:`Controller.advance`)."""
+        return self._read("advance", kind, spec, keep, loop)
 
-    def run(self, kind: str, plan: dict, stop=None) -> PlanProgress:
+    def run(self, kind: str, plan: dict, training: bool = False) -> PlanProgress:
         """Starts a plan of a dataset's steps on the controller (:meth:`Controller.run`);
-        its progress is read from the returned stream. ``stop()`` (SIGTERM came), when given,
-        is asked as each reply is waited for: once it is true the plan is asked to stop as
-        preempted (:meth:`.controller.plans.StopFlag.ask`), which also ends a wait for
-        replacements below the floor."""
+        its progress is read from the returned stream. A ``training`` plan (fit's) is asked
+        to stop at its next chunk boundary once this process received SIGTERM during an
+        elastic run (:meth:`configure`), whatever call the client waits for then."""
         self._usable()
         self._posted = 0
         flag = StopFlag()
         stream = self.controller.run.remote(kind, dict(plan, stop_key=flag.key))
-        return PlanProgress(self, stream, flag, plan.get("params_at_end"), self._changes, stop)
+        progress = PlanProgress(self, stream, flag, plan.get("params_at_end"), self._changes)
+        if training:
+            self._training_plan = flag
+        return progress
 
     def params(self, mid: int) -> tuple[dict, dict]:
         """Worker 0's parameters and auxiliary states of module ``mid`` (numpy arrays by
@@ -257,19 +252,51 @@ class ControllerHandle:
         """Worker 0's copy of a module's state after ``steps`` training steps (a reference)."""
         return self._read("snapshot", mid, steps)
 
-    def configure(self, limits: policy.Limits, failures: int) -> None:
-        """Sets the run's limits and the failures it had before (a restarted run's)."""
+    def configure(self, limits: policy.Limits, failures: int, sigterm=None) -> None:
+        """Sets the run's limits and the failures it had before (a restarted run's).
+        ``sigterm()``: whether this process received SIGTERM (a preemption notice); asked
+        every STOP_POLL_S while the client waits for the controller until :meth:`end_run`.
+        Once true, the run's flag is asked (:class:`.controller.plans.StopFlag`): it ends the
+        controller's wait for replacements below the floor, in whatever call (fit's steps, a
+        callback's ``get_params``), and fit's plan under way stops at its next chunk
+        boundary, so that the run checkpoints and stops within the preemption's grace."""
         self.limits = limits
-        self._read("configure", limits, failures)
+        self._end_watch()
+        if sigterm is not None:
+            self._sigterm, self._preemption = sigterm, StopFlag()
+        key = None if self._preemption is None else self._preemption.key
+        self._read("configure", limits, failures, key)
 
     def end_run(self) -> None:
-        """A run ended (``fit`` returned or failed): a lost worker fails again, and parameters
-        a plan brought and nobody read are let go."""
+        """A run ended (``fit`` returned or failed): a lost worker fails again, parameters
+        a plan brought and nobody read are let go, and SIGTERM is no longer watched for."""
         self._params_at_end = None
         self.on_membership = None
+        self._end_watch()
         self.limits = policy.Limits(len(self.contexts), elastic=False)
         if self.live:
             self.controller.set_limits.remote(self.limits, self.failures)
+
+    def _end_watch(self) -> None:
+        for flag in (self._preemption, self._training_plan):
+            if flag is not None:  # a plan's whose reading was interrupted: none is left behind
+                flag.clear()
+        self._sigterm = self._preemption = self._training_plan = None
+
+    def _asks(self):
+        """What a wait for the controller asks every STOP_POLL_S (:func:`_await`): during an
+        elastic run, :meth:`_asks_to_stop`; else nothing."""
+        return None if self._sigterm is None else self._asks_to_stop
+
+    def _asks_to_stop(self) -> bool:
+        """Whether SIGTERM came during the run; once it did, asks the run's flag and fit's
+        plan under way to stop as preempted (see :meth:`configure`)."""
+        if not self._sigterm():
+            return False
+        self._preemption.ask(preempted=True)
+        if self._training_plan is not None:
+            self._training_plan.ask(preempted=True)
+        return True
 
     # -- the controller ----------------------------------------------------------------------
     @property
@@ -284,19 +311,21 @@ class ControllerHandle:
         if self.closed:
             raise WorkerLostError("this module was closed; its workers are gone")
 
-    def _read(self, method: str, *args, asks=None):
+    def _read(self, method: str, *args):
         self._usable()
         self._posted = 0
         waits = longest_call_s(self.settings, len(self.contexts))
-        return self._control(method, *args, waits_s=waits, asks=asks)
+        return self._control(method, *args, waits_s=waits)
 
-    def _control(self, method: str, *args, waits_s: float, asks=None):
+    def _control(self, method: str, *args, waits_s: float):
         """Calls the controller and applies the view it returns: bounded by what the call
-        may wait (``waits_s``) plus RAYMODULE_CONTROL_TIMEOUT_S (``asks``: see
-        :func:`_await`). A lost controller loses the run's workers too (they share its fate),
-        so an elastic run goes on from its latest checkpoint, as one more failure; a
-        controller that does not answer is treated the same way."""
+        may wait (``waits_s``) plus RAYMODULE_CONTROL_TIMEOUT_S; during an elastic run,
+        whether SIGTERM came is asked meanwhile (:meth:`configure`). A lost controller loses
+        the run's workers too (they share its fate), so an elastic run goes on from its latest
+        checkpoint, as one more failure; a controller that does not answer is treated the
+        same way."""
         ref = getattr(self.controller, method).remote(*args)
+        asks = self._asks()
 
         def get(bound: float):
             if asks is not None:
@@ -392,11 +421,8 @@ class PlanProgress:
         flag: StopFlag,
         params_of: int | None,
         changes: int,
-        stop=None,
     ):
         self._handle, self._stream, self._flag = handle, stream, flag
-        # asked while a reply is waited for (see ControllerHandle.run)
-        self._asks = None if stop is None else flag.asks_on(stop)
         # the module whose parameters the last reply brings; the handle's changes at the start
         self._params_of, self._changes = params_of, changes
         # its last reply was read, or it failed, or the controller was lost (not: a hand_over
@@ -434,9 +460,11 @@ class PlanProgress:
     def _end(self) -> None:
         self.ended = True
         self._flag.clear()
+        if self._handle._training_plan is self._flag:
+            self._handle._training_plan = None
 
     def _next(self, bound: float):
-        asks = None if self.ended or self._flag.preempted else self._asks
+        asks = None if self.ended else self._handle._asks()
         _await(self._stream, bound, asks, "no progress of the plan")
         return ray.get(next(self._stream), timeout=bound)
 
@@ -444,7 +472,7 @@ class PlanProgress:
         """Asks the controller to stop the plan at its next chunk boundary: the replies go on
         to the last, whose ``stopped_at`` says where it stopped (the steps in flight are
         finished). A plan that ended has nothing to stop: no flag is left behind for it. (A
-        SIGTERM asks it as it reads the next reply: :meth:`ControllerHandle.run`.)"""
+        SIGTERM asks fit's plan as the client waits: :meth:`ControllerHandle.configure`.)"""
         if not self.ended:
             self._flag.ask()
 
@@ -453,7 +481,8 @@ def _await(ref, bound: float, asks, what: str) -> None:
     """Waits up to ``bound`` seconds for ``ref`` (an object, or a stream's next reply) to be
     ready, else raises ``GetTimeoutError`` (``what`` says what did not come). ``asks()``, when
     given, is called first and then every STOP_POLL_S, until it returns true: it asks the
-    controller to stop (SIGTERM came), which it sees even while it waits for replacements."""
+    controller to stop (SIGTERM came; :meth:`ControllerHandle.configure`), which it sees even
+    while it waits for replacements."""
     deadline = time.monotonic() + bound
     while True:
         if asks is not None and asks():

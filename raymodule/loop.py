@@ -317,7 +317,7 @@ class TrainingLoops:
             elastic=True,
             max_reforms=workers.settings.max_reforms,
         )
-        workers.configure(limits, failures_before)
+        workers.configure(limits, failures_before, sigterm=lambda: run_folder.preempted)
 
     def iter_predict(self, eval_data, num_batch=None, reset=True, sparse_row_id_fn=None):
         """MXNet's ``iter_predict``: yields ``(outputs, nbatch, eval_batch)`` per batch, the

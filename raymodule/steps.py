@@ -301,7 +301,7 @@ def _steps(
                 parts = zip(*(step.batch.parts(cut) for step, cut in zip(chunk, slices)))
                 spec["sources"] = [ray.put(list(part)) for part in parts]
             chunk.clear()
-        reply = workers.advance(method, spec, keep, loop, stop)
+        reply = workers.advance(method, spec, keep, loop)
         nonlocal checkpoint_due, departures
         left = workers.departures > departures
         departures = workers.departures
@@ -408,7 +408,7 @@ def _planned(
                 first_batch=first_batch,
             )
         plan.clear()
-        progress = workers.run(method, spec, stop)
+        progress = workers.run(method, spec, training=stop is not None)
         try:
             for reply in progress:
                 if reply.get("checkpoint") is not None:

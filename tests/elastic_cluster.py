@@ -16,7 +16,9 @@ Scenarios: kill (SIGKILL one worker process), node (remove a worker's node for r
 hang (SIGSTOP one worker: alive, silent), grow (remove a node, add one back later),
 floor (remove a node with min_workers=3 and no node coming), floor_stop and floor_stop_rows
 (floor, and then SIGTERM to this process, the training process: a preemption notice; batches
-read in this process, or rows the workers read), all (SIGKILL every worker:
+read in this process, or rows the workers read), floor_stop_callback (floor_stop_rows, the
+SIGTERM sent by a batch_end_callback that then reads the parameters: the client waits on that
+call when the controller waits for a node), all (SIGKILL every worker:
 the run goes on from its latest checkpoint), process (SIGKILL the training process itself
 mid-run, run it again with the same name), drain (Ray's drain API, as an autoscaler's
 preemption drain calls it, on one worker's node: that worker leaves at a step boundary),
@@ -133,9 +135,11 @@ def train(
     epoch_end_callback=None,
     hidden=HIDDEN,
     data=None,
+    batch_end_callback=None,
 ):
     """The elastic run under ``faults`` (a :class:`Faults`, or None) of ``data`` (by default
-    :func:`batches`); returns the module (still open) and the exception it raised, if any."""
+    :func:`batches`); returns the module (still open) and the exception it raised, if any.
+    ``batch_end_callback(mod)`` gives fit's batch_end_callback, if any."""
     mx.random.seed(0)
     if isinstance(contexts, int):
         contexts = [mx.cpu(i) for i in range(contexts)]
@@ -152,6 +156,7 @@ def train(
                 num_epoch=EPOCHS,
                 optimizer_params=optimizer_params(),
                 epoch_end_callback=epoch_end_callback,
+                batch_end_callback=batch_end_callback and batch_end_callback(mod),
                 run=raymodule.RunConfig(
                     name=name,
                     storage=storage,
@@ -293,6 +298,22 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
     def sigterm_self(mod):
         os.kill(os.getpid(), signal.SIGTERM)  # its handler runs in the main thread, in fit
 
+    removed = threading.Event()  # floor_stop_callback: the victim's node is gone
+
+    def sigterm_then_read_params(mod):
+        """floor_stop_callback's batch_end_callback: after the last batch before the gate
+        where the node is removed, it waits for the removal, sends this process SIGTERM and
+        reads the parameters: the controller answers once it stopped waiting for a node."""
+
+        def callback(param):
+            if (param.epoch, param.nbatch) == (0, FAULT_STEP - 1):
+                if not removed.wait(120):
+                    raise RuntimeError("the victim's node was not removed within 120 s")
+                sigterm_self(mod)
+                mod.get_params()
+
+        return callback
+
     def then(*actions):
         def both(mod):
             for action in actions:
@@ -306,17 +327,23 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
 
     min_workers, max_failures, every, contexts, hidden = 2, 3, 4, WORKERS, HIDDEN
     data, waits = None, {}  # the batches (None: batches()); settings for this scenario only
+    batch_end_callback = None
     if scenario == "kill":
         faults = Faults({(FAULT_STEP, victim): "die"}, {})
     elif scenario == "hang":
         faults = Faults({(FAULT_STEP, victim): "stop"}, {})
-    elif scenario in ("node", "floor", "floor_stop", "floor_stop_rows"):
+    elif scenario in ("node", "floor", "floor_stop", "floor_stop_rows", "floor_stop_callback"):
         faults = Faults(gate("remove"), {"remove": remove_node})
         min_workers = 2 if scenario == "node" else 3
         if scenario.startswith("floor_stop"):  # SIGTERM as the run waits for a node
             faults.actions["remove"] = then(remove_node, sigterm_self)
             waits["RAYMODULE_MIN_WORKERS_WAIT_S"] = "120"  # fit would fail after it
-            data = rows() if scenario == "floor_stop_rows" else None
+            data = rows() if scenario != "floor_stop" else None
+        if scenario == "floor_stop_callback":
+            faults.actions["remove"] = then(remove_node, lambda mod: removed.set())
+            batch_end_callback = sigterm_then_read_params
+            # the reply of the batch before the gate comes while the workers wait there
+            waits["RAYMODULE_STEPS_PER_CALL"] = "1"
     elif scenario == "grow":
         faults = Faults(
             {**gate("remove"), **gate("add", GROW_STEP)}, {"remove": remove_node, "add": None}
@@ -405,6 +432,7 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
                 lambda epoch, symbol, arg, aux: ended.append(epoch),
                 hidden,
                 data,
+                batch_end_callback,
             )
     finally:
         if previous is not None:

@@ -36,6 +36,7 @@ ON_ONE_CLUSTER = {
     "floor",
     "floor_stop",
     "floor_stop_rows",
+    "floor_stop_callback",
     "admit",
     "node",
     "kill",
@@ -314,15 +315,17 @@ def test_below_min_workers_with_no_node_coming_fails_in_words(scenario):
     assert "was lost" in error and "min_workers=3" in error and "waiting" in error
 
 
-@pytest.mark.parametrize("read", ["client", "rows"])
+@pytest.mark.parametrize("read", ["client", "rows", "callback"])
 def test_a_sigterm_below_min_workers_stops_with_a_checkpoint_instead_of_waiting(read, scenario):
     """``floor``, then SIGTERM to the training process (a preemption notice) while the run
     waits for a node that does not come (RAYMODULE_MIN_WORKERS_WAIT_S is 120 s here): the wait
     ends, the two workers there finish the steps in flight, the run checkpoints there and
     fit raises Preempted, as it does with every worker there; started again with the same name
     it would go on from that checkpoint. Batches read in the client (the chunks it sends), or
-    rows the workers read (a plan the controller runs)."""
-    result = scenario("floor_stop" if read == "client" else "floor_stop_rows")
+    rows the workers read (a plan the controller runs); or those rows, with the SIGTERM sent
+    by a batch_end_callback that then reads the parameters, a call the controller answers only
+    once it stopped waiting."""
+    result = scenario(f"floor_stop_{read}" if read != "client" else "floor_stop")
     assert_fired(result, [1])
     error = result["error"]
     assert error is not None and error.startswith("Preempted"), error

@@ -507,6 +507,38 @@ def test_a_plan_stopped_by_sigterm_below_the_floor_stops_with_the_workers_there(
     assert counts == [1, 1]
 
 
+def test_sigterm_ends_a_wait_below_the_floor_in_any_call_of_the_run(controller):
+    """A member lost with min_workers=3 and no replacement coming, found by a call that is no
+    plan (a callback reading the workers): while the controller waits for one, the client asks
+    the run's flag, which it set up with the run, because of SIGTERM. The wait ends at once,
+    however long RAYMODULE_MIN_WORKERS_WAIT_S is: the group re-forms with the two workers there
+    and the call says to call it again, which they answer."""
+    ctl = controller
+    flag = StopFlag()
+    read(ctl, ctl.configure(Limits(3, min_workers=3, max_failures=-1), 0, flag.key))
+    ctl.settings = dataclasses.replace(ctl.settings, min_workers_wait_s=120)
+
+    def sigterm_once_waiting():
+        deadline = time.monotonic() + 60
+        while ctl.state is not State.WAITING_FOR_WORKERS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        flag.ask(preempted=True)
+
+    asking = threading.Thread(target=sigterm_once_waiting, daemon=True)
+    try:
+        with replacements_never_start():
+            kill(ctl.members.handles[2])
+            asking.start()
+            with pytest.raises(WorkerLostError, match="during state.*call it again") as failed:
+                call(ctl, "state")
+    finally:
+        asking.join()
+        flag.clear()
+    assert ctl.state is State.RUNNING and ctl.members.slots == (0, 1) and ctl.failures == 1
+    assert len(call(ctl, "state")) == 2
+    assert [m["change"] for m in failed.value.view["events"]] == ["lost"]
+
+
 def test_a_silent_worker_is_lost_after_the_collective_timeout(controller):
     ctl = controller
     ctl.limits = Limits(3, min_workers=1)

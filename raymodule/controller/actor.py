@@ -101,7 +101,8 @@ class Controller(MembershipChanges):
         self._splits = DatasetSplits()  # of the Ray Datasets the members stream
         self._step_s: float | None = None  # a step's seconds on the workers, as last measured
         self._handed = Handed()  # references the latest plans made for the client
-        self._stop_key: str | None = None  # the stop flag of the client's call under way
+        self._stop_key: str | None = None  # the stop flag of the client's plan under way
+        self._preemption_key: str | None = None  # the run's flag, asked when SIGTERM came
 
     # -- the client's calls: those it reads return (value, view), the others nothing ---------------
     def start(self, start_with: int | None = None) -> tuple:
@@ -157,16 +158,23 @@ class Controller(MembershipChanges):
         if err is not None:
             raise err
 
-    def configure(self, limits: policy.Limits, failures: int) -> tuple:
-        """Sets the run's limits (an elastic run's, or none) and the failures it had before."""
-        self.set_limits(limits, failures)
+    def configure(
+        self, limits: policy.Limits, failures: int, preemption_key: str | None = None
+    ) -> tuple:
+        """Sets the run's limits (an elastic run's, or none) and the failures it had before.
+        ``preemption_key``: the run's flag (:class:`.plans.StopFlag`), which the client asks
+        once SIGTERM came: it ends a wait for replacements in any call."""
+        self.set_limits(limits, failures, preemption_key)
         return None, self.view()
 
-    def set_limits(self, limits: policy.Limits, failures: int) -> None:
+    def set_limits(
+        self, limits: policy.Limits, failures: int, preemption_key: str | None = None
+    ) -> None:
         """:meth:`configure` for a client that does not wait for the reply (a run's end): the
         view, with the changes the client has not read, stays for its next read."""
         self.limits = limits
         self.failures = failures
+        self._preemption_key = preemption_key
 
     def post(self, method: str, args: tuple, per_worker=None, ranks=None, generation=None) -> None:
         """Calls ``method(*args, *per_worker[rank])`` on the workers (or ``ranks``); an error
@@ -256,7 +264,6 @@ class Controller(MembershipChanges):
         spec: dict | None,
         keep: int,
         loop: str | None = None,
-        stop_key: str | None = None,
     ) -> tuple:
         """Sends a chunk of steps (``spec``: see :func:`.chunks.steps_of`) of the client's
         step loop ``loop``, then reads the chunks in flight until at most ``keep`` are.
@@ -265,16 +272,11 @@ class Controller(MembershipChanges):
         slices they ran on)``: None for a step the survivors of a loss had applied already;
         and the seconds each slot spent in them. The steps of another loop finished here (a
         callback's loop reads past fit's steps in flight), or a worker's error in them, are
-        kept for that loop's next call. ``stop_key``: the flag the client sets when SIGTERM
-        comes (:class:`.plans.StopFlag`), which ends a wait for replacements in this call."""
+        kept for that loop's next call."""
         steps = chunks.steps_of(spec) if spec is not None else []
-        self._stop_key = stop_key
-        try:
-            with self._errors_carry_view():
-                self._advance(kind, steps, keep, loop)
-                return self._loops.reply(loop, {}), self.view()
-        finally:
-            self._stop_key = None
+        with self._errors_carry_view():
+            self._advance(kind, steps, keep, loop)
+            return self._loops.reply(loop, {}), self.view()
 
     def run(self, kind: str, plan: dict):
         """Runs a plan of a dataset's steps back to back, the chunks sized and the
@@ -423,9 +425,10 @@ class Controller(MembershipChanges):
         return self._stop_key is not None and stop_asked(self._stop_key)
 
     def _preempted(self) -> bool:
-        """Whether SIGTERM made the client ask the plan, or the chunk's call, under way to
-        stop (:func:`.plans.preempted`)."""
-        return self._stop_key is not None and preempted(self._stop_key)
+        """Whether SIGTERM made the client ask the run, or the plan under way, to stop
+        (:func:`.plans.preempted`)."""
+        keys = (self._preemption_key, self._stop_key)
+        return any(key is not None and preempted(key) for key in keys)
 
     def _steps_per_call(self) -> int:
         return chunks.steps_per_call(self.settings, self._step_s)

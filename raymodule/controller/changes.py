@@ -324,10 +324,10 @@ class MembershipChanges:
     def _wait_for_floor(self, live: int, wait: bool, loss: str) -> list[int]:
         """Replacements to admit now: those already up; while below the floor, waits for
         more (bounded by RAYMODULE_MIN_WORKERS_WAIT_S), then fails as the policy says. A
-        SIGTERM to the client meanwhile (a preemption notice: it flags the call under way)
-        ends the wait: the group re-forms with the workers that are there, below the floor,
-        to finish the steps in flight, and the client checkpoints where it stops. The module
-        keeps them: a later fit on it trains with them until replacements join."""
+        SIGTERM to the client meanwhile (a preemption notice: it flags the run, whatever call
+        it waits for) ends the wait: the group re-forms with the workers that are there, below
+        the floor, to finish the steps in flight, and the client checkpoints where it stops.
+        The module keeps them: a later fit on it trains with them until replacements join."""
         ready = self._group.ready(0.0)
         start = time.monotonic()
         limit = self.settings.min_workers_wait_s

@@ -4,7 +4,6 @@ replies: the flag that asks it to stop, and the references it made for the clien
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 
 from ray.experimental import internal_kv
 
@@ -15,17 +14,16 @@ _NAMESPACE = "raymodule-plans"  # the namespace of the plans' stop flags in Ray'
 # predict) while the client has not read all of a training plan's replies yet
 _KEPT = 3
 STOP_POLL_S = 1.0
-"""How often a client waiting for the controller's reply (a plan's, or a chunk's call's)
-asks whether SIGTERM came, and a controller waiting for replacements looks at the stop flag
-of the call under way."""
+"""How often a client waiting for the controller's reply during an elastic run asks whether
+SIGTERM came, and a controller waiting for replacements looks at the stop flags."""
 
 
 class StopFlag:
     """The client's flag that asks the controller to stop the plan of ``stop_key`` ``key`` at
-    its next chunk boundary, or a chunk's call of that key to stop waiting for replacements: an
-    entry in Ray's key-value store, so the controller's calls to its workers go on
-    undisturbed (``ray.cancel`` would interrupt them). Once asked it stays asked until
-    :meth:`clear`, when the plan or call ended."""
+    its next chunk boundary, or, a run's (:meth:`.actor.Controller.configure`), to stop waiting
+    for replacements in any call: an entry in Ray's key-value store, so the controller's calls
+    to its workers go on undisturbed (``ray.cancel`` would interrupt them). Once asked it stays
+    asked until :meth:`clear`, when the plan or the run ended."""
 
     def __init__(self):
         self.key = uuid.uuid4().hex
@@ -41,27 +39,15 @@ class StopFlag:
         flag = b"preempted" if preempted else b"stop"
         internal_kv._internal_kv_put(self.key, flag, namespace=_NAMESPACE)
 
-    def asks_on(self, sigterm: Callable[[], bool]) -> Callable[[], bool]:
-        """What a client waiting for the controller's reply asks every STOP_POLL_S: once
-        ``sigterm()`` (SIGTERM came) is true, asks to stop as ``preempted``; whether it has."""
-
-        def asks() -> bool:
-            if sigterm():
-                self.ask(preempted=True)
-            return self.preempted
-
-        return asks
-
     def clear(self) -> None:
-        """Removes the flag, if it was asked: the plan or call ended."""
+        """Removes the flag, if it was asked: the plan or the run ended."""
         if self.asked:
             self.asked = self.preempted = False
             internal_kv._internal_kv_del(self.key, namespace=_NAMESPACE)
 
 
 def stop_asked(key: str) -> bool:
-    """Whether the client asked the plan, or the chunk's call, of ``stop_key`` ``key`` to stop
-    (:class:`StopFlag`)."""
+    """Whether the client asked the plan of ``stop_key`` ``key`` to stop (:class:`StopFlag`)."""
     return internal_kv._internal_kv_exists(key, namespace=_NAMESPACE)
 
 
