@@ -265,7 +265,11 @@ class ControllerHandle:
         if sigterm is not None:
             self._sigterm, self._preemption = sigterm, StopFlag()
         key = None if self._preemption is None else self._preemption.key
-        self._read("configure", limits, failures, key)
+        try:
+            self._read("configure", limits, failures, key)
+        except BaseException:  # no run follows to end it: its flag is not left behind
+            self._end_watch()
+            raise
 
     def end_run(self) -> None:
         """A run ended (``fit`` returned or failed): a lost worker fails again, parameters
@@ -278,9 +282,9 @@ class ControllerHandle:
             self.controller.set_limits.remote(self.limits, self.failures)
 
     def _end_watch(self) -> None:
-        for flag in (self._preemption, self._training_plan):
-            if flag is not None:  # a plan's whose reading was interrupted: none is left behind
-                flag.clear()
+        if self._preemption is not None:
+            self._preemption.clear()
+        # a plan's flag stays until its plan ended (the controller removes it then)
         self._sigterm = self._preemption = self._training_plan = None
 
     def _asks(self):

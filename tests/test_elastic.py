@@ -324,7 +324,8 @@ def test_a_sigterm_below_min_workers_stops_with_a_checkpoint_instead_of_waiting(
     it would go on from that checkpoint. Batches read in the client (the chunks it sends), or
     rows the workers read (a plan the controller runs); or those rows, with the SIGTERM sent
     by a batch_end_callback that then reads the parameters, a call the controller answers only
-    once it stopped waiting."""
+    once it stopped waiting. The client asks the run's flag while it waits (the only one with
+    batches read in the client) and fit's plan's."""
     result = scenario(f"floor_stop_{read}" if read != "client" else "floor_stop")
     assert_fired(result, [1])
     error = result["error"]

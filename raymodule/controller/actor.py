@@ -41,7 +41,7 @@ from .failures import StepsFailed
 from .group import WorkerGroup
 from .loops import StepLoops
 from .membership import Membership
-from .plans import Handed, preempted, stop_asked
+from .plans import Handed, forget, preempted, stop_asked
 from .replicas import Replica, record_call
 from .states import State
 from .streams import DatasetSplits
@@ -303,8 +303,9 @@ class Controller(MembershipChanges):
         try:
             with self._errors_carry_view():
                 yield from self._run_plan(kind, plan)
-        finally:  # unless a later plan's is set already (this generator closed late)
-            if self._stop_key == plan["stop_key"]:
+        finally:
+            forget(plan["stop_key"])
+            if self._stop_key == plan["stop_key"]:  # unless a later plan's (this one closed late)
                 self._stop_key = None
 
     def _run_plan(self, kind: str, plan: dict):

@@ -1,5 +1,6 @@
 """What ties a plan (:meth:`.actor.Controller.run`) to the client beside its stream of
-replies: the flag that asks it to stop, and the references it made for the client."""
+replies: the flag that asks it to stop, and the references it made for the client; and the
+run's flag, which SIGTERM asks (:meth:`.actor.Controller.configure`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import uuid
 
 from ray.experimental import internal_kv
 
-__all__ = ["STOP_POLL_S", "Handed", "StopFlag", "preempted", "stop_asked"]
+__all__ = ["STOP_POLL_S", "Handed", "StopFlag", "forget", "preempted", "stop_asked"]
 
 _NAMESPACE = "raymodule-plans"  # the namespace of the plans' stop flags in Ray's key-value store
 # plans whose references the controller keeps for the client: a callback may run plans (score,
@@ -49,6 +50,12 @@ class StopFlag:
 def stop_asked(key: str) -> bool:
     """Whether the client asked the plan of ``stop_key`` ``key`` to stop (:class:`StopFlag`)."""
     return internal_kv._internal_kv_exists(key, namespace=_NAMESPACE)
+
+
+def forget(key: str) -> None:
+    """Removes the flag of ``key``, if there is one: its plan ended (a client whose reading of
+    it was interrupted never clears it)."""
+    internal_kv._internal_kv_del(key, namespace=_NAMESPACE)
 
 
 def preempted(key: str) -> bool:
