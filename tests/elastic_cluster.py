@@ -64,7 +64,11 @@ os.environ.setdefault("RAYMODULE_COLLECTIVE_TIMEOUT_S", "4")
 os.environ.setdefault("RAYMODULE_MIN_WORKERS_WAIT_S", "4")
 os.environ.setdefault("RAYMODULE_PLACEMENT_REPORT_INTERVAL_S", "5")
 os.environ.setdefault("RAYMODULE_PLACEMENT_TIMEOUT_S", "120")
-os.environ.setdefault("RAYMODULE_START_WAIT_S", "2")
+# the workers start together, as the scenarios expect, though this machine is busy: not one by
+# one once the wait for their placement group passed, the late one joining later (in a loss's
+# recovery, say, which then announces 3 workers, not 2); start_small, which has no room for
+# them, sets its own
+os.environ.setdefault("RAYMODULE_START_WAIT_S", "60")
 # membership changes wait for a call's boundary: 4 boundaries in an epoch of 16 batches
 os.environ.setdefault("RAYMODULE_STEPS_PER_CALL", "4")
 
@@ -355,10 +359,6 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
         else:
             faults = Faults(gate("kill"), {"kill": lambda mod: ray.kill(mod.workers.controller)})
         min_workers = 1
-        # the new workers start together, as the test expects, though this machine is busy:
-        # not one by one once RAYMODULE_START_WAIT_S (2 s here) passed, the late ones joining
-        # later, or not before the run ends
-        os.environ["RAYMODULE_START_WAIT_S"] = "60"
     elif scenario == "epoch_end":  # armed in epoch 0, fired reading the parameters at its end
         faults = Faults({(FAULT_STEP, 0): ("arm", "get_params", "die")}, {})
     elif scenario == "admit":  # ranks after the loss of slot 1: [slot 0, slot 2]
@@ -397,6 +397,7 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
     elif scenario == "start_small":  # the floor is the contexts' own: 1
         # looked for often: two workers up a poll apart both join before the run ends
         os.environ["RAYMODULE_ADMIT_INTERVAL_S"] = "0.05"
+        os.environ["RAYMODULE_START_WAIT_S"] = "2"  # no room for 3: starts with 1 after it
         contexts = raymodule.workers(1, max_workers=WORKERS)
         faults = Faults(gate("add"), {"add": None})
         faults.actions["add"] = add_nodes(WORKERS - 1, faults)
