@@ -49,6 +49,7 @@ ON_ONE_CLUSTER = {
     "sigterm",
     "frozen",
 }
+LOG_SHOWN = 12_000  # characters of a failed scenario's output shown
 SCENARIO_S = 270  # the most one scenario may take: less than pytest's 300 s for a test
 CLOSE_S = 120  # the most the shared cluster may take to stop once told
 
@@ -163,8 +164,15 @@ def scenarios(tmp_path_factory):
 
 @pytest.fixture
 def scenario(scenarios, tmp_path):
-    """``scenario(name)``: the result of scenario ``name`` of tests/elastic_cluster.py."""
-    return lambda name: scenarios.run(name, tmp_path)
+    """``scenario(name)``: the result of scenario ``name`` of tests/elastic_cluster.py. The
+    end of what its process printed is printed here: pytest shows it when the test fails."""
+
+    def run(name: str) -> dict:
+        result = scenarios.run(name, tmp_path)
+        print(f"--- the end of scenario {name}'s output ---\n{result['log'][-LOG_SHOWN:]}")
+        return result
+
+    return run
 
 
 def changes(result: dict) -> list[dict]:
