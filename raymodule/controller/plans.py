@@ -44,7 +44,7 @@ class StopFlag:
         """Removes the flag, if it was asked: the plan or the run ended."""
         if self.asked:
             self.asked = self.preempted = False
-            internal_kv._internal_kv_del(self.key, namespace=_NAMESPACE)
+            forget(self.key)
 
 
 def stop_asked(key: str) -> bool:
