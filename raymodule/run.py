@@ -263,8 +263,9 @@ class Run:
 class MetricsFile:
     """A run's ``metrics.jsonl``, rewritten whole (object stores cannot append) from a thread
     of its own, so that training never waits on storage for it: lines appended while a write
-    is under way go with the next one. A run that lost its folder writes nothing more there
-    and raises :class:`raymodule.lease.LeaseLost` at the next line or at :meth:`flush`."""
+    is under way go with the next one. A write that fails is made again with the next line,
+    or at :meth:`flush`. A run that lost its folder writes nothing more there and raises
+    :class:`raymodule.lease.LeaseLost` at the next line or at :meth:`flush`."""
 
     def __init__(self, folder: Folder, lines: list[str], lease: Lease):
         self._folder, self._lines, self._lease = folder, lines, lease
@@ -280,12 +281,16 @@ class MetricsFile:
         with self._lock:
             self._lines.append(line)
             self._dirty = True
-            if not self._writing:
-                self._writing = True
-                self._thread = threading.Thread(
-                    target=self._write, name="raymodule-metrics", daemon=True
-                )
-                self._thread.start()
+            self._start_writing()
+
+    def _start_writing(self) -> None:
+        """Starts the thread that writes the lines, unless it runs (call with ``_lock``)."""
+        if not self._writing:
+            self._writing = True
+            self._thread = threading.Thread(
+                target=self._write, name="raymodule-metrics", daemon=True
+            )
+            self._thread.start()
 
     def _write(self) -> None:
         while True:
@@ -298,13 +303,20 @@ class MetricsFile:
             try:
                 self._lease.check()  # a run that lost its folder writes nothing more there
                 self._folder.write(METRICS, data)
-            except OSError as err:  # storage that fails now: the next line rewrites the file
+            except OSError as err:  # storage that fails now: written again later, not now
                 log.warning("could not write %s: %s", METRICS, err)
+                with self._lock:
+                    self._dirty, self._writing = True, False
+                return
             except BaseException as err:  # noqa: BLE001 - raised on the training thread
                 self._failure = err
 
     def flush(self, timeout_s: float) -> None:
-        """Waits up to ``timeout_s`` for the lines appended so far to be written."""
+        """Waits up to ``timeout_s`` for the lines appended so far to be written (a write
+        that failed is made once more)."""
+        with self._lock:
+            if self._dirty and self._failure is None:
+                self._start_writing()
         if self._thread is not None:
             self._thread.join(timeout_s)
             if self._thread.is_alive():

@@ -354,6 +354,19 @@ def test_a_fresh_start_keeps_the_metrics_lines_already_there(tmp_path):
     assert [line["train"]["acc"] for line in lines] == [0.5, 0.6]
 
 
+def test_metrics_lines_a_failed_write_left_out_are_written_when_the_run_closes(tmp_path):
+    """A write of ``metrics.jsonl`` that fails (here: a folder stands where the file goes, so
+    the rename fails) is not lost when no line follows it: the run writes it again as it
+    closes."""
+    with Run(RunConfig(name="r", storage=str(tmp_path)), Settings.from_env(), STATIC) as run:
+        os.makedirs(tmp_path / "r" / "metrics.jsonl")
+        run.record_epoch({"epoch": 0, "train": {"acc": 0.6}})
+        run._metrics.flush(60)  # the write failed: the file is a folder
+        os.rmdir(tmp_path / "r" / "metrics.jsonl")
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0]
+
+
 # -- secrets never appear --------------------------------------------------------------------
 def test_a_secret_in_a_uri_never_appears_in_errors_or_reprs(tmp_path):
     unparseable = "s3://b/my runs?access_key=AKIA9&secret_key=XYZ123%2Bq"
