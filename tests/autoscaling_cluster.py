@@ -32,9 +32,14 @@ import tempfile
 import time
 from pathlib import Path
 
-# elastic_cluster, imported below, sets the rest: Ray on loopback, short raymodule bounds
+# Ray on loopback: read as ray is imported, which stepfaults (below) does first; run by hand,
+# this script would otherwise reach its head node at the machine's network address
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# elastic_cluster, imported below, sets the rest: short raymodule bounds, gloo on loopback
 os.environ.setdefault("RAYMODULE_PLACEMENT_TIMEOUT_S", "180")  # nodes the autoscaler starts
 os.environ.setdefault("RAYMODULE_ADMIT_INTERVAL_S", "0.05")  # drains looked for: a short run
+# one node for 3 workers at the start: the run starts with 1 once this wait for all 3 passed
+os.environ.setdefault("RAYMODULE_START_WAIT_S", "2")
 
 import yaml  # noqa: E402 - Ray's own dependency
 

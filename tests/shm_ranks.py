@@ -21,9 +21,12 @@ import secrets
 import sys
 import threading
 
-import mxnet as mx
-import numpy as np
-import ray
+# Ray on loopback, when this file is run by hand (two_nodes' cluster): read as ray is imported
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import mxnet as mx  # noqa: E402
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
 
 from raymodule.worker.collective import Collective, free_address
 from raymodule.worker.shm import SameNode
