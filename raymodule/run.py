@@ -312,19 +312,30 @@ class MetricsFile:
                 self._failure = err
 
     def flush(self, timeout_s: float) -> None:
-        """Waits up to ``timeout_s`` for the lines appended so far to be written (a write
-        that failed is made once more)."""
+        """Waits up to ``timeout_s`` for the lines appended so far to be written: for the
+        write under way, then, if it or one before failed, for one more."""
+        deadline = time.monotonic() + timeout_s
+        self._join(deadline, timeout_s)
         with self._lock:
-            if self._dirty and self._failure is None:
+            again = self._dirty and self._failure is None and not self._writing
+            if again:
                 self._start_writing()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                log.warning(
-                    "%s: its last lines were not written within %g s (storage did not answer)",
-                    METRICS, timeout_s,
-                )  # fmt: skip
+        if again:
+            self._join(deadline, timeout_s)
         self._raise_failure()
+
+    def _join(self, deadline: float, timeout_s: float) -> None:
+        """Waits until ``deadline`` (``time.monotonic()``, ``timeout_s`` after the flush
+        began) for the writing thread to end."""
+        thread = self._thread
+        if thread is None:
+            return
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            log.warning(
+                "%s: its last lines were not written within %g s (storage did not answer)",
+                METRICS, timeout_s,
+            )  # fmt: skip
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
