@@ -272,6 +272,7 @@ class MetricsFile:
         self._lock = threading.Lock()
         self._writing = False  # a write is under way or due (guarded by _lock)
         self._dirty = False  # lines not written yet (guarded by _lock)
+        self._write_failed = False  # the last write failed: made again at flush (guarded too)
         self._failure: BaseException | None = None
         self._thread: threading.Thread | None = None  # a daemon: a stalled store delays no exit
 
@@ -298,7 +299,7 @@ class MetricsFile:
                 if not self._dirty or self._failure is not None:
                     self._writing = False
                     return
-                self._dirty = False
+                self._dirty = self._write_failed = False
                 data = ("\n".join(self._lines) + "\n").encode()
             try:
                 self._lease.check()  # a run that lost its folder writes nothing more there
@@ -306,18 +307,24 @@ class MetricsFile:
             except OSError as err:  # storage that fails now: written again later, not now
                 log.warning("could not write %s: %s", METRICS, err)
                 with self._lock:
-                    self._dirty, self._writing = True, False
+                    self._dirty = self._write_failed = True
+                    self._writing = False
                 return
             except BaseException as err:  # noqa: BLE001 - raised on the training thread
                 self._failure = err
 
     def flush(self, timeout_s: float) -> None:
         """Waits up to ``timeout_s`` for the lines appended so far to be written: for the
-        write under way, then, if it or one before failed, for one more."""
+        write under way, then, if it or the one before failed on storage, for one more."""
         deadline = time.monotonic() + timeout_s
         self._join(deadline, timeout_s)
         with self._lock:
-            again = self._dirty and self._failure is None and not self._writing
+            again = (
+                self._write_failed
+                and self._failure is None
+                and not self._writing
+                and time.monotonic() < deadline
+            )
             if again:
                 self._start_writing()
         if again:

@@ -66,8 +66,8 @@ os.environ.setdefault("RAYMODULE_PLACEMENT_REPORT_INTERVAL_S", "5")
 os.environ.setdefault("RAYMODULE_PLACEMENT_TIMEOUT_S", "120")
 # the workers start together, as the scenarios expect, though this machine is busy: not one by
 # one once the wait for their placement group passed, the late one joining later (in a loss's
-# recovery, say, which then announces 3 workers, not 2); start_small, which has no room for
-# them, sets its own
+# recovery, say, which then announces 3 workers, not 2); start_small and
+# tests/autoscaling_cluster.py, which have no room for them at first, set their own
 os.environ.setdefault("RAYMODULE_START_WAIT_S", "60")
 # membership changes wait for a call's boundary: 4 boundaries in an epoch of 16 batches
 os.environ.setdefault("RAYMODULE_STEPS_PER_CALL", "4")

@@ -24,9 +24,9 @@ import threading
 # Ray on loopback, when this file is run by hand (two_nodes' cluster): read as ray is imported
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
-import mxnet as mx  # noqa: E402
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
+import mxnet as mx
+import numpy as np
+import ray
 
 from raymodule.worker.collective import Collective, free_address
 from raymodule.worker.shm import SameNode
