@@ -48,7 +48,8 @@ class RunConfig:
             the usual AWS variables (or the URI) and are never logged.
         checkpoint_every: batches between checkpoints; 0 checkpoints only at epoch ends
             (there is always a checkpoint at the end of each epoch).
-        keep: committed checkpoints kept; older ones are deleted after a newer one commits.
+        keep: committed checkpoints kept, counting only those that verify; older ones are
+            deleted after a newer one commits.
         resume: ``"auto"`` continues from the latest committed checkpoint if there is one,
             ``"never"`` refuses to touch an existing run, ``"must"`` fails if there is none.
             A resume is checked against the run (the symbol's parameters, the optimizer type,

@@ -16,6 +16,7 @@ from conftest import Interrupted, dataset, interrupt_at, max_relative_diff, mlp
 from ray.experimental import internal_kv
 
 import raymodule
+import raymodule.checkpoint
 import raymodule.module
 import raymodule.run
 from raymodule import CheckpointError, RunConfig, latest_checkpoint, storage
@@ -246,6 +247,35 @@ def test_leftovers_are_cleaned_up_after_the_next_commit(tmp_path):
     train(RunConfig(name="r", storage=str(tmp_path), keep=1), num_epoch=1)
     assert run.folders() == ["ckpt-0000000012"]
     assert not [n for n in run.sizes() if ".part-" in n]
+
+
+def test_keep_counts_only_checkpoints_that_verify(tmp_path, caplog):
+    """keep=3 keeps three checkpoints a run can go on from: one of them altered does not
+    count, and is left for readers to skip in words (before, the oldest good one went)."""
+    config = RunConfig(name="r", storage=str(tmp_path), keep=3)
+    train(config, num_epoch=3)
+    run = storage.Folder(str(tmp_path / "r"))
+    assert run.folders() == ["ckpt-0000000012", "ckpt-0000000024", "ckpt-0000000036"]
+    [params] = [n for n in run.sizes() if n.startswith("ckpt-0000000024/") and ".params" in n]
+    _break_file(run, params, "flip")
+
+    with caplog.at_level(logging.WARNING, logger="raymodule.checkpoint"):
+        train(config, num_epoch=4)  # resumes from step 36 and commits step 48
+
+    def verifies(name):
+        try:
+            return raymodule.checkpoint.read(run, name) is not None
+        except CheckpointError:
+            return False
+
+    assert [n for n in run.folders() if verifies(n)] == [
+        "ckpt-0000000012",
+        "ckpt-0000000036",
+        "ckpt-0000000048",
+    ]
+    assert run.folders() == ["ckpt-0000000012", "ckpt-0000000024", "ckpt-0000000036",
+                             "ckpt-0000000048"]  # fmt: skip
+    assert "ckpt-0000000024 does not count toward keep=3" in caplog.text
 
 
 def test_resume_rules(tmp_path):

@@ -17,7 +17,8 @@ before the next is written). A checkpoint whose parameters are not all finite is
 Readers trust only a checkpoint whose files match its manifest (see :mod:`.manifest`
 for what a reader accepts); when the newest does not, they say which file is wrong and use the
 one before. A checkpoint that verifies is never replaced by one of the same step. After each
-commit the writer deletes what the run no longer needs: committed checkpoints beyond ``keep``,
+commit the writer deletes what the run no longer needs: committed checkpoints older than the
+newest ``keep`` that verify (one that does not verify does not count, and is left as it is),
 folders without a manifest (interrupted writes) and folders newer than the commit (left by a
 run that went on from an earlier checkpoint) that do not verify; a newer one that verifies is
 kept, and said. Half-written files a killed process left (``*.part-*``) are not deleted: they
@@ -150,6 +151,7 @@ def write(
     check_owner: Callable[[], None] | None = None,
     stage: Callable[[Folder, object, dict], dict | None] | None = None,
     finish: bool = False,
+    verified: dict[str, bool] | None = None,
 ) -> str | None:
     """Writes a checkpoint from a worker's ``snapshot`` and commits it; returns its name.
 
@@ -170,8 +172,13 @@ def write(
     None when there is no snapshot (its workers were lost: nothing is committed, and None is
     returned); :func:`stage_files` by default, here. The background writer runs it as a Ray
     task, so the snapshot's bytes never reach this process.
+
+    ``verified`` says, by folder name, whether a committed checkpoint verifies, as far as a
+    writer found out before (see :func:`_tidy`); this write adds what it learns. A writer that
+    keeps it over its commits reads each older checkpoint once, not at every commit.
     """
     check_owner = check_owner or (lambda: None)
+    verified = {} if verified is None else verified
     name = folder_name(info["global_step"])
     check_owner()
     held = run.sizes()  # one listing serves the replace below and the tidying after the commit
@@ -179,7 +186,8 @@ def write(
         if not drop_newer and _verifies(run, name):
             if finish:
                 log.info("checkpoint %s: committed by the attempt before", name)
-                return _point_and_tidy(run, name, keep, held, drop_newer, check_owner)
+                verified[name] = True
+                return _point_and_tidy(run, name, keep, held, drop_newer, check_owner, verified)
             raise CheckpointError(
                 f"checkpoint at step {info['global_step']} not written: {run}/{name} already "
                 "holds a committed checkpoint of that step that verifies (another run, or an "
@@ -187,15 +195,19 @@ def write(
             )
         check_owner()
         run.delete_folder(name)
+        verified.pop(name, None)
     made = (stage or stage_files)(run, snapshot, info)
     if made is None:
         return None
     check_owner()
     run.write(f"{name}/{MANIFEST}", json.dumps(made, indent=1).encode())
-    return _point_and_tidy(run, name, keep, held, drop_newer, check_owner)
+    verified[name] = True  # its manifest was made from the bytes just written
+    return _point_and_tidy(run, name, keep, held, drop_newer, check_owner, verified)
 
 
-def _point_and_tidy(run: Folder, name: str, keep: int, held, drop_newer, check_owner) -> str:
+def _point_and_tidy(
+    run: Folder, name: str, keep: int, held, drop_newer, check_owner, verified
+) -> str:
     """After the commit of checkpoint ``name``: ``latest`` names it, and the checkpoints the
     run no longer needs are deleted (see :func:`_tidy`); returns ``name``. Raises
     :class:`LatestNotWritten` when ``latest`` cannot be written (nothing is deleted then)."""
@@ -204,7 +216,7 @@ def _point_and_tidy(run: Folder, name: str, keep: int, held, drop_newer, check_o
     except OSError as err:
         raise LatestNotWritten(str(err)) from None
     try:
-        _tidy(run, name, keep, held, drop_newer, check_owner)
+        _tidy(run, name, keep, held, drop_newer, check_owner, verified)
     except OSError as err:  # the checkpoint is committed; a later commit tidies again
         log.warning("checkpoint %s: could not delete old checkpoints: %s", name, err)
     return name
@@ -260,10 +272,17 @@ def _tidy(
     held: dict[str, int],
     drop_newer: bool,
     check_owner: Callable[[], None],
+    verified: dict[str, bool],
 ) -> None:
     """Deletes the checkpoint folders the run folder ``held`` (before ``committed`` was
     written) that the run no longer needs, each once ``check_owner()`` passed; a newer
-    checkpoint that verifies stays unless ``drop_newer``."""
+    checkpoint that verifies stays unless ``drop_newer``.
+
+    Of the older committed checkpoints, the newest ``keep - 1`` that verify stay (with
+    ``committed``, ``keep`` a run can go on from), and those older than them go. One that does
+    not verify (altered, truncated, or not read just now) does not count and is not deleted:
+    a reader skips it, saying why. Whether each verifies is read once and kept in
+    ``verified``; ``committed`` itself is taken as verifying."""
     folders = sorted(
         {p.split("/", 1)[0] for p in held if "/" in p and _FOLDER.match(p.split("/", 1)[0])}
     )
@@ -283,9 +302,32 @@ def _tidy(
                 )  # fmt: skip
         else:
             older.append(name)
-    for name in doomed + older[: max(0, len(older) - (keep - 1))]:
+    counted = 0
+    for name in reversed(older):  # newest first
+        if counted == keep - 1:
+            doomed.append(name)
+        elif _verifies_once(run, name, verified, committed, keep):
+            counted += 1
+    for name in doomed:
         check_owner()  # a run that lost the folder deletes nothing more
         run.delete_folder(name)
+        verified.pop(name, None)
+
+
+def _verifies_once(run: Folder, name: str, verified: dict, committed: str, keep: int) -> bool:
+    """Whether checkpoint ``name`` verifies, read only when ``verified`` does not say yet;
+    one that does not is said once."""
+    if name not in verified:
+        try:
+            read(run, name)
+            verified[name] = True
+        except CheckpointError as err:
+            verified[name] = False
+            log.warning(
+                "checkpoint %s: %s does not count toward keep=%d and is not deleted: %s",
+                committed, name, keep, err,
+            )  # fmt: skip
+    return verified[name]
 
 
 def _verifies(run: Folder, name: str) -> bool:

@@ -76,6 +76,7 @@ class CheckpointWriter:
         self.lookup_timeout_s = settings.checkpoint_lookup_timeout_s
         self.close_timeout_s = settings.checkpoint_close_timeout_s
         self._committed: list[dict] = []
+        self._verified: dict[str, bool] = {}  # whether each checkpoint verifies, as found
         self._staged_on: str | None = None  # the node the last files were written from
         self._failed_nodes: set[str] = set()  # nodes that could not write files, warned of
         self.failures_in_row = 0
@@ -210,6 +211,7 @@ class CheckpointWriter:
                     check_owner=self.check_owner,
                     stage=self._stage_beside,
                     finish=finish,
+                    verified=self._verified,
                 )
             except CheckpointError as err:  # not to be committed: trying again changes nothing
                 self._failed(step, str(err), fatal=isinstance(err, LeaseLost))
