@@ -813,6 +813,27 @@ def test_a_workers_own_error_in_a_training_step_re_forms_the_group_and_ends_its_
     assert [state["count"] for state in call(ctl, "state")] == [2, 2, 2]
 
 
+def test_a_loss_that_ends_the_run_as_it_re_forms_after_a_workers_error_is_said_once(controller):
+    """Worker 2's training step raises; as the group re-forms for it, worker 1 dies (at its
+    join) and max_failures=0 ends the run. The error says the step's error, then the loss and
+    the limit, once; it once nested them in "the group could not be formed again (...). The
+    module cannot continue", said twice."""
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1, max_failures=0)
+    ctl.set_metric(None, "fit")
+    call(ctl, "set_fault", "steps", "raise-left", ranks=[2])
+    call(ctl, "set_fault", "steps", "broken-left", ranks=[0])
+    call(ctl, "set_fault", "join", "die", ranks=[1])
+    read(ctl, ctl.advance("train_step", spec(ctl), 1, "fit"))
+    with pytest.raises(WorkerLostError) as failed:
+        ctl.advance("train_step", None, 0, "fit")
+    said = str(failed.value)
+    assert said.startswith("a worker's error in a training step (")
+    assert "a bad batch" in said and "max_failures" in said, said
+    assert "; then worker 1 " in said and "could not be formed" not in said, said
+    assert ctl.state is State.FAILED
+
+
 def test_a_call_posted_for_an_earlier_generation_is_refused_by_the_next_sync_once(controller):
     """Nobody reads a posted call's reply: its refusal (per-worker arguments made for a group
     that re-formed since) is raised by the next sync, once. It was lost, the call not made and

@@ -170,7 +170,12 @@ class MembershipChanges:
         """Fails the module (FAILED) when forming its group anew for ``why`` raised ``err``,
         no loss (the join or set-up of a member in step failed, or of a slot's replacement a
         second time: :meth:`_drop_joining`): its members may be half in the new generation,
-        and going on could apply steps twice or evict healthy workers."""
+        and going on could apply steps twice or evict healthy workers. An ``err`` that failed the
+        module already (a loss the policy does not go on from, a recovery that could not form
+        the group) says why itself: it follows ``why`` as it is, not nested in another "could
+        not be formed again"."""
+        if getattr(err, "fatal", False):
+            return self._fail(WorkerLostError(f"{why}; then {err}"))
         return self._fail(
             WorkerLostError(
                 f"{why}; the group could not be formed again ({first_line(err)}). "
