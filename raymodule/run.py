@@ -126,6 +126,7 @@ class Run:
             raise CheckpointError(f"cannot use the run folder {self.folder}: {err}") from None
         self.lease = Lease(self.folder, config.name, settings.lease_ttl_s)
         self.lease.acquire()  # before anything is read to resume from, or written
+        self._surveyed: dict[str, bool] = {}  # checkpoints read to resume: whether each verifies
         try:
             self.resume_from = self._resume_point()
             self._static = static
@@ -134,7 +135,7 @@ class Run:
             self.lease.release()
             raise
         self.writer = CheckpointWriter(
-            self.folder, config.keep, settings, check_owner=self.lease.check
+            self.folder, config.keep, settings, self.lease.check, self._surveyed
         )
         self._sigterm = SigtermNotice()
 
@@ -149,6 +150,9 @@ class Run:
                 )
             return None
         found, rejected = checkpoint.survey(self.folder)
+        self._surveyed.update({name: False for name, _ in rejected})
+        if found is not None:
+            self._surveyed[found.name] = True
         if found is None and self.config.resume == "must":
             raise CheckpointError(
                 f"resume='must' but run {self.config.name!r} at {self.folder} has no committed "

@@ -266,6 +266,42 @@ def test_a_newer_checkpoint_that_verifies_is_kept_one_that_does_not_is_deleted(t
     assert run.folders() == ["ckpt-0000000005"]
 
 
+def test_keep_reads_an_older_checkpoint_once_and_again_after_a_storage_error(
+    tmp_path, monkeypatch, caplog
+):
+    """A writer's tidying (keep=4) reads each older checkpoint it did not commit once, to
+    count only those that verify; its own commits are not read again. One that cannot be read
+    (the storage failed) counts as nothing that time and is read at the next commit."""
+    run = storage.Folder(str(tmp_path / "r"))
+    for step in (10, 20, 30):  # another writer's
+        checkpoint.write(run, snapshot(tmp_path), info(step), keep=5)
+    read, reads, failing = storage.Folder.read, [], {"ckpt-0000000020"}
+
+    def read_or_fail(self, name, *args, **kwargs):
+        folder = name.split("/")[0]
+        reads.append(folder)
+        if folder in failing:
+            raise OSError(f"{name}: connection reset")
+        return read(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(storage.Folder, "read", read_or_fail)
+    verified = {}  # the writer's, over its commits
+
+    def commit(step):
+        reads.clear()
+        with caplog.at_level(logging.WARNING, logger="raymodule.checkpoint"):
+            checkpoint.write(run, snapshot(tmp_path), info(step), keep=4, verified=verified)
+        return sorted(set(reads)), run.folders()
+
+    ckpts = [f"ckpt-{step:010d}" for step in (10, 20, 30, 40, 50, 60)]
+    # 20 cannot be read: 30 and 10 count, and nothing is old enough to go
+    assert commit(40) == (ckpts[:3], ckpts[:4])
+    assert "ckpt-0000000020 could not be read, so it does not count toward keep=4" in caplog.text
+    failing.clear()
+    assert commit(50) == ([ckpts[1]], ckpts[1:5])  # 20 read now: 40, 30, 20 count; 10 goes
+    assert commit(60) == ([], ckpts[2:])  # nothing read: 50, 40, 30 count; 20 goes
+
+
 def test_a_checkpoint_of_the_same_step_that_verifies_is_never_replaced(tmp_path):
     run = committed(tmp_path, step=12)
     before = {name: run.read(name) for name in run.sizes()}

@@ -18,12 +18,12 @@ Readers trust only a checkpoint whose files match its manifest (see :mod:`.manif
 for what a reader accepts); when the newest does not, they say which file is wrong and use the
 one before. A checkpoint that verifies is never replaced by one of the same step. After each
 commit the writer deletes what the run no longer needs: committed checkpoints older than the
-newest ``keep`` that verify (one that does not verify does not count, and is left as it is),
-folders without a manifest (interrupted writes) and folders newer than the commit (left by a
-run that went on from an earlier checkpoint) that do not verify; a newer one that verifies is
-kept, and said. Half-written files a killed process left (``*.part-*``) are not deleted: they
-may be another process's write in progress. The run's ownership of the folder is checked
-before a checkpoint's first write, before its commit and before each delete
+newest ``keep`` that verify (one that does not verify does not count, and stays while it is
+newer than those), folders without a manifest (interrupted writes) and folders newer than the
+commit (left by a run that went on from an earlier checkpoint) that do not verify; a newer one
+that verifies is kept, and said. Half-written files a killed process left (``*.part-*``) are
+not deleted: they may be another process's write in progress. The run's ownership of the
+folder is checked before a checkpoint's first write, before its commit and before each delete
 (:mod:`raymodule.lease`).
 
 The parameters are read (are they finite, what shapes they have) as numpy views of the
@@ -280,9 +280,10 @@ def _tidy(
 
     Of the older committed checkpoints, the newest ``keep - 1`` that verify stay (with
     ``committed``, ``keep`` a run can go on from), and those older than them go. One that does
-    not verify (altered, truncated, or not read just now) does not count and is not deleted:
-    a reader skips it, saying why. Whether each verifies is read once and kept in
-    ``verified``; ``committed`` itself is taken as verifying."""
+    not verify (altered, truncated), or that cannot be read just now, does not count: it stays
+    while it is newer than those kept (a reader skips it, saying why). Whether each verifies
+    is read once, when ``verified`` does not say already (``committed`` is taken as
+    verifying), and not read again: one altered after that still counts."""
     folders = sorted(
         {p.split("/", 1)[0] for p in held if "/" in p and _FOLDER.match(p.split("/", 1)[0])}
     )
@@ -310,23 +311,32 @@ def _tidy(
             counted += 1
     for name in doomed:
         check_owner()  # a run that lost the folder deletes nothing more
-        run.delete_folder(name)
         verified.pop(name, None)
+        run.delete_folder(name)
 
 
 def _verifies_once(run: Folder, name: str, verified: dict, committed: str, keep: int) -> bool:
     """Whether checkpoint ``name`` verifies, read only when ``verified`` does not say yet;
-    one that does not is said once."""
+    one that does not is said once. One that cannot be read (a storage error) does not count
+    this time, and is read again at the next commit."""
     if name not in verified:
         try:
             read(run, name)
-            verified[name] = True
         except CheckpointError as err:
             verified[name] = False
             log.warning(
-                "checkpoint %s: %s does not count toward keep=%d and is not deleted: %s",
+                "checkpoint %s: %s does not verify, so it does not count toward keep=%d: %s",
                 committed, name, keep, err,
             )  # fmt: skip
+        except OSError as err:
+            log.warning(
+                "checkpoint %s: %s could not be read, so it does not count toward keep=%d "
+                "this time: %s",
+                committed, name, keep, err,
+            )  # fmt: skip
+            return False
+        else:
+            verified[name] = True
     return verified[name]
 
 

@@ -62,10 +62,12 @@ class CheckpointWriter:
     supersedes it), so memory stays bounded and training never waits for storage. A write that
     fails is retried with exponential backoff; a checkpoint that still fails is logged, and once
     more than ``failures_tolerated`` fail in a row, the next :meth:`submit` (or :meth:`close`)
-    raises ``CheckpointError``.
+    raises ``CheckpointError``. ``verified`` says of checkpoints already read (when the run
+    resumed) whether they verify; the writer's tidying reads the others once (see
+    :func:`~raymodule.checkpoint.format.write`).
     """
 
-    def __init__(self, run: Folder, keep: int, settings, check_owner=None):
+    def __init__(self, run: Folder, keep: int, settings, check_owner=None, verified=None):
         self.run = run
         self.keep = keep
         self.check_owner = check_owner
@@ -76,7 +78,8 @@ class CheckpointWriter:
         self.lookup_timeout_s = settings.checkpoint_lookup_timeout_s
         self.close_timeout_s = settings.checkpoint_close_timeout_s
         self._committed: list[dict] = []
-        self._verified: dict[str, bool] = {}  # whether each checkpoint verifies, as found
+        # whether each checkpoint verifies, as read when the run resumed and since
+        self._verified: dict[str, bool] = dict(verified or {})
         self._staged_on: str | None = None  # the node the last files were written from
         self._failed_nodes: set[str] = set()  # nodes that could not write files, warned of
         self.failures_in_row = 0
