@@ -144,7 +144,8 @@ class StandIn:
         self.reads = []  # the parts it read steps sent again from (their object ids)
         self.down = False  # told to shut down (as SIGTERM tells a real one)
         # (method, "die" | "hang" | "raise" | "broken"): what this worker does when next called
-        # ("raise": an error of its own, once; "broken": its group broke, once); with "-left"
+        # ("raise": an error of its own, once; "broken": its group broke, once); with "late-"
+        # first ("late-broken"), it does so LATE_S seconds into the call; with "-left"
         # ("raise-left", "broken-left"), it left its group then: every later step fails on the
         # broken group until it joins a new one, as a real worker's does
         self.fault = None
@@ -156,6 +157,9 @@ class StandIn:
 
     def _maybe_fail(self, method):
         if self.fault is not None and self.fault[0] == method:
+            if self.fault[1].startswith("late-"):  # held first (at a gate, in a long step)
+                time.sleep(LATE_S)
+                self.fault = (method, self.fault[1].removeprefix("late-"))
             if self.fault[1] == "die":
                 os._exit(1)
             if self.fault[1].removesuffix("-left") in ("raise", "broken"):
@@ -252,6 +256,7 @@ class StandIn:
 
 
 MID = 7  # the one module the stand-ins hold
+LATE_S = 6.0  # longer than the controller's silence_s here (twice the collective timeout of 2 s)
 
 
 @pytest.fixture
@@ -553,6 +558,24 @@ def test_a_silent_worker_is_lost_after_the_collective_timeout(controller):
     assert ctl.members.slots == (0, 2)
     (event,) = events_of(ctl)
     assert event["lost"] == ["slot 1"] and "silent" in event["why"]
+
+
+def test_survivors_held_past_the_silence_after_a_peer_died_are_not_lost(controller):
+    """Worker 1 is dead when a step is sent; the others are held in it (a gate, a long step)
+    for longer than the silence a member is allowed (twice the collective timeout), then fail
+    at its sum. Only worker 1 is lost: the silence counts from a peer's failed collective,
+    not from a death. Before, the silence ran from the death: both survivors were lost with
+    it, and the run with them (an elastic scenario's gate did it on a slow machine)."""
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1)
+    call(ctl, "set_fault", "steps", "late-broken", ranks=[0, 2])
+    kill(ctl.members.handles[1])
+    with replacements_never_start():
+        step(ctl)
+    assert ctl.members.slots == (0, 2)
+    (event,) = events_of(ctl)
+    assert event["lost"] == ["slot 1"] and "silent" not in event["why"], event
+    assert [state["count"] for state in call(ctl, "state")] == [1, 1]
 
 
 def test_a_survivor_silent_while_the_group_re_forms_is_removed_within_the_bound(controller):

@@ -21,7 +21,7 @@ __all__ = [
 
 
 def silence_s(settings: Settings) -> float:
-    """How long after a peer's call failed a member may still be busy before it is lost
+    """How long after a peer's collective failed a member may still be busy before it is lost
     (silent): a member may reach the collective up to one collective timeout after its peers
     (its own step took longer, or its process was not scheduled), and then waits up to one
     collective timeout for the peer that is gone."""
@@ -52,11 +52,16 @@ def await_calls(
     when the first call that did not succeed was seen (0.0 if none); and the index of the
     failed call that came back last (the slowest member, when the group broke).
 
+    The others answer within :func:`silence_s` of the first call that says its group broke
+    (its collective failed), or they are silent. A dead worker's call does not start that
+    clock: it says nothing of when the others come to the collective (still in their step,
+    or held, they may come long after the death, and then fail at once).
+
     ``dead_ends``: a dead worker ends the wait at once too, for when the survivors' answers
     change nothing (every worker restarts) and they may be blocked on the dead one outside
     any collective (a Ray Dataset's split waits for all of its consumers)."""
     outcomes: list = [None] * len(refs)
-    seen_at, last = 0.0, None
+    seen_at, broken_at, last = 0.0, 0.0, None
     index = {ref: i for i, ref in enumerate(refs)}
     pending = list(refs)
     deadline = time.monotonic() + settings.call_timeout_s
@@ -82,9 +87,10 @@ def await_calls(
                     return [o or ("", None) for o in outcomes], time.monotonic(), i
                 outcomes[i] = ("broken", err)
             last = i
-            # a peer is gone or its group broke: the others answer within silence_s
             seen_at = seen_at or time.monotonic()
-            deadline = min(deadline, seen_at + silence_s(settings))
+            if outcomes[i][0] == "broken":  # at the collective: the others answer within silence_s
+                broken_at = broken_at or time.monotonic()
+                deadline = min(deadline, broken_at + silence_s(settings))
     if None in outcomes:
         seen_at = seen_at or time.monotonic()
     return [o or ("silent", None) for o in outcomes], seen_at, last
