@@ -126,20 +126,21 @@ class Run:
             raise CheckpointError(f"cannot use the run folder {self.folder}: {err}") from None
         self.lease = Lease(self.folder, config.name, settings.lease_ttl_s)
         self.lease.acquire()  # before anything is read to resume from, or written
-        self._surveyed: dict[str, bool] = {}  # checkpoints read to resume: whether each verifies
         try:
-            self.resume_from = self._resume_point()
+            self.resume_from, surveyed = self._resume_point()
             self._static = static
             self._metrics = MetricsFile(self.folder, self._read_metrics(), self.lease)
         except BaseException:
             self.lease.release()
             raise
         self.writer = CheckpointWriter(
-            self.folder, config.keep, settings, self.lease.check, self._surveyed
+            self.folder, config.keep, settings, self.lease.check, surveyed
         )
         self._sigterm = SigtermNotice()
 
-    def _resume_point(self) -> Checkpoint | None:
+    def _resume_point(self) -> tuple[Checkpoint | None, dict[str, bool]]:
+        """The checkpoint the run goes on from (None: it starts afresh), and whether each
+        checkpoint read to find it verifies (by name: for the writer's tidying)."""
         if self.config.resume == "never":
             existing = checkpoint.checkpoint_names(self.folder)
             if existing:
@@ -148,11 +149,11 @@ class Run:
                     "checkpoints) and resume='never'; choose another name, delete the run, or "
                     "pass resume='auto' to continue it"
                 )
-            return None
+            return None, {}
         found, rejected = checkpoint.survey(self.folder)
-        self._surveyed.update({name: False for name, _ in rejected})
+        surveyed = {name: False for name, _ in rejected}
         if found is not None:
-            self._surveyed[found.name] = True
+            surveyed[found.name] = True
         if found is None and self.config.resume == "must":
             raise CheckpointError(
                 f"resume='must' but run {self.config.name!r} at {self.folder} has no committed "
@@ -171,7 +172,7 @@ class Run:
                 "run %r resumes from %s: epoch %d, batch %d, step %d",
                 self.config.name, found.name, found.epoch, found.batch, found.global_step,
             )  # fmt: skip
-        return found
+        return found, surveyed
 
     def checkpoint(self, snapshot, files: dict, **position) -> None:
         """Hands a worker's snapshot and the module's own files (its symbols) to the

@@ -194,8 +194,8 @@ def write(
                 "earlier attempt of this one, wrote it); it is kept as it is"
             )
         check_owner()
-        run.delete_folder(name)
         verified.pop(name, None)
+        run.delete_folder(name)
     made = (stage or stage_files)(run, snapshot, info)
     if made is None:
         return None
