@@ -128,6 +128,19 @@ class TrainingLoops:
                 except EveryWorkerLost as lost:
                     if run_folder is not None and run_folder.preempted:
                         message = f"{lost}; the process received SIGTERM: not restarting"
+                        during = lost.during_epoch  # None: lost before training began
+                        if during is None:
+                            during = resume.epoch if resume is not None else begin_epoch
+                        run_folder.record_event(
+                            {
+                                "event": "membership",
+                                "change": "lost",
+                                "why": message,
+                                "world_size": 0,
+                                "previous_world_size": self._workers.world_size,
+                                "during_epoch": during,
+                            }
+                        )
                         raise Preempted(message) from None
                     resume = run_folder.latest() if run_folder is not None else None
                     if resume is None:
@@ -297,6 +310,9 @@ class TrainingLoops:
                     )
                 first_batch = 0
                 train_data.reset()
+        except EveryWorkerLost as lost:
+            lost.during_epoch = epoch
+            raise
         finally:
             if self._workers is not None:
                 self._workers.end_run()

@@ -1,12 +1,13 @@
 """A training process for the kill tests: trains a run on 2 workers of the Ray at RAY_ADDRESS.
 
     python tests/run_child.py STORAGE NAME OUT [--kill-mid-epoch E] [--sigterm-mid-epoch E]
-                              [--data {client,ndarrayiter,dataset}]
+                              [--lose-every-worker] [--data {client,ndarrayiter,dataset}]
 
 Writes the final parameters to OUT (MXNet's ``.params``). With ``--kill-mid-epoch E`` it
 SIGKILLs itself in epoch E, while the workers wait at its batch 8, once a checkpoint from
 inside that epoch is committed; with ``--sigterm-mid-epoch E`` worker 0 sends it SIGTERM at
-batch 1 of epoch E (as ``ray job stop`` or a preemption would), and nothing else. Faults are
+batch 1 of epoch E (as ``ray job stop`` or a preemption would), and nothing else, or, with
+``--lose-every-worker`` too, every worker dies (SIGKILL) at batch 2. Faults are
 keyed to the workers' steps (:mod:`stepfaults`), not to the client's trailing callbacks.
 The data is shuffled, from a DataIter the client reads (``--data client``, the default: a
 subclass of ``mx.io.NDArrayIter``), a plain ``mx.io.NDArrayIter`` (``ndarrayiter``: fit reads
@@ -42,6 +43,7 @@ parser.add_argument("name")
 parser.add_argument("out")
 parser.add_argument("--kill-mid-epoch", type=int, default=None)
 parser.add_argument("--sigterm-mid-epoch", type=int, default=None)
+parser.add_argument("--lose-every-worker", action="store_true")
 parser.add_argument("--data", choices=["client", "ndarrayiter", "dataset"], default="client")
 args = parser.parse_args()
 logging.basicConfig(level=logging.INFO, stream=sys.stdout)
@@ -72,6 +74,8 @@ if args.kill_mid_epoch is not None:  # the workers wait at batch 8 while this pr
 elif args.sigterm_mid_epoch is not None:  # worker 0 at batch 1 sends this process SIGTERM
     plan[(16 * args.sigterm_mid_epoch + 1, 0)] = ("signal", os.getpid(), signal.SIGTERM)
     print("sending myself SIGTERM (from worker 0, at batch 1)", flush=True)
+    if args.lose_every_worker:  # before the steps in flight end
+        plan[(16 * args.sigterm_mid_epoch + 2, None)] = "die"
     if args.data != "client":  # the controller runs ahead of this process: it waits at
         # batch 4 until this process asked it to stop the epoch's plan, so the stop lands
         # inside the epoch

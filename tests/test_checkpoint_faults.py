@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -227,3 +228,25 @@ def test_a_dataset_run_told_to_stop_mid_epoch_resumes_as_if_never_stopped(data, 
     proc, resumed = child("stopped")
     assert f"resumes from {ckpt.name}: epoch 1, batch {ckpt.batch}" in proc.stdout
     assert max_relative_diff(reference, resumed) <= 1e-5
+
+
+def test_every_worker_lost_after_a_sigterm_stops_the_run_and_says_so_in_its_metrics(tmp_path):
+    """SIGTERM to the training process, then every worker dies before the steps in flight
+    end: fit does not restart them (the process was told to stop) and raises Preempted; the
+    loss is a line of the run's metrics, as any membership change is, in the epoch it came."""
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    command = [sys.executable, str(HERE / "run_child.py"), str(tmp_path), "r", str(tmp_path / "o")]
+    proc = subprocess.run(
+        [*command, "--sigterm-mid-epoch", "1", "--lose-every-worker"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    output = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == signal.SIGTERM, output  # handed on to Ray's handler
+    assert "were lost" in output and "not restarting" in output, output
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    (lost,) = [e for e in map(json.loads, lines) if e.get("event") == "membership"]
+    assert lost["change"] == "lost" and lost["during_epoch"] == 1, lost
+    assert (lost["world_size"], lost["previous_world_size"]) == (0, 2), lost
+    assert "the process received SIGTERM: not restarting" in lost["why"], lost
+    # one from before the loss stays to go on from (those due while one was written skipped)
+    assert 0 < latest_checkpoint(str(tmp_path / "r")).global_step < 18

@@ -34,3 +34,5 @@ class StepsFailed(Exception):
 class EveryWorkerLost(WorkerLostError):
     """An elastic run lost every worker that held its state: ``fit`` goes on from its latest
     checkpoint, on new workers."""
+
+    during_epoch: int | None = None  # the epoch fit was training, when it was (set by fit)
