@@ -256,10 +256,12 @@ def test_a_newer_checkpoint_that_verifies_is_kept_one_that_does_not_is_deleted(t
     checkpoint.write(run, snapshot(tmp_path), info(30), keep=5)
     broken = "ckpt-0000000030/model-0001.params"
     run.write(broken, run.read(broken)[:-1])
+    verified = {}  # the writer's, over its commits
     with caplog.at_level(logging.WARNING, logger="raymodule"):
-        checkpoint.write(run, snapshot(tmp_path), info(10), keep=5)  # went on from before them
-    assert run.folders() == ["ckpt-0000000010", "ckpt-0000000020"]
-    assert "not deleting ckpt-0000000020, which is newer and verifies" in caplog.text
+        for step in (10, 11):  # went on from before them
+            checkpoint.write(run, snapshot(tmp_path), info(step), keep=5, verified=verified)
+    assert run.folders() == ["ckpt-0000000010", "ckpt-0000000011", "ckpt-0000000020"]
+    assert caplog.text.count("not deleting ckpt-0000000020, which is newer and verifies") == 1
 
     # a Tune trial continuing from another trial's checkpoint gives up its own later ones
     checkpoint.write(run, snapshot(tmp_path), info(5), keep=5, drop_newer=True)

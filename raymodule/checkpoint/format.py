@@ -276,7 +276,7 @@ def _tidy(
 ) -> None:
     """Deletes the checkpoint folders the run folder ``held`` (before ``committed`` was
     written) that the run no longer needs, each once ``check_owner()`` passed; a newer
-    checkpoint that verifies stays unless ``drop_newer``.
+    checkpoint that verifies stays unless ``drop_newer`` (read at each commit, warned of once).
 
     Of the older committed checkpoints, the newest ``keep - 1`` that verify stay (with
     ``committed``, ``keep`` a run can go on from), and those older than them go. One that does
@@ -294,9 +294,10 @@ def _tidy(
         if f"{name}/{MANIFEST}" not in held:
             doomed.append(name)  # never committed
         elif name > committed:
-            if drop_newer or not _verifies(run, name):
+            if drop_newer or not _verifies(run, name):  # another writer's: read each time
                 doomed.append(name)
-            else:
+            elif not verified.get(name):  # said once
+                verified[name] = True
                 log.warning(
                     "checkpoint %s: not deleting %s, which is newer and verifies (another run "
                     "may be writing to %s)", committed, name, run,
