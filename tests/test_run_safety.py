@@ -487,25 +487,30 @@ print(sorted(made["params"].items()), "mxnet" in sys.modules)
     assert out.stdout.split() == "[('arg:w', [2, 3]), ('aux:m', [3])] False".split()
 
 
-def test_checkpoints_skipped_while_one_is_written_are_warned_of_once_then_counted(tmp_path, caplog):
-    """A run checkpointing faster than its storage commits skips checkpoints: the first skip
-    is a warning saying what to change, the others are logged at INFO, and closing the writer
-    says how many there were (one line each time would bury a progress bar)."""
-    gate = tmp_path / "gate"
+def _gated():
+    """``when_the_gate_opens(gate, copy)``: a worker's ``copy``, once the test opens ``gate``
+    (at most 60 s: a test failing before it opens leaves no task spinning). Made here, nested,
+    so that Ray ships it by value: tests/ is not on the workers' path."""
 
-    # nested: Ray ships it by value (tests/ is not on the workers' path); bounded, so that a
-    # test failing before the gate opens leaves no task spinning
     def when_the_gate_opens(gate: str, copy: Snapshot) -> Snapshot:
         deadline = time.monotonic() + 60
         while not os.path.exists(gate) and time.monotonic() < deadline:
             time.sleep(0.01)
         return copy
 
+    return when_the_gate_opens
+
+
+def test_checkpoints_skipped_while_one_is_written_are_warned_of_once_then_counted(tmp_path, caplog):
+    """A run checkpointing faster than its storage commits skips checkpoints: the first skip
+    is a warning saying what to change, the others are logged at INFO, and closing the writer
+    says how many there were (one line each time would bury a progress bar)."""
+    gate = tmp_path / "gate"
     writer = checkpoint.CheckpointWriter(
         storage.Folder(str(tmp_path / "r")), 2, Settings.from_env()
     )
     with caplog.at_level(logging.INFO, logger="raymodule.checkpoint.writer"):
-        late = ray.remote(when_the_gate_opens).remote(str(gate), snapshot(tmp_path))
+        late = ray.remote(_gated()).remote(str(gate), snapshot(tmp_path))
         writer.submit(late, info(10))  # the writer waits for it
         for step in (20, 30, 40, 50):  # the first is still being written: all but one wait
             writer.submit(ray.put(snapshot(tmp_path)), info(step))
@@ -521,6 +526,54 @@ def test_checkpoints_skipped_while_one_is_written_are_warned_of_once_then_counte
     run = storage.Folder(str(tmp_path / "r"))
     steps = [checkpoint.read(run, name).global_step for name in checkpoint.checkpoint_names(run)]
     assert steps in ([10, 50], [50]) and len(skips) == 5 - len(steps)  # 10: if taken up at once
+
+
+def test_a_checkpoint_superseded_by_one_whose_worker_was_lost_is_written_instead(tmp_path, caplog):
+    """While the writer waits for one snapshot, a checkpoint is due, then another whose worker
+    dies before it makes its copy (as when every worker is lost right after a SIGTERM asked for
+    the checkpoint there): the one before it, whose copy was made, is written instead of
+    neither."""
+    gate = tmp_path / "gate"
+    writer = checkpoint.CheckpointWriter(
+        storage.Folder(str(tmp_path / "r")), 5, Settings.from_env()
+    )
+    gated = _gated()
+
+    class Worker:
+        def copy(self, gate: str, copy: Snapshot) -> Snapshot:
+            return gated(gate, copy)
+
+    worker = ray.remote(num_cpus=0)(Worker).remote()
+    with caplog.at_level(logging.INFO, logger="raymodule.checkpoint.writer"):
+        late = ray.remote(_gated()).remote(str(gate), snapshot(tmp_path))
+        writer.submit(late, info(10))  # the writer waits for it
+        writer.submit(ray.put(snapshot(tmp_path, 2.0)), info(20))
+        writer.submit(worker.copy.remote(str(tmp_path / "never"), snapshot(tmp_path)), info(30))
+        ray.kill(worker)
+        gate.touch()
+        writer.close()
+    run = storage.Folder(str(tmp_path / "r"))
+    names = checkpoint.checkpoint_names(run)  # 10: if taken up before 20 came
+    assert names in (["ckpt-0000000010", "ckpt-0000000020"], ["ckpt-0000000020"]), names
+    assert checkpoint.read(run, "ckpt-0000000020").params_file() == snapshot(tmp_path, 2.0).params
+    assert "step 30: writing the one at step 20 instead" in caplog.text
+    assert writer.skipped == 2 - len(names)  # 20 was written after all
+
+
+def test_settling_writes_a_snapshot_that_came_and_does_not_wait_for_one_that_did_not(tmp_path):
+    """Before fit goes on from the latest checkpoint (every worker was lost), the writer
+    settles: a snapshot its worker never delivers is not waited for, and the checkpoint after
+    it, whose copy was made, is committed: the latest to go on from."""
+    gate = tmp_path / "gate"
+    run = storage.Folder(str(tmp_path / "r"))
+    writer = checkpoint.CheckpointWriter(run, 5, Settings.from_env())
+    late = ray.remote(_gated()).remote(str(gate), snapshot(tmp_path))
+    writer.submit(late, info(10))  # its worker was lost: it would come only once the gate opens
+    writer.submit(ray.put(snapshot(tmp_path, 2.0)), info(20))
+    writer.settle()
+    assert checkpoint.checkpoint_names(run) == ["ckpt-0000000020"]
+    gate.touch()
+    writer.close()
 
 
 def test_files_and_folders_are_synced_before_the_manifest_and_the_manifest_before_latest(

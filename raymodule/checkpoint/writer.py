@@ -59,7 +59,9 @@ class CheckpointWriter:
     :meth:`submit` hands over a worker's snapshot (an ``ObjectRef``, taken at a step boundary,
     so all workers were at the same step) and returns at once. While one checkpoint is being
     written, the newest submitted one waits; an older waiting one is dropped (a newer state
-    supersedes it), so memory stays bounded and training never waits for storage. A write that
+    supersedes it), so memory stays bounded and training never waits for storage. Only the one
+    it replaced last is held until then: written instead should the newest's snapshot not come
+    (its workers were lost before they made it, as when every worker dies). A write that
     fails is retried with exponential backoff; a checkpoint that still fails is logged, and once
     more than ``failures_tolerated`` fail in a row, the next :meth:`submit` (or :meth:`close`)
     raises ``CheckpointError``. ``verified`` says of checkpoints already read (when the run
@@ -85,7 +87,8 @@ class CheckpointWriter:
         self.failures_in_row = 0
         self.skipped = 0  # checkpoints due while the one before was still being written
         self._error: CheckpointError | None = None
-        self._waiting: tuple | None = None
+        self._waiting: tuple | None = None  # (snapshot, info) of the next to write
+        self._superseded: tuple | None = None  # the one it replaced, written should it fail
         self._busy = False
         self._closing = False
         self._abandon = False
@@ -110,6 +113,7 @@ class CheckpointWriter:
                     self._waiting[1]["global_step"],
                     _SKIPS_COUNTED if self.skipped == 1 else "",
                 )
+                self._superseded = self._waiting
             self._waiting = (snapshot, info)
             self._cond.notify_all()
 
@@ -175,6 +179,7 @@ class CheckpointWriter:
                 if self._waiting is None:
                     return
                 (snapshot, info), self._waiting = self._waiting, None
+                superseded, self._superseded = self._superseded, None
                 if self._error is not None:  # training stops at its next submit or close
                     log.warning(
                         "checkpoint at step %d not written: the run's checkpoints already "
@@ -184,24 +189,40 @@ class CheckpointWriter:
                     continue
                 self._busy = True
             try:
-                self._write(snapshot, info)
-            except Exception as err:  # noqa: BLE001 - counted as a failure, never a silent stop
-                self._failed(info["global_step"], f"{type(err).__name__}: {err}")
+                written = self._write_or_fail(snapshot, info)
+                if not written and superseded is not None and _delivered(superseded[0]):
+                    log.warning(
+                        "checkpoint at step %d: writing the one at step %d instead, which it "
+                        "had superseded", info["global_step"], superseded[1]["global_step"],
+                    )  # fmt: skip
+                    with self._cond:
+                        self.skipped -= 1
+                    self._write_or_fail(*superseded)
             finally:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
 
-    def _write(self, snapshot: ray.ObjectRef, info: dict) -> None:
+    def _write_or_fail(self, snapshot: ray.ObjectRef, info: dict) -> bool:
+        """:meth:`_write`, its errors counted as a failure (never a silent stop)."""
+        try:
+            return self._write(snapshot, info)
+        except Exception as err:  # noqa: BLE001
+            self._failed(info["global_step"], f"{type(err).__name__}: {err}")
+            return True
+
+    def _write(self, snapshot: ray.ObjectRef, info: dict) -> bool:
+        """Writes and commits one checkpoint, trying again on storage errors; False when its
+        snapshot did not come (its workers were lost, or were not waited for)."""
         step = info["global_step"]
         deadline = time.monotonic() + self.snapshot_timeout_s
-        ready: list = []
+        ready = _delivered(snapshot)  # written even when the run no longer waits for workers
         while not ready and not self._abandon and time.monotonic() < deadline:
             wait = min(1.0, self.snapshot_timeout_s)
             ready, _ = ray.wait([snapshot], timeout=wait, fetch_local=False)
         if not ready:  # its worker is silent, or training failed: not the storage's failure
             log.warning("checkpoint at step %d skipped: its snapshot did not come", step)
-            return
+            return False
         tic = time.monotonic()
         finish = False  # an attempt before committed it, and failed at latest
         for attempt in range(1, self.attempts + 1):
@@ -218,7 +239,7 @@ class CheckpointWriter:
                 )
             except CheckpointError as err:  # not to be committed: trying again changes nothing
                 self._failed(step, str(err), fatal=isinstance(err, LeaseLost))
-                return
+                return True
             except OSError as err:
                 finish = finish or isinstance(err, LatestNotWritten)  # committed: ours
                 if attempt < self.attempts:
@@ -230,10 +251,10 @@ class CheckpointWriter:
                     time.sleep(delay)
                     continue
                 self._failed(step, f"{self.attempts} attempts failed, the last with: {err}")
-                return
+                return True
             if name is None:  # workers were lost before it: the steps run again
                 log.warning("checkpoint at step %d skipped: workers were lost before it", step)
-                return
+                return False
             seconds = time.monotonic() - tic
             log.info(
                 "checkpoint %s committed in %.2f s (its files written from node %s)",
@@ -242,7 +263,7 @@ class CheckpointWriter:
             with self._cond:
                 self.failures_in_row = 0
                 self._committed.append({"name": name, "seconds": round(seconds, 3)})
-            return
+            return True
 
     def _stage_beside(self, run: Folder, snapshot: ray.ObjectRef, info: dict):
         """:func:`stage_files` as a Ray task beside the snapshot: the bytes go from the
@@ -316,6 +337,11 @@ class CheckpointWriter:
                     f"last: {why}. Check the storage (RAYMODULE_CHECKPOINT_FAILURES_TOLERATED="
                     f"{self.failures_tolerated})"
                 )
+
+
+def _delivered(snapshot: ray.ObjectRef) -> bool:
+    """Whether the worker delivered ``snapshot`` (or its call failed), without fetching it."""
+    return bool(ray.wait([snapshot], timeout=0, fetch_local=False)[0])
 
 
 def _this_node() -> NodeAffinitySchedulingStrategy:
