@@ -9,6 +9,7 @@ write them); a folder on this machine is written from this node, as the commit i
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
@@ -33,10 +34,23 @@ _WRITER_LOST = (  # the task's process or node, not necessarily the snapshot
     ray.exceptions.OutOfMemoryError,
 )
 
+# what the staging task's snapshot argument raises when it was lost: its worker died before
+# making it (or was killed for memory), or its node or owner died with it
+_COPY_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, *_WRITER_LOST)
+
 _SKIPS_COUNTED = (
     " (checkpoints are due faster than the storage commits them; later skips are logged at "
     "INFO and counted when the run ends; a larger checkpoint_every takes fewer)"
 )
+
+
+class _Outcome(enum.Enum):
+    """What became of a checkpoint the writer took up."""
+
+    COMMITTED = "committed"
+    FAILED = "failed"  # counted as a failure: the storage's, or not to be committed
+    LOST = "lost"  # its copy was lost with its workers, or not waited for (the run gave up)
+    LATE = "late"  # its copy did not come within RAYMODULE_CHECKPOINT_SNAPSHOT_TIMEOUT_S
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -58,10 +72,12 @@ class CheckpointWriter:
 
     :meth:`submit` hands over a worker's snapshot (an ``ObjectRef``, taken at a step boundary,
     so all workers were at the same step) and returns at once. While one checkpoint is being
-    written, the newest submitted one waits; an older waiting one is dropped (a newer state
-    supersedes it), so memory stays bounded and training never waits for storage. Only the one
-    it replaced last is held until then: written instead should the newest's snapshot not come
-    (its workers were lost before they made it, as when every worker dies). A write that
+    written, the newest submitted one waits; an older waiting one is superseded (a newer state
+    supersedes it), so memory stays bounded and training never waits for storage. The one it
+    superseded last is held beside it (its copy stays in Ray's object store meanwhile: up to
+    two copies more than the one being written) and is written instead should the newest's
+    copy be lost with its workers, or not be waited for (:meth:`settle`, a failed run's
+    :meth:`close`), when its own copy has come. A write that
     fails is retried with exponential backoff; a checkpoint that still fails is logged, and once
     more than ``failures_tolerated`` fail in a row, the next :meth:`submit` (or :meth:`close`)
     raises ``CheckpointError``. ``verified`` says of checkpoints already read (when the run
@@ -189,31 +205,39 @@ class CheckpointWriter:
                     continue
                 self._busy = True
             try:
-                written = self._write_or_fail(snapshot, info)
-                if not written and superseded is not None and _delivered(superseded[0]):
-                    log.warning(
-                        "checkpoint at step %d: writing the one at step %d instead, which it "
-                        "had superseded", info["global_step"], superseded[1]["global_step"],
-                    )  # fmt: skip
-                    with self._cond:
-                        self.skipped -= 1
-                    self._write_or_fail(*superseded)
+                outcome = self._write_or_fail(snapshot, info)
+                if outcome is _Outcome.LOST and superseded is not None:
+                    self._write_superseded(*superseded, info["global_step"])
+            except Exception as err:  # noqa: BLE001 - counted as a failure, never a silent stop
+                self._failed(info["global_step"], f"{type(err).__name__}: {err}")
             finally:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
 
-    def _write_or_fail(self, snapshot: ray.ObjectRef, info: dict) -> bool:
+    def _write_superseded(self, snapshot: ray.ObjectRef, info: dict, newer: int) -> None:
+        """Writes the checkpoint that the one at step ``newer``, whose copy was lost,
+        superseded, if its own copy came (it is not waited for)."""
+        if not _delivered(snapshot):
+            return
+        log.warning(
+            "checkpoint at step %d: writing the one at step %d instead, which it had superseded",
+            newer, info["global_step"],
+        )  # fmt: skip
+        if self._write_or_fail(snapshot, info) is _Outcome.COMMITTED:
+            with self._cond:
+                self.skipped -= 1  # not skipped after all
+
+    def _write_or_fail(self, snapshot: ray.ObjectRef, info: dict) -> _Outcome:
         """:meth:`_write`, its errors counted as a failure (never a silent stop)."""
         try:
             return self._write(snapshot, info)
         except Exception as err:  # noqa: BLE001
             self._failed(info["global_step"], f"{type(err).__name__}: {err}")
-            return True
+            return _Outcome.FAILED
 
-    def _write(self, snapshot: ray.ObjectRef, info: dict) -> bool:
-        """Writes and commits one checkpoint, trying again on storage errors; False when its
-        snapshot did not come (its workers were lost, or were not waited for)."""
+    def _write(self, snapshot: ray.ObjectRef, info: dict) -> _Outcome:
+        """Writes and commits one checkpoint, trying again on storage errors."""
         step = info["global_step"]
         deadline = time.monotonic() + self.snapshot_timeout_s
         ready = _delivered(snapshot)  # written even when the run no longer waits for workers
@@ -222,7 +246,7 @@ class CheckpointWriter:
             ready, _ = ray.wait([snapshot], timeout=wait, fetch_local=False)
         if not ready:  # its worker is silent, or training failed: not the storage's failure
             log.warning("checkpoint at step %d skipped: its snapshot did not come", step)
-            return False
+            return _Outcome.LOST if self._abandon else _Outcome.LATE
         tic = time.monotonic()
         finish = False  # an attempt before committed it, and failed at latest
         for attempt in range(1, self.attempts + 1):
@@ -239,7 +263,7 @@ class CheckpointWriter:
                 )
             except CheckpointError as err:  # not to be committed: trying again changes nothing
                 self._failed(step, str(err), fatal=isinstance(err, LeaseLost))
-                return True
+                return _Outcome.FAILED
             except OSError as err:
                 finish = finish or isinstance(err, LatestNotWritten)  # committed: ours
                 if attempt < self.attempts:
@@ -251,10 +275,10 @@ class CheckpointWriter:
                     time.sleep(delay)
                     continue
                 self._failed(step, f"{self.attempts} attempts failed, the last with: {err}")
-                return True
+                return _Outcome.FAILED
             if name is None:  # workers were lost before it: the steps run again
                 log.warning("checkpoint at step %d skipped: workers were lost before it", step)
-                return False
+                return _Outcome.LOST
             seconds = time.monotonic() - tic
             log.info(
                 "checkpoint %s committed in %.2f s (its files written from node %s)",
@@ -263,7 +287,7 @@ class CheckpointWriter:
             with self._cond:
                 self.failures_in_row = 0
                 self._committed.append({"name": name, "seconds": round(seconds, 3)})
-            return True
+            return _Outcome.COMMITTED
 
     def _stage_beside(self, run: Folder, snapshot: ray.ObjectRef, info: dict):
         """:func:`stage_files` as a Ray task beside the snapshot: the bytes go from the
@@ -297,7 +321,8 @@ class CheckpointWriter:
 
     def _stage_on(self, node: str, soft: bool, run: Folder, snapshot, info: dict):
         """:func:`stage_files` as a Ray task on ``node`` (with ``soft``, anywhere should it be
-        gone); the manifest, or None when the worker that made the snapshot was lost."""
+        gone); the manifest, or None when the snapshot was lost with the worker that made it
+        (or its node, or the controller that owns it)."""
         where = NodeAffinitySchedulingStrategy(node, soft=soft)
         task = _stage_task.options(scheduling_strategy=where).remote(run, snapshot, info)
         try:
@@ -312,6 +337,8 @@ class CheckpointWriter:
             ) from None
         except ray.exceptions.RayTaskError as err:
             cause = getattr(err, "cause", None)
+            if isinstance(cause, _COPY_LOST):  # the snapshot's, as the task took it up
+                return None
             if isinstance(cause, (OSError, CheckpointError)):
                 raise cause from None
             why = f"writing the files failed: {type(cause).__name__}: {cause}"
