@@ -72,12 +72,12 @@ class CheckpointWriter:
 
     :meth:`submit` hands over a worker's snapshot (an ``ObjectRef``, taken at a step boundary,
     so all workers were at the same step) and returns at once. While one checkpoint is being
-    written, the newest submitted one waits; an older waiting one is superseded (a newer state
-    supersedes it), so memory stays bounded and training never waits for storage. The one it
-    superseded last is held beside it (its copy stays in Ray's object store meanwhile: up to
-    two copies more than the one being written) and is written instead should the newest's
-    copy be lost with its workers, or not be waited for (:meth:`settle`, a failed run's
-    :meth:`close`), when its own copy has come. A write that
+    written, the newest submitted one waits and an older waiting one gives way (a newer state
+    supersedes it), so memory stays bounded and training never waits for storage. The one that
+    gave way last is held beside the newest, and written instead should the newest's copy be
+    lost with its workers or not be waited for (:meth:`settle`, a failed run's :meth:`close`),
+    when its own copy has come. So up to four copies stay in Ray's object store: the one being
+    written and the one it superseded, the one waiting and the one it superseded. A write that
     fails is retried with exponential backoff; a checkpoint that still fails is logged, and once
     more than ``failures_tolerated`` fail in a row, the next :meth:`submit` (or :meth:`close`)
     raises ``CheckpointError``. ``verified`` says of checkpoints already read (when the run
@@ -102,9 +102,10 @@ class CheckpointWriter:
         self._failed_nodes: set[str] = set()  # nodes that could not write files, warned of
         self.failures_in_row = 0
         self.skipped = 0  # checkpoints due while the one before was still being written
+        self._skips_said = False  # the first skip is a warning; the others are counted
         self._error: CheckpointError | None = None
         self._waiting: tuple | None = None  # (snapshot, info) of the next to write
-        self._superseded: tuple | None = None  # the one it replaced, written should it fail
+        self._superseded: tuple | None = None  # the one it replaced: see the class's docstring
         self._busy = False
         self._closing = False
         self._abandon = False
@@ -124,11 +125,12 @@ class CheckpointWriter:
                 # said once, then counted: at every skip it would fill a progress bar's screen
                 self.skipped += 1
                 log.log(
-                    logging.WARNING if self.skipped == 1 else logging.INFO,
+                    logging.INFO if self._skips_said else logging.WARNING,
                     "checkpoint at step %d skipped: the one before is still being written%s",
                     self._waiting[1]["global_step"],
-                    _SKIPS_COUNTED if self.skipped == 1 else "",
+                    "" if self._skips_said else _SKIPS_COUNTED,
                 )
+                self._skips_said = True
                 self._superseded = self._waiting
             self._waiting = (snapshot, info)
             self._cond.notify_all()
@@ -211,6 +213,7 @@ class CheckpointWriter:
             except Exception as err:  # noqa: BLE001 - counted as a failure, never a silent stop
                 self._failed(info["global_step"], f"{type(err).__name__}: {err}")
             finally:
+                snapshot = superseded = None  # their copies are not held while the thread waits
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
@@ -237,16 +240,22 @@ class CheckpointWriter:
             return _Outcome.FAILED
 
     def _write(self, snapshot: ray.ObjectRef, info: dict) -> _Outcome:
-        """Writes and commits one checkpoint, trying again on storage errors."""
+        """Writes and commits one checkpoint, trying again on storage errors: COMMITTED, or
+        FAILED (counted), or LOST when its copy was lost with its workers or the run gave up
+        waiting for them, or LATE when it did not come within the snapshot timeout."""
         step = info["global_step"]
         deadline = time.monotonic() + self.snapshot_timeout_s
-        ready = _delivered(snapshot)  # written even when the run no longer waits for workers
-        while not ready and not self._abandon and time.monotonic() < deadline:
-            wait = min(1.0, self.snapshot_timeout_s)
-            ready, _ = ray.wait([snapshot], timeout=wait, fetch_local=False)
-        if not ready:  # its worker is silent, or training failed: not the storage's failure
+        missing = None  # why it is not written: its worker is silent, or the run gave up
+        while missing is None and not _delivered(snapshot):  # one that came is written
+            if self._abandon:
+                missing = _Outcome.LOST
+            elif time.monotonic() >= deadline:
+                missing = _Outcome.LATE
+            else:
+                ray.wait([snapshot], timeout=min(1.0, self.snapshot_timeout_s), fetch_local=False)
+        if missing is not None:  # not the storage's failure
             log.warning("checkpoint at step %d skipped: its snapshot did not come", step)
-            return _Outcome.LOST if self._abandon else _Outcome.LATE
+            return missing
         tic = time.monotonic()
         finish = False  # an attempt before committed it, and failed at latest
         for attempt in range(1, self.attempts + 1):
