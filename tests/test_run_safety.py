@@ -544,7 +544,7 @@ def test_a_checkpoint_superseded_by_one_whose_worker_was_lost_is_written_instead
             return gated(gate, copy)
 
     worker = ray.remote(num_cpus=0)(Worker).remote()
-    late = ray.remote(_gated()).remote(str(gate), snapshot(tmp_path))
+    late = ray.remote(gated).remote(str(gate), snapshot(tmp_path))
     copies = [ray.put(snapshot(tmp_path, 2.0)), worker.copy.remote(str(gate) + "-never", b"")]
     with caplog.at_level(logging.INFO, logger="raymodule.checkpoint.writer"):
         writer.submit(late, info(10))  # the writer waits for it
