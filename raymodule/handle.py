@@ -77,16 +77,7 @@ class ControllerHandle:
         gc.collect()  # modules that were dropped release their workers before we ask for more
         self.contexts = contexts
         self.settings = Settings.from_env()
-        backend = "nccl" if any(c.device_type == "gpu" for c in contexts) else "gloo"
-        self.controller = RemoteController.options(scheduling_strategy=_beside_client()).remote(
-            [resources_of(c) for c in contexts],
-            [local_device(c) for c in contexts],
-            [str(c) for c in contexts],
-            runtime.started_locally(),
-            backend,
-            self.settings,
-            *([worker_class] if worker_class is not None else []),
-        )
+        self.controller = self._new_controller(worker_class)
         self.membership = Membership()  # the controller's, as its last reply gave it
         self.steps_sent = 0  # training steps sent to the workers (the controller counts them)
         self.failures = 0  # failure events of the elastic run
@@ -127,6 +118,45 @@ class ControllerHandle:
                 len(contexts),
                 list(self.membership.pending),
             )
+
+    def _new_controller(self, worker_class):
+        """The family's controller, answering. One lost as it comes up (its process died
+        before its first answer: nothing of the family exists yet) is replaced once, with a
+        warning; a second loss, or no answer within RAYMODULE_CONTROL_TIMEOUT_S, is a
+        :class:`WorkerLostError`."""
+        contexts = self.contexts
+        backend = "nccl" if any(c.device_type == "gpu" for c in contexts) else "gloo"
+        bound = self.settings.control_timeout_s
+        for attempt in (1, 2):
+            controller = RemoteController.options(scheduling_strategy=_beside_client()).remote(
+                [resources_of(c) for c in contexts],
+                [local_device(c) for c in contexts],
+                [str(c) for c in contexts],
+                runtime.started_locally(),
+                backend,
+                self.settings,
+                *([worker_class] if worker_class is not None else []),
+            )
+            try:
+                ray.get(controller.__ray_ready__.remote(), timeout=bound)
+                return controller
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+                with contextlib.suppress(Exception):  # gone already, or never answered
+                    ray.kill(controller, no_restart=True)
+                why = (
+                    f"no answer within {bound:g} s (RAYMODULE_CONTROL_TIMEOUT_S)"
+                    if isinstance(err, ray.exceptions.GetTimeoutError)
+                    else first_line(err)
+                )
+                if attempt == 2 or isinstance(err, ray.exceptions.GetTimeoutError):
+                    raise WorkerLostError(
+                        f"starting {len(contexts)} workers for {contexts} failed: the "
+                        f"controller was lost as it came up: {why}"
+                    ) from None
+                log.warning(
+                    "raymodule: the controller was lost as it came up (%s); starting another",
+                    why,
+                )
 
     def close(self) -> None:
         self._finalizer()
