@@ -54,7 +54,7 @@ def test_garbage_collected_modules_release_their_workers():
 def dying_controller(deaths: int, marks):
     """A real controller class whose first ``deaths`` instances SIGKILL their own process as
     they come up (a marker file in ``marks`` counts them across processes)."""
-    from raymodule.controller.actor import Controller
+    from raymodule.controller.actor import ACTOR_OPTIONS, Controller
 
     marks = str(marks)
 
@@ -66,9 +66,7 @@ def dying_controller(deaths: int, marks):
                 os.kill(os.getpid(), signal.SIGKILL)
             super().__init__(*args)
 
-    return ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={"hand_over": 1})(
-        DyingController
-    )
+    return ray.remote(**ACTOR_OPTIONS)(DyingController)
 
 
 def test_a_controller_lost_as_it_comes_up_is_replaced_once_and_a_second_loss_is_an_error(

@@ -47,7 +47,7 @@ from .states import State
 from .streams import DatasetSplits
 from .waits import await_calls, classify_outcomes, in_words
 
-__all__ = ["Controller", "RemoteController", "State"]
+__all__ = ["ACTOR_OPTIONS", "Controller", "RemoteController", "State"]
 
 log = logging.getLogger(__name__)
 
@@ -684,6 +684,8 @@ class Controller(MembershipChanges):
             ) from err
 
 
-RemoteController = ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={"hand_over": 1})(
-    Controller
-)
+ACTOR_OPTIONS = {"num_cpus": 0, "max_restarts": 0, "concurrency_groups": {"hand_over": 1}}
+"""The controller actor's: no CPU of its own, never restarted by Ray (a lost controller is
+handled as its run's loss), and :meth:`Controller.hand_over` in a group of its own."""
+
+RemoteController = ray.remote(**ACTOR_OPTIONS)(Controller)
