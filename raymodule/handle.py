@@ -143,11 +143,7 @@ class ControllerHandle:
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
                 with contextlib.suppress(Exception):  # gone already, or never answered
                     ray.kill(controller, no_restart=True)
-                why = (
-                    f"no answer within {bound:g} s (RAYMODULE_CONTROL_TIMEOUT_S)"
-                    if isinstance(err, ray.exceptions.GetTimeoutError)
-                    else first_line(err)
-                )
+                why = _unanswered(err, bound)
                 if attempt == 2 or isinstance(err, ray.exceptions.GetTimeoutError):
                     raise WorkerLostError(
                         f"starting {len(contexts)} workers for {contexts} failed: the "
@@ -388,11 +384,7 @@ class ControllerHandle:
                     self._apply(view)
             raise in_words(err, f"{method} on the workers failed") from None
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
-            why = (
-                f"no answer within {bound:g} s (RAYMODULE_CONTROL_TIMEOUT_S)"
-                if isinstance(err, ray.exceptions.GetTimeoutError)
-                else first_line(err)
-            )
+            why = _unanswered(err, bound)
             lost = max(1, self.world_size)
             decision = policy.on_loss(self.limits, policy.Loss(0, lost, self.failures, 0))
             self.failures += 1
@@ -527,6 +519,14 @@ def _await(ref, bound: float, asks, what: str) -> None:
             return
         if time.monotonic() >= deadline:
             raise ray.exceptions.GetTimeoutError(f"{what} in {bound:g} s")
+
+
+def _unanswered(err: Exception, bound: float) -> str:
+    """Why the controller gave no answer, in words: lost (a ``RayActorError``, its first
+    line), or silent for ``bound`` seconds (a ``GetTimeoutError``)."""
+    if isinstance(err, ray.exceptions.GetTimeoutError):
+        return f"no answer within {bound:g} s (RAYMODULE_CONTROL_TIMEOUT_S)"
+    return first_line(err)
 
 
 def _beside_client():
