@@ -72,8 +72,9 @@ class Settings:
     node that sum through shared memory, when the gradient fits in one bucket
     (RAYMODULE_ALLREDUCE_BUCKET_BYTES): each updates its part of the parameters and of the
     momentum, and they share the parts there (the same bits as each updating all); 0 has
-    every worker update all of them. Off by default: on 2 workers it was no faster (README,
-    Benchmark), since copying the others' parts out costs about what updating them does."""
+    every worker update all of them. Off by default: on 2 workers it was no faster
+    (docs/performance.md), since copying the others' parts out costs about what updating them
+    does."""
     pin_cores: int = 1
     """RAYMODULE_PIN_CORES: 1 runs each CPU worker of a group on a core of its own when the
     group's workers on a machine are as many as its cores, whichever Ray nodes they are on

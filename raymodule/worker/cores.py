@@ -5,7 +5,7 @@ its peer's core, or puts behind it there, holds up every rank at the next barrie
 group's workers that share a machine's cores are exactly as many as those cores, each rank
 pins every thread of its process to one core: ``RAYMODULE_PIN_CORES``, on by default. On a
 2-core machine (``python jobs/benchmark.py --models mlp,lenet --configs native2,ray2``, pinned
-and not, alternating; README, Benchmark), 2 workers trained the MLP 4-9 % faster pinned and
+and not, alternating; docs/performance.md), 2 workers trained the MLP 4-9 % faster pinned and
 LeNet -2 to +17 %. Fewer workers than cores (other runs, Tune trials or tasks may share the
 machine) or more (they must share cores anyway) are left to the kernel, as is a group of one.
 
