@@ -13,12 +13,19 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import secrets
 import time
 import weakref
 
 import mxnet as mx
 import ray
-from ray.util.placement_group import get_current_placement_group, remove_placement_group
+from ray._raylet import PlacementGroupID
+from ray.util.placement_group import (
+    PlacementGroup,
+    get_current_placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import (
     NodeAffinitySchedulingStrategy,
     PlacementGroupSchedulingStrategy,
@@ -44,22 +51,30 @@ log = logging.getLogger(__name__)
 _MAX_UNCHECKED = 64  # posts between two reads: the controller checks them then
 
 
-def _shutdown(controller, held: dict) -> None:
-    """Stops a family's workers and controller, and removes the placement groups it made
-    (``held["placement_groups"]``: a controller that died left them behind); safe at exit."""
+def _shutdown(controller, family: str) -> None:
+    """Stops a family's workers and controller, and removes the placement groups it made:
+    Ray does not remove an actor's placement groups when the actor dies, and a controller lost
+    before it answered never said which it made, so they are found by the family's name (after the
+    controller is killed: it makes no more). Safe at exit."""
     if not ray.is_initialized():
         return
-    try:
+    with contextlib.suppress(Exception):  # the controller may be gone already
         ray.get(controller.shutdown.remote(), timeout=30)
-    except Exception:  # noqa: BLE001 - the controller may be gone already
-        pass
-    releases = [lambda: ray.kill(controller, no_restart=True)]
-    releases += [lambda pg=pg: remove_placement_group(pg) for pg in held["placement_groups"]]
-    for release in releases:
-        try:
-            release()
-        except Exception:  # noqa: BLE001 - gone already
-            pass
+    with contextlib.suppress(Exception):
+        ray.kill(controller, no_restart=True)
+    with contextlib.suppress(Exception):  # Ray going down at exit: nothing to release then
+        for pg in _placement_groups(family):
+            with contextlib.suppress(Exception):  # removed meanwhile
+                remove_placement_group(pg)
+
+
+def _placement_groups(family: str) -> list[PlacementGroup]:
+    """The placement groups named after ``family`` that are not removed yet."""
+    return [
+        PlacementGroup(PlacementGroupID.from_hex(pg_id))
+        for pg_id, info in placement_group_table().items()
+        if info["name"].startswith(f"{family}-") and info["state"] != "REMOVED"
+    ]
 
 
 class ControllerHandle:
@@ -77,6 +92,8 @@ class ControllerHandle:
         gc.collect()  # modules that were dropped release their workers before we ask for more
         self.contexts = contexts
         self.settings = Settings.from_env()
+        # names what the controller makes (its placement groups), so that closing finds them
+        self.family = f"raymodule-{secrets.token_hex(6)}"
         self.controller = self._new_controller(worker_class)
         self.membership = Membership()  # the controller's, as its last reply gave it
         self.steps_sent = 0  # training steps sent to the workers (the controller counts them)
@@ -96,8 +113,7 @@ class ControllerHandle:
         self._sigterm = None  # set by an elastic run: whether this process received SIGTERM
         self._preemption: StopFlag | None = None  # the run's flag, asked once SIGTERM came
         self._training_plan: StopFlag | None = None  # the flag of fit's plan under way
-        self._held = {"placement_groups": ()}  # what the controller made, for _shutdown
-        self._finalizer = weakref.finalize(self, _shutdown, self.controller, self._held)
+        self._finalizer = weakref.finalize(self, _shutdown, self.controller, self.family)
         settings = self.settings
         bound = settings.start_wait_s + settings.placement_timeout_s + forming_s(settings)
         try:
@@ -136,6 +152,7 @@ class ControllerHandle:
                 backend,
                 self.settings,
                 *([worker_class] if worker_class is not None else []),
+                family=self.family,
             )
             try:
                 ray.get(controller.__ray_ready__.remote(), timeout=bound)
@@ -398,7 +415,6 @@ class ControllerHandle:
     def _apply(self, view: dict) -> None:
         membership = view["membership"]
         if membership is not None:  # changed
-            self._held["placement_groups"] = membership.placement_groups
             self.membership = membership
             self._steps_seen = -1  # steps a lost worker voided are counted again
         if view["steps_sent"] > self._steps_seen:  # trained since: newer than the client's

@@ -515,7 +515,9 @@ def test_a_module_starts_with_the_workers_that_fit_and_removes_the_others_reques
     # workers may still be leaving), the others pending
     assert 1 <= mod.world_size <= cpus and len(membership.pending) == 6 - mod.world_size
     assert sorted(membership.slots + membership.pending) == list(range(6))
-    groups = [pg.id.hex() for pg in mod.workers.membership.placement_groups]
+    family = mod.workers.family
+    named = {f"{family}-slot{slot}" for slot in range(6)}
+    groups = [k for k, g in placement_group_table().items() if g["name"] in named]
     assert len(groups) == 6
     mod.close()
     table = placement_group_table()

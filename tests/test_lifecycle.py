@@ -59,14 +59,28 @@ def dying_controller(deaths: int, marks):
     marks = str(marks)
 
     class DyingController(Controller):
-        def __init__(self, *args):
+        def __init__(self, *args, **kwargs):
             died = len(os.listdir(marks))
             if died < deaths:
                 open(os.path.join(marks, f"died-{died}"), "w").close()
                 os.kill(os.getpid(), signal.SIGKILL)
-            super().__init__(*args)
+            super().__init__(*args, **kwargs)
 
     return ray.remote(**ACTOR_OPTIONS)(DyingController)
+
+
+def controller_dying_in_start(marks):
+    """A real controller class that SIGKILLs its own process in ``start`` once it has placed
+    and started its workers, before it answers (writing its family's name in ``marks``)."""
+    from raymodule.controller.actor import ACTOR_OPTIONS, Controller
+
+    class DiesInStart(Controller):
+        def start(self, start_with=None):
+            self._group.start(self._backend, start_with)
+            (marks / "family").write_text(self._group.family)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return ray.remote(**ACTOR_OPTIONS)(DiesInStart)
 
 
 def test_a_controller_lost_as_it_comes_up_is_replaced_once_and_a_second_loss_is_an_error(
@@ -96,6 +110,28 @@ def test_a_controller_lost_as_it_comes_up_is_replaced_once_and_a_second_loss_is_
     with pytest.raises(raymodule.WorkerLostError, match="controller was lost as it came up"):
         bound_module(2)
     assert sorted(os.listdir(twice)) == ["died-0", "died-1"]
+    assert wait_for_cpus(total) == total
+
+
+def test_a_controller_lost_after_it_placed_its_workers_leaves_no_placement_group(
+    tmp_path, monkeypatch
+):
+    """Ray does not remove the placement groups an actor made when the actor dies. A
+    controller lost in ``start``, after it placed its workers and before it answered, never
+    told the client which it made: they are named after the module family, and closing the
+    failed start removes them by that name, so the CPUs they reserved are free again."""
+    from ray.util.placement_group import placement_group_table
+
+    import raymodule.handle
+
+    total = ray.cluster_resources()["CPU"]
+    monkeypatch.setattr(raymodule.handle, "RemoteController", controller_dying_in_start(tmp_path))
+    with pytest.raises(raymodule.WorkerLostError, match="controller and its 0 workers were lost"):
+        bound_module(2)
+    family = (tmp_path / "family").read_text()
+    made = [g for g in placement_group_table().values() if g["name"].startswith(f"{family}-")]
+    assert [g["name"] for g in made] == [f"{family}-all"]
+    assert all(g["state"] == "REMOVED" for g in made), made
     assert wait_for_cpus(total) == total
 
 

@@ -67,11 +67,12 @@ class Controller(MembershipChanges):
         backend: str,
         settings: Settings,
         worker_class=ModuleWorker,
+        family: str = "",
     ):
         if ray.get_runtime_context().get_actor_id() is not None:
             keep_sealed()  # in the actor's own process (a test may drive one in its own)
         self.settings = settings
-        self._group = WorkerGroup(bundles, devices, fail_fast, settings, worker_class)
+        self._group = WorkerGroup(bundles, devices, fail_fast, settings, worker_class, family)
         self._backend = backend
         self._slot_count = len(bundles)
         self._names = names  # each slot's context, as the user wrote it

@@ -131,9 +131,16 @@ class WorkerGroup:
     """
 
     def __init__(
-        self, bundles: list[dict], devices: list, fail_fast: bool, settings: Settings, worker_class
+        self,
+        bundles: list[dict],
+        devices: list,
+        fail_fast: bool,
+        settings: Settings,
+        worker_class,
+        family: str = "",
     ):
         self.bundles = bundles
+        self.family = family  # the placement groups' names start with it (none: unnamed)
         self._grouped = len(bundles) > 1  # one slot: never a collective group
         self.devices = devices
         self.fail_fast = fail_fast
@@ -245,7 +252,6 @@ class WorkerGroup:
             nodes=tuple(self.nodes.get(s, {}) for s in slots),
             generation=self.generation,
             pending=tuple(sorted(self.pending)),
-            placement_groups=tuple(self._own_pgs),
         )
 
     def remove(self, slots: list[int]) -> None:
@@ -308,9 +314,12 @@ class WorkerGroup:
         """A placement group per worker, not waited for: each asks for its worker's resources
         until they are there."""
         for slot, bundle in enumerate(self.bundles):
-            pg = placement_group([bundle])
+            pg = placement_group([bundle], name=self._name(f"slot{slot}"))
             self._own_pgs.append(pg)
             self._placed_in[slot] = (pg, 0)
+
+    def _name(self, what: str) -> str:
+        return f"{self.family}-{what}" if self.family else ""
 
     def _place_together(self, required: bool) -> bool:
         """One placement group for every worker, packed, or the Tune trial's. Waits for it up
@@ -330,7 +339,7 @@ class WorkerGroup:
                 f"{_relevant(ray.cluster_resources(), self.bundles)} (start Ray with more "
                 "CPUs/GPUs, or pass fewer contexts)"
             )
-        pg = placement_group(self.bundles, strategy="PACK")
+        pg = placement_group(self.bundles, strategy="PACK", name=self._name("all"))
         self._own_pgs.append(pg)
         self._placed_in = {slot: (pg, slot) for slot in range(len(self.bundles))}
         limit = 10.0 if self.fail_fast else self.settings.placement_timeout_s

@@ -20,16 +20,13 @@ class Membership:
     ``slots[rank]`` (a slot is one of the module's contexts) on ``nodes[rank]`` (its
     ``describe()``: node and actor ids, pid and cores' name); ``generation`` counts the group's
     formings; ``pending`` are the slots whose worker (a replacement, or one the run started
-    without) is still starting;
-    ``placement_groups`` are those the controller made for them (none in a Tune trial, which
-    brings its own), which the client removes if the controller dies."""
+    without) is still starting."""
 
     handles: tuple = ()
     slots: tuple[int, ...] = ()
     nodes: tuple[dict, ...] = ()
     generation: int = 0
     pending: tuple[int, ...] = ()
-    placement_groups: tuple = ()
 
     @property
     def world_size(self) -> int:
