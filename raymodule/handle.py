@@ -52,10 +52,10 @@ _MAX_UNCHECKED = 64  # posts between two reads: the controller checks them then
 
 
 def _shutdown(controller, family: str) -> None:
-    """Stops a family's workers and controller, and removes the placement groups it made:
+    """Stops a family's workers and controller, and removes the placement groups it made.
     Ray does not remove an actor's placement groups when the actor dies, and a controller lost
-    before it answered never said which it made, so they are found by the family's name (after the
-    controller is killed: it makes no more). Safe at exit."""
+    before it answered never said which it made: they are found by the family's name, after
+    the controller is killed (it makes no more). Safe at exit."""
     if not ray.is_initialized():
         return
     with contextlib.suppress(Exception):  # the controller may be gone already
