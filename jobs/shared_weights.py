@@ -147,7 +147,7 @@ def _train(rank: int, way: str, model: str, segments: dict, steps: int, barrier)
         executor.forward(is_train=True)
         executor.backward()
         if way == "today":  # the gradients read and written in place, as the workers do
-            views = [native.host_view(grads[n]).reshape(-1) for n in names]  # after backward
+            views = [v.reshape(-1) for v in native.host_views([grads[n] for n in names])]
             for i, v in enumerate(views):
                 slots[rank][offsets[i] : offsets[i + 1]] = v
             barrier.wait(TIMEOUT_S)

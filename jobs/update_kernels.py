@@ -1,10 +1,11 @@
 """Time the SGD-momentum update of a model, kernel by kernel, in one process.
 
-The update raymodule's CPU workers apply (``raymodule.worker.native.apply_update``: each
-parameter through ``sgd_mom_update``) against MXNet's own (``Module.update`` with no kvstore):
-its multi-tensor kernel ``multi_sgd_mom_update`` over groups of
-``MXNET_OPTIMIZER_AGGREGATION_SIZE`` parameters (4 by default), and the same kernel one
-parameter at a time. One of jobs/benchmark.py's models is bound three times on one CPU
+The update raymodule's CPU workers apply (``raymodule.worker.native.apply_update``: with
+momentum, ``sgd_mom_update``'s arithmetic in numpy on the arrays' memory, a chunk at a time;
+until 2026-12-06, each parameter through ``sgd_mom_update``) against MXNet's own
+(``Module.update`` with no kvstore): its multi-tensor kernel ``multi_sgd_mom_update`` over
+groups of ``MXNET_OPTIMIZER_AGGREGATION_SIZE`` parameters (4 by default), and the same kernel
+one parameter at a time. One of jobs/benchmark.py's models is bound three times on one CPU
 context (OMP_NUM_THREADS=1, MXNET_CPU_WORKER_NTHREADS=1) from the same parameters, with the
 same gradients (one forward and backward of a batch, copied to the other two); each way
 then updates its module ``--updates`` times after ``--warmup`` untimed updates, waiting for
@@ -42,7 +43,7 @@ from raymodule.worker import native  # noqa: E402
 WAYS = {
     "mxnet, grouped": "MXNet's Module.update: multi_sgd_mom_update over groups of 4",
     "mxnet, per parameter": "MXNet's Module.update, one parameter a call of the same kernel",
-    "raymodule": "raymodule's worker: sgd_mom_update, one parameter a call",
+    "raymodule": "raymodule's worker: sgd_mom_update's arithmetic in numpy, in place",
 }
 
 

@@ -113,11 +113,11 @@ class Rank:
         ``die`` SIGKILLs this process once its part is updated, before it shares it. Returns
         ``(lost, weights, sums)``: ``lost``, if a peer was lost after every rank's arrays were
         in, is this rank's part ``(lo, hi)``, its only part updated; else None."""
-        from raymodule.worker.native import host_view
+        from raymodule.worker.native import host_views
         from raymodule.worker.shm import PartlyUpdated, _pieces
 
         grads = [mx.nd.array(a, dtype=a.dtype) for a in arrays]
-        sums = [host_view(g) for g in grads]
+        sums = host_views(grads)
         weights = [w.copy() for w in weights]
 
         def update(lo: int, hi: int) -> None:

@@ -164,24 +164,27 @@ def test_one_worker_trains_bit_for_bit_as_native_mxnet(options):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_the_workers_sgd_kernel_gives_the_bits_of_mxnets_own_update(dtype):
-    """The kernel a worker runs for one array (sgd_mom_update with momentum, faster on CPU)
-    against MXNet's SGD.update (its multi-tensor kernel), over random arrays, rates, decays,
-    momenta (a negative one too, whose state MXNet makes and leaves alone), scales and clips:
-    the same weights and momentum to the bit, step after step."""
+def test_the_workers_sgd_update_gives_the_bits_of_mxnets_own_update(dtype):
+    """The update a worker makes of one array, against MXNet's SGD.update (its multi-tensor
+    kernel), over random arrays, rates, decays, momenta (a negative one too, whose state MXNet
+    makes and leaves alone), scales and clips (a negative one, which MXNet's kernel ignores):
+    the same weights and momentum to the bit, step after step. With momentum, the worker's
+    numpy arithmetic on the arrays' memory, a chunk at a time, whose scalars must be read as
+    MXNet's parser reads them (rates drawn at random include some that numpy rounds to
+    another float32); without, MXNet's kernel for one array."""
     from raymodule.worker import native
 
     rng = np.random.default_rng(3)
-    for trial in range(24):
+    for trial in range(36):
         options = {
-            "learning_rate": float(rng.choice([0.1, 0.0123, 1.7e-3])),
-            "wd": float(rng.choice([0.0, 1e-4, 0.01])),
-            "momentum": float(rng.choice([0.0, 0.5, 0.9, 0.99, -0.5])),  # < 0: a state unused
-            "rescale_grad": float(rng.choice([1 / 128, 1 / 3, 1.0])),
+            "learning_rate": float(rng.choice([0.1, 0.0123, 1.7e-3, rng.uniform(1e-4, 1)])),
+            "wd": float(rng.choice([0.0, 1e-4, 0.01, rng.uniform(0, 0.01)])),
+            "momentum": float(rng.choice([0.0, 0.5, 0.9, 0.99, -0.5, rng.uniform(0.01, 1)])),
+            "rescale_grad": float(rng.choice([1 / 128, 1 / 3, 1.0, rng.uniform(1e-3, 2)])),
         }
         if trial % 3 == 0:
-            options["clip_gradient"] = float(rng.choice([0.01, 1.0]))
-        size = int(rng.integers(1, 50_000))
+            options["clip_gradient"] = float(rng.choice([0.01, 1.0, -1.0, rng.uniform(0.1, 5)]))
+        size = int(rng.integers(1, 200_000))  # the host update goes by 65,536 at a time
         start = [rng.standard_normal(size).astype(dtype) * scale for scale in (1.0, 10.0, 0.1)]
         results = []
         for ours in (False, True):
@@ -190,13 +193,24 @@ def test_the_workers_sgd_kernel_gives_the_bits_of_mxnets_own_update(dtype):
             state = optimizer.create_state(0, weight)
             if state is not None:
                 state[:] = mom
+            host = ours and state is not None and optimizer.momentum > 0
+            if host:  # numpy arrays, as the worker's views of its arrays
+                weight, grad, state = (a.asnumpy() for a in (weight, grad, state))
             for _ in range(3):
-                if ours:
-                    lr, wd = optimizer._get_lrs([0])[0], optimizer._get_wds([0])[0]
-                    native._sgd_update(optimizer, weight, grad, state, lr, wd)
+                lr, wd = optimizer._get_lrs([0])[0], optimizer._get_wds([0])[0]
+                if host:
+                    native._sgd_mom_on_host(optimizer, weight, grad, state, lr, wd)
+                elif ours:
+                    native._sgd_kernel(optimizer, weight, grad, lr, wd)
                 else:
                     optimizer.update(0, weight, grad, state)
-            results.append([a.asnumpy() for a in (weight, state) if a is not None])
+            results.append(
+                [
+                    a if isinstance(a, np.ndarray) else a.asnumpy()
+                    for a in (weight, state)
+                    if a is not None
+                ]
+            )
         for mxnets, workers in zip(*results):
             np.testing.assert_array_equal(workers, mxnets, err_msg=str(options))
 

@@ -393,17 +393,15 @@ class ModuleWorker:
         its part of the weights and their momentum, and takes the others' parts through the
         shared memory (:meth:`Collective.reduce_and_update`)."""
         weights, states = native.updated_arrays(mod)
-        touched = [a for a in weights + states if a is not None]
         groups = [  # laid out as the gradients; SGD without momentum has no state
-            [native.host_view(a) for a in reversed(arrays)]
+            native.host_views(list(reversed(arrays)))
             for arrays in (weights, states)
             if all(a is not None for a in arrays)
         ]
 
         def update(lo: int, hi: int) -> None:
             native.apply_update_parts(mod, grad_arrays, [(lo, hi)])
-            for a in touched:  # MXNet's engine done with them before they are shared
-                a.wait_to_read()
+            native.wait_for_engine()  # done with them before they are shared
 
         self._collective.reduce_and_update(grads, update, groups)
 

@@ -168,9 +168,9 @@ class Collective:
         leaves them as they are: returns MXNet arrays over the sums, shaped as ``grads``, in
         this node's shared memory, where they were summed. Saves copying the sums out. The
         other local ranks read them too: nothing may write them. They hold until this rank's
-        next call on the group, which first waits for MXNet to finish reading them."""
-        self._wait_for_sum_readers()
-        views = [native.host_view(g) for g in grads]
+        next call on the group, which first waits for MXNet to finish reading them (as for
+        every array it views: :func:`native.host_views`)."""
+        views = native.host_views(grads)
         count = sum(a.size for a in views)
         reserved = self._comm.submit(self._local.reserve, count * views[0].dtype.itemsize)
         summed = self._comm.submit(self._sum_on_node, views, False)
@@ -193,13 +193,6 @@ class Collective:
             self._sums = key, arrays
         return self._sums[1]
 
-    def _wait_for_sum_readers(self) -> None:
-        """Waits until MXNet's kernels no longer read :meth:`reduce_shared`'s last sums: the
-        other ranks may write them again once this rank comes to its next sum."""
-        if self._sums is not None:
-            for a in self._sums[1]:
-                native.wait_to_write(a)
-
     def reduce_and_update(
         self,
         grads: list[mx.nd.NDArray],
@@ -212,7 +205,7 @@ class Collective:
         ``groups``, arrays laid out as the gradients (the weights, their state), and the
         ranks share their parts (see :meth:`LocalGroup.sum_and_update`, which also says what
         a lost peer raises). The sum here, the update's time aside, counts as waiting."""
-        views = [native.host_view(g) for g in grads]
+        views = native.host_views(grads)  # MXNet done with the last sums too: they are rewritten
         dtype = np.result_type(*[a.dtype for a in views])
         count = sum(a.size for a in views)
         updating = 0.0
@@ -223,7 +216,6 @@ class Collective:
             update(lo, hi)
             updating += time.perf_counter() - tic
 
-        self._wait_for_sum_readers()
         tic = time.perf_counter()
         try:
             shared = sum(a.size for arrays in groups for a in arrays) * dtype.itemsize
@@ -248,7 +240,7 @@ class Collective:
         """Sum ``grads`` (in reduction order) across the group, in place: dense ones by
         allreduce, ``row_sparse`` ones as rows. Returns the bytes this rank handed to the
         collective calls (its payload, before the algorithm's own traffic)."""
-        self._wait_for_sum_readers()
+        native.wait_for_engine()  # MXNet done with reduce_shared's last sums, which are rewritten
         dense = [g for g in grads if g.stype == "default"]
         sparse = [g for g in grads if g.stype == "row_sparse"]
         sizes = [g.size * np.dtype(g.dtype).itemsize for g in dense]
@@ -260,7 +252,7 @@ class Collective:
         for bucket in buckets:
             arrays = [dense[i] for i in bucket]
             if self._local is not None:  # summed and copied back in the shared memory
-                views = [native.host_view(a) for a in arrays]
+                views = native.host_views(arrays)
                 pending.append((None, self._comm.submit(self._sum_on_node, views)))
                 continue
             flat, unpack = self._network.pack(arrays)

@@ -29,10 +29,11 @@ __all__ = [
     "exec_group_facts",
     "gradient_arrays",
     "host_params",
-    "host_view",
+    "host_views",
     "param_stypes",
     "update_per_parameter",
     "updater",
+    "wait_for_engine",
 ]
 
 
@@ -46,12 +47,18 @@ def param_stypes(mod: mx.mod.Module) -> dict[str, tuple[str, str | None]]:
     }
 
 
-def host_view(array: mx.nd.NDArray) -> np.ndarray:
-    """A writable numpy array over a dense CPU NDArray's own memory, once MXNet's pending
-    reads and writes of it are done (MXNet's public ``asnumpy`` copies; its DLPack export
-    makes numpy arrays read-only). Valid while ``array`` lives; MXNet's engine does not see
-    writes through it, so nothing may be queued on ``array`` meanwhile."""
-    wait_to_write(array)
+def host_views(arrays: list) -> list[np.ndarray]:
+    """Writable numpy arrays over dense CPU NDArrays' own memory, once MXNet's engine has run
+    every operation pushed so far (:func:`wait_for_engine`; MXNet's public ``asnumpy``
+    copies; its DLPack export makes numpy arrays read-only). Valid while each array lives;
+    MXNet's engine does not see writes through them, so nothing may be queued on the arrays
+    meanwhile."""
+    wait_for_engine()
+    return [_view(a) for a in arrays]
+
+
+def _view(array: mx.nd.NDArray) -> np.ndarray:
+    """A numpy array over ``array``'s memory, whatever MXNet's engine still has queued on it."""
     if array.size == 0:
         return np.empty(array.shape, array.dtype)
     pointer = ctypes.c_void_p()
@@ -61,10 +68,12 @@ def host_view(array: mx.nd.NDArray) -> np.ndarray:
     return np.frombuffer(memory, dtype).reshape(array.shape)
 
 
-def wait_to_write(array: mx.nd.NDArray) -> None:
-    """Waits until MXNet's engine has no read or write of ``array`` pending (MXNet's public
-    ``wait_to_read`` waits for its writes only)."""
-    check_call(_LIB.MXNDArrayWaitToWrite(array.handle))
+def wait_for_engine() -> None:
+    """Waits until MXNet's engine has run every operation pushed so far in this process: one
+    wait, about a microsecond when the engine is idle, where a wait for one array
+    (``MXNDArrayWaitToWrite``) costs about 40 (a worker views and waits for some twenty
+    arrays a step)."""
+    mx.nd.waitall()
 
 
 def host_params(mod: mx.mod.Module) -> tuple[dict, dict]:
@@ -104,9 +113,9 @@ def update_per_parameter(mod: mx.mod.Module) -> None:
     """Makes a CPU replica's plain SGD update each parameter with its own kernel call rather
     than in groups of ``MXNET_OPTIMIZER_AGGREGATION_SIZE`` (4 by default) through one call of
     MXNet's multi-tensor ``multi_sgd_mom_update``: the results are the same to the bit
-    (``tests/test_numerics.py``), and on CPU the update is faster (:func:`apply_update`, whose
-    kernel with momentum is ``sgd_mom_update``: 1.05 ms an update of the MLP of
-    ``jobs/benchmark.py`` against 1.97 ms grouped by 4, ``jobs/update_kernels.py``; native
+    (``tests/test_numerics.py``), and on CPU the update is faster (:func:`apply_update`, which
+    with momentum does the kernel's arithmetic on the host: 0.64 ms an update of the MLP of
+    ``jobs/benchmark.py`` against 2.36 ms grouped by 4, ``jobs/update_kernels.py``; native
     MXNet trained 12 % faster with the variable set to 1). A
     ``MXNET_OPTIMIZER_AGGREGATION_SIZE`` the user set is left as it is (MXNet's own update
     runs), as are other optimizers (LARS and LAMB aggregate with other kernels) and other
@@ -211,13 +220,14 @@ def apply_update_parts(
     update of every parameter, in parameter order, and each parameter gets the learning rate
     and weight decay the whole update gives it; with ``counts`` (:func:`update_counts` before
     the step) they are first set back to those: the same step's update of other parts. Needs
-    :func:`updates_by_element`. MXNet's engine runs the kernels: wait for the arrays before
-    reading them.
+    :func:`updates_by_element`. With momentum, the update is done here, on the host
+    (:func:`_sgd_mom_on_host`); without, MXNet's engine runs the kernels: wait for the arrays
+    before reading them.
 
-    Each part goes through an elementwise kernel with the bits of the one MXNet's SGD runs
-    for a dense array (:func:`_sgd_update`), so a part's elements get the bits the whole
-    array's would (``tests/test_numerics.py``). The kernels only read ``grad_arrays``, which
-    may be the sums in a node's shared memory that other workers read too
+    Each part goes through elementwise arithmetic with the bits of the kernel MXNet's SGD runs
+    for a dense array (:func:`_sgd_mom_on_host`, :func:`_sgd_kernel`), so a part's elements
+    get the bits the whole array's would (``tests/test_numerics.py``). The update only reads
+    ``grad_arrays``, which may be the sums in a node's shared memory that other workers read too
     (``Collective.reduce_shared``): nothing here may write them."""
     optimizer = mod._optimizer
     optimizer._set_current_context(device_id(mod))
@@ -231,42 +241,98 @@ def apply_update_parts(
     for index in indices:  # as SGD._update_impl counts and rates each in its turn
         optimizer._update_count(index)
         rates[index] = optimizer._get_lrs([index])[0], optimizer._get_wds([index])[0]
+    # SGD with momentum on the host: one numpy pass per term, no kernel call per array
+    host = optimizer.momentum > 0 and all(state is not None for state in states)
+    if host:
+        wait_for_engine()  # nothing queued on the arrays numpy reads and writes
     offset = 0
     for index, weight, state in reversed(list(zip(indices, weights, states))):
-        grad, size = grad_arrays[index][0], weight.size  # size: a call into MXNet each time
+        size = weight.size  # a call into MXNet each time
+        arrays = (weight, grad_arrays[index][0], state)
+        if host:
+            arrays = tuple(_view(a).reshape(-1) for a in arrays)
         for lo, hi in [(offset, offset + size)] if parts is None else parts:
             start, stop = max(lo, offset) - offset, min(hi, offset + size) - offset
             if start >= stop:
                 continue
             whole = start == 0 and stop == size
-            arrays = [
-                a if a is None or whole else a.reshape((-1,))[start:stop]
-                for a in (weight, grad, state)
-            ]
-            _sgd_update(optimizer, *arrays, *rates[index])
+            part = [a if a is None or whole else a.reshape((-1,))[start:stop] for a in arrays]
+            if host:
+                _sgd_mom_on_host(optimizer, *part, *rates[index])
+            else:
+                _sgd_kernel(optimizer, *part[:2], *rates[index])
         offset += size
     mod._params_dirty = True
 
 
-def _sgd_update(optimizer, weight, grad, state, lr: float, wd: float) -> None:
-    """``SGD._update_impl``'s update of one dense array (MXNet 1.9.1), to its bits. MXNet runs
-    its multi-tensor kernel even for one array. With momentum, ``sgd_mom_update`` gives the
-    same bits (``tests/test_numerics.py``) in about two thirds of the time on CPU (the MLP of
-    ``jobs/benchmark.py``, ``jobs/update_kernels.py``: 1.05 ms an update against 1.62);
-    without, ``sgd_update`` rounds the weight decay differently, so MXNet's own
-    ``multi_sgd_update`` runs. A negative momentum has a state, which MXNet leaves alone: it
-    updates as without momentum."""
+_HOST_CHUNK = 1 << 16  # elements updated at a time on the host: the terms' passes stay in cache
+
+
+def _sgd_mom_on_host(optimizer, weight, grad, mom, lr: float, wd: float) -> None:
+    """``sgd_mom_update``'s arithmetic (MXNet 1.9.1's ``SGDMomKernel``), to its bits, on flat
+    numpy arrays: ``mom = momentum * mom - lr * wd * weight - lr * rescale_grad * grad`` (with
+    a clip, ``lr * clip(rescale_grad * grad)``), each product in the arrays' dtype from left
+    to right, then ``weight += mom``. The scalars are the float32 values MXNet's parser makes
+    of them (:func:`_as_mxnet_reads`), which are not always numpy's rounding of the same
+    number. A chunk at a time, through two small buffers: a temporary the size of a large
+    weight costs more in page faults than the arithmetic. On CPU this takes about half the
+    time of a kernel call per array, most of which is MXNet's cost of a call
+    (``jobs/update_kernels.py``)."""
+    cast = weight.dtype.type
+    lr, wd, momentum, rescale = (
+        cast(_as_mxnet_reads(x)) for x in (lr, wd, optimizer.momentum, optimizer.rescale_grad)
+    )
+    # SGD passes a clip when it has one; the kernel clips when it is not negative
+    bound = cast(_as_mxnet_reads(optimizer.clip_gradient)) if optimizer.clip_gradient else -1
+    lr_rescale, lr_wd = lr * rescale, lr * wd
+    size = weight.size
+    step_buffer, decay_buffer = (np.empty(min(size, _HOST_CHUNK), weight.dtype) for _ in "ab")
+    for lo in range(0, size, _HOST_CHUNK):
+        hi = min(lo + _HOST_CHUNK, size)
+        w, g, m = weight[lo:hi], grad[lo:hi], mom[lo:hi]
+        step, decay = step_buffer[: hi - lo], decay_buffer[: hi - lo]
+        if bound >= 0:
+            np.multiply(g, rescale, out=step)
+            np.clip(step, -bound, bound, out=step)
+            step *= lr
+        else:
+            np.multiply(g, lr_rescale, out=step)
+        m *= momentum
+        np.multiply(w, lr_wd, out=decay)
+        m -= decay
+        m -= step
+        w += m
+
+
+_READS: dict[str, np.float32] = {}  # str(value) -> the float32 MXNet's parser makes of it
+
+
+def _as_mxnet_reads(value: float) -> np.float32:
+    """The float32 that MXNet makes of ``value`` passed to an operator as a ``float``
+    parameter (as ``str(value)``, parsed by dmlc's own parser, which does not always round as
+    numpy does): read back through ``sgd_mom_update`` itself, once per value."""
+    key = str(value)
+    if key not in _READS:
+        if len(_READS) > 1024:  # a learning rate scheduled step by step: new values each step
+            _READS.clear()
+        weight, grad, mom = mx.nd.zeros((1,)), mx.nd.ones((1,)), mx.nd.zeros((1,))
+        # mom = 0 * mom - value * 0 * weight - value * 1 * grad = -value, as parsed
+        mx.nd.sgd_mom_update(weight, grad, mom, out=weight, lr=value, wd=0.0, momentum=0.0)
+        _READS[key] = np.float32(-mom.asnumpy()[0])
+    return _READS[key]
+
+
+def _sgd_kernel(optimizer, weight, grad, lr: float, wd: float) -> None:
+    """``SGD._update_impl``'s update of one dense array without momentum (MXNet 1.9.1), to its
+    bits: MXNet's own ``multi_sgd_update``, which it runs even for one array (``sgd_update``
+    rounds the weight decay differently). A negative momentum has a state, which MXNet leaves
+    alone: it updates as without momentum. With momentum, see :func:`_sgd_mom_on_host`."""
     kwargs = {"rescale_grad": optimizer.rescale_grad}
     if optimizer.clip_gradient:
         kwargs["clip_gradient"] = optimizer.clip_gradient
-    if state is not None and optimizer.momentum > 0:
-        mx.nd.sgd_mom_update(
-            weight, grad, state, out=weight, lr=lr, wd=wd, momentum=optimizer.momentum, **kwargs
-        )
-    else:
-        mx.nd.multi_sgd_update(
-            weight, grad, out=[weight], lrs=(lr,), wds=(wd,), num_weights=1, **kwargs
-        )
+    mx.nd.multi_sgd_update(
+        weight, grad, out=[weight], lrs=(lr,), wds=(wd,), num_weights=1, **kwargs
+    )
 
 
 def executor_arrays(mod: mx.mod.Module, which: str):
