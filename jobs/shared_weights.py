@@ -5,10 +5,12 @@ a core of its own, train one of jobs/benchmark.py's models on half of its global
 their training steps as bare as they can be (an executor's forward and backward on a batch
 bound once, no metric, no Ray), in two ways:
 
-    today    as raymodule's workers do: each copies its gradients into its slot of shared
-             memory; barrier; each adds its half of the two slots into a third; barrier;
-             each copies the whole sum back into its gradients and updates all of its own
-             weights and momentum (sgd_mom_update, a parameter at a time)
+    today    as raymodule's workers did when this was written (2026-12-04; they have since
+             stopped copying the sum back, and update on the host: README, *Benchmark*):
+             each copies its gradients into its slot of shared memory; barrier; each adds
+             its half of the two slots into a third; barrier; each copies the whole sum
+             back into its gradients and updates all of its own weights and momentum
+             (sgd_mom_update, a parameter at a time)
     shared   the weights, the momentum and each process's gradients live in shared memory
              (MXNet arrays over it, no copy): each process's executor writes its gradients
              into its slot; barrier; each adds its half of the two slots and updates that
@@ -146,7 +148,7 @@ def _train(rank: int, way: str, model: str, segments: dict, steps: int, barrier)
         tic = time.perf_counter()
         executor.forward(is_train=True)
         executor.backward()
-        if way == "today":  # the gradients read and written in place, as the workers do
+        if way == "today":  # the gradients read and written in place, as the workers did
             views = [v.reshape(-1) for v in native.host_views([grads[n] for n in names])]
             for i, v in enumerate(views):
                 slots[rank][offsets[i] : offsets[i + 1]] = v
