@@ -240,7 +240,8 @@ class Collective:
         """Sum ``grads`` (in reduction order) across the group, in place: dense ones by
         allreduce, ``row_sparse`` ones as rows. Returns the bytes this rank handed to the
         collective calls (its payload, before the algorithm's own traffic)."""
-        native.wait_for_engine()  # MXNet done with reduce_shared's last sums, which are rewritten
+        if self._sums is not None:  # MXNet done reading reduce_shared's last sums: rewritten
+            native.wait_for_engine()  # (a GPU's arrays wait, each for itself, in the packing)
         dense = [g for g in grads if g.stype == "default"]
         sparse = [g for g in grads if g.stype == "row_sparse"]
         sizes = [g.size * np.dtype(g.dtype).itemsize for g in dense]
