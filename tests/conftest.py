@@ -21,6 +21,12 @@ if _OWN_TMPDIR:  # short: Ray's socket paths must fit in 107 bytes
     # (all deselected) or a script imported these helpers
     atexit.register(shutil.rmtree, _OWN_TMPDIR, ignore_errors=True)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+if "RAYMODULE_MXNET_CACHE_DIR" not in os.environ:
+    # MXNet's compiled operator wrappers (raymodule/mxnet_import.py) kept for this session
+    # only: its first worker compiles them as on a new machine, and the later ones read them
+    _CACHE = tempfile.mkdtemp(prefix="rmc-", dir="/tmp")
+    os.environ["RAYMODULE_MXNET_CACHE_DIR"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 # the test S3 server's keys, in the usual AWS variables, before Ray starts: every process of
 # the session has them, as every process of a cluster has its storage credentials (checkpoint
 # files are written by Ray tasks, which see the environment Ray was started with)

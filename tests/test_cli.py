@@ -295,18 +295,3 @@ def test_the_controller_and_a_lone_workers_modules_import_neither_mxnet_nor_torc
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr[-2000:]
-
-
-def test_raymodules_processes_import_mxnet_without_sklearn_or_scipy_stats_which_stay_importable():
-    """Workers import MXNet with scikit-learn and scipy.stats hidden (MXNet loads them for the
-    deprecated FeedForward, INT8 calibration and its tests only); a user's code there can
-    import them afterwards."""
-    code = (
-        "import sys; from raymodule.mxnet_import import import_mxnet; import_mxnet(); "
-        "import mxnet; print('sklearn' in sys.modules, 'scipy.stats' in sys.modules, "
-        "mxnet.model.BASE_ESTIMATOR is object, mxnet.contrib.quantization.stats is None); "
-        "import sklearn.base, scipy.stats; "
-        "print('sklearn' in sys.modules, scipy.stats.norm.cdf(0) == 0.5)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.stdout.split() == ["False"] * 2 + ["True"] * 4, out.stdout + out.stderr[-2000:]
