@@ -16,7 +16,7 @@ from raymodule.mxnet_import import CACHE_ENV, OpCode
 IMPORT = (
     "import sys; from raymodule.mxnet_import import import_mxnet; import_mxnet(); import mxnet\n"
     "registers = [sys.modules[n] for n in ('mxnet.ndarray.register', 'mxnet.symbol.register')]\n"
-    "assert not any('exec' in vars(m) for m in registers), 'exec is MXNet own again'\n"
+    "assert not any('exec' in vars(m) for m in registers), 'builtin exec again'\n"
     "assert all(type(m.__loader__).__name__ == 'SourceFileLoader' for m in registers)\n"
     "fc = mxnet.sym.FullyConnected(mxnet.sym.var('x'), num_hidden=3)\n"
     "print(mxnet.nd.ones((2, 3)).sum().asscalar(), fc.infer_shape(x=(2, 4))[1],"
