@@ -61,8 +61,7 @@ def import_mxnet() -> None:
     for name in hidden:
         sys.modules[name] = None
     folder = cache_dir()
-    codes = None if folder is None else OpCode(folder)
-    finder = None if codes is None else _RegisterFinder(codes)
+    finder = None if folder is None else _RegisterFinder(OpCode(folder))
     if finder is not None:
         sys.meta_path.insert(0, finder)
     try:
@@ -70,15 +69,15 @@ def import_mxnet() -> None:
     finally:
         if finder is not None:
             sys.meta_path.remove(finder)
-            for name in finder.patched:  # later calls (a library's operators) are MXNet's own
+            for name in _REGISTERS:  # later calls (a library's operators) are MXNet's own
                 module = sys.modules.get(name)
                 if module is not None:
                     vars(module).pop("exec", None)
         for name in hidden:
             if name in sys.modules and sys.modules[name] is None:
                 del sys.modules[name]
-    if codes is not None:
-        codes.save()
+    if finder is not None:
+        finder.codes.save()
 
 
 def cache_dir() -> Path | None:
@@ -155,8 +154,10 @@ class OpCode:
                 written = f.name
                 marshal.dump(self.used, f)
             os.replace(written, self.path)
+            written = None
         except OSError as err:
             log.debug("MXNet's compiled wrappers not kept in %s: %s", self.path, err)
+        finally:  # on any error, no temporary file stays beside the kept one
             if written is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(written)
@@ -185,7 +186,6 @@ class _RegisterFinder(importlib.abc.MetaPathFinder):
 
     def __init__(self, codes: OpCode):
         self.codes = codes
-        self.patched: list[str] = []
 
     def find_spec(self, name, path, target=None):
         if name not in _REGISTERS:
@@ -194,7 +194,6 @@ class _RegisterFinder(importlib.abc.MetaPathFinder):
         if spec is None or spec.loader is None:
             return spec
         spec.loader = _WithExec(spec.loader, self._exec)
-        self.patched.append(name)
         return spec
 
     def _exec(self, source, globals=None, locals=None):
