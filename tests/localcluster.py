@@ -21,6 +21,9 @@ LOCAL_SH = ROOT / "cluster" / "local.sh"
 # Never the pytest session's Ray: no address, no temp dir of its own from the environment, and
 # none of raymodule's settings (names, or fnmatch patterns of names, left out of the environment).
 ENV_DROP = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_TMPDIR", "RAYMODULE_*")
+# but the node's own folder for MXNet's compiled operator wrappers: the session's (conftest), so
+# that a cluster's workers keep them there, not in the user's cache folder
+ENV_KEPT = ("RAYMODULE_MXNET_CACHE_DIR",)
 
 
 def read_state(path: Path) -> dict[str, str]:
@@ -100,7 +103,7 @@ def local_cluster(
     env = {
         key: value
         for key, value in os.environ.items()
-        if not any(fnmatch.fnmatchcase(key, pattern) for pattern in env_drop)
+        if key in ENV_KEPT or not any(fnmatch.fnmatchcase(key, p) for p in env_drop)
     }
     env["PYTHON"] = sys.executable
     if python_on_path:

@@ -414,6 +414,29 @@ def test_a_member_shut_down_outside_an_elastic_run_ends_it_in_words(controller):
         step(ctl)
 
 
+def test_a_member_shut_down_as_its_placement_group_is_removed_gets_no_replacement_there(
+    controller,
+):
+    """Ray Tune stopping a trial removes the trial's placement group: Ray sends its actors
+    SIGTERM (a member notes it, to leave at the next step boundary), then kills them. A
+    replacement started in the removed group would only die: none is started, and the
+    module fails at once, saying why."""
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1, max_failures=0)
+    call(ctl, "shut_down", ranks=[1])
+    step(ctl)
+    assert ctl.view()["leaving"] == [1]
+    group, _ = ctl._group._placed_in[1]
+    ray.util.remove_placement_group(group)
+    with pytest.raises(
+        WorkerLostError,
+        match=rf"slot 1 shut down \(SIGTERM\).*placement group slot 1's worker would start in "
+        rf"\({group.id.hex()}\) was removed .*no worker can start in it",
+    ):
+        step(ctl)
+    assert ctl._group.pending == {} and ctl.state is State.FAILED
+
+
 def test_steps_sent_again_read_the_rows_the_new_split_gives_them():
     """After a re-forming, a worker reads its new rows from the parts put for the old split."""
     batch = Batch([np.arange(12).reshape(6, 2)], [np.arange(6)], [0], [0])

@@ -387,8 +387,14 @@ def test_sweep_job_on_a_cluster_puts_each_trials_controller_and_workers_in_its_p
             for actor in actors:
                 assert actor["placement_group_id"] in by_group, actor
                 by_group[actor["placement_group_id"]].append(actor["class_name"])
+            said = "\n".join(
+                f"{a['class_name']} {a['state']} pid {a.get('pid')}: {a.get('death_cause')}"
+                for a in actors
+            )
             for classes in by_group.values():
-                assert sorted(classes) == ["Controller", "ImplicitFunc"] + ["ModuleWorker"] * 2
+                assert sorted(classes) == ["Controller", "ImplicitFunc"] + ["ModuleWorker"] * 2, (
+                    said + "\n" + out.stdout[-4000:] + out.stderr[-4000:]
+                )
 
             # a sweep whose trials cannot fit the cluster fails, saying what to change (a
             # connected cluster may grow: it waits RAYMODULE_PLACEMENT_TIMEOUT_S first)

@@ -22,7 +22,7 @@ from typing import NoReturn
 
 import ray
 
-from ..errors import WorkerLostError, first_line
+from ..errors import PlacementError, WorkerLostError, first_line
 from . import chunks, policy
 from .failures import EveryWorkerLost, StepsFailed
 from .group import FormFailed
@@ -85,11 +85,13 @@ class MembershipChanges:
             )
         self._enter(State.LEAVING, why)
         self._synced.difference_update(leaving)
-        self._group.remove(leaving)
         wait = decision.action is policy.Action.WAIT
-        committed = self._re_form_or_recover(
-            lambda: self._reform(self._wait_for_floor(survivors, wait, why)), why
-        )
+
+        def re_form_without_them() -> int:
+            self._group.remove(leaving)  # raises if their replacements cannot start
+            return self._reform(self._wait_for_floor(survivors, wait, why))
+
+        committed = self._re_form_or_recover(re_form_without_them, why)
         if committed is None:
             return
         self._running_again()
@@ -104,7 +106,10 @@ class MembershipChanges:
         if time.monotonic() < self._next_poll:
             return
         self._next_poll = time.monotonic() + self.settings.admit_interval_s
-        ready = self._group.ready(0.0)
+        try:
+            ready = self._group.ready(0.0)  # starts again a replacement that died starting
+        except PlacementError as err:
+            raise self._fail(WorkerLostError(str(err))) from err
         admit = ready[: policy.to_admit(self._slot_count, self.members.world_size, len(ready))]
         if not admit:
             return

@@ -120,6 +120,16 @@ def _check_fits(bundles: list[dict], reserved: list[dict]) -> None:
         )
 
 
+def _check_not_removed(pg: PlacementGroup, what: str) -> None:
+    """Raises :class:`PlacementError` if ``pg`` was removed: nothing can start in it."""
+    if placement_group_table(pg).get("state") == "REMOVED":
+        raise PlacementError(
+            f"the placement group {what} would start in ({pg.id.hex()}) was removed (Ray Tune "
+            "stopping the trial it belongs to, or whoever made it removing it): no worker can "
+            "start in it"
+        )
+
+
 class WorkerGroup:
     """Starts, tracks and stops the workers of one module family.
 
@@ -274,6 +284,10 @@ class WorkerGroup:
         return [slot for slot in slots if self.nodes.get(slot, {}).get("node") in draining]
 
     def _replace(self, slot: int) -> None:
+        """Starts a worker for ``slot``; raises :class:`PlacementError` if the placement group it
+        goes in was removed (Ray Tune stopping the trial: Ray sends the group's actors SIGTERM,
+        a member then leaves, and a worker started there would only die)."""
+        _check_not_removed(self._placed_in[slot][0], f"slot {slot}'s worker")
         self.pending[slot] = self._spawn(slot)
         self._probes[slot] = self.pending[slot].describe.remote(self._grouped)
 
@@ -327,6 +341,7 @@ class WorkerGroup:
         RAYMODULE_START_WAIT_S instead and returns False."""
         current = get_current_placement_group()
         if current is not None:
+            _check_not_removed(current, "the workers")
             _check_fits(self.bundles, current.bundle_specs)
             self._placed_in = dict.fromkeys(range(len(self.bundles)), (current, -1))
             return True
