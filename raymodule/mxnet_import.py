@@ -20,7 +20,8 @@ keeps the code in a file of the machine's cache folder, and in later processes p
 in the kept code: the code object is the one ``exec`` compiles from the source, column positions
 and all. The folder is ``RAYMODULE_MXNET_CACHE_DIR``, read on each node (by default
 ``$XDG_CACHE_HOME/raymodule``, else ``~/.cache/raymodule``; empty: none). A file that cannot be
-read or written costs only the compiling.
+read or written costs only the compiling; a save cut short (its process killed) leaves a
+temporary file, which a later save removes once it is an hour old.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 import types
 from pathlib import Path
 
@@ -49,6 +51,8 @@ _REGISTERS = ("mxnet.ndarray.register", "mxnet.symbol.register")  # they exec th
 CACHE_ENV = "RAYMODULE_MXNET_CACHE_DIR"
 # the handle in the call each wrapper ends with: _imperative_invoke(<handle>, ...
 _HANDLE = re.compile(r"(_imperative_invoke\(|_symbol_creator\()(\d+),")  # a \b first: 25x slower
+# a temporary file this old was left by a process killed as it saved (a save takes a second)
+_LEFT_OVER_S = 3600.0
 
 
 def import_mxnet() -> None:
@@ -150,7 +154,10 @@ class OpCode:
         written = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.path.parent, delete=False) as f:
+            self._remove_left_over()
+            with tempfile.NamedTemporaryFile(
+                dir=self.path.parent, prefix=f"{self.path.name}.", suffix=".tmp", delete=False
+            ) as f:
                 written = f.name
                 marshal.dump(self.used, f)
             os.replace(written, self.path)
@@ -161,6 +168,14 @@ class OpCode:
             if written is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(written)
+
+    def _remove_left_over(self) -> None:
+        """Removes the temporary files of saves that never ended (a process killed meanwhile,
+        on this node or another sharing the folder): those older than an hour."""
+        for left in self.path.parent.glob(f"{self.path.name}.*.tmp"):
+            with contextlib.suppress(OSError):  # another process removed it meanwhile
+                if time.time() - left.stat().st_mtime > _LEFT_OVER_S:
+                    left.unlink()
 
 
 def _compile(source: str) -> types.CodeType:

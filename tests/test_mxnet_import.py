@@ -8,6 +8,7 @@ import marshal
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -123,6 +124,20 @@ def test_kept_wrappers_are_the_code_mxnet_compiles_for_each_operators_handle(tmp
     assert again.compiled == 0, "read back with the other handle put in"
     shorter = source.replace(f"_imperative_invoke({handle},", "_imperative_invoke(12345,")
     assert again.code(shorter) == compiled(shorter)
+
+
+def test_a_save_removes_temporary_files_left_by_saves_that_never_ended(tmp_path):
+    """A process killed as it saved leaves its temporary file: the next save removes it once
+    it is an hour old, and leaves a younger one (a save going on, maybe on another node)."""
+    codes = OpCode(tmp_path)
+    codes.code("x = 1\n")
+    old, young = (tmp_path / f"{codes.path.name}.{n}.tmp" for n in ("old", "young"))
+    for left in (old, young):
+        left.write_bytes(b"cut short")
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    codes.save()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [codes.path.name, young.name]
 
 
 @pytest.mark.parametrize("handles", ["none", "two"])
