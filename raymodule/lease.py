@@ -15,7 +15,10 @@ renewal, before a checkpoint's first write and its commit, before each delete (a
 or superseded checkpoint, one beyond ``keep``), before each metrics write and before the lease
 itself is deleted. A run that finds another owner stops (:class:`LeaseLost`) and writes and
 deletes nothing more; one that finds no lease (a storage server that lost it, a hand that
-deleted it) takes it again.
+deleted it) takes it again. One whose lease cannot be read (a server killed while it was
+renewed can leave it so) writes it anew only if it renewed it less than half a TTL ago, when no
+other run can have taken it over; later, the check fails as storage does (``OSError``), and
+nothing is written over what may be another run's lease.
 
 What this does not close, honestly: a check and the write or delete after it are two requests,
 so a run that loses the lease between them (another run took it over after the TTL, or two
@@ -65,6 +68,7 @@ class Lease:
             "job_id": _job_id(),
         }
         self._lost: str | None = None
+        self._renewed = float("-inf")  # the heartbeat of this run's last write of the lease
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -106,7 +110,16 @@ class Lease:
             try:
                 held = self._read()
             except OSError as err:  # stored, but the store cannot serve it (a server killed
-                # while it was renewed): written anew below; if storage is down, that fails too
+                # while it was renewed). Written anew below only while this run's last renewal
+                # is too recent for anyone to have taken the lease over; if storage is down,
+                # the write fails too
+                age = time.time() - self._renewed
+                if age >= self.ttl_s / 2:
+                    raise OSError(
+                        f"run {self.name!r}: its lease cannot be read ({err}), and it was last "
+                        f"renewed {age:.0f} s ago: another run may own {self.folder} now "
+                        f"(RAYMODULE_LEASE_TTL_S={self.ttl_s:g}), so it is not written over"
+                    ) from None
                 log.warning("run %r: its lease cannot be read (%s)", self.name, err)
                 held = None
             if held is None:  # lost by storage (a server restarted) or by hand: nobody else's
@@ -156,6 +169,7 @@ class Lease:
     def _write(self) -> None:
         record = dict(self.owner, heartbeat=time.time(), ttl_s=self.ttl_s)
         self.folder.write(LEASE, json.dumps(record).encode())
+        self._renewed = record["heartbeat"]
 
     def _read(self) -> dict | None:
         """The lease as stored, or None when there is none (or none that reads as one)."""

@@ -753,6 +753,49 @@ def test_a_lease_lost_by_storage_is_taken_again(tmp_path):
     assert not owned.folder.exists("lease.json")
 
 
+def test_a_lease_that_cannot_be_read_is_written_anew_only_while_no_one_else_can_own_it(
+    tmp_path, caplog
+):
+    """A lease the storage cannot serve (here a symbolic link, which a Folder does not read) is
+    written anew by a run that renewed it less than half a TTL ago: no other run can have taken
+    it over. After renewals that failed for longer, another run may own it: the check fails as
+    storage does, and nothing is written over the other run's lease. Before, every read error
+    wrote the lease anew, taking it from whoever held it."""
+    run = storage.Folder(str(tmp_path / "r"))
+    path = tmp_path / "r" / "lease.json"
+    other = {"owner": "other", "host": "elsewhere", "pid": 2, "heartbeat": time.time()}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+
+    fresh = Lease(run, "r", ttl_s=60)
+    fresh.acquire()
+    path.unlink()
+    path.symlink_to(tmp_path / "other.json")
+    with caplog.at_level(logging.WARNING, logger="raymodule"):
+        fresh.check()
+    assert "its lease cannot be read" in caplog.text
+    assert not path.is_symlink()  # written anew, over the link
+    assert json.loads(run.read("lease.json"))["owner"] == fresh.owner["owner"]
+    fresh.release()
+
+    stale = Lease(run, "r", ttl_s=1)  # renewed every 0.25 s
+    stale.acquire()
+    path.unlink()
+    path.mkdir()  # neither read nor written: the renewals fail
+    time.sleep(0.6)  # longer than half the TTL since the last renewal that wrote
+    path.rmdir()
+    path.symlink_to(tmp_path / "other.json")  # another run's, which this one cannot read
+    with pytest.raises(OSError, match="another run may own .* so it is not written over"):
+        stale.check()
+    time.sleep(0.6)  # the renewals write nothing either
+    assert path.is_symlink()
+    path.unlink()
+    path.write_text(json.dumps(other))  # readable again: the other run's
+    with pytest.raises(LeaseLost, match="owner other on host 'elsewhere'"):
+        stale.check()
+    stale.release()
+    assert json.loads(path.read_text())["owner"] == "other"
+
+
 # -- a resume continues the run it resumes ---------------------------------------------------
 def fit(config, batch_size=8, n=96, hidden=(32, 16), num_epoch=2, batches=None, **fit_args):
     """One worker trains the MLP on ``n`` samples in batches of ``batch_size`` (``batches``
