@@ -9,6 +9,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import signal
 import socket
 import stat
 import subprocess
@@ -698,6 +700,44 @@ def test_a_run_that_lost_its_folder_stops_and_writes_nothing(tmp_path):
     assert checkpoint.checkpoint_names(run) == ["ckpt-0000000003"]  # not tidied away
     assert not run.exists("metrics.jsonl")
     assert json.loads(run.read("lease.json"))["owner"] == "other"  # not deleted either
+
+
+def test_a_checkpoint_given_up_when_its_storage_stalled_is_not_committed_later(
+    s3, tmp_path, monkeypatch, caplog
+):
+    """A run that goes on from its latest checkpoint (every worker lost) first waits for the
+    checkpoints handed over, at most RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S. One still being
+    written then, its S3 server stopped, is given up: when the server answers again, it is
+    not committed, so no commit of the run it left follows the restart, and the restart's own
+    checkpoint of that step is written. Before, the late one was committed, and the restart's
+    failed: a checkpoint of that step already verified."""
+    monkeypatch.setenv("RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S", "3")
+    monkeypatch.setenv("RAYMODULE_CHECKPOINT_BACKOFF_S", "0.5")
+    files = {"model-symbol.json": b"{}"}
+    config = RunConfig(name="stalled", storage=s3.uri("given-up"))
+    caplog.set_level(logging.INFO, logger="raymodule.checkpoint.writer")
+    with Run(config, Settings.from_env(), STATIC) as run:
+        run.checkpoint(ray.put(snapshot(tmp_path)), files, epoch=1, batch=0, global_step=4)
+        assert run.latest().global_step == 4
+        os.killpg(s3.proc.pid, signal.SIGSTOP)
+        try:
+            later = ray.put(snapshot(tmp_path, 2.0))
+            run.checkpoint(later, files, epoch=1, batch=0, global_step=8)
+            run.writer.settle()  # as latest() does: 3 s, the server stopped
+            assert "are given up: the run goes on from the latest one committed" in caplog.text
+        finally:
+            os.killpg(s3.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 120
+        while not re.search(r"step 8 not committed|ckpt-0000000008 committed", caplog.text):
+            assert time.monotonic() < deadline, caplog.text[-3000:]
+            time.sleep(0.1)
+        assert "checkpoint at step 8 not committed: the run gave up waiting for it" in caplog.text
+        assert run.latest().global_step == 4
+        again = ray.put(snapshot(tmp_path, 3.0))  # the restarted run's, at the same step
+        run.checkpoint(again, files, epoch=1, batch=0, global_step=8)
+        ckpt = run.latest()
+        assert ckpt.global_step == 8
+        assert ckpt.params_file() == bytes(ray.get(again).params)  # the restart's
 
 
 def test_a_run_that_loses_its_folder_while_tidying_deletes_nothing_more(tmp_path):

@@ -44,6 +44,11 @@ _SKIPS_COUNTED = (
 )
 
 
+class _GivenUp(CheckpointError):
+    """The run gave up waiting for this checkpoint (:meth:`CheckpointWriter.settle` timed out)
+    and went on from an earlier one: it is not committed."""
+
+
 class _Outcome(enum.Enum):
     """What became of a checkpoint the writer took up."""
 
@@ -51,6 +56,7 @@ class _Outcome(enum.Enum):
     FAILED = "failed"  # counted as a failure: the storage's, or not to be committed
     LOST = "lost"  # its copy was lost with its workers, or not waited for (the run gave up)
     LATE = "late"  # its copy did not come within RAYMODULE_CHECKPOINT_SNAPSHOT_TIMEOUT_S
+    GIVEN_UP = "given up"  # not committed within the time settle() waits: the run went on
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -109,6 +115,8 @@ class CheckpointWriter:
         self._busy = False
         self._closing = False
         self._abandon = False
+        self._given_up = 0  # how many times settle() gave up on the checkpoints handed over
+        self._taken_up = 0  # _given_up when the writer took up the checkpoints it writes
         self._cond = threading.Condition()
         self._thread = threading.Thread(
             target=self._loop, name="raymodule-checkpoint-writer", daemon=True
@@ -171,7 +179,8 @@ class CheckpointWriter:
         """Waits until the checkpoints handed over are committed or given up, at most
         RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S; a snapshot its worker has not delivered is not
         waited for (that worker may be lost). For a run that goes on from its latest
-        checkpoint: one whose copy was taken is committed first."""
+        checkpoint: one whose copy was taken is committed first. Those still not committed
+        when the time is up are given up (:meth:`_give_up`)."""
         deadline = time.monotonic() + self.close_timeout_s
         with self._cond:
             self._abandon = True
@@ -179,10 +188,25 @@ class CheckpointWriter:
                 while self._waiting is not None or self._busy:
                     left = deadline - time.monotonic()
                     if left <= 0:
+                        self._give_up()
                         break
                     self._cond.wait(timeout=left)
             finally:
                 self._abandon = False
+
+    def _give_up(self) -> None:
+        """After :meth:`settle` timed out: the checkpoint being written is not committed
+        should its storage answer later (its next check of the owner stops it), nor is the one
+        waiting written. The run goes on from the latest one committed, and a late commit of
+        the run it left would otherwise follow its restart (taking the name of a step it is
+        to write again). Called holding the lock."""
+        self._given_up += 1
+        self._waiting = self._superseded = None
+        log.warning(
+            "checkpoints not committed within %g s (RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S) are "
+            "given up: the run goes on from the latest one committed. Check the storage",
+            self.close_timeout_s,
+        )
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -198,6 +222,7 @@ class CheckpointWriter:
                     return
                 (snapshot, info), self._waiting = self._waiting, None
                 superseded, self._superseded = self._superseded, None
+                self._taken_up = self._given_up  # what _give_up() since then stops
                 if self._error is not None:  # training stops at its next submit or close
                     log.warning(
                         "checkpoint at step %d not written: the run's checkpoints already "
@@ -242,7 +267,8 @@ class CheckpointWriter:
     def _write(self, snapshot: ray.ObjectRef, info: dict) -> _Outcome:
         """Writes and commits one checkpoint, trying again on storage errors: COMMITTED, or
         FAILED (counted), or LOST when its copy was lost with its workers or the run gave up
-        waiting for them, or LATE when it did not come within the snapshot timeout."""
+        waiting for them, or LATE when it did not come within the snapshot timeout, or
+        GIVEN_UP when the run gave up waiting for its commit (:meth:`_give_up`)."""
         step = info["global_step"]
         deadline = time.monotonic() + self.snapshot_timeout_s
         missing = None  # why it is not written: its worker is silent, or the run gave up
@@ -258,18 +284,24 @@ class CheckpointWriter:
             return missing
         tic = time.monotonic()
         finish = False  # an attempt before committed it, and failed at latest
+        given_up = self._taken_up
+        check_owner = self._owner_check(given_up)
         for attempt in range(1, self.attempts + 1):
+            if self._given_up != given_up:
+                break  # given up between two attempts
             try:
                 name = write(
                     self.run,
                     snapshot,
                     info,
                     self.keep,
-                    check_owner=self.check_owner,
+                    check_owner=check_owner,
                     stage=self._stage_beside,
                     finish=finish,
                     verified=self._verified,
                 )
+            except _GivenUp:
+                break
             except CheckpointError as err:  # not to be committed: trying again changes nothing
                 self._failed(step, str(err), fatal=isinstance(err, LeaseLost))
                 return _Outcome.FAILED
@@ -297,6 +329,21 @@ class CheckpointWriter:
                 self.failures_in_row = 0
                 self._committed.append({"name": name, "seconds": round(seconds, 3)})
             return _Outcome.COMMITTED
+        log.warning("checkpoint at step %d not committed: the run gave up waiting for it", step)
+        return _Outcome.GIVEN_UP
+
+    def _owner_check(self, given_up: int):
+        """The check :func:`write` makes before its writes, its commit and each delete: the
+        lease's, and that the run did not give this checkpoint up (:meth:`_give_up`) since
+        ``given_up``."""
+
+        def check() -> None:
+            if self._given_up != given_up:
+                raise _GivenUp("the run gave up waiting for it")
+            if self.check_owner is not None:
+                self.check_owner()
+
+        return check
 
     def _stage_beside(self, run: Folder, snapshot: ray.ObjectRef, info: dict):
         """:func:`stage_files` as a Ray task beside the snapshot: the bytes go from the
