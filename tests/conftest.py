@@ -14,6 +14,11 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+# nor Ray's own metrics, which no test reads: every Ray process the tests start (clusters in
+# subprocesses, jobs included) inherits this. Exporting them took a cluster's head node agent
+# half a core of this machine's two during tests/test_elastic.py (102 s of CPU in 198 s), and
+# that file 442 s with them, 387 s without
+os.environ.setdefault("RAY_enable_metrics_collection", "0")
 _OWN_TMPDIR = None if "RAY_TMPDIR" in os.environ else tempfile.mkdtemp(prefix="rmt-", dir="/tmp")
 if _OWN_TMPDIR:  # short: Ray's socket paths must fit in 107 bytes
     os.environ["RAY_TMPDIR"] = _OWN_TMPDIR
