@@ -5,6 +5,7 @@ in test_checkpoint.py and test_cli.py)."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -819,21 +820,28 @@ def test_a_lease_that_cannot_be_read_is_written_anew_only_while_no_one_else_can_
 
     stale = Lease(run, "r", ttl_s=1)  # renewed every 0.25 s
     stale.acquire()
-    path.unlink()
-    path.mkdir()  # neither read nor written: the renewals fail
+    (tmp_path / "folder").mkdir()
+    swap(tmp_path / "folder", path)  # neither read nor written: the renewals fail
     time.sleep(0.6)  # longer than half the TTL since the last renewal that wrote
-    path.rmdir()
-    path.symlink_to(tmp_path / "other.json")  # another run's, which this one cannot read
+    (tmp_path / "link").symlink_to(tmp_path / "other.json")
+    swap(tmp_path / "link", path)  # another run's, which this one cannot read
     with pytest.raises(OSError, match="another run may own .* so it is not written over"):
         stale.check()
     time.sleep(0.6)  # the renewals write nothing either
     assert path.is_symlink()
-    path.unlink()
-    path.write_text(json.dumps(other))  # readable again: the other run's
+    os.replace(tmp_path / "other.json", path)  # readable again: the other run's
     with pytest.raises(LeaseLost, match="owner other on host 'elsewhere'"):
         stale.check()
     stale.release()
     assert json.loads(path.read_text())["owner"] == "other"
+
+
+def swap(one: Path, other: Path) -> None:
+    """Swaps two paths in one step (renameat2's RENAME_EXCHANGE): a lease's renewals never
+    find neither there (and take the lease again)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, os.fsencode(one), -100, os.fsencode(other), 2) != 0:  # AT_FDCWD
+        raise OSError(ctypes.get_errno(), f"renameat2 could not swap {one} and {other}")
 
 
 # -- a resume continues the run it resumes ---------------------------------------------------
