@@ -287,9 +287,7 @@ class CheckpointWriter:
         given_up = self._taken_up
         check_owner = self._owner_check(given_up)
         for attempt in range(1, self.attempts + 1):
-            if self._given_up != given_up:
-                break  # given up between two attempts
-            try:
+            try:  # given up since: write() stops at its first check_owner()
                 name = write(
                     self.run,
                     snapshot,
