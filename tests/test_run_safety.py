@@ -741,6 +741,62 @@ def test_a_checkpoint_given_up_when_its_storage_stalled_is_not_committed_later(
         assert ckpt.params_file() == bytes(ray.get(again).params)  # the restart's
 
 
+def test_a_give_up_after_the_commit_says_the_checkpoint_was_committed(
+    tmp_path, monkeypatch, caplog
+):
+    """The give-up (settle() timed out) can land after a write's commit, before its deletes:
+    its commit request was already on its way. The deletes stop, and the log says what is in
+    storage: committed, named by `latest`. Before, it said "not committed"."""
+    monkeypatch.setenv("RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S", "0.5")
+    run = storage.Folder(str(tmp_path / "r"))
+    for step in (2, 4, 6):
+        checkpoint.write(run, snapshot(tmp_path), info(step), keep=5)
+    checks = []
+
+    def gives_up_at_the_first_delete():  # the third check: before the writes, the commit
+        checks.append(sorted(run.folders()))
+        if len(checks) == 3:  # settle() from the writer's own thread: it waits, gives up
+            writer.settle()
+
+    writer = checkpoint.CheckpointWriter(
+        run, 1, Settings.from_env(), check_owner=gives_up_at_the_first_delete
+    )
+    with caplog.at_level(logging.INFO, logger="raymodule.checkpoint.writer"):
+        writer.submit(ray.put(snapshot(tmp_path, 2.0)), info(8))
+        deadline = time.monotonic() + 60
+        while not re.search(r"step 8 not committed|0000000008 was committed", caplog.text):
+            assert time.monotonic() < deadline, caplog.text[-3000:]  # close() waits 0.5 s
+            time.sleep(0.05)
+        writer.close()
+    assert "given up: the run goes on from the latest one committed" in caplog.text
+    assert "step 8 not committed" not in caplog.text
+    assert f"checkpoint {run}/ckpt-0000000008 was committed as the run gave up" in caplog.text
+    assert writer.failures_in_row == 0  # not counted as a failure
+    assert checkpoint.latest(run).global_step == 8
+    assert len(checks) == 3  # the first delete (the newest older one) went; no other
+    assert run.folders() == [checkpoint.folder_name(s) for s in (2, 4, 8)]
+
+
+def test_a_checkpoint_committed_before_its_owner_check_failed_says_so(tmp_path):
+    """What check_owner raises before a delete, after the commit, names the checkpoint
+    committed; before the first write or the commit, it names none."""
+    for failing, committed in [(1, None), (2, None), (3, "ckpt-0000000004")]:
+        run = storage.Folder(str(tmp_path / f"r{failing}"))
+        checkpoint.write(run, snapshot(tmp_path), info(2), keep=5)
+        calls = []
+
+        def check(calls=calls, failing=failing):
+            calls.append(1)
+            if len(calls) == failing:
+                raise CheckpointError("stop")
+
+        with pytest.raises(CheckpointError, match="stop") as raised:
+            checkpoint.write(run, snapshot(tmp_path), info(4), keep=1, check_owner=check)
+        assert getattr(raised.value, "committed", None) == committed
+        assert checkpoint.latest(run).global_step == (4 if committed else 2)
+        assert run.folders()[0] == "ckpt-0000000002"  # not deleted
+
+
 def test_a_run_that_loses_its_folder_while_tidying_deletes_nothing_more(tmp_path):
     run = storage.Folder(str(tmp_path / "r"))
     for step in (2, 4, 6):

@@ -166,7 +166,8 @@ def write(
     Tune trial continuing from another's). Raises ``CheckpointError`` without writing anything
     when the parameters are not finite. ``check_owner`` (a :class:`raymodule.lease.Lease`'s
     ``check``) is called before the first write, before the commit and before each delete;
-    what it raises stops the write.
+    what it raises stops the write. Raised before a delete, after the commit, it carries the
+    committed checkpoint's name as ``committed``.
 
     ``stage(run, snapshot, info)`` writes the files and returns the manifest to commit, or
     None when there is no snapshot (its workers were lost: nothing is committed, and None is
@@ -219,6 +220,9 @@ def _point_and_tidy(
         _tidy(run, name, keep, held, drop_newer, check_owner, verified)
     except OSError as err:  # the checkpoint is committed; a later commit tidies again
         log.warning("checkpoint %s: could not delete old checkpoints: %s", name, err)
+    except CheckpointError as err:  # check_owner() stopped the tidying; the commit stands
+        err.committed = name
+        raise
     return name
 
 

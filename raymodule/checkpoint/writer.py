@@ -57,6 +57,7 @@ class _Outcome(enum.Enum):
     LOST = "lost"  # its copy was lost with its workers, or not waited for (the run gave up)
     LATE = "late"  # its copy did not come within RAYMODULE_CHECKPOINT_SNAPSHOT_TIMEOUT_S
     GIVEN_UP = "given up"  # not committed within the time settle() waits: the run went on
+    # (committed all the same when its commit request was already on its way: said so)
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -298,7 +299,14 @@ class CheckpointWriter:
                     finish=finish,
                     verified=self._verified,
                 )
-            except _GivenUp:
+            except _GivenUp as err:
+                if getattr(err, "committed", None):  # the give-up came after the commit
+                    log.warning(
+                        "checkpoint %s was committed as the run gave up waiting for it (its "
+                        "commit was already on its way): `latest` names it, though the run "
+                        "went on from an earlier one", f"{self.run}/{err.committed}",
+                    )  # fmt: skip
+                    return _Outcome.GIVEN_UP
                 break
             except CheckpointError as err:  # not to be committed: trying again changes nothing
                 self._failed(step, str(err), fatal=isinstance(err, LeaseLost))
