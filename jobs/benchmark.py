@@ -18,7 +18,7 @@ rescale_grad = 1/global batch) for these models:
                a sample is a sentence. Not in the default --models (it adds ~2.5 minutes):
                --models lstm, or mlp,lenet,lstm for all three
 
-in six configurations (Module is BucketingModule(sym_gen, default_bucket_key=40) for lstm):
+in seven configurations (Module is BucketingModule(sym_gen, default_bucket_key=40) for lstm):
 
     native     single-process mx.mod.Module on mx.cpu()
     native2    single-process mx.mod.Module on [mx.cpu(0), mx.cpu(1)]: MXNet's own data
@@ -27,6 +27,11 @@ in six configurations (Module is BucketingModule(sym_gen, default_bucket_key=40)
     dist_sync  MXNet's dist_sync KVStore on 127.0.0.1: 1 scheduler, 1 server, 2 workers,
                each worker training on its half of every global batch (for lstm: the same
                bucket sequence on both)
+    apart      2 single-process mx.mod.Module on mx.cpu(), each training its half of every
+               global batch on its own, with no exchange at all (each pinned to a core of its
+               own where the machine has 2, as raymodule pins its 2 workers): the ceiling of
+               any 2 data-parallel workers on this machine; not a training of the model (the
+               two halves diverge), only its compute, update and metric, twice at once
     ray1       raymodule.Module(sym, context=[mx.cpu(0)])
     ray2       raymodule.Module(sym, context=[mx.cpu(0), mx.cpu(1)])
     ray2_ckpt  ray2, fit with run=raymodule.RunConfig(storage=s3://..., checkpoint_every=
@@ -47,7 +52,9 @@ MXNET_CPU_WORKER_NTHREADS=1. All use the same method: Module.fit with epochs of 
 batches; the first epoch is a warm-up, samples/s is measured over the next --batches batches.
 The table's ratios: x1/native and x2/native (raymodule on 1 and 2 workers against the single
 process), x2/native2 (2 workers against MXNet's 2 contexts in one process), x2/dist_sync (2
-workers each: raymodule against MXNet's parameter server).
+workers each: raymodule against MXNet's parameter server), x2/apart (raymodule x2 against its
+ceiling: what its exchange, its lock step and Ray cost) and apart/dist_sync (the most any 2
+workers could be against MXNet's parameter server on this machine).
 
 --data compares, on mlp and cnn (synthetic data held in memory, the same samples in the
 same order in each), these configurations instead (no gloo floor, no checkpointing):
@@ -126,8 +133,16 @@ SHAPES = {"mlp": (784,), "lenet": (1, 28, 28), "cnn": (3, 32, 32)}  # -> one sam
 DEFAULT_BATCHES = {"mlp": 600, "lenet": 300, "cnn": 200, "lstm": 300}  # timed: ~5-15 s each
 LSTM = {"vocab_size": 2000, "num_embed": 64, "num_hidden": 128, "num_layers": 1}
 LSTM_SEED = 0  # of the corpus split and of the batch order
-CONFIGS = ["native", "native2", "dist_sync", "ray1", "ray2", "ray2_ckpt"]
-LABELS = ["native", "native 2 ctx", "dist_sync", "raymodule x1", "raymodule x2", "x2 + ckpt"]
+CONFIGS = ["native", "native2", "dist_sync", "apart", "ray1", "ray2", "ray2_ckpt"]
+LABELS = [
+    "native",
+    "native 2 ctx",
+    "dist_sync",
+    "2 apart",
+    "raymodule x1",
+    "raymodule x2",
+    "x2 + ckpt",
+]
 DATA_CONFIGS = ["native", "native2", "ray2_client", "ray2", "ray2_dataset"]  # --data's
 DATA_LABELS = [
     "native",
@@ -168,10 +183,12 @@ HELP = {
     "BucketingModule, global batch 32; not run by default: it adds ~2.5 minutes; not with "
     "--data). Default: mlp,lenet; with --data: mlp,cnn",
     "configs": "comma-separated configurations: native, native2 (MXNet, 2 contexts in one "
-    "process), dist_sync, ray1 (raymodule, 1 worker), ray2 (raymodule, 2 workers), ray2_ckpt "
-    "(ray2 checkpointing to S3 on a local SeaweedFS); leave out ray1,ray2,ray2_ckpt to skip "
-    "raymodule. Default: all six. With --data: native, native2, ray2_client (a client "
-    "DataIter), ray2 (NDArrayIter), ray2_dataset (DatasetIter); default: all five",
+    "process), dist_sync, apart (2 native processes on half a batch each, no exchange: the "
+    "ceiling of any 2 workers here), ray1 (raymodule, 1 worker), ray2 (raymodule, 2 "
+    "workers), ray2_ckpt (ray2 checkpointing to S3 on a local SeaweedFS); leave out "
+    "ray1,ray2,ray2_ckpt to skip raymodule. Default: all seven. With --data: native, "
+    "native2, ray2_client (a client DataIter), ray2 (NDArrayIter), ray2_dataset "
+    "(DatasetIter); default: all five",
     "batches": "timed global batches per configuration, rounded up to a multiple of --warmup "
     f"(default: mlp {DEFAULT_BATCHES['mlp']}, lenet {DEFAULT_BATCHES['lenet']}, "
     f"cnn {DEFAULT_BATCHES['cnn']}, lstm {DEFAULT_BATCHES['lstm']}: ~5-15 s each)",
@@ -364,9 +381,10 @@ def make_lstm_iter(mx, n_batches, n_epochs, rank=0, parts=1):
     return Batches()
 
 
-def timed_fit(mx, mod, model, spec, kv=None, rank=0, parts=1, **fit_args):
+def timed_fit(mx, mod, model, spec, kv=None, rank=0, parts=1, barrier=None, **fit_args):
     """fit() one warm-up epoch plus the timed epochs; returns (timed samples, seconds,
-    perf_counter at the end of every epoch: the timed window is [0] to [-1])."""
+    perf_counter at the end of every epoch: the timed window is [0] to [-1]). Processes that
+    train side by side meet at every epoch's end: through `kv` (dist_sync) or `barrier`."""
     epochs = math.ceil(spec["batches"] / spec["warmup"])
     marks = []
     if model == "lstm":  # padding carries no loss
@@ -375,6 +393,8 @@ def timed_fit(mx, mod, model, spec, kv=None, rank=0, parts=1, **fit_args):
     def on_epoch_end(*_):
         if kv is not None:
             kv._barrier()
+        if barrier is not None:
+            barrier()
         marks.append(time.perf_counter())
 
     # rescale_grad explicit: for dist_sync, Module would otherwise derive it from num_workers
@@ -521,9 +541,40 @@ def gloo_floor(mx, model):
     return numel * 4, elapsed
 
 
+class PairBarrier:
+    """A barrier of the two `apart` processes over one TCP connection on 127.0.0.1: rank 0
+    listens on `port`, rank 1 connects; each call sends a byte and waits for the other's."""
+
+    def __init__(self, rank, port, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        if rank == 0:
+            with socket.create_server(("127.0.0.1", port)) as server:
+                server.settimeout(timeout)
+                self.sock = server.accept()[0]
+        else:
+            while True:
+                try:
+                    self.sock = socket.create_connection(("127.0.0.1", port), timeout=1.0)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        self.sock.settimeout(timeout)
+
+    def __call__(self):
+        self.sock.sendall(b"x")
+        if not self.sock.recv(1):
+            raise ConnectionError("the other apart process is gone")
+
+
 def child(spec):
     os.environ.update(THREAD_ENV)  # before mxnet is imported
     config, model = spec["config"], spec["model"]
+    if config == "apart":  # before mxnet starts its threads: they inherit the core
+        rank, cores = int(os.environ["APART_RANK"]), sorted(os.sched_getaffinity(0))
+        if len(cores) == 2:  # as raymodule pins 2 workers on a 2-core machine
+            os.sched_setaffinity(0, {cores[rank]})
     if config == "dist_sync" and os.environ["DMLC_ROLE"] != "worker":
         import mxnet  # noqa: F401  # scheduler/server: runs ps-lite until the workers finish
 
@@ -540,6 +591,10 @@ def child(spec):
     elif config in NATIVE_CONTEXTS:
         ctx = [mx.cpu(i) for i in range(NATIVE_CONTEXTS[config])]
         result = timed_fit(mx, new_module(mx, mx.mod, model, ctx), model, spec)
+    elif config == "apart":
+        barrier = PairBarrier(rank, int(os.environ["APART_PORT"]))
+        mod = new_module(mx, mx.mod, model, mx.cpu())
+        result = timed_fit(mx, mod, model, spec, rank=rank, parts=2, barrier=barrier)
     elif config == "dist_sync":
         kv = mx.kv.create("dist_sync")
         mod = new_module(mx, mx.mod, model, mx.cpu())
@@ -724,6 +779,11 @@ def run_config(config, model, args, storage=None):
             for role in ["scheduler", "server", "worker", "worker"]:
                 procs.append(spawn(spec, dict(dmlc, DMLC_ROLE=role)))
             workers = procs[2:]
+        elif config == "apart":
+            port = str(free_port())
+            for rank in range(2):
+                procs.append(spawn(spec, {"APART_RANK": str(rank), "APART_PORT": port}))
+            workers = procs
         elif config == "gloo":
             port = str(free_port())
             for rank in range(2):
@@ -988,12 +1048,16 @@ def main(argv=None):
             r["x2/native"] = r["ray2"] / r["native"] if r["ray2"] and r["native"] else None
             r["x2/native2"] = r["ray2"] / r["native2"] if r["ray2"] and r["native2"] else None
             r["x2/dist_sync"] = r["ray2"] / r["dist_sync"] if r["ray2"] and r["dist_sync"] else None
+            r["x2/apart"] = r["ray2"] / r["apart"] if r["ray2"] and r["apart"] else None
+            r["apart/dist_sync"] = (
+                r["apart"] / r["dist_sync"] if r["apart"] and r["dist_sync"] else None
+            )
             r["ckpt/x2"] = r["ray2_ckpt"] / r["ray2"] if r["ray2_ckpt"] and r["ray2"] else None
     finally:
         if s3_server is not None:
             s3_server.stop()  # by PID; also deletes its data folder
 
-    ratios = ["x1/native", "x2/native", "x2/native2", "x2/dist_sync"]
+    ratios = ["x1/native", "x2/native", "x2/native2", "x2/dist_sync", "x2/apart", "apart/dist_sync"]
     header = ["model"] + LABELS + ratios
     rows = [
         [m] + [fmt(r[c]) for c in CONFIGS] + [fmt(r[ratio], 2) for ratio in ratios]
