@@ -745,8 +745,8 @@ def test_a_give_up_after_the_commit_says_the_checkpoint_was_committed(
     tmp_path, monkeypatch, caplog
 ):
     """The give-up (settle() timed out) can land after a write's commit, before its deletes:
-    its commit request was already on its way. The deletes stop, and the log says what is in
-    storage: committed, named by `latest`. Before, it said "not committed"."""
+    its commit request was already on its way. The deletes after it stop, and the log says
+    what is in storage: committed, named by `latest`. Before, it said "not committed"."""
     monkeypatch.setenv("RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S", "0.5")
     run = storage.Folder(str(tmp_path / "r"))
     for step in (2, 4, 6):
