@@ -777,6 +777,33 @@ def test_a_give_up_after_the_commit_says_the_checkpoint_was_committed(
     assert run.folders() == [checkpoint.folder_name(s) for s in (2, 4, 8)]
 
 
+def test_a_lease_lost_after_the_commit_stops_the_run_saying_the_checkpoint_was_committed(
+    tmp_path,
+):
+    """Another run takes the folder over between a write's commit and its deletes: the writer
+    deletes nothing more and stops the run, as for any lost lease, and says the checkpoint
+    itself was committed (`latest` names it)."""
+    run = storage.Folder(str(tmp_path / "r"))
+    for step in (2, 4):
+        checkpoint.write(run, snapshot(tmp_path), info(step), keep=5)
+    checks = []
+
+    def taken_over_after_the_commit():  # the third check: before the first delete
+        checks.append(1)
+        if len(checks) == 3:
+            raise LeaseLost("the run no longer owns its folder: owner other")
+
+    writer = checkpoint.CheckpointWriter(
+        run, 1, Settings.from_env(), check_owner=taken_over_after_the_commit
+    )
+    writer.submit(ray.put(snapshot(tmp_path, 2.0)), info(8))
+    said = re.escape(f"owner other ({run}/ckpt-0000000008 was committed before; no more")
+    with pytest.raises(CheckpointError, match=said):
+        writer.close()
+    assert checkpoint.latest(run).global_step == 8
+    assert run.folders() == [checkpoint.folder_name(s) for s in (2, 4, 8)]
+
+
 def test_a_checkpoint_committed_before_its_owner_check_failed_says_so(tmp_path):
     """What check_owner raises before a delete, after the commit, names the checkpoint
     committed; before the first write or the commit, it names none."""

@@ -309,7 +309,10 @@ class CheckpointWriter:
                     return _Outcome.GIVEN_UP
                 break
             except CheckpointError as err:  # not to be committed: trying again changes nothing
-                self._failed(step, str(err), fatal=isinstance(err, LeaseLost))
+                why = str(err)
+                if getattr(err, "committed", None):  # found as it tidied (a lost lease)
+                    why += f" ({self.run}/{err.committed} was committed before; no more deleted)"
+                self._failed(step, why, fatal=isinstance(err, LeaseLost))
                 return _Outcome.FAILED
             except OSError as err:
                 finish = finish or isinstance(err, LatestNotWritten)  # committed: ours
