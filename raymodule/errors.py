@@ -49,6 +49,10 @@ class WorkerLostError(RayModuleError):
 class CheckpointError(RayModuleError):
     """A run's checkpoints cannot be written or resumed from as asked."""
 
+    committed: str | None = None
+    """Raised by a write's owner check after its commit (as it tidied): the checkpoint it
+    committed, by folder name; else None."""
+
 
 class ResumeMismatch(CheckpointError, ValueError):
     """The ``fit`` that would resume a run differs from the run its checkpoint was taken in

@@ -741,40 +741,56 @@ def test_a_checkpoint_given_up_when_its_storage_stalled_is_not_committed_later(
         assert ckpt.params_file() == bytes(ray.get(again).params)  # the restart's
 
 
-def test_a_give_up_after_the_commit_says_the_checkpoint_was_committed(
-    tmp_path, monkeypatch, caplog
+@pytest.mark.parametrize("landing", ["before a delete", "after latest failed"])
+def test_a_checkpoint_committed_as_the_run_gave_up_is_said_so_and_replaced_by_the_restarts(
+    tmp_path, monkeypatch, caplog, landing
 ):
-    """The give-up (settle() timed out) can land after a write's commit, before its deletes:
-    its commit request was already on its way. The deletes after it stop, and the log says
-    what is in storage: committed, named by `latest`. Before, it said "not committed"."""
-    monkeypatch.setenv("RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S", "0.5")
+    """The give-up (settle() timed out) can land after a write's commit: its commit request
+    was already on its way. Before a delete: the deletes after it stop. After `latest` failed
+    to be written: the retry that would point it stops. Either way the log says what is in
+    storage, committed (before, "not committed"), and the restarted run's own checkpoint of
+    that step replaces it (before, it failed: a checkpoint of that step already verified).
+    The give-up is made at an owner check, not on a clock."""
+    monkeypatch.setenv("RAYMODULE_CHECKPOINT_BACKOFF_S", "0.1")
     run = storage.Folder(str(tmp_path / "r"))
     for step in (2, 4, 6):
         checkpoint.write(run, snapshot(tmp_path), info(step), keep=5)
+    if landing == "after latest failed":
+        run.delete("latest")
+        (tmp_path / "r" / "latest").mkdir()  # cannot be written: LatestNotWritten, retried
     checks = []
 
-    def gives_up_at_the_first_delete():  # the third check: before the writes, the commit
+    def gives_up_at_the_third_check():  # 1: before the writes, 2: before the commit
         checks.append(sorted(run.folders()))
-        if len(checks) == 3:  # settle() from the writer's own thread: it waits, gives up
-            writer.settle()
+        if len(checks) == 3:  # as settle() does when its time is up
+            with writer._cond:
+                writer._give_up()
 
     writer = checkpoint.CheckpointWriter(
-        run, 1, Settings.from_env(), check_owner=gives_up_at_the_first_delete
+        run, 1, Settings.from_env(), check_owner=gives_up_at_the_third_check
     )
     with caplog.at_level(logging.INFO, logger="raymodule.checkpoint.writer"):
         writer.submit(ray.put(snapshot(tmp_path, 2.0)), info(8))
         deadline = time.monotonic() + 60
         while not re.search(r"step 8 not committed|0000000008 was committed", caplog.text):
-            assert time.monotonic() < deadline, caplog.text[-3000:]  # close() waits 0.5 s
+            assert time.monotonic() < deadline, caplog.text[-3000:]
             time.sleep(0.05)
+        assert "given up: the run goes on from the latest one committed" in caplog.text
+        assert "step 8 not committed" not in caplog.text
+        assert f"checkpoint {run}/ckpt-0000000008 was committed as the run gave up" in caplog.text
+        assert writer.failures_in_row == 0  # not counted as a failure
+        assert checkpoint.latest(run).global_step == 8
+        if landing == "before a delete":  # the first delete (the newest older one) went
+            assert run.folders() == [checkpoint.folder_name(s) for s in (2, 4, 8)]
+        else:
+            (tmp_path / "r" / "latest").rmdir()
+        again = ray.put(snapshot(tmp_path, 3.0))  # the restarted run's, at the same step
+        writer.submit(again, info(8))
         writer.close()
-    assert "given up: the run goes on from the latest one committed" in caplog.text
-    assert "step 8 not committed" not in caplog.text
-    assert f"checkpoint {run}/ckpt-0000000008 was committed as the run gave up" in caplog.text
-    assert writer.failures_in_row == 0  # not counted as a failure
-    assert checkpoint.latest(run).global_step == 8
-    assert len(checks) == 3  # the first delete (the newest older one) went; no other
-    assert run.folders() == [checkpoint.folder_name(s) for s in (2, 4, 8)]
+    assert "step 8 failed" not in caplog.text  # (its attempts that failed are retried)
+    ckpt = checkpoint.latest(run)
+    assert ckpt.global_step == 8 and ckpt.params_file() == bytes(ray.get(again).params)
+    assert run.folders() == ["ckpt-0000000008"]  # keep=1: the others are deleted now
 
 
 def test_a_lease_lost_after_the_commit_stops_the_run_saying_the_checkpoint_was_committed(

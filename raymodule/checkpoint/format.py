@@ -166,8 +166,8 @@ def write(
     Tune trial continuing from another's). Raises ``CheckpointError`` without writing anything
     when the parameters are not finite. ``check_owner`` (a :class:`raymodule.lease.Lease`'s
     ``check``) is called before the first write, before the commit and before each delete;
-    what it raises stops the write. Raised before a delete, after the commit, it carries the
-    committed checkpoint's name as ``committed``.
+    what it raises stops the write. A ``CheckpointError`` raised before a delete, after the
+    commit, carries the committed checkpoint's name as ``committed``.
 
     ``stage(run, snapshot, info)`` writes the files and returns the manifest to commit, or
     None when there is no snapshot (its workers were lost: nothing is committed, and None is

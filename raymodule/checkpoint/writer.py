@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..errors import CheckpointError
 from ..lease import LeaseLost
 from ..storage import Folder
-from .format import LatestNotWritten, stage_files, write
+from .format import LatestNotWritten, folder_name, stage_files, write
 
 __all__ = ["CheckpointWriter"]
 
@@ -46,7 +46,8 @@ _SKIPS_COUNTED = (
 
 class _GivenUp(CheckpointError):
     """The run gave up waiting for this checkpoint (:meth:`CheckpointWriter.settle` timed out)
-    and went on from an earlier one: it is not committed."""
+    and went on from an earlier one: it is not committed, unless it already was
+    (``committed``)."""
 
 
 class _Outcome(enum.Enum):
@@ -118,6 +119,7 @@ class CheckpointWriter:
         self._abandon = False
         self._given_up = 0  # how many times settle() gave up on the checkpoints handed over
         self._taken_up = 0  # _given_up when the writer took up the checkpoints it writes
+        self._late: set[str] = set()  # committed after the give-up: the restart's replace them
         self._cond = threading.Condition()
         self._thread = threading.Thread(
             target=self._loop, name="raymodule-checkpoint-writer", daemon=True
@@ -197,10 +199,11 @@ class CheckpointWriter:
 
     def _give_up(self) -> None:
         """After :meth:`settle` timed out: the checkpoint being written is not committed
-        should its storage answer later (its next check of the owner stops it), nor is the one
-        waiting written. The run goes on from the latest one committed, and a late commit of
-        the run it left would otherwise follow its restart (taking the name of a step it is
-        to write again). Called holding the lock."""
+        should its storage answer later (its next check of the owner stops it; a commit
+        request already on its way still lands, see :meth:`_write`), nor is the one waiting
+        written. The run goes on from the latest one committed, and a late commit of the run
+        it left would otherwise follow its restart (taking the name of a step it is to write
+        again). Called holding the lock."""
         self._given_up += 1
         self._waiting = self._superseded = None
         log.warning(
@@ -285,6 +288,7 @@ class CheckpointWriter:
             return missing
         tic = time.monotonic()
         finish = False  # an attempt before committed it, and failed at latest
+        late = folder_name(step) in self._late  # a given-up one of this step was committed
         given_up = self._taken_up
         check_owner = self._owner_check(given_up)
         for attempt in range(1, self.attempts + 1):
@@ -298,20 +302,23 @@ class CheckpointWriter:
                     stage=self._stage_beside,
                     finish=finish,
                     verified=self._verified,
+                    drop_newer=late,  # the restart's replaces it
                 )
-            except _GivenUp as err:
-                if getattr(err, "committed", None):  # the give-up came after the commit
+            except CheckpointError as err:
+                committed = err.committed or (folder_name(step) if finish else None)
+                if isinstance(err, _GivenUp) and committed is None:
+                    break
+                if isinstance(err, _GivenUp):  # its commit request was already on its way
+                    self._late.add(committed)
                     log.warning(
                         "checkpoint %s was committed as the run gave up waiting for it (its "
-                        "commit was already on its way): `latest` names it, though the run "
-                        "went on from an earlier one", f"{self.run}/{err.committed}",
+                        "commit was already on its way); a restart's own checkpoint of that "
+                        "step replaces it", f"{self.run}/{committed}",
                     )  # fmt: skip
                     return _Outcome.GIVEN_UP
-                break
-            except CheckpointError as err:  # not to be committed: trying again changes nothing
-                why = str(err)
-                if getattr(err, "committed", None):  # found as it tidied (a lost lease)
-                    why += f" ({self.run}/{err.committed} was committed before; no more deleted)"
+                why = str(err)  # not to be committed: trying again changes nothing
+                if committed is not None:  # found as it tidied (a lost lease)
+                    why += f" ({self.run}/{committed} was committed before; no more deleted)"
                 self._failed(step, why, fatal=isinstance(err, LeaseLost))
                 return _Outcome.FAILED
             except OSError as err:
@@ -334,6 +341,7 @@ class CheckpointWriter:
                 "checkpoint %s committed in %.2f s (its files written from node %s)",
                 f"{self.run}/{name}", seconds, self._staged_on,
             )  # fmt: skip
+            self._late.discard(name)
             with self._cond:
                 self.failures_in_row = 0
                 self._committed.append({"name": name, "seconds": round(seconds, 3)})
