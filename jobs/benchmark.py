@@ -53,8 +53,9 @@ batches; the first epoch is a warm-up, samples/s is measured over the next --bat
 The table's ratios: x1/native and x2/native (raymodule on 1 and 2 workers against the single
 process), x2/native2 (2 workers against MXNet's 2 contexts in one process), x2/dist_sync (2
 workers each: raymodule against MXNet's parameter server), x2/apart (raymodule x2 against its
-ceiling: what its exchange, its lock step and Ray cost) and apart/dist_sync (the most any 2
-workers could be against MXNet's parameter server on this machine).
+ceiling: what its exchange, its lock step and Ray cost), apart/dist_sync (the most any 2
+workers could be against MXNet's parameter server on this machine) and ckpt/x2 (x2 + ckpt
+against x2).
 
 --data compares, on mlp and cnn (synthetic data held in memory, the same samples in the
 same order in each), these configurations instead (no gloo floor, no checkpointing):
@@ -151,6 +152,15 @@ DATA_LABELS = [
     "raymodule x2, NDArrayIter",
     "raymodule x2, DatasetIter",
 ]
+RATIOS = {  # the table's ratios: name -> (configuration over configuration)
+    "x1/native": ("ray1", "native"),
+    "x2/native": ("ray2", "native"),
+    "x2/native2": ("ray2", "native2"),
+    "x2/dist_sync": ("ray2", "dist_sync"),
+    "x2/apart": ("ray2", "apart"),
+    "apart/dist_sync": ("apart", "dist_sync"),
+    "ckpt/x2": ("ray2_ckpt", "ray2"),
+}
 NATIVE_CONTEXTS = {"native": 1, "native2": 2}  # single-process MXNet -> its cpu contexts
 DATASET_CONFIGS = {"ray2_dataset"}  # fed by a DatasetIter, not an NDArrayIter
 CLIENT_CONFIGS = {"ray2_client"}  # fed by a DataIter raymodule cannot read by index
@@ -1044,20 +1054,13 @@ def main(argv=None):
                     errors[f"{model}/{config}"] = str(exc)
                     print(f"FAILED {model} {config}: {exc}", file=sys.stderr, flush=True)
             r = results[model]
-            r["x1/native"] = r["ray1"] / r["native"] if r["ray1"] and r["native"] else None
-            r["x2/native"] = r["ray2"] / r["native"] if r["ray2"] and r["native"] else None
-            r["x2/native2"] = r["ray2"] / r["native2"] if r["ray2"] and r["native2"] else None
-            r["x2/dist_sync"] = r["ray2"] / r["dist_sync"] if r["ray2"] and r["dist_sync"] else None
-            r["x2/apart"] = r["ray2"] / r["apart"] if r["ray2"] and r["apart"] else None
-            r["apart/dist_sync"] = (
-                r["apart"] / r["dist_sync"] if r["apart"] and r["dist_sync"] else None
-            )
-            r["ckpt/x2"] = r["ray2_ckpt"] / r["ray2"] if r["ray2_ckpt"] and r["ray2"] else None
+            for name, (top, bottom) in RATIOS.items():
+                r[name] = r[top] / r[bottom] if r[top] and r[bottom] else None
     finally:
         if s3_server is not None:
             s3_server.stop()  # by PID; also deletes its data folder
 
-    ratios = ["x1/native", "x2/native", "x2/native2", "x2/dist_sync", "x2/apart", "apart/dist_sync"]
+    ratios = list(RATIOS)
     header = ["model"] + LABELS + ratios
     rows = [
         [m] + [fmt(r[c]) for c in CONFIGS] + [fmt(r[ratio], 2) for ratio in ratios]
