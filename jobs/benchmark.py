@@ -111,7 +111,6 @@ a cluster pays, give --checkpoint-storage a bucket every node reaches.
 """
 
 import argparse
-import functools
 import json
 import logging
 import math
@@ -126,14 +125,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from meters import (
+    CheckpointLog,
+    DataBytes,
+    PairBarrier,
+    checkpoints_per_epoch,
+    cpu_seconds,
+    gloo_floor,
+)
+from workload import MODELS, RAY_ENV, SHAPES, THREAD_ENV, bucketing_job, make_iter, new_module
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = {"mlp": 128, "lenet": 64, "cnn": 64, "lstm": 32}  # model -> global batch size
-SHAPES = {"mlp": (784,), "lenet": (1, 28, 28), "cnn": (3, 32, 32)}  # -> one sample's shape
 DEFAULT_BATCHES = {"mlp": 600, "lenet": 300, "cnn": 200, "lstm": 300}  # timed: ~5-15 s each
-LSTM = {"vocab_size": 2000, "num_embed": 64, "num_hidden": 128, "num_layers": 1}
-LSTM_SEED = 0  # of the corpus split and of the batch order
 CONFIGS = ["native", "native2", "dist_sync", "apart", "ray1", "ray2", "ray2_ckpt"]
 LABELS = [
     "native",
@@ -167,13 +170,6 @@ CLIENT_CONFIGS = {"ray2_client"}  # fed by a DataIter raymodule cannot read by i
 RAY_CONFIGS = {"ray1": 1, "ray2": 2, "ray2_ckpt": 2, "ray2_client": 2, "ray2_dataset": 2}
 CKPT_CONFIGS = {"ray2_ckpt"}  # these checkpoint: to the S3 server, or --checkpoint-storage
 SEAWEED = "S3 (SeaweedFS on 127.0.0.1)"
-THREAD_ENV = {"OMP_NUM_THREADS": "1", "MXNET_CPU_WORKER_NTHREADS": "1"}
-RAY_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "GLOO_SOCKET_IFNAME": "lo",
-}
 MARK = "BENCH_RESULT "  # prefix of the one result line a child prints
 DATA_MODELS = ["mlp", "lenet", "cnn"]  # --data's
 HELP = {
@@ -216,181 +212,6 @@ HELP = {
 }
 
 
-def add_model_option(parser) -> None:
-    """``--model``, one of the models above with a sample shape (all but lstm): for the jobs
-    that time one of them (step_phases, update_kernels, shared_weights)."""
-    parser.add_argument(
-        "--model",
-        default="mlp",
-        choices=list(SHAPES),
-        help="one of jobs/benchmark.py's models (default %(default)s)",
-    )
-
-
-# ----------------------------------------------------------------------------- child side
-def build_symbol(mx, model):
-    x = mx.sym.Variable("data")
-    if model == "mlp":
-        for i, width in enumerate([512, 512]):
-            x = mx.sym.Activation(
-                mx.sym.FullyConnected(x, num_hidden=width, name=f"fc{i}"), act_type="relu"
-            )
-    elif model == "cnn":
-        for i, filters in enumerate([32, 64]):
-            x = mx.sym.Convolution(x, kernel=(3, 3), num_filter=filters, name=f"conv{i}")
-            x = mx.sym.Pooling(
-                mx.sym.Activation(x, act_type="relu"), pool_type="max", kernel=(2, 2), stride=(2, 2)
-            )
-        x = mx.sym.flatten(x)
-    else:
-        for i, filters in enumerate([20, 50]):
-            x = mx.sym.Convolution(x, kernel=(5, 5), num_filter=filters, name=f"conv{i}")
-            x = mx.sym.Pooling(
-                mx.sym.Activation(x, act_type="tanh"), pool_type="max", kernel=(2, 2), stride=(2, 2)
-            )
-        x = mx.sym.Activation(
-            mx.sym.FullyConnected(mx.sym.flatten(x), num_hidden=500, name="fc0"), act_type="tanh"
-        )
-    x = mx.sym.FullyConnected(x, num_hidden=10, name="out")
-    return mx.sym.SoftmaxOutput(x, name="softmax")
-
-
-@functools.cache
-def bucketing_job():
-    """jobs/bucketing.py, for its corpus, model and iterator (it imports mxnet and raymodule:
-    only after THREAD_ENV, and RAY_ENV where Ray runs, are set)."""
-    sys.path.insert(0, str(REPO / "jobs"))
-    import bucketing
-
-    return bucketing
-
-
-@functools.cache
-def lstm_sentences():
-    """The lstm model's training sentences and vocabulary size."""
-    train, _, vocab = bucketing_job().load_corpus(LSTM["vocab_size"], LSTM_SEED)
-    return train, len(vocab)
-
-
-def lstm_sym_gen():
-    """The lstm model's sym_gen: bucket key (sentence length) -> (symbol, data and label names)."""
-    vocab_size = lstm_sentences()[1]
-    return bucketing_job().lstm_sym_gen(
-        vocab_size, LSTM["num_embed"], LSTM["num_hidden"], LSTM["num_layers"]
-    )
-
-
-def new_module(mx, api, model, context):
-    """`model`'s module from `api`, mx.mod or raymodule: a Module, or for lstm a
-    BucketingModule whose default bucket is the largest."""
-    if model != "lstm":
-        return api.Module(build_symbol(mx, model), context=context)
-    key = max(bucketing_job().BUCKETS)
-    return api.BucketingModule(lstm_sym_gen(), default_bucket_key=key, context=context)
-
-
-def gradient_size(mx, model):
-    """Number of elements of `model`'s gradient: its parameters, without data and label."""
-    batch = MODELS[model]
-    if model == "lstm":
-        key = max(bucketing_job().BUCKETS)
-        sym = lstm_sym_gen()(key)[0]
-        shapes = {"data": (batch, key), "softmax_label": (batch, key)}
-    else:
-        sym = build_symbol(mx, model)
-        shapes = {"data": (batch,) + SHAPES[model]}
-    arg_shapes, _, _ = sym.infer_shape(**shapes)
-    inputs = {"data", "softmax_label"}
-    names = sym.list_arguments()
-    return sum(int(np.prod(s)) for n, s in zip(names, arg_shapes, strict=True) if n not in inputs)
-
-
-def make_iter(mx, model, n_batches, n_epochs, rank=0, parts=1, dataset=False, client=False):
-    """n_epochs of n_batches global batches, of which this worker gets part `rank`: for mlp,
-    lenet and cnn, the same synthetic batches every epoch, held in memory, from an
-    mx.io.NDArrayIter (with `client`, a subclass of it), or with `dataset` from a
-    raymodule.data.DatasetIter over an ArrayDataset of the same samples in the same order
-    (no shuffle: like for like); for lstm, see make_lstm_iter."""
-    if model == "lstm":
-        return make_lstm_iter(mx, n_batches, n_epochs, rank, parts)
-    batch, shape = MODELS[model], SHAPES[model]
-    rng = np.random.RandomState(0)
-    data = rng.uniform(-1, 1, (n_batches, batch) + shape).astype(np.float32)
-    label = rng.randint(0, 10, (n_batches, batch)).astype(np.float32)
-    if dataset:  # whole global batches: under raymodule the workers read their own rows
-        from raymodule.data import ArrayDataset, DatasetIter
-
-        samples = ArrayDataset(data.reshape((-1,) + shape), label.reshape(-1))
-        return DatasetIter(samples, batch, label_name="softmax_label")
-    part = batch // parts
-    rows = slice(rank * part, (rank + 1) * part)
-    kind = mx.io.NDArrayIter
-    if client:
-
-        class ClientIter(mx.io.NDArrayIter):
-            """raymodule reads a subclass in the client, as any DataIter: only a plain
-            NDArrayIter is read as rows."""
-
-        kind = ClientIter
-    return kind(
-        data[:, rows].reshape((-1,) + shape),
-        label[:, rows].reshape(-1),
-        batch_size=part,
-        label_name="softmax_label",
-    )
-
-
-def make_lstm_iter(mx, n_batches, n_epochs, rank=0, parts=1):
-    """The lstm model's data: n_epochs of n_batches bucketed global batches, the next ones of
-    jobs/bucketing.py's SentenceIter every epoch (it is reset whenever it runs out), so that
-    the timed batches mix the buckets as training does. All of them are made up front, the
-    same on every worker, which gets part `rank` of each."""
-    job = bucketing_job()
-    batch = MODELS["lstm"]
-    part = batch // parts
-    rows = slice(rank * part, (rank + 1) * part)
-    source = job.SentenceIter(lstm_sentences()[0], batch, job.BUCKETS, seed=LSTM_SEED)
-
-    def descs(key):  # (provide_data, provide_label) of this worker's part of a batch
-        shape = (part, key)
-        return [[mx.io.DataDesc(name, shape, layout="NT")] for name in ("data", "softmax_label")]
-
-    def my_part(b):
-        data, label = descs(b.bucket_key)
-        return mx.io.DataBatch(
-            [b.data[0][rows].copy()],
-            [b.label[0][rows].copy()],
-            pad=0,
-            bucket_key=b.bucket_key,
-            provide_data=data,
-            provide_label=label,
-        )
-
-    total, batches = n_batches * n_epochs, []
-    while len(batches) < total:
-        batches += [my_part(b) for b in source][: total - len(batches)]
-        source.reset()
-
-    class Batches(mx.io.DataIter):
-        """Epoch e yields batches[e * n_batches:(e + 1) * n_batches]; reset() starts the next."""
-
-        def __init__(self):
-            super().__init__(part)
-            self.provide_data, self.provide_label = descs(max(job.BUCKETS))  # for bind
-            self.epoch, self.cursor = 0, 0
-
-        def reset(self):
-            self.epoch, self.cursor = (self.epoch + 1) % n_epochs, 0
-
-        def next(self):
-            if self.cursor == n_batches:
-                raise StopIteration
-            self.cursor += 1
-            return batches[self.epoch * n_batches + self.cursor - 1]
-
-    return Batches()
-
-
 def timed_fit(mx, mod, model, spec, kv=None, rank=0, parts=1, barrier=None, **fit_args):
     """fit() one warm-up epoch plus the timed epochs; returns (timed samples, seconds,
     perf_counter at the end of every epoch: the timed window is [0] to [-1]). Processes that
@@ -430,152 +251,6 @@ def timed_fit(mx, mod, model, spec, kv=None, rank=0, parts=1, barrier=None, **fi
         **fit_args,
     )
     return epochs * spec["warmup"] * MODELS[model] // parts, marks[-1] - marks[0], marks
-
-
-def checkpoints_per_epoch(every, warmup):
-    """Checkpoints fit takes per epoch of `warmup` batches: at each multiple of `every` that
-    another batch follows, plus the one at the epoch's end."""
-    return (warmup - 1) // every + 1 if every else 1
-
-
-class CheckpointLog(logging.Handler):
-    """Notes, with perf_counter times, what raymodule.checkpoint logs: commits and skips."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.events = []  # (perf_counter, "committed" | "skipped" | "failed", seconds or None)
-
-    def emit(self, record):
-        now, msg = time.perf_counter(), str(record.msg)
-        if msg.startswith("checkpoint %s committed in"):
-            self.events.append((now, "committed", float(record.args[1])))
-        elif " skipped: " in msg:
-            self.events.append((now, "skipped", None))
-        elif msg.startswith("checkpoint at step %d failed"):
-            self.events.append((now, "failed", None))
-
-    def summary(self, marks, spec):
-        start, end = marks[0], marks[-1]
-        timed = [kind for t, kind, _ in self.events if start <= t <= end]
-        seconds = [s for _, kind, s in self.events if kind == "committed"]
-        epochs = len(marks) - 1
-        return {
-            "every": spec["checkpoint_every"],
-            "taken": epochs * checkpoints_per_epoch(spec["checkpoint_every"], spec["warmup"]),
-            "window_s": end - start,
-            **{kind: timed.count(kind) for kind in ("committed", "skipped", "failed")},
-            "commit_s": seconds,  # every commit of the fit, warm-up and final one included
-        }
-
-
-def array_bytes(value):
-    """Bytes of the numpy arrays in `value`, through lists, tuples, dicts and raymodule's
-    Batch (its data and label): a payload's size without pickle framing or object refs."""
-    if isinstance(value, np.ndarray):
-        return value.nbytes
-    if isinstance(value, (list, tuple)):
-        return sum(array_bytes(v) for v in value)
-    if isinstance(value, dict):
-        return sum(array_bytes(v) for v in value.values())
-    if hasattr(value, "data") and hasattr(value, "label"):  # raymodule.data.Batch
-        return array_bytes(value.data) + array_bytes(value.label)
-    return 0
-
-
-class DataBytes:
-    """Counts, in the client process, the data raymodule's fit sends its workers: wraps
-    ray.put (noting the bytes of the arrays put and which module put them) and
-    ControllerHandle.run (noting the bytes of a DatasetIter's index arrays, which travel in
-    the plans the controller runs, not through ray.put)."""
-
-    def __init__(self, ray, raymodule):
-        self.puts = []  # (perf_counter, module that called ray.put, array bytes)
-        self.plans = []  # (index array bytes: all workers' slices, steps)
-        put, run = ray.put, raymodule.handle.ControllerHandle.run
-
-        def counted_put(value, *args, **kwargs):
-            caller = sys._getframe(1).f_globals.get("__name__", "?")
-            self.puts.append((time.perf_counter(), caller, array_bytes(value)))
-            return put(value, *args, **kwargs)
-
-        def counted_run(handle, kind, plan):
-            self.plans.append((array_bytes(plan["indices"]), len(plan["indices"])))
-            return run(handle, kind, plan)
-
-        ray.put = counted_put
-        raymodule.handle.ControllerHandle.run = counted_run
-
-    def summary(self, marks, steps, workers):
-        """Bytes per worker per timed step (the samples put by raymodule.steps, or a
-        DatasetIter's indices), and those put once by raymodule.data (a dataset's arrays)."""
-        start, end = marks[0], marks[-1]
-        timed = [(who, n) for t, who, n in self.puts if start <= t <= end]
-        samples = sum(n for who, n in timed if who == "raymodule.steps")
-        planned = sum(steps for _, steps in self.plans)
-        indices = sum(n for n, _ in self.plans) / planned * steps if planned else 0
-        return {
-            "per_worker_step": (samples + indices) / steps / workers,
-            "samples_per_worker_step": samples / steps / workers,
-            "indices_per_worker_step": indices / steps / workers,
-            "other_puts_timed": sum(n for who, n in timed if who != "raymodule.steps"),
-            "dataset_once": sum(n for _, who, n in self.puts if who.startswith("raymodule.data")),
-        }
-
-
-def gloo_floor(mx, model):
-    """ms per gloo allreduce of the model's whole gradient between 2 processes: the floor of
-    what raymodule x2 pays per step for its exchange (torch.distributed, 127.0.0.1)."""
-    import datetime
-
-    import torch
-    import torch.distributed as dist
-
-    numel = gradient_size(mx, model)
-    rank = int(os.environ["GLOO_RANK"])
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{os.environ['GLOO_PORT']}",
-        world_size=2,
-        rank=rank,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    grad = torch.ones(numel)
-    for _ in range(10):
-        dist.all_reduce(grad)
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(100):
-        dist.all_reduce(grad)
-    elapsed = (time.perf_counter() - start) / 100
-    dist.destroy_process_group()
-    return numel * 4, elapsed
-
-
-class PairBarrier:
-    """A barrier of the two `apart` processes over one TCP connection on 127.0.0.1: rank 0
-    listens on `port`, rank 1 connects; each call sends a byte and waits for the other's."""
-
-    def __init__(self, rank, port, timeout=60.0):
-        deadline = time.monotonic() + timeout
-        if rank == 0:
-            with socket.create_server(("127.0.0.1", port)) as server:
-                server.settimeout(timeout)
-                self.sock = server.accept()[0]
-        else:
-            while True:
-                try:
-                    self.sock = socket.create_connection(("127.0.0.1", port), timeout=1.0)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-        self.sock.settimeout(timeout)
-
-    def __call__(self):
-        self.sock.sendall(b"x")
-        if not self.sock.recv(1):
-            raise ConnectionError("the other apart process is gone")
 
 
 def child(spec):
@@ -754,18 +429,6 @@ def delete_run(location, run_name):
         Folder(location).delete_folder(run_name)
     except OSError as err:
         print(f"note: the run folder {run_name} was not deleted: {err}", file=sys.stderr)
-
-
-def cpu_seconds(pid):
-    """CPU seconds (user + system) process `pid` has used so far, or None (no `pid`, or no
-    Linux /proc)."""
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_config(config, model, args, storage=None):

@@ -106,9 +106,11 @@ os.environ.update(OMP_NUM_THREADS="1", MXNET_CPU_WORKER_NTHREADS="1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import benchmark  # noqa: E402 - jobs/ is not a package: its models, children and thread env
+import benchmark  # noqa: E402 - jobs/ is not a package: its children (a timed fit)
 import jobtools  # noqa: E402
+import meters  # noqa: E402
 import numpy as np  # noqa: E402
+import workload  # noqa: E402 - its models
 
 from raymodule.constants import Settings  # noqa: E402
 
@@ -140,7 +142,7 @@ def compute_child(model: str, batch: int, steps: int) -> None:
         sym = mx.sym.SoftmaxOutput(net(mx.sym.var("data")), name="softmax")
         shape, classes = (3, 224, 224), 1000
     else:
-        sym, shape, classes = benchmark.build_symbol(mx, model), benchmark.SHAPES[model], 10
+        sym, shape, classes = workload.build_symbol(mx, model), workload.SHAPES[model], 10
     mod = mx.mod.Module(sym, context=mx.cpu())
     mod.bind([("data", (batch,) + shape)], [("softmax_label", (batch,))])
     mod.init_params(mx.init.Xavier())
@@ -301,15 +303,15 @@ def gradient_bytes() -> dict[str, int]:
     """Bytes of each model's float32 gradient (the symbols' shapes inferred once)."""
     mx = _mx()
     return {
-        "mlp": benchmark.gradient_size(mx, "mlp") * 4,
-        "lenet": benchmark.gradient_size(mx, "lenet") * 4,
+        "mlp": workload.gradient_size(mx, "mlp") * 4,
+        "lenet": workload.gradient_size(mx, "lenet") * 4,
         "resnet50": RESNET50_ELEMENTS * 4,
     }
 
 
 # ----------------------------------------------------------------------------- measuring
 def _cpu_by_process() -> dict[int, tuple[float, str]]:
-    """CPU seconds (benchmark.cpu_seconds) and command line of every process of this machine
+    """CPU seconds (meters.cpu_seconds) and command line of every process of this machine
     (Linux /proc)."""
     out = {}
     for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
@@ -317,7 +319,7 @@ def _cpu_by_process() -> dict[int, tuple[float, str]]:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
         except (OSError, UnicodeDecodeError):
             continue
-        cpu = benchmark.cpu_seconds(pid)
+        cpu = meters.cpu_seconds(pid)
         if cpu is not None:
             out[pid] = (cpu, command)
     return out
@@ -457,7 +459,7 @@ class Model:
 
     @staticmethod
     def _measured_step(m: dict, workers: int, nodes: int) -> float:
-        return benchmark.MODELS[CHECK_MODEL] / m["runs"][f"{workers}x{nodes}"]["samples_per_s"]
+        return workload.MODELS[CHECK_MODEL] / m["runs"][f"{workers}x{nodes}"]["samples_per_s"]
 
     def compute_s(self, model: str, batch: float) -> float:
         c0, c1 = self.compute[model]
@@ -497,7 +499,7 @@ class Model:
     def step(self, model: str, workers: int, nodes: int) -> float:
         """Seconds of a step of the check's kind: this machine's cores shared."""
         exchange = self.exchange(model, workers, nodes)
-        own = self.compute_s(model, benchmark.MODELS[model] / workers) + self.o1
+        own = self.compute_s(model, workload.MODELS[model] / workers) + self.o1
         own += self.og(exchange) if workers > 1 else 0.0
         return self.share(workers) * own + exchange
 
@@ -562,7 +564,7 @@ def report(m: dict, per_node: int, sample_ms: dict) -> str:
         run = m["runs"][f"{workers}x{nodes}"]
         measured = run["samples_per_s"]
         each = run.get("each", [measured])  # measurements saved before --repeats: one run
-        predicted = benchmark.MODELS[CHECK_MODEL] / model.step(CHECK_MODEL, workers, nodes)
+        predicted = workload.MODELS[CHECK_MODEL] / model.step(CHECK_MODEL, workers, nodes)
         role = {(1, 1): "fits o1", (2, 1): "fits og", (2, 2): "fits og"}.get(
             (workers, nodes), "predicted"
         )
@@ -581,7 +583,7 @@ def report(m: dict, per_node: int, sample_ms: dict) -> str:
         )
     lines += [
         "",
-        f"check: {CHECK_MODEL}, global batch {benchmark.MODELS[CHECK_MODEL]}, raymodule fit, "
+        f"check: {CHECK_MODEL}, global batch {workload.MODELS[CHECK_MODEL]}, raymodule fit, "
         "samples/s (the median run, and the range of the runs), and the cores each worker, "
         "the client and the controller used in the median run:",
         table(

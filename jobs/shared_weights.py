@@ -54,9 +54,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import benchmark  # noqa: E402 - jobs/ is not a package: its models and thread settings
+import workload  # noqa: E402 - jobs/ is not a package: its models and thread settings
 
-os.environ.update(benchmark.THREAD_ENV)  # before MXNet starts its engine, here and in children
+os.environ.update(workload.THREAD_ENV)  # before MXNet starts its engine, here and in children
 
 import numpy as np  # noqa: E402
 
@@ -71,10 +71,10 @@ TIMEOUT_S = 600  # for a run's two processes to report
 
 def shapes_of(mx, model: str) -> tuple[list[str], dict[str, tuple], int]:
     """The model's parameters (names in order, shapes) and its per-process batch."""
-    batch = benchmark.MODELS[model] // 2
-    sym = benchmark.build_symbol(mx, model)
+    batch = workload.MODELS[model] // 2
+    sym = workload.build_symbol(mx, model)
     arg_shapes, _, _ = sym.infer_shape(
-        data=(batch, *benchmark.SHAPES[model]), softmax_label=(batch,)
+        data=(batch, *workload.SHAPES[model]), softmax_label=(batch,)
     )
     shapes = dict(zip(sym.list_arguments(), arg_shapes))
     names = [n for n in sym.list_arguments() if n not in ("data", "softmax_label")]
@@ -118,10 +118,10 @@ def _train(rank: int, way: str, model: str, segments: dict, steps: int, barrier)
 
     rng = np.random.RandomState(rank)
     args = {
-        "data": mx.nd.array(rng.uniform(-1, 1, (batch, *benchmark.SHAPES[model]))),
+        "data": mx.nd.array(rng.uniform(-1, 1, (batch, *workload.SHAPES[model]))),
         "softmax_label": mx.nd.array(rng.randint(0, 10, batch)),
     }
-    kwargs = dict(SGD, rescale_grad=1.0 / benchmark.MODELS[model])
+    kwargs = dict(SGD, rescale_grad=1.0 / workload.MODELS[model])
     halves = None  # the shared way's: (weight, sum, momentum) over its half of each parameter
     if way == "today":
         args.update((n, mx.nd.array(v)) for n, v in zip(names, per_parameter("weights")))
@@ -139,7 +139,7 @@ def _train(rank: int, way: str, model: str, segments: dict, steps: int, barrier)
                     tuple(zero_copy(flat[k][start:stop]) for k in ("weights", "sum", "momentum"))
                 )
     requests = {n: "write" for n in names} | {"data": "null", "softmax_label": "null"}
-    executor = benchmark.build_symbol(mx, model).bind(
+    executor = workload.build_symbol(mx, model).bind(
         mx.cpu(), args, args_grad=grads, grad_req=requests
     )
     slots, total = [flat["grads0"], flat["grads1"]], flat["sum"]
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    benchmark.add_model_option(parser)
+    workload.add_model_option(parser)
     parser.add_argument(
         "--steps", type=int, default=600, help="timed steps a run, after 50 untimed (default 600)"
     )
@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     names, shapes, _ = shapes_of(mx, args.model)
     count = sum(int(np.prod(shapes[n])) for n in names)
     start = np.random.RandomState(0).uniform(-0.05, 0.05, count).astype(np.float32)
-    batch = benchmark.MODELS[args.model]
+    batch = workload.MODELS[args.model]
     print(
         f"{args.model}: {count:,} parameters ({count * 4 / 1e6:.2f} MB), global batch {batch}, "
         f"2 processes on {min(2, len(os.sched_getaffinity(0)))} core(s)"

@@ -55,7 +55,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import benchmark  # noqa: E402 - jobs/ is not a package: its models and thread settings
+import workload  # noqa: E402 - jobs/ is not a package: its models and thread settings
 
 PHASES = ["read", "forward", "backward", "reduce", "update", "metric", "between"]
 RECORDER_ENV = "RAYMODULE_STEP_PHASES_RECORDER"
@@ -200,8 +200,8 @@ def run(args, timed: bool) -> tuple[float, list[dict]]:
             os.environ["RAY_TMPDIR"] = own_tmp
             ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env=runtime_env)
         recorder = ray.remote(num_cpus=0)(Recorder).options(name=name).remote()
-        batch = benchmark.MODELS[args.model]
-        shape = benchmark.SHAPES[args.model]
+        batch = workload.MODELS[args.model]
+        shape = workload.SHAPES[args.model]
         rng = np.random.default_rng(0)
         x = rng.random((batch * args.batches, *shape), dtype=np.float32)
         y = rng.integers(0, 10, batch * args.batches).astype(np.float32)
@@ -211,7 +211,7 @@ def run(args, timed: bool) -> tuple[float, list[dict]]:
         else:
             train = mx.io.NDArrayIter(x, y, batch, label_name="softmax_label")
         ctx = [mx.cpu(i) for i in range(args.workers)]
-        mod = raymodule.Module(benchmark.build_symbol(mx, args.model), context=ctx)
+        mod = raymodule.Module(workload.build_symbol(mx, args.model), context=ctx)
         marks: list[float] = []
         mod.fit(
             train,
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    benchmark.add_model_option(parser)
+    workload.add_model_option(parser)
     parser.add_argument("--workers", type=int, default=2, help="raymodule workers (default 2)")
     parser.add_argument(
         "--data",
@@ -265,14 +265,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.workers < 1 or args.batches < 1 or args.epochs < 2:
         parser.error("--workers and --batches must be >= 1, --epochs >= 2")
-    os.environ.update(benchmark.THREAD_ENV)
-    os.environ.update(benchmark.RAY_ENV)
+    os.environ.update(workload.THREAD_ENV)
+    os.environ.update(workload.RAY_ENV)
 
     untimed, _ = run(args, timed=False)
     timed, records = run(args, timed=True)
     print(
         f"{args.model}, {args.workers} workers, {args.data}, global batch "
-        f"{benchmark.MODELS[args.model]}: {untimed:,.0f} samples/s untimed, {timed:,.0f} "
+        f"{workload.MODELS[args.model]}: {untimed:,.0f} samples/s untimed, {timed:,.0f} "
         + ("timed (phases waited for)" if args.clock == "wall" else "with the CPU clocks read")
     )
     what = "ms" if args.clock == "wall" else "ms of the worker's main thread's CPU"

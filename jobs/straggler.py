@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import benchmark  # noqa: E402 - jobs/ is not a package: its models and thread settings
+import workload  # noqa: E402 - jobs/ is not a package: its models and thread settings
 
 BATCH = 128
 
@@ -61,7 +61,7 @@ def slow_worker_class():
 def one_fit(mx, raymodule, x, y, work_load, args) -> str:
     """One fit of the MLP on 2 workers, worker 1 slowed; its line of the table."""
     mx.random.seed(0)
-    symbol = benchmark.build_symbol(mx, "mlp")
+    symbol = workload.build_symbol(mx, "mlp")
     quiet = logging.getLogger("straggler")  # fit's bind says the module is bound: it is
     quiet.setLevel(logging.ERROR)
     mod = raymodule.Module(
@@ -111,8 +111,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.slow < 0 or args.batches < 1 or args.epochs < 2 or args.repeats < 1:
         parser.error("--slow must be >= 0, --batches and --repeats >= 1, --epochs >= 2")
-    os.environ.update(benchmark.THREAD_ENV)
-    os.environ.update(benchmark.RAY_ENV)
+    os.environ.update(workload.THREAD_ENV)
+    os.environ.update(workload.RAY_ENV)
 
     import mxnet as mx
     import numpy as np

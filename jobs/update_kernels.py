@@ -30,9 +30,9 @@ import os
 import statistics
 import time
 
-import benchmark  # its models, their batches and thread settings (it imports no MXNet)
+import workload  # its models, their batches and thread settings (it imports no MXNet)
 
-os.environ.update(benchmark.THREAD_ENV)  # before MXNet starts its engine
+os.environ.update(workload.THREAD_ENV)  # before MXNet starts its engine
 
 import jobtools  # noqa: E402
 import mxnet as mx  # noqa: E402
@@ -50,20 +50,20 @@ WAYS = {
 def bound_module(model: str, params: tuple | None, batch) -> mx.mod.Module:
     """``model`` bound on one CPU context to ``batch``'s shapes, SGD with momentum as
     jobs/benchmark.py trains it."""
-    mod = mx.mod.Module(benchmark.build_symbol(mx, model), context=mx.cpu())
+    mod = mx.mod.Module(workload.build_symbol(mx, model), context=mx.cpu())
     mod.bind(batch.provide_data, batch.provide_label)
     if params is None:
         mod.init_params(mx.init.Xavier())
     else:
         mod.init_params(arg_params=params[0], aux_params=params[1])
-    sgd = {"learning_rate": 0.01, "momentum": 0.9, "rescale_grad": 1.0 / benchmark.MODELS[model]}
+    sgd = {"learning_rate": 0.01, "momentum": 0.9, "rescale_grad": 1.0 / workload.MODELS[model]}
     mod.init_optimizer(kvstore=None, optimizer="sgd", optimizer_params=sgd)
     return mod
 
 
 def updaters(model: str) -> dict:
     """Each way's module and the call that updates it once."""
-    data = benchmark.make_iter(mx, model, 1, 1)
+    data = workload.make_iter(mx, model, 1, 1)
     batch = next(iter(data))
     batch.provide_data, batch.provide_label = data.provide_data, data.provide_label
     grouped = bound_module(model, None, batch)
@@ -110,7 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=jobtools.HelpFormatter
     )
-    benchmark.add_model_option(parser)
+    workload.add_model_option(parser)
     parser.add_argument("--updates", type=int, default=100, help="timed updates a round per way")
     parser.add_argument("--warmup", type=int, default=10, help="untimed updates before them")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, the ways taking turns")
