@@ -82,9 +82,9 @@ class DataBytes:
             self.puts.append((time.perf_counter(), caller, array_bytes(value)))
             return put(value, *args, **kwargs)
 
-        def counted_run(handle, kind, plan):
+        def counted_run(handle, kind, plan, *args, **kwargs):
             self.plans.append((array_bytes(plan["indices"]), len(plan["indices"])))
-            return run(handle, kind, plan)
+            return run(handle, kind, plan, *args, **kwargs)
 
         ray.put = counted_put
         raymodule.handle.ControllerHandle.run = counted_run

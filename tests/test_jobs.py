@@ -5,6 +5,7 @@ written) ends a job at once with a message that says what to change, never a tra
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import socket
@@ -110,6 +111,25 @@ def test_bucketing_job_trains_a_language_model_whose_perplexity_falls():
         assert ckpt.epoch == 3 and "model-40-symbol.json" in ckpt.files
         out = run_job(["--workers", "0"], tmp, job="bucketing.py")
         assert out.returncode == 2 and "--workers=0" in out.stderr
+
+
+def test_benchmark_data_counts_what_a_dataset_iter_sends_its_workers():
+    """``jobs/benchmark.py --data`` on raymodule, fed by a DatasetIter: the dataset goes into
+    the object store once, and each step sends each worker only its half of the batch's
+    indices (64 int64). Its count wraps the controller's ``run``, whose arguments grew once
+    without it (the ``--data`` runs failed then, and nothing ran them)."""
+    with tempfile.TemporaryDirectory(prefix="rmj-", dir="/tmp") as tmp:
+        args = ["--data", "--configs", "ray2_dataset", "--models", "mlp", "--batches", "10"]
+        args += ["--warmup", "10", "--json", "report.json"]
+        out = run_job(args, tmp, job="benchmark.py", timeout=180)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+        report = json.loads(Path(tmp, "report.json").read_text())
+        result = report["results"]["mlp"]["ray2_dataset"]
+        assert result["samples_per_s"] > 0
+        counted = result["bytes"]
+        assert counted["samples_per_worker_step"] == 0  # no samples put while it trains
+        assert counted["indices_per_worker_step"] == 64 * 8
+        assert counted["dataset_once"] == 10 * 128 * (784 + 1) * 4  # float32 data and labels
 
 
 HELPERS = {"jobtools.py", "workload.py", "meters.py"}  # modules the jobs import, not jobs
