@@ -306,10 +306,10 @@ class CheckpointWriter:
                 )
             except CheckpointError as err:
                 committed = err.committed or (folder_name(step) if finish else None)
-                if isinstance(err, _GivenUp) and committed is None:
-                    break
-                if isinstance(err, _GivenUp):  # its commit request was already on its way
-                    self._late.add(committed)
+                if isinstance(err, _GivenUp):
+                    if committed is None:
+                        break
+                    self._late.add(committed)  # its commit request was already on its way
                     log.warning(
                         "checkpoint %s was committed as the run gave up waiting for it (its "
                         "commit was already on its way); a restart's own checkpoint of that "
