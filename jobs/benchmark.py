@@ -212,6 +212,7 @@ HELP = {
 }
 
 
+# ----------------------------------------------------------------------------- child side
 def timed_fit(mx, mod, model, spec, kv=None, rank=0, parts=1, barrier=None, **fit_args):
     """fit() one warm-up epoch plus the timed epochs; returns (timed samples, seconds,
     perf_counter at the end of every epoch: the timed window is [0] to [-1]). Processes that

@@ -1,6 +1,7 @@
-"""What jobs/benchmark.py's measuring processes note besides their samples/s: the checkpoints
-raymodule logs, the bytes fit sends its workers, a bare gloo allreduce's time, a process's CPU
-seconds; and the barrier the two ``apart`` processes meet at.
+"""What jobs/benchmark.py measures besides samples/s: in a configuration's process, the
+checkpoints raymodule logs, the bytes fit sends its workers and a bare gloo allreduce's time;
+in the parent, the checkpoints a run should take and a process's CPU seconds (the S3
+server's; jobs/scaling.py's too). And the barrier the two ``apart`` processes meet at.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@ mlp, lenet, cnn and the bucketing lstm), their global batches and synthetic data
 each worker reads its part of a batch from, and the environment every measuring process runs
 under (one thread for MXNet's operators and one for its CPU engine; Ray on loopback).
 
-It imports neither MXNet nor Ray (the functions take ``mx``), so a job sets THREAD_ENV and
-RAY_ENV from here before either starts.
+It imports neither MXNet nor Ray when it is imported (the functions take ``mx``; a
+DatasetIter's data and the lstm's corpus import them when asked for), so a job sets THREAD_ENV
+and RAY_ENV from here before either starts.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
 MODELS = {"mlp": 128, "lenet": 64, "cnn": 64, "lstm": 32}  # model -> global batch size
 SHAPES = {"mlp": (784,), "lenet": (1, 28, 28), "cnn": (3, 32, 32)}  # -> one sample's shape
 LSTM = {"vocab_size": 2000, "num_embed": 64, "num_hidden": 128, "num_layers": 1}

@@ -803,11 +803,12 @@ def test_a_lease_lost_after_the_commit_stops_the_run_saying_the_checkpoint_was_c
     run = storage.Folder(str(tmp_path / "r"))
     for step in (2, 4):
         checkpoint.write(run, snapshot(tmp_path), info(step), keep=5)
-    checks = []
+    checks = 0
 
     def taken_over_after_the_commit():  # the third check: before the first delete
-        checks.append(1)
-        if len(checks) == 3:
+        nonlocal checks
+        checks += 1
+        if checks == 3:
             raise LeaseLost("the run no longer owns its folder: owner other")
 
     writer = checkpoint.CheckpointWriter(
