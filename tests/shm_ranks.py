@@ -8,14 +8,17 @@ the node leaders are ranks 0 and 1), sums arrays of odd sizes through ``Collecti
 in one bucket and in many, and fails unless every rank got the numpy sum, all the same bits.
 Then SIGKILLs the other node's leader (rank 1) in a sum: rank 0 fails in gloo and breaks its
 node's group, so rank 2 fails too, and rank 3 sees its leader die; each within seconds (the
-timeout is 60 s). Last, ``raymodule.Module`` trains on the same two nodes with two workers
-each, and fails unless each worker runs on the cores its place among all four gives it: the
-two nodes share this machine's cores (on 2 cores: both, for every worker; pinned per node,
-each node's first worker would be on core 0). Stops every Ray process it started.
+timeout is 60 s), and no rank's shared memory is left behind. Last, ``raymodule.Module`` fits
+on the same two nodes with two workers each, and fails unless it trains the model one native
+MXNet device trains on the same data and seed (parameters within 1e-5, the same metric) and
+each worker runs on the cores its place among all four gives it: the two nodes share this
+machine's cores (on 2 cores: both, for every worker; pinned per node, each node's first
+worker would be on core 0). Stops every Ray process it started.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import secrets
 import sys
@@ -239,6 +242,7 @@ def two_nodes() -> None:
         ]
         form(ranks)
         assert ray.get([r.local_ranks.remote() for r in ranks]) == [2] * 4
+        pids = ray.get([r.pid.remote() for r in ranks])
         for step, bucket_bytes in enumerate(BUCKETS):
             check_sums(ranks, bucket_bytes, seed=step, nodes=[[0, 2], [1, 3]])
         # the sums read where the nodes' ranks summed them, the leaders' across nodes included
@@ -257,6 +261,8 @@ def two_nodes() -> None:
             else:
                 raise AssertionError(f"rank {rank} summed without rank 1")
         ray.get([ranks[r].close.remote() for r in (0, 2, 3)], timeout=60)
+        left = [p for pid in pids for p in glob.glob(f"/dev/shm/raymodule-{pid}-*")]
+        assert left == [], f"shared memory left behind: {left}"
         workers_by_machine()
     finally:
         ray.shutdown()
@@ -264,22 +270,41 @@ def two_nodes() -> None:
 
 
 def workers_by_machine() -> None:
-    """A fit on the cluster's two nodes, two workers each: all four on this machine's cores,
-    each runs on those :func:`~raymodule.worker.cores.share` gives it among the four."""
-    from conftest import assert_on_their_share, cores_of, dataset, mlp
+    """A fit on the cluster's two nodes, two workers each, its sums through each node's shared
+    memory and between the nodes' leaders over gloo: the model of one native MXNet device on
+    the same batches and seed (within 1e-5), and all four workers on this machine's cores,
+    each on those :func:`~raymodule.worker.cores.share` gives it among the four."""
+    from conftest import assert_on_their_share, cores_of, dataset, max_relative_diff, mlp
 
     import raymodule
 
-    x, y = dataset(n=64)
+    x, y = dataset(n=96)
+
+    def fit(mod):
+        mx.random.seed(3)
+        metric = mx.metric.Accuracy()
+        mod.fit(
+            mx.io.NDArrayIter(x, y, 16),
+            eval_metric=metric,
+            num_epoch=2,
+            optimizer="sgd",
+            optimizer_params={"learning_rate": 0.1, "momentum": 0.9, "wd": 1e-4},
+            initializer=mx.init.Xavier(),
+        )
+        return mod.get_params()[0], metric.get()
+
+    native_params, native_metric = fit(mx.mod.Module(mlp()))
     with raymodule.Module(mlp(), context=[mx.cpu(i) for i in range(4)]) as mod:
-        mod.fit(mx.io.NDArrayIter(x, y, 16), num_epoch=1, optimizer_params={"learning_rate": 0.1})
+        params, metric = fit(mod)
         where = mod.workers.nodes
         seen = [cores_of(place["pid"]) for place in where]
     assert len({place["node"] for place in where}) == 2, where
+    assert max_relative_diff(native_params, params) < 1e-5
+    assert metric == native_metric, (metric, native_metric)
     assert_on_their_share(seen, set(os.sched_getaffinity(0)))
 
 
 if __name__ == "__main__":
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     two_nodes()
-    print("sums agree on two nodes; a lost leader fails every rank; workers pinned by machine")
+    print("sums agree on two nodes; a lost leader fails all; fit as native, pinned by machine")

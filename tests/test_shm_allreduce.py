@@ -148,7 +148,8 @@ def test_an_update_split_in_parts_is_shared_and_a_lost_peers_part_left_to_the_ot
 
 def test_sums_across_two_nodes_go_through_each_nodes_leader_and_workers_pin_by_machine(tmp_path):
     """tests/shm_ranks.py on a two-node cluster on this machine: the sums of four ranks, two a
-    node, a leader lost in a sum, then raymodule workers, two a node, pinned as four on this
+    node, a leader lost in a sum (no shared memory left behind), then raymodule workers, two
+    a node, training the model of one native device (within 1e-5), pinned as four on this
     machine's cores (not as two a node)."""
     ray_tmp = tempfile.mkdtemp(prefix="rshm-", dir="/tmp")  # short: Ray's socket paths
     env = dict(os.environ, RAY_TMPDIR=ray_tmp)
