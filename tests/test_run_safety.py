@@ -741,6 +741,20 @@ def test_a_checkpoint_given_up_when_its_storage_stalled_is_not_committed_later(
         assert ckpt.params_file() == bytes(ray.get(again).params)  # the restart's
 
 
+def at_owner_check(n: int, then):
+    """A write's ``check_owner`` that calls ``then()`` at its ``n``-th call (a write checks
+    before its first write, before its commit, then before each delete)."""
+    calls = 0
+
+    def check() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == n:
+            then()
+
+    return check
+
+
 @pytest.mark.parametrize("landing", ["before a delete", "after latest failed"])
 def test_a_checkpoint_committed_as_the_run_gave_up_is_said_so_and_replaced_by_the_restarts(
     tmp_path, monkeypatch, caplog, landing
@@ -758,17 +772,14 @@ def test_a_checkpoint_committed_as_the_run_gave_up_is_said_so_and_replaced_by_th
     if landing == "after latest failed":
         run.delete("latest")
         (tmp_path / "r" / "latest").mkdir()  # cannot be written: LatestNotWritten, retried
-    checks = 0
 
-    def gives_up_at_the_third_check():  # 1: before the writes, 2: before the commit
-        nonlocal checks
-        checks += 1
-        if checks == 3:  # as settle() does when its time is up
-            with writer._cond:
-                writer._give_up()
+    def give_up():  # as settle() does when its time is up
+        with writer._cond:
+            writer._give_up()
 
+    # the third check: after those before the writes and before the commit
     writer = checkpoint.CheckpointWriter(
-        run, 1, Settings.from_env(), check_owner=gives_up_at_the_third_check
+        run, 1, Settings.from_env(), check_owner=at_owner_check(3, give_up)
     )
     with caplog.at_level(logging.INFO, logger="raymodule.checkpoint.writer"):
         writer.submit(ray.put(snapshot(tmp_path, 2.0)), info(8))
@@ -803,16 +814,12 @@ def test_a_lease_lost_after_the_commit_stops_the_run_saying_the_checkpoint_was_c
     run = storage.Folder(str(tmp_path / "r"))
     for step in (2, 4):
         checkpoint.write(run, snapshot(tmp_path), info(step), keep=5)
-    checks = 0
 
-    def taken_over_after_the_commit():  # the third check: before the first delete
-        nonlocal checks
-        checks += 1
-        if checks == 3:
-            raise LeaseLost("the run no longer owns its folder: owner other")
+    def taken_over():
+        raise LeaseLost("the run no longer owns its folder: owner other")
 
-    writer = checkpoint.CheckpointWriter(
-        run, 1, Settings.from_env(), check_owner=taken_over_after_the_commit
+    writer = checkpoint.CheckpointWriter(  # the third check: before the first delete
+        run, 1, Settings.from_env(), check_owner=at_owner_check(3, taken_over)
     )
     writer.submit(ray.put(snapshot(tmp_path, 2.0)), info(8))
     said = re.escape(f"owner other ({run}/ckpt-0000000008 was committed before; no more")
@@ -828,13 +835,11 @@ def test_a_checkpoint_committed_before_its_owner_check_failed_says_so(tmp_path):
     for failing, committed in [(1, None), (2, None), (3, "ckpt-0000000004")]:
         run = storage.Folder(str(tmp_path / f"r{failing}"))
         checkpoint.write(run, snapshot(tmp_path), info(2), keep=5)
-        calls = []
 
-        def check(calls=calls, failing=failing):
-            calls.append(1)
-            if len(calls) == failing:
-                raise CheckpointError("stop")
+        def stop():
+            raise CheckpointError("stop")
 
+        check = at_owner_check(failing, stop)
         with pytest.raises(CheckpointError, match="stop") as raised:
             checkpoint.write(run, snapshot(tmp_path), info(4), keep=1, check_owner=check)
         assert getattr(raised.value, "committed", None) == committed
