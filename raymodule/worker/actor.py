@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ..data import StreamReader
-    from .collective import Collective
+    from .collective import Alone, Collective
     from .shm import PartlyUpdated
 
 from ..checkpoint.snapshot import Snapshot
@@ -48,7 +48,7 @@ def _import_runtime() -> None:
     """Binds this module's MXNet-dependent names; runs once, in the worker process."""
     global mx, np, DataBatch, metrics, native, nd_buffer, optimizer_state, to_ndarray, Placed
     global ndarray_view, split_shapes
-    global StreamReader, PartlyUpdated
+    global StreamReader, PartlyUpdated, Alone
     os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # no backend banner per executor
     import_mxnet()
     import mxnet as mx
@@ -60,6 +60,7 @@ def _import_runtime() -> None:
     from ..data import StreamReader, nd_buffer, ndarray_view, split_shapes, to_ndarray
     from ..views import Placed
     from . import native
+    from .collective import Alone
     from .shm import PartlyUpdated
 
 
@@ -85,7 +86,7 @@ class ModuleWorker:
         _import_runtime()
         self.device = mx.Context(device_type, 0)
         self._modules: dict[int, mx.mod.Module] = {}
-        self._collective: Collective | None = None
+        self._collective: Collective | Alone = Alone()
         self._bucket_bytes = allreduce_bucket_bytes
         self._shm_allreduce = shm_allreduce
         self._split_update = split_update
@@ -156,9 +157,10 @@ class ModuleWorker:
         if generation is not None:
             self._generation = generation
 
-        if self._collective is not None:
-            self._collective.close()
-            self._collective = None
+        group, self._collective = self._collective, Alone()
+        group.close()
+        if group.summing:
+            del group
             # The group's sockets close only when nothing refers to it any more (a failed
             # call's traceback does): until then a peer blocked on this worker waits out the
             # whole collective timeout instead of failing at once.
@@ -337,12 +339,8 @@ class ModuleWorker:
     def update(self, mid) -> None:
         mod = self._modules[mid]
         self._check_group()  # broken in a step before, in this call: this one is not applied
-        if self._collective is None:
-            native.apply_update(mod, native.gradient_arrays(mod)[0])
-            self._applied += 1
-            return
         grad_arrays, accumulating = native.gradient_arrays(mod)
-        if accumulating:
+        if accumulating and self._collective.summing:
             # 'add' keeps accumulating this worker's own gradients; the sum goes to copies
             grad_arrays = [[g[0].copy()] if g[0] is not None else g for g in grad_arrays]
         # Reverse parameter order: the last layers' gradients are ready first.
@@ -447,7 +445,7 @@ class ModuleWorker:
         try:
             batches = self._batches(batches, plan)
             tic = time.perf_counter()  # rows still read meanwhile (a dataset's): step time
-            waited = group.waited_s if group is not None else 0.0
+            waited = group.waited_s
             results = [step(mid, batch) for mid, batch in zip(mids, batches)]
         except GroupBrokenError:
             raise
@@ -460,7 +458,7 @@ class ModuleWorker:
                 self._broken = f"worker failed in a step: {type(err).__name__}"
             raise
         took = time.perf_counter() - tic
-        computing = took - (group.waited_s - waited) if group is not None else took
+        computing = took - (group.waited_s - waited)
         return results, took, computing, self._shut_down
 
     def _batches(self, batches, plan) -> Iterable[Batch]:

@@ -39,7 +39,7 @@ import ray
 from . import native
 from .shm import LocalGroup, PartlyUpdated, SameNode, usable_here
 
-__all__ = ["Collective", "PartlyUpdated", "SameNode", "plan_buckets", "free_address"]
+__all__ = ["Alone", "Collective", "PartlyUpdated", "SameNode", "plan_buckets", "free_address"]
 
 
 def plan_buckets(sizes_bytes: list[int], bucket_bytes: int) -> list[list[int]]:
@@ -69,12 +69,38 @@ def free_address() -> str:
         return f"{host}:{s.getsockname()[1]}"
 
 
+class Alone:
+    """The group of a worker that sums with no other: one worker alone in its run, or one
+    out of its group until it is formed again. Its gradients are already the sum, so it
+    updates from them as they are."""
+
+    summing = False  # reduce() changes nothing: the gradients need no copy kept from it
+
+    def __init__(self):
+        self.waited_s = 0.0
+        self.tier_s = {"shared memory": 0.0, "gloo": 0.0}
+
+    def splits_update(self, grads: list[mx.nd.NDArray], bucket_bytes: int) -> bool:
+        return False
+
+    def shares_sums(self, grads: list[mx.nd.NDArray], bucket_bytes: int) -> bool:
+        return False
+
+    def reduce(self, grads: list[mx.nd.NDArray], bucket_bytes: int) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
 class Collective:
-    """This worker's membership in the gradient group (of two or more workers: a single
-    worker has none), and the reduction of one step. ``rendezvous`` is where rank 0 serves
+    """This worker's membership in a gradient group of two or more workers (a worker alone
+    is in an :class:`Alone`), and the reduction of one step. ``rendezvous`` is where rank 0 serves
     the group's store (``host:port``), or a :class:`SameNode` group's shared memory.
     ``shared_memory`` (gloo only) sums dense gradients of one node's ranks through shared
     memory; off, all go over gloo."""
+
+    summing = True  # reduce() writes the sums over the gradients
 
     def __init__(
         self,
