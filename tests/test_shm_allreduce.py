@@ -30,7 +30,7 @@ import raymodule
 import raymodule.module
 from raymodule.worker import ModuleWorker
 from raymodule.worker.cores import cores_name, places
-from raymodule.worker.shm import LocalGroup, remove_stale_segments
+from raymodule.worker.shm import LocalGroup, remove_stale_segments, segment_prefix
 
 HERE = Path(__file__).resolve().parent
 
@@ -281,16 +281,22 @@ def test_a_reserve_that_comes_after_close_makes_no_segment():
 
 
 def test_segments_of_dead_creators_are_removed_and_others_kept():
+    """A creator is a pid and its start time: a segment of a dead creator whose pid now
+    belongs to another process (this one, started at another time) is removed too."""
     gone = subprocess.Popen(["true"])
     gone.wait()
-    dead, alive = f"raymodule-{gone.pid}-0a1b-1", f"raymodule-{os.getpid()}-0a1b-1"
-    for name in (dead, alive):
+    alive = segment_prefix(os.getpid(), "0a1b") + "1"
+    started = int(alive.split("-")[2])
+    dead = f"raymodule-{gone.pid}-{started}-0a1b-1"
+    reused = f"raymodule-{os.getpid()}-{started - 1}-0a1b-1"  # this pid, an earlier process
+    names = (dead, reused, alive)
+    for name in names:
         Path("/dev/shm", name).touch()
     try:
-        assert dead in remove_stale_segments()
-        assert not Path("/dev/shm", dead).exists() and Path("/dev/shm", alive).exists()
+        assert sorted(remove_stale_segments()) == sorted([dead, reused])
+        assert [Path("/dev/shm", name).exists() for name in names] == [False, False, True]
     finally:
-        for name in (dead, alive):
+        for name in names:
             Path("/dev/shm", name).unlink(missing_ok=True)
 
 
@@ -299,7 +305,7 @@ def test_a_rank_meeting_by_name_waits_for_the_leaders_segment_to_be_sized():
     that finds it by name (a SameNode group) in between waits instead of failing on an
     empty file, which left the leader waiting out the collective timeout."""
     token = secrets.token_hex(4)
-    path = Path("/dev/shm", f"raymodule-{os.getpid()}-{token}-1")
+    path = Path("/dev/shm", segment_prefix(os.getpid(), token) + "1")
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)  # created, not sized yet
     joined: dict = {}
 

@@ -4,8 +4,9 @@ A :class:`LocalGroup` is the ranks of one gradient group that run on one node. I
 lowest of them) creates the segments; the others attach; the leader unlinks each segment as
 soon as every local rank has attached it, so the memory lives only as long as the processes
 that map it and a SIGKILL of any of them afterwards leaks nothing. Segment names say who made
-them, ``raymodule-<creator pid>-<token>-<number>``: a leader removes those of dead creators (a
-kill inside the attach window) when it forms a group.
+them, ``raymodule-<creator pid>-<its start time>-<token>-<number>``: a leader removes those of
+dead creators (a kill inside the attach window) when it forms a group, their pid reused by
+another process or not.
 
 Two segments:
 
@@ -49,11 +50,19 @@ from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 
-__all__ = ["LocalGroup", "PartlyUpdated", "SameNode", "remove_stale_segments", "usable_here"]
+__all__ = [
+    "LocalGroup",
+    "PartlyUpdated",
+    "SameNode",
+    "remove_stale_segments",
+    "segment_prefix",
+    "usable_here",
+]
 
 PREFIX = "raymodule-"
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared-memory segments
-_NAME = re.compile(rf"{PREFIX}(\d+)-[0-9a-f]+-\d+")  # a segment's name; the creator's pid
+# a segment's name: its creator's pid and start time (segment_prefix), a token, a number
+_NAME = re.compile(rf"{PREFIX}(\d+)-(\d+)-[0-9a-f]+-\d+")
 ALIGN = 64  # bytes: each data slot starts on a cache line
 _BROKEN, _DATA_NUMBER, _PORT, _HEADER = 0, 1, 2, 3
 _CHECK_INTERVAL_S = 0.001  # how often a wait looks at the peers and the clock
@@ -66,7 +75,7 @@ _STORES_IN_ORDER = frozenset({"x86_64", "amd64"})  # platform.machine(), lower c
 class SameNode:
     """The rendezvous of a gradient group whose ranks all run on one node: the ranks'
     processes (``pids``, in rank order) and ``token``, which names the generation's shared
-    memory (its leader's control segment is ``raymodule-<pids[0]>-<token>-1``)."""
+    memory (its leader's control segment is ``segment_prefix(pids[0], token) + "1"``)."""
 
     pids: tuple[int, ...]
     token: str
@@ -78,29 +87,40 @@ def usable_here() -> bool:
     return platform.machine().lower() in _STORES_IN_ORDER
 
 
+def segment_prefix(pid: int, token: str) -> str:
+    """The start of the names of the segments that process ``pid`` (alive) creates for the
+    group generation ``token``: ``raymodule-<pid>-<start time>-<token>-``."""
+    started = _started(pid)
+    if started is None:
+        raise RuntimeError(f"process {pid}, this node's leader, is gone")
+    return f"{PREFIX}{pid}-{started}-{token}-"
+
+
+def _started(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks after boot (``/proc/<pid>/stat``'s 22nd
+    field), or None if there is no such process. With the pid, it names one process: a pid
+    is reused, the pair not."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read()
+    except FileNotFoundError:
+        return None
+    return int(fields[fields.rindex(b")") + 2 :].split()[19])  # fields after the name's ")"
+
+
 def remove_stale_segments() -> list[str]:
-    """Unlinks the segments in ``/dev/shm`` whose creator (the pid in their name) is gone;
-    returns their names."""
+    """Unlinks the segments in ``/dev/shm`` whose creator (the pid and start time in their
+    name) is gone; returns their names."""
     removed = []
     for name in os.listdir(SHM_DIR):
         match = _NAME.fullmatch(name)
-        if match and not _alive(int(match[1])):
+        if match and _started(int(match[1])) != int(match[2]):
             try:
                 os.unlink(_path(name))
                 removed.append(name)
             except FileNotFoundError:
                 pass
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _Peer:
@@ -215,7 +235,7 @@ class LocalGroup:
         self.size, self.index, self.timeout_s = len(ranks), index, timeout_s
         self._rank = ranks[index]
         self._peers: list[_Peer] = []
-        self._prefix = f"{PREFIX}{pids[0]}-{token or secrets.token_hex(4)}-"
+        self._prefix = segment_prefix(pids[0], token or secrets.token_hex(4))
         self._segments: dict[str, SharedMemory] = {}  # name: mapped, linked or not
         self._linked: set[str] = set()  # of those, the ones this rank created and still links
         self._data: SharedMemory | None = None
