@@ -23,6 +23,7 @@ import os
 import secrets
 import sys
 import threading
+import time
 
 # Ray on loopback, when this file is run by hand (two_nodes' cluster): read as ray is imported
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -113,7 +114,8 @@ class Rank:
     def reduce_and_update(self, arrays, weights, die: bool = False):
         """Sums ``arrays`` and updates ``weights`` (shaped as them) in parts: each rank takes
         its part of the sum from its part of the weights, and the ranks share the parts;
-        ``die`` SIGKILLs this process once its part is updated, before it shares it. Returns
+        ``die`` SIGKILLs this process once its part is updated, before it shares it, and once
+        every other rank has updated its own part and waits at the barrier after. Returns
         ``(lost, weights, sums)``: ``lost``, if a peer was lost after every rank's arrays were
         in, is this rank's part ``(lo, hi)``, its only part updated; else None."""
         from raymodule.worker.native import host_views
@@ -127,6 +129,15 @@ class Rank:
             for (w, _), (g, _) in zip(_pieces(weights, lo, hi), _pieces(sums, lo, hi)):
                 w -= g
             if die:
+                # With more ranks than cores, a rank the kernel has not run since the barrier
+                # before would find the group broken there, not past it: it fails without its
+                # part updated, as sum_and_update says (the recovery brings it to the step
+                # the others applied). Here every other rank is past it when this one dies.
+                local = self.collective._local
+                deadline = time.monotonic() + 60
+                while np.delete(local._seqs, local.index).min() <= local._seq:
+                    assert time.monotonic() < deadline, "the other ranks never reached the barrier"
+                    time.sleep(0.001)
                 os.kill(os.getpid(), 9)
 
         lost = None
