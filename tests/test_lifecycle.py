@@ -208,7 +208,10 @@ def test_a_killed_worker_is_one_clear_error():
     mod.close()
 
 
-def test_a_worker_killed_during_fit_stops_fit_with_one_clear_error():
+def test_a_worker_killed_during_fit_stops_fit_with_one_clear_error(monkeypatch):
+    """The loss is found by the worker's death, not by waiting out a timeout: the collective
+    timeout is longer than the test may run (pytest-timeout's bound)."""
+    monkeypatch.setenv("RAYMODULE_COLLECTIVE_TIMEOUT_S", "3600")
     mod = raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)])
     x, y = dataset(n=400)
     fired = []
@@ -218,11 +221,9 @@ def test_a_worker_killed_during_fit_stops_fit_with_one_clear_error():
             fired.append(True)
             os.kill(worker_pid(mod, 0), signal.SIGKILL)
 
-    start = time.monotonic()
     with pytest.raises(raymodule.WorkerLostError, match="lost"):
         mod.fit(
             mx.io.NDArrayIter(x, y, batch_size=8), num_epoch=5, batch_end_callback=kill_at_step_3
         )
     assert fired == [True]
-    assert time.monotonic() - start < 120
     mod.close()
