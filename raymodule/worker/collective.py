@@ -95,8 +95,8 @@ class Alone:
 
 class Collective:
     """This worker's membership in a gradient group of two or more workers (a worker alone
-    is in an :class:`Alone`), and the reduction of one step. ``rendezvous`` is where rank 0 serves
-    the group's store (``host:port``), or a :class:`SameNode` group's shared memory.
+    is in an :class:`Alone`), and the reduction of one step. ``rendezvous`` is where rank 0
+    serves the group's store (``host:port``), or a :class:`SameNode` group's shared memory.
     ``shared_memory`` (gloo only) sums dense gradients of one node's ranks through shared
     memory; off, all go over gloo."""
 

@@ -103,7 +103,7 @@ def _started(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             fields = stat.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # none, or it ended as it was read
         return None
     return int(fields[fields.rindex(b")") + 2 :].split()[19])  # fields after the name's ")"
 
