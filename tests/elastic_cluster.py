@@ -93,6 +93,14 @@ WIDE = (256, 128)  # s3stop's: 40k parameters, so that a snapshot (with the mome
 FAULT_STEP = 6  # the workers fire the fault as they are about to run this step (epoch 0)
 GROW_STEP = 16 + 2  # the grow scenario adds a node back here (batch 2 of epoch 1)
 S3_BACK_STEP = 10  # the s3stop scenario resumes the storage server here
+# A replacement the grow scenarios wait for is up once it answered the controller's describe,
+# whose reply may still be on its way when the workers go on: the controller looks for it
+# again at every step after (a call a step, none ahead), not once in the epoch's last call.
+ADMIT_AT_EVERY_STEP = {
+    "RAYMODULE_ADMIT_INTERVAL_S": "0.01",
+    "RAYMODULE_STEPS_PER_CALL": "1",
+    "RAYMODULE_PIPELINE_DEPTH": "0",
+}
 WHOLE_S = 60  # the most a cluster may take to be whole again after a scenario (--serve)
 # A removed node is declared dead after ~5 s (the default is ~30 s); tighter bounds make a
 # node on a busy 2-core machine miss its checks and die on its own.
@@ -349,6 +357,7 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
             # the reply of the batch before the gate comes while the workers wait there
             waits["RAYMODULE_STEPS_PER_CALL"] = "1"
     elif scenario == "grow":
+        waits.update(ADMIT_AT_EVERY_STEP)
         faults = Faults(
             {**gate("remove"), **gate("add", GROW_STEP)}, {"remove": remove_node, "add": None}
         )
@@ -362,6 +371,7 @@ def run_scenario(scenario: str, cluster, storage: str, s3: SeaweedS3 | None = No
     elif scenario == "epoch_end":  # armed in epoch 0, fired reading the parameters at its end
         faults = Faults({(FAULT_STEP, 0): ("arm", "get_params", "die")}, {})
     elif scenario == "admit":  # ranks after the loss of slot 1: [slot 0, slot 2]
+        waits.update(ADMIT_AT_EVERY_STEP)
         plan = {**gate("remove"), **gate("add", GROW_STEP)}
         plan[(GROW_STEP, 1)] = ("arm", "applied", "die")
         faults = Faults(plan, {"remove": remove_node, "add": None})

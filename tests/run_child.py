@@ -108,7 +108,8 @@ with (
         train,
         num_epoch=3,
         optimizer_params={"learning_rate": 0.1, "momentum": 0.9},
-        # every 5 in the SIGTERM runs: the checkpoint taken for the signal is none of those
+        # every 5 in the SIGTERM runs: a plan's chunks end at each, so that a stop lands
+        # inside an epoch; the checkpoint taken for the signal is mostly none of those
         run=raymodule.RunConfig(
             name=args.name,
             storage=args.storage,

@@ -67,10 +67,15 @@ def worker_class(plan: dict, marks) -> type:
 
         def __init__(self, *args):
             super().__init__(*args)
-            # up means ready to join a group across nodes, as describe() makes it there
+            # ready to join a group across nodes, as describe() makes it there
             from raymodule.worker import collective, process_group  # noqa: F401
 
+        def describe(self, grouped: bool = True) -> dict:
+            # up once the controller has its answer (but for the reply on its way): a
+            # replacement the test waits for is admitted at the controller's next look
+            where = super().describe(grouped)
             Path(marks, f"up-{os.getpid()}").touch()
+            return where
 
         def join(self, world_size, rank, address, backend, timeout_s, generation, place):
             self._rank = rank
@@ -157,7 +162,8 @@ def with_workers(cls: type):
 
 
 def workers_up(marks) -> int:
-    """How many workers of :func:`worker_class` ever came up (their imports done)."""
+    """How many workers of :func:`worker_class` ever came up (their imports done) and told
+    the controller where they run (``describe``)."""
     return len(list(Path(marks).glob("up-*")))
 
 
