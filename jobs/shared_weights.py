@@ -23,9 +23,9 @@ milliseconds a step over ``--steps`` steps (after 50 untimed), each way taking t
 
 The barriers are Python's ``multiprocessing.Barrier``, not raymodule's; the threads are
 MXNet's defaults for the benchmark (OMP_NUM_THREADS=1, MXNET_CPU_WORKER_NTHREADS=1). The
-shared memory is named as raymodule's (``raymodule-<pid>-...``): it is removed when the job
-ends, and a run killed before that has it removed by the next one (or by any raymodule worker
-group on the node).
+shared memory is named as raymodule's (``raymodule-<pid>-<start time>-...``): it is removed
+when the job ends, and a run killed before that has it removed by the next one (or by any
+raymodule worker group on the node).
 
 Run locally:
 
@@ -60,7 +60,7 @@ os.environ.update(workload.THREAD_ENV)  # before MXNet starts its engine, here a
 
 import numpy as np  # noqa: E402
 
-from raymodule.worker.shm import PREFIX, remove_stale_segments  # noqa: E402
+from raymodule.worker.shm import remove_stale_segments, segment_prefix  # noqa: E402
 
 WAYS = ["today", "shared"]
 WARMUP = 50  # untimed steps a run
@@ -196,7 +196,7 @@ def run(way: str, model: str, steps: int, start: np.ndarray) -> tuple[list[float
     made = {}
     try:
         for number, region in enumerate(REGIONS, 1):
-            name = f"{PREFIX}{os.getpid()}-{token}-{number}"
+            name = f"{segment_prefix(os.getpid(), token)}{number}"
             # registered with Python's resource tracker (the children's too, as they attach):
             # should this process die first, the tracker unlinks it
             made[region] = SharedMemory(name, create=True, size=start.nbytes)

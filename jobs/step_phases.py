@@ -149,7 +149,7 @@ def install_timers() -> None:
         backed = clock_s()
         seconds["backward"] += backed - loaded
         group = self._collective
-        if group is not None and not hasattr(group.reduce, "timed"):
+        if group.has_peers and not hasattr(group.reduce, "timed"):
             group.reduce = timed(group.reduce)  # this group's; a re-formed one is new
             group.reduce_shared = timed(group.reduce_shared)
             group.reduce_and_update = timed_split(group.reduce_and_update)

@@ -187,7 +187,7 @@ def test_a_stopped_training_process_resumes_and_ends_as_if_never_stopped(tmp_pat
         assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
         ckpt = latest_checkpoint(str(tmp_path / name))
         assert ckpt.epoch == 1 and ckpt.batch > 0
-        if name == "stopped":  # the checkpoint was taken for the SIGTERM, where fit stopped
+        if name == "stopped":  # the checkpoint is where fit stopped for the SIGTERM
             assert "sending myself SIGTERM" in proc.stdout
             stopped = re.search(r"fit stopped at epoch 1, batch (\d+)", proc.stdout + proc.stderr)
             assert stopped, proc.stdout[-3000:] + proc.stderr[-3000:]

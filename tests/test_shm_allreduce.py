@@ -293,7 +293,8 @@ def test_segments_of_dead_creators_are_removed_and_others_kept():
     for name in names:
         Path("/dev/shm", name).touch()
     try:
-        assert sorted(remove_stale_segments()) == sorted([dead, reused])
+        removed = remove_stale_segments()  # and any other stale one there may be
+        assert dead in removed and reused in removed and alive not in removed
         assert [Path("/dev/shm", name).exists() for name in names] == [False, False, True]
     finally:
         for name in names:

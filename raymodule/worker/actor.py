@@ -158,9 +158,10 @@ class ModuleWorker:
             self._generation = generation
 
         group, self._collective = self._collective, Alone()
+        had_peers = group.has_peers
         group.close()
-        if group.summing:
-            del group
+        del group
+        if had_peers:
             # The group's sockets close only when nothing refers to it any more (a failed
             # call's traceback does): until then a peer blocked on this worker waits out the
             # whole collective timeout instead of failing at once.
@@ -340,7 +341,7 @@ class ModuleWorker:
         mod = self._modules[mid]
         self._check_group()  # broken in a step before, in this call: this one is not applied
         grad_arrays, accumulating = native.gradient_arrays(mod)
-        if accumulating and self._collective.summing:
+        if accumulating and self._collective.has_peers:
             # 'add' keeps accumulating this worker's own gradients; the sum goes to copies
             grad_arrays = [[g[0].copy()] if g[0] is not None else g for g in grad_arrays]
         # Reverse parameter order: the last layers' gradients are ready first.

@@ -70,11 +70,11 @@ def free_address() -> str:
 
 
 class Alone:
-    """The group of a worker that sums with no other: one worker alone in its run, or one
-    out of its group until it is formed again. Its gradients are already the sum, so it
-    updates from them as they are."""
+    """The group of a worker with no peers: one worker alone in its run, or one out of its
+    group until it is formed again. Its gradients are already the sum, so it updates from
+    them as they are."""
 
-    summing = False  # reduce() changes nothing: the gradients need no copy kept from it
+    has_peers = False  # reduce() writes nothing over the gradients; no sockets to close
 
     def __init__(self):
         self.waited_s = 0.0
@@ -100,7 +100,7 @@ class Collective:
     ``shared_memory`` (gloo only) sums dense gradients of one node's ranks through shared
     memory; off, all go over gloo."""
 
-    summing = True  # reduce() writes the sums over the gradients
+    has_peers = True  # reduce() writes the sums over the gradients
 
     def __init__(
         self,

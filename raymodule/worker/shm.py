@@ -92,7 +92,7 @@ def segment_prefix(pid: int, token: str) -> str:
     group generation ``token``: ``raymodule-<pid>-<start time>-<token>-``."""
     started = _started(pid)
     if started is None:
-        raise RuntimeError(f"process {pid}, this node's leader, is gone")
+        raise RuntimeError(f"process {pid} is gone")
     return f"{PREFIX}{pid}-{started}-{token}-"
 
 
@@ -118,7 +118,7 @@ def remove_stale_segments() -> list[str]:
             try:
                 os.unlink(_path(name))
                 removed.append(name)
-            except FileNotFoundError:
+            except (FileNotFoundError, PermissionError):  # gone; another user's (hidepid)
                 pass
     return removed
 
@@ -219,7 +219,8 @@ class LocalGroup:
     ``index`` is this rank's place among the ``ranks`` (global ranks, ascending) whose
     processes are ``pids``; index 0 is the leader. The others find the leader's control
     segment through ``publish(name)`` and ``lookup()`` (the group's rendezvous store), or,
-    without them, by its name: the leader's pid and ``token``, which every rank was given.
+    without them, by its name, :func:`segment_prefix` of the leader's pid and ``token``, which
+    every rank was given.
     """
 
     def __init__(
@@ -235,7 +236,7 @@ class LocalGroup:
         self.size, self.index, self.timeout_s = len(ranks), index, timeout_s
         self._rank = ranks[index]
         self._peers: list[_Peer] = []
-        self._prefix = segment_prefix(pids[0], token or secrets.token_hex(4))
+        self._prefix = ""  # the names of the segments the leader creates (segment_prefix)
         self._segments: dict[str, SharedMemory] = {}  # name: mapped, linked or not
         self._linked: set[str] = set()  # of those, the ones this rank created and still links
         self._data: SharedMemory | None = None
@@ -248,18 +249,19 @@ class LocalGroup:
         self._busy = threading.Lock()  # held while a thread uses the mapped memory
         self._slots = self._seqs = self._attached = None  # the control segment's, once mapped
         try:
-            self._form(ranks, pids, publish, lookup)
+            self._form(ranks, pids, publish, lookup, token or secrets.token_hex(4))
         except BaseException:
             self.close()  # the peers' descriptors, and the segments it made or mapped
             raise
 
-    def _form(self, ranks: list[int], pids: list[int], publish, lookup) -> None:
+    def _form(self, ranks: list[int], pids: list[int], publish, lookup, token: str) -> None:
         for i, (rank, pid) in enumerate(zip(ranks, pids)):
             if i != self.index:
                 self._peers.append(_Peer(rank, pid))
         control_bytes = 8 * (_HEADER + 2 * self.size)
         if self.leader:
             remove_stale_segments()
+            self._prefix = segment_prefix(pids[0], token)
             name = self._create(1, control_bytes)
             self._control = self._segments[name]
             if publish is not None:
@@ -267,6 +269,7 @@ class LocalGroup:
         elif lookup is not None:
             self._control = self._attach(lookup())
         else:
+            self._prefix = segment_prefix(pids[0], token)
             self._control = self._attach_when_created(f"{self._prefix}1")
         self._slots = np.ndarray((_HEADER + 2 * self.size,), np.int64, self._control.buf)
         self._seqs = self._slots[_HEADER : _HEADER + self.size]
