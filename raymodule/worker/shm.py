@@ -236,7 +236,7 @@ class LocalGroup:
         self.size, self.index, self.timeout_s = len(ranks), index, timeout_s
         self._rank = ranks[index]
         self._peers: list[_Peer] = []
-        self._prefix = ""  # the names of the segments the leader creates (segment_prefix)
+        self._prefix = ""  # the leader's: the start of the names of the segments it creates
         self._segments: dict[str, SharedMemory] = {}  # name: mapped, linked or not
         self._linked: set[str] = set()  # of those, the ones this rank created and still links
         self._data: SharedMemory | None = None
@@ -269,8 +269,7 @@ class LocalGroup:
         elif lookup is not None:
             self._control = self._attach(lookup())
         else:
-            self._prefix = segment_prefix(pids[0], token)
-            self._control = self._attach_when_created(f"{self._prefix}1")
+            self._control = self._attach_when_created(f"{segment_prefix(pids[0], token)}1")
         self._slots = np.ndarray((_HEADER + 2 * self.size,), np.int64, self._control.buf)
         self._seqs = self._slots[_HEADER : _HEADER + self.size]
         self._attached = self._slots[_HEADER + self.size :]
