@@ -583,6 +583,24 @@ def test_a_silent_worker_is_lost_after_the_collective_timeout(controller):
     assert event["lost"] == ["slot 1"] and "silent" in event["why"]
 
 
+def test_a_member_whose_call_in_flight_died_is_lost_in_the_same_failure(controller):
+    """Two workers die in the steps in flight, and the loss is first seen in a call to one of
+    them alone (as a checkpoint's snapshot is asked of one rank): the other's call in flight
+    says its process died, so both are lost in that one failure. Before, any answer was taken
+    for a survivor's: the dead one was found only as the group re-formed, as a second failure
+    (and a run stopping at a SIGTERM then named only that one in its error)."""
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1, max_failures=-1)
+    call(ctl, "set_fault", "steps", "die", ranks=[0, 1])
+    ctl._send("train_step", chunks.steps_of(spec(ctl)), None)
+    with replacements_never_start():
+        ctl._recover(StepsFailed("snapshot", {0: "ActorDiedError: died"}, ""))
+    assert ctl.members.slots == (2,)
+    (event,) = events_of(ctl)
+    assert event["lost"] == ["slot 0", "slot 1"] and "silent" not in event["why"], event
+    assert ctl.failures == 1  # one event
+
+
 def test_survivors_held_past_the_silence_after_a_peer_died_are_not_lost(controller):
     """Worker 1 is dead when a step is sent; the others are held in it (a gate, a long step)
     for longer than the silence a member is allowed (twice the collective timeout), then fail
@@ -614,6 +632,21 @@ def test_a_survivor_silent_while_the_group_re_forms_is_removed_within_the_bound(
     assert event["lost"] == ["slot 0", "slot 2"]
     assert "ActorDiedError" in event["why"] and "silent" in event["why"]
     assert ctl.failures == 2  # the kill, then the silent survivor: two events
+
+
+def test_a_recovery_that_ends_the_run_names_every_worker_it_lost(controller):
+    """Worker 0 is lost, and then worker 2 as the group re-forms: one more failure than the
+    run allows. The error names both, not only the last (a run told to stop by SIGTERM ends
+    so, the error in its metrics)."""
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1, max_failures=1)
+    call(ctl, "set_fault", "leave", "die", ranks=[2])
+    kill(ctl.members.handles[0])
+    with replacements_never_start(), pytest.raises(WorkerLostError) as failed:
+        step(ctl)
+    said = str(failed.value)
+    assert "(cpu(0), pid" in said and "(cpu(2), pid" in said and "max_failures=1" in said, said
+    assert "during re-form()" in said, said
 
 
 @pytest.mark.parametrize("slot, dies_in", [(2, "applied"), (0, "snapshot")], ids=["any", "source"])

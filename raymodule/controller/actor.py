@@ -447,6 +447,11 @@ class Controller(MembershipChanges):
         self._enter(State.FAILED, str(error))
         return error
 
+    def _not_in_step(self) -> set[int]:
+        """The ranks of the members not yet in step (admitted, their modules not yet set up);
+        every other one holds every module, in step."""
+        return {rank for rank, slot in enumerate(self.members.slots) if slot not in self._synced}
+
     def _note(self, method: str, args: tuple) -> None:
         """Keeps the journal of what the replicas were set up with, and counts the updates."""
         if method == "update":
@@ -536,7 +541,7 @@ class Controller(MembershipChanges):
         dead_ends = self._loops.in_pass or not self.limits.elastic
         outcomes, seen_at, last = await_calls(refs, self.settings, dead_ends=dead_ends)
         members = self.members
-        new = {rank for rank, slot in enumerate(members.slots) if slot not in self._synced}
+        new = self._not_in_step()
         results, lost, broken, failed = classify_outcomes(
             outcomes, ranks, self.settings, members.rank_of_actor(), new
         )

@@ -29,7 +29,7 @@ from .group import FormFailed
 from .plans import STOP_POLL_S
 from .replicas import set_up
 from .states import State
-from .waits import silent_among, why_lost
+from .waits import classify_outcomes, settle_outcomes
 
 __all__ = ["MembershipChanges"]
 
@@ -300,13 +300,13 @@ class MembershipChanges:
         if decision.action in (policy.Action.FAIL, policy.Action.RESTART):
             # RESTART needs new workers from storage: fit() does that on EveryWorkerLost
             error = WorkerLostError if decision.action is policy.Action.FAIL else EveryWorkerLost
-            raise self._fail(
-                error(
-                    f"{who or 'the group broke'} during "
-                    f"{failure.method}(): {'; '.join(lost.values()) or failure.broken}"
-                    + (f"; {decision.reason}" if decision.reason else "")
-                )
+            # with the losses seen earlier in this recovery: the error names every worker lost
+            said = (
+                f"{who or 'the group broke'} during "
+                f"{failure.method}(): {'; '.join(lost.values()) or failure.broken}"
             )
+            reason = f"; {decision.reason}" if decision.reason else ""
+            raise self._fail(error("; ".join([*why, said]) + reason))
         removed = [self.members.slots[r] for r in sorted(lost)]
         why.append(
             f"{who}: {'; '.join(lost.values())}" if lost else f"group broke: {failure.broken}"
@@ -317,7 +317,7 @@ class MembershipChanges:
             self._group.remove(removed)
         live = self.members.world_size - len(removed)
         wait = decision.action is policy.Action.WAIT
-        return self._reform(self._wait_for_floor(live, wait, why[-1]))
+        return self._reform(self._wait_for_floor(live, wait, "; ".join(why)))
 
     def _decide(self, lost: dict) -> policy.Decision:
         return policy.on_loss(
@@ -388,8 +388,8 @@ class MembershipChanges:
         if lost:
             rank_of = self.members.rank_of()
             raise StepsFailed("re-form", {rank_of[slot]: why for slot, why in lost.items()}, "")
-        new = [rank for rank, slot in enumerate(self.members.slots) if slot not in self._synced]
-        old = [rank for rank, slot in enumerate(self.members.slots) if slot in self._synced]
+        new = sorted(self._not_in_step())
+        old = [rank for rank in range(self.members.world_size) if rank not in new]
         if not old:
             raise self._fail(EveryWorkerLost("every worker holding the run's state was lost"))
         applied = self._call("applied", ranks=old)
@@ -446,16 +446,23 @@ class MembershipChanges:
 
     def _settle(self, lost: dict[int, str]) -> None:
         """Waits for the survivors' calls in flight (they fail at once: their group is
-        broken); a survivor that does not answer within :func:`.waits.silence_s` is lost too. In a
-        Ray Dataset's pass nobody is waited for: every worker restarts whatever they say."""
+        broken). A survivor whose call says it died, or that does not answer within
+        :func:`.waits.silence_s`, is lost too, and so is a member whose death another's call
+        says (:func:`.waits.classify_outcomes`). In a Ray Dataset's pass nobody is waited
+        for: every worker restarts whatever they say."""
         unchecked, self._unchecked = self._unchecked, []
         in_flight, self._in_flight = self._in_flight, {}
         if self._loops.in_pass:
             return
         waiting = {ref: rank for ref, (rank, _) in in_flight.items() if rank not in lost}
         waiting.update({ref: rank for rank, ref, _ in unchecked if rank not in lost})
-        for rank in silent_among(waiting, self.settings):
-            lost.setdefault(rank, why_lost("silent", None, self.settings))
+        outcomes = settle_outcomes(list(waiting), self.settings)
+        _, found, _, _ = classify_outcomes(
+            outcomes, list(waiting.values()), self.settings, self.members.rank_of_actor(),
+            self._not_in_step(),
+        )  # fmt: skip
+        for rank, why in found.items():
+            lost.setdefault(rank, why)
 
     def _announce(self, change: str, why: str, before: int, tic: float, extra: dict) -> None:
         """Queues a membership change for the client (:meth:`view`), which logs and records

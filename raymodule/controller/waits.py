@@ -15,8 +15,8 @@ from ..constants import Settings
 from ..errors import GroupBrokenError, RayModuleError, WorkerError, first_line
 
 __all__ = [
-    "silence_s", "forming_s", "longest_call_s", "await_calls", "silent_among", "classify_outcomes",
-    "why_lost", "in_words",
+    "silence_s", "forming_s", "longest_call_s", "await_calls", "settle_outcomes",
+    "classify_outcomes", "why_lost", "in_words",
 ]  # fmt: skip
 
 
@@ -96,13 +96,26 @@ def await_calls(
     return [o or ("silent", None) for o in outcomes], seen_at, last
 
 
-def silent_among(waiting: dict[ray.ObjectRef, int], settings: Settings) -> list[int]:
-    """The ranks, sorted, of the calls of ``waiting`` (call: rank) still running
-    :func:`silence_s` from now: their members are silent."""
-    if not waiting:
+def settle_outcomes(refs: list, settings: Settings) -> list[tuple[str, object]]:
+    """The outcomes, as :func:`classify_outcomes` reads them, of calls of survivors after
+    their group broke: ("dead", err) for a call that says a process died (its own, or a
+    peer's it needed), ("silent", None) for one still running :func:`silence_s` from now;
+    ("", None) for any other answer: its member is alive."""
+    if not refs:
         return []
-    _, late = ray.wait(list(waiting), num_returns=len(waiting), timeout=silence_s(settings))
-    return sorted({waiting[ref] for ref in late})
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=silence_s(settings))
+    answered = set(done)
+    return [_answer(ref) if ref in answered else ("silent", None) for ref in refs]
+
+
+def _answer(ref: ray.ObjectRef) -> tuple[str, object]:
+    try:
+        ray.get(ref, timeout=0)
+    except ray.exceptions.RayActorError as err:
+        return ("dead", err)
+    except Exception:  # its group broke, or an error of its own: it is alive
+        pass
+    return ("", None)
 
 
 def classify_outcomes(
