@@ -351,20 +351,31 @@ def test_the_writer_retries_a_checkpoint_whose_latest_failed_into_a_commit(
     """Through the background writer: its second attempt finishes the commit the first made,
     so the checkpoint counts as committed, not as failed."""
     monkeypatch.setenv("RAYMODULE_CHECKPOINT_ATTEMPTS", "2")
-    monkeypatch.setenv("RAYMODULE_CHECKPOINT_BACKOFF_S", "3")  # time to mend latest
+    monkeypatch.setenv("RAYMODULE_CHECKPOINT_BACKOFF_S", "0")
     run = committed(tmp_path, step=6)
     latest = tmp_path / "r" / "latest"
     latest.unlink()
     latest.mkdir()
-    writer = checkpoint.CheckpointWriter(run, 2, Settings.from_env())
-    with caplog.at_level(logging.INFO, logger="raymodule.checkpoint.writer"):
-        writer.submit(ray.put(snapshot(tmp_path, 2.0)), info(12))
-        deadline = time.monotonic() + 60
-        while not any("attempt 1 of 2 failed" in r.getMessage() for r in caplog.records):
-            assert time.monotonic() < deadline, "the first attempt did not fail"
-            time.sleep(0.05)
-        latest.rmdir()
-        writer.close()
+
+    class MendLatest(logging.Handler):
+        """Mends ``latest`` as the writer says its first attempt failed, in the writer's own
+        thread: before the second attempt, however the threads are scheduled."""
+
+        def emit(self, record):
+            if "attempt 1 of 2 failed" in record.getMessage():
+                latest.rmdir()
+
+    writer_log = logging.getLogger("raymodule.checkpoint.writer")
+    mend = MendLatest()
+    writer_log.addHandler(mend)
+    try:
+        with caplog.at_level(logging.INFO, logger=writer_log.name):
+            writer = checkpoint.CheckpointWriter(run, 2, Settings.from_env())
+            writer.submit(ray.put(snapshot(tmp_path, 2.0)), info(12))
+            writer.close()
+    finally:
+        writer_log.removeHandler(mend)
+    assert "attempt 1 of 2 failed" in caplog.text
     assert [c["name"] for c in writer.take_committed()] == ["ckpt-0000000012"]
     assert writer.failures_in_row == 0
     assert run.read("latest") == b"ckpt-0000000012"
