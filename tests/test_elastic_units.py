@@ -649,6 +649,26 @@ def test_a_recovery_that_ends_the_run_names_every_worker_it_lost(controller):
     assert "during re-form()" in said, said
 
 
+def test_every_member_in_step_lost_as_a_replacement_joins_restarts_the_run_naming_them(
+    controller,
+):
+    """Both members in step die as a replacement joins them: the replacement holds none of the
+    run's state, so nobody survived and the run restarts from storage (fit's part), with an
+    error naming both. Before, the replacement counted as a survivor: the group re-formed
+    around it and found no state to set it up from, and said only that."""
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1, max_failures=-1)
+    kill(ctl.members.handles[1])
+    step(ctl)
+    assert ctl.members.slots == (0, 2) and ctl.ready(60.0) == [1]
+    call(ctl, "set_fault", "applied", "die")  # as the replacement is admitted
+    ctl._next_poll = 0.0
+    with replacements_never_start(), pytest.raises(EveryWorkerLost) as failed:
+        step(ctl)
+    said = str(failed.value)
+    assert "(cpu(0), pid" in said and "(cpu(2), pid" in said and "(cpu(1)" not in said, said
+
+
 @pytest.mark.parametrize("slot, dies_in", [(2, "applied"), (0, "snapshot")], ids=["any", "source"])
 def test_a_survivor_lost_while_a_replacement_joins_is_lost_alone_and_the_replacement_set_up(
     controller, slot, dies_in

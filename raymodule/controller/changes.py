@@ -320,10 +320,13 @@ class MembershipChanges:
         return self._reform(self._wait_for_floor(live, wait, "; ".join(why)))
 
     def _decide(self, lost: dict) -> policy.Decision:
+        # a replacement not yet set up holds none of the run's state: with no member in step
+        # left, nobody survived, whoever else is in the group
+        holders = set(range(self.members.world_size)) - self._not_in_step() - lost.keys()
         return policy.on_loss(
             self.limits,
             policy.Loss(
-                survivors=self.members.world_size - len(lost),
+                survivors=self.members.world_size - len(lost) if holders else 0,
                 lost=len(lost),
                 failures_before=self.failures,
                 broken_in_a_row=self.broken_in_a_row,
