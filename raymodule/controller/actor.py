@@ -447,6 +447,12 @@ class Controller(MembershipChanges):
         self._enter(State.FAILED, str(error))
         return error
 
+    def _classify(self, outcomes: list, ranks: list[int]) -> tuple:
+        """:func:`.waits.classify_outcomes` of calls to ``ranks`` of the members."""
+        return classify_outcomes(
+            outcomes, ranks, self.settings, self.members.rank_of_actor(), self._not_in_step()
+        )
+
     def _not_in_step(self) -> set[int]:
         """The ranks of the members not yet in step (admitted, their modules not yet set up);
         every other one holds every module, in step."""
@@ -540,11 +546,7 @@ class Controller(MembershipChanges):
         # call outside an elastic run, and restarts every worker in a Ray Dataset's pass
         dead_ends = self._loops.in_pass or not self.limits.elastic
         outcomes, seen_at, last = await_calls(refs, self.settings, dead_ends=dead_ends)
-        members = self.members
-        new = self._not_in_step()
-        results, lost, broken, failed = classify_outcomes(
-            outcomes, ranks, self.settings, members.rank_of_actor(), new
-        )
+        results, lost, broken, failed = self._classify(outcomes, ranks)
         if failed and not lost:
             rank, err = failed
             raise in_words(err, f"worker {rank} failed in {method}()") from None

@@ -29,7 +29,7 @@ from .group import FormFailed
 from .plans import STOP_POLL_S
 from .replicas import set_up
 from .states import State
-from .waits import classify_outcomes, settle_outcomes
+from .waits import settle_outcomes
 
 __all__ = ["MembershipChanges"]
 
@@ -460,10 +460,7 @@ class MembershipChanges:
         waiting = {ref: rank for ref, (rank, _) in in_flight.items() if rank not in lost}
         waiting.update({ref: rank for rank, ref, _ in unchecked if rank not in lost})
         outcomes = settle_outcomes(list(waiting), self.settings)
-        _, found, _, _ = classify_outcomes(
-            outcomes, list(waiting.values()), self.settings, self.members.rank_of_actor(),
-            self._not_in_step(),
-        )  # fmt: skip
+        _, found, _, _ = self._classify(outcomes, list(waiting.values()))
         for rank, why in found.items():
             lost.setdefault(rank, why)
 

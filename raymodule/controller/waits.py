@@ -74,21 +74,15 @@ def await_calls(
                 break
         for ref in ready:
             i = index[ref]
-            try:
-                outcomes[i] = ("ok", ray.get(ref))
+            outcomes[i] = _outcome(ref)
+            kind = outcomes[i][0]
+            if kind == "ok":
                 continue
-            except ray.exceptions.RayActorError as err:
-                outcomes[i] = ("dead", err)
-                if dead_ends:
-                    return [o or ("", None) for o in outcomes], time.monotonic(), i
-            except ray.exceptions.RayTaskError as err:
-                if not isinstance(getattr(err, "cause", None), GroupBrokenError):
-                    outcomes[i] = ("failed", err)
-                    return [o or ("", None) for o in outcomes], time.monotonic(), i
-                outcomes[i] = ("broken", err)
+            if kind == "failed" or (kind == "dead" and dead_ends):
+                return [o or ("", None) for o in outcomes], time.monotonic(), i
             last = i
             seen_at = seen_at or time.monotonic()
-            if outcomes[i][0] == "broken":  # at the collective: the others answer within silence_s
+            if kind == "broken":  # at the collective: the others answer within silence_s
                 broken_at = broken_at or time.monotonic()
                 deadline = min(deadline, broken_at + silence_s(settings))
     if None in outcomes:
@@ -97,25 +91,27 @@ def await_calls(
 
 
 def settle_outcomes(refs: list, settings: Settings) -> list[tuple[str, object]]:
-    """The outcomes, as :func:`classify_outcomes` reads them, of calls of survivors after
-    their group broke: ("dead", err) for a call that says a process died (its own, or a
-    peer's it needed), ("silent", None) for one still running :func:`silence_s` from now;
-    ("", None) for any other answer: its member is alive."""
+    """The outcomes, as :func:`await_calls` gives them, of calls of survivors after their
+    group broke: ("silent", None) for one still running :func:`silence_s` from now."""
     if not refs:
         return []
     done, _ = ray.wait(refs, num_returns=len(refs), timeout=silence_s(settings))
     answered = set(done)
-    return [_answer(ref) if ref in answered else ("silent", None) for ref in refs]
+    return [_outcome(ref) if ref in answered else ("silent", None) for ref in refs]
 
 
-def _answer(ref: ray.ObjectRef) -> tuple[str, object]:
+def _outcome(ref: ray.ObjectRef) -> tuple[str, object]:
+    """A finished call's outcome: ("ok", result), ("dead", err) for a call that says a
+    process died (its own, or a peer's it needed), ("broken", err) for a worker whose group
+    broke, or ("failed", err) for an error of the worker's own."""
     try:
-        ray.get(ref, timeout=0)
+        return ("ok", ray.get(ref))
     except ray.exceptions.RayActorError as err:
         return ("dead", err)
-    except Exception:  # its group broke, or an error of its own: it is alive
-        pass
-    return ("", None)
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(getattr(err, "cause", None), GroupBrokenError):
+            return ("broken", err)
+        return ("failed", err)
 
 
 def classify_outcomes(
