@@ -381,9 +381,11 @@ class ModuleWorker:
             # Every rank's gradients were in: the rest updated here from the sum, as every
             # survivor does, so they stay alike and the step is applied.
             native.apply_update_parts(mod, grad_arrays, rest, counts)
-        elif shared:
+        elif split:
+            pass  # updated in parts as it was summed
+        elif by_element:
             native.apply_update_parts(mod, grad_arrays)
-        elif not split:
+        else:
             native.apply_update(mod, grad_arrays)
         self._applied += 1
 
