@@ -89,6 +89,20 @@ def dataset(n=192, shape=(20,), classes=10, seed=0):
     return x, y
 
 
+def wait_until(done, timeout_s: float, what: str, interval_s: float = 0.01, seen=None):
+    """Calls ``done`` every ``interval_s`` until it returns something true, and returns that;
+    fails the test saying it waited for ``what`` once ``timeout_s`` passed (a bound on a
+    broken run, never a timing the test relies on), with what ``seen()`` gives then."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := done()):
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"waited {timeout_s:g} s for {what}" + (f": {seen()}" if seen else "")
+            )
+        time.sleep(interval_s)
+    return result
+
+
 class ClientIter(mx.io.NDArrayIter):
     """An NDArrayIter raymodule reads in the client, as any DataIter (fit reads only a plain
     NDArrayIter as rows): for the tests of that path, whose faults are placed on the steps

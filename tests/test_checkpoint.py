@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import ray
 import stepfaults
-from conftest import Interrupted, dataset, interrupt_at, max_relative_diff, mlp
+from conftest import Interrupted, dataset, interrupt_at, max_relative_diff, mlp, wait_until
 from ray.experimental import internal_kv
 
 import raymodule
@@ -164,9 +164,7 @@ def test_a_checkpoint_refused_as_a_plan_is_read_stops_the_plan(tmp_path, monkeyp
     flags_before = stop_flags()
 
     def until_stop_asked():
-        deadline = time.monotonic() + 20
-        while not stop_flags() - flags_before and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: stop_flags() - flags_before, 20, "the controller to ask for a stop")
 
     monkeypatch.setattr(raymodule.run.Run, "checkpoint", refuse_the_second)
     cls = stepfaults.worker_class({(8, None): ("gate", "hold")}, marks=tmp_path)

@@ -18,6 +18,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 import ray
+from conftest import wait_until
 
 from raymodule.checkpoint import Snapshot
 from raymodule.constants import Settings
@@ -770,9 +771,7 @@ def test_of_two_replacements_set_up_together_only_the_one_that_fails_is_dropped(
     kill(ctl.members.handles[2])
     step(ctl)
     assert ctl.members.slots == (0,)
-    deadline = time.monotonic() + 120
-    while ctl.ready(10.0) != [1, 2]:
-        assert time.monotonic() < deadline, "the replacements did not come up"
+    wait_until(lambda: ctl.ready(10.0) == [1, 2], 120, "the replacements to come up", 0)
     ray.get(ctl._group.pending[2].set_fault.remote("bind", "raise"), timeout=60)
     with replacements_never_start():  # slot 2's next one
         ctl._next_poll = 0.0  # admit now

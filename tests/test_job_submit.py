@@ -13,11 +13,11 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 from localcluster import ENV_DROP, local_cluster, running_in_sessions
 from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -127,6 +127,22 @@ def test_submitted_job_succeeds_and_its_logs_hold_the_test_accuracy(head, tmp_pa
     assert size < 5 * 1024**2, f"the working dir upload is {size / 1024**2:.1f} MiB"
 
 
+def wait_for_first_commit(head: Head, job: str, run: Path) -> None:
+    """Until the running job ``job`` has committed a checkpoint of ``run`` (``latest`` is
+    written after the manifest); fails if the job ended first."""
+
+    def committed() -> bool:
+        if (run / "latest").exists():
+            return True
+        status = head.client.get_job_status(job)
+        assert not status.is_terminal(), f"{status}: {logs(head, job)[-3000:]}"
+        return False
+
+    wait_until(
+        committed, 120, f"{job}'s first checkpoint", 0.1, seen=lambda: logs(head, job)[-3000:]
+    )
+
+
 @pytest.mark.timeout(300)
 def test_stopped_job_submitted_again_with_its_name_resumes_its_run(head, tmp_path):
     storage = tmp_path / "runs"
@@ -142,12 +158,7 @@ def test_stopped_job_submitted_again_with_its_name_resumes_its_run(head, tmp_pat
     submit(head, "long-1", args, wait=False)
 
     # Stopped once it has committed a checkpoint (`latest` is written after the manifest).
-    deadline = time.monotonic() + 120  # a bound on a broken job, not a timing
-    while not (run / "latest").exists():
-        status = head.client.get_job_status("long-1")
-        assert not status.is_terminal(), f"{status}: {logs(head, 'long-1')[-3000:]}"
-        assert time.monotonic() < deadline, logs(head, "long-1")[-3000:]
-        time.sleep(0.1)
+    wait_for_first_commit(head, "long-1", run)
     stop = ray_job(head, "stop", "long-1")
     assert stop.returncode == 0, stop.stderr
     assert head.client.get_job_status("long-1") == JobStatus.STOPPED
@@ -205,12 +216,7 @@ def test_a_running_job_and_its_cluster_listen_on_loopback_only(head, tmp_path):
     args = ["jobs/train.py", "--name", "net", "--storage", str(storage), "--epochs", "100"]
     args += ["--batch-size", "8", "--checkpoint-every", "50"]
     submit(head, "net-1", args, wait=False)
-    deadline = time.monotonic() + 120  # a bound on a broken job, not a timing
-    while not (storage / "net" / "latest").exists():  # the workers and their group are up
-        status = head.client.get_job_status("net-1")
-        assert not status.is_terminal(), f"{status}: {logs(head, 'net-1')[-3000:]}"
-        assert time.monotonic() < deadline, logs(head, "net-1")[-3000:]
-        time.sleep(0.1)
+    wait_for_first_commit(head, "net-1", storage / "net")  # the workers and their group are up
     sockets = listening(running_in_sessions(head.sessions))
     stop = ray_job(head, "stop", "net-1")
     assert stop.returncode == 0, stop.stderr

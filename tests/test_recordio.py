@@ -7,13 +7,12 @@ from __future__ import annotations
 import io
 import pickle
 import threading
-import time
 
 import mxnet as mx
 import numpy as np
 import pytest
 import ray
-from conftest import max_relative_diff
+from conftest import max_relative_diff, wait_until
 from PIL import Image
 
 import raymodule
@@ -256,10 +255,7 @@ def test_a_workers_rows_are_read_a_step_ahead_and_each_wait_is_bounded():
     batches = IndexedParts(ds, steps, [False] * 3, timeout_s=30).batches()
     first = next(batches)
     np.testing.assert_array_equal(first.data[0][:, 0], [0, 1])
-    deadline = time.monotonic() + 10
-    while ds.read != [0, 2] and time.monotonic() < deadline:  # step 1 read without asking
-        time.sleep(0.01)
-    assert ds.read == [0, 2]
+    wait_until(lambda: ds.read == [0, 2], 10, "step 1 read ahead", seen=lambda: ds.read)
     assert [b.data[0][0, 0] for b in batches] == [2, 4]
 
     hold = threading.Event()

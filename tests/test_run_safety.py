@@ -22,7 +22,7 @@ from pathlib import Path
 import mxnet as mx
 import pytest
 import ray
-from conftest import dataset, mlp
+from conftest import dataset, mlp, wait_until
 
 import raymodule.tune
 from raymodule import CheckpointError, RunConfig, checkpoint, storage
@@ -526,10 +526,8 @@ def test_checkpoints_skipped_while_one_is_written_are_warned_of_once_then_counte
     with caplog.at_level(logging.INFO, logger="raymodule.checkpoint.writer"):
         late = ray.remote(_gated()).remote(str(gate), snapshot(tmp_path))
         writer.submit(late, info(10))
-        deadline = time.monotonic() + 60
-        while writer._waiting is not None:  # until the writer took it up: it waits for it
-            assert time.monotonic() < deadline, "the writer never took up the checkpoint"
-            time.sleep(0.01)
+        # until the writer took it up: it waits for it
+        wait_until(lambda: writer._waiting is None, 60, "the writer to take up the checkpoint")
         for step in (20, 30, 40, 50):  # the first is still being written: all but one wait
             writer.submit(ray.put(snapshot(tmp_path)), info(step))
         gate.touch()
@@ -743,10 +741,11 @@ def test_a_checkpoint_given_up_when_its_storage_stalled_is_not_committed_later(
             assert "are given up: the run goes on from the latest one committed" in caplog.text
         finally:
             os.killpg(s3.proc.pid, signal.SIGCONT)
-        deadline = time.monotonic() + 120
-        while not re.search(r"step 8 not committed|ckpt-0000000008 committed", caplog.text):
-            assert time.monotonic() < deadline, caplog.text[-3000:]
-            time.sleep(0.1)
+        ended = r"step 8 not committed|ckpt-0000000008 committed"
+        wait_until(
+            lambda: re.search(ended, caplog.text), 120, "step 8's end in the log", 0.1,
+            seen=lambda: caplog.text[-3000:],
+        )  # fmt: skip
         assert "checkpoint at step 8 not committed: the run gave up waiting for it" in caplog.text
         assert run.latest().global_step == 4
         again = ray.put(snapshot(tmp_path, 3.0))  # the restarted run's, at the same step
@@ -798,10 +797,11 @@ def test_a_checkpoint_committed_as_the_run_gave_up_is_said_so_and_replaced_by_th
     )
     with caplog.at_level(logging.INFO, logger="raymodule.checkpoint.writer"):
         writer.submit(ray.put(snapshot(tmp_path, 2.0)), info(8))
-        deadline = time.monotonic() + 60
-        while not re.search(r"step 8 not committed|0000000008 was committed", caplog.text):
-            assert time.monotonic() < deadline, caplog.text[-3000:]
-            time.sleep(0.05)
+        ended = r"step 8 not committed|0000000008 was committed"
+        wait_until(
+            lambda: re.search(ended, caplog.text), 60, "step 8's end in the log", 0.05,
+            seen=lambda: caplog.text[-3000:],
+        )  # fmt: skip
         assert "given up: the run goes on from the latest one committed" in caplog.text
         assert "step 8 not committed" not in caplog.text
         assert f"checkpoint {run}/ckpt-0000000008 was committed as the run gave up" in caplog.text
