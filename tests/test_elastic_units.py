@@ -26,7 +26,7 @@ from raymodule.controller import Controller, EveryWorkerLost, State, StepsFailed
 from raymodule.controller.plans import StopFlag, stop_asked
 from raymodule.controller.policy import Action, Limits, Loss
 from raymodule.data import Batch, split_slices
-from raymodule.errors import GroupBrokenError, WorkerLostError
+from raymodule.errors import GroupBrokenError, WorkerError, WorkerLostError
 from raymodule.worker.actor import assemble
 from raymodule.worker.cores import cores_name
 
@@ -132,6 +132,19 @@ def _share(shapes, work_load: list, index: int) -> int:
     return share.stop - share.start
 
 
+def _refuse_to_load():
+    raise RuntimeError("this answer cannot be loaded here")
+
+
+class Unloadable:
+    """An answer the caller cannot load: ``ray.get`` of it raises a RaySystemError, a RayError
+    that is neither an actor's death nor the task's own error (as an ObjectLostError is, for an
+    answer lost with its node's object store)."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ())
+
+
 class StandIn:
     """A worker with the membership calls of raymodule's, and a step counter instead of a
     model; ``restore`` takes a peer's counter as the real one takes its parameters. It notes
@@ -145,7 +158,8 @@ class StandIn:
         self.reads = []  # the parts it read steps sent again from (their object ids)
         self.down = False  # told to shut down (as SIGTERM tells a real one)
         # (method, "die" | "hang" | "raise" | "broken"): what this worker does when next called
-        # ("raise": an error of its own, once; "broken": its group broke, once); with "late-"
+        # ("raise": an error of its own, once; "broken": its group broke, once; "unloadable":
+        # it does the call, once, and answers with an Unloadable); with "late-"
         # first ("late-broken"), it does so LATE_S seconds into the call; with "-left"
         # ("raise-left", "broken-left"), it left its group then: every later step fails on the
         # broken group until it joins a new one, as a real worker's does
@@ -157,7 +171,7 @@ class StandIn:
         self.fault = (method, how)
 
     def _maybe_fail(self, method):
-        if self.fault is not None and self.fault[0] == method:
+        if self.fault is not None and self.fault[0] == method and self.fault[1] != "unloadable":
             if self.fault[1].startswith("late-"):  # held first (at a gate, in a long step)
                 time.sleep(LATE_S)
                 self.fault = (method, self.fault[1].removeprefix("late-"))
@@ -180,6 +194,9 @@ class StandIn:
             self.reads.append([part.hex() for part in batches])
         if kind == "train_step":
             self.count += len(mids)
+        if self.fault == ("steps", "unloadable"):
+            self.fault = None
+            return Unloadable()
         return [None] * len(mids), 0.0, 0.0, self.down
 
     def shut_down(self):
@@ -600,6 +617,34 @@ def test_a_member_whose_call_in_flight_died_is_lost_in_the_same_failure(controll
     (event,) = events_of(ctl)
     assert event["lost"] == ["slot 0", "slot 1"] and "silent" not in event["why"], event
     assert ctl.failures == 1  # one event
+
+
+def test_a_survivor_whose_answer_in_flight_cannot_be_read_is_not_lost_with_the_dead(controller):
+    """Worker 0 dies in the steps in flight; worker 2 finishes them, but its answer cannot be
+    read (Ray raises an error that is neither a death nor the worker's own: here a
+    RaySystemError; an ObjectLostError for an answer lost with its node's object store). That
+    says nothing of worker 2's death: only worker 0 is lost, and the run goes on. Before, the
+    error raised out of the recovery's settling of the calls in flight and ended the fit."""
+    ctl = controller
+    ctl.limits = Limits(3, min_workers=1, max_failures=-1)
+    call(ctl, "set_fault", "steps", "die", ranks=[0])
+    call(ctl, "set_fault", "steps", "unloadable", ranks=[2])
+    ctl._send("train_step", chunks.steps_of(spec(ctl)), None)
+    with replacements_never_start():
+        ctl._recover(StepsFailed("snapshot", {0: "ActorDiedError: died"}, ""))
+        (event,) = events_of(ctl)
+        assert event["lost"] == ["slot 0"], event
+        assert ctl.members.slots == (1, 2)
+        step(ctl)  # and the run goes on with both
+    first, second = [state["count"] for state in call(ctl, "state")]
+    assert first == second
+
+
+def test_a_call_whose_answer_cannot_be_read_fails_in_words_naming_the_worker(controller):
+    ctl = controller
+    call(ctl, "set_fault", "steps", "unloadable", ranks=[1])
+    with pytest.raises(WorkerError, match=r"worker 1 failed in train_step\(\): RaySystemError"):
+        step(ctl)
 
 
 def test_survivors_held_past_the_silence_after_a_peer_died_are_not_lost(controller):

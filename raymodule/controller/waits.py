@@ -103,7 +103,9 @@ def settle_outcomes(refs: list, settings: Settings) -> list[tuple[str, object]]:
 def _outcome(ref: ray.ObjectRef) -> tuple[str, object]:
     """A finished call's outcome: ("ok", result), ("dead", err) for a call that says a
     process died (its own, or a peer's it needed), ("broken", err) for a worker whose group
-    broke, or ("failed", err) for an error of the worker's own."""
+    broke, or ("failed", err) for an error of the worker's own, or an answer Ray cannot give
+    back (lost with its node's object store, or not loadable here): that says nothing of the
+    worker's death, and it fails the call in words instead of raising out of a recovery."""
     try:
         return ("ok", ray.get(ref))
     except ray.exceptions.RayActorError as err:
@@ -111,6 +113,8 @@ def _outcome(ref: ray.ObjectRef) -> tuple[str, object]:
     except ray.exceptions.RayTaskError as err:
         if isinstance(getattr(err, "cause", None), GroupBrokenError):
             return ("broken", err)
+        return ("failed", err)
+    except ray.exceptions.RayError as err:
         return ("failed", err)
 
 
