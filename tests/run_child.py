@@ -13,6 +13,10 @@ The data is shuffled, from a DataIter the client reads (``--data client``, the d
 subclass of ``mx.io.NDArrayIter``), a plain ``mx.io.NDArrayIter`` (``ndarrayiter``: fit reads
 it as rows) or a :class:`raymodule.data.DatasetIter` (``dataset``); with the last two the
 controller runs each epoch's plan.
+
+The tests compare what it writes with plain MXNet trained on the same data in their own
+process: :func:`train_data` and :data:`FIT` are both runs' recipe, and
+:func:`native_params` that run.
 """
 
 from __future__ import annotations
@@ -37,84 +41,108 @@ import raymodule  # noqa: E402
 import raymodule.controller.plans  # noqa: E402
 import raymodule.module  # noqa: E402
 
-parser = argparse.ArgumentParser()
-parser.add_argument("storage")
-parser.add_argument("name")
-parser.add_argument("out")
-parser.add_argument("--kill-mid-epoch", type=int, default=None)
-parser.add_argument("--sigterm-mid-epoch", type=int, default=None)
-parser.add_argument("--lose-every-worker", action="store_true")
-parser.add_argument("--data", choices=["client", "ndarrayiter", "dataset"], default="client")
-args = parser.parse_args()
-logging.basicConfig(level=logging.INFO, stream=sys.stdout)
-run_folder = os.path.join(args.storage, args.name)
+FIT = {"num_epoch": 3, "optimizer_params": {"learning_rate": 0.1, "momentum": 0.9}}
 
 
-def kill_self_once_a_mid_epoch_checkpoint_is_committed(mod):
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        ckpt = raymodule.latest_checkpoint(run_folder)
-        if ckpt is not None and ckpt.epoch == args.kill_mid_epoch and ckpt.batch > 0:
-            print(f"killing myself after {ckpt.name}", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(0.05)
-    raise RuntimeError("no mid-epoch checkpoint was committed")
-
-
-# Faults keyed to the workers' own steps: 16 batches an epoch; calls of 4 of them, so that a
-# checkpoint and a stop land inside an epoch this short
-os.environ.setdefault("RAYMODULE_STEPS_PER_CALL", "4")
-plan, actions = {}, {}
-if args.kill_mid_epoch is not None:  # the workers wait at batch 8 while this process dies
-    # no call ahead of the one read: the checkpoint at batch 6 is then the newest asked for
-    # when the workers stop at batch 8 (a newer one would wait for them, superseding it)
-    os.environ["RAYMODULE_PIPELINE_DEPTH"] = "0"
-    plan[(16 * args.kill_mid_epoch + 8, None)] = ("gate", "kill")
-    actions["kill"] = kill_self_once_a_mid_epoch_checkpoint_is_committed
-elif args.sigterm_mid_epoch is not None:  # worker 0 at batch 1 sends this process SIGTERM
-    plan[(16 * args.sigterm_mid_epoch + 1, 0)] = ("signal", os.getpid(), signal.SIGTERM)
-    print("sending myself SIGTERM (from worker 0, at batch 1)", flush=True)
-    if args.lose_every_worker:  # before the steps in flight end
-        plan[(16 * args.sigterm_mid_epoch + 2, None)] = "die"
-    if args.data != "client":  # the controller runs ahead of this process: it waits at
-        # batch 4 until this process asked it to stop the epoch's plan, so the stop lands
-        # inside the epoch
-        cancelled = threading.Event()
-        cancel = raymodule.controller.plans.StopFlag.ask
-
-        def noted(flag, *args, **kwargs):
-            cancelled.set()
-            return cancel(flag, *args, **kwargs)
-
-        raymodule.controller.plans.StopFlag.ask = noted
-        plan[(16 * args.sigterm_mid_epoch + 4, None)] = ("gate", "cancelled")
-        actions["cancelled"] = lambda mod: cancelled.wait(120) or sys.exit("never cancelled")
-marks = os.path.join(args.storage, f"{args.name}-faults")  # the test's folder: it is removed
-os.makedirs(marks, exist_ok=True)
-raymodule.module.ControllerHandle = stepfaults.with_workers(stepfaults.worker_class(plan, marks))
-x, y = dataset(n=160)
-np.random.seed(5)
-if args.data == "dataset":
-    train = raymodule.data.DatasetIter(raymodule.data.ArrayDataset(x, y), 10, shuffle=True, seed=5)
-else:
-    kind = ClientIter if args.data == "client" else mx.io.NDArrayIter
-    train = kind(x, y, batch_size=10, shuffle=True)
-mx.random.seed(0)
-with (
-    raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)]) as mod,
-    stepfaults.Gates(marks, {name: partial(a, mod) for name, a in actions.items()}),
-):
-    mod.fit(
-        train,
-        num_epoch=3,
-        optimizer_params={"learning_rate": 0.1, "momentum": 0.9},
-        # every 5 in the SIGTERM runs: a plan's chunks end at each, so that a stop lands
-        # inside an epoch; the checkpoint taken for the signal is mostly none of those
-        run=raymodule.RunConfig(
-            name=args.name,
-            storage=args.storage,
-            checkpoint_every=5 if args.sigterm_mid_epoch is not None else 3,
-        ),
+def train_data(kind: str) -> mx.io.DataIter:
+    """160 samples in shuffled batches of 10, read as ``--data kind`` says; this seeds
+    NumPy's generator (NDArrayIter shuffles with it)."""
+    x, y = dataset(n=160)
+    np.random.seed(5)
+    if kind == "dataset":
+        return raymodule.data.DatasetIter(
+            raymodule.data.ArrayDataset(x, y), 10, shuffle=True, seed=5
+        )
+    return (ClientIter if kind == "client" else mx.io.NDArrayIter)(
+        x, y, batch_size=10, shuffle=True
     )
-    mod.save_params(args.out)
-print("done", flush=True)
+
+
+def native_params(kind: str) -> dict:
+    """The arg parameters of a run never stopped, trained by plain MXNet on one device."""
+    train = train_data(kind)
+    mx.random.seed(0)
+    mod = mx.mod.Module(mlp(), context=mx.cpu())
+    mod.fit(train, **FIT)
+    return mod.get_params()[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("storage")
+    parser.add_argument("name")
+    parser.add_argument("out")
+    parser.add_argument("--kill-mid-epoch", type=int, default=None)
+    parser.add_argument("--sigterm-mid-epoch", type=int, default=None)
+    parser.add_argument("--lose-every-worker", action="store_true")
+    parser.add_argument("--data", choices=["client", "ndarrayiter", "dataset"], default="client")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+    run_folder = os.path.join(args.storage, args.name)
+
+    def kill_self_once_a_mid_epoch_checkpoint_is_committed(mod):
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            ckpt = raymodule.latest_checkpoint(run_folder)
+            if ckpt is not None and ckpt.epoch == args.kill_mid_epoch and ckpt.batch > 0:
+                print(f"killing myself after {ckpt.name}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.05)
+        raise RuntimeError("no mid-epoch checkpoint was committed")
+
+    # Faults keyed to the workers' own steps: 16 batches an epoch; calls of 4 of them, so that a
+    # checkpoint and a stop land inside an epoch this short
+    os.environ.setdefault("RAYMODULE_STEPS_PER_CALL", "4")
+    plan, actions = {}, {}
+    if args.kill_mid_epoch is not None:  # the workers wait at batch 8 while this process dies
+        # no call ahead of the one read: the checkpoint at batch 6 is then the newest asked for
+        # when the workers stop at batch 8 (a newer one would wait for them, superseding it)
+        os.environ["RAYMODULE_PIPELINE_DEPTH"] = "0"
+        plan[(16 * args.kill_mid_epoch + 8, None)] = ("gate", "kill")
+        actions["kill"] = kill_self_once_a_mid_epoch_checkpoint_is_committed
+    elif args.sigterm_mid_epoch is not None:  # worker 0 at batch 1 sends this process SIGTERM
+        plan[(16 * args.sigterm_mid_epoch + 1, 0)] = ("signal", os.getpid(), signal.SIGTERM)
+        print("sending myself SIGTERM (from worker 0, at batch 1)", flush=True)
+        if args.lose_every_worker:  # before the steps in flight end
+            plan[(16 * args.sigterm_mid_epoch + 2, None)] = "die"
+        if args.data != "client":  # the controller runs ahead of this process: it waits at
+            # batch 4 until this process asked it to stop the epoch's plan, so the stop lands
+            # inside the epoch
+            cancelled = threading.Event()
+            cancel = raymodule.controller.plans.StopFlag.ask
+
+            def noted(flag, *args, **kwargs):
+                cancelled.set()
+                return cancel(flag, *args, **kwargs)
+
+            raymodule.controller.plans.StopFlag.ask = noted
+            plan[(16 * args.sigterm_mid_epoch + 4, None)] = ("gate", "cancelled")
+            actions["cancelled"] = lambda mod: cancelled.wait(120) or sys.exit("never cancelled")
+    marks = os.path.join(args.storage, f"{args.name}-faults")  # the test's folder: it is removed
+    os.makedirs(marks, exist_ok=True)
+    raymodule.module.ControllerHandle = stepfaults.with_workers(
+        stepfaults.worker_class(plan, marks)
+    )
+    train = train_data(args.data)
+    mx.random.seed(0)
+    with (
+        raymodule.Module(mlp(), context=[mx.cpu(0), mx.cpu(1)]) as mod,
+        stepfaults.Gates(marks, {name: partial(a, mod) for name, a in actions.items()}),
+    ):
+        mod.fit(
+            train,
+            **FIT,
+            # every 5 in the SIGTERM runs: a plan's chunks end at each, so that a stop lands
+            # inside an epoch; the checkpoint taken for the signal is mostly none of those
+            run=raymodule.RunConfig(
+                name=args.name,
+                storage=args.storage,
+                checkpoint_every=5 if args.sigterm_mid_epoch is not None else 3,
+            ),
+        )
+        mod.save_params(args.out)
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
