@@ -39,7 +39,7 @@ from .controller.actor import RemoteController
 from .controller.failures import EveryWorkerLost
 from .controller.membership import Membership
 from .controller.plans import STOP_POLL_S, StopFlag
-from .controller.waits import forming_s, in_words, longest_call_s
+from .controller.waits import ACTOR_LOST, forming_s, in_words, longest_call_s
 from .data import batch_size_of
 from .errors import RayModuleError, WorkerLostError, first_line
 from .sealed import seal, seal_objects
@@ -157,7 +157,7 @@ class ControllerHandle:
             try:
                 ray.get(controller.__ray_ready__.remote(), timeout=bound)
                 return controller
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+            except (*ACTOR_LOST, ray.exceptions.GetTimeoutError) as err:
                 with contextlib.suppress(Exception):  # gone already, or never answered
                     ray.kill(controller, no_restart=True)
                 why = _unanswered(err, bound)
@@ -400,7 +400,7 @@ class ControllerHandle:
                 with contextlib.suppress(Exception):  # the error is what the caller gets
                     self._apply(view)
             raise in_words(err, f"{method} on the workers failed") from None
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+        except (*ACTOR_LOST, ray.exceptions.GetTimeoutError) as err:
             why = _unanswered(err, bound)
             lost = max(1, self.world_size)
             decision = policy.on_loss(self.limits, policy.Loss(0, lost, self.failures, 0))
@@ -538,11 +538,11 @@ def _await(ref, bound: float, asks, what: str) -> None:
 
 
 def _unanswered(err: Exception, bound: float) -> str:
-    """Why the controller gave no answer, in words: lost (a ``RayActorError``, its first
-    line), or silent for ``bound`` seconds (a ``GetTimeoutError``)."""
+    """Why the controller gave no answer, in words: lost (:data:`.waits.ACTOR_LOST`, its
+    type and first line), or silent for ``bound`` seconds (a ``GetTimeoutError``)."""
     if isinstance(err, ray.exceptions.GetTimeoutError):
         return f"no answer within {bound:g} s (RAYMODULE_CONTROL_TIMEOUT_S)"
-    return first_line(err)
+    return f"{type(err).__name__}: {first_line(err)}"
 
 
 def _beside_client():

@@ -32,6 +32,7 @@ from functools import partial
 
 import mxnet as mx
 import numpy as np
+import ray
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import stepfaults  # noqa: E402
@@ -67,6 +68,24 @@ def native_params(kind: str) -> dict:
     return mod.get_params()[0]
 
 
+MEMORY_MARGIN_GIB = 3  # memory a worker may take above the machine's use before Ray kills it
+MEMORY_CAP_GIB = 10  # the most the worker takes
+
+
+def start_ray_that_kills_for_memory() -> None:
+    """A Ray of this process's own on 127.0.0.1 whose memory monitor kills workers once the
+    machine uses :data:`MEMORY_MARGIN_GIB` more than now (Ray's default: 95 %)."""
+    with open("/proc/meminfo") as f:
+        kib = {line.split(":")[0]: int(line.split()[1]) for line in f}
+    used = 1 - kib["MemAvailable"] / kib["MemTotal"]
+    threshold = used + MEMORY_MARGIN_GIB * 2**20 / kib["MemTotal"]
+    print(f"Ray kills workers for memory above {threshold:.1%} of it", flush=True)
+    ray.init(
+        num_cpus=4, include_dashboard=False, log_to_driver=False,
+        _system_config={"memory_usage_threshold": threshold, "memory_monitor_refresh_ms": 50},
+    )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("storage")
@@ -75,6 +94,7 @@ def main() -> None:
     parser.add_argument("--kill-mid-epoch", type=int, default=None)
     parser.add_argument("--sigterm-mid-epoch", type=int, default=None)
     parser.add_argument("--lose-every-worker", action="store_true")
+    parser.add_argument("--hog-mid-epoch", type=int, default=None)
     parser.add_argument("--data", choices=["client", "ndarrayiter", "dataset"], default="client")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stdout)
@@ -118,6 +138,9 @@ def main() -> None:
             raymodule.controller.plans.StopFlag.ask = noted
             plan[(16 * args.sigterm_mid_epoch + 4, None)] = ("gate", "cancelled")
             actions["cancelled"] = lambda mod: cancelled.wait(120) or sys.exit("never cancelled")
+    if args.hog_mid_epoch is not None:  # worker 1 at batch 8 takes memory until Ray kills it
+        plan[(16 * args.hog_mid_epoch + 8, 1)] = ("hog", MEMORY_CAP_GIB)
+        start_ray_that_kills_for_memory()
     marks = os.path.join(args.storage, f"{args.name}-faults")  # the test's folder: it is removed
     os.makedirs(marks, exist_ok=True)
     raymodule.module.ControllerHandle = stepfaults.with_workers(

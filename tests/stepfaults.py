@@ -16,6 +16,9 @@ so a step run again after a loss does not fire again):
   graceful shutdown, a preemption notice); ``"raise"``: raise an error of its own in the step
   (a bad batch);
 - ``("signal", pid, signum)``: send another process (the training process) a signal;
+- ``("hog", gib)``: take memory, 128 MiB at a time up to ``gib`` GiB, until its node's Ray
+  kills the process for it (its memory monitor); then held for :data:`GATE_WAIT_S`, and an
+  error of its own if it lives on;
 - ``("arm", method, how)``: its next call of ``method`` (``get_params``; ``applied``;
   ``leave``, the controller's in a re-form) does ``how`` ("die" or "stop") at its start;
   ``("arm", "share", how)`` does it in its next split update (sum and update in parts),
@@ -117,6 +120,8 @@ def worker_class(plan: dict, marks) -> type:
                 os.kill(os.getpid(), _SIGNALS[fault])
             elif fault[0] == "signal":
                 os.kill(fault[1], fault[2])
+            elif fault[0] == "hog":
+                _hog(fault[1])
             elif fault[0] == "arm":
                 self._armed = {**self._armed, fault[1]: fault[2]}
             elif fault[0] == "gate":
@@ -154,6 +159,15 @@ def worker_class(plan: dict, marks) -> type:
             super().leave(generation)
 
     return StepFaultWorker
+
+
+def _hog(gib: float) -> None:
+    held, chunk = [], 128 * 2**20
+    for _ in range(int(gib * 2**30) // chunk):
+        held.append(bytearray(b"\x01") * chunk)  # written: resident, as a model's arrays are
+        time.sleep(0.01)  # the monitor looks every memory_monitor_refresh_ms
+    time.sleep(GATE_WAIT_S)
+    raise MemoryError(f"took {gib:g} GiB and was not killed for it")
 
 
 def with_workers(cls: type):

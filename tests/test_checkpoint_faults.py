@@ -231,6 +231,30 @@ def test_a_dataset_run_told_to_stop_mid_epoch_resumes_as_if_never_stopped(data, 
     assert max_relative_diff(native_params(data), resumed) <= 1e-5
 
 
+def test_a_worker_rays_memory_monitor_kills_is_lost_and_the_run_ends_as_mxnets(tmp_path):
+    """Worker 1 takes memory mid-epoch until its node's Ray kills it (the memory monitor, in a
+    Ray of the training process's own): a call to it then raises an OutOfMemoryError, which
+    is no RayActorError. The worker is lost as one that died, and the run goes on and ends as
+    plain MXNet's. Before, the error was taken for the worker's own, and fit failed as the
+    group could not form again."""
+    out = tmp_path / "out.params"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "run_child.py"), str(tmp_path), "r", str(out),
+         "--hog-mid-epoch", "1"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    # the run's record of it (one worker lost, or every worker: the monitor kills another
+    # too, the newest first, while memory stays above its threshold)
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    changes = [e for e in map(json.loads, lines) if e.get("event") == "membership"]
+    assert any("OutOfMemoryError" in e["why"] for e in changes if e["change"] == "lost"), changes
+    resumed = {k[4:]: v for k, v in mx.nd.load(str(out)).items()}
+    assert max_relative_diff(native_params("client"), resumed) <= 1e-5
+
+
 def test_every_worker_lost_after_a_sigterm_stops_the_run_and_says_so_in_its_metrics(tmp_path):
     """SIGTERM to the training process, then every worker dies before the steps in flight
     end: fit does not restart them (the process was told to stop) and raises Preempted; the

@@ -30,6 +30,7 @@ from ..errors import PlacementError, WorkerError, WorkerLostError, first_line
 from ..worker.cores import places
 from ..worker.shm import SameNode
 from .membership import Membership
+from .waits import ACTOR_LOST
 
 __all__ = ["FormFailed", "WorkerGroup"]
 
@@ -99,7 +100,7 @@ def _unresponsive(slots: list[int], refs: list, timeout_s: float) -> dict[int, s
             continue
         try:
             ray.get(ref)
-        except ray.exceptions.RayActorError as err:
+        except ACTOR_LOST as err:
             lost[slot] = f"{type(err).__name__}: {first_line(err)}"
         except ray.exceptions.RayTaskError as err:
             cause = getattr(err, "cause", None) or err

@@ -15,9 +15,13 @@ from ..constants import Settings
 from ..errors import GroupBrokenError, RayModuleError, WorkerError, first_line
 
 __all__ = [
-    "silence_s", "forming_s", "longest_call_s", "await_calls", "settle_outcomes",
+    "ACTOR_LOST", "silence_s", "forming_s", "longest_call_s", "await_calls", "settle_outcomes",
     "classify_outcomes", "why_lost", "in_words",
 ]  # fmt: skip
+
+# what a call to an actor whose process is gone raises: its death (a RayActorError), or, when
+# Ray's memory monitor killed it, an OutOfMemoryError, which is no RayActorError
+ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError)
 
 
 def silence_s(settings: Settings) -> float:
@@ -102,13 +106,14 @@ def settle_outcomes(refs: list, settings: Settings) -> list[tuple[str, object]]:
 
 def _outcome(ref: ray.ObjectRef) -> tuple[str, object]:
     """A finished call's outcome: ("ok", result), ("dead", err) for a call that says a
-    process died (its own, or a peer's it needed), ("broken", err) for a worker whose group
-    broke, or ("failed", err) for an error of the worker's own, or an answer Ray cannot give
-    back (lost with its node's object store, or not loadable here): that says nothing of the
-    worker's death, and it fails the call in words instead of raising out of a recovery."""
+    process died (its own, or a peer's it needed: :data:`ACTOR_LOST`), ("broken", err) for a
+    worker whose group broke, or ("failed", err) for an error of the worker's own, or an
+    answer Ray cannot give back (lost with its node's object store, or not loadable here):
+    that says nothing of the worker's death, and it fails the call in words instead of
+    raising out of a recovery."""
     try:
         return ("ok", ray.get(ref))
-    except ray.exceptions.RayActorError as err:
+    except ACTOR_LOST as err:
         return ("dead", err)
     except ray.exceptions.RayTaskError as err:
         if isinstance(getattr(err, "cause", None), GroupBrokenError):
