@@ -197,19 +197,15 @@ def rehome(steps: list[Step], refs: set, timeout_s: float) -> None:
     picks a lost node waits out Ray's pull timeout (``object_manager_pull_timeout_ms``, 10 s)
     before it tries another, and is then declared silent. The controller runs beside the
     client, whose node holds the first copy: reading it is local there. Bounded by
-    ``timeout_s``; on a timeout, or with no room in the object store for the copies, the
-    steps are sent with the parts as they are."""
+    ``timeout_s``; on a timeout, or when Ray cannot read or copy them (no room in the object
+    store or its spill disk), the steps are sent with the parts as they are."""
     if not refs:
         return
     refs = list(refs)
     try:
         parts = ray.get(refs, timeout=timeout_s)
         copies = {ref: ray.put(part) for ref, part in zip(refs, parts)}
-    except (
-        ray.exceptions.GetTimeoutError,
-        ray.exceptions.ObjectLostError,
-        ray.exceptions.ObjectStoreFullError,
-    ) as err:
+    except ray.exceptions.RayError as err:
         log.warning("the lost members' parts were not copied (%s); sent as they are", err)
         return
     for step in steps:

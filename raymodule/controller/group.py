@@ -66,10 +66,11 @@ def _relevant(resources: dict, bundles: list[dict]) -> dict:
 def _draining_nodes() -> set[str]:
     """The ids of the nodes Ray is draining (its drain API: an autoscaler's preemption or idle
     drain, ``ray drain-node``, a node sent SIGTERM). Ray has no public call for it yet: read
-    through its state accessor, and an empty set if that is missing."""
+    through its state accessor, and an empty set if that is missing or does not answer (the
+    GCS restarting: an RpcError): a hint, which no step waits for."""
     try:
         return set(ray._private.state.state.get_draining_nodes())
-    except (AttributeError, ray.exceptions.RaySystemError) as err:
+    except (AttributeError, ray.exceptions.RayError) as err:
         log.debug("raymodule: cannot read the draining nodes: %s", err)
         return set()
 
