@@ -93,18 +93,12 @@ class TrainingLoops:
         check_kvstore(kvstore)
         if num_epoch is None:
             raise ValueError("fit: num_epoch is required")
-        run_folder = None
-        if run is not None:
-            if not isinstance(run, RunConfig):
-                raise TypeError(f"run={run!r}: expected a raymodule.RunConfig")
-            static = {"world_size": len(self._context), "work_load_list": self._work_load_list}
-            run_folder = Run(run, Settings.from_env(), static)
-            runtime.ensure_ray()  # before the run notes SIGTERM: ray.init sets a handler too
+        if run is not None and not isinstance(run, RunConfig):
+            raise TypeError(f"run={run!r}: expected a raymodule.RunConfig")
         if validation_metric is None:
             validation_metric = eval_metric
         if not isinstance(eval_metric, mx.metric.EvalMetric):
             eval_metric = mx.metric.create(eval_metric)
-        resume = run_folder.resume_from if run_folder is not None else None
         fresh_data = True  # train_data is where the caller left it (not reset by a restart)
         # a DatasetIter's pass at begin_epoch: a restart goes back to the pass of its epoch
         first_pass = train_data.epoch if isinstance(train_data, data.DatasetIter) else None
@@ -113,6 +107,17 @@ class TrainingLoops:
             # a plain NDArrayIter: the workers read its rows, in its order (score resets
             # eval_data: the same iterator would be shuffled where these do not see it)
             train_data = data.rows_of(train_data) or train_data
+        # the run takes its folder's lease last: from here on every way out releases it
+        run_folder = None
+        if run is not None:
+            static = {"world_size": len(self._context), "work_load_list": self._work_load_list}
+            run_folder = Run(run, Settings.from_env(), static)
+            try:
+                runtime.ensure_ray()  # before the run notes SIGTERM: ray.init sets a handler too
+            except BaseException:
+                run_folder.close(raise_failures=False)
+                raise
+        resume = run_folder.resume_from if run_folder is not None else None
         failures_before = 0
         with run_folder if run_folder is not None else contextlib.nullcontext():
             while True:

@@ -130,12 +130,12 @@ class Run:
             self.resume_from, surveyed = self._resume_point()
             self._static = static
             self._metrics = MetricsFile(self.folder, self._read_metrics(), self.lease)
+            self.writer = CheckpointWriter(
+                self.folder, config.keep, settings, self.lease.check, surveyed
+            )
         except BaseException:
             self.lease.release()
             raise
-        self.writer = CheckpointWriter(
-            self.folder, config.keep, settings, self.lease.check, surveyed
-        )
         self._sigterm = SigtermNotice()
 
     def _resume_point(self) -> tuple[Checkpoint | None, dict[str, bool]]:

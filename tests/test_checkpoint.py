@@ -291,6 +291,18 @@ def test_resume_rules(tmp_path):
     assert len(os.listdir(tmp_path)) == 2
 
 
+def test_a_fit_that_fails_before_training_leaves_its_run_free_for_the_next(tmp_path):
+    """A metric MXNet does not know fails fit before training; the run's folder is not held
+    by it, so the same name trains at once. Before, the run took its lease first and renewed
+    it for as long as the process lived: the next fit was refused as 'in use'."""
+    config = RunConfig(name="r", storage=str(tmp_path))
+    with pytest.raises(AssertionError, match="no-such-metric is not registered"):
+        train(config, num_epoch=1, eval_metric="no-such-metric")
+    assert not (tmp_path / "r" / "lease.json").exists()
+    train(config, num_epoch=1)
+    assert latest_checkpoint(config.location).epoch == 1
+
+
 @pytest.mark.parametrize(
     "field, value, rule",
     [
