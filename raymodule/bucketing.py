@@ -145,11 +145,13 @@ class BucketingModule(loop.TrainingLoops, _MXNetBucketingModule):
     def close(self) -> None:
         """Releases the workers (the buckets share them)."""
         default = self._buckets.get(self._default_bucket_key)
-        for module in self._buckets.values():
-            if module is not default:
-                module.close()
-        if default is not None:
-            default.close()
+        try:
+            for module in self._buckets.values():
+                if module is not default:
+                    module.close()
+        finally:
+            if default is not None:
+                default.close()
 
     def __enter__(self) -> BucketingModule:
         return self

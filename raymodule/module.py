@@ -191,7 +191,7 @@ class Module(loop.TrainingLoops, BaseModule):
             return
         if self._owns_workers:
             self._workers.close()
-        elif not self._workers.closed:
+        elif self._workers.live:  # lost: nothing to drop, the owner's close releases them
             self._workers.post("drop", self._id)
         self._workers = None
         self._reset_bind()

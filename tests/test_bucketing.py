@@ -11,9 +11,11 @@ import warnings
 import mxnet as mx
 import numpy as np
 import pytest
+import stepfaults
 from conftest import Interrupted, interrupt_at, max_relative_diff
 
 import raymodule
+import raymodule.module
 from raymodule import storage
 
 VOCAB, EMBED, HIDDEN = 30, 8, 12
@@ -293,6 +295,30 @@ def test_load_dict_and_predict_match_native():
     expected = native.predict(ListIter(train), merge_batches=False)
     for a, b in zip(expected, ours):
         np.testing.assert_allclose(a[0].asnumpy(), b[0].asnumpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_bucketing_run_that_loses_every_worker_restarts_and_ends_as_native(tmp_path, monkeypatch):
+    """Every worker dies at step 7 of a run of three buckets: fit closes the modules of every
+    bucket and restarts them from the latest checkpoint, and the run ends with MXNet's
+    parameters. Before, closing the buckets other than the default asked the lost workers to
+    drop them, which raised the loss again and ended fit."""
+    train = batches(KEYS)
+    mx.random.seed(0)
+    native = mx.mod.BucketingModule(lstm_sym_gen, default_bucket_key=8)
+    native.fit(ListIter(train), num_epoch=2, optimizer_params=SGD, kvstore="local")
+    marks = tmp_path / "faults"
+    marks.mkdir()
+    workers = stepfaults.worker_class({(7, None): "die"}, marks)
+    monkeypatch.setattr(raymodule.module, "ControllerHandle", stepfaults.with_workers(workers))
+    config = raymodule.RunConfig(name="lm", storage=str(tmp_path), checkpoint_every=2)
+    mx.random.seed(0)
+    with raymodule.BucketingModule(lstm_sym_gen, 8, context=CONTEXTS) as mod:
+        mod.fit(ListIter(train), num_epoch=2, optimizer_params=SGD, run=config)
+        assert max_relative_diff(native.get_params()[0], mod.get_params()[0]) <= 1e-4
+    assert stepfaults.fired(marks, 7, 0) and stepfaults.fired(marks, 7, 1)
+    lines = (tmp_path / "lm" / "metrics.jsonl").read_text().splitlines()
+    changes = [e["change"] for e in map(json.loads, lines) if e.get("event") == "membership"]
+    assert changes == ["restarted"], changes
 
 
 def test_a_bucketing_run_that_loses_a_worker_ends_as_native(tmp_path):
