@@ -41,7 +41,7 @@ from .controller.membership import Membership
 from .controller.plans import STOP_POLL_S, StopFlag
 from .controller.waits import ACTOR_LOST, forming_s, in_words, longest_call_s
 from .data import batch_size_of
-from .errors import RayModuleError, WorkerLostError, first_line
+from .errors import WorkerLostError, first_line
 from .sealed import seal, seal_objects
 
 __all__ = ["ControllerHandle"]
@@ -123,7 +123,7 @@ class ControllerHandle:
             raise WorkerLostError(
                 f"starting {len(contexts)} workers for {contexts} failed: {err}"
             ) from None
-        except RayModuleError:
+        except BaseException:  # its own error, or an interrupt (Ctrl-C while it waits for room)
             self.close()
             raise
         if self.membership.pending:

@@ -9,6 +9,7 @@ write them); a folder on this machine is written from this node, as the commit i
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import threading
@@ -404,6 +405,10 @@ class CheckpointWriter:
         except ray.exceptions.RayActorError:
             return None  # the worker that made the snapshot was lost
         except ray.exceptions.GetTimeoutError:
+            # stopped: it would hold the snapshot in the object store, and may write the
+            # checkpoint's files after the run released its folder
+            with contextlib.suppress(Exception):
+                ray.cancel(task, force=True)
             raise OSError(
                 f"writing the files took more than {self.close_timeout_s:g} s "
                 "(RAYMODULE_CHECKPOINT_CLOSE_TIMEOUT_S)"

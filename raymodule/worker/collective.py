@@ -136,7 +136,11 @@ class Collective:
 
             self._network = ProcessGroup(world_size, rank, rendezvous, backend, timeout_s)
             if backend == "gloo" and shared_memory:
-                self._form_local_group(self._network.store, rank, timeout_s)
+                try:
+                    self._form_local_group(self._network.store, rank, timeout_s)
+                except BaseException:  # a peer lost, a store timeout: no group is left up
+                    self._network.close()
+                    raise
         # one thread issues every collective call, so all ranks issue them in the same order
         self._comm = ThreadPoolExecutor(1, thread_name_prefix="raymodule-allreduce")
 
