@@ -1,13 +1,17 @@
 """A training process for the kill tests: trains a run on 2 workers of the Ray at RAY_ADDRESS.
 
     python tests/run_child.py STORAGE NAME OUT [--kill-mid-epoch E] [--sigterm-mid-epoch E]
-                              [--lose-every-worker] [--data {client,ndarrayiter,dataset}]
+                              [--lose-every-worker] [--hog-mid-epoch E]
+                              [--data {client,ndarrayiter,dataset}]
 
 Writes the final parameters to OUT (MXNet's ``.params``). With ``--kill-mid-epoch E`` it
 SIGKILLs itself in epoch E, while the workers wait at its batch 8, once a checkpoint from
 inside that epoch is committed; with ``--sigterm-mid-epoch E`` worker 0 sends it SIGTERM at
 batch 1 of epoch E (as ``ray job stop`` or a preemption would), and nothing else, or, with
-``--lose-every-worker`` too, every worker dies (SIGKILL) at batch 2. Faults are
+``--lose-every-worker`` too, every worker dies (SIGKILL) at batch 2; with
+``--hog-mid-epoch E`` it starts a Ray of its own whose memory monitor kills above the
+machine's use + 3 GiB, and worker 1 takes memory at batch 8 of epoch E until it is killed
+for it. Faults are
 keyed to the workers' steps (:mod:`stepfaults`), not to the client's trailing callbacks.
 The data is shuffled, from a DataIter the client reads (``--data client``, the default: a
 subclass of ``mx.io.NDArrayIter``), a plain ``mx.io.NDArrayIter`` (``ndarrayiter``: fit reads
