@@ -123,7 +123,10 @@ class ControllerHandle:
             raise WorkerLostError(
                 f"starting {len(contexts)} workers for {contexts} failed: {err}"
             ) from None
-        except BaseException:  # its own error, or an interrupt (Ctrl-C while it waits for room)
+        except BaseException as err:  # its own error, or an interrupt (Ctrl-C while it waits)
+            if not isinstance(err, Exception):  # killed first: a shutdown call would wait
+                with contextlib.suppress(Exception):  # behind start, up to 30 s
+                    ray.kill(self.controller, no_restart=True)
             self.close()
             raise
         if self.membership.pending:

@@ -135,6 +135,46 @@ def test_a_controller_lost_after_it_placed_its_workers_leaves_no_placement_group
     assert wait_for_cpus(total) == total
 
 
+def test_ctrl_c_while_the_workers_wait_for_room_returns_at_once_and_releases_it(monkeypatch):
+    """Ctrl-C (SIGINT) while a module's start waits for room it never gets (8 workers of a
+    CPU each on 4): the client is back within seconds, and the controller and the placement
+    group it made are gone. Before, the start was not closed on an interrupt at all, and then
+    its polite shutdown call waited its 30 s behind the start the controller was still in."""
+    import threading
+
+    from ray.util.placement_group import placement_group_table
+
+    monkeypatch.setenv("RAYMODULE_START_WAIT_S", "600")  # no start below every context
+
+    def waiting() -> list[dict]:
+        return [
+            g
+            for g in placement_group_table().values()
+            if g["name"].startswith("raymodule-") and g["state"] != "REMOVED"
+        ]
+
+    def interrupt_once_it_waits():  # keyed to the wait, not to a time
+        while not waiting():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    total = ray.cluster_resources()["CPU"]
+    interrupter = threading.Thread(target=interrupt_once_it_waits, daemon=True)
+    interrupter.start()
+    tic = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        bound_module(8)
+    back_s = time.monotonic() - tic
+    interrupter.join(5)
+    assert back_s < 20, f"back {back_s:.1f} s after the start began"  # a bound, not a timing
+    assert waiting() == []
+    controllers = [
+        a for a in ray._private.state.actors().values() if a["ActorClassName"] == "Controller"
+    ]
+    assert all(a["State"] == "DEAD" for a in controllers), controllers
+    assert wait_for_cpus(total) == total
+
+
 def test_workers_load_torch_only_when_their_group_needs_the_network_and_never_sklearn():
     """torch (gloo) takes seconds of CPU to import: a module of one worker never loads it,
     nor do workers on one node, which sum their gradients in shared memory. MXNet would load
