@@ -30,7 +30,7 @@ from ..errors import PlacementError, WorkerError, WorkerLostError, first_line
 from ..worker.cores import places
 from ..worker.shm import SameNode
 from .membership import Membership
-from .waits import ACTOR_LOST
+from .waits import call_outcome
 
 __all__ = ["FormFailed", "WorkerGroup"]
 
@@ -99,11 +99,10 @@ def _unresponsive(slots: list[int], refs: list, timeout_s: float) -> dict[int, s
         if ref not in done:
             lost[slot] = f"silent: no answer within {timeout_s:g} s while the group re-formed"
             continue
-        try:
-            ray.get(ref)
-        except ACTOR_LOST as err:
+        kind, err = call_outcome(ref)
+        if kind == "dead":
             lost[slot] = f"{type(err).__name__}: {first_line(err)}"
-        except ray.exceptions.RayTaskError as err:
+        elif kind != "ok":  # an error of its own, its group's, or an answer Ray cannot give
             cause = getattr(err, "cause", None) or err
             failed[slot] = f"{type(cause).__name__}: {first_line(cause)}"
     if failed and not lost:

@@ -16,7 +16,7 @@ from ..errors import GroupBrokenError, RayModuleError, WorkerError, first_line
 
 __all__ = [
     "ACTOR_LOST", "silence_s", "forming_s", "longest_call_s", "await_calls", "settle_outcomes",
-    "classify_outcomes", "why_lost", "in_words",
+    "call_outcome", "classify_outcomes", "why_lost", "in_words",
 ]  # fmt: skip
 
 # what a call to an actor whose process is gone raises: its death (a RayActorError), or, when
@@ -78,7 +78,7 @@ def await_calls(
                 break
         for ref in ready:
             i = index[ref]
-            outcomes[i] = _outcome(ref)
+            outcomes[i] = call_outcome(ref)
             kind = outcomes[i][0]
             if kind == "ok":
                 continue
@@ -101,10 +101,10 @@ def settle_outcomes(refs: list, settings: Settings) -> list[tuple[str, object]]:
         return []
     done, _ = ray.wait(refs, num_returns=len(refs), timeout=silence_s(settings))
     answered = set(done)
-    return [_outcome(ref) if ref in answered else ("silent", None) for ref in refs]
+    return [call_outcome(ref) if ref in answered else ("silent", None) for ref in refs]
 
 
-def _outcome(ref: ray.ObjectRef) -> tuple[str, object]:
+def call_outcome(ref: ray.ObjectRef) -> tuple[str, object]:
     """A finished call's outcome: ("ok", result), ("dead", err) for a call that says a
     process died (its own, or a peer's it needed: :data:`ACTOR_LOST`), ("broken", err) for a
     worker whose group broke, or ("failed", err) for an error of the worker's own, or an
