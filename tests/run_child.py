@@ -1,4 +1,5 @@
-"""A training process for the kill tests: trains a run on 2 workers of the Ray at RAY_ADDRESS.
+"""A training process for the kill tests: trains a run on 2 workers of the Ray at RAY_ADDRESS
+(with ``--hog-mid-epoch``, of a Ray it starts).
 
     python tests/run_child.py STORAGE NAME OUT [--kill-mid-epoch E] [--sigterm-mid-epoch E]
                               [--lose-every-worker] [--hog-mid-epoch E]
@@ -11,8 +12,8 @@ batch 1 of epoch E (as ``ray job stop`` or a preemption would), and nothing else
 ``--lose-every-worker`` too, every worker dies (SIGKILL) at batch 2; with
 ``--hog-mid-epoch E`` it starts a Ray of its own whose memory monitor kills above the
 machine's use + 3 GiB, and worker 1 takes memory at batch 8 of epoch E until it is killed
-for it. Faults are
-keyed to the workers' steps (:mod:`stepfaults`), not to the client's trailing callbacks.
+for it. Faults are keyed to the workers' steps (:mod:`stepfaults`), not to the client's
+trailing callbacks.
 The data is shuffled, from a DataIter the client reads (``--data client``, the default: a
 subclass of ``mx.io.NDArrayIter``), a plain ``mx.io.NDArrayIter`` (``ndarrayiter``: fit reads
 it as rows) or a :class:`raymodule.data.DatasetIter` (``dataset``); with the last two the
@@ -73,7 +74,7 @@ def native_params(kind: str) -> dict:
 
 
 MEMORY_MARGIN_GIB = 3  # memory a worker may take above the machine's use before Ray kills it
-MEMORY_CAP_GIB = 10  # the most the worker takes
+MEMORY_CAP_GIB = MEMORY_MARGIN_GIB + 2  # the most it takes (then it fails: not killed)
 
 
 def start_ray_that_kills_for_memory() -> None:

@@ -17,8 +17,8 @@ so a step run again after a loss does not fire again):
   (a bad batch);
 - ``("signal", pid, signum)``: send another process (the training process) a signal;
 - ``("hog", gib)``: take memory, 128 MiB at a time up to ``gib`` GiB, until its node's Ray
-  kills the process for it (its memory monitor); then held for :data:`GATE_WAIT_S`, and an
-  error of its own if it lives on;
+  kills the process for it (its memory monitor); an error of its own if it still lives
+  :data:`HOG_HOLD_S` after that;
 - ``("arm", method, how)``: its next call of ``method`` (``get_params``; ``applied``;
   ``leave``, the controller's in a re-form) does ``how`` ("die" or "stop") at its start;
   ``("arm", "share", how)`` does it in its next split update (sum and update in parts),
@@ -51,6 +51,7 @@ from raymodule.handle import ControllerHandle
 from raymodule.worker import ModuleWorker
 
 GATE_WAIT_S = 180.0  # the longest a gated worker waits for the test to act
+HOG_HOLD_S = 10.0  # how long a worker holds the most memory it takes, waiting to be killed
 
 _SIGNALS = {"die": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
 
@@ -166,7 +167,7 @@ def _hog(gib: float) -> None:
     for _ in range(int(gib * 2**30) // chunk):
         held.append(bytearray(b"\x01") * chunk)  # written: resident, as a model's arrays are
         time.sleep(0.01)  # the monitor looks every memory_monitor_refresh_ms
-    time.sleep(GATE_WAIT_S)
+    time.sleep(HOG_HOLD_S)
     raise MemoryError(f"took {gib:g} GiB and was not killed for it")
 
 

@@ -292,9 +292,10 @@ def test_resume_rules(tmp_path):
 
 
 def test_a_fit_that_fails_before_training_leaves_its_run_free_for_the_next(tmp_path):
-    """A metric MXNet does not know fails fit before training; the run's folder is not held
-    by it, so the same name trains at once. Before, the run took its lease first and renewed
-    it for as long as the process lived: the next fit was refused as 'in use'."""
+    """A metric MXNet does not know fails fit before training, and the run's folder is not
+    held by it: no lease is left, and the same name trains. Before, the run took its lease
+    first and a thread renewed it for as long as the process lived: a fit of that name in
+    any other process was refused as 'in use' (this process's next fit takes it over)."""
     config = RunConfig(name="r", storage=str(tmp_path))
     with pytest.raises(AssertionError, match="no-such-metric is not registered"):
         train(config, num_epoch=1, eval_metric="no-such-metric")

@@ -242,15 +242,16 @@ def test_a_worker_rays_memory_monitor_kills_is_lost_and_the_run_ends_as_mxnets(t
     proc = subprocess.run(
         [sys.executable, str(HERE / "run_child.py"), str(tmp_path), "r", str(out),
          "--hog-mid-epoch", "1"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, capture_output=True, text=True, timeout=240,  # its output kept: < pytest's
     )  # fmt: skip
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
-    # the run's record of it (one worker lost, or every worker: the monitor kills another
-    # too, the newest first, while memory stays above its threshold)
+    # the run's record of it: worker 1 lost, or more (Ray kills the newest task's process
+    # first, while memory stays above its threshold): every worker, or the controller too,
+    # and the run restarted from its checkpoint
     lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
     changes = [e for e in map(json.loads, lines) if e.get("event") == "membership"]
-    assert any("OutOfMemoryError" in e["why"] for e in changes if e["change"] == "lost"), changes
+    assert any("OutOfMemoryError" in e["why"] for e in changes), changes
     resumed = {k[4:]: v for k, v in mx.nd.load(str(out)).items()}
     assert max_relative_diff(native_params("client"), resumed) <= 1e-5
 

@@ -158,8 +158,8 @@ class StandIn:
         self.reads = []  # the parts it read steps sent again from (their object ids)
         self.down = False  # told to shut down (as SIGTERM tells a real one)
         # (method, "die" | "hang" | "raise" | "broken"): what this worker does when next called
-        # ("raise": an error of its own, once; "broken": its group broke, once; "unloadable":
-        # it does the call, once, and answers with an Unloadable); with "late-"
+        # ("raise": an error of its own, once; "broken": its group broke, once; "unloadable",
+        # for "steps" only: it runs them, once, and answers with an Unloadable); with "late-"
         # first ("late-broken"), it does so LATE_S seconds into the call; with "-left"
         # ("raise-left", "broken-left"), it left its group then: every later step fails on the
         # broken group until it joins a new one, as a real worker's does
