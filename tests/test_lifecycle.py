@@ -153,25 +153,37 @@ def test_ctrl_c_while_the_workers_wait_for_room_returns_at_once_and_releases_it(
             if g["name"].startswith("raymodule-") and g["state"] != "REMOVED"
         ]
 
-    def interrupt_once_it_waits():  # keyed to the wait, not to a time
-        while not waiting():
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGINT)
+    done = threading.Event()  # the test is over: no SIGINT after it, whatever happened
 
+    def interrupt_once_it_waits():  # keyed to the wait, not to a time
+        while not done.wait(0.01):
+            if waiting():
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+
+    def live_controllers() -> set[str]:
+        actors = ray._private.state.actors().values()
+        return {
+            a["ActorID"]
+            for a in actors
+            if a["ActorClassName"] == "Controller" and a["State"] != "DEAD"
+        }
+
+    before = live_controllers()
     total = ray.cluster_resources()["CPU"]
     interrupter = threading.Thread(target=interrupt_once_it_waits, daemon=True)
     interrupter.start()
     tic = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        bound_module(8)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bound_module(8)
+    finally:
+        done.set()
+        interrupter.join(5)
     back_s = time.monotonic() - tic
-    interrupter.join(5)
     assert back_s < 20, f"back {back_s:.1f} s after the start began"  # a bound, not a timing
     assert waiting() == []
-    controllers = [
-        a for a in ray._private.state.actors().values() if a["ActorClassName"] == "Controller"
-    ]
-    assert all(a["State"] == "DEAD" for a in controllers), controllers
+    assert live_controllers() <= before  # its own is dead
     assert wait_for_cpus(total) == total
 
 
