@@ -144,7 +144,10 @@ def test_ctrl_c_while_the_workers_wait_for_room_returns_at_once_and_releases_it(
 
     from ray.util.placement_group import placement_group_table
 
-    monkeypatch.setenv("RAYMODULE_START_WAIT_S", "600")  # no start below every context
+    # no start below every context; and should the interrupt not come, a PlacementError
+    # ends the wait in a minute (the test then fails on it)
+    monkeypatch.setenv("RAYMODULE_START_WAIT_S", "60")
+    monkeypatch.setenv("RAYMODULE_PLACEMENT_TIMEOUT_S", "60")
 
     def waiting() -> list[dict]:
         return [
@@ -157,7 +160,7 @@ def test_ctrl_c_while_the_workers_wait_for_room_returns_at_once_and_releases_it(
 
     def interrupt_once_it_waits():  # keyed to the wait, not to a time
         while not done.wait(0.01):
-            if waiting():
+            if waiting() and not done.is_set():
                 os.kill(os.getpid(), signal.SIGINT)
                 return
 
@@ -172,14 +175,18 @@ def test_ctrl_c_while_the_workers_wait_for_room_returns_at_once_and_releases_it(
     before = live_controllers()
     total = ray.cluster_resources()["CPU"]
     interrupter = threading.Thread(target=interrupt_once_it_waits, daemon=True)
-    interrupter.start()
+    # SIGINT as in a terminal: a process a shell without job control started in the
+    # background (as CI may start pytest) ignores it, and Python then leaves it ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     tic = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt):
+            interrupter.start()
             bound_module(8)
     finally:
         done.set()
         interrupter.join(5)
+        signal.signal(signal.SIGINT, previous)
     back_s = time.monotonic() - tic
     assert back_s < 20, f"back {back_s:.1f} s after the start began"  # a bound, not a timing
     assert waiting() == []
