@@ -64,6 +64,11 @@ def train_data(kind: str) -> mx.io.DataIter:
     )
 
 
+def saved_params(path) -> dict:
+    """The arg parameters a run wrote to OUT (``save_params``), by name."""
+    return {k[4:]: v for k, v in mx.nd.load(str(path)).items() if k.startswith("arg:")}
+
+
 def native_params(kind: str) -> dict:
     """The arg parameters of a run never stopped, trained by plain MXNet on one device."""
     train = train_data(kind)

@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 import pytest
 import ray
 from conftest import dataset, max_relative_diff, mlp
-from run_child import native_params
+from run_child import native_params, saved_params
 from s3server import BUCKET, SeaweedS3
 
 import raymodule
@@ -176,7 +176,6 @@ def test_a_stopped_training_process_resumes_and_ends_as_if_never_stopped(tmp_pat
         )  # fmt: skip
         return proc, out
 
-    load = lambda path: {k[4:]: v for k, v in mx.nd.load(str(path)).items() if k.startswith("arg:")}  # noqa: E731
     reference = native_params("client")
     for name, flag, code in [
         ("killed", "--kill-mid-epoch", -signal.SIGKILL),
@@ -198,7 +197,7 @@ def test_a_stopped_training_process_resumes_and_ends_as_if_never_stopped(tmp_pat
         proc, resumed = child(name)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert f"resumes from {ckpt.name}: epoch 1, batch {ckpt.batch}" in proc.stdout
-        assert max_relative_diff(reference, load(resumed)) <= 1e-5
+        assert max_relative_diff(reference, saved_params(resumed)) <= 1e-5
 
 
 @pytest.mark.parametrize("data", ["dataset", "ndarrayiter"])
@@ -219,7 +218,7 @@ def test_a_dataset_run_told_to_stop_mid_epoch_resumes_as_if_never_stopped(data, 
         assert proc.returncode == (signal.SIGTERM if extra else 0), (
             proc.stdout[-3000:] + proc.stderr[-3000:]
         )
-        return proc, {k[4:]: v for k, v in mx.nd.load(str(out)).items()} if not extra else None
+        return proc, saved_params(out) if not extra else None
 
     proc, _ = child("stopped", "--sigterm-mid-epoch", "1")
     stopped = re.search(r"fit stopped at epoch 1, batch (\d+)", proc.stdout + proc.stderr)
@@ -252,7 +251,7 @@ def test_a_worker_rays_memory_monitor_kills_is_lost_and_the_run_ends_as_mxnets(t
     lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
     changes = [e for e in map(json.loads, lines) if e.get("event") == "membership"]
     assert any("OutOfMemoryError" in e["why"] for e in changes), changes
-    resumed = {k[4:]: v for k, v in mx.nd.load(str(out)).items()}
+    resumed = saved_params(out)
     assert max_relative_diff(native_params("client"), resumed) <= 1e-5
 
 
